@@ -1,0 +1,40 @@
+# Two entry points for a fresh clone (see README):  `make run`  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU torch by default. On a GPU machine: make setup TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+CONFIG ?= configs/multi_task.yaml
+OUT    ?= runs/default
+
+.PHONY: setup run test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+
+# torch is installed on its own first so the package's torch range is already met and pip never
+# resolves it to a multi-GB CUDA build on a CPU-only machine.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+## Main job: prepare the bundled sample, train the default model, evaluate it against baselines.
+run: setup
+	$(BIN)/esci-reranker pipeline --config $(CONFIG) --out $(OUT)
+
+## All tests (plus lint), offline.
+test: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/esci-reranker bench --model $(OUT)/model --out $(OUT)/bench.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
