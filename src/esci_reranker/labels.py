@@ -49,9 +49,7 @@ def gain_table(name: str) -> Mapping[str, float]:
     try:
         return GAIN_TABLES[name]
     except KeyError:
-        raise ValueError(
-            f"Unknown gains {name!r}: expected one of {sorted(GAIN_TABLES)}."
-        ) from None
+        raise ValueError(f"Unknown gains {name!r}: expected one of {sorted(GAIN_TABLES)}.") from None
 
 
 def gain_vector(gains: Mapping[str, float] = ESCI_GAINS) -> np.ndarray:
@@ -64,6 +62,4 @@ def check_labels(labels: object, where: str) -> None:
     unknown = sorted({str(x) for x in labels} - set(ESCI_LABELS))  # type: ignore[attr-defined]
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:5])
-        raise ValueError(
-            f"{where}: unknown esci_label value(s) {shown}; expected one of E, S, C, I."
-        )
+        raise ValueError(f"{where}: unknown esci_label value(s) {shown}; expected one of E, S, C, I.")

@@ -1,0 +1,106 @@
+"""Tokenisation of (query, product text) pairs into model inputs, with dynamic padding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from esci_reranker.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class EncodedPairs:
+    """Token ids (unpadded lists) of a set of pairs, ready to be cut into padded batches."""
+
+    pair_ids: list[list[int]]
+    pair_type_ids: list[list[int]] | None
+    query_ids: list[list[int]] | None
+    product_ids: list[list[int]] | None
+    truncated: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+    def lengths(self) -> list[int]:
+        """Tokens per example over every input the model reads (pair plus towers)."""
+        lens = [len(x) for x in self.pair_ids]
+        if self.query_ids is not None and self.product_ids is not None:
+            lens = [
+                a + len(q) + len(p) for a, q, p in zip(lens, self.query_ids, self.product_ids, strict=True)
+            ]
+        return lens
+
+
+class PairEncoder:
+    """Turns queries and product texts into the inputs ``RerankerModel.forward`` takes.
+
+    The pair is "[CLS] query [SEP] product [SEP]" cut to ``config.max_length`` (longest side
+    first); with the cosine prior, query and product are also encoded alone for the two towers.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ModelConfig) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def encode(self, queries: Sequence[str], texts: Sequence[str]) -> EncodedPairs:
+        """Tokenise without padding. ``truncated[i]`` is True when pair i lost tokens."""
+        if len(queries) != len(texts):
+            raise ValueError(f"got {len(queries)} queries but {len(texts)} product texts.")
+        cfg = self.config
+        pair = self.tokenizer(
+            list(queries), list(texts), truncation="longest_first", max_length=cfg.max_length
+        )
+        ids = pair["input_ids"]
+        truncated = [len(x) >= cfg.max_length for x in ids]
+        maybe = [i for i, t in enumerate(truncated) if t]
+        if maybe:
+            # A pair exactly max_length long may not have been cut: re-check only those few.
+            full = self.tokenizer([queries[i] for i in maybe], [texts[i] for i in maybe])["input_ids"]
+            for i, f in zip(maybe, full, strict=True):
+                truncated[i] = len(f) > cfg.max_length
+        query_ids = product_ids = None
+        if cfg.prior == "cosine":
+            query_ids = self.tokenizer(list(queries), truncation=True, max_length=cfg.query_max_length)[
+                "input_ids"
+            ]
+            product_ids = self.tokenizer(list(texts), truncation=True, max_length=cfg.product_max_length)[
+                "input_ids"
+            ]
+        return EncodedPairs(
+            pair_ids=ids,
+            pair_type_ids=pair.get("token_type_ids"),
+            query_ids=query_ids,
+            product_ids=product_ids,
+            truncated=truncated,
+        )
+
+    def _pad(self, seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max((len(s) for s in seqs), default=1)
+        ids = torch.full((len(seqs), width), value, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        return ids, mask
+
+    def collate(self, encoded: EncodedPairs, index: Sequence[int]) -> dict[str, Any]:
+        """Padded tensors for the examples at ``index`` (dynamic padding to the batch maximum)."""
+        batch: dict[str, Any] = {}
+        batch["input_ids"], batch["attention_mask"] = self._pad(
+            [encoded.pair_ids[i] for i in index], self.pad_id
+        )
+        if encoded.pair_type_ids is not None:
+            batch["token_type_ids"], _ = self._pad([encoded.pair_type_ids[i] for i in index], 0)
+        if encoded.query_ids is not None and encoded.product_ids is not None:
+            batch["query_input_ids"], batch["query_attention_mask"] = self._pad(
+                [encoded.query_ids[i] for i in index], self.pad_id
+            )
+            batch["product_input_ids"], batch["product_attention_mask"] = self._pad(
+                [encoded.product_ids[i] for i in index], self.pad_id
+            )
+        return batch

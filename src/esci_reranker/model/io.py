@@ -1,0 +1,102 @@
+"""Checkpoint folders: ``config.json`` + ``model.safetensors`` + tokenizer files.
+
+Loading needs nothing but the folder. Saving is atomic: files go to a temporary sibling folder
+that is renamed over the target only when complete, so a kill never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_model
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from esci_reranker.model.config import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, ModelConfig
+from esci_reranker.model.modeling import MODEL_CLASSES, LossConfig, RerankerModel
+
+
+def save_checkpoint(
+    model: RerankerModel,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: str | Path,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write ``model`` and ``tokenizer`` to ``folder`` atomically (replacing what was there).
+
+    ``extra_files`` maps file names to text content written alongside (e.g. ``metrics.json``).
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        model.config.save(tmp)
+        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        _replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    # os.replace cannot overwrite a non-empty folder: move the old one aside first, then swap.
+    # Between the two renames the target is briefly absent but never half-written.
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    loss_config: LossConfig | None = None,
+) -> tuple[RerankerModel, PreTrainedTokenizerBase]:
+    """Rebuild the model and tokenizer saved in ``folder`` (in eval mode, on ``device``).
+
+    Raises:
+        CheckpointError: the folder is missing, is another kind of model, or its weights do not
+            match its config.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder.")
+    config = ModelConfig.load(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: {CONFIG_NAME} is present but {WEIGHTS_NAME} is missing.")
+    model = MODEL_CLASSES[config.model_type](config, loss_config=loss_config)
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # gain_vector is a buffer rebuilt from the config; anything else missing is a broken file.
+    missing = [k for k in missing if k != "gain_vector"]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights}: weights do not match {CONFIG_NAME} "
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})."
+        )
+    try:
+        # config.json is ours, not a transformers config: keep AutoTokenizer's warning about it quiet.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder}: tokenizer files are missing or broken ({err}).") from None
+    model.to(device).eval()
+    return model, tokenizer

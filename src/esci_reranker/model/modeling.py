@@ -1,0 +1,269 @@
+"""The rerankers: one transformer encoder over "query [SEP] product", pooled, feeding task heads.
+
+``MultiTaskReranker`` has three heads (Task 1 score, Task 2 E/S/C/I, Task 3 substitute);
+``CrossEncoderReranker`` is the single-task Task 1 baseline on the same encoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+
+from esci_reranker.labels import gain_vector
+from esci_reranker.model.config import MULTI_TASK, SINGLE_TASK, ModelConfig
+
+#: Index of "S" in the E/S/C/I order: the Task 3 positive class.
+SUBSTITUTE_INDEX = 1
+
+
+@dataclass
+class LossConfig:
+    """Per-task loss weights and options. Total = score·MSE + esci·CE + substitute·BCE."""
+
+    score_weight: float = 1.0
+    esci_weight: float = 1.0
+    substitute_weight: float = 0.5
+    class_weights: tuple[float, float, float, float] | None = None
+    label_smoothing: float = 0.0
+    substitute_pos_weight: float | None = None
+
+
+@dataclass
+class RerankerOutput:
+    """Named outputs of ``forward``. Tensors are (B,) unless noted; losses only when labels are given.
+
+    Attributes:
+        score: Task 1 relevance score (regression head).
+        esci_logits: (B, 4) Task 2 logits in E, S, C, I order (multi-task only).
+        substitute_logit: Task 3 "is substitute" logit (multi-task only).
+        expected_gain: ``softmax(esci_logits) @ [1, .1, .01, 0]`` (multi-task only).
+        prior: the bi-encoder cosine when the model uses one.
+        loss: weighted total loss; ``losses`` holds each task's unweighted loss.
+    """
+
+    score: torch.Tensor
+    esci_logits: torch.Tensor | None = None
+    substitute_logit: torch.Tensor | None = None
+    expected_gain: torch.Tensor | None = None
+    prior: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average the token vectors where ``mask`` is 1. (B, T, H), (B, T) -> (B, H)."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-6)
+
+
+class _Head(nn.Module):
+    """Pooled vector (+ optional prior scalar) -> ``out`` values; linear or one tanh hidden layer."""
+
+    def __init__(self, hidden: int, out: int, head_hidden: int, dropout: float, prior: bool) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.body: nn.Module = (
+            nn.Sequential(nn.Linear(hidden, head_hidden), nn.Tanh(), nn.Dropout(dropout))
+            if head_hidden
+            else nn.Identity()
+        )
+        self.proj = nn.Linear(head_hidden or hidden, out)
+        # The prior enters linearly with its own weight per output so, with the projection
+        # zeroed at init, the head starts as an affine function of the bi-encoder cosine.
+        self.prior_weight = nn.Parameter(torch.zeros(out)) if prior else None
+
+    def forward(self, pooled: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        out = self.proj(self.body(self.dropout(pooled)))  # (B, out)
+        if self.prior_weight is not None and prior is not None:
+            out = out + prior.unsqueeze(-1) * self.prior_weight  # (B, out)
+        return out
+
+
+class _RerankerBase(nn.Module):
+    """Shared encoder, pooling, optional bi-encoder prior and the loss."""
+
+    model_type: str = ""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        encoder: PreTrainedModel | None = None,
+        loss_config: LossConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if config.model_type != self.model_type:
+            raise ValueError(
+                f"{type(self).__name__} needs model_type={self.model_type!r}, "
+                f"config has {config.model_type!r}."
+            )
+        self.config = config
+        self.loss_config = loss_config or LossConfig()
+        if encoder is None:
+            if not config.backbone:
+                raise ValueError("model config: backbone is empty; build with from_backbone().")
+            encoder = AutoModel.from_config(AutoConfig.for_model(**config.backbone))
+        self.encoder = encoder
+        hidden = encoder.config.hidden_size
+        use_prior = config.prior == "cosine"
+        args = (config.head_hidden, config.dropout, use_prior)
+        self.score_head = _Head(hidden, 1, *args)
+        if config.multi_task:
+            self.esci_head: _Head | None = _Head(hidden, 4, *args)
+            self.substitute_head: _Head | None = _Head(hidden, 1, *args)
+        else:
+            self.esci_head = None
+            self.substitute_head = None
+        self.register_buffer("gain_vector", torch.tensor(gain_vector(config.gains), dtype=torch.float32))
+        if use_prior:
+            self._init_prior_residual()
+
+    def _init_prior_residual(self) -> None:
+        # Start as the zero-shot bi-encoder: score = cosine, class logits from the cosine only.
+        heads = [h for h in (self.score_head, self.esci_head, self.substitute_head) if h is not None]
+        for head in heads:
+            nn.init.zeros_(head.proj.weight)
+            nn.init.zeros_(head.proj.bias)
+        assert self.score_head.prior_weight is not None
+        with torch.no_grad():
+            self.score_head.prior_weight.fill_(1.0)
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: str,
+        config: ModelConfig | None = None,
+        loss_config: LossConfig | None = None,
+    ) -> _RerankerBase:
+        """A new reranker on pretrained encoder weights (a local folder or a Hub id)."""
+        encoder = AutoModel.from_pretrained(backbone)
+        config = config or ModelConfig(model_type=cls.model_type)
+        config.backbone = encoder.config.to_dict()
+        config.backbone_name = str(backbone)
+        return cls(config, encoder=encoder, loss_config=loss_config)
+
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: torch.Tensor
+    ) -> torch.Tensor:
+        """Run the encoder and pool. (B, T) -> (B, H)."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+        if self.config.pooling == "cls":
+            return hidden[:, 0]
+        return mean_pool(hidden, attention_mask)
+
+    def prior_cosine(
+        self,
+        query_input_ids: torch.Tensor,
+        query_attention_mask: torch.Tensor,
+        product_input_ids: torch.Tensor,
+        product_attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Cosine of the mean-pooled query and product embeddings, each encoded alone. -> (B,)."""
+        hidden_q = self.encoder(input_ids=query_input_ids, attention_mask=query_attention_mask)
+        hidden_p = self.encoder(input_ids=product_input_ids, attention_mask=product_attention_mask)
+        q = F.normalize(mean_pool(hidden_q.last_hidden_state, query_attention_mask), dim=-1)  # (B, H)
+        p = F.normalize(mean_pool(hidden_p.last_hidden_state, product_attention_mask), dim=-1)
+        return (q * p).sum(-1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        query_input_ids: torch.Tensor | None = None,
+        query_attention_mask: torch.Tensor | None = None,
+        product_input_ids: torch.Tensor | None = None,
+        product_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> RerankerOutput:
+        """Score a batch of encoded pairs.
+
+        Args:
+            input_ids, attention_mask, token_type_ids: the pair "query [SEP] product", (B, T).
+            query_*, product_*: the two sides encoded alone; required when ``config.prior`` is set.
+            labels: (B,) class indices in E, S, C, I order; when given, losses are computed.
+        """
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        pooled = self.encode(input_ids, attention_mask, **extra)  # (B, H)
+        prior = None
+        if self.config.prior == "cosine":
+            if query_input_ids is None or product_input_ids is None:
+                raise ValueError(
+                    "this model uses the bi-encoder prior: pass query_input_ids/query_attention_mask "
+                    "and product_input_ids/product_attention_mask (the PairEncoder does)."
+                )
+            prior = self.prior_cosine(
+                query_input_ids,
+                query_attention_mask,
+                product_input_ids,
+                product_attention_mask,  # type: ignore[arg-type]
+            )
+        out = RerankerOutput(score=self.score_head(pooled, prior).squeeze(-1), prior=prior)
+        if self.esci_head is not None and self.substitute_head is not None:
+            out.esci_logits = self.esci_head(pooled, prior)  # (B, 4)
+            out.substitute_logit = self.substitute_head(pooled, prior).squeeze(-1)
+            out.expected_gain = out.esci_logits.float().softmax(-1) @ self.gain_vector
+        if labels is not None:
+            self._add_losses(out, labels)
+        return out
+
+    def _add_losses(self, out: RerankerOutput, labels: torch.Tensor) -> None:
+        cfg = self.loss_config
+        target_gain = self.gain_vector[labels]  # (B,)
+        out.losses["score"] = F.mse_loss(out.score.float(), target_gain)
+        total = cfg.score_weight * out.losses["score"]
+        if out.esci_logits is not None and out.substitute_logit is not None:
+            weight = (
+                torch.tensor(cfg.class_weights, device=labels.device, dtype=torch.float32)
+                if cfg.class_weights is not None
+                else None
+            )
+            out.losses["esci"] = F.cross_entropy(
+                out.esci_logits.float(), labels, weight=weight, label_smoothing=cfg.label_smoothing
+            )
+            pos_weight = (
+                torch.tensor(cfg.substitute_pos_weight, device=labels.device)
+                if cfg.substitute_pos_weight is not None
+                else None
+            )
+            out.losses["substitute"] = F.binary_cross_entropy_with_logits(
+                out.substitute_logit.float(),
+                (labels == SUBSTITUTE_INDEX).float(),
+                pos_weight=pos_weight,
+            )
+            total = (
+                total
+                + cfg.esci_weight * out.losses["esci"]
+                + cfg.substitute_weight * out.losses["substitute"]
+            )
+        out.loss = total
+
+    def rank_scores(self, out: RerankerOutput) -> torch.Tensor:
+        """The score ``rerank`` sorts by, as chosen by ``config.rank_score``."""
+        if self.config.rank_score == "expected_gain" and out.expected_gain is not None:
+            return out.expected_gain
+        return out.score
+
+
+class MultiTaskReranker(_RerankerBase):
+    """Shared encoder with three heads: Task 1 score (MSE to the gain), Task 2 E/S/C/I (CE),
+    Task 3 is-substitute (BCE). Loss = weighted sum (``LossConfig``)."""
+
+    model_type = MULTI_TASK
+
+
+class CrossEncoderReranker(_RerankerBase):
+    """Single-task Task 1 baseline: the same encoder with only the regression head."""
+
+    model_type = SINGLE_TASK
+
+
+MODEL_CLASSES: Mapping[str, type[_RerankerBase]] = {
+    MULTI_TASK: MultiTaskReranker,
+    SINGLE_TASK: CrossEncoderReranker,
+}
+RerankerModel = _RerankerBase

@@ -1,0 +1,417 @@
+"""The public object: ``Reranker.from_pretrained(path_or_repo) -> predict(pairs), rerank(query, candidates)``.
+
+``eval/``, ``serve/`` and the CLI talk to models only through this class.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from esci_reranker import __version__
+from esci_reranker.data.text import FIELD_COLUMNS, product_text, product_texts
+from esci_reranker.labels import ESCI_LABELS
+from esci_reranker.model.config import CheckpointError, ModelConfig
+from esci_reranker.model.features import EncodedPairs, PairEncoder
+
+#: A product given to ``predict``/``rerank``: its text, or a mapping of its fields.
+Product = str | Mapping[str, Any]
+#: A ``rerank`` candidate: ``(product_id, text)`` or a dict with ``product_id`` and fields/text.
+Candidate = tuple[str, str] | Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Model outputs for N pairs, every array in the caller's input order.
+
+    Attributes:
+        scores: (N,) the ranking score chosen by the model config (regression head by default).
+        regression_scores: (N,) the Task 1 regression head.
+        expected_gains: (N,) ``P(E)·1 + P(S)·0.1 + P(C)·0.01`` (NaN for a single-task model).
+        esci_classes: (N,) predicted class 'E'/'S'/'C'/'I' ('' for a single-task model).
+        esci_probs: (N, 4) class probabilities in E, S, C, I order (NaN for a single-task model).
+        substitute_probs: (N,) Task 3 probability that the product is a substitute (NaN likewise).
+        truncated: (N,) True where the pair was longer than the model's max length and was cut.
+    """
+
+    scores: np.ndarray
+    regression_scores: np.ndarray
+    expected_gains: np.ndarray
+    esci_classes: np.ndarray
+    esci_probs: np.ndarray
+    substitute_probs: np.ndarray
+    truncated: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @classmethod
+    def empty(cls) -> Predictions:
+        """Predictions for zero pairs."""
+        z = np.zeros(0, dtype=np.float32)
+        return cls(z, z, z, np.zeros(0, dtype="<U1"), np.zeros((0, 4), np.float32), z, np.zeros(0, bool))
+
+
+@dataclass(frozen=True)
+class RankedCandidate:
+    """One reranked candidate. ``rank`` is 1-based; classes/probabilities are None for a single-task model."""
+
+    product_id: str
+    score: float
+    esci_class: str | None
+    esci_probs: tuple[float, float, float, float] | None
+    substitute_prob: float | None
+    rank: int
+    truncated: bool = False
+
+
+class BatchRunner(Protocol):
+    """Runs the model on one padded batch and returns numpy outputs (a backend: torch, ONNX)."""
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]: ...
+
+
+def select_device(device: str | None = None) -> torch.device:
+    """``device`` if given (``auto`` or None picks cuda > mps > cpu)."""
+    if device not in (None, "auto"):
+        try:
+            return torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(f"device {device!r}: {err}; expected cpu, cuda, cuda:N, mps or auto.") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_checkpoint(
+    path_or_repo_id: str | os.PathLike[str], revision: str | None = None, token: str | None = None
+) -> Path:
+    """A local checkpoint folder for ``path_or_repo_id``: the path itself, or a Hub snapshot of it.
+
+    Raises:
+        CheckpointError: neither a local folder nor a downloadable Hub repo; names both places.
+    """
+    local = Path(path_or_repo_id).expanduser()
+    if local.exists():
+        return local
+    repo_id = str(path_or_repo_id)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, revision=revision, token=token))
+    except HFValidationError:
+        raise CheckpointError(
+            f"no checkpoint at local path {local.resolve()} and {repo_id!r} is not a valid Hugging Face "
+            "Hub repo id (expected 'user/name')."
+        ) from None
+    except Exception as err:  # network, auth, missing repo: all mean "not found there"
+        raise CheckpointError(
+            f"no checkpoint at local path {local.resolve()}, and the Hugging Face Hub repo {repo_id!r} "
+            f"could not be downloaded ({type(err).__name__}: {err})."
+        ) from None
+
+
+class _TorchRunner:
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, autocast_dtype: torch.dtype | None
+    ) -> None:
+        self.model, self.device, self.autocast_dtype = model, device, autocast_dtype
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            out = self.model(**inputs)
+        result = {"score": out.score.float().cpu().numpy()}
+        if out.esci_logits is not None and out.substitute_logit is not None:
+            result["esci_logits"] = out.esci_logits.float().cpu().numpy()
+            result["substitute_logit"] = out.substitute_logit.float().cpu().numpy()
+        return result
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+class Reranker:
+    """Loads a trained checkpoint and scores (query, product) pairs with all of its heads.
+
+    Use ``Reranker.from_pretrained(...)``; the constructor takes already-built parts.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        encoder: PairEncoder,
+        runner: BatchRunner,
+        device: torch.device,
+        batch_size: int = 64,
+        name: str = "esci-reranker",
+        backend: str = "torch",
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; expected a positive integer.")
+        self.config = config
+        self.pair_encoder = encoder
+        self.runner = runner
+        self.device = device
+        self.batch_size = batch_size
+        self.name = name
+        self.backend = backend
+        self.model = model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike[str],
+        device: str | None = None,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        backend: str = "torch",
+        revision: str | None = None,
+        token: str | None = None,
+        bf16: bool = False,
+    ) -> Reranker:
+        """Load a checkpoint folder, or download it from the Hugging Face Hub if no such folder exists.
+
+        Args:
+            path_or_repo_id: a local checkpoint folder or a Hub repo id (``user/name``).
+            device: ``cpu``, ``cuda``, ``mps`` or ``auto``/None (cuda > mps > cpu).
+            batch_size: pairs per forward pass.
+            max_length: cut pairs to fewer tokens than the model was trained with (faster).
+            backend: ``torch`` (default) or ``onnx`` (a folder written by ``export --format onnx``).
+            revision, token: passed to ``huggingface_hub.snapshot_download`` (token defaults to
+                ``HF_TOKEN`` / the saved login).
+            bf16: run the torch backend under bfloat16 autocast (CPUs with AVX-512 BF16, GPUs).
+
+        Raises:
+            CheckpointError: nothing loadable at either place; the message names both.
+        """
+        folder = resolve_checkpoint(path_or_repo_id, revision=revision, token=token)
+        dev = select_device(device)
+        if backend == "onnx":
+            from esci_reranker.model.onnx import load_onnx_runner  # optional extra
+
+            config, tokenizer, runner = load_onnx_runner(folder, dev)
+            model = None
+        elif backend == "torch":
+            from esci_reranker.model.io import load_checkpoint
+
+            model, tokenizer = load_checkpoint(folder, device=dev)
+            config = model.config
+            runner = _TorchRunner(model, dev, torch.bfloat16 if bf16 else None)
+        else:
+            raise ValueError(f"backend={backend!r}; expected 'torch' or 'onnx'.")
+        if max_length is not None:
+            if not 8 <= max_length <= config.max_length:
+                raise ValueError(
+                    f"max_length={max_length}; expected 8..{config.max_length} (the trained length)."
+                )
+            config.max_length = max_length
+        return cls(
+            config,
+            PairEncoder(tokenizer, config),
+            runner,
+            dev,
+            batch_size=batch_size,
+            name=str(path_or_repo_id),
+            backend=backend,
+            model=model,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def text_of(self, product: Product) -> str:
+        """The text the model reads for ``product`` (a string as is, or a dict built as in training)."""
+        if isinstance(product, str):
+            return product
+        if isinstance(product, Mapping):
+            return product_text(product, self.config.text_fields, self.config.long_field_chars)
+        raise TypeError(f"product must be a str or a mapping of fields, got {type(product).__name__}.")
+
+    def predict(self, pairs: Sequence[tuple[str, Product]], progress: bool = False) -> Predictions:
+        """Score ``(query, product)`` pairs; ``product`` is its text or a dict of its fields."""
+        if len(pairs) == 0:
+            return Predictions.empty()
+        queries = [q for q, _ in pairs]
+        texts = [self.text_of(p) for _, p in pairs]
+        return self.predict_texts(queries, texts, progress=progress)
+
+    def predict_frame(self, frame: pd.DataFrame, progress: bool = True) -> Predictions:
+        """Score every row of a prepared split (columns ``query`` and product fields or ``product_text``).
+
+        Product text is rebuilt from the ``product_*`` columns with the model's own text fields
+        when they are present, so a model trained on bullets reads bullets here too.
+        """
+        if "query" not in frame.columns:
+            raise ValueError(f"frame has no 'query' column (columns: {list(frame.columns)}).")
+        if any(FIELD_COLUMNS[f] in frame.columns for f in self.config.text_fields):
+            texts = product_texts(frame, self.config.text_fields, self.config.long_field_chars)
+        elif "product_text" in frame.columns:
+            texts = frame["product_text"]
+        else:
+            raise ValueError(
+                "frame has neither product columns "
+                f"{[FIELD_COLUMNS[f] for f in self.config.text_fields]} nor 'product_text'."
+            )
+        return self.predict_texts(frame["query"].astype(str).tolist(), texts.astype(str).tolist(), progress)
+
+    def _batches(self, encoded: EncodedPairs) -> Iterator[np.ndarray]:
+        # Longest first, so the first batch shows the worst-case memory and padding is minimal.
+        order = np.argsort(-np.asarray(encoded.lengths()), kind="stable")
+        for start in range(0, len(order), self.batch_size):
+            yield order[start : start + self.batch_size]
+
+    def predict_texts(
+        self, queries: Sequence[str], texts: Sequence[str], progress: bool = False
+    ) -> Predictions:
+        """Score pairs given as parallel lists of query strings and product texts."""
+        n = len(queries)
+        if n == 0:
+            return Predictions.empty()
+        encoded = self.pair_encoder.encode(queries, texts)
+        out = self.run_encoded(encoded, progress=progress)
+        return self.to_predictions(out, np.asarray(encoded.truncated, dtype=bool))
+
+    def run_encoded(self, encoded: EncodedPairs, progress: bool = False) -> dict[str, np.ndarray]:
+        """Raw head outputs for encoded pairs, in their order (length-sorted batches inside)."""
+        n = len(encoded)
+        score = np.zeros(n, dtype=np.float32)
+        logits = np.zeros((n, 4), dtype=np.float32)
+        sub = np.zeros(n, dtype=np.float32)
+        has_classes = False
+        batches = list(self._batches(encoded))
+        for index in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
+            out = self.runner(self.pair_encoder.collate(encoded, index))
+            score[index] = out["score"]
+            if "esci_logits" in out:
+                has_classes = True
+                logits[index] = out["esci_logits"]
+                sub[index] = out["substitute_logit"]
+        result = {"score": score}
+        if has_classes:
+            result["esci_logits"], result["substitute_logit"] = logits, sub
+        return result
+
+    def to_predictions(self, out: Mapping[str, np.ndarray], truncated: np.ndarray) -> Predictions:
+        """Turn raw head outputs into ``Predictions`` (probabilities, classes, the ranking score)."""
+        score = np.asarray(out["score"], dtype=np.float32)
+        n = len(score)
+        if "esci_logits" in out:
+            probs = _softmax(np.asarray(out["esci_logits"], dtype=np.float64)).astype(np.float32)
+            gains = probs @ np.array([self.config.gains[c] for c in ESCI_LABELS], dtype=np.float32)
+            classes = np.asarray(ESCI_LABELS)[probs.argmax(axis=1)]
+            sub = (1.0 / (1.0 + np.exp(-np.asarray(out["substitute_logit"], dtype=np.float64)))).astype(
+                np.float32
+            )
+        else:
+            probs = np.full((n, 4), np.nan, dtype=np.float32)
+            gains = np.full(n, np.nan, dtype=np.float32)
+            classes = np.full(n, "", dtype="<U1")
+            sub = np.full(n, np.nan, dtype=np.float32)
+        ranking = gains if self.config.rank_score == "expected_gain" and "esci_logits" in out else score
+        return Predictions(
+            scores=ranking.astype(np.float32),
+            regression_scores=score,
+            expected_gains=gains.astype(np.float32),
+            esci_classes=classes,
+            esci_probs=probs,
+            substitute_probs=sub,
+            truncated=truncated,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def rerank(
+        self, query: str, candidates: Sequence[Candidate], top_k: int | None = None
+    ) -> list[RankedCandidate]:
+        """Order ``candidates`` for ``query`` by descending score (ties keep input order).
+
+        Args:
+            query: the search query (non-empty).
+            candidates: ``(product_id, text)`` tuples, or dicts with ``product_id`` and either
+                ``text`` or product fields (``title``, ``brand``, ``color``, ... or the ESCI
+                ``product_*`` column names), turned into text exactly as in training.
+            top_k: keep only the best ``top_k`` (None = all).
+
+        Raises:
+            ValueError: empty query, a candidate without id or text, duplicate product ids, top_k < 1.
+        """
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("query must be a non-empty string.")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k}; expected a positive integer or None.")
+        ids, texts = self._candidates(candidates)
+        if not ids:
+            return []
+        preds = self.predict_texts([query] * len(ids), texts)
+        order = np.argsort(-preds.scores, kind="stable")[: top_k or len(ids)]
+        multi = self.config.multi_task
+        return [
+            RankedCandidate(
+                product_id=ids[i],
+                score=float(preds.scores[i]),
+                esci_class=str(preds.esci_classes[i]) if multi else None,
+                esci_probs=tuple(float(p) for p in preds.esci_probs[i]) if multi else None,  # type: ignore[arg-type]
+                substitute_prob=float(preds.substitute_probs[i]) if multi else None,
+                rank=rank,
+                truncated=bool(preds.truncated[i]),
+            )
+            for rank, i in enumerate(order, start=1)
+        ]
+
+    def _candidates(self, candidates: Sequence[Candidate]) -> tuple[list[str], list[str]]:
+        ids: list[str] = []
+        texts: list[str] = []
+        seen: set[str] = set()
+        for pos, cand in enumerate(candidates):
+            if isinstance(cand, Mapping):
+                if "product_id" not in cand:
+                    raise ValueError(f"candidate {pos}: missing 'product_id'.")
+                pid, text = str(cand["product_id"]), self.text_of(cand)
+            elif isinstance(cand, tuple | list) and len(cand) == 2:
+                pid, text = str(cand[0]), self.text_of(cand[1])
+            else:
+                raise ValueError(f"candidate {pos}: expected (product_id, text) or a dict, got {cand!r:.80}.")
+            if pid in seen:
+                raise ValueError(
+                    f"candidate {pos}: duplicate product_id {pid!r}; product ids must be unique."
+                )
+            if not text.strip():
+                raise ValueError(f"candidate {pos} (product_id {pid!r}): empty product text.")
+            seen.add(pid)
+            ids.append(pid)
+            texts.append(text)
+        return ids, texts
+
+    def info(self) -> dict[str, Any]:
+        """What is loaded: name, backbone, heads, max length, package version, device, backend."""
+        heads = ["score", "esci", "substitute"] if self.config.multi_task else ["score"]
+        return {
+            "name": self.name,
+            "model_type": self.config.model_type,
+            "backbone": self.config.backbone_name or self.config.backbone.get("model_type", ""),
+            "heads": heads,
+            "rank_score": self.config.rank_score,
+            "prior": self.config.prior,
+            "max_length": self.config.max_length,
+            "text_fields": list(self.config.text_fields),
+            "version": __version__,
+            "device": str(self.device),
+            "backend": self.backend,
+        }

