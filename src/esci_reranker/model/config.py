@@ -73,6 +73,10 @@ class ModelConfig:
                 f"expected one of {list(MODEL_TYPES)}."
             )
         self.text_fields = parse_text_fields(self.text_fields)
+        # JSON round trip so a config compares equal before saving and after loading (int keys
+        # of id2label become strings); the machine-specific source path is not kept.
+        self.backbone = json.loads(json.dumps(self.backbone))
+        self.backbone.pop("_name_or_path", None)
         self.esci_labels = tuple(self.esci_labels)
         checks = {
             "pooling": (self.pooling, ("mean", "cls")),

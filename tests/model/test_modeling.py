@@ -1,0 +1,166 @@
+"""The rerankers' heads, losses, prior and checkpoints, on tiny random encoders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS
+from esci_reranker.model import CheckpointError, LossConfig, PairEncoder, load_checkpoint, save_checkpoint
+from tests.conftest import build_tiny_model
+
+QUERIES = ["red running shoes", "usb c cable 2m", "coffee"]
+TEXTS = [
+    "Nike Air Zoom | Nike | Red",
+    "Anker USB-C to USB-C cable, 6 ft | Anker",
+    "Ground coffee, 1 lb bag | Peet's",
+]
+
+
+def encode(model, tokenizer, queries=QUERIES, texts=TEXTS):
+    encoder = PairEncoder(tokenizer, model.config)
+    encoded = encoder.encode(queries, texts)
+    return encoder.collate(encoded, list(range(len(queries))))
+
+
+def test_multi_task_forward_returns_named_outputs_of_each_head():
+    model, tokenizer = build_tiny_model()
+    out = model(**encode(model, tokenizer))
+    assert out.score.shape == (3,)
+    assert out.esci_logits.shape == (3, 4)
+    assert out.substitute_logit.shape == (3,)
+    probs = out.esci_logits.softmax(-1)
+    expected_gain = probs @ torch.tensor([ESCI_GAINS[c] for c in ESCI_LABELS])
+    torch.testing.assert_close(out.expected_gain, expected_gain)
+    assert out.loss is None
+    assert out.losses == {}
+
+
+def test_single_task_has_only_the_score_head():
+    model, tokenizer = build_tiny_model("esci-cross-encoder")
+    out = model(**encode(model, tokenizer), labels=torch.tensor([0, 1, 3]))
+    assert out.score.shape == (3,)
+    assert out.esci_logits is None
+    assert out.substitute_logit is None
+    assert out.expected_gain is None
+    assert set(out.losses) == {"score"}
+    torch.testing.assert_close(out.loss, out.losses["score"])
+
+
+def test_loss_is_the_weighted_sum_of_task_losses():
+    model, tokenizer = build_tiny_model()
+    model.loss_config = LossConfig(score_weight=2.0, esci_weight=0.5, substitute_weight=3.0)
+    labels = torch.tensor([0, 1, 3])  # E, S, I
+    out = model(**encode(model, tokenizer), labels=labels)
+    gains = torch.tensor([1.0, 0.1, 0.0])
+    torch.testing.assert_close(out.losses["score"], torch.nn.functional.mse_loss(out.score, gains))
+    torch.testing.assert_close(out.losses["esci"], torch.nn.functional.cross_entropy(out.esci_logits, labels))
+    is_sub = torch.tensor([0.0, 1.0, 0.0])
+    torch.testing.assert_close(
+        out.losses["substitute"],
+        torch.nn.functional.binary_cross_entropy_with_logits(out.substitute_logit, is_sub),
+    )
+    expected = 2.0 * out.losses["score"] + 0.5 * out.losses["esci"] + 3.0 * out.losses["substitute"]
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_class_weights_and_label_smoothing_change_the_classification_loss():
+    model, tokenizer = build_tiny_model()
+    batch = encode(model, tokenizer)
+    labels = torch.tensor([0, 2, 3])
+    plain = model(**batch, labels=labels).losses["esci"]
+    model.loss_config = LossConfig(class_weights=(1.0, 1.0, 5.0, 1.0), label_smoothing=0.1)
+    weighted = model(**batch, labels=labels)
+    expected = torch.nn.functional.cross_entropy(
+        weighted.esci_logits, labels, weight=torch.tensor([1.0, 1.0, 5.0, 1.0]), label_smoothing=0.1
+    )
+    torch.testing.assert_close(weighted.losses["esci"], expected)
+    assert not torch.isclose(plain, weighted.losses["esci"])
+
+
+def test_prior_model_starts_as_the_bi_encoder_cosine():
+    model, tokenizer = build_tiny_model(prior="cosine")
+    batch = encode(model, tokenizer)
+    assert {"query_input_ids", "product_input_ids"} <= set(batch)
+    out = model(**batch)
+    torch.testing.assert_close(out.score, out.prior)
+    assert torch.all(out.prior.abs() <= 1.0 + 1e-6)
+    # The class heads start uniform: all information comes from the prior's learnt weights.
+    torch.testing.assert_close(out.esci_logits, torch.zeros(3, 4))
+
+
+def test_prior_model_without_tower_inputs_is_a_clear_error():
+    model, tokenizer = build_tiny_model(prior="cosine")
+    batch = encode(model, tokenizer)
+    with pytest.raises(ValueError, match="bi-encoder prior"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def test_save_then_load_gives_identical_predictions(tmp_path):
+    model, tokenizer = build_tiny_model(prior="cosine", pooling="cls", head_hidden=8)
+    batch = encode(model, tokenizer)
+    before = model(**batch)
+    folder = save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    loaded, loaded_tokenizer = load_checkpoint(folder)
+    after = loaded(**encode(loaded, loaded_tokenizer))
+    torch.testing.assert_close(after.score, before.score)
+    torch.testing.assert_close(after.esci_logits, before.esci_logits)
+    assert loaded.config == model.config
+
+
+def test_saving_over_a_checkpoint_leaves_no_temporary_folders(tmp_path):
+    model, tokenizer = build_tiny_model()
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_a_save_interrupted_between_renames_is_recovered_on_load(tmp_path):
+    model, tokenizer = build_tiny_model()
+    folder = save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    # What a kill between "move old aside" and "move new in" leaves behind.
+    folder.rename(tmp_path / ".ckpt.old")
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.config == model.config
+
+
+def test_loading_a_plain_transformers_folder_names_the_other_model_type(tiny_backbone):
+    with pytest.raises(CheckpointError, match=r"model_type 'bert' is not an esci-reranker checkpoint"):
+        load_checkpoint(tiny_backbone)
+
+
+def test_loading_errors_name_the_folder_and_the_missing_file(tmp_path, tiny_checkpoint):
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        load_checkpoint(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
+        load_checkpoint(broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["surprise"] = 1
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"unknown model config key\(s\) \['surprise'\]"):
+        load_checkpoint(broken)
+
+
+def test_weights_that_do_not_match_the_config_are_rejected(
+    tmp_path, tiny_checkpoint, tiny_single_task_checkpoint
+):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_checkpoint, mixed)
+    shutil.copy(tiny_single_task_checkpoint / "model.safetensors", mixed / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"weights do not match config\.json"):
+        load_checkpoint(mixed)
+
+
+def test_pair_encoder_reports_truncation():
+    model, tokenizer = build_tiny_model(max_length=16)
+    encoder = PairEncoder(tokenizer, model.config)
+    encoded = encoder.encode(["shoes", "shoes"], ["red", "very " * 40])
+    assert encoded.truncated == [False, True]
+    assert max(len(ids) for ids in encoded.pair_ids) == 16

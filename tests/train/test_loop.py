@@ -1,0 +1,147 @@
+"""The training loop on a tiny random encoder and a few real queries: learning, early stopping,
+best-checkpoint saving, metrics.json and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from esci_reranker.model import PairEncoder, load_checkpoint
+from esci_reranker.train import loop as loop_module
+from esci_reranker.train.config import load_config
+from esci_reranker.train.loop import Trainer, build_model, frame_texts, read_split, train
+
+
+def make_config(tmp_path, small_splits, tiny_backbone, *overrides):
+    return load_config(
+        None,
+        [
+            f"data.dir={small_splits}",
+            f"model.backbone={tiny_backbone}",
+            "model.max_length=48",
+            f"output.save_path={tmp_path / 'model'}",
+            "optim.batch_size=16",
+            "optim.lr=1e-3",
+            "optim.head_lr=1e-2",
+            "eval.every_steps=4",
+            "eval.patience=100",
+            "output.checkpoint_every=4",
+            *overrides,
+        ],
+    )
+
+
+def test_a_few_steps_lower_the_training_loss(tmp_path, small_splits, tiny_backbone):
+    cfg = make_config(tmp_path, small_splits, tiny_backbone, "optim.max_steps=30", "model.dropout=0")
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg)
+    frame = read_split(small_splits / "train.parquet", "train").head(32)
+    encoder = PairEncoder(tokenizer, model.config)
+    batch = encoder.collate(
+        encoder.encode(frame["query"].tolist(), frame_texts(frame, model.config)), range(32)
+    )
+    labels = torch.tensor(["ESCI".index(x) for x in frame["esci_label"]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    first = model(**batch, labels=labels).loss.item()
+    for _ in range(30):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert model(**batch, labels=labels).loss.item() < 0.7 * first
+
+
+def test_training_saves_the_best_checkpoint_and_test_metrics(tmp_path, small_splits, tiny_backbone):
+    cfg = make_config(tmp_path, small_splits, tiny_backbone, "optim.max_steps=8")
+    result = train(cfg, progress=False)
+    assert result.steps == 8
+    # Evaluations at step 0 (the untrained floor), 4 and 8.
+    assert [h["step"] for h in result.history] == [0, 4, 8]
+    best = max(h["task1.ndcg"] for h in result.history)
+    assert result.best_metric == pytest.approx(best)
+    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert metrics["training"]["best_step"] == result.best_step
+    assert {"ndcg", "ndcg@10", "mrr", "map", "recall@10"} <= set(metrics["task1"])
+    assert {"accuracy", "micro_f1", "macro_f1"} <= set(metrics["task2"])
+    assert {"accuracy", "f1", "micro_f1", "macro_f1", "auc"} <= set(metrics["task3"])
+    assert metrics["num_queries"] == 3
+    log = [json.loads(line) for line in (tmp_path / "train" / "log.jsonl").read_text().splitlines()]
+    assert {r["type"] for r in log} == {"train", "val"}
+    # Nothing temporary is left beside the model or the run state.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "train"]
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["last", "log.jsonl"]
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(
+    tmp_path, small_splits, tiny_backbone
+):
+    # With a zero learning rate the validation metric can never improve on the first evaluation.
+    cfg = make_config(
+        tmp_path, small_splits, tiny_backbone, "optim.lr=1e-12", "optim.head_lr=1e-12", "eval.patience=2"
+    )
+    cfg.optim.max_steps = 100
+    result = train(cfg, progress=False)
+    assert result.stopped_early
+    assert result.steps == 2 * cfg.eval.every_steps
+    assert result.best_step == 0
+
+
+class _InterruptError(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_reaches_the_uninterrupted_state(
+    tmp_path, small_splits, tiny_backbone, monkeypatch
+):
+    overrides = ("optim.max_steps=10", "model.dropout=0.2", "eval.every_steps=5", "output.checkpoint_every=3")
+    full = make_config(tmp_path / "full", small_splits, tiny_backbone, *overrides)
+    train(full, progress=False)
+
+    # Simulate a crash inside a dependency during step 7 (after the step-6 checkpoint).
+    real_clip = loop_module.Accelerator.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip_then_maybe_die(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise _InterruptError
+        return real_clip(self, *args, **kwargs)
+
+    cut = make_config(tmp_path / "cut", small_splits, tiny_backbone, *overrides)
+    monkeypatch.setattr(loop_module.Accelerator, "clip_grad_norm_", clip_then_maybe_die)
+    with pytest.raises(_InterruptError):
+        Trainer(cut, progress=False).train()
+    monkeypatch.setattr(loop_module.Accelerator, "clip_grad_norm_", real_clip)
+    state = json.loads((tmp_path / "cut" / "train" / "last" / "trainer_state.json").read_text())
+    assert state["step"] == 6
+    resumed = Trainer(cut, progress=False).train(resume=True)
+    assert resumed.steps == 10
+
+    a = load_file(str(tmp_path / "full" / "train" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "train" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    best_a, _ = load_checkpoint(tmp_path / "full" / "model")
+    best_b, _ = load_checkpoint(tmp_path / "cut" / "model")
+    for (ka, va), (_, vb) in zip(best_a.state_dict().items(), best_b.state_dict().items(), strict=True):
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=ka)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, small_splits, tiny_backbone):
+    cfg = make_config(tmp_path, small_splits, tiny_backbone, "optim.max_steps=2")
+    with pytest.raises(FileNotFoundError, match="no resumable checkpoint"):
+        Trainer(cfg, progress=False).train(resume=True)
+
+
+def test_missing_split_and_overlapping_queries_are_clear_errors(tmp_path, small_splits, tiny_backbone):
+    cfg = make_config(tmp_path, small_splits, tiny_backbone, f"data.val={tmp_path / 'nope.parquet'}")
+    with pytest.raises(FileNotFoundError, match="val split not found"):
+        train(cfg, progress=False)
+    cfg = make_config(tmp_path, small_splits, tiny_backbone, f"data.val={small_splits / 'train.parquet'}")
+    with pytest.raises(ValueError, match="share 6 query_id"):
+        train(cfg, progress=False)
