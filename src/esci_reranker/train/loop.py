@@ -33,7 +33,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from esci_reranker.data.text import FIELD_COLUMNS, product_texts
 from esci_reranker.fsutil import recover_dir, replace_dir
-from esci_reranker.labels import ESCI_LABELS, LABEL_TO_INDEX, check_labels
+from esci_reranker.labels import LABEL_TO_INDEX, check_labels
 from esci_reranker.model import (
     MODEL_CLASSES,
     LossConfig,
@@ -211,10 +211,10 @@ class Trainer:
     ) -> dict:
         """Metrics of ``model`` on a split, shaped as metrics.json (model left in eval mode)."""
         from esci_reranker.eval.evaluator import evaluate_run
+        from esci_reranker.eval.runner import predictions_frame
 
         model.eval()
-        preds = self._reranker(model, tokenizer, device).predict_frame(frame, progress=False)
-        return evaluate_run(run_frame(frame, preds))
+        return evaluate_run(predictions_frame(self._reranker(model, tokenizer, device), frame, progress=False))
 
     # -- state ------------------------------------------------------------------------------
     def _save_state(self, accelerator: Accelerator, state: dict[str, Any]) -> None:
@@ -418,27 +418,6 @@ class Trainer:
             metrics |= self.evaluate(best, tokenizer, self.test_frame, device)
         _atomic_json(self.save_path / "metrics.json", metrics)
         return metrics if self.test_frame is not None else None
-
-
-def run_frame(frame: pd.DataFrame, preds: Any) -> pd.DataFrame:
-    """A run in the evaluation format (one row per pair) from a split and its ``Predictions``."""
-    run = pd.DataFrame(
-        {
-            "query_id": frame["query_id"].to_numpy(),
-            "product_id": frame["product_id"].astype(str).to_numpy(),
-            "esci_label": frame["esci_label"].astype(str).to_numpy(),
-            "score": preds.scores,
-            "regression_score": preds.regression_scores,
-            "expected_gain": preds.expected_gains,
-            "esci_pred": preds.esci_classes,
-            "substitute_prob": preds.substitute_probs,
-        }
-    )
-    for i, label in enumerate(ESCI_LABELS):
-        run[f"prob_{label}"] = preds.esci_probs[:, i]
-    if "esci_query_source" in frame.columns:
-        run["esci_query_source"] = frame["esci_query_source"].to_numpy()
-    return run
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, float]:

@@ -1,0 +1,112 @@
+"""The main job: prepare the bundled sample -> train the default model -> evaluate against baselines.
+
+Outputs go to fixed places other tools rely on (``OUT`` defaults to ``runs/default``):
+``OUT/data/`` the prepared splits, ``OUT/model/`` the best checkpoint (+ metrics.json),
+``OUT/train/`` logs and resume state, ``OUT/eval/`` the test-split evaluation (predictions,
+metrics, report, plots) and ``OUT/eval_val/`` the same on the validation split.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from esci_reranker.train.config import TrainConfig, load_config
+
+
+@dataclass
+class PipelineResult:
+    """Where everything went, the comparison tables and the wall time of each stage."""
+
+    out_dir: Path
+    test_table: str
+    val_table: str
+    test_metrics: dict[str, Any]
+    val_metrics: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def pipeline_config(config: str | Path, out_dir: Path, overrides: tuple[str, ...] = ()) -> TrainConfig:
+    """The training config with data and model paths pointed inside ``out_dir``."""
+    return load_config(
+        config,
+        [
+            *overrides,
+            f"data.dir={out_dir / 'data'}",
+            f"output.save_path={out_dir / 'model'}",
+            f"output.run_dir={out_dir / 'train'}",
+        ],
+    )
+
+
+def run_pipeline(
+    config: str | Path = "configs/multi_task.yaml",
+    out_dir: str | Path = "runs/default",
+    overrides: tuple[str, ...] = (),
+    baselines: tuple[str, ...] = ("random", "bm25", "bi-encoder"),
+    progress: bool = True,
+    log: Any = print,
+) -> PipelineResult:
+    """Run the whole main job and return its result; ``log`` receives one line per stage."""
+    import pandas as pd
+
+    from esci_reranker.data import PrepareOptions, prepare, sample_path, write_splits
+    from esci_reranker.eval.runner import run_evaluation
+    from esci_reranker.reranker import Reranker
+    from esci_reranker.train.loop import train
+
+    out = Path(out_dir)
+    cfg = pipeline_config(config, out, overrides)
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    log(f"[1/4] prepare the bundled ESCI sample -> {out / 'data'}")
+    prepared = prepare(
+        joined=sample_path(),
+        options=PrepareOptions(
+            text_fields=cfg.model.text_fields, long_field_chars=cfg.model.long_field_chars
+        ),
+    )
+    write_splits(prepared, out / "data")
+    for name in ("train", "val", "test"):
+        s = prepared.stats["splits"][name]
+        log(f"      {name:5s}: {s['queries']:4d} queries {s['rows']:6d} rows")
+    seconds["prepare"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log(f"[2/4] train {config} (early stopping on val) -> {cfg.output.save_path}")
+    result = train(cfg, progress=progress)
+    log(
+        f"      best val {result.metric_name} {result.best_metric:.4f} at step {result.best_step} "
+        f"of {result.steps}{' (early stop)' if result.stopped_early else ''}"
+    )
+    seconds["train"] = time.perf_counter() - t
+
+    reranker = Reranker.from_pretrained(cfg.output.save_path)
+    reranker.name = (
+        "esci-reranker (multi-task)" if reranker.config.multi_task else "esci-reranker (single-task)"
+    )
+    evaluations = {}
+    for step, split, folder in ((3, "val", "eval_val"), (4, "test", "eval")):
+        t = time.perf_counter()
+        log(
+            f"[{step}/4] evaluate on the {split} split against {', '.join(baselines) or 'no baselines'} -> {out / folder}"
+        )
+        frame = pd.read_parquet(out / "data" / f"{split}.parquet")
+        evaluations[split] = run_evaluation(
+            reranker, frame, out / folder, baselines=baselines, progress=progress
+        )
+        seconds[f"evaluate_{split}"] = time.perf_counter() - t
+    seconds["total"] = sum(seconds.values())
+    (out / "timings.json").write_text(json.dumps(seconds, indent=2) + "\n")
+    return PipelineResult(
+        out_dir=out,
+        test_table=evaluations["test"].table,
+        val_table=evaluations["val"].table,
+        test_metrics=evaluations["test"].metrics,
+        val_metrics=evaluations["val"].metrics,
+        seconds=seconds,
+    )
