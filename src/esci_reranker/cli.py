@@ -56,7 +56,7 @@ def prepare_command(
     ] = False,
     text_fields: Annotated[
         str,
-        typer.Option(help="Product fields of product_text, in order: title,brand,color,"),
+        typer.Option(help="Fields of product_text, in order: title,brand,color,description,bullets."),
     ] = "title,brand,color",
     long_field_chars: Annotated[
         int, typer.Option(help="Character cap of description and bullets in product_text.")
@@ -262,7 +262,7 @@ def evaluate_command(
         parse_baselines(baselines)
         frame = read_split(data)
     except (FileNotFoundError, ValueError) as error:
-        fail(f"--data/--baselines: {error}")
+        fail(str(error))
         return
     try:
         reranker = Reranker.from_pretrained(model, device=device, batch_size=batch_size)
@@ -360,19 +360,21 @@ def _shorten(text: object, width: int = 60) -> str:
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     """Print a rich table on one line per row; the last column (a text) is cut to the width left."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns[:-1])]
-    room = max(12, console.width - sum(widths) - 3 * len(columns) - 1)
-    table = Table(title=title, title_justify="left")
+    room = min(70, max(12, console.width - sum(widths) - 3 * len(columns) - 1))
+    table = Table(title=escape(title), title_justify="left")
     for name in columns[:-1]:
         table.add_column(
             name, justify="right" if name in ("rank", "score", "P(sub)") else "left", no_wrap=True
         )
     table.add_column(columns[-1], no_wrap=True)
     for row in rows:
-        table.add_row(*row[:-1], _shorten(row[-1], room))
+        # Product titles contain brackets ("[Pack of 2]") that rich would take for markup.
+        table.add_row(*(escape(cell) for cell in row[:-1]), escape(_shorten(row[-1], room)))
     console.print(table)
 
 
@@ -638,11 +640,9 @@ def serve_command(
         int, typer.Option(min=1, max=64, help="Worker processes; each loads its own copy of the model.")
     ] = 1,
 ) -> None:
-    """Serve the reranker over HTTP (FastAPI + uvicorn): /rerank, /classify, /substitute, /predict,
-    /v1/rerank, /health, /ready, /metrics, /info, docs at /docs.
+    """Serve the reranker over HTTP (FastAPI + uvicorn): /rerank, /classify, /substitute, /predict, /v1/rerank, /health, /ready, /metrics, /info; docs at /docs.
 
-    Other settings come from environment variables (API_KEY, RATE_LIMIT, CACHE_SIZE,
-    MAX_CANDIDATES, LOG_FORMAT, ...; see docs/serving.md).
+    Other settings come from environment variables (API_KEY, RATE_LIMIT, CACHE_SIZE, MAX_CANDIDATES, LOG_FORMAT, ...): see docs/serving.md.
     """
     import logging
     import os
