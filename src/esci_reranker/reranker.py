@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from esci_reranker import __version__
-from esci_reranker.data.text import FIELD_COLUMNS, product_text, product_texts
+from esci_reranker.data.text import FIELD_COLUMNS, clean_text, product_text, product_texts
 from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.model.config import CheckpointError, ModelConfig
 from esci_reranker.model.features import EncodedPairs, PairEncoder
@@ -206,6 +206,10 @@ class Reranker:
         """
         folder = resolve_checkpoint(path_or_repo_id, revision=revision, token=token)
         dev = select_device(device)
+        from esci_reranker.model.onnx import resolve_backend
+
+        backend = resolve_backend(folder, backend)  # a folder with only ONNX weights loads as ONNX
+        runner: BatchRunner
         if backend == "onnx":
             from esci_reranker.model.onnx import load_onnx_runner  # optional extra
 
@@ -259,18 +263,35 @@ class Reranker:
         Product text is rebuilt from the ``product_*`` columns with the model's own text fields
         when they are present, so a model trained on bullets reads bullets here too.
         """
-        if "query" not in frame.columns:
-            raise ValueError(f"frame has no 'query' column (columns: {list(frame.columns)}).")
-        if any(FIELD_COLUMNS[f] in frame.columns for f in self.config.text_fields):
-            texts = product_texts(frame, self.config.text_fields, self.config.long_field_chars)
-        elif "product_text" in frame.columns:
+        columns = self.input_columns(frame.columns)
+        if "product_text" in columns:
             texts = frame["product_text"]
         else:
-            raise ValueError(
-                "frame has neither product columns "
-                f"{[FIELD_COLUMNS[f] for f in self.config.text_fields]} nor 'product_text'."
-            )
+            texts = product_texts(frame, self.config.text_fields, self.config.long_field_chars)
         return self.predict_texts(frame["query"].astype(str).tolist(), texts.astype(str).tolist(), progress)
+
+    def input_columns(self, columns: Iterable[str]) -> list[str]:
+        """The columns ``predict_frame`` reads from a table with ``columns``.
+
+        ``query`` plus the model's ``product_*`` field columns when any is present (text rebuilt
+        as in training), else ``product_text``.
+
+        Raises:
+            ValueError: no ``query`` column, or neither product columns nor ``product_text``.
+        """
+        columns = list(columns)
+        if "query" not in columns:
+            raise ValueError(f"input has no 'query' column (columns: {columns}).")
+        fields = [FIELD_COLUMNS[f] for f in self.config.text_fields]
+        present = [c for c in fields if c in columns]
+        if present:
+            return ["query", *present]
+        if "product_text" in columns:
+            return ["query", "product_text"]
+        raise ValueError(
+            f"input has neither product columns {fields} (the model's text fields) nor 'product_text' "
+            f"(columns: {columns})."
+        )
 
     def _batches(self, encoded: EncodedPairs) -> Iterator[np.ndarray]:
         # Longest first, so the first batch shows the worst-case memory and padding is minimal.
@@ -304,7 +325,7 @@ class Reranker:
                 has_classes = True
                 logits[index] = out["esci_logits"]
                 sub[index] = out["substitute_logit"]
-        result = {"score": score}
+        result: dict[str, np.ndarray] = {"score": score}
         if has_classes:
             result["esci_logits"], result["substitute_logit"] = logits, sub
         return result
@@ -354,8 +375,8 @@ class Reranker:
         """
         if not isinstance(query, str) or not query.strip():
             raise ValueError("query must be a non-empty string.")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k={top_k}; expected a positive integer or None.")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k={top_k!r}; expected a positive integer or None.")
         ids, texts = self._candidates(candidates)
         if not ids:
             return []
@@ -379,15 +400,23 @@ class Reranker:
         ids: list[str] = []
         texts: list[str] = []
         seen: set[str] = set()
+        product: Product
         for pos, cand in enumerate(candidates):
             if isinstance(cand, Mapping):
                 if "product_id" not in cand:
                     raise ValueError(f"candidate {pos}: missing 'product_id'.")
-                pid, text = str(cand["product_id"]), self.text_of(cand)
+                raw_id, product = cand["product_id"], cand
             elif isinstance(cand, tuple | list) and len(cand) == 2:
-                pid, text = str(cand[0]), self.text_of(cand[1])
+                raw_id, product = cand
             else:
                 raise ValueError(f"candidate {pos}: expected (product_id, text) or a dict, got {cand!r:.80}.")
+            if not clean_text(raw_id):  # None, NaN, "" or blank
+                raise ValueError(f"candidate {pos}: empty product_id {raw_id!r}.")
+            pid = str(raw_id)
+            try:
+                text = self.text_of(product)
+            except TypeError as err:
+                raise ValueError(f"candidate {pos} (product_id {pid!r}): {err}") from None
             if pid in seen:
                 raise ValueError(
                     f"candidate {pos}: duplicate product_id {pid!r}; product ids must be unique."
@@ -415,3 +444,165 @@ class Reranker:
             "device": str(self.device),
             "backend": self.backend,
         }
+
+
+# ----------------------------------------------------------------------------------------------
+#: The columns ``score_parquet`` appends, in this order.
+SCORE_COLUMNS: tuple[str, ...] = (
+    "score",
+    "expected_gain",
+    "esci_pred",
+    *(f"esci_prob_{label}" for label in ESCI_LABELS),
+    "substitute_prob",
+    "truncated",
+)
+
+
+def _prediction_arrays(preds: Predictions) -> list[Any]:
+    import pyarrow as pa
+
+    probs = [pa.array(preds.esci_probs[:, i], pa.float32()) for i in range(len(ESCI_LABELS))]
+    return [
+        pa.array(preds.scores, pa.float32()),
+        pa.array(preds.expected_gains, pa.float32()),
+        pa.array(preds.esci_classes.astype(object), pa.string()),
+        *probs,
+        pa.array(preds.substitute_probs, pa.float32()),
+        pa.array(preds.truncated, pa.bool_()),
+    ]
+
+
+def _output_schema(schema: Any) -> Any:
+    import pyarrow as pa
+
+    types = [pa.float32(), pa.float32(), pa.string(), *[pa.float32()] * len(ESCI_LABELS)]
+    types += [pa.float32(), pa.bool_()]
+    fields = [pa.field(name, t) for name, t in zip(SCORE_COLUMNS, types, strict=True)]
+    return pa.schema([*schema, *fields], metadata=schema.metadata)
+
+
+def score_parquet(
+    reranker: Reranker,
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    chunk_rows: int = 50_000,
+    progress: bool = True,
+) -> int:
+    """Score every row of a parquet file; write the rows with ``SCORE_COLUMNS`` appended.
+
+    The input needs ``query`` and product columns or ``product_text`` (see
+    ``Reranker.input_columns``); every other column (ids, labels) is passed through unchanged.
+    The file is streamed ``chunk_rows`` rows at a time, so memory stays flat for millions of
+    rows. The output is written under a temporary name and renamed when complete.
+    ``esci_pred`` is ``""`` and the probabilities NaN for a single-task model.
+
+    Returns:
+        The number of rows written.
+
+    Raises:
+        FileNotFoundError: no input file.
+        ValueError: not a parquet file, missing input columns, the input already has one of
+            ``SCORE_COLUMNS``, ``output_path`` is the input, or ``chunk_rows < 1``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src, dst = Path(input_path), Path(output_path)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows}; expected a positive integer.")
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such input file.")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"output {dst} is the input file; write the scores to another file.")
+    try:
+        parquet = pq.ParquetFile(src)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{src}: not a readable parquet file ({err}).") from None
+    names = parquet.schema_arrow.names
+    read = reranker.input_columns(names)
+    clash = [c for c in SCORE_COLUMNS if c in names]
+    if clash:
+        raise ValueError(
+            f"{src}: already has column(s) {clash} that scoring writes; drop or rename them first."
+        )
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    writer = None
+    rows = 0
+    try:
+        total = parquet.metadata.num_rows
+        with tqdm(total=total, desc="scoring", unit="row", disable=not progress) as bar:
+            for batch in parquet.iter_batches(batch_size=chunk_rows):
+                preds = reranker.predict_frame(batch.select(read).to_pandas(), progress=False)
+                if writer is None:
+                    schema = _output_schema(batch.schema)
+                    writer = pq.ParquetWriter(tmp, schema)
+                out = pa.RecordBatch.from_arrays([*batch.columns, *_prediction_arrays(preds)], schema=schema)
+                writer.write_batch(out)
+                rows += batch.num_rows
+                bar.update(batch.num_rows)
+        if writer is None:  # an empty input still gives an output with the full schema
+            writer = pq.ParquetWriter(tmp, _output_schema(parquet.schema_arrow))
+        writer.close()
+        writer = None
+        os.replace(tmp, dst)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return rows
+
+
+#: File types ``read_candidates`` reads, by extension.
+CANDIDATE_FILE_TYPES: tuple[str, ...] = (".jsonl", ".ndjson", ".csv", ".parquet")
+
+
+def read_candidates(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """``rerank`` candidates from a file: one record per product with ``product_id`` and a text
+    (``text``) or product fields (``title``, ``brand``, ... or the ``product_*`` column names).
+
+    ``.jsonl``/``.ndjson``: one JSON object per line; ``.csv`` (read as strings, empty cells are
+    empty); ``.parquet``. Missing values become None; ``rerank`` then checks ids and texts.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unknown extension, unreadable file, a line that is not a JSON object, or no
+            ``product_id`` (the message names the file and line).
+    """
+    import json
+
+    src = Path(path)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such candidates file.")
+    suffix = src.suffix.lower()
+    if suffix not in CANDIDATE_FILE_TYPES:
+        raise ValueError(
+            f"{src}: unknown extension {suffix!r}; expected one of {', '.join(CANDIDATE_FILE_TYPES)}."
+        )
+    if suffix in (".jsonl", ".ndjson"):
+        records: list[dict[str, Any]] = []
+        for lineno, line in enumerate(src.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{src}, line {lineno}: not valid JSON ({err}).") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{src}, line {lineno}: expected a JSON object, got {type(row).__name__}.")
+            if "product_id" not in row:
+                raise ValueError(f"{src}, line {lineno}: no 'product_id' (keys: {sorted(row)}).")
+            records.append(row)
+        return records
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(src, dtype=str, keep_default_na=False)
+        else:
+            frame = pd.read_parquet(src)
+    except (OSError, ValueError) as err:  # pandas parser and arrow errors are ValueErrors
+        raise ValueError(f"{src}: cannot read it as {suffix[1:]} ({err}).") from None
+    if "product_id" not in frame.columns:
+        raise ValueError(f"{src}: no 'product_id' column (columns: {list(frame.columns)}).")
+    frame = frame.astype(object).where(frame.notna(), None)
+    return frame.to_dict(orient="records")  # type: ignore[return-value]

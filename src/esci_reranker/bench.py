@@ -1,0 +1,638 @@
+"""Inference speed and accuracy of each backend, on real ESCI pairs from the bundled sample.
+
+``run_backend_bench(model_dir, out_json)`` measures, in one run:
+
+- **throughput** (pairs/second) of torch fp32, torch bf16 autocast (only on CPUs with native
+  bf16: AVX-512 BF16 or AMX), ONNX Runtime fp32, ONNX Runtime int8 (dynamic quantisation) and
+  the anchor ``sentence_transformers.CrossEncoder.predict`` on the same weights;
+- each one's ratio to the anchor and its share of this CPU's fp32 matmul roofline;
+- the Task 1 nDCG of each backend on the sample's holdout split (the test split), and int8's loss.
+
+**Fair timing.** Every variant scores the same ``n_pairs`` pairs (a fixed random draw from the
+whole sample), with the same batch size and thread count, after an untimed warm-up. The variants
+run round-robin, ``repeats`` rounds, starting each round at the next variant, and the roofline
+matmul runs inside every round too: load from other processes on a shared machine slows all of
+them alike. The reported rate uses each variant's fastest round (noise only ever slows a round
+down); the median is kept next to it.
+
+**FLOPs.** Useful work only, from the real (unpadded) token counts: a sequence of ``T`` tokens
+costs ``L·(T·2·(4H² + 2·H·I) + 2·2·T²·H)`` (Q, K, V, O projections and the two MLP matrices,
+plus ``QKᵀ`` and ``AV``), summed over the pair and, with the cosine prior, the query and product
+towers. Embeddings, softmax, layer norms and heads are left out. The roofline is the best rate of
+a large fp32 matmul in the same run, by ``torch.mm`` and by an ONNX Runtime ``MatMul`` (the higher
+of the two: torch's MKL takes a slower code path on AMD CPUs, where ONNX Runtime's MLAS reaches
+about twice its rate). bf16 and int8 can exceed 100% of it.
+
+**Server latency.** Pass ``server_latency=`` a callable to add p50/p99 ``/rerank`` latency (see
+``ServerLatencyBench``); until the HTTP service exists the JSON records it as not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import pandas as pd
+import torch
+
+from esci_reranker import __version__
+from esci_reranker.data.sample import sample_path
+from esci_reranker.data.text import product_texts
+from esci_reranker.model.config import ModelConfig
+from esci_reranker.reranker import Reranker
+
+TORCH_FP32: Final[str] = "torch_fp32"
+TORCH_BF16: Final[str] = "torch_bf16"
+ONNX_FP32: Final[str] = "onnx_fp32"
+ONNX_INT8: Final[str] = "onnx_int8"
+ANCHOR: Final[str] = "st_cross_encoder"
+BACKENDS: Final[tuple[str, ...]] = (TORCH_FP32, TORCH_BF16, ONNX_FP32, ONNX_INT8, ANCHOR)
+#: Split of the bundled sample whose queries form the test split.
+TEST_SPLIT: Final[str] = "holdout"
+
+#: Hook for the server part of the benchmark: called with the model folder, returns what it
+#: measured, stored under ``"server_latency"`` in the JSON. It is expected to start the HTTP
+#: service on that model and report p50/p99 ``/rerank`` latency in milliseconds at concurrency 1
+#: and 8, with and without dynamic batching, e.g.
+#: ``{"concurrency_1": {"batching_off": {"p50_ms": ..., "p99_ms": ...}, "batching_on": {...}}, ...}``.
+ServerLatencyBench = Callable[[Path], Mapping[str, Any]]
+
+
+@dataclass
+class _Variant:
+    name: str
+    predict: Callable[[list[str], list[str]], np.ndarray]
+    uses_towers: bool
+    note: str = ""
+    ndcg_meaningful: bool = True
+    seconds: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# machine
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_bf16_support() -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), and the evidence.
+
+    ``torch.backends.cpu.get_cpu_capability()`` does not say (it reports ``AVX512`` for CPUs with
+    and without BF16), so the CPU flags are read; without them bf16 autocast is emulated and slow.
+    """
+    flags = _cpu_flags()
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    capability = torch.backends.cpu.get_cpu_capability()
+    if native:
+        return True, f"cpu flags {native}"
+    if "AMX" in capability.upper():
+        return True, f"torch cpu capability {capability}"
+    return False, f"no avx512_bf16/amx_bf16 cpu flag (torch cpu capability {capability})"
+
+
+def _best_seconds(run: Callable[[], object], reps: int) -> float:
+    run()  # warm-up: thread pool, pages
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_gflops(n: int = 2048, reps: int = 2) -> float:
+    """Best fp32 ``torch.mm`` rate of two n×n matrices in GFLOP/s (``2·n³`` FLOPs per product)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    return 2.0 * n**3 / _best_seconds(lambda: torch.mm(a, b, out=out), reps) / 1e9
+
+
+def ort_matmul_gflops(n: int = 2048, reps: int = 2, threads: int = 1) -> float | None:
+    """Best fp32 rate of a one-node ONNX Runtime ``MatMul`` of two n×n matrices (None without ORT)."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    spec = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "abc"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm", spec[:2], spec[2:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"a": np.random.randn(n, n).astype(np.float32), "b": np.random.randn(n, n).astype(np.float32)}
+    return 2.0 * n**3 / _best_seconds(lambda: session.run(None, feed), reps) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# work
+# ---------------------------------------------------------------------------------------------
+
+
+def encoder_flops(seq_lens: Sequence[int], layers: int, hidden: int, intermediate: int) -> float:
+    """Forward FLOPs of a BERT-style encoder over sequences of the given real lengths.
+
+    ``sum_T L·(T·2·(4H² + 2·H·I) + 2·2·T²·H)``: per token the Q, K, V, O projections (4H²) and
+    the two MLP matrices (2HI), two FLOPs per multiply-add; plus ``QKᵀ`` and ``AV`` (2·T·H each
+    per token). Embeddings, softmax and layer norms are ignored.
+    """
+    t = np.asarray(seq_lens, dtype=np.float64)
+    per_token = 2.0 * (4 * hidden**2 + 2 * hidden * intermediate)
+    return float(layers * (t.sum() * per_token + 2.0 * 2.0 * (t**2).sum() * hidden))
+
+
+def _encoder_shape(config: ModelConfig) -> tuple[int, int, int]:
+    bb = config.backbone
+    hidden = int(bb.get("hidden_size", bb.get("dim", 0)))
+    layers = int(bb.get("num_hidden_layers", bb.get("n_layers", 0)))
+    intermediate = int(bb.get("intermediate_size", bb.get("hidden_dim", 4 * hidden)))
+    return layers, hidden, intermediate
+
+
+def _pairs_flops(reranker: Reranker, queries: list[str], texts: list[str]) -> dict[str, float]:
+    """FLOPs of scoring the pairs: with the towers (our model) and of the pair alone (the anchor)."""
+    encoded = reranker.pair_encoder.encode(queries, texts)
+    layers, hidden, intermediate = _encoder_shape(reranker.config)
+    pair_lens = [len(x) for x in encoded.pair_ids]
+    pair = encoder_flops(pair_lens, layers, hidden, intermediate)
+    towers = 0.0
+    if encoded.query_ids is not None and encoded.product_ids is not None:
+        towers = encoder_flops(
+            [len(x) for x in encoded.query_ids] + [len(x) for x in encoded.product_ids],
+            layers,
+            hidden,
+            intermediate,
+        )
+    return {
+        "pair_only": pair,
+        "with_towers": pair + towers,
+        "mean_pair_tokens": float(np.mean(pair_lens)),
+        "max_pair_tokens": float(np.max(pair_lens)),
+    }
+
+
+def _load_sample(config: ModelConfig) -> pd.DataFrame:
+    frame = pd.read_parquet(sample_path())
+    frame = frame.assign(
+        product_text=product_texts(frame, config.text_fields, config.long_field_chars).astype(str),
+        query=frame["query"].astype(str),
+    )
+    return frame.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# variants
+# ---------------------------------------------------------------------------------------------
+
+
+def _reranker_variant(name: str, reranker: Reranker, note: str = "") -> _Variant:
+    def predict(queries: list[str], texts: list[str]) -> np.ndarray:
+        return reranker.predict_texts(queries, texts).scores
+
+    return _Variant(name, predict, uses_towers=reranker.config.prior == "cosine", note=note)
+
+
+def _anchor_variant(
+    model_dir: Path, workdir: Path, max_length: int, batch_size: int
+) -> tuple[_Variant | None, dict[str, Any]]:
+    """``CrossEncoder.predict`` on the st-cross-encoder export of the checkpoint, or, when the
+    checkpoint cannot be exported that way, on its encoder with a fresh 1-label head."""
+    try:
+        from sentence_transformers import CrossEncoder
+    except ImportError:
+        return None, {"status": "skipped", "reason": "pip install 'esci-reranker[st]' for the anchor"}
+    from esci_reranker.model.export import ExportError, export_st_cross_encoder
+
+    info: dict[str, Any] = {"max_length": max_length, "batch_size": batch_size}
+    target = workdir / "st-cross-encoder"
+    try:
+        export_st_cross_encoder(model_dir, target)
+        info["kind"] = "export"
+        info["note"] = "st-cross-encoder export of the checkpoint"
+        info["detail"] = "the same weights; predict() returns the Task 1 regression score"
+        meaningful = True
+    except ExportError as err:
+        _backbone_cross_encoder(model_dir, target)
+        info["kind"] = "backbone-fallback"
+        info["note"] = "backbone fallback: same encoder, fresh head (no nDCG)"
+        info["detail"] = (
+            "the checkpoint is not exportable as a stock cross-encoder, so the anchor is a "
+            "CrossEncoder on its encoder weights with a fresh 1-label head: the same encoder "
+            "compute (no prior towers), a meaningless ranking (no nDCG)"
+        )
+        info["export_error"] = str(err)
+        meaningful = False
+    model = CrossEncoder(str(target), device="cpu", max_length=max_length)
+
+    def predict(queries: list[str], texts: list[str]) -> np.ndarray:
+        scores = model.predict(
+            list(zip(queries, texts, strict=True)), batch_size=batch_size, show_progress_bar=False
+        )
+        return np.asarray(scores, dtype=np.float32).reshape(-1)
+
+    variant = _Variant(ANCHOR, predict, uses_towers=False, note=info["note"], ndcg_meaningful=meaningful)
+    return variant, info
+
+
+def _backbone_cross_encoder(model_dir: Path, target: Path) -> None:
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    from esci_reranker.model.io import load_checkpoint
+
+    model, tokenizer = load_checkpoint(model_dir, device="cpu")
+    config = copy.deepcopy(model.encoder.config)
+    config.num_labels = 1
+    classifier = AutoModelForSequenceClassification.from_config(config)
+    classifier.base_model.load_state_dict(model.encoder.state_dict(), strict=False)
+    classifier.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def _build_variants(
+    model_dir: Path,
+    workdir: Path,
+    batch_size: int,
+    max_length: int | None,
+    backends: Sequence[str],
+    echo: Callable[[str], None],
+) -> tuple[dict[str, _Variant], dict[str, dict[str, Any]], Reranker]:
+    """Load every requested backend; those that cannot run get a ``skipped`` entry and a reason."""
+    variants: dict[str, _Variant] = {}
+    skipped: dict[str, dict[str, Any]] = {}
+    load = {"device": "cpu", "batch_size": batch_size, "max_length": max_length}
+    reference = Reranker.from_pretrained(model_dir, backend="torch", **load)  # type: ignore[arg-type]
+    if TORCH_FP32 in backends:
+        variants[TORCH_FP32] = _reranker_variant(TORCH_FP32, reference)
+    if TORCH_BF16 in backends:
+        ok, why = cpu_bf16_support()
+        if ok:
+            bf16 = Reranker.from_pretrained(model_dir, backend="torch", bf16=True, **load)  # type: ignore[arg-type]
+            variants[TORCH_BF16] = _reranker_variant(TORCH_BF16, bf16, note=f"bf16 autocast ({why})")
+        else:
+            skipped[TORCH_BF16] = {"status": "skipped", "reason": why}
+    for name, quantize in ((ONNX_FP32, None), (ONNX_INT8, "int8")):
+        if name not in backends:
+            continue
+        try:
+            from esci_reranker.model.onnx import export_onnx
+
+            echo(f"exporting {name} ...")
+            start = time.perf_counter()
+            folder = export_onnx(model_dir, workdir / name, quantize=quantize)
+            seconds = time.perf_counter() - start
+        except ImportError as err:
+            skipped[name] = {"status": "skipped", "reason": str(err)}
+            continue
+        onnx_reranker = Reranker.from_pretrained(folder, backend="onnx", **load)  # type: ignore[arg-type]
+        variants[name] = _reranker_variant(name, onnx_reranker, note=f"export {seconds:.1f}s")
+    if ANCHOR in backends:
+        anchor, info = _anchor_variant(model_dir, workdir, reference.config.max_length, batch_size)
+        if anchor is None:
+            skipped[ANCHOR] = info
+        else:
+            variants[ANCHOR] = anchor
+            skipped[ANCHOR] = info  # not skipped: its details, merged into its entry below
+    return variants, skipped, reference
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+
+def _ndcg(frame: pd.DataFrame, scores: np.ndarray) -> dict[str, float]:
+    from esci_reranker.eval.ranking import ranking_metrics
+
+    run = frame[["query_id", "product_id", "esci_label"]].assign(score=np.asarray(scores, np.float64))
+    metrics = ranking_metrics(run, score_column="score")
+    return {"ndcg": metrics["ndcg"], "ndcg@10": metrics["ndcg@10"]}
+
+
+def run_backend_bench(
+    model_dir: str | Path,
+    out_json: str | Path | None,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    n_pairs: int = 512,
+    repeats: int = 3,
+    threads: int | None = None,
+    backends: Sequence[str] = BACKENDS,
+    test_queries: int | None = None,
+    roofline_size: int = 2048,
+    server_latency: ServerLatencyBench | None = None,
+    echo: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Benchmark every backend on one checkpoint; write the result to ``out_json`` and return it.
+
+    Args:
+        model_dir: a checkpoint folder (PyTorch weights; the ONNX and anchor exports are made in a
+            temporary folder).
+        out_json: where to write the JSON (None: do not write).
+        batch_size, max_length: as in ``Reranker.from_pretrained`` (the anchor uses the same).
+        n_pairs: pairs scored per timed round (a fixed random draw from the bundled sample).
+        repeats: timed rounds per backend, interleaved.
+        threads: intra-op threads of every backend (default ``torch.get_num_threads()``).
+        backends: a subset of ``BACKENDS``.
+        test_queries: score only the first N holdout queries for nDCG (None: all 41).
+        roofline_size: side of the fp32 matmul that measures the roofline.
+        server_latency: the server-latency hook (``ServerLatencyBench``); None records it as not
+            measured.
+        echo: where progress lines and the final table go (None: silent).
+
+    Returns:
+        The JSON-ready result: ``machine``, ``settings``, ``model``, ``roofline_fp32_gflops``,
+        ``backends`` (per backend: ``pairs_per_second``, ``vs_anchor``, ``gflops``,
+        ``roofline_share``, ``ndcg``, ...), ``int8_ndcg_loss`` and ``server_latency``.
+    """
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"backends: unknown {unknown}; expected names from {list(BACKENDS)}.")
+    for name, value in (("batch_size", batch_size), ("n_pairs", n_pairs), ("repeats", repeats)):
+        if value < 1:
+            raise ValueError(f"{name}={value}; expected a positive integer.")
+    say = echo or (lambda _line: None)
+    model_dir = Path(model_dir)
+    previous_threads = torch.get_num_threads()
+    threads = threads or previous_threads
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="esci-bench-") as tmp:
+            variants, extra, reference = _build_variants(
+                model_dir, Path(tmp), batch_size, max_length, backends, say
+            )
+            result = _measure(
+                variants, extra, reference, model_dir, batch_size, n_pairs, repeats, threads,
+                test_queries, roofline_size, say,
+            )  # fmt: skip
+    finally:
+        torch.set_num_threads(previous_threads)
+    result["machine"]["load_average_before"] = load_before
+    result["machine"]["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if server_latency is not None:
+        say("server latency ...")
+        result["server_latency"] = dict(server_latency(model_dir))
+    if out_json is not None:
+        out = Path(out_json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    say(format_table(result))
+    return result
+
+
+def _measure(
+    variants: dict[str, _Variant],
+    extra: dict[str, dict[str, Any]],
+    reference: Reranker,
+    model_dir: Path,
+    batch_size: int,
+    n_pairs: int,
+    repeats: int,
+    threads: int,
+    test_queries: int | None,
+    roofline_size: int,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    config = reference.config
+    sample = _load_sample(config)
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(sample), size=min(n_pairs, len(sample)), replace=False)
+    queries = sample["query"].iloc[rows].tolist()
+    texts = sample["product_text"].iloc[rows].tolist()
+    work = _pairs_flops(reference, queries, texts)
+
+    warm = min(len(queries), batch_size)
+    for variant in variants.values():
+        variant.predict(queries[:warm], texts[:warm])
+
+    names = list(variants)
+    roofline: list[float] = []
+    roofline_ort: list[float] = []
+    for round_ in range(repeats):
+        shift = round_ % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            variants[name].predict(queries, texts)
+            variants[name].seconds.append(time.perf_counter() - start)
+        roofline.append(matmul_gflops(roofline_size))
+        ort_rate = ort_matmul_gflops(roofline_size, threads=threads)
+        if ort_rate is not None:
+            roofline_ort.append(ort_rate)
+        say(
+            f"round {round_ + 1}/{repeats}: "
+            + ", ".join(f"{n} {len(queries) / variants[n].seconds[-1]:.1f}/s" for n in names)
+        )
+    peak = max(roofline + roofline_ort)
+
+    test = sample[sample["split"] == TEST_SPLIT]
+    if test_queries is not None:
+        keep = sorted(test["query_id"].unique())[:test_queries]
+        test = test[test["query_id"].isin(keep)]
+    test_q, test_t = test["query"].tolist(), test["product_text"].tolist()
+    test_scores = {name: v.predict(test_q, test_t) for name, v in variants.items()}
+    say(f"scored {len(test)} test pairs ({test['query_id'].nunique()} queries) with each backend")
+
+    base = test_scores.get(TORCH_FP32)
+    entries: dict[str, dict[str, Any]] = {}
+    for name, v in variants.items():
+        best, median = min(v.seconds), statistics.median(v.seconds)
+        flops = work["with_towers"] if v.uses_towers else work["pair_only"]
+        gflops = flops / best / 1e9
+        entry: dict[str, Any] = {
+            "status": "ok",
+            "pairs_per_second": len(queries) / best,
+            "pairs_per_second_median": len(queries) / median,
+            "seconds": v.seconds,
+            "gflops": gflops,
+            "roofline_share": gflops / peak,
+            "note": v.note,
+        }
+        if v.ndcg_meaningful:
+            entry |= _ndcg(test, test_scores[name])
+        else:
+            entry |= {"ndcg": None, "ndcg@10": None}
+        if base is not None and name != ANCHOR:
+            diff = np.abs(test_scores[name].astype(np.float64) - base)
+            entry["max_abs_score_diff_vs_torch_fp32"] = float(diff.max())
+            entry["score_corr_vs_torch_fp32"] = _corr(test_scores[name], base)
+        entries[name] = entry | extra.get(name, {})
+    for name, info in extra.items():
+        entries.setdefault(name, info)
+    anchor_rate = entries.get(ANCHOR, {}).get("pairs_per_second")
+    for entry in entries.values():
+        if entry.get("status") == "ok":
+            entry["vs_anchor"] = entry["pairs_per_second"] / anchor_rate if anchor_rate else None
+
+    layers, hidden, intermediate = _encoder_shape(config)
+    bf16_ok, bf16_why = cpu_bf16_support()
+    return {
+        "model_dir": str(model_dir),
+        "model": {
+            "model_type": config.model_type,
+            "backbone": config.backbone_name or config.backbone.get("model_type", ""),
+            "layers": layers,
+            "hidden": hidden,
+            "intermediate": intermediate,
+            "prior": config.prior,
+            "max_length": config.max_length,
+            "rank_score": config.rank_score,
+        },
+        "machine": {
+            "cpu": _cpu_model(),
+            "logical_cpus": os.cpu_count(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_native": bf16_ok,
+            "bf16_evidence": bf16_why,
+            "vnni": "avx512_vnni" in _cpu_flags() or "avx_vnni" in _cpu_flags(),
+            "versions": _versions(),
+        },
+        "settings": {
+            "threads": threads,
+            "batch_size": batch_size,
+            "n_pairs": len(queries),
+            "repeats": repeats,
+            "pairs_source": f"bundled sample ({sample_path().name}), random draw, seed 0",
+            "mean_pair_tokens": work["mean_pair_tokens"],
+            "max_pair_tokens": work["max_pair_tokens"],
+            "test_pairs": len(test),
+            "test_queries": int(test["query_id"].nunique()),
+            "rate": "pairs_per_second uses each backend's fastest round (noise only slows rounds)",
+        },
+        "flops_per_pair": {
+            "pair_only": work["pair_only"] / len(queries),
+            "with_towers": work["with_towers"] / len(queries),
+        },
+        "roofline_fp32_gflops": peak,
+        "roofline_rounds_gflops": {"torch_mm": roofline, "onnxruntime_matmul": roofline_ort},
+        "roofline_matrix_size": roofline_size,
+        "backends": entries,
+        "int8_ndcg_loss": _int8_loss(entries),
+        "server_latency": {
+            "status": "not measured",
+            "reason": "hook for p50/p99 /rerank latency at concurrency 1 and 8, with and without "
+            "dynamic batching; pass server_latency= once the HTTP service exists",
+        },
+    }
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _int8_loss(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+    int8 = entries.get(ONNX_INT8, {}).get("ndcg")
+
+    def loss(name: str) -> float | None:
+        ref = entries.get(name, {}).get("ndcg")
+        return ref - int8 if ref is not None and int8 is not None else None
+
+    return {"vs_onnx_fp32": loss(ONNX_FP32), "vs_torch_fp32": loss(TORCH_FP32)}
+
+
+def _versions() -> dict[str, str]:
+    versions = {"esci_reranker": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    for module in ("onnxruntime", "sentence_transformers", "transformers"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            continue
+    return versions
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """The benchmark result as a fixed-width text table."""
+    header = ("backend", "pairs/s", "x anchor", "GFLOP/s", "% fp32 peak", "nDCG", "note")
+    lines = []
+    for name, e in result["backends"].items():
+        if e.get("status") != "ok":
+            lines.append((name, "-", "-", "-", "-", "-", f"skipped: {e.get('reason', '')}"))
+            continue
+        lines.append(
+            (
+                name,
+                f"{e['pairs_per_second']:.1f}",
+                f"{e['vs_anchor']:.2f}" if e.get("vs_anchor") else "-",
+                f"{e['gflops']:.1f}",
+                f"{100 * e['roofline_share']:.1f}",
+                f"{e['ndcg']:.4f}" if e.get("ndcg") is not None else "-",
+                e.get("note", ""),
+            )
+        )
+    widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header) - 1)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    s = result["settings"]
+    loss = result["int8_ndcg_loss"]
+    footer = [
+        f"fp32 roofline {result['roofline_fp32_gflops']:.1f} GFLOP/s ({s['threads']} threads); "
+        f"{s['n_pairs']} pairs x {s['repeats']} rounds, batch {s['batch_size']}, "
+        f"mean {s['mean_pair_tokens']:.1f} tokens/pair; nDCG on {s['test_pairs']} test pairs "
+        f"({s['test_queries']} queries)",
+    ]
+    if loss["vs_onnx_fp32"] is not None:
+        footer.append(f"int8 nDCG loss vs onnx fp32: {loss['vs_onnx_fp32']:+.4f}")
+    return "\n".join([fmt.format(*header), *(fmt.format(*row) for row in lines), *footer])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m esci_reranker.bench CHECKPOINT --out bench.json``: run and print the benchmark."""
+    parser = argparse.ArgumentParser(prog="python -m esci_reranker.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("bench_backends.json"))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--n-pairs", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset")
+    parser.add_argument("--test-queries", type=int, default=None)
+    args = parser.parse_args(argv)
+    run_backend_bench(
+        args.model_dir,
+        args.out,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        n_pairs=args.n_pairs,
+        repeats=args.repeats,
+        threads=args.threads,
+        backends=[b.strip() for b in args.backends.split(",") if b.strip()],
+        test_queries=args.test_queries,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""ONNX export of a checkpoint and the ONNX Runtime backend of ``Reranker``.
+
+``export_onnx(model_dir, out_dir, quantize=None)`` writes a folder that
+``Reranker.from_pretrained(out_dir, backend="onnx")`` loads (and that the default backend loads
+too: a folder with only ONNX weights is picked up as ONNX, see ``resolve_backend``)::
+
+    out_dir/
+      model.onnx        the whole model: encoder, every head, the prior towers (``model_int8.onnx``
+                        instead when quantised)
+      config.json       the checkpoint's ``ModelConfig``, unchanged (``ModelConfig.load`` reads it)
+      onnx.json         what this folder is: file, quantisation, opset, inputs/outputs, the checked
+                        difference to the PyTorch model, library versions
+      tokenizer files
+
+**Graph.** Inputs are the tensors ``PairEncoder.collate`` produces (``input_ids``,
+``attention_mask``, ``token_type_ids`` when the tokenizer makes them, and with ``prior="cosine"``
+the ``query_*`` / ``product_*`` tower inputs), all int64 with dynamic batch and sequence axes (one
+sequence axis per text: ``pair_seq``, ``query_seq``, ``product_seq``). Outputs are ``score`` (B,)
+and, for the multi-task model, ``esci_logits`` (B, 4) and ``substitute_logit`` (B,). The encoder
+is traced with eager attention: its ``matmul -> add mask -> softmax -> matmul`` is the pattern
+ONNX Runtime's optimiser fuses; the ``sdpa`` trace leaves extra NaN-guard and shape nodes.
+The TorchScript exporter (``dynamo=False``) is used, so ``onnxscript`` is not needed.
+
+**Checks.** Before anything is written, the fp32 graph is run with ONNX Runtime on probe pairs at
+a batch size different from the traced one and compared with the PyTorch model (tolerance
+``EXPORT_TOLERANCE`` on every output); the int8 graph must give finite outputs.
+
+**int8.** Dynamic quantisation (``onnxruntime.quantization.quantize_dynamic``): int8 weights
+per output channel (per-tensor scales cost ~3x more score error at the same speed on a
+MiniLM-sized model), activations quantised per batch at run time. It needs no calibration data.
+
+**Session.** ``ORT_ENABLE_ALL`` graph optimisation at load time (it takes well under a second for
+MiniLM-sized models, so no pre-optimised graph is stored: an ``ENABLE_ALL`` graph is specific to
+the CPU it was made on). ``intra_op_num_threads`` defaults to ``torch.get_num_threads()``, so both
+backends follow ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` alike.
+
+``onnx`` and ``onnxruntime`` are the ``[onnx]`` extra; they are imported only when used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from esci_reranker import __version__
+from esci_reranker.fsutil import recover_dir, replace_dir
+from esci_reranker.model.config import WEIGHTS_NAME, CheckpointError, ModelConfig
+from esci_reranker.model.export import ExportError, _check_target
+from esci_reranker.model.features import PairEncoder
+from esci_reranker.model.io import load_checkpoint
+from esci_reranker.model.modeling import RerankerModel
+
+ONNX_NAME: Final[str] = "model.onnx"
+ONNX_INT8_NAME: Final[str] = "model_int8.onnx"
+#: The sidecar describing an ONNX folder (``config.json`` stays a plain ``ModelConfig``).
+ONNX_META_NAME: Final[str] = "onnx.json"
+ONNX_FORMAT: Final[str] = "esci-reranker-onnx"
+#: ``quantize=`` values of ``export_onnx`` -> the model file they write.
+QUANTIZATIONS: Final[Mapping[str | None, str]] = {None: ONNX_NAME, "int8": ONNX_INT8_NAME}
+OUTPUT_NAMES: Final[tuple[str, ...]] = ("score", "esci_logits", "substitute_logit")
+#: Largest |ONNX fp32 - PyTorch| allowed on any output of the probe pairs at export time.
+EXPORT_TOLERANCE: Final[float] = 1e-4
+DEFAULT_OPSET: Final[int] = 17
+#: Lowest opset the exported graph is checked with (LayerNormalization is native from 17 on;
+#: 14..16 decompose it and still work).
+MIN_OPSET: Final[int] = 14
+_INSTALL_HINT: Final[str] = "pip install 'esci-reranker[onnx]'"
+
+#: Probe pairs of different lengths: the first two are traced (padding in every input), all of
+#: them (a different batch size) and the last one alone (batch size 1) are checked.
+_PROBE_PAIRS: Final[tuple[tuple[str, str], ...]] = (
+    (
+        "mens trail running shoes waterproof",
+        "Salomon Speedcross 5 GTX Trail Running Shoes for Men | Salomon | Black/Phantom",
+    ),
+    ("usb c cable", "Anker USB-C cable 6 ft | Anker"),
+    ("!", "x"),
+    ("coffee grinder burr electric", "Ground coffee, 1 lb bag | Peet's | Brown"),
+)
+
+
+def _seq_axis(input_name: str) -> str:
+    if input_name.startswith("query_"):
+        return "query_seq"
+    if input_name.startswith("product_"):
+        return "product_seq"
+    return "pair_seq"
+
+
+class _ExportGraph(nn.Module):
+    """The reranker with positional inputs and a tuple of outputs, as the ONNX tracer needs."""
+
+    def __init__(self, model: RerankerModel, input_names: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = tuple(input_names)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(**dict(zip(self.input_names, inputs, strict=True)))
+        if out.esci_logits is None or out.substitute_logit is None:
+            return (out.score,)
+        return out.score, out.esci_logits, out.substitute_logit
+
+
+def _import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError(f"the ONNX backend needs onnxruntime: {_INSTALL_HINT}") from None
+    return onnxruntime
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    # The tracer warns about Python-level shape checks in transformers' mask code (constant for
+    # any input here: they compare a mask with itself) and about the legacy exporter.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*aten::index.*")
+        yield
+
+
+class _DropPreprocessHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+def _probe_batch(encoder: PairEncoder, index: Sequence[int]) -> dict[str, torch.Tensor]:
+    encoded = encoder.encode([q for q, _ in _PROBE_PAIRS], [t for _, t in _PROBE_PAIRS])
+    return encoder.collate(encoded, index)
+
+
+def _session(path: Path, num_threads: int, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+    ort = _import_onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = num_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def _run_session(session: Any, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    feed = {i.name: np.asarray(batch[i.name], dtype=np.int64) for i in session.get_inputs()}
+    return dict(zip(names, session.run(names, feed), strict=True))
+
+
+def _max_difference(model: RerankerModel, session: Any, batch: dict[str, torch.Tensor]) -> float:
+    with torch.inference_mode():
+        out = model(**batch)
+    ours = {"score": out.score, "esci_logits": out.esci_logits, "substitute_logit": out.substitute_logit}
+    theirs = _run_session(session, {k: v.numpy() for k, v in batch.items()})
+    return max(float(np.abs(theirs[name] - ours[name].float().numpy()).max()) for name in theirs)
+
+
+def export_onnx(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    quantize: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+) -> Path:
+    """Export a checkpoint to an ONNX folder that ``Reranker.from_pretrained(out_dir)`` loads.
+
+    Args:
+        model_dir: a checkpoint folder (``config.json`` + ``model.safetensors`` + tokenizer).
+        out_dir: the folder to write (see the module docstring for its content).
+        quantize: None for an fp32 ``model.onnx``; ``"int8"`` for a dynamically quantised
+            ``model_int8.onnx`` (int8 per-channel weights; ~4x smaller, faster on CPUs with VNNI).
+        opset: ONNX opset of the graph (>= 14; 17 has a native LayerNormalization).
+        overwrite: replace ``out_dir`` if it exists and is not empty.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        CheckpointError: ``model_dir`` is not a checkpoint.
+        ExportError: ``out_dir`` is unusable, or the fp32 graph differs from the PyTorch model by
+            more than ``EXPORT_TOLERANCE`` (nothing is written then).
+        ValueError: unknown ``quantize`` or ``opset`` below 14.
+        ImportError: ``onnx`` / ``onnxruntime`` are not installed.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize={quantize!r}; expected one of {list(QUANTIZATIONS)}.")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset={opset!r}; expected an integer >= {MIN_OPSET} (default {DEFAULT_OPSET}).")
+    source, out = Path(model_dir), Path(out_dir)
+    _check_target(source, out, overwrite)
+    model, tokenizer = load_checkpoint(source, device="cpu")
+    ort = _import_onnxruntime()
+    with contextlib.suppress(AttributeError, ValueError):  # no such switch: trace what it has
+        model.encoder.set_attn_implementation("eager")
+    model.float().eval()
+
+    encoder = PairEncoder(tokenizer, model.config)
+    traced = _probe_batch(encoder, [0, 1])
+    input_names = list(traced)
+    output_names = list(OUTPUT_NAMES if model.config.multi_task else OUTPUT_NAMES[:1])
+    dynamic_axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: _seq_axis(n)} for n in input_names}
+    dynamic_axes |= {n: {0: "batch"} for n in output_names}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fp32_path = tmp / ONNX_NAME
+        graph = _ExportGraph(model, input_names).eval()
+        with _quiet_export(), torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(
+                graph,
+                tuple(traced[n] for n in input_names),
+                str(fp32_path),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        session = _session(fp32_path, num_threads=1)
+        checked = [_probe_batch(encoder, range(len(_PROBE_PAIRS))), _probe_batch(encoder, [2])]
+        diff = max(_max_difference(model, session, batch) for batch in checked)
+        if not diff <= EXPORT_TOLERANCE:
+            raise ExportError(
+                f"export --format onnx: the ONNX graph differs from the checkpoint by {diff:.2e} "
+                f"(> {EXPORT_TOLERANCE:g}) on the probe pairs; not writing it. Please report this "
+                "with the model's config.json and the torch/onnxruntime versions."
+            )
+        meta: dict[str, Any] = {
+            "format": ONNX_FORMAT,
+            "file": QUANTIZATIONS[quantize],
+            "quantize": quantize,
+            "quantization": None,
+            "opset": opset,
+            "inputs": input_names,
+            "outputs": output_names,
+            "dynamic_axes": {n: {str(k): v for k, v in axes.items()} for n, axes in dynamic_axes.items()},
+            "max_abs_diff_fp32_vs_torch": diff,
+            "source": source.name,
+            "esci_reranker_version": __version__,
+            "torch_version": torch.__version__,
+            "onnxruntime_version": ort.__version__,
+        }
+        if quantize == "int8":
+            meta["quantization"] = _quantize_int8(fp32_path, tmp / ONNX_INT8_NAME, checked)
+            fp32_path.unlink()
+        model.config.save(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ONNX_META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists() and not out.is_dir():
+            out.unlink()
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _quantize_int8(src: Path, dst: Path, probes: Sequence[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Dynamic int8 quantisation of ``src`` into ``dst``; returns what was done (for ``onnx.json``)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    settings = {"method": "dynamic", "weight_type": "QInt8", "per_channel": True, "reduce_range": False}
+    root = logging.getLogger()
+    hint = _DropPreprocessHint()
+    root.addFilter(hint)  # it suggests shape pre-processing, which changes nothing for this graph
+    try:
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, reduce_range=False)
+    finally:
+        root.removeFilter(hint)
+    fp32, int8 = _session(src, num_threads=1), _session(dst, num_threads=1)
+    diff = 0.0
+    for batch in probes:
+        feed = {k: v.numpy() for k, v in batch.items()}
+        a, b = _run_session(fp32, feed), _run_session(int8, feed)
+        for name, value in b.items():
+            if not np.isfinite(value).all():
+                raise ExportError(
+                    f"export --format onnx --quantize int8: output {name!r} of the int8 graph is not "
+                    "finite on the probe pairs; export without --quantize."
+                )
+            diff = max(diff, float(np.abs(value - a[name]).max()))
+    return settings | {"max_abs_diff_int8_vs_fp32_probe": diff}
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+
+
+def onnx_model_path(folder: str | Path) -> Path | None:
+    """The ONNX model file of ``folder`` (named by ``onnx.json``, else ``model.onnx`` or
+    ``model_int8.onnx``), or None when the folder holds none."""
+    folder = Path(folder)
+    meta = folder / ONNX_META_NAME
+    if meta.is_file():
+        try:
+            name = json.loads(meta.read_text()).get("file")
+        except (json.JSONDecodeError, AttributeError):
+            raise CheckpointError(f"{meta}: not a valid {ONNX_META_NAME} (expected a JSON object).") from None
+        if isinstance(name, str) and (folder / name).is_file():
+            return folder / name
+    for name in (ONNX_NAME, ONNX_INT8_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def resolve_backend(folder: str | Path, backend: str) -> str:
+    """The backend to load ``folder`` with: ``torch`` on a folder holding only ONNX weights
+    (written by ``export --format onnx``) becomes ``onnx``; anything else is returned as is."""
+    folder = Path(folder)
+    if backend == "torch" and not (folder / WEIGHTS_NAME).is_file() and onnx_model_path(folder) is not None:
+        return "onnx"
+    return backend
+
+
+def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    # config.json is ours, not a transformers config: keep AutoTokenizer's warning about it quiet.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder}: tokenizer files are missing or broken ({err}).") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+class OnnxRunner:
+    """Runs an ONNX Runtime session on one padded batch (the ``BatchRunner`` of ``backend="onnx"``).
+
+    Feeds the graph only the inputs it declares (``token_type_ids`` is absent for RoBERTa-style
+    tokenizers) and returns float32 numpy outputs keyed ``score`` and, for multi-task models,
+    ``esci_logits`` and ``substitute_logit``. ``session.run`` is thread-safe, so one runner may
+    serve concurrent requests.
+    """
+
+    def __init__(self, session: Any, path: Path) -> None:
+        self.session = session
+        self.path = path
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.providers: list[str] = list(session.get_providers())
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in batch]
+        if missing:
+            raise ValueError(
+                f"ONNX model {self.path.name}: batch lacks input(s) {missing} (got {sorted(batch)}); "
+                "batches come from PairEncoder.collate with the folder's own config.json."
+            )
+        feed = {}
+        for name in self.input_names:
+            value = batch[name]
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            feed[name] = np.ascontiguousarray(value, dtype=np.int64)
+        outputs = self.session.run(self.output_names, feed)
+        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self.output_names, outputs, strict=True)}
+
+
+def load_onnx_runner(
+    folder: str | Path, device: str | torch.device = "cpu", num_threads: int | None = None
+) -> tuple[ModelConfig, PreTrainedTokenizerBase, OnnxRunner]:
+    """Load an ONNX folder written by ``export_onnx``: its config, tokenizer and a batch runner.
+
+    Args:
+        folder: the exported folder.
+        device: ``cuda`` uses onnxruntime's CUDA provider when installed (``onnxruntime-gpu``);
+            otherwise, and for any other device, the CPU provider (with a warning if not ``cpu``).
+        num_threads: intra-op threads; default ``torch.get_num_threads()`` (``OMP_NUM_THREADS`` or
+            the physical cores), the same count the torch backend uses.
+
+    Raises:
+        CheckpointError: no such folder, no ONNX model in it (e.g. a PyTorch checkpoint), broken
+            config/tokenizer, or a graph that lacks the outputs its config needs.
+        ImportError: onnxruntime is not installed.
+    """
+    folder = Path(folder)
+    recover_dir(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder.")
+    path = onnx_model_path(folder)
+    if path is None:
+        hint = (
+            f"it holds PyTorch weights ({WEIGHTS_NAME}): load it with backend='torch', or export it "
+            f"with `esci-reranker export {folder} --format onnx`."
+            if (folder / WEIGHTS_NAME).is_file()
+            else "write one with `esci-reranker export CHECKPOINT --format onnx`."
+        )
+        raise CheckpointError(
+            f"{folder}: no {ONNX_NAME} or {ONNX_INT8_NAME}; backend='onnx' loads a folder written by "
+            f"`esci-reranker export --format onnx`, and {hint}"
+        )
+    config = ModelConfig.load(folder)
+    ort = _import_onnxruntime()
+    device = torch.device(device)
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    elif device.type != "cpu":
+        warnings.warn(
+            f"onnxruntime has no execution provider for device {str(device)!r} here "
+            f"(available: {ort.get_available_providers()}); running the ONNX model on the CPU. "
+            "Install onnxruntime-gpu for CUDA.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    threads = num_threads if num_threads is not None else torch.get_num_threads()
+    if threads < 1:
+        raise ValueError(f"num_threads={threads}; expected a positive integer or None.")
+    try:
+        session = _session(path, threads, providers)
+    except Exception as err:  # onnxruntime raises its own exception types for broken files
+        raise CheckpointError(f"{path}: onnxruntime cannot load it ({type(err).__name__}: {err}).") from None
+    runner = OnnxRunner(session, path)
+    needed = OUTPUT_NAMES if config.multi_task else OUTPUT_NAMES[:1]
+    lacking = [n for n in needed if n not in runner.output_names]
+    if lacking:
+        raise CheckpointError(
+            f"{path}: the graph has outputs {runner.output_names} but its config.json "
+            f"(model_type {config.model_type!r}) needs {list(needed)}; re-export the checkpoint."
+        )
+    return config, _load_tokenizer(folder), runner

@@ -1,0 +1,109 @@
+"""Smoke test of the backend benchmark on the tiny checkpoint: JSON shape and sane values, no timings."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("sentence_transformers")
+
+from esci_reranker.bench import (
+    ANCHOR,
+    ONNX_FP32,
+    ONNX_INT8,
+    TORCH_BF16,
+    TORCH_FP32,
+    cpu_bf16_support,
+    encoder_flops,
+    format_table,
+    run_backend_bench,
+)
+
+
+def test_encoder_flops_follows_the_formula():
+    # L·(T·2·(4H² + 2HI) + 4·T²·H) for T=3, L=2, H=4, I=8: 2·(3·2·(64 + 64) + 4·9·4) = 1824
+    assert encoder_flops([3], layers=2, hidden=4, intermediate=8) == 1824.0
+    assert encoder_flops([3, 3], 2, 4, 8) == 2 * 1824.0
+    assert encoder_flops([], 2, 4, 8) == 0.0
+
+
+@pytest.mark.slow
+def test_backend_bench_writes_sane_json(tiny_checkpoint, tmp_path):
+    lines: list[str] = []
+    out = tmp_path / "bench.json"
+    result = run_backend_bench(
+        tiny_checkpoint,
+        out,
+        batch_size=8,
+        n_pairs=12,
+        repeats=2,
+        threads=1,
+        test_queries=2,
+        roofline_size=128,
+        echo=lines.append,
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["settings"]["n_pairs"] == 12
+    assert result["settings"]["threads"] == 1
+    assert result["settings"]["test_queries"] == 2
+    assert result["roofline_fp32_gflops"] > 0
+    assert result["flops_per_pair"]["pair_only"] > 0
+
+    backends = result["backends"]
+    expected = {TORCH_FP32, ONNX_FP32, ONNX_INT8, ANCHOR} | ({TORCH_BF16} if cpu_bf16_support()[0] else set())
+    ok = {name for name, e in backends.items() if e["status"] == "ok"}
+    assert ok == expected
+    for name in ok:
+        e = backends[name]
+        assert len(e["seconds"]) == 2
+        assert e["pairs_per_second"] > 0
+        assert e["vs_anchor"] > 0
+        assert e["roofline_share"] > 0
+        assert e["gflops"] == pytest.approx(e["roofline_share"] * result["roofline_fp32_gflops"])
+    # the tiny model's mean pooling is not a stock cross-encoder: the anchor falls back, says so
+    assert backends[ANCHOR]["kind"] == "backbone-fallback"
+    assert backends[ANCHOR]["ndcg"] is None
+    assert backends[ANCHOR]["vs_anchor"] == 1.0
+    for name in ok - {ANCHOR}:
+        assert 0 < backends[name]["ndcg"] <= 1
+    # fp32 ONNX scores equal torch's; int8 is close
+    assert backends[ONNX_FP32]["max_abs_score_diff_vs_torch_fp32"] < 1e-4
+    assert backends[ONNX_FP32]["ndcg"] == pytest.approx(backends[TORCH_FP32]["ndcg"], abs=1e-9)
+    assert backends[ONNX_INT8]["score_corr_vs_torch_fp32"] > 0.95
+    loss = result["int8_ndcg_loss"]["vs_onnx_fp32"]
+    assert math.isfinite(loss)
+    assert loss == pytest.approx(backends[ONNX_FP32]["ndcg"] - backends[ONNX_INT8]["ndcg"])
+    assert result["server_latency"]["status"] == "not measured"
+    table = format_table(result)
+    assert table in lines
+    assert all(name in table for name in backends)
+
+
+@pytest.mark.slow
+def test_anchor_uses_the_st_export_when_the_model_is_exportable(tmp_path):
+    from esci_reranker.model import save_checkpoint
+    from tests.conftest import build_tiny_model
+
+    model, tokenizer = build_tiny_model(pooling="cls", head_hidden=32)
+    checkpoint = save_checkpoint(model, tokenizer, tmp_path / "exportable")
+    result = run_backend_bench(
+        checkpoint,
+        None,
+        batch_size=8,
+        n_pairs=8,
+        repeats=1,
+        threads=1,
+        backends=[TORCH_FP32, ANCHOR],
+        test_queries=2,
+        roofline_size=64,
+        echo=None,
+    )
+    anchor = result["backends"][ANCHOR]
+    assert anchor["kind"] == "export"
+    # the same weights and head: CrossEncoder.predict ranks exactly like the reranker
+    assert anchor["ndcg"] == pytest.approx(result["backends"][TORCH_FP32]["ndcg"], abs=1e-9)
+    assert set(result["backends"]) == {TORCH_FP32, ANCHOR}
+    assert result["int8_ndcg_loss"] == {"vs_onnx_fp32": None, "vs_torch_fp32": None}

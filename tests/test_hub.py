@@ -1,0 +1,159 @@
+"""Hub push: the model card builder (pure) and the upload, with huggingface_hub's HfApi patched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from esci_reranker.hub import CARD_MARKER, build_model_card, load_metrics, push_to_hub
+from esci_reranker.model import CheckpointError, ModelConfig
+
+METRICS = {
+    "gains": "esci",
+    "num_queries": 151,
+    "num_pairs": 6694,
+    "task1": {"ndcg": 0.8123, "ndcg@10": 0.7456, "mrr": 0.9},
+    "task1_by_query_source": {"negations": {"ndcg": 0.5}},
+    "task2": {
+        "accuracy": 0.66,
+        "micro_f1": 0.66,
+        "macro_f1": 0.41,
+        "per_class": {"E": {"f1": 0.8}},
+        "confusion_matrix": [[1, 0], [0, 1]],
+        "labels": ["E", "S", "C", "I"],
+    },
+    "task3": {"f1": 0.22, "auc": 0.71},
+}
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_model_card_has_usage_metrics_data_and_limits():
+    config = ModelConfig(backbone_name="sentence-transformers/all-MiniLM-L6-v2", max_length=96)
+    card = build_model_card(config, "alice/esci-minilm", METRICS)
+
+    meta = front_matter(card)
+    assert meta["pipeline_tag"] == "text-ranking"
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "multi-task" in meta["tags"]
+    assert CARD_MARKER in card
+    assert "# esci-minilm" in card
+    assert 'Reranker.from_pretrained("alice/esci-minilm")' in card
+    assert "| ndcg@10 | 0.7456 |" in card
+    assert "| macro_f1 | 0.4100 |" in card
+    assert "| auc | 0.7100 |" in card
+    assert "num_queries = 151" in card
+    assert "Task 2: E/S/C/I classification" in card
+    assert "confusion_matrix" not in card
+    assert "negations" not in card
+    for section in (
+        "## How to use",
+        "## Training data",
+        "## Evaluation",
+        "## Intended use",
+        "## Limitations",
+    ):
+        assert section in card
+    assert "Shopping Queries Dataset" in card
+    assert "96 tokens" in card
+
+
+def test_model_card_without_metrics_or_hub_backbone():
+    config = ModelConfig(model_type="esci-cross-encoder", backbone_name="/tmp/some/local/encoder")
+    card = build_model_card(config, "bob/tiny", None)
+    assert "base_model" not in front_matter(card)
+    assert "No `metrics.json`" in card
+    assert "one head" in card
+    assert "multi-task" not in front_matter(card)["tags"]
+
+
+@pytest.fixture
+def checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "metrics.json").write_text(json.dumps(METRICS))
+    return folder
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> list[tuple[str, dict]]:
+    """Replace the two HfApi calls that reach the network; record what they were given."""
+    from huggingface_hub import HfApi
+
+    calls: list[tuple[str, dict]] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        calls.append(
+            ("upload_folder", {**kwargs, "files": files, "card": (folder / "README.md").read_text()})
+        )
+        return "https://huggingface.co/commit/abc"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_uploads_the_folder_with_a_generated_card(checkpoint: Path, fake_hub):
+    result = push_to_hub(checkpoint, "alice/esci-tiny", private=True, commit_message="first")
+
+    assert [name for name, _ in fake_hub] == ["create_repo", "upload_folder"]
+    created, uploaded = fake_hub[0][1], fake_hub[1][1]
+    assert created["repo_id"] == "alice/esci-tiny"
+    assert created["private"] is True
+    assert created["exist_ok"] is True
+    assert uploaded["repo_id"] == "alice/esci-tiny"
+    assert Path(uploaded["folder_path"]) == checkpoint
+    assert uploaded["commit_message"] == "first"
+    assert {"config.json", "model.safetensors", "README.md", "metrics.json"} <= set(uploaded["files"])
+    assert 'Reranker.from_pretrained("alice/esci-tiny")' in uploaded["card"]
+    assert "| ndcg | 0.8123 |" in uploaded["card"]
+    assert result.url == "https://huggingface.co/alice/esci-tiny"
+    assert result.card_written
+
+    # A second push regenerates its own card.
+    (checkpoint / "metrics.json").write_text(json.dumps({"task1": {"ndcg": 0.9}}))
+    push_to_hub(checkpoint, "alice/esci-tiny")
+    assert "| ndcg | 0.9000 |" in fake_hub[-1][1]["card"]
+    assert fake_hub[-2][1]["private"] is False
+
+
+def test_push_keeps_a_hand_written_readme(checkpoint: Path, fake_hub):
+    (checkpoint / "README.md").write_text("# My own card\n")
+    result = push_to_hub(checkpoint, "alice/esci-tiny")
+    assert not result.card_written
+    assert fake_hub[-1][1]["card"] == "# My own card\n"
+
+
+def test_push_refuses_bad_folders_and_repo_ids_before_any_upload(tmp_path: Path, checkpoint: Path, fake_hub):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match="not an esci-reranker checkpoint"):
+        push_to_hub(tmp_path / "plain", "alice/x")
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        push_to_hub(tmp_path / "missing", "alice/x")
+    with pytest.raises(ValueError, match="repo id 'not a/valid//id' is not valid"):
+        push_to_hub(checkpoint, "not a/valid//id")
+    (checkpoint / "metrics.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match=r"metrics.json: not valid JSON"):
+        push_to_hub(checkpoint, "alice/x")
+    assert fake_hub == []
+
+
+def test_load_metrics(tmp_path: Path):
+    assert load_metrics(tmp_path) is None
+    (tmp_path / "metrics.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="expected a JSON object"):
+        load_metrics(tmp_path)

@@ -1,0 +1,269 @@
+"""The public Reranker: loading (local and Hub), predict, rerank, batching order, errors."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from esci_reranker.data.text import product_text, product_texts
+from esci_reranker.model import CheckpointError, PairEncoder, save_checkpoint
+from esci_reranker.reranker import Predictions, RankedCandidate, Reranker
+from tests.conftest import SAMPLE_PARQUET, build_tiny_model
+
+QUERY = "red running shoes"
+TEXTS = [
+    "Nike Air Zoom Pegasus | Nike | Red",
+    "socks",
+    "Running shoe cleaner kit with brush, foam and towel for sneakers | ShoeCare",
+    "Adidas Ultraboost 22 running shoes for women, lightweight and breathable | Adidas | Black",
+    "x",
+    "Trail runner | Salomon | Blue",
+    "Kids' light-up sneakers | Skechers | Pink",
+]
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_checkpoint: Path) -> Reranker:
+    return Reranker.from_pretrained(tiny_checkpoint, device="cpu", batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def single_task(tiny_single_task_checkpoint: Path) -> Reranker:
+    return Reranker.from_pretrained(tiny_single_task_checkpoint, device="cpu")
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_gives_the_in_memory_models_outputs(tmp_path: Path):
+    model, tokenizer = build_tiny_model(seed=3)
+    folder = save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    loaded = Reranker.from_pretrained(folder, device="cpu")
+
+    encoder = PairEncoder(tokenizer, model.config)
+    encoded = encoder.encode([QUERY] * len(TEXTS), TEXTS)
+    with torch.inference_mode():
+        out = model(**encoder.collate(encoded, range(len(TEXTS))))
+    preds = loaded.predict([(QUERY, t) for t in TEXTS])
+
+    np.testing.assert_allclose(preds.regression_scores, out.score.numpy(), atol=1e-5)
+    np.testing.assert_allclose(preds.esci_probs, out.esci_logits.softmax(-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(preds.substitute_probs, out.substitute_logit.sigmoid().numpy(), atol=1e-5)
+    np.testing.assert_allclose(preds.expected_gains, out.expected_gain.numpy(), atol=1e-5)
+    # A second load of the same folder is bit-identical.
+    again = Reranker.from_pretrained(folder, device="cpu").predict([(QUERY, t) for t in TEXTS])
+    np.testing.assert_array_equal(again.scores, preds.scores)
+
+
+def test_missing_folder_error_names_the_local_path_and_the_hub(tmp_path: Path):
+    missing = tmp_path / "no" / "such" / "model"
+    with pytest.raises(CheckpointError) as err:
+        Reranker.from_pretrained(missing)
+    message = str(err.value)
+    assert str(missing) in message
+    assert "Hugging Face Hub" in message
+
+
+def test_plain_transformers_folder_is_refused_with_a_clear_message(tmp_path: Path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    with pytest.raises(CheckpointError, match="'bert' is not an esci-reranker checkpoint"):
+        Reranker.from_pretrained(tmp_path)
+
+
+def test_hub_fallback_downloads_with_snapshot_download(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, token=None, **kwargs):
+        calls.append({"repo_id": repo_id, "revision": revision, "token": token})
+        copy = tmp_path / "snapshot"
+        shutil.copytree(tiny_checkpoint, copy, dirs_exist_ok=True)
+        return str(copy)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)  # "someone/tiny-esci" must not exist as a local folder
+    hub = Reranker.from_pretrained("someone/tiny-esci", device="cpu", revision="v1")
+    local = Reranker.from_pretrained(tiny_checkpoint, device="cpu")
+
+    assert calls == [{"repo_id": "someone/tiny-esci", "revision": "v1", "token": None}]
+    pairs = [(QUERY, t) for t in TEXTS]
+    np.testing.assert_array_equal(hub.predict(pairs).scores, local.predict(pairs).scores)
+
+
+def test_hub_failure_error_names_both_places(tmp_path: Path, monkeypatch):
+    import huggingface_hub
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        raise OSError(f"401 Client Error: repository {repo_id} not found")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        Reranker.from_pretrained("someone/missing-model")
+    message = str(err.value)
+    assert str(tmp_path / "someone" / "missing-model") in message
+    assert "Hugging Face Hub repo 'someone/missing-model'" in message
+    assert "401" in message
+
+
+def test_max_length_override_and_its_bounds(tiny_checkpoint: Path):
+    short = Reranker.from_pretrained(tiny_checkpoint, device="cpu", max_length=16)
+    preds = short.predict([(QUERY, TEXTS[3]), (QUERY, "x")])
+    assert preds.truncated.tolist() == [True, False]
+    with pytest.raises(ValueError, match="max_length=4"):
+        Reranker.from_pretrained(tiny_checkpoint, max_length=4)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        Reranker.from_pretrained(tiny_checkpoint, batch_size=0)
+
+
+# --- predict ----------------------------------------------------------------------------------------
+
+
+def test_predict_fields_and_shapes(reranker: Reranker):
+    preds = reranker.predict([(QUERY, t) for t in TEXTS])
+    n = len(TEXTS)
+    assert isinstance(preds, Predictions)
+    assert len(preds) == n
+    assert preds.scores.shape == preds.expected_gains.shape == preds.substitute_probs.shape == (n,)
+    assert preds.esci_probs.shape == (n, 4)
+    np.testing.assert_allclose(preds.esci_probs.sum(1), 1.0, atol=1e-5)
+    assert set(preds.esci_classes) <= {"E", "S", "C", "I"}
+    assert preds.esci_classes.tolist() == [("E", "S", "C", "I")[i] for i in preds.esci_probs.argmax(1)]
+    np.testing.assert_allclose(preds.expected_gains, preds.esci_probs @ [1.0, 0.1, 0.01, 0.0], atol=1e-6)
+    assert ((preds.substitute_probs > 0) & (preds.substitute_probs < 1)).all()
+    assert not preds.truncated.any()
+    assert len(reranker.predict([])) == 0
+
+
+def test_results_keep_input_order_under_length_sorted_batching(reranker: Reranker):
+    texts = [*TEXTS, *(f"{t} extra words {'long ' * i}" for i, t in enumerate(TEXTS))]
+    order = list(range(len(texts)))
+    random.Random(0).shuffle(order)
+    shuffled = [texts[i] for i in order]
+
+    together = reranker.predict([(QUERY, t) for t in shuffled])  # batches of 3, longest first
+    alone = [reranker.predict([(QUERY, t)]) for t in shuffled]
+    np.testing.assert_allclose(together.scores, [p.scores[0] for p in alone], atol=1e-5)
+    np.testing.assert_allclose(together.esci_probs, np.vstack([p.esci_probs for p in alone]), atol=1e-5)
+    assert together.esci_classes.tolist() == [p.esci_classes[0] for p in alone]
+
+
+def test_prior_model_predicts_in_input_order(tiny_prior_checkpoint: Path):
+    prior = Reranker.from_pretrained(tiny_prior_checkpoint, device="cpu", batch_size=2)
+    together = prior.predict([(QUERY, t) for t in TEXTS])
+    alone = [prior.predict([(QUERY, t)]).scores[0] for t in TEXTS]
+    np.testing.assert_allclose(together.scores, alone, atol=1e-5)
+
+
+def test_long_text_is_truncated_and_reported(reranker: Reranker):
+    long_text = "waterproof hiking boot " * 100
+    preds = reranker.predict([(QUERY, long_text), (QUERY, "boot")])
+    assert preds.truncated.tolist() == [True, False]
+    ranked = reranker.rerank(QUERY, [("long", long_text), ("short", "boot")])
+    assert {c.product_id: c.truncated for c in ranked} == {"long": True, "short": False}
+
+
+def test_single_task_model_has_no_classes(single_task: Reranker):
+    preds = single_task.predict([(QUERY, t) for t in TEXTS[:3]])
+    assert preds.esci_classes.tolist() == ["", "", ""]
+    assert np.isnan(preds.esci_probs).all()
+    assert np.isnan(preds.substitute_probs).all()
+    assert np.isnan(preds.expected_gains).all()
+    np.testing.assert_array_equal(preds.scores, preds.regression_scores)
+    ranked = single_task.rerank(QUERY, [("a", TEXTS[0]), ("b", TEXTS[1])])
+    assert all(c.esci_class is None and c.esci_probs is None and c.substitute_prob is None for c in ranked)
+
+
+# --- rerank -----------------------------------------------------------------------------------------
+
+
+def test_rerank_sorts_by_score_and_respects_top_k(reranker: Reranker):
+    candidates = [(f"P{i}", t) for i, t in enumerate(TEXTS)]
+    ranked = reranker.rerank(QUERY, candidates)
+    assert all(isinstance(c, RankedCandidate) for c in ranked)
+    assert [c.rank for c in ranked] == list(range(1, len(TEXTS) + 1))
+    scores = [c.score for c in ranked]
+    assert scores == sorted(scores, reverse=True)
+    assert sorted(c.product_id for c in ranked) == sorted(pid for pid, _ in candidates)
+    preds = reranker.predict([(QUERY, t) for t in TEXTS])
+    by_id = {c.product_id: c for c in ranked}
+    for i in range(len(TEXTS)):
+        assert by_id[f"P{i}"].score == pytest.approx(float(preds.scores[i]), abs=1e-5)
+        assert by_id[f"P{i}"].esci_class == preds.esci_classes[i]
+        assert len(by_id[f"P{i}"].esci_probs) == 4
+
+    top = reranker.rerank(QUERY, candidates, top_k=3)
+    assert [c.product_id for c in top] == [c.product_id for c in ranked[:3]]
+    assert len(reranker.rerank(QUERY, candidates, top_k=100)) == len(TEXTS)
+
+
+def test_dict_candidates_are_read_as_in_training(reranker: Reranker):
+    frame = pd.read_parquet(SAMPLE_PARQUET).head(8)
+    training_texts = product_texts(frame, reranker.config.text_fields, reranker.config.long_field_chars)
+    columns = ["product_id", "product_title", "product_brand", "product_color", "product_description"]
+    records = frame[columns].to_dict(orient="records")
+    short_names = [
+        {
+            "product_id": r["product_id"],
+            "title": r["product_title"],
+            "brand": r["product_brand"],
+            "color": r["product_color"],
+        }
+        for r in records
+    ]
+    assert [reranker.text_of(r) for r in records] == training_texts.tolist()
+    assert [reranker.text_of(r) for r in short_names] == training_texts.tolist()
+    assert reranker.text_of(records[0]) == product_text(records[0])
+
+    from_dicts = reranker.rerank("silicone", records)
+    from_tuples = reranker.rerank("silicone", list(zip(frame["product_id"], training_texts, strict=True)))
+    assert from_dicts == from_tuples
+    # A dict with only a ready text uses it.
+    text_only = reranker.rerank("silicone", [{"product_id": "a", "text": training_texts.iloc[0]}])
+    assert text_only[0].score == pytest.approx(
+        from_tuples[[c.product_id for c in from_tuples].index(records[0]["product_id"])].score, abs=1e-5
+    )
+
+
+def test_empty_candidate_list_gives_empty_result(reranker: Reranker):
+    assert reranker.rerank(QUERY, []) == []
+
+
+@pytest.mark.parametrize(
+    ("query", "candidates", "top_k", "message"),
+    [
+        (QUERY, [("a", "shoe"), ("a", "boot")], None, "candidate 1: duplicate product_id 'a'"),
+        (QUERY, [("a", "shoe"), ("b", "   ")], None, r"candidate 1 \(product_id 'b'\): empty product text"),
+        (QUERY, [{"product_id": "a", "title": None, "brand": ""}], None, "empty product text"),
+        (QUERY, [{"title": "shoe"}], None, "candidate 0: missing 'product_id'"),
+        (QUERY, [("", "shoe")], None, "candidate 0: empty product_id"),
+        (QUERY, [("a", None)], None, "candidate 0 .*must be a str or a mapping"),
+        (QUERY, ["just text"], None, r"expected \(product_id, text\) or a dict"),
+        (QUERY, [("a", "shoe")], 0, "top_k=0"),
+        (QUERY, [("a", "shoe")], -2, "top_k=-2"),
+        (QUERY, [("a", "shoe")], 1.5, "top_k=1.5"),
+        ("  ", [("a", "shoe")], None, "query must be a non-empty string"),
+    ],
+)
+def test_rerank_rejects_bad_input_with_clear_messages(reranker, query, candidates, top_k, message):
+    with pytest.raises(ValueError, match=message):
+        reranker.rerank(query, candidates, top_k=top_k)
+
+
+def test_predict_frame_reads_product_columns_or_product_text(reranker: Reranker):
+    frame = pd.read_parquet(SAMPLE_PARQUET).head(5)
+    by_fields = reranker.predict_frame(frame, progress=False)
+    with_text = frame[["query"]].assign(product_text=product_texts(frame))
+    np.testing.assert_allclose(reranker.predict_frame(with_text, progress=False).scores, by_fields.scores)
+    with pytest.raises(ValueError, match="no 'query' column"):
+        reranker.predict_frame(frame.drop(columns="query"))
+    with pytest.raises(ValueError, match="neither product columns"):
+        reranker.predict_frame(frame[["query", "product_id"]])
