@@ -1,0 +1,40 @@
+"""Dependencies the routes declare with ``Annotated`` (the app's state, settings, scorer)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from esci_reranker.serve.errors import ApiError
+from esci_reranker.serve.scoring import Scorer
+from esci_reranker.serve.settings import Settings
+from esci_reranker.serve.state import ServiceState
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def get_settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_scorer(state: StateDep) -> Scorer:
+    """The scorer, or 503 while the model is loading (or after it failed to load)."""
+    if state.scorer is None:
+        if state.status == "failed":
+            raise ApiError(503, f"the model failed to load ({state.error}); see the server log")
+        raise ApiError(
+            503, "the model is still loading; retry when GET /ready answers 200", headers={"Retry-After": "5"}
+        )
+    return state.scorer
+
+
+ScorerDep = Annotated[Scorer, Depends(get_scorer)]

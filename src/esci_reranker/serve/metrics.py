@@ -1,0 +1,86 @@
+"""Prometheus metrics of the service, defined once here, on a registry owned by each app.
+
+A dedicated ``CollectorRegistry`` per app (not the process-global default) keeps apps built in
+the same process (tests, several workers' imports) from sharing or double-registering series.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+#: Seconds; a 1000-candidate request on a CPU can take several seconds.
+LATENCY_BUCKETS: Final[tuple[float, ...]] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+#: Candidates scored in one model call.
+BATCH_BUCKETS: Final[tuple[float, ...]] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+#: Label used for requests that matched no route (404s), so scanners cannot grow the label set.
+UNMATCHED: Final[str] = "unmatched"
+
+
+class Metrics:
+    """Every series the service exports. ``render()`` is the body of ``GET /metrics``."""
+
+    content_type: Final[str] = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "esci_http_requests_total",
+            "HTTP requests by route template, method and status code.",
+            ["endpoint", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "esci_http_request_duration_seconds",
+            "Time from receiving a request to sending its last byte, by route template.",
+            ["endpoint", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("esci_http_requests_in_flight", "Requests being handled now.", registry=r)
+        self.model_forward = Histogram(
+            "esci_model_forward_seconds",
+            "Time of one model call (all batches of one request), cache hits excluded.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "esci_model_batch_candidates",
+            "Candidates scored in one model call.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "esci_cache_hits_total", "Requests answered from the response cache.", registry=r
+        )
+        self.cache_misses = Counter(
+            "esci_cache_misses_total", "Requests the response cache could not answer.", registry=r
+        )
+        self.model_loaded = Gauge(
+            "esci_model_loaded", "1 once the model is loaded and warmed up, else 0.", registry=r
+        )
+
+    def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        """Count one finished request and record its latency."""
+        self.requests.labels(endpoint=endpoint, method=method, status=str(status)).inc()
+        self.latency.labels(endpoint=endpoint, method=method).observe(seconds)
+
+    def observe_forward(self, seconds: float, candidates: int) -> None:
+        """Record one model call over ``candidates`` pairs."""
+        self.model_forward.observe(seconds)
+        self.batch_size.observe(candidates)
+
+    def render(self) -> bytes:
+        """The exposition-format text of every series."""
+        return generate_latest(self.registry)

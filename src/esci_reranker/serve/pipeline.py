@@ -1,0 +1,99 @@
+"""Steps the scoring routes share: limits, candidate texts, scoring off the event loop, stats."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import numpy as np
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from esci_reranker.serve.errors import ApiError
+from esci_reranker.serve.schemas import Candidate, Stats
+from esci_reranker.serve.scoring import Scorer, ScoreResult
+from esci_reranker.serve.settings import Settings
+
+
+def check_count(count: int, settings: Settings, what: str = "candidates") -> None:
+    """413 when a request has more than ``MAX_CANDIDATES`` items."""
+    if count > settings.max_candidates:
+        raise ApiError(
+            413,
+            f"{count} {what} in one request; the limit is MAX_CANDIDATES={settings.max_candidates}. "
+            "Split the request or pre-filter the candidates.",
+        )
+
+
+def check_length(text: str, settings: Settings, where: str) -> None:
+    """422 when ``text`` is longer than ``MAX_TEXT_CHARS``; ``where`` names it in the message."""
+    if len(text) > settings.max_text_chars:
+        raise ApiError(
+            422,
+            f"{where} is {len(text)} characters; the limit is MAX_TEXT_CHARS={settings.max_text_chars}. "
+            "Send a shorter text (the model reads only its first few hundred tokens anyway).",
+        )
+
+
+def candidate_texts(candidates: Sequence[Candidate], scorer: Scorer, settings: Settings) -> list[str]:
+    """The model text of every candidate, after the count and length limits; 422 on empty text."""
+    check_count(len(candidates), settings)
+    texts = []
+    for index, candidate in enumerate(candidates):
+        record = candidate.record()
+        for field, value in record.items():
+            check_length(
+                value, settings, f"candidates[{index}] (product_id {candidate.product_id!r}) field '{field}'"
+            )
+        text = scorer.text_of(record)
+        if not text.strip():
+            fields = scorer.reranker.config.text_fields
+            raise ApiError(
+                422,
+                f"candidates[{index}] (product_id {candidate.product_id!r}) has no product text after cleaning: "
+                f"send a non-empty 'text' or one of the fields this model reads ({', '.join(fields)}).",
+            )
+        texts.append(text)
+    return texts
+
+
+async def score(scorer: Scorer, query: str, texts: list[str]) -> ScoreResult:
+    """``scorer.score`` in a worker thread, so the event loop keeps serving other requests."""
+    return await run_in_threadpool(scorer.score, query, texts)
+
+
+def ranking(scores: np.ndarray, top_k: int | None) -> np.ndarray:
+    """Indices by descending score (ties keep request order), cut to ``top_k``."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return order[: min(top_k, len(order))] if top_k is not None else order
+
+
+def finite(value: float) -> float | None:
+    """``value`` as a float, or None when it is NaN/inf (JSON has no NaN)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def build_stats(request: Request, scorer: Scorer, result: ScoreResult, num_results: int) -> Stats:
+    """The ``stats`` block of a scoring response."""
+    scores = result.predictions.scores
+    started = getattr(request.state, "started", None)
+    total_ms = (time.perf_counter() - started) * 1000.0 if started is not None else result.forward_ms
+    return Stats(
+        total_latency_ms=round(total_ms, 3),
+        model_forward_time_ms=round(result.forward_ms, 3),
+        num_candidates=len(scores),
+        num_results=num_results,
+        num_truncated=int(np.count_nonzero(result.predictions.truncated)),
+        device=scorer.device,
+        top_score=finite(np.max(scores)) if len(scores) else None,
+        avg_score=finite(np.mean(scores)) if len(scores) else None,
+        cache_hit=result.cache_hit,
+        timestamp=datetime.now(UTC),
+    )
+
+
+def request_id(request: Request) -> str:
+    return str(request.state.request_id)

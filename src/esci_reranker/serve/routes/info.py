@@ -1,0 +1,32 @@
+"""``GET /info``: what model is loaded and the service limits (needs the API key when one is set)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from esci_reranker.serve.deps import ScorerDep, SettingsDep
+from esci_reranker.serve.errors import ERROR_RESPONSES
+from esci_reranker.serve.schemas import InfoResponse, ServiceLimits
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get(
+    "/info",
+    summary="Loaded model and service limits",
+    responses={k: v for k, v in ERROR_RESPONSES.items() if k in (401, 429, 503)},
+)
+def info(scorer: ScorerDep, settings: SettingsDep) -> InfoResponse:
+    """``Reranker.info()`` (name, backbone, heads, max length, device, ...) and the limits in force."""
+    return InfoResponse(
+        model=scorer.reranker.info(),
+        service=ServiceLimits(
+            max_candidates=settings.max_candidates,
+            max_text_chars=settings.max_text_chars,
+            max_body_bytes=settings.max_body_bytes,
+            cache_size=settings.cache_size,
+            rate_limit=settings.rate_limit or None,
+            auth_required=settings.api_key is not None,
+            batch_size=settings.batch_size,
+        ),
+    )

@@ -1,0 +1,148 @@
+"""The three ESCI tasks over HTTP: ``/rerank`` (Task 1), ``/classify`` (Task 2), ``/substitute``
+(Task 3) and ``/predict`` (all three). All share one model call per request through the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from esci_reranker.labels import ESCI_LABELS
+from esci_reranker.serve import pipeline
+from esci_reranker.serve.deps import ScorerDep, SettingsDep
+from esci_reranker.serve.errors import ERROR_RESPONSES, ApiError, ErrorResponse
+from esci_reranker.serve.schemas import (
+    ClassifiedProduct,
+    ClassifyResponse,
+    EsciProbabilities,
+    PredictedProduct,
+    PredictResponse,
+    RankedProduct,
+    RerankResponse,
+    ScoringRequest,
+    SubstituteProduct,
+    SubstituteResponse,
+)
+from esci_reranker.serve.scoring import Scorer, ScoreResult
+
+router = APIRouter(tags=["scoring"], responses=ERROR_RESPONSES)
+
+#: Task 3 decision threshold on the substitute probability; equal to eval.classification's
+#: DEFAULT_THRESHOLD (not imported: serve talks to the model only, see CONVENTIONS.md).
+SUBSTITUTE_THRESHOLD = 0.5
+_SINGLE_TASK: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorResponse, "description": "The loaded model is single-task (no Task 2/3 heads)."}
+}
+
+
+def _require_multi_task(scorer: Scorer, task: str) -> None:
+    if not scorer.multi_task:
+        raise ApiError(
+            409,
+            f"the loaded model ({scorer.model_id}) is single-task: it has no {task} head. "
+            "Use POST /rerank or /predict, or serve a multi-task checkpoint.",
+        )
+
+
+async def _score(
+    request: Request, body: ScoringRequest, scorer: Scorer, settings: SettingsDep
+) -> ScoreResult:
+    request.state.num_candidates = len(body.candidates)  # for the access log, also when rejected
+    pipeline.check_length(body.query, settings, "query")
+    texts = pipeline.candidate_texts(body.candidates, scorer, settings)
+    return await pipeline.score(scorer, body.query, texts)
+
+
+@router.post("/rerank", summary="Task 1: order candidates by relevance")
+async def rerank(
+    body: ScoringRequest, request: Request, scorer: ScorerDep, settings: SettingsDep
+) -> RerankResponse:
+    """Candidates sorted by the model's ranking score, best first, cut to ``top_k``."""
+    result = await _score(request, body, scorer, settings)
+    scores = result.predictions.scores
+    ranked = [
+        RankedProduct(product_id=body.candidates[i].product_id, score=float(scores[i]))
+        for i in pipeline.ranking(scores, body.top_k)
+    ]
+    return RerankResponse(
+        request_id=pipeline.request_id(request),
+        ranked=ranked,
+        stats=pipeline.build_stats(request, scorer, result, len(ranked)),
+    )
+
+
+@router.post("/classify", summary="Task 2: E/S/C/I class of each candidate", responses=_SINGLE_TASK)
+async def classify(
+    body: ScoringRequest, request: Request, scorer: ScorerDep, settings: SettingsDep
+) -> ClassifyResponse:
+    """The predicted ESCI class and the four class probabilities, in request order."""
+    _require_multi_task(scorer, "Task 2 (E/S/C/I classification)")
+    result = await _score(request, body, scorer, settings)
+    preds = result.predictions
+    results = [
+        ClassifiedProduct(
+            product_id=candidate.product_id,
+            esci_class=str(preds.esci_classes[i]),  # type: ignore[arg-type]
+            probabilities=EsciProbabilities(
+                **{label: float(p) for label, p in zip(ESCI_LABELS, preds.esci_probs[i], strict=True)}
+            ),
+        )
+        for i, candidate in enumerate(body.candidates)
+    ]
+    return ClassifyResponse(
+        request_id=pipeline.request_id(request),
+        results=results,
+        stats=pipeline.build_stats(request, scorer, result, len(results)),
+    )
+
+
+@router.post("/substitute", summary="Task 3: is each candidate a substitute?", responses=_SINGLE_TASK)
+async def substitute(
+    body: ScoringRequest, request: Request, scorer: ScorerDep, settings: SettingsDep
+) -> SubstituteResponse:
+    """The substitute probability and ``is_substitute`` (probability >= 0.5), in request order."""
+    _require_multi_task(scorer, "Task 3 (substitute detection)")
+    result = await _score(request, body, scorer, settings)
+    probs = result.predictions.substitute_probs
+    results = [
+        SubstituteProduct(
+            product_id=candidate.product_id,
+            is_substitute=bool(probs[i] >= SUBSTITUTE_THRESHOLD),
+            substitute_prob=float(probs[i]),
+        )
+        for i, candidate in enumerate(body.candidates)
+    ]
+    return SubstituteResponse(
+        request_id=pipeline.request_id(request),
+        results=results,
+        stats=pipeline.build_stats(request, scorer, result, len(results)),
+    )
+
+
+@router.post("/predict", summary="All three tasks, ranked")
+async def predict(
+    body: ScoringRequest, request: Request, scorer: ScorerDep, settings: SettingsDep
+) -> PredictResponse:
+    """Candidates sorted as in ``/rerank``, each with its class and substitute decision
+    (null for a single-task model)."""
+    result = await _score(request, body, scorer, settings)
+    preds = result.predictions
+    multi = scorer.multi_task
+    ranked = []
+    for i in pipeline.ranking(preds.scores, body.top_k):
+        prob = pipeline.finite(preds.substitute_probs[i]) if multi else None
+        ranked.append(
+            PredictedProduct(
+                product_id=body.candidates[i].product_id,
+                score=float(preds.scores[i]),
+                esci_class=str(preds.esci_classes[i]) if multi else None,  # type: ignore[arg-type]
+                is_substitute=bool(prob >= SUBSTITUTE_THRESHOLD) if prob is not None else None,
+                substitute_prob=prob,
+            )
+        )
+    return PredictResponse(
+        request_id=pipeline.request_id(request),
+        ranked=ranked,
+        stats=pipeline.build_stats(request, scorer, result, len(ranked)),
+    )

@@ -1,0 +1,317 @@
+"""Request and response bodies of the HTTP API (requests and responses are separate models).
+
+Requests reject unknown keys (a misspelt ``titel`` is an error, not a silently empty field),
+except the ``/v1/rerank`` compatibility request, which ignores the extra keys Cohere and Jina
+clients send (``model``, ``max_chunks_per_doc``, ...).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from esci_reranker.data.text import FIELD_COLUMNS
+
+EsciClass = Literal["E", "S", "C", "I"]
+
+
+def _valid_unicode(value: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"); they cannot be tokenized or encoded back to UTF-8.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains an unpaired UTF-16 surrogate (not valid Unicode text)") from None
+    return value
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must contain non-whitespace characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Query = Annotated[
+    str, StringConstraints(min_length=1), AfterValidator(_valid_unicode), AfterValidator(_non_blank)
+]
+ProductId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=256),
+    AfterValidator(_valid_unicode),
+    AfterValidator(_non_blank),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# requests
+# ---------------------------------------------------------------------------------------------
+class Candidate(BaseModel):
+    """A product to score: its ready ``text``, or catalogue fields the model builds its text from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    product_id: ProductId = Field(description="Your id of the product; unique within the request.")
+    text: Text | None = Field(None, description="The product text as the model should read it.")
+    title: Text | None = Field(None, validation_alias=AliasChoices("title", "product_title"))
+    brand: Text | None = Field(None, validation_alias=AliasChoices("brand", "product_brand"))
+    color: Text | None = Field(None, validation_alias=AliasChoices("color", "product_color"))
+    description: Text | None = Field(
+        None, validation_alias=AliasChoices("description", "product_description")
+    )
+    bullets: Text | None = Field(None, validation_alias=AliasChoices("bullets", "product_bullet_point"))
+
+    @model_validator(mode="after")
+    def _text_or_fields(self) -> Candidate:
+        fields = self.fields()
+        if self.text is None and not fields:
+            raise ValueError(
+                f"candidate {self.product_id!r} has no text: send 'text' or product fields "
+                f"({', '.join(FIELD_COLUMNS)})"
+            )
+        if self.text is not None and fields:
+            raise ValueError(
+                f"candidate {self.product_id!r} has both 'text' and product fields ({', '.join(fields)}); "
+                "send one or the other"
+            )
+        return self
+
+    def fields(self) -> dict[str, str]:
+        """The product fields that were given, by short name (``title``, ``brand``, ...)."""
+        return {name: value for name in FIELD_COLUMNS if (value := getattr(self, name)) is not None}
+
+    def record(self) -> dict[str, str]:
+        """What ``Reranker.text_of`` reads: ``{"text": ...}`` or the given fields."""
+        return {"text": self.text} if self.text is not None else self.fields()
+
+
+class ScoringRequest(BaseModel):
+    """One query and the candidates to score for it (``/rerank``, ``/classify``, ``/substitute``, ``/predict``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "query": "wireless earbuds",
+                    "candidates": [
+                        {
+                            "product_id": "B01",
+                            "title": "Soundcore Life P2 Wireless Earbuds",
+                            "brand": "Anker",
+                        },
+                        {"product_id": "B02", "text": "USB-C charging cable 2 m | Amazon Basics"},
+                    ],
+                    "top_k": 10,
+                }
+            ]
+        },
+    )
+
+    query: Query = Field(description="The search query.")
+    candidates: list[Candidate] = Field(description="Products to score; an empty list gives empty results.")
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="Keep only the best top_k in ranked lists (/rerank, /predict); "
+        "/classify and /substitute answer every candidate.",
+    )
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique_ids(cls, candidates: list[Candidate]) -> list[Candidate]:
+        first: dict[str, int] = {}
+        for index, candidate in enumerate(candidates):
+            if candidate.product_id in first:
+                raise ValueError(
+                    f"duplicate product_id {candidate.product_id!r} at candidates {first[candidate.product_id]} "
+                    f"and {index}; product ids must be unique within a request"
+                )
+            first[candidate.product_id] = index
+        return candidates
+
+
+class V1Document(BaseModel):
+    """A document in the Cohere/Jina shape."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: Text
+
+
+class V1RerankRequest(BaseModel):
+    """The Cohere/Jina ``/v1/rerank`` request; ``model`` and other vendor keys are accepted and ignored."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "query": "wireless earbuds",
+                    "documents": ["Soundcore Life P2 Wireless Earbuds | Anker", {"text": "USB-C cable 2 m"}],
+                    "top_n": 1,
+                    "return_documents": True,
+                }
+            ]
+        },
+    )
+
+    query: Query
+    documents: list[Text | V1Document] = Field(description="Strings, or objects with a 'text' key.")
+    top_n: int | None = Field(None, ge=1, strict=True, description="Keep only the best top_n (default: all).")
+    return_documents: bool = Field(False, strict=True, description="Echo each document's text in its result.")
+    model: str | None = Field(None, description="Ignored: the service answers with the model it loaded.")
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+# ---------------------------------------------------------------------------------------------
+# responses
+# ---------------------------------------------------------------------------------------------
+class Stats(BaseModel):
+    """How a scoring request was served. Scores summarise every candidate, not only the returned top_k."""
+
+    total_latency_ms: float = Field(description="From receiving the request to building the response.")
+    model_forward_time_ms: float = Field(description="Model time; 0 when answered from the cache.")
+    num_candidates: int
+    num_results: int
+    num_truncated: int = Field(description="Candidates whose (query, text) pair was cut to the model length.")
+    device: str
+    top_score: float | None = Field(description="Highest ranking score (null without candidates).")
+    avg_score: float | None = Field(description="Mean ranking score (null without candidates).")
+    cache_hit: bool
+    timestamp: datetime = Field(description="When the response was built (UTC, ISO 8601).")
+
+
+class RankedProduct(BaseModel):
+    product_id: str
+    score: float
+
+
+class RerankResponse(BaseModel):
+    request_id: str
+    ranked: list[RankedProduct] = Field(description="Sorted by score, best first; ties keep request order.")
+    stats: Stats
+
+
+class EsciProbabilities(BaseModel):
+    E: float
+    S: float
+    C: float
+    I: float  # noqa: E741  (the ESCI class name)
+
+
+class ClassifiedProduct(BaseModel):
+    product_id: str
+    esci_class: EsciClass
+    probabilities: EsciProbabilities
+
+
+class ClassifyResponse(BaseModel):
+    request_id: str
+    results: list[ClassifiedProduct] = Field(description="In request order.")
+    stats: Stats
+
+
+class SubstituteProduct(BaseModel):
+    product_id: str
+    is_substitute: bool = Field(description="substitute_prob >= 0.5.")
+    substitute_prob: float
+
+
+class SubstituteResponse(BaseModel):
+    request_id: str
+    results: list[SubstituteProduct] = Field(description="In request order.")
+    stats: Stats
+
+
+class PredictedProduct(BaseModel):
+    product_id: str
+    score: float
+    esci_class: EsciClass | None = Field(description="Null for a single-task model.")
+    is_substitute: bool | None = Field(description="Null for a single-task model.")
+    substitute_prob: float | None = Field(description="Null for a single-task model.")
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    ranked: list[PredictedProduct] = Field(
+        description="Sorted by score, best first; ties keep request order."
+    )
+    stats: Stats
+
+
+class V1Result(BaseModel):
+    index: int = Field(description="Position of the document in the request.")
+    relevance_score: float = Field(
+        description="The model's ranking score (as in /rerank; not calibrated to 0..1)."
+    )
+    document: V1Document | None = Field(None, description="Present when return_documents is true.")
+
+
+class V1Usage(BaseModel):
+    search_units: int = 1
+
+
+class V1RerankResponse(BaseModel):
+    id: str = Field(description="Same as request_id.")
+    request_id: str
+    model: str
+    results: list[V1Result] = Field(description="Sorted by relevance_score, best first.")
+    usage: V1Usage
+    stats: Stats
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body."""
+
+    error: str = Field(description="A stable code: validation_error, unauthorized, rate_limited, ...")
+    message: str = Field(description="What was wrong and how to fix it.")
+    request_id: str | None = None
+    details: list[ErrorDetail] | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "failed"] = Field(description="'failed' (503) when the model could not be loaded.")
+    model_loaded: bool
+    model_status: Literal["loading", "ready", "failed"]
+    error: str | None = None
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    model_status: Literal["loading", "ready", "failed"]
+    error: str | None = None
+
+
+class ServiceLimits(BaseModel):
+    max_candidates: int
+    max_text_chars: int
+    max_body_bytes: int
+    cache_size: int
+    rate_limit: str | None
+    auth_required: bool
+    batch_size: int
+
+
+class InfoResponse(BaseModel):
+    model: dict[str, Any] = Field(description="Reranker.info(): name, backbone, heads, device, ...")
+    service: ServiceLimits

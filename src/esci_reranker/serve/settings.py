@@ -1,0 +1,123 @@
+"""Service settings, read from environment variables (documented in ``docs/serving.md``).
+
+Every field maps to the upper-case environment variable of the same name (``cache_size`` <-
+``CACHE_SIZE``). An invalid value stops start-up with a ``SettingsError`` naming the variable.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Final, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: What ``esci-reranker serve`` loads when neither ``--model``, ``MODEL_PATH`` nor
+#: ``HF_MODEL_REPO_ID`` is given: the checkpoint written by the README's main job (``make run``).
+DEFAULT_MODEL_PATH: Final[str] = "runs/default/model"
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+ModelOrigin = Literal["MODEL_PATH", "HF_MODEL_REPO_ID", "default"]
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the service cannot use; the message names it."""
+
+
+class Settings(BaseSettings):
+    """How the HTTP service runs. Build with ``load_settings()`` to get errors that name the variable."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", protected_namespaces=(), validate_default=True
+    )
+
+    model_path: str | None = Field(None, description="Local checkpoint folder or Hugging Face Hub repo id.")
+    hf_model_repo_id: str | None = Field(None, description="Hub repo id used when MODEL_PATH is unset.")
+    inference_device: str = Field("auto", description="cpu, cuda, cuda:N, mps or auto (cuda > mps > cpu).")
+    batch_size: int = Field(64, ge=1, le=4096, description="Pairs per model forward pass.")
+    api_key: SecretStr | None = Field(None, description="When set, every scoring request must carry it.")
+    rate_limit: str = Field("", description="Per-client limit such as '100/minute'; empty = no limit.")
+    cache_size: int = Field(256, ge=0, description="Entries of the response cache; 0 turns it off.")
+    max_candidates: int = Field(1000, ge=1, description="More candidates in one request -> 413.")
+    max_text_chars: int = Field(10_000, ge=1, description="Longer query or product field -> 422.")
+    max_body_bytes: int = Field(
+        20_000_000, ge=1024, description="Larger Content-Length -> 413 before the body is read."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "text"] = "text"
+
+    @field_validator("model_path", "hf_model_repo_id", "api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", "inference_device", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("inference_device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("expected one of auto, cpu, cuda, cuda:N, mps")
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            from limits import parse_many
+
+            try:
+                parse_many(value)
+            except ValueError:
+                raise ValueError(
+                    "expected a rate such as '100/minute', '10/second' or '1000 per hour' "
+                    "(several separated by ';'), or empty for no limit"
+                ) from None
+        return value
+
+    def model_source(self) -> tuple[str, ModelOrigin]:
+        """The checkpoint to serve and where that choice came from (``MODEL_PATH`` > ``HF_MODEL_REPO_ID`` > default)."""
+        if self.model_path:
+            return self.model_path, "MODEL_PATH"
+        if self.hf_model_repo_id:
+            return self.hf_model_repo_id, "HF_MODEL_REPO_ID"
+        return DEFAULT_MODEL_PATH, "default"
+
+
+def looks_like_hub_repo_id(source: str) -> bool:
+    """True for ``user/name`` (what the Hub accepts); False for paths such as ``runs/x/model`` or ``./m``."""
+    return bool(_HUB_REPO_ID.match(source)) and not Path(source).expanduser().exists()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, ``overrides`` taking precedence.
+
+    Raises:
+        SettingsError: one line per invalid variable, with its value and what is expected.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as err:
+        lines = []
+        for error in err.errors(include_url=False):
+            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+            value = error.get("input")
+            if name == "API_KEY":
+                value = "***"
+            shown = f"{value!r:.80}" if not isinstance(value, dict) else "(unset)"
+            lines.append(f"{name}={shown}: {error['msg'].removeprefix('Value error, ')}")
+        raise SettingsError(
+            "invalid service settings (environment variables): " + "; ".join(lines) + ". See docs/serving.md."
+        ) from None

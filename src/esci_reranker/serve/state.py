@@ -1,0 +1,92 @@
+"""What one app instance holds: settings, metrics, cache, and the model as it loads and warms up."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Literal
+
+from esci_reranker.reranker import Reranker
+from esci_reranker.serve.cache import PredictionCache
+from esci_reranker.serve.metrics import Metrics
+from esci_reranker.serve.scoring import Scorer
+from esci_reranker.serve.settings import Settings
+
+ModelStatus = Literal["loading", "ready", "failed"]
+#: Builds the reranker from settings; ``load_reranker`` unless a test injects another.
+Loader = Callable[[Settings], Reranker]
+
+log = logging.getLogger("esci_reranker.serve")
+
+
+def load_reranker(settings: Settings) -> Reranker:
+    """``Reranker.from_pretrained`` on ``MODEL_PATH`` / ``HF_MODEL_REPO_ID`` / the default folder."""
+    source, origin = settings.model_source()
+    log.info(
+        "loading model %s (from %s) on device %s",
+        source,
+        origin,
+        settings.inference_device,
+        extra={"model": source, "origin": origin},
+    )
+    return Reranker.from_pretrained(source, device=settings.inference_device, batch_size=settings.batch_size)
+
+
+class ServiceState:
+    """The app's shared objects. ``scorer`` is None until a model is attached; ``status`` is
+    ``ready`` only after one warm-up forward pass, which is what ``/ready`` reports.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics, loader: Loader = load_reranker) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.loader = loader
+        self.cache = PredictionCache(settings.cache_size) if settings.cache_size > 0 else None
+        self.scorer: Scorer | None = None
+        self.status: ModelStatus = "loading"
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def model_loaded(self) -> bool:
+        return self.scorer is not None
+
+    def attach(self, reranker: Reranker) -> None:
+        """Use ``reranker`` for scoring (requests are accepted from now on; /ready waits for warm-up)."""
+        self.scorer = Scorer(reranker, self.cache, self.metrics)
+
+    def warm_up(self) -> None:
+        """One dummy forward pass, then mark the service ready."""
+        if self.scorer is None:
+            raise RuntimeError(
+                "ServiceState.warm_up: no model attached; call attach() or load_and_warm_up()."
+            )
+        self.scorer.warm_up()
+        self.status = "ready"
+        self.metrics.model_loaded.set(1)
+        log.info("model ready", extra={"model": self.scorer.model_id, "device": self.scorer.device})
+
+    def load_and_warm_up(self) -> None:
+        """Load with ``loader`` (unless a model is attached), warm up; record a failure instead of raising."""
+        try:
+            if self.scorer is None:
+                self.attach(self.loader(self.settings))
+            self.warm_up()
+        except Exception as err:  # any load failure must show in /ready and /health, not kill the server
+            self.status = "failed"
+            self.error = f"{type(err).__name__}: {err}"
+            self.metrics.model_loaded.set(0)
+            log.exception("model failed to load; /ready and /health answer 503", extra={"error": self.error})
+
+    def start_loading(self) -> None:
+        """Load and warm up in a daemon thread, so the server answers /health meanwhile."""
+        self._thread = threading.Thread(target=self.load_and_warm_up, name="esci-model-loader", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until loading has finished (ready or failed); False on timeout."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return self.status != "loading"

@@ -1,0 +1,73 @@
+"""Fixtures for the HTTP service tests: the tiny reranker, clients of apps built from settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+
+from fastapi.testclient import TestClient
+
+from esci_reranker.reranker import Reranker
+from esci_reranker.serve import create_app, load_settings
+from esci_reranker.serve.settings import Settings
+from tests.serve.helpers import CountingPredict
+
+SETTINGS_ENV = [name.upper() for name in Settings.model_fields]
+
+
+@pytest.fixture(autouse=True)
+def _clean_service_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read the environment: keep the developer's API_KEY, RATE_LIMIT, ... out of tests."""
+    for name in SETTINGS_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker(tiny_checkpoint: Path) -> Reranker:
+    """The tiny multi-task model, loaded once (scoring does not change it)."""
+    return Reranker.from_pretrained(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_single_reranker(tiny_single_task_checkpoint: Path) -> Reranker:
+    return Reranker.from_pretrained(tiny_single_task_checkpoint, device="cpu")
+
+
+@pytest.fixture
+def count_calls(monkeypatch: pytest.MonkeyPatch) -> Callable[[Reranker], CountingPredict]:
+    """``count_calls(reranker)`` wraps its ``predict_texts`` for this test only."""
+
+    def wrap(reranker: Reranker) -> CountingPredict:
+        counter = CountingPredict(reranker.predict_texts)
+        monkeypatch.setattr(reranker, "predict_texts", counter)
+        return counter
+
+    return wrap
+
+
+MakeClient = Callable[..., TestClient]
+
+
+@pytest.fixture
+def make_client(tiny_reranker: Reranker) -> Iterator[MakeClient]:
+    """``make_client(reranker=None, loader=None, **settings)``: a started TestClient (lifespan run)."""
+    with ExitStack() as stack:
+
+        def make(reranker: Reranker | None = None, loader: Any = None, **settings: Any) -> TestClient:
+            model = reranker if reranker is not None or loader is not None else tiny_reranker
+            app = create_app(load_settings(**settings), model, loader=loader)
+            return stack.enter_context(TestClient(app))
+
+        yield make
+
+
+@pytest.fixture
+def client(make_client: MakeClient) -> TestClient:
+    """A client of the default app (cache on, no key, no rate limit) serving the tiny model."""
+    return make_client()

@@ -1,0 +1,33 @@
+"""Helpers shared by the service tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+class CountingPredict:
+    """Wraps ``Reranker.predict_texts`` (a dependency of the service) to count model calls."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.calls = 0
+        self.pairs = 0
+
+    def __call__(self, queries: Any, texts: Any, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        self.pairs += len(texts)
+        return self.fn(queries, texts, *args, **kwargs)
+
+
+def body(n: int = 3, query: str = "red running shoes", **extra: Any) -> dict[str, Any]:
+    """A /rerank-style request with ``n`` text candidates p0..p{n-1}."""
+    texts = [
+        "red running shoes | Nike | red",
+        "blue cotton hat | Acme",
+        "running shoe laces, red | Generic",
+        "coffee mug 300 ml",
+        "trail running shoes | Salomon | black",
+    ]
+    candidates = [{"product_id": f"p{i}", "text": texts[i % len(texts)] + f" #{i}"} for i in range(n)]
+    return {"query": query, "candidates": candidates, **extra}

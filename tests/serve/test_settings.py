@@ -1,0 +1,106 @@
+"""Settings from environment variables; invalid values stop start-up naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from esci_reranker.serve.settings import (
+    DEFAULT_MODEL_PATH,
+    SettingsError,
+    load_settings,
+    looks_like_hub_repo_id,
+)
+
+
+def test_defaults():
+    settings = load_settings()
+    assert settings.cache_size == 256
+    assert settings.max_candidates == 1000
+    assert settings.max_text_chars == 10_000
+    assert settings.api_key is None
+    assert settings.rate_limit == ""
+    assert settings.inference_device == "auto"
+    assert settings.log_format == "text"
+    assert settings.log_level == "INFO"
+    assert settings.model_source() == (DEFAULT_MODEL_PATH, "default")
+
+
+def test_values_come_from_the_environment(monkeypatch):
+    for name, value in {
+        "MODEL_PATH": "/models/m",
+        "INFERENCE_DEVICE": "CPU",
+        "API_KEY": "hunter2-key",
+        "RATE_LIMIT": "100/minute",
+        "CACHE_SIZE": "0",
+        "MAX_CANDIDATES": "50",
+        "MAX_TEXT_CHARS": "2000",
+        "LOG_LEVEL": "debug",
+        "LOG_FORMAT": "JSON",
+        "BATCH_SIZE": "16",
+    }.items():
+        monkeypatch.setenv(name, value)
+    s = load_settings()
+    assert (s.model_path, s.inference_device, s.rate_limit, s.cache_size) == (
+        "/models/m",
+        "cpu",
+        "100/minute",
+        0,
+    )
+    assert (s.max_candidates, s.max_text_chars, s.log_level, s.log_format, s.batch_size) == (
+        50,
+        2000,
+        "DEBUG",
+        "json",
+        16,
+    )
+    assert s.api_key is not None
+    assert s.api_key.get_secret_value() == "hunter2-key"
+    assert "hunter2" not in repr(s)
+
+
+def test_model_source_precedence(monkeypatch):
+    monkeypatch.setenv("HF_MODEL_REPO_ID", "user/esci-model")
+    assert load_settings().model_source() == ("user/esci-model", "HF_MODEL_REPO_ID")
+    monkeypatch.setenv("MODEL_PATH", "/m")
+    assert load_settings().model_source() == ("/m", "MODEL_PATH")
+    assert load_settings(model_path="/cli").model_source() == ("/cli", "MODEL_PATH")
+
+
+def test_empty_strings_mean_unset(monkeypatch):
+    monkeypatch.setenv("API_KEY", "")
+    monkeypatch.setenv("MODEL_PATH", " ")
+    settings = load_settings()
+    assert settings.api_key is None
+    assert settings.model_path is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("CACHE_SIZE", "lots", "valid integer"),
+        ("CACHE_SIZE", "-1", "greater than or equal to 0"),
+        ("MAX_CANDIDATES", "0", "greater than or equal to 1"),
+        ("RATE_LIMIT", "fast", "'100/minute'"),
+        ("INFERENCE_DEVICE", "tpu", "auto, cpu, cuda"),
+        ("LOG_FORMAT", "xml", "'json' or 'text'"),
+        ("LOG_LEVEL", "loud", "'DEBUG'"),
+        ("BATCH_SIZE", "0", "greater than or equal to 1"),
+    ],
+)
+def test_invalid_values_name_the_variable(monkeypatch, name, value, fragment):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert f"{name}=" in message
+    assert fragment in message
+    assert "docs/serving.md" in message
+
+
+def test_hub_repo_ids_and_paths_are_told_apart(tmp_path):
+    assert looks_like_hub_repo_id("user/esci-reranker")
+    assert not looks_like_hub_repo_id("runs/default/model")
+    assert not looks_like_hub_repo_id("./model")
+    assert not looks_like_hub_repo_id("/abs/path")
+    (tmp_path / "org").mkdir()
+    assert not looks_like_hub_repo_id(str(tmp_path / "org"))
