@@ -78,7 +78,7 @@ def run_pipeline(
 
     t = time.perf_counter()
     log(f"[2/4] train {config} (early stopping on val) -> {cfg.output.save_path}")
-    result = train(cfg, progress=progress)
+    result = train(cfg, progress=progress, evaluate_test=False)
     log(
         f"      best val {result.metric_name} {result.best_metric:.4f} at step {result.best_step} "
         f"of {result.steps}{' (early stop)' if result.stopped_early else ''}"
@@ -100,6 +100,19 @@ def run_pipeline(
             reranker, frame, out / folder, baselines=baselines, progress=progress
         )
         seconds[f"evaluate_{split}"] = time.perf_counter() - t
+    # metrics.json beside the model (what `push` puts in the model card): the test evaluation
+    # plus how training went.
+    model_metrics = dict(evaluations["test"].metrics)
+    model_metrics["training"] = {
+        "best_step": result.best_step,
+        f"val_{result.metric_name}": result.best_metric,
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "seconds": result.seconds,
+    }
+    (Path(cfg.output.save_path) / "metrics.json").write_text(
+        json.dumps(model_metrics, indent=2, default=str) + "\n"
+    )
     seconds["total"] = sum(seconds.values())
     (out / "timings.json").write_text(json.dumps(seconds, indent=2) + "\n")
     return PipelineResult(

@@ -214,7 +214,9 @@ class Trainer:
         from esci_reranker.eval.runner import predictions_frame
 
         model.eval()
-        return evaluate_run(predictions_frame(self._reranker(model, tokenizer, device), frame, progress=False))
+        return evaluate_run(
+            predictions_frame(self._reranker(model, tokenizer, device), frame, progress=False)
+        )
 
     # -- state ------------------------------------------------------------------------------
     def _save_state(self, accelerator: Accelerator, state: dict[str, Any]) -> None:
@@ -239,8 +241,13 @@ class Trainer:
             fh.write(json.dumps(record, default=_json_default) + "\n")
 
     # -- main loop --------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> TrainResult:
-        """Train to the end (or early stop) and return where the best model is and how it scored."""
+    def train(self, resume: bool = False, evaluate_test: bool = True) -> TrainResult:
+        """Train to the end (or early stop) and return where the best model is and how it scored.
+
+        With ``evaluate_test`` (default) the best model is scored on the test split, when there
+        is one, and ``metrics.json`` is written beside it; callers that run a fuller evaluation
+        themselves (the pipeline) turn it off rather than score the test split twice.
+        """
         cfg = self.cfg
         started = time.perf_counter()
         set_seed(cfg.seed)
@@ -397,7 +404,7 @@ class Trainer:
             stopped_early=bool(state["stopped_early"]),
             history=list(state["history"]),
         )
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and evaluate_test:
             result.test_metrics = self._final_test(tokenizer, device, result)
         result.seconds = time.perf_counter() - started
         return result
@@ -430,6 +437,8 @@ def _flat(metrics: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    cfg: TrainConfig, resume: bool = False, progress: bool = True, evaluate_test: bool = True
+) -> TrainResult:
     """Train ``cfg``; see ``Trainer``."""
-    return Trainer(cfg, progress=progress).train(resume=resume)
+    return Trainer(cfg, progress=progress).train(resume=resume, evaluate_test=evaluate_test)

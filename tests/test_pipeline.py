@@ -1,0 +1,45 @@
+"""The main job end to end on the bundled sample, with a tiny random backbone and a few steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from esci_reranker.pipeline import run_pipeline
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "multi_task.yaml"
+
+
+@pytest.mark.slow
+def test_pipeline_writes_model_evaluation_and_tables_in_fixed_places(tmp_path, tiny_backbone):
+    lines: list[str] = []
+    result = run_pipeline(
+        CONFIG,
+        tmp_path / "run",
+        overrides=(
+            f"model.backbone={tiny_backbone}",
+            "optim.max_steps=2",
+            "eval.every_steps=1",
+            "model.max_length=32",
+        ),
+        baselines=("random", "bm25"),
+        progress=False,
+        log=lines.append,
+    )
+    out = tmp_path / "run"
+    assert {p.name for p in out.iterdir()} >= {"data", "model", "train", "eval", "eval_val", "timings.json"}
+    stats = json.loads((out / "data" / "stats.json").read_text())
+    assert [stats["splits"][s]["queries"] for s in ("train", "val", "test")] == [97, 13, 41]
+    assert result.test_metrics["num_queries"] == 41
+    assert result.val_metrics["num_queries"] == 13
+    assert {"predictions.parquet", "metrics.json", "report.md"} <= {p.name for p in (out / "eval").iterdir()}
+    for table in (result.test_table, result.val_table):
+        assert "bm25" in table
+        assert "random" in table
+    # The model folder carries the test metrics and how training went (used by `push`).
+    model_metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert model_metrics["task1"]["ndcg"] == pytest.approx(result.test_metrics["task1"]["ndcg"])
+    assert model_metrics["training"]["steps"] == 2
+    assert lines[0].startswith("[1/4] prepare")
