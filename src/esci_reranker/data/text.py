@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
+import numpy as np
 import pandas as pd
 
 #: Short field name (used in configs and on the CLI) -> column of the ESCI products table.
@@ -30,7 +31,6 @@ DEFAULT_LONG_FIELD_CHARS: Final[int] = 500
 FIELD_SEPARATOR: Final[str] = " | "
 
 _TAG = re.compile(r"<[^>]{0,200}>")
-_SPACE = re.compile(r"\s+")
 _NULL_STRINGS: Final[frozenset[str]] = frozenset({"nan", "none", "null"})
 
 
@@ -59,13 +59,20 @@ def clean_text(value: object) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return ""
     text = str(value)
-    if text.strip().lower() in _NULL_STRINGS:
+    # Only a short or space-padded string can be a null marker: skip copying long text to test it.
+    maybe_null = len(text) <= 4 or text[0].isspace() or text[-1].isspace()
+    if maybe_null and text.strip().lower() in _NULL_STRINGS:
         return ""
-    if "<" in text:
-        text = _TAG.sub(" ", text)
+    # Entities first, then tags: "&lt;br&gt;" becomes "<br>" and is removed in the same pass, so
+    # cleaning already-cleaned text (prepared columns rebuilt into text at train/eval time)
+    # changes nothing.
     if "&" in text:
         text = html.unescape(text)
-    return _SPACE.sub(" ", text).strip()
+    if "<" in text:
+        text = _TAG.sub(" ", text)
+    # str.split() splits on exactly the characters a Unicode regex \s matches (str.isspace) and
+    # drops the ends, like re.sub(r"\s+", " ", text).strip(), at a fifth of the cost.
+    return " ".join(text.split())
 
 
 def _cap(text: str, field: str, long_field_chars: int) -> str:
@@ -99,23 +106,61 @@ def product_text(
     return FIELD_SEPARATOR.join(parts)
 
 
+def clean_column(values: object) -> np.ndarray:
+    """``clean_text`` over a column (Series, array or list), computed once per distinct value.
+
+    Returns an object array of ``str``. Brands, colours and product descriptions repeat a lot
+    (and a product repeats across queries), so cleaning each distinct value once is much cheaper
+    than cleaning every cell; equal inputs share one output string, which keeps memory low.
+    """
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=True)
+    # One slot more than the uniques: the sentinel code -1 (None/NaN) picks that last "" slot.
+    cleaned = np.empty(len(uniques) + 1, dtype=object)
+    cleaned[:-1] = [clean_text(u) for u in uniques]
+    cleaned[-1] = ""
+    return cleaned[codes]
+
+
+def join_cleaned_fields(
+    cleaned: Mapping[str, Sequence[str] | np.ndarray],
+    fields: Sequence[str] = DEFAULT_TEXT_FIELDS,
+    long_field_chars: int = DEFAULT_LONG_FIELD_CHARS,
+    length: int | None = None,
+) -> np.ndarray:
+    """Build product texts, row by row, from fields that are already cleaned with ``clean_text``.
+
+    ``cleaned`` maps a short field name to its cleaned values; fields in ``fields`` but not in
+    ``cleaned`` count as empty. Long fields are capped, empty fields skipped, the rest joined with
+    ``FIELD_SEPARATOR``, exactly as ``product_text`` does for one record. ``length`` is the row
+    count, needed only when none of ``fields`` is in ``cleaned``. Returns an object array of ``str``.
+    """
+    columns = []
+    for field in fields:
+        if field not in cleaned:
+            continue
+        values = cleaned[field]
+        if field in LONG_FIELDS:
+            values = [_cap(v, field, long_field_chars) for v in values]
+        columns.append(values)
+    if not columns:
+        if length is None:
+            raise ValueError("join_cleaned_fields: no field to join and no length given.")
+        return np.full(length, "", dtype=object)
+    texts = np.empty(len(columns[0]), dtype=object)
+    texts[:] = [FIELD_SEPARATOR.join(v for v in row if v) for row in zip(*columns, strict=True)]
+    return texts
+
+
 def product_texts(
     frame: pd.DataFrame,
     fields: Sequence[str] = DEFAULT_TEXT_FIELDS,
     long_field_chars: int = DEFAULT_LONG_FIELD_CHARS,
 ) -> pd.Series:
     """Vectorised ``product_text`` over a frame with ESCI product columns (missing ones count as empty)."""
-    columns = []
-    for field in fields:
-        column = FIELD_COLUMNS[field]
-        if column in frame.columns:
-            cleaned = frame[column].map(clean_text)
-            if field in LONG_FIELDS:
-                cleaned = cleaned.map(lambda s, f=field: _cap(s, f, long_field_chars))
-            columns.append(cleaned)
-    if not columns:
-        return pd.Series([""] * len(frame), index=frame.index, dtype=object)
-    joined = pd.concat(columns, axis=1).to_numpy()
-    return pd.Series(
-        [FIELD_SEPARATOR.join(v for v in row if v) for row in joined], index=frame.index, dtype=object
-    )
+    cleaned = {
+        field: clean_column(frame[FIELD_COLUMNS[field]])
+        for field in fields
+        if FIELD_COLUMNS[field] in frame.columns
+    }
+    texts = join_cleaned_fields(cleaned, fields, long_field_chars, length=len(frame))
+    return pd.Series(texts, index=frame.index, dtype=object)
