@@ -23,8 +23,10 @@ a large fp32 matmul in the same run, by ``torch.mm`` and by an ONNX Runtime ``Ma
 of the two: torch's MKL takes a slower code path on AMD CPUs, where ONNX Runtime's MLAS reaches
 about twice its rate). bf16 and int8 can exceed 100% of it.
 
-**Server latency.** Pass ``server_latency=`` a callable to add p50/p99 ``/rerank`` latency (see
-``ServerLatencyBench``); until the HTTP service exists the JSON records it as not measured.
+**Server latency.** Pass ``server_latency=esci_reranker.bench_server.ServerLatency()`` (what
+``esci-reranker bench --server`` does) to add p50/p99 ``/rerank`` latency through the real server,
+at concurrency 1 and 8, with dynamic batching off and on; without it the JSON records it as not
+measured.
 """
 
 from __future__ import annotations
@@ -541,8 +543,8 @@ def _measure(
         "int8_ndcg_loss": _int8_loss(entries),
         "server_latency": {
             "status": "not measured",
-            "reason": "hook for p50/p99 /rerank latency at concurrency 1 and 8, with and without "
-            "dynamic batching; pass server_latency= once the HTTP service exists",
+            "reason": "run `esci-reranker bench --server` (server_latency=bench_server.ServerLatency()) "
+            "for p50/p99 /rerank latency at concurrency 1 and 8, with and without dynamic batching",
         },
     }
 
@@ -605,6 +607,11 @@ def format_table(result: Mapping[str, Any]) -> str:
     ]
     if loss["vs_onnx_fp32"] is not None:
         footer.append(f"int8 nDCG loss vs onnx fp32: {loss['vs_onnx_fp32']:+.4f}")
+    server = result.get("server_latency", {})
+    if server.get("status") not in (None, "not measured"):
+        from esci_reranker.bench_server import format_server_table
+
+        footer += ["", format_server_table(server)]
     return "\n".join([fmt.format(*header), *(fmt.format(*row) for row in lines), *footer])
 
 

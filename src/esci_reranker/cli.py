@@ -335,8 +335,10 @@ _MODEL_HELP = "Checkpoint folder, or a Hugging Face Hub repo id (user/name) to d
 EXPORT_FORMATS: dict[str, str] = {
     "hf-classifier": "esci_reranker.model.export:export_hf_classifier",
     "st-cross-encoder": "esci_reranker.model.export:export_st_cross_encoder",
-    # "onnx": the ONNX exporter (esci_reranker.model.onnx) registers here.
+    "onnx": "esci_reranker.model.onnx:export_onnx",  # also takes quantize= (--quantize int8)
 }
+#: Formats whose exporter takes ``quantize=``, and the values `--quantize` accepts for them.
+QUANTIZE_FORMATS: dict[str, tuple[str, ...]] = {"onnx": ("int8",)}
 
 
 def _load_reranker(model: str, device: str, batch_size: int = 64):  # -> Reranker (imported lazily)
@@ -593,11 +595,17 @@ def export_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace --out if it exists and is not empty.")
     ] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option("--quantize", help="onnx only: int8 (dynamic quantisation, smaller and faster on CPU)."),
+    ] = None,
 ) -> None:
     """Export a checkpoint as a standard model (see docs/inference.md for what each format keeps).
 
     hf-classifier: transformers AutoModelForSequenceClassification with labels E, S, C, I.
     st-cross-encoder: a sentence-transformers CrossEncoder giving the Task 1 score.
+    onnx: the whole model as one ONNX graph for ONNX Runtime (fp32, or int8 with --quantize int8);
+    Reranker.from_pretrained loads the folder (see docs/speed.md).
     """
     import importlib
 
@@ -607,16 +615,29 @@ def export_command(
     if target is None:
         fail(f"--format {output_format!r}: expected one of {', '.join(EXPORT_FORMATS)}.")
         return
+    options: dict[str, object] = {}
+    if quantize is not None:
+        allowed = QUANTIZE_FORMATS.get(output_format)
+        if allowed is None:
+            fail(
+                f"--quantize {quantize}: only --format {' or '.join(QUANTIZE_FORMATS)} can be quantized, "
+                f"not {output_format}; drop --quantize or use --format onnx."
+            )
+            return
+        if quantize not in allowed:
+            fail(f"--quantize {quantize!r}: expected one of {', '.join(allowed)}.")
+            return
+        options["quantize"] = quantize
     try:
         folder = resolve_checkpoint(model)
         module_name, function_name = target.split(":")
         exporter = getattr(importlib.import_module(module_name), function_name)
-        written = exporter(folder, out, overwrite=overwrite)
+        written = exporter(folder, out, overwrite=overwrite, **options)
     except ImportError as error:
         fail(f"--format {output_format}: a dependency is missing ({error}).")
     except (OSError, ValueError) as error:  # CheckpointError and ExportError are ValueErrors
         fail(str(error))
-    typer.echo(f"exported {model} as {output_format} to {written}")
+    typer.echo(f"exported {model} as {output_format}{f' ({quantize})' if quantize else ''} to {written}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -702,7 +723,101 @@ def serve_command(
 # ---------------------------------------------------------------------------------------------
 
 
-_ = (Path, Annotated)  # used by the command sections below
+@app.command("bench")
+def bench_command(
+    model: Annotated[Path, typer.Option("--model", help="Checkpoint folder (PyTorch weights).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the JSON result.")] = Path("bench.json"),
+    batch_size: Annotated[int, typer.Option(help="Pairs per forward pass of every backend.")] = 32,
+    pairs: Annotated[int, typer.Option(help="Pairs scored per timed round (bundled sample).")] = 512,
+    repeats: Annotated[int, typer.Option(help="Timed rounds per backend, interleaved.")] = 3,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="CPU threads of every backend and of the server (default: torch's count)."),
+    ] = None,
+    server: Annotated[
+        bool,
+        typer.Option(
+            "--server/--no-server",
+            help="Also measure /rerank p50/p99 through the real server (40 candidates, concurrency "
+            "1 and 8, dynamic batching off and on, cache off).",
+        ),
+    ] = True,
+    backends: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated subset of torch_fp32, torch_bf16, onnx_fp32, onnx_int8, "
+            "st_cross_encoder (default: all)."
+        ),
+    ] = None,
+    test_queries: Annotated[
+        int | None, typer.Option(help="Score only the first N holdout queries for nDCG (default: all).")
+    ] = None,
+    roofline_size: Annotated[
+        int, typer.Option(help="Side of the fp32 matmul that measures the roofline.")
+    ] = 2048,
+    server_requests: Annotated[int, typer.Option(help="Timed /rerank requests per server setting.")] = 60,
+    server_concurrency: Annotated[
+        str, typer.Option(help="Comma-separated client concurrency levels.")
+    ] = "1,8",
+    server_seconds: Annotated[float, typer.Option(help="Time limit per server setting, in seconds.")] = 120.0,
+) -> None:
+    """Benchmark inference speed: pairs/s of each backend vs sentence-transformers, share of the fp32
+    roofline, nDCG, and (--server) /rerank latency through the HTTP service. Prints a table, writes JSON.
+
+    Run it on an otherwise idle machine; see docs/speed.md for what each number means.
+    """
+    for name, value in (("--batch-size", batch_size), ("--pairs", pairs), ("--repeats", repeats)):
+        if value < 1:
+            fail(f"{name} {value}: expected a positive integer.")
+    if threads is not None and threads < 1:
+        fail(f"--threads {threads}: expected a positive integer.")
+    if not model.is_dir():
+        fail(f"--model {model}: no such checkpoint folder.")
+    from esci_reranker.bench import BACKENDS, run_backend_bench
+
+    chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else list(BACKENDS)
+    unknown = [b for b in chosen if b not in BACKENDS]
+    if unknown or not chosen:
+        fail(f"--backends {backends!r}: unknown {unknown}; expected names from {', '.join(BACKENDS)}.")
+    hook = None
+    if server:
+        from esci_reranker.bench_server import ServerLatency
+
+        try:
+            levels = tuple(int(c) for c in server_concurrency.split(",") if c.strip())
+        except ValueError:
+            levels = ()
+        if not levels or min(levels) < 1:
+            fail(f"--server-concurrency {server_concurrency!r}: expected positive integers such as 1,8.")
+        if server_requests < 1:
+            fail(f"--server-requests {server_requests}: expected a positive integer.")
+        if not server_seconds > 0:
+            fail(f"--server-seconds {server_seconds}: expected a positive number of seconds.")
+        hook = ServerLatency(
+            concurrency=levels,
+            requests=server_requests,
+            max_seconds=server_seconds,
+            threads=threads,
+            echo=typer.echo,
+        )
+    try:
+        run_backend_bench(
+            model,
+            out,
+            batch_size=batch_size,
+            n_pairs=pairs,
+            repeats=repeats,
+            threads=threads,
+            backends=chosen,
+            test_queries=test_queries,
+            roofline_size=roofline_size,
+            server_latency=hook,
+            echo=typer.echo,
+        )
+    except (OSError, ValueError) as error:  # CheckpointError is a ValueError
+        fail(f"--model {model}: {error}")
+    typer.echo(f"wrote {out}")
+
 
 if __name__ == "__main__":
     app()

@@ -196,7 +196,8 @@ class Reranker:
             device: ``cpu``, ``cuda``, ``mps`` or ``auto``/None (cuda > mps > cpu).
             batch_size: pairs per forward pass.
             max_length: cut pairs to fewer tokens than the model was trained with (faster).
-            backend: ``torch`` (default) or ``onnx`` (a folder written by ``export --format onnx``).
+            backend: ``torch`` (default) or ``onnx`` (a folder written by ``export --format onnx``);
+                a folder holding only ONNX weights is detected and loaded with ``onnx`` either way.
             revision, token: passed to ``huggingface_hub.snapshot_download`` (token defaults to
                 ``HF_TOKEN`` / the saved login).
             bf16: run the torch backend under bfloat16 autocast (CPUs with AVX-512 BF16, GPUs).

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from esci_reranker.reranker import Reranker
 from esci_reranker.serve import create_app, load_settings
 from esci_reranker.serve.settings import Settings
-from tests.serve.helpers import CountingPredict
+from tests.serve.helpers import CountingRunner
 
 SETTINGS_ENV = [name.upper() for name in Settings.model_fields]
 
@@ -40,12 +40,12 @@ def tiny_single_reranker(tiny_single_task_checkpoint: Path) -> Reranker:
 
 
 @pytest.fixture
-def count_calls(monkeypatch: pytest.MonkeyPatch) -> Callable[[Reranker], CountingPredict]:
-    """``count_calls(reranker)`` wraps its ``predict_texts`` for this test only."""
+def count_calls(monkeypatch: pytest.MonkeyPatch) -> Callable[[Reranker], CountingRunner]:
+    """``count_calls(reranker)`` counts its forward passes (wraps ``reranker.runner``) for this test only."""
 
-    def wrap(reranker: Reranker) -> CountingPredict:
-        counter = CountingPredict(reranker.predict_texts)
-        monkeypatch.setattr(reranker, "predict_texts", counter)
+    def wrap(reranker: Reranker) -> CountingRunner:
+        counter = CountingRunner(reranker.runner)
+        monkeypatch.setattr(reranker, "runner", counter)
         return counter
 
     return wrap

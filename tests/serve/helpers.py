@@ -6,18 +6,19 @@ from collections.abc import Callable
 from typing import Any
 
 
-class CountingPredict:
-    """Wraps ``Reranker.predict_texts`` (a dependency of the service) to count model calls."""
+class CountingRunner:
+    """Wraps ``Reranker.runner`` (a dependency of the service: one padded batch through the model)
+    to count forward passes; both the direct and the dynamically batched path go through it."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
         self.calls = 0
         self.pairs = 0
 
-    def __call__(self, queries: Any, texts: Any, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, batch: Any) -> Any:
         self.calls += 1
-        self.pairs += len(texts)
-        return self.fn(queries, texts, *args, **kwargs)
+        self.pairs += len(batch["input_ids"])
+        return self.fn(batch)
 
 
 def body(n: int = 3, query: str = "red running shoes", **extra: Any) -> dict[str, Any]:

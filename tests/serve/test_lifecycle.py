@@ -88,15 +88,15 @@ def test_default_loader_reads_model_path_from_the_environment(monkeypatch, tiny_
 
 def test_health_and_metrics_answer_while_a_request_is_scored(tiny_reranker, monkeypatch):
     started, release = threading.Event(), threading.Event()
-    original = tiny_reranker.predict_texts
+    original = tiny_reranker.runner
 
-    def slow_predict(queries, texts, *args, **kwargs):
+    def slow_forward(batch):
         started.set()
         release.wait(timeout=30)
-        return original(queries, texts, *args, **kwargs)
+        return original(batch)
 
     app = create_app(load_settings(cache_size=0), tiny_reranker)
-    monkeypatch.setattr(tiny_reranker, "predict_texts", slow_predict)
+    monkeypatch.setattr(tiny_reranker, "runner", slow_forward)
 
     async def scenario() -> None:
         transport = httpx.ASGITransport(app=app)

@@ -154,7 +154,7 @@ def test_unexpected_exceptions_become_a_json_500(make_client, tiny_reranker, mon
     def broken(*args, **kwargs):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(tiny_reranker, "predict_texts", broken)
+    monkeypatch.setattr(tiny_reranker, "runner", broken)  # the forward pass, batched or not
     response = client.post("/rerank", json=body(2), headers={"X-Request-ID": "bug-1"})
     data = _error(response, 500)
     assert data["error"] == "internal_error"

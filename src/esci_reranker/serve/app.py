@@ -54,11 +54,15 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        if state.scorer is not None:
-            await run_in_threadpool(state.load_and_warm_up)  # warm-up only: the model is given
-        else:
-            state.start_loading()
-        yield
+        state.open()
+        try:
+            if state.scorer is not None:
+                await run_in_threadpool(state.load_and_warm_up)  # warm-up only: the model is given
+            else:
+                state.start_loading()
+            yield
+        finally:
+            state.close()  # stop the dynamic batcher; requests still queued get a 503
 
     app = FastAPI(
         title="ESCI reranker",

@@ -23,6 +23,10 @@ LATENCY_BUCKETS: Final[tuple[float, ...]] = (
 )  # fmt: skip
 #: Candidates scored in one model call.
 BATCH_BUCKETS: Final[tuple[float, ...]] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+#: Padded tokens (rows × widest row) in one forward pass of the dynamic batcher.
+TOKEN_BUCKETS: Final[tuple[float, ...]] = (
+    64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072,
+)  # fmt: skip
 #: Label used for requests that matched no route (404s), so scanners cannot grow the label set.
 UNMATCHED: Final[str] = "unmatched"
 
@@ -51,14 +55,33 @@ class Metrics:
         self.in_flight = Gauge("esci_http_requests_in_flight", "Requests being handled now.", registry=r)
         self.model_forward = Histogram(
             "esci_model_forward_seconds",
-            "Time of one model call (all batches of one request), cache hits excluded.",
+            "Model time of one request: its forward passes (shared with other requests when "
+            "dynamic batching merges them), cache hits excluded.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
             "esci_model_batch_candidates",
-            "Candidates scored in one model call.",
+            "Candidates of one request scored by the model (see esci_batch_pairs for forward passes).",
             buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_queue = Gauge(
+            "esci_batch_queue_pairs",
+            "Pairs waiting in the dynamic-batching queue for a forward pass (0 when batching is off).",
+            registry=r,
+        )
+        self.batch_pairs = Histogram(
+            "esci_batch_pairs",
+            "Pairs in one forward pass of the dynamic batcher (from one or more requests).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "esci_batch_padded_tokens",
+            "Padded tokens (rows x widest row) in one forward pass of the dynamic batcher; "
+            "bounded by MAX_BATCH_TOKENS.",
+            buckets=TOKEN_BUCKETS,
             registry=r,
         )
         self.cache_hits = Counter(
@@ -80,6 +103,11 @@ class Metrics:
         """Record one model call over ``candidates`` pairs."""
         self.model_forward.observe(seconds)
         self.batch_size.observe(candidates)
+
+    def observe_batch(self, pairs: int, padded_tokens: int) -> None:
+        """Record one forward pass of the dynamic batcher."""
+        self.batch_pairs.observe(pairs)
+        self.batch_tokens.observe(padded_tokens)
 
     def render(self) -> bytes:
         """The exposition-format text of every series."""

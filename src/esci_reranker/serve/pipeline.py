@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 
 import numpy as np
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 
 from esci_reranker.serve.errors import ApiError
 from esci_reranker.serve.schemas import Candidate, Stats
@@ -60,8 +59,8 @@ def candidate_texts(candidates: Sequence[Candidate], scorer: Scorer, settings: S
 
 
 async def score(scorer: Scorer, query: str, texts: list[str]) -> ScoreResult:
-    """``scorer.score`` in a worker thread, so the event loop keeps serving other requests."""
-    return await run_in_threadpool(scorer.score, query, texts)
+    """``scorer.score_async``: the model runs off the event loop, which keeps serving other requests."""
+    return await scorer.score_async(query, texts)
 
 
 def ranking(scores: np.ndarray, top_k: int | None) -> np.ndarray:

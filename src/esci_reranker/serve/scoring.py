@@ -1,22 +1,35 @@
 """The one step every scoring endpoint shares: model outputs for one query and its candidate texts.
 
-``Scorer.score`` is synchronous and thread-safe; routes call it through a worker thread so the
-event loop keeps answering ``/health`` and ``/metrics`` while a large request is scored. It is the
-seam where a dynamic-batching queue (issue #7) will replace the lock around the forward pass.
+``Scorer.score`` (synchronous, thread-safe) and ``Scorer.score_async`` (what the routes await)
+look the request up in the cache, then run the model one of two ways:
+
+- **dynamic batching** (``BATCH_WAIT_MS > 0``, the default): the pairs are tokenised in a worker
+  thread and handed to the ``DynamicBatcher``, whose single worker thread merges them with other
+  requests' pairs into token-bounded forward passes; the route awaits the result without holding
+  a thread (see ``serve/batching.py``);
+- **direct** (``BATCH_WAIT_MS=0``): ``Reranker.predict_texts`` in a worker thread, one request at
+  a time under a lock.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
 
+from esci_reranker.model.features import EncodedPairs
 from esci_reranker.reranker import Predictions, Reranker
+from esci_reranker.serve.batching import BatchedOutput, BatcherClosedError, DynamicBatcher
 from esci_reranker.serve.cache import PredictionCache, cache_key
+from esci_reranker.serve.errors import ApiError
 from esci_reranker.serve.metrics import Metrics
 
 
@@ -30,19 +43,28 @@ class ScoreResult:
 
 
 class Scorer:
-    """Scores candidates with a ``Reranker``: cache lookup, then one model call under a lock.
+    """Scores candidates with a ``Reranker``: cache lookup, then the model (batched or direct).
 
-    One lock serialises forward passes: on a CPU the model already uses every core for one
-    request, and it keeps the GPU memory bound at one request's batch.
+    Without a batcher, one lock serialises forward passes: on a CPU the model already uses every
+    core for one request, and it keeps the GPU memory bound at one request's batch. With one, the
+    batcher's worker thread is the only one running the model.
     """
 
     def __init__(
-        self, reranker: Reranker, cache: PredictionCache | None = None, metrics: Metrics | None = None
+        self,
+        reranker: Reranker,
+        cache: PredictionCache | None = None,
+        metrics: Metrics | None = None,
+        batcher: DynamicBatcher | None = None,
     ) -> None:
         self.reranker = reranker
         self.cache = cache
         self.metrics = metrics
+        self.batcher = batcher
         self._lock = threading.Lock()
+        # A fast tokenizer is not thread-safe (its truncation setting is shared state; concurrent
+        # calls can skip truncation or fail with "Already borrowed"): one tokenisation at a time.
+        self._encode_lock = threading.Lock()
 
     @property
     def model_id(self) -> str:
@@ -63,31 +85,107 @@ class Scorer:
         return self.reranker.text_of(product)
 
     def score(self, query: str, texts: Sequence[str]) -> ScoreResult:
-        """Predictions for ``(query, text)`` for every text, from the cache or one model call."""
+        """Predictions for ``(query, text)`` for every text, from the cache or the model (blocks).
+
+        Raises:
+            ApiError: 503 when the service shut down before the request was scored.
+        """
+        if self.batcher is None:
+            key, answer = self._lookup(query, texts)
+            if answer is not None:
+                return answer
+            with self._lock:
+                start = time.perf_counter()
+                predictions = self.reranker.predict_texts([query] * len(texts), list(texts))
+                seconds = time.perf_counter() - start
+            return self._store(key, predictions, seconds)
+        prepared = self._prepare(query, texts)
+        if isinstance(prepared, ScoreResult):
+            return prepared
+        with _shutdown_is_503():
+            output = self._submit(prepared[1]).result()
+        return self._finish(*prepared, output)
+
+    async def score_async(self, query: str, texts: Sequence[str]) -> ScoreResult:
+        """``score`` for the event loop: hashing, tokenising and the direct path run in a worker
+        thread; a batched request awaits the batcher's future without holding a thread."""
+        if self.batcher is None:
+            return await run_in_threadpool(self.score, query, texts)
+        prepared = await run_in_threadpool(self._prepare, query, texts)
+        if isinstance(prepared, ScoreResult):
+            return prepared
+        with _shutdown_is_503():
+            output = await asyncio.wrap_future(self._submit(prepared[1]))
+        return self._finish(*prepared, output)
+
+    def warm_up(self) -> None:
+        """One dummy forward pass (through the batcher's thread when batching), so the first real
+        request does not pay for lazy initialisation."""
+        queries, texts = ["warm up"], ["warm up | example product"]
+        if self.batcher is None:
+            with self._lock:
+                self.reranker.predict_texts(queries, texts)
+        else:
+            self._submit(self._encode(queries, texts)).result()
+
+    def close(self) -> None:
+        """Stop the batcher (requests still waiting get a 503); a no-op without one."""
+        if self.batcher is not None:
+            self.batcher.close()
+
+    # ------------------------------------------------------------------------------------------
+    def _lookup(self, query: str, texts: Sequence[str]) -> tuple[bytes, ScoreResult | None]:
+        """The cache key and, when no model call is needed (a cache hit, no texts), the answer."""
         if not texts:
-            return ScoreResult(Predictions.empty(), 0.0, False)
-        key = cache_key(self.model_id, query, texts) if self.cache is not None else b""
-        if self.cache is not None:
-            cached = self.cache.get(key)
-            if self.metrics is not None:
-                (self.metrics.cache_hits if cached is not None else self.metrics.cache_misses).inc()
-            if cached is not None:
-                return ScoreResult(cached, 0.0, True)
-        with self._lock:
-            start = time.perf_counter()
-            predictions = self.reranker.predict_texts([query] * len(texts), list(texts))
-            seconds = time.perf_counter() - start
+            return b"", ScoreResult(Predictions.empty(), 0.0, False)
+        if self.cache is None:
+            return b"", None
+        key = cache_key(self.model_id, query, texts)
+        cached = self.cache.get(key)
+        if self.metrics is not None:
+            (self.metrics.cache_hits if cached is not None else self.metrics.cache_misses).inc()
+        return key, ScoreResult(cached, 0.0, True) if cached is not None else None
+
+    def _prepare(self, query: str, texts: Sequence[str]) -> ScoreResult | tuple[bytes, EncodedPairs]:
+        """Batched path, before queueing: the answer without the model, or the cache key and the pairs."""
+        key, answer = self._lookup(query, texts)
+        if answer is not None:
+            return answer
+        return key, self._encode([query] * len(texts), list(texts))
+
+    def _encode(self, queries: list[str], texts: list[str]) -> EncodedPairs:
+        with self._encode_lock:
+            return self.reranker.pair_encoder.encode(queries, texts)
+
+    def _submit(self, encoded: EncodedPairs) -> Future[BatchedOutput]:
+        if self.batcher is None:
+            raise RuntimeError("Scorer._submit: no dynamic batcher (BATCH_WAIT_MS=0); use the direct path.")
+        return self.batcher.submit(encoded)
+
+    def _finish(self, key: bytes, encoded: EncodedPairs, output: BatchedOutput) -> ScoreResult:
+        predictions = self.reranker.to_predictions(output.outputs, np.asarray(encoded.truncated, dtype=bool))
+        return self._store(key, predictions, output.forward_seconds)
+
+    def _store(self, key: bytes, predictions: Predictions, seconds: float) -> ScoreResult:
         _freeze(predictions)
         if self.metrics is not None:
-            self.metrics.observe_forward(seconds, len(texts))
+            self.metrics.observe_forward(seconds, len(predictions))
         if self.cache is not None:
             self.cache.put(key, predictions)
         return ScoreResult(predictions, seconds * 1000.0, False)
 
-    def warm_up(self) -> None:
-        """One dummy forward pass, so the first real request does not pay for lazy initialisation."""
-        with self._lock:
-            self.reranker.predict_texts(["warm up"], ["warm up | example product"])
+
+@contextmanager
+def _shutdown_is_503() -> Iterator[None]:
+    """Turn ``BatcherClosedError`` (the service stopped before scoring the request) into a JSON 503."""
+    try:
+        yield
+    except BatcherClosedError:
+        raise ApiError(
+            503,
+            "the service is shutting down and did not score this request; retry it (on another instance).",
+            headers={"Retry-After": "1"},
+        ) from None
 
 
 def _freeze(predictions: Predictions) -> None:

@@ -37,7 +37,23 @@ class Settings(BaseSettings):
     model_path: str | None = Field(None, description="Local checkpoint folder or Hugging Face Hub repo id.")
     hf_model_repo_id: str | None = Field(None, description="Hub repo id used when MODEL_PATH is unset.")
     inference_device: str = Field("auto", description="cpu, cuda, cuda:N, mps or auto (cuda > mps > cpu).")
-    batch_size: int = Field(64, ge=1, le=4096, description="Pairs per model forward pass.")
+    batch_size: int = Field(
+        64, ge=1, le=4096, description="Pairs per model forward pass when dynamic batching is off."
+    )
+    batch_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        allow_inf_nan=False,
+        description="Dynamic batching: how long a request waits for others to share its forward pass; "
+        "0 turns batching off (each request runs alone, BATCH_SIZE pairs per forward).",
+    )
+    max_batch_tokens: int = Field(
+        16384,
+        ge=1,
+        le=1_048_576,
+        description="Dynamic batching: padded tokens (rows x longest row) per forward pass.",
+    )
     api_key: SecretStr | None = Field(None, description="When set, every scoring request must carry it.")
     rate_limit: str = Field("", description="Per-client limit such as '100/minute'; empty = no limit.")
     cache_size: int = Field(256, ge=0, description="Entries of the response cache; 0 turns it off.")

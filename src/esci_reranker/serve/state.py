@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from esci_reranker.reranker import Reranker
+from esci_reranker.serve.batching import DynamicBatcher
 from esci_reranker.serve.cache import PredictionCache
 from esci_reranker.serve.metrics import Metrics
 from esci_reranker.serve.scoring import Scorer
@@ -47,14 +48,40 @@ class ServiceState:
         self.status: ModelStatus = "loading"
         self.error: str | None = None
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     @property
     def model_loaded(self) -> bool:
         return self.scorer is not None
 
     def attach(self, reranker: Reranker) -> None:
-        """Use ``reranker`` for scoring (requests are accepted from now on; /ready waits for warm-up)."""
-        self.scorer = Scorer(reranker, self.cache, self.metrics)
+        """Use ``reranker`` for scoring (requests are accepted from now on; /ready waits for warm-up).
+
+        With ``BATCH_WAIT_MS > 0`` the scorer gets a ``DynamicBatcher`` (its worker thread starts
+        with the first forward pass, the warm-up, and stops in ``close``).
+        """
+        batcher = None
+        if self.settings.batch_wait_ms > 0:
+            batcher = DynamicBatcher(
+                reranker, self.settings.batch_wait_ms, self.settings.max_batch_tokens, self.metrics
+            )
+            if self._closed:  # shutting down before the background load finished
+                batcher.close()
+        self.scorer = Scorer(reranker, self.cache, self.metrics, batcher)
+
+    def open(self) -> None:
+        """At start-up: give the scorer a fresh batcher if an earlier shutdown of this app closed it
+        (an app can be started again, e.g. by several ``TestClient`` contexts)."""
+        self._closed = False
+        scorer = self.scorer
+        if scorer is not None and scorer.batcher is not None and scorer.batcher.closed:
+            self.attach(scorer.reranker)
+
+    def close(self) -> None:
+        """Stop the dynamic batcher at shutdown: waiting requests get a 503, none hangs."""
+        self._closed = True
+        if self.scorer is not None:
+            self.scorer.close()
 
     def warm_up(self) -> None:
         """One dummy forward pass, then mark the service ready."""
