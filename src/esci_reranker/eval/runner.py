@@ -16,7 +16,6 @@ Files written by ``run_evaluation`` / ``evaluate_predictions`` under ``out_dir``
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from esci_reranker.eval.evaluator import check_split, evaluate_run
 from esci_reranker.eval.plots import plot_confusion_matrix, plot_ndcg_histogram, plot_score_distribution
 from esci_reranker.eval.ranking import DEFAULT_RELEVANT, parse_relevant, per_query_ranking_metrics
 from esci_reranker.eval.report import comparison_table, render_report
+from esci_reranker.fsutil import write_json
 
 if TYPE_CHECKING:
     from esci_reranker.reranker import Reranker
@@ -109,22 +109,6 @@ def predictions_frame(reranker: Reranker, frame: pd.DataFrame, progress: bool = 
         run["esci_probs"] = list(np.asarray(preds.esci_probs, dtype=np.float64))
         run["substitute_prob"] = np.asarray(preds.substitute_probs, dtype=np.float64)
     return run
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"metrics.json: cannot write {type(value).__name__}")
-
-
-def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
-    """Write ``data`` as indented JSON (numpy scalars and arrays converted)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    return path
 
 
 def save_run(out_dir: str | Path, run: pd.DataFrame, metrics: Mapping[str, Any]) -> dict[str, Path]:

@@ -46,6 +46,23 @@ def save_checkpoint(
     return folder
 
 
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a checkpoint folder (torch or ONNX).
+
+    Raises:
+        CheckpointError: the tokenizer files are missing or broken.
+    """
+    # config.json is ours, not a transformers config: keep AutoTokenizer's warning about it quiet.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder}: tokenizer files are missing or broken ({err}).") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_checkpoint(
     folder: str | Path,
     device: str | torch.device = "cpu",
@@ -76,15 +93,6 @@ def load_checkpoint(
             f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})."
         )
-    try:
-        # config.json is ours, not a transformers config: keep AutoTokenizer's warning about it quiet.
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{folder}: tokenizer files are missing or broken ({err}).") from None
+    tokenizer = load_tokenizer(folder)
     model.to(device).eval()
     return model, tokenizer

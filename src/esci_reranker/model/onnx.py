@@ -52,15 +52,14 @@ from typing import Any, Final
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
+from transformers import PreTrainedTokenizerBase
 
 from esci_reranker import __version__
 from esci_reranker.fsutil import recover_dir, replace_dir
 from esci_reranker.model.config import WEIGHTS_NAME, CheckpointError, ModelConfig
 from esci_reranker.model.export import ExportError, _check_target
 from esci_reranker.model.features import PairEncoder
-from esci_reranker.model.io import load_checkpoint
+from esci_reranker.model.io import load_checkpoint, load_tokenizer
 from esci_reranker.model.modeling import RerankerModel
 
 ONNX_NAME: Final[str] = "model.onnx"
@@ -329,18 +328,6 @@ def resolve_backend(folder: str | Path, backend: str) -> str:
     return backend
 
 
-def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
-    # config.json is ours, not a transformers config: keep AutoTokenizer's warning about it quiet.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{folder}: tokenizer files are missing or broken ({err}).") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
 class OnnxRunner:
     """Runs an ONNX Runtime session on one padded batch (the ``BatchRunner`` of ``backend="onnx"``).
 
@@ -436,4 +423,4 @@ def load_onnx_runner(
             f"{path}: the graph has outputs {runner.output_names} but its config.json "
             f"(model_type {config.model_type!r}) needs {list(needed)}; re-export the checkpoint."
         )
-    return config, _load_tokenizer(folder), runner
+    return config, load_tokenizer(folder), runner

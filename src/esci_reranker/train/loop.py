@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from esci_reranker.data.text import FIELD_COLUMNS, product_texts
-from esci_reranker.fsutil import recover_dir, replace_dir
+from esci_reranker.fsutil import recover_dir, replace_dir, write_json
 from esci_reranker.labels import LABEL_TO_INDEX, check_labels
 from esci_reranker.model import (
     MODEL_CLASSES,
@@ -151,20 +150,6 @@ def _param_groups(model: RerankerModel, cfg: TrainConfig) -> list[dict[str, Any]
     ]
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 class Trainer:
     """Runs one training config. ``Trainer(cfg).train(resume=False)``."""
 
@@ -227,7 +212,7 @@ class Trainer:
         tmp = Path(tempfile.mkdtemp(prefix=".last.tmp-", dir=self.run_dir))
         try:
             accelerator.save_state(str(tmp), safe_serialization=True)
-            _atomic_json(tmp / STATE_NAME, state)
+            write_json(tmp / STATE_NAME, state)
             replace_dir(tmp, self.run_dir / "last")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -238,7 +223,7 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / LOG_NAME, "a") as fh:
-            fh.write(json.dumps(record, default=_json_default) + "\n")
+            fh.write(json.dumps(record, default=str) + "\n")
 
     # -- main loop --------------------------------------------------------------------------
     def train(self, resume: bool = False, evaluate_test: bool = True) -> TrainResult:
@@ -423,7 +408,7 @@ class Trainer:
         metrics: dict[str, Any] = {"training": summary}
         if self.test_frame is not None:
             metrics |= self.evaluate(best, tokenizer, self.test_frame, device)
-        _atomic_json(self.save_path / "metrics.json", metrics)
+        write_json(self.save_path / "metrics.json", metrics)
         return metrics if self.test_frame is not None else None
 
 
