@@ -10,28 +10,13 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
-from esci_reranker.cli import EXPORT_FORMATS, app
+from esci_reranker.cli import EXPORT_FORMATS
 from esci_reranker.data.text import product_texts
 from esci_reranker.model import save_checkpoint
 from esci_reranker.reranker import SCORE_COLUMNS, Reranker
+from tests.cli_helpers import assert_fails, run
 from tests.conftest import SAMPLE_PARQUET, build_tiny_model
-
-runner = CliRunner()
-
-
-def run(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_fails(result, *fragments: str) -> None:
-    """Exit 2 with an ``error:`` line naming each fragment, and no traceback."""
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("error: ")
-    for fragment in fragments:
-        assert fragment in result.stderr
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from esci_reranker.cli import EXPORT_FORMATS, app
+from esci_reranker.cli import EXPORT_FORMATS
 from esci_reranker.reranker import Reranker
+from tests.cli_helpers import assert_fails, run
 
 pytest.importorskip("onnxruntime")
 
-runner = CliRunner()
 
 BENCH_KEYS = {
     "model_dir",
@@ -28,19 +27,6 @@ BENCH_KEYS = {
     "int8_ndcg_loss",
     "server_latency",
 }
-
-
-def run(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_fails(result, *fragments: str) -> None:
-    """Exit 2 with an ``error:`` line naming each fragment, and no traceback."""
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("error: ")
-    for fragment in fragments:
-        assert fragment in result.stderr
-    assert "Traceback" not in result.output
 
 
 def test_export_onnx_int8_loads_with_the_reranker_and_ranks(tiny_checkpoint: Path, tmp_path: Path):

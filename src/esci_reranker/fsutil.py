@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,23 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(dst, old)
     os.replace(src, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(dst: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``dst``; when the block ends it replaces ``dst``.
+
+    Everything written in the block appears at ``dst`` at once (``replace_dir``); if the block
+    or the swap fails, the temporary folder is removed and ``dst`` is left as it was.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def recover_dir(dst: Path) -> bool:

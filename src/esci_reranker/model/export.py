@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Final
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from esci_reranker.fsutil import replace_dir
+from esci_reranker.fsutil import staged_dir
 from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.model.config import ModelConfig
 from esci_reranker.model.features import PairEncoder
@@ -210,18 +208,12 @@ def _export(model_dir: str | Path, out_dir: str | Path, head: str, overwrite: bo
     # transformers pipelines and sentence-transformers use to truncate.
     tokenizer.model_max_length = model.config.max_length
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_readme(model.config, fmt, source))
         if out.exists() and not out.is_dir():
             out.unlink()
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

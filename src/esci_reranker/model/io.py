@@ -6,8 +6,6 @@ that is renamed over the target only when complete, so a kill never leaves a hal
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,7 +13,7 @@ from safetensors.torch import load_file, save_model
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from esci_reranker.fsutil import recover_dir, replace_dir
+from esci_reranker.fsutil import recover_dir, staged_dir
 from esci_reranker.model.config import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, ModelConfig
 from esci_reranker.model.modeling import MODEL_CLASSES, LossConfig, RerankerModel
 
@@ -31,18 +29,12 @@ def save_checkpoint(
     ``extra_files`` maps file names to text content written alongside (e.g. ``metrics.json``).
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with staged_dir(folder) as tmp:
         model.config.save(tmp)
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -42,8 +42,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -55,7 +53,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from esci_reranker import __version__
-from esci_reranker.fsutil import recover_dir, replace_dir
+from esci_reranker.fsutil import recover_dir, staged_dir
 from esci_reranker.model.config import WEIGHTS_NAME, CheckpointError, ModelConfig
 from esci_reranker.model.export import ExportError, _check_target
 from esci_reranker.model.features import PairEncoder
@@ -213,9 +211,7 @@ def export_onnx(
     dynamic_axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: _seq_axis(n)} for n in input_names}
     dynamic_axes |= {n: {0: "batch"} for n in output_names}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         fp32_path = tmp / ONNX_NAME
         graph = _ExportGraph(model, input_names).eval()
         with _quiet_export(), torch.inference_mode(False), torch.no_grad():
@@ -262,10 +258,6 @@ def export_onnx(
         (tmp / ONNX_META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists() and not out.is_dir():
             out.unlink()
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

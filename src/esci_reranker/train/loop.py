@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from esci_reranker.data.text import FIELD_COLUMNS, product_texts
-from esci_reranker.fsutil import recover_dir, replace_dir, write_json
+from esci_reranker.fsutil import recover_dir, staged_dir, write_json
 from esci_reranker.labels import LABEL_TO_INDEX, check_labels
 from esci_reranker.model import (
     MODEL_CLASSES,
@@ -208,15 +207,9 @@ class Trainer:
         # Written to a temp folder and swapped in, so a kill mid-save keeps the previous state.
         if not accelerator.is_main_process:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".last.tmp-", dir=self.run_dir))
-        try:
+        with staged_dir(self.run_dir / "last") as tmp:
             accelerator.save_state(str(tmp), safe_serialization=True)
             write_json(tmp / STATE_NAME, state)
-            replace_dir(tmp, self.run_dir / "last")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def _log(self, accelerator: Accelerator, record: dict[str, Any]) -> None:
         if not accelerator.is_main_process:
