@@ -71,10 +71,10 @@ def tiny_single_task_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="session")
 def tiny_prior_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Path of a saved tiny random multi-task checkpoint that uses the bi-encoder cosine prior."""
+    """Path of a saved tiny random multi-task checkpoint with the cosine and lexical priors."""
     from esci_reranker.model import save_checkpoint
 
-    model, tokenizer = build_tiny_model(prior="cosine")
+    model, tokenizer = build_tiny_model(prior="cosine", lexical=True)
     return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny-prior")
 
 

@@ -50,6 +50,7 @@ import torch
 from esci_reranker import __version__
 from esci_reranker.data.sample import sample_path
 from esci_reranker.data.text import product_texts
+from esci_reranker.hardware import cpu_bf16_support, cpu_flags, cpu_model
 from esci_reranker.model.config import ModelConfig
 from esci_reranker.reranker import Reranker
 
@@ -83,43 +84,6 @@ class _Variant:
 # ---------------------------------------------------------------------------------------------
 # machine
 # ---------------------------------------------------------------------------------------------
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_bf16_support() -> tuple[bool, str]:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), and the evidence.
-
-    ``torch.backends.cpu.get_cpu_capability()`` does not say (it reports ``AVX512`` for CPUs with
-    and without BF16), so the CPU flags are read; without them bf16 autocast is emulated and slow.
-    """
-    flags = _cpu_flags()
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    capability = torch.backends.cpu.get_cpu_capability()
-    if native:
-        return True, f"cpu flags {native}"
-    if "AMX" in capability.upper():
-        return True, f"torch cpu capability {capability}"
-    return False, f"no avx512_bf16/amx_bf16 cpu flag (torch cpu capability {capability})"
 
 
 def _best_seconds(run: Callable[[], object], reps: int) -> float:
@@ -512,12 +476,12 @@ def _measure(
             "rank_score": config.rank_score,
         },
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "logical_cpus": os.cpu_count(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "bf16_native": bf16_ok,
             "bf16_evidence": bf16_why,
-            "vnni": "avx512_vnni" in _cpu_flags() or "avx_vnni" in _cpu_flags(),
+            "vnni": "avx512_vnni" in cpu_flags() or "avx_vnni" in cpu_flags(),
             "versions": _versions(),
         },
         "settings": {

@@ -11,12 +11,12 @@ from esci_reranker.eval.baselines import (
     bi_encoder_run,
     bm25_run,
     bm25_scores,
-    bm25_tokens,
     parse_baselines,
     random_run,
     run_baseline,
 )
 from esci_reranker.eval.evaluator import evaluate_run
+from esci_reranker.model.lexical import word_tokens
 
 RUN_COLUMNS = ["query_id", "product_id", "esci_label", "esci_query_source", "score"]
 
@@ -55,7 +55,7 @@ def test_bm25_puts_the_obvious_match_first(split: pd.DataFrame) -> None:
 
 
 def test_bm25_tokens_and_empty_inputs() -> None:
-    assert bm25_tokens("The RED shoes, for running!") == ["red", "shoes", "running"]
+    assert word_tokens("The RED shoes, for running!") == ["red", "shoes", "running"]
     assert bm25_scores("", ["red shoes", "blue"]).tolist() == [0.0, 0.0]
     assert bm25_scores("the of", ["red shoes"]).tolist() == [0.0]  # only stopwords
     assert bm25_scores("red", ["", ""]).tolist() == [0.0, 0.0]

@@ -86,10 +86,51 @@ def test_prior_model_starts_as_the_bi_encoder_cosine():
     batch = encode(model, tokenizer)
     assert {"query_input_ids", "product_input_ids"} <= set(batch)
     out = model(**batch)
-    torch.testing.assert_close(out.score, out.prior)
+    assert out.prior.shape == (3, 1)
+    torch.testing.assert_close(out.score, out.prior[:, 0])
     assert torch.all(out.prior.abs() <= 1.0 + 1e-6)
     # The class heads start uniform: all information comes from the prior's learnt weights.
     torch.testing.assert_close(out.esci_logits, torch.zeros(3, 4))
+
+
+def test_lexical_prior_is_a_second_feature_of_every_head():
+    model, tokenizer = build_tiny_model(prior="cosine", lexical=True)
+    assert model.config.prior_features == ("cosine", "lexical")
+    batch = encode(model, tokenizer)
+    # "red running shoes" vs "Nike Air Zoom | Nike | Red": 1 of 3 query words; "2m" is missing.
+    torch.testing.assert_close(batch["lexical"], torch.tensor([1 / 3, 0.75, 1.0]))
+    out = model(**batch)
+    assert out.prior.shape == (3, 2)
+    torch.testing.assert_close(out.prior[:, 1], batch["lexical"])
+    # Every head reads both features with its own weights.
+    assert {name: tuple(h.prior_weight.shape) for name, h in model.heads.items()} == {
+        "score": (1, 2),
+        "esci": (4, 2),
+        "substitute": (1, 2),
+    }
+    model.set_prior_heads({"score": (torch.tensor([[0.0, 2.0]]), torch.tensor([0.5]))})
+    torch.testing.assert_close(model(**batch).score, 0.5 + 2.0 * batch["lexical"])
+    without = {k: v for k, v in batch.items() if k != "lexical"}
+    with pytest.raises(ValueError, match="lexical prior"):
+        model(**without)
+
+
+def test_a_lexical_only_model_needs_no_towers():
+    model, tokenizer = build_tiny_model(lexical=True)
+    batch = encode(model, tokenizer)
+    assert "query_input_ids" not in batch
+    assert model(**batch).prior.shape == (3, 1)
+
+
+def test_prior_without_its_training_gradient_leaves_the_towers_out_of_backward():
+    model, tokenizer = build_tiny_model(prior="cosine")
+    batch = encode(model, tokenizer)
+    labels = torch.tensor([0, 1, 3])
+    model.train_prior = False
+    out = model(**batch, labels=labels)
+    assert not out.prior.requires_grad
+    out.loss.backward()  # the pair path still trains the encoder
+    assert model.encoder.encoder.layer[0].attention.self.query.weight.grad is not None
 
 
 def test_prior_model_without_tower_inputs_is_a_clear_error():

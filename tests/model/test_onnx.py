@@ -52,8 +52,8 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def prior_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cosine-prior model whose heads also read the pair (the fixture's heads start at zero)."""
-    model, tokenizer = build_tiny_model(prior="cosine", seed=1)
+    """A cosine + lexical prior model whose heads also read the pair (heads start at zero otherwise)."""
+    model, tokenizer = build_tiny_model(prior="cosine", lexical=True, seed=1)
     with torch.no_grad():
         for head in (model.score_head, model.esci_head, model.substitute_head):
             torch.nn.init.normal_(head.proj.weight, std=0.5)
@@ -115,7 +115,9 @@ def test_graph_has_the_model_inputs_with_separate_dynamic_axes(exported):
         "query_attention_mask": ["batch", "query_seq"],
         "product_input_ids": ["batch", "product_seq"],
         "product_attention_mask": ["batch", "product_seq"],
+        "lexical": ["batch"],
     }
+    assert {i.name: i.type.tensor_type.elem_type for i in graph.input}["lexical"] == onnx.TensorProto.FLOAT
     assert [o.name for o in graph.output] == ["score", "esci_logits", "substitute_logit"]
     single = onnx.load(str(exported["single"] / ONNX_NAME)).graph
     assert [o.name for o in single.output] == ["score"]

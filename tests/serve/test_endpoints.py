@@ -212,6 +212,9 @@ def test_info_and_openapi(client, tiny_reranker):
     assert info["model"] == tiny_reranker.info()
     assert info["service"]["max_candidates"] == 1000
     assert info["service"]["auth_required"] is False
+    assert info["service"]["batch_wait_ms"] >= 0
+    assert info["service"]["max_batch_tokens"] > 0
+    assert info["model"]["precision"] in ("fp32", "bf16", "int8")
     paths = client.get("/openapi.json").json()["paths"]
     assert {
         "/rerank",

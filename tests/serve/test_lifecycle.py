@@ -79,10 +79,12 @@ def test_default_loader_reads_model_path_from_the_environment(monkeypatch, tiny_
 
     monkeypatch.setenv("MODEL_PATH", str(tiny_checkpoint))
     monkeypatch.setenv("CACHE_SIZE", "0")
+    monkeypatch.setenv("PRECISION", "bf16")
     with TestClient(create_app_from_env()) as client:
         assert _wait_for(client, "/ready", 200, timeout=60).status_code == 200
         info = client.get("/info").json()
         assert info["model"]["name"] == str(tiny_checkpoint)
+        assert info["model"]["precision"] == "bf16"
         assert info["service"]["cache_size"] == 0
 
 

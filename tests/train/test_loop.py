@@ -97,7 +97,14 @@ class _InterruptError(Exception):
 def test_resume_after_an_interruption_reaches_the_uninterrupted_state(
     tmp_path, small_splits, tiny_backbone, monkeypatch
 ):
-    overrides = ("optim.max_steps=10", "model.dropout=0.2", "eval.every_steps=5", "output.checkpoint_every=3")
+    overrides = (
+        "optim.max_steps=10",
+        "model.dropout=0.2",
+        "eval.every_steps=5",
+        "output.checkpoint_every=3",
+        "model.prior=cosine",
+        "model.lexical=true",  # the prior heads are fitted once, not again on resume
+    )
     full = make_config(tmp_path / "full", small_splits, tiny_backbone, *overrides)
     train(full, progress=False)
 
@@ -130,6 +137,29 @@ def test_resume_after_an_interruption_reaches_the_uninterrupted_state(
     best_b, _ = load_checkpoint(tmp_path / "cut" / "model")
     for (ka, va), (_, vb) in zip(best_a.state_dict().items(), best_b.state_dict().items(), strict=True):
         torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=ka)
+
+
+def test_prior_heads_are_fitted_to_the_training_split_before_step_0(tmp_path, small_splits, tiny_backbone):
+    import numpy as np
+
+    from esci_reranker.model.lexical import query_coverages
+
+    frozen = ("optim.max_steps=2", "optim.lr=1e-12", "optim.head_lr=1e-12", "model.lexical=true")
+    train(make_config(tmp_path, small_splits, tiny_backbone, *frozen), progress=False)
+    model, _ = load_checkpoint(tmp_path / "model")
+    frame = read_split(small_splits / "train.parquet", "train")
+    coverage = np.array(query_coverages(frame["query"].tolist(), frame_texts(frame, model.config)))
+    gains = frame["esci_label"].map({"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}).to_numpy()
+    (slope, intercept), *_ = np.linalg.lstsq(np.c_[coverage, np.ones_like(coverage)], gains, rcond=None)
+    head = model.score_head
+    assert head.prior_weight.item() == pytest.approx(slope, abs=1e-4)
+    assert head.proj.bias.item() == pytest.approx(intercept, abs=1e-4)
+    assert model.esci_head.prior_weight.abs().sum() > 0  # logistic fit, not the flat start
+
+    fixed = make_config(tmp_path / "fixed", small_splits, tiny_backbone, *frozen, "model.prior_init=fixed")
+    train(fixed, progress=False)
+    start, _ = load_checkpoint(tmp_path / "fixed" / "model")
+    assert start.score_head.prior_weight.item() == pytest.approx(1.0)
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, small_splits, tiny_backbone):

@@ -10,8 +10,6 @@ both.
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import pandas as pd
 from esci_reranker.data.text import FIELD_COLUMNS, product_texts
 from esci_reranker.eval.evaluator import average_metrics, check_split, evaluate_run
 from esci_reranker.eval.ranking import DEFAULT_RELEVANT, parse_relevant
+from esci_reranker.model.lexical import word_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +31,6 @@ BASELINES: Final[tuple[str, ...]] = ("random", "bm25", "bi-encoder")
 DEFAULT_SEEDS: Final[int] = 10
 #: all-MiniLM-L6-v2 was trained with 256-token inputs (its sentence_bert_config.json).
 BI_ENCODER_MAX_LENGTH: Final[int] = 256
-_TOKEN = re.compile(r"\w+")
 
 
 def _strings(column: pd.Series) -> pd.Series:
@@ -83,19 +81,6 @@ def random_run(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _stopwords() -> frozenset[str]:
-    from bm25s.stopwords import STOPWORDS_EN
-
-    return frozenset(STOPWORDS_EN)
-
-
-def bm25_tokens(text: str) -> list[str]:
-    """Lowercase word tokens (``\\w+``) without English stopwords (bm25s's Lucene list)."""
-    stop = _stopwords()
-    return [t for t in _TOKEN.findall(text.lower()) if t not in stop]
-
-
 def bm25_scores(query: str, texts: Sequence[str], k1: float = 1.5, b: float = 0.75) -> np.ndarray:
     """BM25 (Lucene variant, ``bm25s``) of ``query`` against ``texts``, indexing only ``texts``.
 
@@ -104,8 +89,8 @@ def bm25_scores(query: str, texts: Sequence[str], k1: float = 1.5, b: float = 0.
     """
     import bm25s
 
-    docs = [bm25_tokens(t) for t in texts]
-    query_tokens = bm25_tokens(query)
+    docs = [word_tokens(t) for t in texts]
+    query_tokens = word_tokens(query)
     if not query_tokens or not any(docs):
         return np.zeros(len(texts), dtype=np.float64)
     index = bm25s.BM25(k1=k1, b=b)

@@ -44,6 +44,8 @@ class ModelConfig:
         prior: ``cosine`` adds the bi-encoder cosine between the separately encoded query and
             product (same encoder, mean pooled) as a residual input to every head, so the
             model starts from the zero-shot two-tower ranking and learns a correction.
+        lexical: adds ``model.lexical.query_coverage`` (share of query words found in the product
+            text) as a further prior input to every head, beside the cosine when both are on.
         head_hidden: width of a hidden tanh layer in each head (0 = linear heads).
         dropout: dropout on the pooled vector during training.
         query_max_length, product_max_length: token caps of the two towers used by ``prior``.
@@ -58,6 +60,7 @@ class ModelConfig:
     long_field_chars: int = DEFAULT_LONG_FIELD_CHARS
     rank_score: RankScore = "regression"
     prior: Prior = "none"
+    lexical: bool = False
     head_hidden: int = 0
     dropout: float = 0.1
     query_max_length: int = 32
@@ -96,6 +99,11 @@ class ModelConfig:
                 raise ValueError(f"model config: {name}={getattr(self, name)}; expected >= 8.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model config: dropout={self.dropout}; expected 0 <= dropout < 1.")
+
+    @property
+    def prior_features(self) -> tuple[str, ...]:
+        """Names of the scalar prior inputs every head reads, in order (empty: none)."""
+        return (("cosine",) if self.prior == "cosine" else ()) + (("lexical",) if self.lexical else ())
 
     @property
     def multi_task(self) -> bool:

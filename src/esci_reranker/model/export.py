@@ -95,6 +95,8 @@ def check_exportable(config: ModelConfig, hidden_size: int, backbone_type: str, 
         problems.append(f"model.head_hidden={config.head_hidden} (needs {hidden_size}, the hidden size)")
     if config.prior != "none":
         problems.append(f"model.prior={config.prior!r} (needs 'none')")
+    if config.lexical:
+        problems.append("model.lexical=true (needs false)")
     if problems:
         raise ExportError(
             f"export --format {fmt}: this checkpoint cannot be expressed as a stock transformers "
@@ -102,7 +104,7 @@ def check_exportable(config: ModelConfig, hidden_size: int, backbone_type: str, 
             "the first token and then one linear layer, which equals the reranker head only with "
             "the CLS token, a hidden layer as wide as the encoder and no bi-encoder prior. Train an "
             f"exportable model with `--set model.pooling=cls --set model.head_hidden={hidden_size} "
-            "--set model.prior=none`."
+            "--set model.prior=none --set model.lexical=false`."
         )
     if backbone_type not in HEAD_LAYOUTS:
         raise ExportError(

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from esci_reranker.model.config import ModelConfig
+from esci_reranker.model.lexical import query_coverages
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class EncodedPairs:
     query_ids: list[list[int]] | None
     product_ids: list[list[int]] | None
     truncated: list[bool]
+    lexical: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.pair_ids)
@@ -39,7 +41,8 @@ class PairEncoder:
     """Turns queries and product texts into the inputs ``RerankerModel.forward`` takes.
 
     The pair is "[CLS] query [SEP] product [SEP]" cut to ``config.max_length`` (longest side
-    first); with the cosine prior, query and product are also encoded alone for the two towers.
+    first); with the cosine prior, query and product are also encoded alone for the two towers;
+    with ``lexical``, the query-word coverage of each pair is computed too.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ModelConfig) -> None:
@@ -77,6 +80,7 @@ class PairEncoder:
             query_ids=query_ids,
             product_ids=product_ids,
             truncated=truncated,
+            lexical=query_coverages(queries, texts) if cfg.lexical else None,
         )
 
     def _pad(self, seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,4 +107,6 @@ class PairEncoder:
             batch["product_input_ids"], batch["product_attention_mask"] = self._pad(
                 [encoded.product_ids[i] for i in index], self.pad_id
             )
+        if encoded.lexical is not None:
+            batch["lexical"] = torch.tensor([encoded.lexical[i] for i in index], dtype=torch.float32)  # (B,)
         return batch

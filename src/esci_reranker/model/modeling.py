@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +43,7 @@ class RerankerOutput:
         esci_logits: (B, 4) Task 2 logits in E, S, C, I order (multi-task only).
         substitute_logit: Task 3 "is substitute" logit (multi-task only).
         expected_gain: ``softmax(esci_logits) @ [1, .1, .01, 0]`` (multi-task only).
-        prior: the bi-encoder cosine when the model uses one.
+        prior: (B, F) the prior features (``config.prior_features``: cosine, lexical) if any.
         loss: weighted total loss; ``losses`` holds each task's unweighted loss.
     """
 
@@ -62,9 +63,9 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class _Head(nn.Module):
-    """Pooled vector (+ optional prior scalar) -> ``out`` values; linear or one tanh hidden layer."""
+    """Pooled vector (+ optional prior features) -> ``out`` values; linear or one tanh hidden layer."""
 
-    def __init__(self, hidden: int, out: int, head_hidden: int, dropout: float, prior: bool) -> None:
+    def __init__(self, hidden: int, out: int, head_hidden: int, dropout: float, n_prior: int) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.body: nn.Module = (
@@ -73,14 +74,14 @@ class _Head(nn.Module):
             else nn.Identity()
         )
         self.proj = nn.Linear(head_hidden or hidden, out)
-        # The prior enters linearly with its own weight per output so, with the projection
-        # zeroed at init, the head starts as an affine function of the bi-encoder cosine.
-        self.prior_weight = nn.Parameter(torch.zeros(out)) if prior else None
+        # The prior features enter linearly, with their own weights per output, so with the
+        # projection zeroed at init the head starts as an affine function of the priors.
+        self.prior_weight = nn.Parameter(torch.zeros(out, n_prior)) if n_prior else None
 
     def forward(self, pooled: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
         out = self.proj(self.body(self.dropout(pooled)))  # (B, out)
         if self.prior_weight is not None and prior is not None:
-            out = out + prior.unsqueeze(-1) * self.prior_weight  # (B, out)
+            out = out + prior.to(out.dtype) @ self.prior_weight.to(out.dtype).T  # (B, F) @ (F, out)
         return out
 
 
@@ -103,14 +104,15 @@ class _RerankerBase(nn.Module):
             )
         self.config = config
         self.loss_config = loss_config or LossConfig()
+        #: Whether the loss reaches the encoder through the prior's towers (training only).
+        self.train_prior = True
         if encoder is None:
             if not config.backbone:
                 raise ValueError("model config: backbone is empty; build with from_backbone().")
             encoder = AutoModel.from_config(AutoConfig.for_model(**config.backbone))
         self.encoder = encoder
         hidden = encoder.config.hidden_size
-        use_prior = config.prior == "cosine"
-        args = (config.head_hidden, config.dropout, use_prior)
+        args = (config.head_hidden, config.dropout, len(config.prior_features))
         self.score_head = _Head(hidden, 1, *args)
         if config.multi_task:
             self.esci_head: _Head | None = _Head(hidden, 4, *args)
@@ -119,18 +121,38 @@ class _RerankerBase(nn.Module):
             self.esci_head = None
             self.substitute_head = None
         self.register_buffer("gain_vector", torch.tensor(gain_vector(config.gains), dtype=torch.float32))
-        if use_prior:
+        if config.prior_features:
             self._init_prior_residual()
 
+    @property
+    def heads(self) -> dict[str, _Head]:
+        """The task heads by name: ``score`` and, for the multi-task model, ``esci``, ``substitute``."""
+        named = {"score": self.score_head, "esci": self.esci_head, "substitute": self.substitute_head}
+        return {name: head for name, head in named.items() if head is not None}
+
     def _init_prior_residual(self) -> None:
-        # Start as the zero-shot bi-encoder: score = cosine, class logits from the cosine only.
-        heads = [h for h in (self.score_head, self.esci_head, self.substitute_head) if h is not None]
-        for head in heads:
+        # Start from the priors alone: score = sum of the prior features (the zero-shot ranking),
+        # class logits flat. Training (or ``set_prior_heads`` with fitted values) moves from there.
+        for head in self.heads.values():
             nn.init.zeros_(head.proj.weight)
             nn.init.zeros_(head.proj.bias)
         assert self.score_head.prior_weight is not None
         with torch.no_grad():
             self.score_head.prior_weight.fill_(1.0)
+
+    def set_prior_heads(self, weights: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Set each named head's prior weights (out, F) and bias (out,), e.g. fitted on training data."""
+        for name, (weight, bias) in weights.items():
+            head = self.heads[name]
+            if head.prior_weight is None:
+                raise ValueError(f"head {name!r} has no prior inputs (model config prior_features is empty).")
+            with torch.no_grad():
+                head.prior_weight.copy_(
+                    torch.as_tensor(weight, dtype=head.prior_weight.dtype).reshape_as(head.prior_weight)
+                )
+                head.proj.bias.copy_(
+                    torch.as_tensor(bias, dtype=head.proj.bias.dtype).reshape_as(head.proj.bias)
+                )
 
     @classmethod
     def from_backbone(
@@ -169,6 +191,38 @@ class _RerankerBase(nn.Module):
         p = F.normalize(mean_pool(hidden_p.last_hidden_state, product_attention_mask), dim=-1)
         return (q * p).sum(-1)
 
+    def prior_features(self, inputs: Mapping[str, torch.Tensor | None]) -> torch.Tensor | None:
+        """(B, F) prior features in ``config.prior_features`` order, or None when there are none.
+
+        ``inputs`` holds the tower inputs (``query_*``, ``product_*``) and/or ``lexical``, as
+        ``PairEncoder.collate`` makes them; other keys are ignored.
+        """
+        features = []
+        if self.config.prior == "cosine":
+            towers = (
+                "query_input_ids",
+                "query_attention_mask",
+                "product_input_ids",
+                "product_attention_mask",
+            )
+            if any(inputs.get(name) is None for name in towers):
+                raise ValueError(
+                    "this model uses the bi-encoder prior: pass query_input_ids/query_attention_mask "
+                    "and product_input_ids/product_attention_mask (the PairEncoder does)."
+                )
+            # With train_prior off the towers are a fixed feature of the current encoder: the
+            # encoder still learns through the pair, but not to bend the cosine.
+            with torch.set_grad_enabled(self.train_prior and torch.is_grad_enabled()):
+                features.append(self.prior_cosine(*(inputs[name] for name in towers)))  # type: ignore[arg-type]
+        if self.config.lexical:
+            lexical = inputs.get("lexical")
+            if lexical is None:
+                raise ValueError("this model reads the lexical prior: pass lexical (the PairEncoder does).")
+            features.append(lexical)
+        if not features:
+            return None
+        return torch.stack([f.float() for f in features], dim=-1)  # (B, F)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -178,6 +232,7 @@ class _RerankerBase(nn.Module):
         query_attention_mask: torch.Tensor | None = None,
         product_input_ids: torch.Tensor | None = None,
         product_attention_mask: torch.Tensor | None = None,
+        lexical: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> RerankerOutput:
         """Score a batch of encoded pairs.
@@ -185,23 +240,20 @@ class _RerankerBase(nn.Module):
         Args:
             input_ids, attention_mask, token_type_ids: the pair "query [SEP] product", (B, T).
             query_*, product_*: the two sides encoded alone; required when ``config.prior`` is set.
+            lexical: (B,) query-word coverage of each pair; required when ``config.lexical`` is set.
             labels: (B,) class indices in E, S, C, I order; when given, losses are computed.
         """
         extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         pooled = self.encode(input_ids, attention_mask, **extra)  # (B, H)
-        prior = None
-        if self.config.prior == "cosine":
-            if query_input_ids is None or product_input_ids is None:
-                raise ValueError(
-                    "this model uses the bi-encoder prior: pass query_input_ids/query_attention_mask "
-                    "and product_input_ids/product_attention_mask (the PairEncoder does)."
-                )
-            prior = self.prior_cosine(
-                query_input_ids,
-                query_attention_mask,
-                product_input_ids,
-                product_attention_mask,  # type: ignore[arg-type]
-            )
+        prior = self.prior_features(
+            {
+                "query_input_ids": query_input_ids,
+                "query_attention_mask": query_attention_mask,
+                "product_input_ids": product_input_ids,
+                "product_attention_mask": product_attention_mask,
+                "lexical": lexical,
+            }
+        )
         out = RerankerOutput(score=self.score_head(pooled, prior).squeeze(-1), prior=prior)
         if self.esci_head is not None and self.substitute_head is not None:
             out.esci_logits = self.esci_head(pooled, prior)  # (B, 4)

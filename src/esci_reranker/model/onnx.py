@@ -15,7 +15,8 @@ too: a folder with only ONNX weights is picked up as ONNX, see ``resolve_backend
 **Graph.** Inputs are the tensors ``PairEncoder.collate`` produces (``input_ids``,
 ``attention_mask``, ``token_type_ids`` when the tokenizer makes them, and with ``prior="cosine"``
 the ``query_*`` / ``product_*`` tower inputs), all int64 with dynamic batch and sequence axes (one
-sequence axis per text: ``pair_seq``, ``query_seq``, ``product_seq``). Outputs are ``score`` (B,)
+sequence axis per text: ``pair_seq``, ``query_seq``, ``product_seq``), plus, with ``lexical``,
+the float ``lexical`` (B,). Outputs are ``score`` (B,)
 and, for the multi-task model, ``esci_logits`` (B, 4) and ``substitute_logit`` (B,). The encoder
 is traced with eager attention: its ``matmul -> add mask -> softmax -> matmul`` is the pattern
 ONNX Runtime's optimiser fuses; the ``sdpa`` trace leaves extra NaN-guard and shape nodes.
@@ -151,10 +152,21 @@ def _session(path: Path, num_threads: int, providers: Sequence[str] = ("CPUExecu
     return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
+def _feed(session: Any, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Numpy inputs for ``session``: token inputs int64, feature inputs (``lexical``) float32."""
+    feed = {}
+    for meta in session.get_inputs():
+        value = batch[meta.name]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        dtype = np.float32 if meta.type == "tensor(float)" else np.int64
+        feed[meta.name] = np.ascontiguousarray(value, dtype=dtype)
+    return feed
+
+
 def _run_session(session: Any, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     names = [o.name for o in session.get_outputs()]
-    feed = {i.name: np.asarray(batch[i.name], dtype=np.int64) for i in session.get_inputs()}
-    return dict(zip(names, session.run(names, feed), strict=True))
+    return dict(zip(names, session.run(names, _feed(session, batch)), strict=True))
 
 
 def _max_difference(model: RerankerModel, session: Any, batch: dict[str, torch.Tensor]) -> float:
@@ -208,7 +220,9 @@ def export_onnx(
     traced = _probe_batch(encoder, [0, 1])
     input_names = list(traced)
     output_names = list(OUTPUT_NAMES if model.config.multi_task else OUTPUT_NAMES[:1])
-    dynamic_axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: _seq_axis(n)} for n in input_names}
+    dynamic_axes: dict[str, dict[int, str]] = {
+        n: {0: "batch", 1: _seq_axis(n)} if traced[n].ndim == 2 else {0: "batch"} for n in input_names
+    }
     dynamic_axes |= {n: {0: "batch"} for n in output_names}
 
     with staged_dir(out) as tmp:
@@ -343,13 +357,7 @@ class OnnxRunner:
                 f"ONNX model {self.path.name}: batch lacks input(s) {missing} (got {sorted(batch)}); "
                 "batches come from PairEncoder.collate with the folder's own config.json."
             )
-        feed = {}
-        for name in self.input_names:
-            value = batch[name]
-            if isinstance(value, torch.Tensor):
-                value = value.detach().cpu().numpy()
-            feed[name] = np.ascontiguousarray(value, dtype=np.int64)
-        outputs = self.session.run(self.output_names, feed)
+        outputs = self.session.run(self.output_names, _feed(self.session, batch))
         return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self.output_names, outputs, strict=True)}
 
 

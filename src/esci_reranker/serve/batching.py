@@ -31,7 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -355,7 +355,7 @@ class DynamicBatcher:
 def _merge(parts: list[tuple[_Request, list[int]]]) -> EncodedPairs:
     """One ``EncodedPairs`` holding the chosen pairs of every request, in batch row order."""
 
-    def gather(column: str) -> list[list[int]] | None:
+    def gather(column: str) -> list[Any] | None:
         if getattr(parts[0][0].encoded, column) is None:
             return None
         return [getattr(r.encoded, column)[i] for r, chosen in parts for i in chosen]
@@ -366,6 +366,7 @@ def _merge(parts: list[tuple[_Request, list[int]]]) -> EncodedPairs:
         query_ids=gather("query_ids"),
         product_ids=gather("product_ids"),
         truncated=[r.encoded.truncated[i] for r, chosen in parts for i in chosen],
+        lexical=gather("lexical"),
     )
 
 

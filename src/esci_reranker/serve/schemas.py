@@ -310,6 +310,8 @@ class ServiceLimits(BaseModel):
     rate_limit: str | None
     auth_required: bool
     batch_size: int
+    batch_wait_ms: float = Field(description="Dynamic batching wait; 0 = off.")
+    max_batch_tokens: int = Field(description="Dynamic batching: padded tokens per forward pass.")
 
 
 class InfoResponse(BaseModel):

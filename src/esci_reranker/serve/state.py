@@ -7,7 +7,8 @@ import threading
 from collections.abc import Callable
 from typing import Literal
 
-from esci_reranker.reranker import Reranker
+from esci_reranker.hardware import resolve_precision
+from esci_reranker.reranker import Reranker, select_device
 from esci_reranker.serve.batching import DynamicBatcher
 from esci_reranker.serve.cache import PredictionCache
 from esci_reranker.serve.metrics import Metrics
@@ -22,7 +23,8 @@ log = logging.getLogger("esci_reranker.serve")
 
 
 def load_reranker(settings: Settings) -> Reranker:
-    """``Reranker.from_pretrained`` on ``MODEL_PATH`` / ``HF_MODEL_REPO_ID`` / the default folder."""
+    """``Reranker.from_pretrained`` on ``MODEL_PATH`` / ``HF_MODEL_REPO_ID`` / the default folder,
+    in the arithmetic ``PRECISION`` asks for."""
     source, origin = settings.model_source()
     log.info(
         "loading model %s (from %s) on device %s",
@@ -31,7 +33,13 @@ def load_reranker(settings: Settings) -> Reranker:
         settings.inference_device,
         extra={"model": source, "origin": origin},
     )
-    return Reranker.from_pretrained(source, device=settings.inference_device, batch_size=settings.batch_size)
+    precision = resolve_precision(settings.precision, select_device(settings.inference_device))
+    return Reranker.from_pretrained(
+        source,
+        device=settings.inference_device,
+        batch_size=settings.batch_size,
+        bf16=precision == "bf16",
+    )
 
 
 class ServiceState:

@@ -56,6 +56,15 @@ class ModelSection(_Strict):
     long_field_chars: int = Field(DEFAULT_LONG_FIELD_CHARS, ge=8)
     rank_score: Literal["regression", "expected_gain"] = "regression"
     prior: Literal["none", "cosine"] = "none"
+    lexical: bool = Field(False, description="Add query-word coverage as a prior feature of every head.")
+    prior_init: Literal["fit", "fixed"] = Field(
+        "fit",
+        description="With prior features: 'fit' the heads' prior weights to the training data "
+        "before step 0 (least squares / logistic regression); 'fixed': score = sum of priors.",
+    )
+    train_prior: bool = Field(
+        True, description="Let the loss reach the encoder through the cosine prior's two towers."
+    )
     head_hidden: int = Field(0, ge=0)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     query_max_length: int = Field(32, ge=8)
@@ -134,7 +143,9 @@ class TrainConfig(_Strict):
     """A whole training run."""
 
     seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    #: ``auto``: bf16 autocast where the device computes bf16 natively (CPUs with AVX-512 BF16
+    #: or AMX, Ampere+ GPUs; ~2.3x faster steps on such a CPU), else full fp32.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     data: DataConfig = DataConfig()
     model: ModelSection = ModelSection()
     loss: LossSection = LossSection()

@@ -31,6 +31,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from esci_reranker.data.text import FIELD_COLUMNS, product_texts
 from esci_reranker.fsutil import recover_dir, staged_dir, write_json
+from esci_reranker.hardware import bf16_native
 from esci_reranker.labels import LABEL_TO_INDEX, check_labels
 from esci_reranker.model import (
     MODEL_CLASSES,
@@ -43,6 +44,7 @@ from esci_reranker.model import (
 from esci_reranker.model.config import MULTI_TASK, SINGLE_TASK
 from esci_reranker.train.batching import bucketed_batches
 from esci_reranker.train.config import PACKAGED_BACKBONE, TrainConfig
+from esci_reranker.train.prior_init import fit_prior_heads, prior_features
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,15 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     test_metrics: dict[str, Any] | None = None
     seconds: float = 0.0
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """The ``Accelerator`` mixed-precision mode for a config value (``auto`` decided per device)."""
+    if setting != "auto":
+        return setting
+    from accelerate import PartialState
+
+    return "bf16" if bf16_native(PartialState().device) else "no"
 
 
 def resolve_backbone(name: str) -> str:
@@ -114,6 +125,7 @@ def build_model(cfg: TrainConfig) -> tuple[RerankerModel, Any]:
         long_field_chars=m.long_field_chars,
         rank_score=m.rank_score,
         prior=m.prior,
+        lexical=m.lexical,
         head_hidden=m.head_hidden,
         dropout=m.dropout,
         query_max_length=m.query_max_length,
@@ -122,6 +134,7 @@ def build_model(cfg: TrainConfig) -> tuple[RerankerModel, Any]:
     loss = LossConfig(**cfg.loss.model_dump())
     model = MODEL_CLASSES[model_config.model_type].from_backbone(backbone, model_config, loss)
     model.config.backbone_name = m.backbone
+    model.train_prior = m.train_prior
     if m.freeze_embeddings:
         model.encoder.get_input_embeddings().weight.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
@@ -230,7 +243,7 @@ class Trainer:
         started = time.perf_counter()
         set_seed(cfg.seed)
         accelerator = Accelerator(
-            mixed_precision=cfg.mixed_precision,
+            mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
             gradient_accumulation_steps=cfg.optim.grad_accum_steps,
             log_with="tensorboard" if cfg.output.tensorboard else None,
             project_dir=str(self.run_dir),
@@ -244,6 +257,15 @@ class Trainer:
         encoded = encoder.encode(self.train_frame["query"].astype(str).tolist(), train_texts)
         labels = torch.tensor([LABEL_TO_INDEX[x] for x in self.train_frame["esci_label"]], dtype=torch.long)
         lengths = encoded.lengths()
+        if model.config.prior_features and cfg.model.prior_init == "fit" and not resume:
+            autocast = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+            features = prior_features(
+                model.to(accelerator.device), encoder, encoded, cfg.eval.batch_size, autocast
+            )
+            fitted = fit_prior_heads(model, features, labels.numpy())
+            logger.info(
+                "prior heads fitted: %s", {k: np.round(w, 3).tolist() for k, (w, _) in fitted.items()}
+            )
 
         n_batches = math.ceil(len(encoded) / cfg.optim.batch_size)
         steps_per_epoch = max(

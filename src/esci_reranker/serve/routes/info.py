@@ -28,5 +28,7 @@ def info(scorer: ScorerDep, settings: SettingsDep) -> InfoResponse:
             rate_limit=settings.rate_limit or None,
             auth_required=settings.api_key is not None,
             batch_size=settings.batch_size,
+            batch_wait_ms=settings.batch_wait_ms,
+            max_batch_tokens=settings.max_batch_tokens,
         ),
     )

@@ -1,0 +1,52 @@
+"""oneDNN prepacked linear layers for fp32 CPU inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from esci_reranker.model import PairEncoder
+from esci_reranker.model.cpu import PackedLinear, onednn_available, pack_linears
+from tests.conftest import build_tiny_model
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+
+
+def _batch(model, tokenizer):
+    encoder = PairEncoder(tokenizer, model.config)
+    queries = ["red running shoes", "usb c cable", "coffee"]
+    texts = ["Nike Air Zoom | Nike | Red", "Anker USB-C cable, 6 ft | Anker", "Ground coffee | Peet's"]
+    return encoder.collate(encoder.encode(queries, texts), [0, 1, 2])
+
+
+def test_packed_model_gives_the_same_outputs_and_state_dict():
+    model, tokenizer = build_tiny_model(prior="cosine", lexical=True, head_hidden=8)
+    batch = _batch(model, tokenizer)
+    with torch.inference_mode():
+        before = model(**batch)
+    keys = set(model.state_dict())
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    assert pack_linears(model) == linears
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert set(model.state_dict()) == keys  # still saves and exports as before
+    with torch.inference_mode():
+        after = model(**batch)
+    for name in ("score", "esci_logits", "substitute_logit"):
+        torch.testing.assert_close(getattr(after, name), getattr(before, name), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_linear_falls_back_to_plain_linear_for_training_and_bf16():
+    linear = nn.Linear(6, 3)
+    packed = PackedLinear(linear)
+    x = torch.randn(2, 6, requires_grad=True)
+    packed(x).sum().backward()  # gradients flow: the fast path is inference-only
+    torch.testing.assert_close(linear.weight.grad, x.detach().sum(0).expand(3, 6))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = packed(torch.randn(2, 6))
+    assert bf16.dtype == torch.bfloat16  # autocast applied, as for nn.Linear
+
+
+def test_nothing_to_pack_returns_zero():
+    assert pack_linears(nn.Sequential(nn.ReLU())) == 0
+    assert pack_linears(nn.Linear(4, 4).double()) == 0

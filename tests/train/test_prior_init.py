@@ -1,0 +1,68 @@
+"""Fitting the prior heads before training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from esci_reranker.model import PairEncoder
+from esci_reranker.train.prior_init import fit_prior_heads, prior_features
+from tests.conftest import build_tiny_model
+
+# (query, product text, label index in E, S, C, I): more query words found -> more relevant.
+ROWS = [
+    ("aa batteries", "Duracell AA Battery 24 pack", 0),
+    ("aa batteries", "Energizer AA batteries", 0),
+    ("aa batteries", "AAA battery charger", 1),
+    ("aa batteries", "Battery organizer box", 2),
+    ("aa batteries", "Garden hose 50 ft", 3),
+    ("usb c cable", "Anker USB C cable", 0),
+    ("usb c cable", "USB cable micro", 1),
+    ("usb c cable", "USB wall charger", 2),
+    ("usb c cable", "Desk lamp", 3),
+    ("usb c cable", "Coffee mug", 3),
+]
+
+
+def _data(model, tokenizer):
+    encoder = PairEncoder(tokenizer, model.config)
+    encoded = encoder.encode([r[0] for r in ROWS], [r[1] for r in ROWS])
+    return encoder, encoded, np.array([r[2] for r in ROWS])
+
+
+def test_fitted_heads_reproduce_least_squares_and_logistic_fits():
+    model, tokenizer = build_tiny_model(prior="cosine", lexical=True)
+    encoder, encoded, labels = _data(model, tokenizer)
+    features = prior_features(model, encoder, encoded, batch_size=4)
+    assert features.shape == (len(ROWS), 2)
+    np.testing.assert_allclose(features[:, 1], encoded.lexical, rtol=1e-6)
+    fitted = fit_prior_heads(model, features, labels)
+    assert set(fitted) == {"score", "esci", "substitute"}
+
+    with torch.inference_mode():
+        out = model(**encoder.collate(encoded, list(range(len(ROWS)))))
+    design = np.hstack([features, np.ones((len(ROWS), 1))])
+    gains = np.array([1.0, 0.1, 0.01, 0.0])[labels]
+    coef, *_ = np.linalg.lstsq(design, gains, rcond=None)
+    np.testing.assert_allclose(out.score.numpy(), design @ coef, atol=1e-5)
+    # The fit beats the generic start (score = cosine + coverage) on the training data.
+    assert np.mean((design @ coef - gains) ** 2) < np.mean((features.sum(1) - gains) ** 2)
+    weight, bias = fitted["esci"]
+    np.testing.assert_allclose(out.esci_logits.numpy(), features @ weight.T + bias, atol=1e-5)
+    assert out.esci_logits.argmax(-1)[labels == 0].eq(0).float().mean() > 0.5
+
+
+def test_a_class_missing_from_the_labels_keeps_that_head_flat():
+    model, tokenizer = build_tiny_model(lexical=True)
+    encoder, encoded, _ = _data(model, tokenizer)
+    labels = np.array([0, 0, 3, 3, 3, 0, 3, 3, 3, 3])  # no S, no C
+    fitted = fit_prior_heads(model, prior_features(model, encoder, encoded), labels)
+    assert set(fitted) == {"score"}
+    torch.testing.assert_close(model.esci_head.prior_weight, torch.zeros(4, 1))
+
+
+def test_mismatched_rows_are_an_error():
+    model, _ = build_tiny_model(lexical=True)
+    with pytest.raises(ValueError, match="3 feature rows but 2 labels"):
+        fit_prior_heads(model, np.zeros((3, 1)), np.array([0, 1]))
