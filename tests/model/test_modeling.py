@@ -153,6 +153,21 @@ def test_save_then_load_gives_identical_predictions(tmp_path):
     assert loaded.config == model.config
 
 
+def test_checkpoints_with_the_older_one_feature_prior_layout_still_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, tokenizer = build_tiny_model(prior="cosine", seed=3)
+    with torch.no_grad():
+        model.esci_head.prior_weight.normal_()
+    before = model(**encode(model, tokenizer))
+    folder = save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    state = load_file(str(folder / "model.safetensors"))
+    old = {k: (v.squeeze(-1) if k.endswith("prior_weight") else v) for k, v in state.items()}
+    save_file(old, str(folder / "model.safetensors"))
+    loaded, _ = load_checkpoint(folder)
+    torch.testing.assert_close(loaded(**encode(loaded, tokenizer)).esci_logits, before.esci_logits)
+
+
 def test_saving_over_a_checkpoint_leaves_no_temporary_folders(tmp_path):
     model, tokenizer = build_tiny_model()
     save_checkpoint(model, tokenizer, tmp_path / "ckpt")

@@ -76,6 +76,10 @@ def load_checkpoint(
         raise CheckpointError(f"{folder}: {CONFIG_NAME} is present but {WEIGHTS_NAME} is missing.")
     model = MODEL_CLASSES[config.model_type](config, loss_config=loss_config)
     state = load_file(str(weights))
+    for key, value in state.items():
+        # Checkpoints from before the lexical prior stored one cosine weight per output, (out,).
+        if key.endswith("prior_weight") and value.ndim == 1:
+            state[key] = value.unsqueeze(-1)  # (out, 1): the cosine as the only prior feature
     missing, unexpected = model.load_state_dict(state, strict=False)
     # gain_vector is a buffer rebuilt from the config; anything else missing is a broken file.
     missing = [k for k in missing if k != "gain_vector"]
