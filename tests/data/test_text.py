@@ -76,3 +76,9 @@ def test_clean_text_null_markers() -> None:
 def test_clean_text_is_idempotent(raw):
     once = clean_text(raw)
     assert clean_text(once) == once
+
+
+def test_product_texts_names_an_unknown_field() -> None:
+    frame = pd.DataFrame({"product_title": ["Shoe"]})
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['bullet_point'\]"):
+        product_texts(frame, ["title", "bullet_point"])

@@ -156,7 +156,12 @@ def product_texts(
     fields: Sequence[str] = DEFAULT_TEXT_FIELDS,
     long_field_chars: int = DEFAULT_LONG_FIELD_CHARS,
 ) -> pd.Series:
-    """Vectorised ``product_text`` over a frame with ESCI product columns (missing ones count as empty)."""
+    """Vectorised ``product_text`` over a frame with ESCI product columns (missing ones count as empty).
+
+    Raises:
+        ValueError: ``fields`` names a field that is not one of ``FIELD_COLUMNS`` (see ``parse_text_fields``).
+    """
+    fields = parse_text_fields(fields)
     cleaned = {
         field: clean_column(frame[FIELD_COLUMNS[field]])
         for field in fields
