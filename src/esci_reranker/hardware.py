@@ -58,6 +58,11 @@ def bf16_native(device: torch.device) -> bool:
     return False
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """``torch.autocast`` to ``dtype`` on ``device``; a disabled one (plain fp32) when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16"]:
     """``auto`` -> ``bf16`` where the device has native bf16, else ``fp32``; others pass through.
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from esci_reranker import __version__
 from esci_reranker.data.text import FIELD_COLUMNS, clean_text, product_text, product_texts
+from esci_reranker.hardware import autocast
 from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.model.config import CheckpointError, ModelConfig
 from esci_reranker.model.features import EncodedPairs, PairEncoder
@@ -131,11 +132,7 @@ class _TorchRunner:
     @torch.inference_mode()
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         inputs = {k: v.to(self.device) for k, v in batch.items()}
-        with torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        ):
+        with autocast(self.device, self.autocast_dtype):
             out = self.model(**inputs)
         result = {"score": out.score.float().cpu().numpy()}
         if out.esci_logits is not None and out.substitute_logit is not None:

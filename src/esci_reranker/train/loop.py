@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from esci_reranker.data.text import FIELD_COLUMNS, product_texts
 from esci_reranker.fsutil import recover_dir, staged_dir, write_json
-from esci_reranker.hardware import bf16_native
+from esci_reranker.hardware import resolve_precision
 from esci_reranker.labels import LABEL_TO_INDEX, check_labels
 from esci_reranker.model import (
     MODEL_CLASSES,
@@ -74,7 +74,7 @@ def resolve_mixed_precision(setting: str) -> str:
         return setting
     from accelerate import PartialState
 
-    return "bf16" if bf16_native(PartialState().device) else "no"
+    return "bf16" if resolve_precision("auto", PartialState().device) == "bf16" else "no"
 
 
 def resolve_backbone(name: str) -> str:

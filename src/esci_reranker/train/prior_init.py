@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from esci_reranker.hardware import autocast
 from esci_reranker.model import PairEncoder, RerankerModel
 from esci_reranker.model.features import EncodedPairs
 from esci_reranker.model.modeling import SUBSTITUTE_INDEX
@@ -39,9 +40,7 @@ def prior_features(
     for start in range(0, len(encoded), batch_size):
         index = list(range(start, min(start + batch_size, len(encoded))))
         batch = {k: v.to(device) for k, v in encoder.collate(encoded, index).items()}
-        with torch.autocast(
-            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-        ):
+        with autocast(device, autocast_dtype):
             rows.append(model.prior_features(batch).float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(rows) if rows else np.zeros((0, len(model.config.prior_features)), np.float32)
