@@ -22,7 +22,7 @@ import os
 import platform
 from pathlib import Path
 
-from esci_reranker.bench_server import BATCHING, ServerLatency, format_server_table
+from esci_reranker.bench_server import BATCHING, PRECISIONS, ServerLatency, format_server_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         "--distinct", type=int, default=20, help="distinct queries cycled through (default 20)"
     )
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
+    parser.add_argument(
+        "--precision", choices=list(PRECISIONS), default=None, help="PRECISION of the server (default auto)"
+    )
     parser.add_argument("--max-seconds", type=float, default=120.0, help="time budget per setting")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for /ready")
     parser.add_argument("--data", type=Path, default=None, help="ESCI parquet (default: the bundled sample)")
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             candidates=args.candidates,
             distinct=args.distinct,
             threads=args.threads,
+            precision=args.precision,
             cache_size=args.cache_size,
             startup_timeout=args.startup_timeout,
             data=args.data,

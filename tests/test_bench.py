@@ -16,6 +16,7 @@ from esci_reranker.bench import (
     ONNX_INT8,
     TORCH_BF16,
     TORCH_FP32,
+    candidate_lists,
     cpu_bf16_support,
     encoder_flops,
     format_table,
@@ -28,6 +29,25 @@ def test_encoder_flops_follows_the_formula():
     assert encoder_flops([3], layers=2, hidden=4, intermediate=8) == 1824.0
     assert encoder_flops([3, 3], 2, 4, 8) == 2 * 1824.0
     assert encoder_flops([], 2, 4, 8) == 0.0
+
+
+def test_workload_is_whole_candidate_lists_of_random_queries():
+    import pandas as pd
+
+    frame = pd.DataFrame({"query_id": [5, 5, 7, 9, 7, 9, 9, 5]}, index=[10, 11, 12, 13, 14, 15, 16, 17])
+    rows = candidate_lists(frame, n_pairs=8)
+    picked = frame["query_id"].to_numpy()[rows]
+    # every query's rows together, in their original order, each list whole
+    assert sorted(rows.tolist()) == list(range(8))
+    blocks = [q for i, q in enumerate(picked) if i == 0 or picked[i - 1] != q]
+    assert sorted(blocks) == [5, 7, 9]
+    for q in (5, 7, 9):
+        positions = rows[picked == q].tolist()
+        assert positions == sorted(positions)
+    # cut to n_pairs: the first lists whole, only the last one short; same seed, same draw
+    short = candidate_lists(frame, n_pairs=4)
+    assert short.tolist() == rows[:4].tolist()
+    assert candidate_lists(frame, 8, seed=0).tolist() == rows.tolist()
 
 
 @pytest.mark.slow

@@ -35,6 +35,8 @@ import numpy as np
 P50_GOAL_MS: Final[float] = 150.0
 #: Dynamic batching settings compared: off (``BATCH_WAIT_MS=0``) and the service default.
 BATCHING: Final[tuple[str, ...]] = ("off", "on")
+#: Values of the service's ``PRECISION`` setting.
+PRECISIONS: Final[tuple[str, ...]] = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,7 @@ class ServerLatency:
         candidates: candidates per request.
         distinct: distinct queries cycled through.
         threads: ``OMP_NUM_THREADS`` of the server (None: inherited).
+        precision: ``PRECISION`` of the server (``auto``, ``fp32``, ``bf16``; None: the default).
         batch_wait_ms: ``BATCH_WAIT_MS`` when batching is on (None: the service default).
         max_batch_tokens: ``MAX_BATCH_TOKENS`` when batching is on (None: the service default).
         cache_size: ``CACHE_SIZE`` when the cache is on.
@@ -310,6 +313,7 @@ class ServerLatency:
     candidates: int = 40
     distinct: int = 20
     threads: int | None = None
+    precision: str | None = None
     batch_wait_ms: float | None = None
     max_batch_tokens: int | None = None
     cache_size: int = 256
@@ -327,6 +331,10 @@ class ServerLatency:
             )
         if not self.max_seconds > 0:
             raise ValueError(f"ServerLatency max_seconds={self.max_seconds}; expected > 0.")
+        if self.precision not in (None, *PRECISIONS):
+            raise ValueError(
+                f"ServerLatency precision={self.precision!r}; expected one of {list(PRECISIONS)}."
+            )
         for name, values in (("batching", self.batching), ("cache", self.cache)):
             bad = [v for v in values if v not in ("off", "on")]
             if bad or not values:
@@ -344,6 +352,8 @@ class ServerLatency:
                 env["MAX_BATCH_TOKENS"] = str(self.max_batch_tokens)
         if self.threads is not None:
             env["OMP_NUM_THREADS"] = str(self.threads)
+        if self.precision is not None:
+            env["PRECISION"] = self.precision
         return env
 
     def __call__(self, model_dir: str | Path) -> dict[str, Any]:
@@ -402,6 +412,7 @@ class ServerLatency:
             "requests_per_setting": self.requests,
             "max_seconds_per_setting": self.max_seconds,
             "server_threads": self.threads if self.threads is not None else os.environ.get("OMP_NUM_THREADS"),
+            "precision": self.precision or defaults["precision"].default,
             "batch_wait_ms_on": self.batch_wait_ms
             if self.batch_wait_ms is not None
             else defaults["batch_wait_ms"].default,

@@ -305,7 +305,8 @@ class Reranker:
             f"(columns: {columns})."
         )
 
-    def _batches(self, encoded: EncodedPairs) -> Iterator[np.ndarray]:
+    def batches(self, encoded: EncodedPairs) -> Iterator[np.ndarray]:
+        """Index arrays of the forward passes that score ``encoded`` (length-sorted, ``batch_size`` each)."""
         # Longest first, so the first batch shows the worst-case memory and padding is minimal.
         order = np.argsort(-np.asarray(encoded.lengths()), kind="stable")
         for start in range(0, len(order), self.batch_size):
@@ -329,7 +330,7 @@ class Reranker:
         logits = np.zeros((n, 4), dtype=np.float32)
         sub = np.zeros(n, dtype=np.float32)
         has_classes = False
-        batches = list(self._batches(encoded))
+        batches = list(self.batches(encoded))
         for index in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
             out = self.runner(self.pair_encoder.collate(encoded, index))
             score[index] = out["score"]

@@ -93,6 +93,29 @@ def test_prior_model_starts_as_the_bi_encoder_cosine():
     torch.testing.assert_close(out.esci_logits, torch.zeros(3, 4))
 
 
+def test_towers_encode_each_distinct_text_once_with_the_same_prior():
+    model, tokenizer = build_tiny_model(prior="cosine", lexical=True)
+    model.eval()
+    queries = ["red shoes", "red shoes", "usb cable", "red shoes"]
+    texts = ["Nike Air | Nike", "Adidas Run | Adidas", "Nike Air | Nike", "Nike Air | Nike"]
+    batch = encode(model, tokenizer, queries, texts)
+    assert batch["query_input_ids"].shape[0] == 2  # "red shoes", "usb cable"
+    assert batch["product_input_ids"].shape[0] == 2
+    assert batch["query_index"].tolist() == [0, 0, 1, 0]
+    assert batch["product_index"].tolist() == [0, 1, 0, 0]
+    # The same model on one tower row per pair (the layout before deduplication).
+    expanded = {k: v for k, v in batch.items() if not k.endswith("_index")}
+    for side in ("query", "product"):
+        for key in (f"{side}_input_ids", f"{side}_attention_mask"):
+            expanded[key] = batch[key][batch[f"{side}_index"]]
+    with torch.no_grad():
+        deduped, per_pair = model(**batch), model(**expanded)
+    torch.testing.assert_close(deduped.prior, per_pair.prior)
+    torch.testing.assert_close(deduped.score, per_pair.score)
+    # Same text, same cosine: pairs 0 and 3 are identical.
+    torch.testing.assert_close(deduped.prior[0], deduped.prior[3])
+
+
 def test_lexical_prior_is_a_second_feature_of_every_head():
     model, tokenizer = build_tiny_model(prior="cosine", lexical=True)
     assert model.config.prior_features == ("cosine", "lexical")

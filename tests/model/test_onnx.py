@@ -111,10 +111,12 @@ def test_graph_has_the_model_inputs_with_separate_dynamic_axes(exported):
         "input_ids": ["batch", "pair_seq"],
         "attention_mask": ["batch", "pair_seq"],
         "token_type_ids": ["batch", "pair_seq"],
-        "query_input_ids": ["batch", "query_seq"],
-        "query_attention_mask": ["batch", "query_seq"],
-        "product_input_ids": ["batch", "product_seq"],
-        "product_attention_mask": ["batch", "product_seq"],
+        "query_input_ids": ["query_batch", "query_seq"],
+        "query_attention_mask": ["query_batch", "query_seq"],
+        "query_index": ["batch"],
+        "product_input_ids": ["product_batch", "product_seq"],
+        "product_attention_mask": ["product_batch", "product_seq"],
+        "product_index": ["batch"],
         "lexical": ["batch"],
     }
     assert {i.name: i.type.tensor_type.elem_type for i in graph.input}["lexical"] == onnx.TensorProto.FLOAT
@@ -122,6 +124,32 @@ def test_graph_has_the_model_inputs_with_separate_dynamic_axes(exported):
     single = onnx.load(str(exported["single"] / ONNX_NAME)).graph
     assert [o.name for o in single.output] == ["score"]
     assert "query_input_ids" not in {i.name for i in single.input}
+
+
+def test_graphs_without_tower_index_inputs_get_one_tower_row_per_pair():
+    """Folders exported before the towers were deduplicated declare no ``*_index`` inputs."""
+    from types import SimpleNamespace
+
+    from esci_reranker.model.onnx import _feed
+
+    names = ["input_ids", "query_input_ids", "query_attention_mask", "product_input_ids"]
+    session = SimpleNamespace(
+        get_inputs=lambda: [SimpleNamespace(name=n, type="tensor(int64)") for n in names]
+    )
+    batch = {
+        "input_ids": torch.zeros(3, 4, dtype=torch.long),
+        "query_input_ids": torch.tensor([[7, 8], [9, 0]]),
+        "query_attention_mask": torch.tensor([[1, 1], [1, 0]]),
+        "query_index": torch.tensor([1, 0, 1]),
+        "product_input_ids": torch.tensor([[5], [6], [4]]),
+        "product_attention_mask": torch.ones(3, 1, dtype=torch.long),
+        "product_index": torch.tensor([0, 1, 2]),
+    }
+    feed = _feed(session, batch)
+    assert sorted(feed) == sorted(names)
+    assert feed["query_input_ids"].tolist() == [[9, 0], [7, 8], [9, 0]]
+    assert feed["query_attention_mask"].tolist() == [[1, 0], [1, 1], [1, 0]]
+    assert feed["product_input_ids"].tolist() == [[5], [6], [4]]
 
 
 def test_folder_holds_config_sidecar_and_tokenizer(exported, tiny_checkpoint):

@@ -101,12 +101,21 @@ class PairEncoder:
         if encoded.pair_type_ids is not None:
             batch["token_type_ids"], _ = self._pad([encoded.pair_type_ids[i] for i in index], 0)
         if encoded.query_ids is not None and encoded.product_ids is not None:
-            batch["query_input_ids"], batch["query_attention_mask"] = self._pad(
-                [encoded.query_ids[i] for i in index], self.pad_id
-            )
-            batch["product_input_ids"], batch["product_attention_mask"] = self._pad(
-                [encoded.product_ids[i] for i in index], self.pad_id
-            )
+            # Each distinct query (product) goes through its tower once per batch: a reranking
+            # request is one query with many candidates, so this drops the query tower's cost
+            # to a single row; ``*_index`` maps every pair back to its row.
+            for side, seqs in (("query", encoded.query_ids), ("product", encoded.product_ids)):
+                unique, rows = _unique_rows([seqs[i] for i in index])
+                batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = self._pad(unique, self.pad_id)
+                batch[f"{side}_index"] = torch.tensor(rows, dtype=torch.long)  # (B,)
         if encoded.lexical is not None:
             batch["lexical"] = torch.tensor([encoded.lexical[i] for i in index], dtype=torch.float32)  # (B,)
         return batch
+
+
+def _unique_rows(seqs: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Distinct sequences in first-seen order, and for each input the row of its sequence."""
+    row_of: dict[tuple[int, ...], int] = {}
+    rows = [row_of.setdefault(tuple(seq), len(row_of)) for seq in seqs]
+    unique = [list(key) for key in row_of]
+    return unique, rows

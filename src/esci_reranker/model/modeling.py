@@ -183,12 +183,22 @@ class _RerankerBase(nn.Module):
         query_attention_mask: torch.Tensor,
         product_input_ids: torch.Tensor,
         product_attention_mask: torch.Tensor,
+        query_index: torch.Tensor | None = None,
+        product_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Cosine of the mean-pooled query and product embeddings, each encoded alone. -> (B,)."""
+        """Cosine of the mean-pooled query and product embeddings, each encoded alone. -> (B,).
+
+        With ``query_index`` (B,), the query inputs hold distinct queries (U, T) and pair i reads
+        row ``query_index[i]``; likewise ``product_index``. Without, row i belongs to pair i.
+        """
         hidden_q = self.encoder(input_ids=query_input_ids, attention_mask=query_attention_mask)
         hidden_p = self.encoder(input_ids=product_input_ids, attention_mask=product_attention_mask)
-        q = F.normalize(mean_pool(hidden_q.last_hidden_state, query_attention_mask), dim=-1)  # (B, H)
-        p = F.normalize(mean_pool(hidden_p.last_hidden_state, product_attention_mask), dim=-1)
+        q = F.normalize(mean_pool(hidden_q.last_hidden_state, query_attention_mask), dim=-1)  # (Uq, H)
+        p = F.normalize(mean_pool(hidden_p.last_hidden_state, product_attention_mask), dim=-1)  # (Up, H)
+        if query_index is not None:
+            q = q[query_index]  # (B, H)
+        if product_index is not None:
+            p = p[product_index]
         return (q * p).sum(-1)
 
     def prior_features(self, inputs: Mapping[str, torch.Tensor | None]) -> torch.Tensor | None:
@@ -213,7 +223,13 @@ class _RerankerBase(nn.Module):
             # With train_prior off the towers are a fixed feature of the current encoder: the
             # encoder still learns through the pair, but not to bend the cosine.
             with torch.set_grad_enabled(self.train_prior and torch.is_grad_enabled()):
-                features.append(self.prior_cosine(*(inputs[name] for name in towers)))  # type: ignore[arg-type]
+                features.append(
+                    self.prior_cosine(
+                        *(inputs[name] for name in towers),  # type: ignore[arg-type]
+                        query_index=inputs.get("query_index"),
+                        product_index=inputs.get("product_index"),
+                    )
+                )
         if self.config.lexical:
             lexical = inputs.get("lexical")
             if lexical is None:
@@ -234,12 +250,16 @@ class _RerankerBase(nn.Module):
         product_attention_mask: torch.Tensor | None = None,
         lexical: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        query_index: torch.Tensor | None = None,
+        product_index: torch.Tensor | None = None,
     ) -> RerankerOutput:
         """Score a batch of encoded pairs.
 
         Args:
             input_ids, attention_mask, token_type_ids: the pair "query [SEP] product", (B, T).
             query_*, product_*: the two sides encoded alone; required when ``config.prior`` is set.
+                ``query_index``/``product_index`` (B,) map each pair to its row there when the
+                tower inputs hold each distinct text once (``PairEncoder.collate`` does this).
             lexical: (B,) query-word coverage of each pair; required when ``config.lexical`` is set.
             labels: (B,) class indices in E, S, C, I order; when given, losses are computed.
         """
@@ -251,6 +271,8 @@ class _RerankerBase(nn.Module):
                 "query_attention_mask": query_attention_mask,
                 "product_input_ids": product_input_ids,
                 "product_attention_mask": product_attention_mask,
+                "query_index": query_index,
+                "product_index": product_index,
                 "lexical": lexical,
             }
         )

@@ -15,8 +15,11 @@ too: a folder with only ONNX weights is picked up as ONNX, see ``resolve_backend
 **Graph.** Inputs are the tensors ``PairEncoder.collate`` produces (``input_ids``,
 ``attention_mask``, ``token_type_ids`` when the tokenizer makes them, and with ``prior="cosine"``
 the ``query_*`` / ``product_*`` tower inputs), all int64 with dynamic batch and sequence axes (one
-sequence axis per text: ``pair_seq``, ``query_seq``, ``product_seq``), plus, with ``lexical``,
-the float ``lexical`` (B,). Outputs are ``score`` (B,)
+sequence axis per text: ``pair_seq``, ``query_seq``, ``product_seq``). The towers hold each
+distinct text of the batch once, so their rows are axes of their own (``query_batch``,
+``product_batch``) and ``query_index`` / ``product_index`` (B,) map pairs to rows. With
+``lexical``, the float ``lexical`` (B,) is an input too. Graphs exported before the index inputs
+existed still load: the runner then repeats tower rows per pair. Outputs are ``score`` (B,)
 and, for the multi-task model, ``esci_logits`` (B, 4) and ``substitute_logit`` (B,). The encoder
 is traced with eager attention: its ``matmul -> add mask -> softmax -> matmul`` is the pattern
 ONNX Runtime's optimiser fuses; the ``sdpa`` trace leaves extra NaN-guard and shape nodes.
@@ -90,12 +93,12 @@ _PROBE_PAIRS: Final[tuple[tuple[str, str], ...]] = (
 )
 
 
-def _seq_axis(input_name: str) -> str:
-    if input_name.startswith("query_"):
-        return "query_seq"
-    if input_name.startswith("product_"):
-        return "product_seq"
-    return "pair_seq"
+def _dynamic_axes(name: str, ndim: int) -> dict[int, str]:
+    """Axis names of one input: the towers hold distinct texts, so their rows are their own axis."""
+    for side in ("query", "product"):
+        if name.startswith(f"{side}_") and name != f"{side}_index":
+            return {0: f"{side}_batch", 1: f"{side}_seq"}
+    return {0: "batch", 1: "pair_seq"} if ndim == 2 else {0: "batch"}
 
 
 class _ExportGraph(nn.Module):
@@ -155,6 +158,8 @@ def _session(path: Path, num_threads: int, providers: Sequence[str] = ("CPUExecu
 def _feed(session: Any, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Numpy inputs for ``session``: token inputs int64, feature inputs (``lexical``) float32."""
     feed = {}
+    names = {meta.name for meta in session.get_inputs()}
+    batch = _expand_towers(batch, names)
     for meta in session.get_inputs():
         value = batch[meta.name]
         if isinstance(value, torch.Tensor):
@@ -162,6 +167,17 @@ def _feed(session: Any, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         dtype = np.float32 if meta.type == "tensor(float)" else np.int64
         feed[meta.name] = np.ascontiguousarray(value, dtype=dtype)
     return feed
+
+
+def _expand_towers(batch: Mapping[str, Any], names: set[str]) -> Mapping[str, Any]:
+    """One tower row per pair, for graphs exported before the towers took ``*_index`` inputs."""
+    batch = dict(batch)
+    for side in ("query", "product"):
+        index = batch.get(f"{side}_index")
+        if index is not None and f"{side}_index" not in names and f"{side}_input_ids" in names:
+            for key in (f"{side}_input_ids", f"{side}_attention_mask"):
+                batch[key] = batch[key][index]
+    return batch
 
 
 def _run_session(session: Any, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -220,9 +236,7 @@ def export_onnx(
     traced = _probe_batch(encoder, [0, 1])
     input_names = list(traced)
     output_names = list(OUTPUT_NAMES if model.config.multi_task else OUTPUT_NAMES[:1])
-    dynamic_axes: dict[str, dict[int, str]] = {
-        n: {0: "batch", 1: _seq_axis(n)} if traced[n].ndim == 2 else {0: "batch"} for n in input_names
-    }
+    dynamic_axes = {n: _dynamic_axes(n, traced[n].ndim) for n in input_names}
     dynamic_axes |= {n: {0: "batch"} for n in output_names}
 
     with staged_dir(out) as tmp:
