@@ -15,13 +15,16 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from esci_reranker import __version__
 from esci_reranker.data.text import FIELD_COLUMNS, clean_text, product_text, product_texts
 from esci_reranker.hardware import autocast
 from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.model.config import CheckpointError, ModelConfig
-from esci_reranker.model.features import EncodedPairs, PairEncoder
+from esci_reranker.model.features import PROBE_PAIRS, EncodedPairs, PairEncoder
+from esci_reranker.model.modeling import RerankerModel
+from esci_reranker.model.unpadded import Sequences
 
 #: A product given to ``predict``/``rerank``: its text, or a mapping of its fields.
 Product = str | Mapping[str, Any]
@@ -141,6 +144,19 @@ class _TorchRunner:
         return result
 
 
+def _enable_unpadded(model: RerankerModel, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Switch ``model`` to padding-free inference if its encoder passes the check on probe pairs."""
+    encoder = PairEncoder(tokenizer, model.config)
+    encoded = encoder.encode([q for q, _ in PROBE_PAIRS], [t for _, t in PROBE_PAIRS])
+    batch = {
+        k: v.to(model.gain_vector.device) for k, v in encoder.collate(encoded, range(len(encoded))).items()
+    }
+    probes = [Sequences(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))]
+    if "query_input_ids" in batch:
+        probes.append(Sequences(batch["query_input_ids"], batch["query_attention_mask"]))
+    return model.enable_unpadded(probes)
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     z = np.exp(x - x.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
@@ -189,6 +205,7 @@ class Reranker:
         token: str | None = None,
         bf16: bool = False,
         onednn: bool = True,
+        unpad: bool = True,
     ) -> Reranker:
         """Load a checkpoint folder, or download it from the Hugging Face Hub if no such folder exists.
 
@@ -205,6 +222,9 @@ class Reranker:
             onednn: in fp32 on CPU, run the linear layers through oneDNN with weights prepacked
                 once (``model.cpu.pack_linears``: same scores to ~1e-6, ~2x faster where MKL's
                 sgemm is slow); False keeps plain ``nn.Linear``.
+            unpad: run the torch backend's encoder on real tokens only, the pair and both towers
+                in one pass (``model.unpadded``; BERT-layout encoders, checked against the
+                encoder's own forward at load); False runs the encoder as transformers does.
 
         Raises:
             CheckpointError: nothing loadable at either place; the message names both.
@@ -230,6 +250,8 @@ class Reranker:
                 from esci_reranker.model.cpu import pack_linears
 
                 pack_linears(model)
+            if unpad:
+                _enable_unpadded(model, tokenizer)
             runner = _TorchRunner(model, dev, torch.bfloat16 if bf16 else None)
             precision = "bf16" if bf16 else "fp32"
         else:
@@ -442,7 +464,7 @@ class Reranker:
         return ids, texts
 
     def info(self) -> dict[str, Any]:
-        """What is loaded: name, backbone, heads, max length, package version, device, backend."""
+        """What is loaded: name, backbone, heads, max length, version, device, backend, precision, unpadded."""
         heads = ["score", "esci", "substitute"] if self.config.multi_task else ["score"]
         return {
             "name": self.name,
@@ -457,6 +479,7 @@ class Reranker:
             "device": str(self.device),
             "backend": self.backend,
             "precision": self.precision,
+            "unpadded": getattr(self.model, "unpadded", None) is not None,
         }
 
 

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from esci_reranker.model.config import ModelConfig
 from esci_reranker.model.lexical import query_coverages
+
+#: Fixed pairs of varied lengths (one a single character) for checking fast paths against the
+#: model's own forward: ONNX export, unpadded inference.
+PROBE_PAIRS: Final[tuple[tuple[str, str], ...]] = (
+    (
+        "mens trail running shoes waterproof",
+        "Salomon Speedcross 5 GTX Trail Running Shoes for Men | Salomon | Black/Phantom",
+    ),
+    ("usb c cable", "Anker USB-C cable 6 ft | Anker"),
+    ("!", "x"),
+    ("coffee grinder burr electric", "Ground coffee, 1 lb bag | Peet's | Brown"),
+)
 
 
 @dataclass(frozen=True)

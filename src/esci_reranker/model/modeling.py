@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from esci_reranker.labels import gain_vector
 from esci_reranker.model.config import MULTI_TASK, SINGLE_TASK, ModelConfig
+from esci_reranker.model.unpadded import Sequences, UnpaddedEncoder
 
 #: Index of "S" in the E/S/C/I order: the Task 3 positive class.
 SUBSTITUTE_INDEX = 1
@@ -106,6 +107,8 @@ class _RerankerBase(nn.Module):
         self.loss_config = loss_config or LossConfig()
         #: Whether the loss reaches the encoder through the prior's towers (training only).
         self.train_prior = True
+        #: Padding-free inference path (``enable_unpadded``); used only in eval mode without grad.
+        self.unpadded: UnpaddedEncoder | None = None
         if encoder is None:
             if not config.backbone:
                 raise ValueError("model config: backbone is empty; build with from_backbone().")
@@ -168,14 +171,37 @@ class _RerankerBase(nn.Module):
         config.backbone_name = str(backbone)
         return cls(config, encoder=encoder, loss_config=loss_config)
 
+    def enable_unpadded(self, probes: list[Sequences]) -> bool:
+        """Run inference padding-free (``model.unpadded``) if the encoder allows; True if on.
+
+        ``probes`` are padded batches to check the fast path against the encoder's own forward.
+        """
+        self.unpadded = UnpaddedEncoder.attach(self.encoder, probes)
+        return self.unpadded is not None
+
+    def _hidden_states(self, batches: list[Sequences]) -> list[torch.Tensor]:
+        """Last hidden states (B, T, H) of each padded batch, in one unpadded pass when enabled."""
+        if self.unpadded is not None and not self.training and not torch.is_grad_enabled():
+            return self.unpadded(batches)
+        out = []
+        for seqs in batches:
+            extra = {"token_type_ids": seqs.token_type_ids} if seqs.token_type_ids is not None else {}
+            out.append(
+                self.encoder(
+                    input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, **extra
+                ).last_hidden_state
+            )
+        return out
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return hidden[:, 0] if self.config.pooling == "cls" else mean_pool(hidden, mask)
+
     def encode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: torch.Tensor
     ) -> torch.Tensor:
         """Run the encoder and pool. (B, T) -> (B, H)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
-        if self.config.pooling == "cls":
-            return hidden[:, 0]
-        return mean_pool(hidden, attention_mask)
+        return self._pool(hidden, attention_mask)
 
     def prior_cosine(
         self,
@@ -191,45 +217,46 @@ class _RerankerBase(nn.Module):
         With ``query_index`` (B,), the query inputs hold distinct queries (U, T) and pair i reads
         row ``query_index[i]``; likewise ``product_index``. Without, row i belongs to pair i.
         """
-        hidden_q = self.encoder(input_ids=query_input_ids, attention_mask=query_attention_mask)
-        hidden_p = self.encoder(input_ids=product_input_ids, attention_mask=product_attention_mask)
-        q = F.normalize(mean_pool(hidden_q.last_hidden_state, query_attention_mask), dim=-1)  # (Uq, H)
-        p = F.normalize(mean_pool(hidden_p.last_hidden_state, product_attention_mask), dim=-1)  # (Up, H)
-        if query_index is not None:
-            q = q[query_index]  # (B, H)
-        if product_index is not None:
-            p = p[product_index]
-        return (q * p).sum(-1)
+        hidden_q, hidden_p = self._hidden_states(
+            [
+                Sequences(query_input_ids, query_attention_mask),
+                Sequences(product_input_ids, product_attention_mask),
+            ]
+        )
+        return _cosine(
+            hidden_q, query_attention_mask, hidden_p, product_attention_mask, query_index, product_index
+        )
 
-    def prior_features(self, inputs: Mapping[str, torch.Tensor | None]) -> torch.Tensor | None:
+    @staticmethod
+    def _check_towers(inputs: Mapping[str, torch.Tensor | None]) -> None:
+        if any(inputs.get(name) is None for name in _TOWER_INPUTS):
+            raise ValueError(
+                "this model uses the bi-encoder prior: pass query_input_ids/query_attention_mask "
+                "and product_input_ids/product_attention_mask (the PairEncoder does)."
+            )
+
+    def prior_features(
+        self, inputs: Mapping[str, torch.Tensor | None], cosine: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """(B, F) prior features in ``config.prior_features`` order, or None when there are none.
 
         ``inputs`` holds the tower inputs (``query_*``, ``product_*``) and/or ``lexical``, as
-        ``PairEncoder.collate`` makes them; other keys are ignored.
+        ``PairEncoder.collate`` makes them; other keys are ignored. ``cosine`` (B,), when the
+        caller already ran the towers, is used instead of running them again.
         """
         features = []
         if self.config.prior == "cosine":
-            towers = (
-                "query_input_ids",
-                "query_attention_mask",
-                "product_input_ids",
-                "product_attention_mask",
-            )
-            if any(inputs.get(name) is None for name in towers):
-                raise ValueError(
-                    "this model uses the bi-encoder prior: pass query_input_ids/query_attention_mask "
-                    "and product_input_ids/product_attention_mask (the PairEncoder does)."
-                )
-            # With train_prior off the towers are a fixed feature of the current encoder: the
-            # encoder still learns through the pair, but not to bend the cosine.
-            with torch.set_grad_enabled(self.train_prior and torch.is_grad_enabled()):
-                features.append(
-                    self.prior_cosine(
-                        *(inputs[name] for name in towers),  # type: ignore[arg-type]
+            self._check_towers(inputs)
+            if cosine is None:
+                # With train_prior off the towers are a fixed feature of the current encoder: the
+                # encoder still learns through the pair, but not to bend the cosine.
+                with torch.set_grad_enabled(self.train_prior and torch.is_grad_enabled()):
+                    cosine = self.prior_cosine(
+                        *(inputs[name] for name in _TOWER_INPUTS),  # type: ignore[arg-type]
                         query_index=inputs.get("query_index"),
                         product_index=inputs.get("product_index"),
                     )
-                )
+            features.append(cosine)
         if self.config.lexical:
             lexical = inputs.get("lexical")
             if lexical is None:
@@ -263,19 +290,31 @@ class _RerankerBase(nn.Module):
             lexical: (B,) query-word coverage of each pair; required when ``config.lexical`` is set.
             labels: (B,) class indices in E, S, C, I order; when given, losses are computed.
         """
-        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        pooled = self.encode(input_ids, attention_mask, **extra)  # (B, H)
-        prior = self.prior_features(
-            {
-                "query_input_ids": query_input_ids,
-                "query_attention_mask": query_attention_mask,
-                "product_input_ids": product_input_ids,
-                "product_attention_mask": product_attention_mask,
-                "query_index": query_index,
-                "product_index": product_index,
-                "lexical": lexical,
-            }
-        )
+        inputs = {
+            "query_input_ids": query_input_ids,
+            "query_attention_mask": query_attention_mask,
+            "product_input_ids": product_input_ids,
+            "product_attention_mask": product_attention_mask,
+            "query_index": query_index,
+            "product_index": product_index,
+            "lexical": lexical,
+        }
+        batches = [Sequences(input_ids, attention_mask, token_type_ids)]
+        cosine = None
+        if self.config.prior == "cosine" and self.train_prior:
+            # One encoder call for the pair and both towers (a single unpadded pass at inference).
+            self._check_towers(inputs)
+            batches += [
+                Sequences(query_input_ids, query_attention_mask),  # type: ignore[arg-type]
+                Sequences(product_input_ids, product_attention_mask),  # type: ignore[arg-type]
+            ]
+        hidden = self._hidden_states(batches)
+        pooled = self._pool(hidden[0], attention_mask)  # (B, H)
+        if len(hidden) == 3:
+            cosine = _cosine(
+                hidden[1], query_attention_mask, hidden[2], product_attention_mask, query_index, product_index
+            )
+        prior = self.prior_features(inputs, cosine=cosine)
         out = RerankerOutput(score=self.score_head(pooled, prior).squeeze(-1), prior=prior)
         if self.esci_head is not None and self.substitute_head is not None:
             out.esci_logits = self.esci_head(pooled, prior)  # (B, 4)
@@ -321,6 +360,27 @@ class _RerankerBase(nn.Module):
         if self.config.rank_score == "expected_gain" and out.expected_gain is not None:
             return out.expected_gain
         return out.score
+
+
+_TOWER_INPUTS = ("query_input_ids", "query_attention_mask", "product_input_ids", "product_attention_mask")
+
+
+def _cosine(
+    hidden_q: torch.Tensor,
+    mask_q: torch.Tensor,
+    hidden_p: torch.Tensor,
+    mask_p: torch.Tensor,
+    query_index: torch.Tensor | None,
+    product_index: torch.Tensor | None,
+) -> torch.Tensor:
+    """Cosine of mean-pooled tower states, rows picked per pair by the indices. -> (B,)."""
+    q = F.normalize(mean_pool(hidden_q, mask_q), dim=-1)  # (Uq, H)
+    p = F.normalize(mean_pool(hidden_p, mask_p), dim=-1)  # (Up, H)
+    if query_index is not None:
+        q = q[query_index]  # (B, H)
+    if product_index is not None:
+        p = p[product_index]
+    return (q * p).sum(-1)
 
 
 class MultiTaskReranker(_RerankerBase):

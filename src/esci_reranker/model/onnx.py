@@ -60,7 +60,7 @@ from esci_reranker import __version__
 from esci_reranker.fsutil import recover_dir, staged_dir
 from esci_reranker.model.config import WEIGHTS_NAME, CheckpointError, ModelConfig
 from esci_reranker.model.export import ExportError, _check_target
-from esci_reranker.model.features import PairEncoder
+from esci_reranker.model.features import PROBE_PAIRS, PairEncoder
 from esci_reranker.model.io import load_checkpoint, load_tokenizer
 from esci_reranker.model.modeling import RerankerModel
 
@@ -79,18 +79,6 @@ DEFAULT_OPSET: Final[int] = 17
 #: 14..16 decompose it and still work).
 MIN_OPSET: Final[int] = 14
 _INSTALL_HINT: Final[str] = "pip install 'esci-reranker[onnx]'"
-
-#: Probe pairs of different lengths: the first two are traced (padding in every input), all of
-#: them (a different batch size) and the last one alone (batch size 1) are checked.
-_PROBE_PAIRS: Final[tuple[tuple[str, str], ...]] = (
-    (
-        "mens trail running shoes waterproof",
-        "Salomon Speedcross 5 GTX Trail Running Shoes for Men | Salomon | Black/Phantom",
-    ),
-    ("usb c cable", "Anker USB-C cable 6 ft | Anker"),
-    ("!", "x"),
-    ("coffee grinder burr electric", "Ground coffee, 1 lb bag | Peet's | Brown"),
-)
 
 
 def _dynamic_axes(name: str, ndim: int) -> dict[int, str]:
@@ -141,7 +129,9 @@ class _DropPreprocessHint(logging.Filter):
 
 
 def _probe_batch(encoder: PairEncoder, index: Sequence[int]) -> dict[str, torch.Tensor]:
-    encoded = encoder.encode([q for q, _ in _PROBE_PAIRS], [t for _, t in _PROBE_PAIRS])
+    # The first two PROBE_PAIRS are traced (padding in every input); all of them (another batch
+    # size) and the third alone (batch size 1) are checked.
+    encoded = encoder.encode([q for q, _ in PROBE_PAIRS], [t for _, t in PROBE_PAIRS])
     return encoder.collate(encoded, index)
 
 
@@ -255,7 +245,7 @@ def export_onnx(
                 dynamo=False,
             )
         session = _session(fp32_path, num_threads=1)
-        checked = [_probe_batch(encoder, range(len(_PROBE_PAIRS))), _probe_batch(encoder, [2])]
+        checked = [_probe_batch(encoder, range(len(PROBE_PAIRS))), _probe_batch(encoder, [2])]
         diff = max(_max_difference(model, session, batch) for batch in checked)
         if not diff <= EXPORT_TOLERANCE:
             raise ExportError(

@@ -1,0 +1,121 @@
+"""Padding-free inference: same hidden states and scores as the encoder's own forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from esci_reranker.model import PairEncoder
+from esci_reranker.model.unpadded import Sequences, UnpaddedEncoder, unsupported_reason
+from esci_reranker.reranker import Reranker
+from tests.conftest import build_tiny_model, tiny_bert_config
+
+QUERIES = ["red running shoes", "x", "usb c cable 2m braided", "red running shoes", "coffee"]
+TEXTS = [
+    "Nike Air Zoom | Nike | Red",
+    "y",
+    "Anker USB-C to USB-C cable, 6 ft | Anker | " + "braided nylon " * 10,
+    "Adidas Ultraboost | Adidas | Black",
+    "Nike Air Zoom | Nike | Red",
+]
+
+
+def _randomised_prior_model():
+    """Tiny multi-task model with both priors and random heads (they start at zero otherwise)."""
+    model, tokenizer = build_tiny_model(prior="cosine", lexical=True, seed=3)
+    with torch.no_grad():
+        for head in model.heads.values():
+            torch.nn.init.normal_(head.proj.weight, std=0.5)
+            torch.nn.init.normal_(head.prior_weight, std=1.0)
+    return model.eval(), tokenizer
+
+
+def _batch(model, tokenizer, index=None):
+    encoder = PairEncoder(tokenizer, model.config)
+    encoded = encoder.encode(QUERIES, TEXTS)
+    return encoder.collate(encoded, list(range(len(QUERIES))) if index is None else index)
+
+
+def test_hidden_states_equal_the_encoders_forward_on_real_tokens_and_zero_at_padding():
+    model, tokenizer = _randomised_prior_model()
+    batch = _batch(model, tokenizer)
+    groups = [
+        Sequences(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]),
+        Sequences(batch["query_input_ids"], batch["query_attention_mask"]),
+        Sequences(batch["product_input_ids"], batch["product_attention_mask"]),
+    ]
+    assert batch["attention_mask"].min() == 0  # the pairs really are padded
+    with torch.inference_mode():
+        ours = UnpaddedEncoder(model.encoder)(groups)
+        for seqs, hidden in zip(groups, ours, strict=True):
+            extra = {"token_type_ids": seqs.token_type_ids} if seqs.token_type_ids is not None else {}
+            ref = model.encoder(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, **extra)
+            real = seqs.attention_mask.bool()
+            assert hidden.shape == ref.last_hidden_state.shape
+            torch.testing.assert_close(hidden[real], ref.last_hidden_state[real], atol=1e-5, rtol=1e-5)
+            assert torch.all(hidden[~real] == 0)
+
+
+def test_model_outputs_are_unchanged_and_training_never_takes_the_fast_path():
+    model, tokenizer = _randomised_prior_model()
+    batch = _batch(model, tokenizer)
+    with torch.inference_mode():
+        padded = model(**batch)
+    probes = [Sequences(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])]
+    assert model.enable_unpadded(probes)
+    calls: list[int] = []
+    fast = model.unpadded
+
+    def spy(groups):
+        calls.append(len(groups))
+        return fast(groups)
+
+    model.unpadded = spy  # type: ignore[assignment]
+    with torch.inference_mode():
+        unpadded = model(**batch)
+    assert calls == [3]  # the pair and both towers in one pass
+    for name in ("score", "esci_logits", "substitute_logit", "prior"):
+        torch.testing.assert_close(getattr(unpadded, name), getattr(padded, name), atol=1e-5, rtol=1e-5)
+    # Training (dropout, gradients) runs the encoder as transformers does.
+    model.train()
+    model(**batch, labels=torch.tensor([0, 1, 2, 3, 0])).loss.backward()
+    assert calls == [3]
+
+
+def test_encoders_without_the_bert_layout_are_refused():
+    assert unsupported_reason(torch.nn.Linear(2, 2)) is not None
+    distil = AutoModel.from_config(
+        AutoConfig.for_model("distilbert", dim=32, n_layers=1, n_heads=4, hidden_dim=37, vocab_size=100)
+    )
+    assert "embeddings/encoder.layer" in unsupported_reason(distil)
+    with pytest.raises(ValueError, match="cannot run DistilBertModel unpadded"):
+        UnpaddedEncoder(distil)
+    assert UnpaddedEncoder.attach(distil, []) is None
+    bert = AutoModel.from_config(AutoConfig.for_model(**{**tiny_bert_config(), "is_decoder": True}))
+    assert unsupported_reason(bert) == "decoder or cross-attention encoder"
+
+
+def test_a_fast_path_that_disagrees_with_the_encoder_is_not_attached():
+    model, tokenizer = _randomised_prior_model()
+    batch = _batch(model, tokenizer)
+    probes = [Sequences(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])]
+
+    class Wrong(UnpaddedEncoder):
+        def __call__(self, batches):
+            return [h + 1e-2 for h in super().__call__(batches)]
+
+    assert Wrong.attach(model.encoder, probes) is None
+    assert UnpaddedEncoder.attach(model.encoder, probes) is not None
+
+
+def test_reranker_loads_with_and_without_unpadding_to_the_same_predictions(tiny_prior_checkpoint):
+    fast = Reranker.from_pretrained(tiny_prior_checkpoint, device="cpu", batch_size=3)
+    plain = Reranker.from_pretrained(tiny_prior_checkpoint, device="cpu", batch_size=3, unpad=False)
+    assert fast.info()["unpadded"] is True
+    assert plain.info()["unpadded"] is False
+    a, b = fast.predict_texts(QUERIES, TEXTS), plain.predict_texts(QUERIES, TEXTS)
+    torch.testing.assert_close(torch.from_numpy(a.scores), torch.from_numpy(b.scores), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.from_numpy(a.esci_probs), torch.from_numpy(b.esci_probs), atol=1e-5, rtol=1e-5
+    )
