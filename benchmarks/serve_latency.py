@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
     parser.add_argument(
+        "--tower-cache",
+        type=int,
+        default=0,
+        help="TOWER_CACHE_SIZE of the server (default 0: every product through its tower, the cold case)",
+    )
+    parser.add_argument(
         "--precision", choices=list(PRECISIONS), default=None, help="PRECISION of the server (default auto)"
     )
     parser.add_argument("--max-seconds", type=float, default=120.0, help="time budget per setting")
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             distinct=args.distinct,
             threads=args.threads,
             precision=args.precision,
+            tower_cache_size=args.tower_cache,
             cache_size=args.cache_size,
             startup_timeout=args.startup_timeout,
             data=args.data,

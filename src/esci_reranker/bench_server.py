@@ -297,6 +297,8 @@ class ServerLatency:
         distinct: distinct queries cycled through.
         threads: ``OMP_NUM_THREADS`` of the server (None: inherited).
         precision: ``PRECISION`` of the server (``auto``, ``fp32``, ``bf16``; None: the default).
+        tower_cache_size: ``TOWER_CACHE_SIZE`` of the server. 0 (the default here, unlike the
+            service's) makes every request encode its products' towers: the cold case.
         batch_wait_ms: ``BATCH_WAIT_MS`` when batching is on (None: the service default).
         max_batch_tokens: ``MAX_BATCH_TOKENS`` when batching is on (None: the service default).
         cache_size: ``CACHE_SIZE`` when the cache is on.
@@ -314,6 +316,7 @@ class ServerLatency:
     distinct: int = 20
     threads: int | None = None
     precision: str | None = None
+    tower_cache_size: int = 0
     batch_wait_ms: float | None = None
     max_batch_tokens: int | None = None
     cache_size: int = 256
@@ -322,6 +325,14 @@ class ServerLatency:
     echo: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
+        if (
+            isinstance(self.tower_cache_size, bool)
+            or not isinstance(self.tower_cache_size, int)
+            or self.tower_cache_size < 0
+        ):
+            raise ValueError(
+                f"ServerLatency tower_cache_size={self.tower_cache_size!r}; expected an integer >= 0."
+            )
         for name in ("requests", "candidates", "distinct"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerLatency {name}={getattr(self, name)}; expected a positive integer.")
@@ -354,6 +365,7 @@ class ServerLatency:
             env["OMP_NUM_THREADS"] = str(self.threads)
         if self.precision is not None:
             env["PRECISION"] = self.precision
+        env["TOWER_CACHE_SIZE"] = str(self.tower_cache_size)
         return env
 
     def __call__(self, model_dir: str | Path) -> dict[str, Any]:
@@ -413,6 +425,7 @@ class ServerLatency:
             "max_seconds_per_setting": self.max_seconds,
             "server_threads": self.threads if self.threads is not None else os.environ.get("OMP_NUM_THREADS"),
             "precision": self.precision or defaults["precision"].default,
+            "tower_cache_size": self.tower_cache_size,
             "batch_wait_ms_on": self.batch_wait_ms
             if self.batch_wait_ms is not None
             else defaults["batch_wait_ms"].default,
@@ -420,7 +433,7 @@ class ServerLatency:
             if self.max_batch_tokens is not None
             else defaults["max_batch_tokens"].default,
             "latency": "client-side, request sent to answer read, over 127.0.0.1; cache off = every "
-            "request runs the model",
+            "request runs the model; tower_cache_size 0 = every product goes through its tower",
             "p50_goal_ms": P50_GOAL_MS,
             "results": [asdict(r) for r in results],
         }

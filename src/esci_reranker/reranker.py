@@ -24,6 +24,7 @@ from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.model.config import CheckpointError, ModelConfig
 from esci_reranker.model.features import PROBE_PAIRS, EncodedPairs, PairEncoder
 from esci_reranker.model.modeling import RerankerModel
+from esci_reranker.model.tower_cache import TowerCache
 from esci_reranker.model.unpadded import Sequences
 
 #: A product given to ``predict``/``rerank``: its text, or a mapping of its fields.
@@ -206,6 +207,7 @@ class Reranker:
         bf16: bool = False,
         onednn: bool = True,
         unpad: bool = True,
+        tower_cache: int = 0,
     ) -> Reranker:
         """Load a checkpoint folder, or download it from the Hugging Face Hub if no such folder exists.
 
@@ -225,10 +227,15 @@ class Reranker:
             unpad: run the torch backend's encoder on real tokens only, the pair and both towers
                 in one pass (``model.unpadded``; BERT-layout encoders, checked against the
                 encoder's own forward at load); False runs the encoder as transformers does.
+            tower_cache: keep the tower embeddings of up to this many distinct texts (LRU), so
+                products (and queries) seen before skip their tower pass; 0 = off. Only for
+                torch-backend models with the cosine prior; ignored otherwise (``info()`` says).
 
         Raises:
             CheckpointError: nothing loadable at either place; the message names both.
         """
+        if isinstance(tower_cache, bool) or not isinstance(tower_cache, int) or tower_cache < 0:
+            raise ValueError(f"tower_cache={tower_cache!r}; expected a number of entries >= 0 (0 = off).")
         folder = resolve_checkpoint(path_or_repo_id, revision=revision, token=token)
         dev = select_device(device)
         from esci_reranker.model.onnx import resolve_backend
@@ -252,6 +259,8 @@ class Reranker:
                 pack_linears(model)
             if unpad:
                 _enable_unpadded(model, tokenizer)
+            if tower_cache and config.prior == "cosine":
+                model.tower_cache = TowerCache(tower_cache)
             runner = _TorchRunner(model, dev, torch.bfloat16 if bf16 else None)
             precision = "bf16" if bf16 else "fp32"
         else:
@@ -464,7 +473,8 @@ class Reranker:
         return ids, texts
 
     def info(self) -> dict[str, Any]:
-        """What is loaded: name, backbone, heads, max length, version, device, backend, precision, unpadded."""
+        """What is loaded: name, backbone, heads, max length, version, device, backend, precision,
+        the fast paths (``unpadded``) and the tower cache's counters."""
         heads = ["score", "esci", "substitute"] if self.config.multi_task else ["score"]
         return {
             "name": self.name,
@@ -480,7 +490,13 @@ class Reranker:
             "backend": self.backend,
             "precision": self.precision,
             "unpadded": getattr(self.model, "unpadded", None) is not None,
+            "tower_cache": self.tower_cache_stats(),
         }
+
+    def tower_cache_stats(self) -> dict[str, int] | None:
+        """Capacity, entries, hits and misses of the tower-embedding cache; None when it is off."""
+        cache = getattr(self.model, "tower_cache", None)
+        return cache.stats() if cache is not None else None
 
 
 # ----------------------------------------------------------------------------------------------

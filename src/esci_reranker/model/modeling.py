@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from esci_reranker.labels import gain_vector
 from esci_reranker.model.config import MULTI_TASK, SINGLE_TASK, ModelConfig
+from esci_reranker.model.tower_cache import TowerCache, TowerPlan
 from esci_reranker.model.unpadded import Sequences, UnpaddedEncoder
 
 #: Index of "S" in the E/S/C/I order: the Task 3 positive class.
@@ -109,6 +110,9 @@ class _RerankerBase(nn.Module):
         self.train_prior = True
         #: Padding-free inference path (``enable_unpadded``); used only in eval mode without grad.
         self.unpadded: UnpaddedEncoder | None = None
+        #: Tower embeddings of texts seen before (``Reranker.from_pretrained(tower_cache=N)``);
+        #: read only in eval mode without grad, cleared by ``train()``.
+        self.tower_cache: TowerCache | None = None
         if encoder is None:
             if not config.backbone:
                 raise ValueError("model config: backbone is empty; build with from_backbone().")
@@ -179,9 +183,18 @@ class _RerankerBase(nn.Module):
         self.unpadded = UnpaddedEncoder.attach(self.encoder, probes)
         return self.unpadded is not None
 
+    def _inferring(self) -> bool:
+        return not self.training and not torch.is_grad_enabled()
+
+    def train(self, mode: bool = True) -> _RerankerBase:
+        """Set training mode; entering it drops the tower cache (the weights are about to change)."""
+        if mode and getattr(self, "tower_cache", None) is not None:
+            self.tower_cache.clear()  # type: ignore[union-attr]
+        return super().train(mode)
+
     def _hidden_states(self, batches: list[Sequences]) -> list[torch.Tensor]:
         """Last hidden states (B, T, H) of each padded batch, in one unpadded pass when enabled."""
-        if self.unpadded is not None and not self.training and not torch.is_grad_enabled():
+        if self.unpadded is not None and self._inferring():
             return self.unpadded(batches)
         out = []
         for seqs in batches:
@@ -223,8 +236,11 @@ class _RerankerBase(nn.Module):
                 Sequences(product_input_ids, product_attention_mask),
             ]
         )
-        return _cosine(
-            hidden_q, query_attention_mask, hidden_p, product_attention_mask, query_index, product_index
+        return _pair_cosine(
+            _embed(hidden_q, query_attention_mask),
+            _embed(hidden_p, product_attention_mask),
+            query_index,
+            product_index,
         )
 
     @staticmethod
@@ -301,19 +317,37 @@ class _RerankerBase(nn.Module):
         }
         batches = [Sequences(input_ids, attention_mask, token_type_ids)]
         cosine = None
-        if self.config.prior == "cosine" and self.train_prior:
-            # One encoder call for the pair and both towers (a single unpadded pass at inference).
+        towers = self.config.prior == "cosine" and self.train_prior
+        plans: list[TowerPlan] = []
+        if towers:
+            # One encoder call for the pair and both towers (a single unpadded pass at inference);
+            # with the tower cache, only texts it has not seen go through their tower.
             self._check_towers(inputs)
-            batches += [
-                Sequences(query_input_ids, query_attention_mask),  # type: ignore[arg-type]
-                Sequences(product_input_ids, product_attention_mask),  # type: ignore[arg-type]
-            ]
+            sides = [(query_input_ids, query_attention_mask), (product_input_ids, product_attention_mask)]
+            if self.tower_cache is not None and self._inferring():
+                plans = [self.tower_cache.plan(ids, mask) for ids, mask in sides]  # type: ignore[arg-type]
+                batches += [
+                    Sequences(ids[plan.missing], mask[plan.missing])  # type: ignore[index]
+                    for plan, (ids, mask) in zip(plans, sides, strict=True)
+                    if len(plan.missing)
+                ]
+            else:
+                batches += [Sequences(ids, mask) for ids, mask in sides]  # type: ignore[arg-type]
         hidden = self._hidden_states(batches)
         pooled = self._pool(hidden[0], attention_mask)  # (B, H)
-        if len(hidden) == 3:
-            cosine = _cosine(
-                hidden[1], query_attention_mask, hidden[2], product_attention_mask, query_index, product_index
-            )
+        if towers:
+            encoded = iter(zip(hidden[1:], batches[1:], strict=True))
+            if plans:
+                embeddings = []
+                for plan in plans:
+                    computed = None
+                    if len(plan.missing):
+                        states, seqs = next(encoded)
+                        computed = _embed(states, seqs.attention_mask)
+                    embeddings.append(plan.fill(computed))
+            else:
+                embeddings = [_embed(states, seqs.attention_mask) for states, seqs in encoded]
+            cosine = _pair_cosine(*embeddings, query_index, product_index)
         prior = self.prior_features(inputs, cosine=cosine)
         out = RerankerOutput(score=self.score_head(pooled, prior).squeeze(-1), prior=prior)
         if self.esci_head is not None and self.substitute_head is not None:
@@ -365,22 +399,20 @@ class _RerankerBase(nn.Module):
 _TOWER_INPUTS = ("query_input_ids", "query_attention_mask", "product_input_ids", "product_attention_mask")
 
 
-def _cosine(
-    hidden_q: torch.Tensor,
-    mask_q: torch.Tensor,
-    hidden_p: torch.Tensor,
-    mask_p: torch.Tensor,
-    query_index: torch.Tensor | None,
-    product_index: torch.Tensor | None,
+def _embed(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Normalised mean-pooled tower embeddings. (U, T, H) -> (U, H)."""
+    return F.normalize(mean_pool(hidden, mask), dim=-1)
+
+
+def _pair_cosine(
+    q: torch.Tensor, p: torch.Tensor, query_index: torch.Tensor | None, product_index: torch.Tensor | None
 ) -> torch.Tensor:
-    """Cosine of mean-pooled tower states, rows picked per pair by the indices. -> (B,)."""
-    q = F.normalize(mean_pool(hidden_q, mask_q), dim=-1)  # (Uq, H)
-    p = F.normalize(mean_pool(hidden_p, mask_p), dim=-1)  # (Up, H)
+    """Cosine per pair of normalised tower embeddings, rows picked by the indices. -> (B,)."""
     if query_index is not None:
         q = q[query_index]  # (B, H)
     if product_index is not None:
         p = p[product_index]
-    return (q * p).sum(-1)
+    return (q.float() * p.float()).sum(-1)
 
 
 class MultiTaskReranker(_RerankerBase):

@@ -6,6 +6,7 @@ the same process (tests, several workers' imports) from sharing or double-regist
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
 from prometheus_client import (
@@ -16,6 +17,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 #: Seconds; a 1000-candidate request on a CPU can take several seconds.
 LATENCY_BUCKETS: Final[tuple[float, ...]] = (
@@ -29,6 +31,27 @@ TOKEN_BUCKETS: Final[tuple[float, ...]] = (
 )  # fmt: skip
 #: Label used for requests that matched no route (404s), so scanners cannot grow the label set.
 UNMATCHED: Final[str] = "unmatched"
+
+
+class _TowerCacheCollector:
+    """Reads the model's tower-cache counters at scrape time (the cache counts, not the service)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[str, int] | None] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.source() if self.source is not None else None
+        if stats is None:
+            return
+        yield CounterMetricFamily(
+            "esci_tower_cache_hits", "Tower embeddings taken from the tower cache.", value=stats["hits"]
+        )
+        yield CounterMetricFamily(
+            "esci_tower_cache_misses", "Tower embeddings computed (not in the cache).", value=stats["misses"]
+        )
+        yield GaugeMetricFamily(
+            "esci_tower_cache_entries", "Texts whose tower embedding is cached.", value=stats["entries"]
+        )
 
 
 class Metrics:
@@ -90,9 +113,15 @@ class Metrics:
         self.cache_misses = Counter(
             "esci_cache_misses_total", "Requests the response cache could not answer.", registry=r
         )
+        self._tower_cache = _TowerCacheCollector()
+        r.register(self._tower_cache)  # type: ignore[arg-type]
         self.model_loaded = Gauge(
             "esci_model_loaded", "1 once the model is loaded and warmed up, else 0.", registry=r
         )
+
+    def watch_tower_cache(self, source: Callable[[], Mapping[str, int] | None]) -> None:
+        """Export ``source()`` (``Reranker.tower_cache_stats``) as the tower-cache series."""
+        self._tower_cache.source = source
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         """Count one finished request and record its latency."""

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
         le=1_048_576,
         description="Dynamic batching: padded tokens (rows x longest row) per forward pass.",
     )
+    tower_cache_size: int = Field(
+        20_000,
+        ge=0,
+        le=10_000_000,
+        description="Tower embeddings kept for products/queries seen before (LRU, ~2 KB each for "
+        "MiniLM): a warm catalogue skips the towers' share of the work; 0 turns it off.",
+    )
     api_key: SecretStr | None = Field(None, description="When set, every scoring request must carry it.")
     rate_limit: str = Field("", description="Per-client limit such as '100/minute'; empty = no limit.")
     cache_size: int = Field(256, ge=0, description="Entries of the response cache; 0 turns it off.")

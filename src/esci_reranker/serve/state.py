@@ -39,6 +39,7 @@ def load_reranker(settings: Settings) -> Reranker:
         device=settings.inference_device,
         batch_size=settings.batch_size,
         bf16=precision == "bf16",
+        tower_cache=settings.tower_cache_size,
     )
 
 
@@ -76,6 +77,7 @@ class ServiceState:
             if self._closed:  # shutting down before the background load finished
                 batcher.close()
         self.scorer = Scorer(reranker, self.cache, self.metrics, batcher)
+        self.metrics.watch_tower_cache(getattr(reranker, "tower_cache_stats", lambda: None))
 
     def open(self) -> None:
         """At start-up: give the scorer a fresh batcher if an earlier shutdown of this app closed it
