@@ -243,3 +243,17 @@ def test_pair_encoder_reports_truncation():
     encoded = encoder.encode(["shoes", "shoes"], ["red", "very " * 40])
     assert encoded.truncated == [False, True]
     assert max(len(ids) for ids in encoded.pair_ids) == 16
+
+
+def test_heads_answer_in_fp32_under_bf16_autocast():
+    model, tokenizer = build_tiny_model(prior="cosine", lexical=True)
+    with torch.no_grad():
+        for head in model.heads.values():
+            torch.nn.init.normal_(head.proj.weight, std=0.5)
+    batch = encode(model, tokenizer)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+    for name in ("score", "esci_logits", "substitute_logit", "expected_gain"):
+        assert getattr(out, name).dtype == torch.float32, name
+    # not rounded to bf16's 8 significant bits
+    assert not torch.equal(out.score, out.score.bfloat16().float())

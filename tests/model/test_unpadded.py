@@ -119,3 +119,31 @@ def test_reranker_loads_with_and_without_unpadding_to_the_same_predictions(tiny_
     torch.testing.assert_close(
         torch.from_numpy(a.esci_probs), torch.from_numpy(b.esci_probs), atol=1e-5, rtol=1e-5
     )
+
+
+def test_under_bf16_autocast_it_keeps_autocasts_arithmetic():
+    model, tokenizer = _randomised_prior_model()
+    batch = _batch(model, tokenizer)
+    groups = [
+        Sequences(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]),
+        Sequences(batch["product_input_ids"], batch["product_attention_mask"]),
+    ]
+    fast = UnpaddedEncoder(model.encoder)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = fast(groups)
+        refs = [
+            model.encoder(input_ids=g.input_ids, attention_mask=g.attention_mask).last_hidden_state
+            if g.token_type_ids is None
+            else model.encoder(
+                input_ids=g.input_ids, attention_mask=g.attention_mask, token_type_ids=g.token_type_ids
+            ).last_hidden_state
+            for g in groups
+        ]
+    with torch.inference_mode():
+        fp32 = fast(groups)
+    for g, hidden, ref, full in zip(groups, ours, refs, fp32, strict=True):
+        real = g.attention_mask.bool()
+        assert hidden.dtype == ref.dtype == torch.float32  # layer norms and residuals stay fp32
+        # bf16 rounding: close to autocast's result, and not bit-equal to fp32 (bf16 really ran)
+        torch.testing.assert_close(hidden[real], ref[real], atol=5e-2, rtol=5e-2)
+        assert (hidden[real] - full[real]).abs().max() > 1e-4

@@ -81,9 +81,12 @@ class _Head(nn.Module):
         self.prior_weight = nn.Parameter(torch.zeros(out, n_prior)) if n_prior else None
 
     def forward(self, pooled: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
-        out = self.proj(self.body(self.dropout(pooled)))  # (B, out)
-        if self.prior_weight is not None and prior is not None:
-            out = out + prior.to(out.dtype) @ self.prior_weight.to(out.dtype).T  # (B, F) @ (F, out)
+        # fp32 even under autocast: the heads are tiny, and bf16 outputs would round every score
+        # to ~3 significant digits, tying candidates that the encoder tells apart.
+        with torch.autocast(pooled.device.type, enabled=False):
+            out = self.proj(self.body(self.dropout(pooled.float())))  # (B, out)
+            if self.prior_weight is not None and prior is not None:
+                out = out + prior.float() @ self.prior_weight.float().T  # (B, F) @ (F, out)
         return out
 
 
@@ -187,9 +190,12 @@ class _RerankerBase(nn.Module):
         return not self.training and not torch.is_grad_enabled()
 
     def train(self, mode: bool = True) -> _RerankerBase:
-        """Set training mode; entering it drops the tower cache (the weights are about to change)."""
+        """Set training mode. Entering it drops what was derived from the current weights (the
+        tower cache's embeddings, the unpadded path's fused weights): they are about to change."""
         if mode and getattr(self, "tower_cache", None) is not None:
             self.tower_cache.clear()  # type: ignore[union-attr]
+        if mode:
+            self.unpadded = None
         return super().train(mode)
 
     def _hidden_states(self, batches: list[Sequences]) -> list[torch.Tensor]:
@@ -353,7 +359,8 @@ class _RerankerBase(nn.Module):
         if self.esci_head is not None and self.substitute_head is not None:
             out.esci_logits = self.esci_head(pooled, prior)  # (B, 4)
             out.substitute_logit = self.substitute_head(pooled, prior).squeeze(-1)
-            out.expected_gain = out.esci_logits.float().softmax(-1) @ self.gain_vector
+            # an elementwise sum, not @: autocast would run a matmul in bf16
+            out.expected_gain = (out.esci_logits.float().softmax(-1) * self.gain_vector).sum(-1)
         if labels is not None:
             self._add_losses(out, labels)
         return out

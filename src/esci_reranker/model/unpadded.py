@@ -8,8 +8,11 @@ and those treat every token alike, so they can run on the real tokens only, pack
 sequence again. ``UnpaddedEncoder`` does that, and runs the pair and both towers of a
 ``prior: cosine`` model together, so each layer is one set of matrix products instead of three.
 
-It reuses the encoder's own modules (so oneDNN-packed linears from ``model.cpu`` stay in use) and
-applies only to inference: dropout is skipped. ``UnpaddedEncoder.attach`` refuses an encoder whose
+It reuses the encoder's own modules (so oneDNN-packed linears from ``model.cpu`` stay in use),
+with query, key and value fused into one matrix product, and applies only to inference: dropout
+is skipped. Under autocast (bf16) it keeps autocast's arithmetic (matrix products, GELU and
+attention in bf16; residual stream and layer norms in fp32) but casts each weight once, not on
+every forward, and each activation once per matrix product it feeds, not once per product. ``UnpaddedEncoder.attach`` refuses an encoder whose
 layers are not the BERT layout (query/key/value, output dense + LayerNorm, intermediate, output
 dense + LayerNorm, absolute positions, no cross-attention) and checks its output against the
 encoder's own forward on probe batches before it is used.
@@ -20,10 +23,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from esci_reranker.model.cpu import PackedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +91,45 @@ def _has(module: nn.Module, dotted: str) -> bool:
     return True
 
 
+class _Layer:
+    """One BERT layer's modules, with query/key/value fused and per-dtype weight copies."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        attn = layer.attention
+        q, k, v = attn.self.query, attn.self.key, attn.self.value
+        fused = nn.Linear(q.in_features, 3 * q.out_features, device=q.weight.device, dtype=q.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            fused.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        fused.requires_grad_(False)
+        self.qkv: nn.Module = PackedLinear(fused) if isinstance(q, PackedLinear) else fused
+        self.attn_out = attn.output.dense
+        self.ln1 = attn.output.LayerNorm
+        self.inter = layer.intermediate.dense
+        self.act = layer.intermediate.intermediate_act_fn
+        self.out = layer.output.dense
+        self.ln2 = layer.output.LayerNorm
+        self._cast: dict[torch.dtype, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
+
+    def linear(self, name: str, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        module: Any = getattr(self, name)
+        if dtype is None:
+            return module(x)
+        if dtype not in self._cast:
+            self._cast[dtype] = {
+                n: (m.weight.detach().to(dtype), None if m.bias is None else m.bias.detach().to(dtype))
+                for n, m in ((n, getattr(self, n)) for n in ("qkv", "attn_out", "inter", "out"))
+            }
+        weight, bias = self._cast[dtype][name]
+        return F.linear(x, weight, bias)
+
+
 class UnpaddedEncoder:
     """Runs a BERT-style encoder over several padded batches at once, on their real tokens only.
 
     Call it with a list of ``Sequences``; it returns each batch's last hidden state (B, T, H)
     with zeros at padded positions, as the encoder's own forward would give at the real ones.
+    The layers' weights are read once, when it is built: rebuild it after the weights change.
     """
 
     def __init__(self, encoder: nn.Module) -> None:
@@ -98,6 +138,7 @@ class UnpaddedEncoder:
             raise ValueError(f"cannot run {type(encoder).__name__} unpadded: {reason}.")
         self.encoder = encoder
         self.heads = int(encoder.config.num_attention_heads)
+        self.layers = [_Layer(layer) for layer in encoder.encoder.layer]
 
     @classmethod
     def attach(cls, encoder: nn.Module, probes: Sequence[Sequences]) -> UnpaddedEncoder | None:
@@ -125,48 +166,65 @@ class UnpaddedEncoder:
 
     def __call__(self, batches: Sequence[Sequences]) -> list[torch.Tensor]:
         """Last hidden states (B_i, T_i, H) of each batch, zeros at padding."""
-        enc = self.encoder
-        masks = [b.attention_mask.bool() for b in batches]
-        packed = []
-        for seqs, real in zip(batches, masks, strict=True):
-            extra = {"token_type_ids": seqs.token_type_ids} if seqs.token_type_ids is not None else {}
-            packed.append(enc.embeddings(input_ids=seqs.input_ids, **extra)[real])  # (N_i, H)
-        x = torch.cat(packed)  # (N, H): every real token of every batch
-        sizes = [len(p) for p in packed]
-        for layer in enc.encoder.layer:
-            x = self._layer(layer, x, masks, sizes)
-        out = []
-        for real, part in zip(masks, x.split(sizes), strict=True):
-            hidden = part.new_zeros((*real.shape, part.shape[-1]))
-            hidden[real] = part
-            out.append(hidden)
-        return out
+        device = batches[0].input_ids.device.type
+        # Autocast's lower precision, applied by hand below (autocast itself would re-cast the
+        # weights on every call and the shared input of query, key and value three times).
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        with torch.autocast(device, enabled=False):
+            shapes = [tuple(b.attention_mask.shape) for b in batches]
+            # Flat positions of the real tokens of each batch in its (B*T) layout.
+            where = [b.attention_mask.reshape(-1).nonzero().squeeze(1) for b in batches]
+            packed = []
+            for seqs, idx in zip(batches, where, strict=True):
+                extra = {"token_type_ids": seqs.token_type_ids} if seqs.token_type_ids is not None else {}
+                states = self.encoder.embeddings(input_ids=seqs.input_ids, **extra)  # (B, T, H)
+                packed.append(states.reshape(-1, states.shape[-1]).index_select(0, idx))
+            x = torch.cat(packed).float()  # (N, H): every real token of every batch
+            sizes = [len(idx) for idx in where]
+            keys = [b.attention_mask.bool()[:, None, None, :] for b in batches]  # (B, 1, 1, T)
+            for layer in self.layers:
+                x = self._layer(layer, x, dtype, shapes, where, sizes, keys)
+            out = []
+            for (b, t), idx, part in zip(shapes, where, x.split(sizes), strict=True):
+                hidden = part.new_zeros((b * t, part.shape[-1]))
+                hidden.index_copy_(0, idx, part)
+                out.append(hidden.view(b, t, -1))
+            return out
 
     def _layer(
-        self, layer: nn.Module, x: torch.Tensor, masks: list[torch.Tensor], sizes: list[int]
+        self,
+        layer: _Layer,
+        x: torch.Tensor,
+        dtype: torch.dtype | None,
+        shapes: list[tuple[int, ...]],
+        where: list[torch.Tensor],
+        sizes: list[int],
+        keys: list[torch.Tensor],
     ) -> torch.Tensor:
-        attn = layer.attention
-        q, k, v = attn.self.query(x), attn.self.key(x), attn.self.value(x)  # (N, H) each
-        context = []
-        for real, qp, kp, vp in zip(masks, q.split(sizes), k.split(sizes), v.split(sizes), strict=True):
-            context.append(self._attend(real, qp, kp, vp))
-        ctx = torch.cat(context)  # (N, H)
-        hidden = attn.output.LayerNorm(attn.output.dense(ctx) + x)
-        inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))
-        return layer.output.LayerNorm(layer.output.dense(inner) + hidden)
+        qkv = layer.linear("qkv", x if dtype is None else x.to(dtype), dtype)  # (N, 3H)
+        ctx = torch.cat(
+            [
+                self._attend(part, shape, idx, mask)
+                for part, shape, idx, mask in zip(qkv.split(sizes), shapes, where, keys, strict=True)
+            ]
+        )  # (N, H)
+        hidden = layer.ln1(layer.linear("attn_out", ctx, dtype).float() + x)
+        inner = layer.act(layer.linear("inter", hidden if dtype is None else hidden.to(dtype), dtype))
+        return layer.ln2(layer.linear("out", inner, dtype).float() + hidden)
 
-    def _attend(self, real: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Self-attention of one batch: packed (N_i, H) in, packed (N_i, H) out."""
-        b, t = real.shape
-        h = q.shape[-1]
+    def _attend(
+        self, qkv: torch.Tensor, shape: tuple[int, ...], idx: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Self-attention of one batch: packed (N_i, 3H) in, packed (N_i, H) out; ``mask`` marks real keys."""
+        b, t = shape
+        h = qkv.shape[-1] // 3
         d = h // self.heads
-
-        def heads(packed: torch.Tensor) -> torch.Tensor:
-            padded = packed.new_zeros((b, t, h))
-            padded[real] = packed
-            return padded.view(b, t, self.heads, d).transpose(1, 2)  # (B, heads, T, d)
-
-        out = F.scaled_dot_product_attention(
-            heads(q), heads(k), heads(v), attn_mask=real[:, None, None, :]
-        )  # (B, heads, T, d); pad keys masked out, pad queries dropped below
-        return out.transpose(1, 2).reshape(b, t, h)[real]
+        padded = qkv.new_zeros((b * t, 3 * h))
+        padded.index_copy_(0, idx, qkv)
+        q, k, v = (
+            part.reshape(b, t, self.heads, d).transpose(1, 2)
+            for part in padded.view(b, t, 3 * h).split(h, -1)
+        )  # (B, heads, T, d) each
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # (B, heads, T, d); pad keys were masked out, pad queries are dropped here
+        return out.transpose(1, 2).reshape(b * t, h).index_select(0, idx)
