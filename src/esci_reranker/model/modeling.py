@@ -216,10 +216,13 @@ class _RerankerBase(nn.Module):
         return hidden[:, 0] if self.config.pooling == "cls" else mean_pool(hidden, mask)
 
     def encode(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the encoder and pool. (B, T) -> (B, H)."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+        hidden = self._hidden_states([Sequences(input_ids, attention_mask, token_type_ids)])[0]
         return self._pool(hidden, attention_mask)
 
     def prior_cosine(
