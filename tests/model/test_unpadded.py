@@ -147,3 +147,32 @@ def test_under_bf16_autocast_it_keeps_autocasts_arithmetic():
         # bf16 rounding: close to autocast's result, and not bit-equal to fp32 (bf16 really ran)
         torch.testing.assert_close(hidden[real], ref[real], atol=5e-2, rtol=5e-2)
         assert (hidden[real] - full[real]).abs().max() > 1e-4
+
+
+def test_many_sequences_of_mixed_lengths_are_attended_in_chunks_without_mixing():
+    from esci_reranker.model.unpadded import ATTENTION_CHUNK, _attention_chunks
+
+    model, tokenizer = _randomised_prior_model()
+    encoder = PairEncoder(tokenizer, model.config)
+    queries = [f"{q} {i}" for i in range(5) for q in QUERIES]  # 25 distinct pairs
+    texts = [t + " extra words" * i for i in range(5) for t in TEXTS]
+    batch = encoder.collate(encoder.encode(queries, texts), list(range(len(queries))))
+    groups = [
+        Sequences(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]),
+        Sequences(batch["product_input_ids"], batch["product_attention_mask"]),
+    ]
+    rows = sum(len(g.input_ids) for g in groups)
+    chunks = _attention_chunks([g.attention_mask for g in groups])
+    assert len(chunks) == -(-rows // ATTENTION_CHUNK) > 2
+    # every real token is in exactly one chunk, and chunks run longest first
+    tokens = torch.cat([c.tokens for c in chunks])
+    assert sorted(tokens.tolist()) == list(range(int(sum(g.attention_mask.sum() for g in groups))))
+    widths = [c.keys.shape[-1] for c in chunks]
+    assert widths == sorted(widths, reverse=True)
+    with torch.inference_mode():
+        ours = UnpaddedEncoder(model.encoder)(groups)
+        for seqs, hidden in zip(groups, ours, strict=True):
+            extra = {"token_type_ids": seqs.token_type_ids} if seqs.token_type_ids is not None else {}
+            ref = model.encoder(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, **extra)
+            real = seqs.attention_mask.bool()
+            torch.testing.assert_close(hidden[real], ref.last_hidden_state[real], atol=1e-5, rtol=1e-5)
