@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -14,10 +15,12 @@ class CountingRunner:
         self.fn = fn
         self.calls = 0
         self.pairs = 0
+        self.threads: set[str] = set()
 
     def __call__(self, batch: Any) -> Any:
         self.calls += 1
         self.pairs += len(batch["input_ids"])
+        self.threads.add(threading.current_thread().name)
         return self.fn(batch)
 
 

@@ -330,6 +330,23 @@ def test_batch_wait_zero_is_the_direct_path(make_client, tiny_reranker):
         assert a["score"] == pytest.approx(b["score"], abs=1e-5)
 
 
+def test_every_forward_pass_runs_on_one_model_thread(make_client, tiny_reranker, count_calls):
+    """torch's OpenMP pool is per calling thread: model calls must not wander over threads."""
+    import concurrent.futures
+
+    runner = count_calls(tiny_reranker)
+    for settings in ({"batch_wait_ms": 0}, {}):
+        runner.threads.clear()
+        client = make_client(cache_size=0, **settings)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            posts = [pool.submit(client.post, "/rerank", json=body(3, query=f"q{i}")) for i in range(8)]
+            answers = [f.result() for f in posts]
+        assert all(a.status_code == 200 for a in answers)
+        assert len(runner.threads) == 1, (settings, runner.threads)
+        name = next(iter(runner.threads))
+        assert name.startswith("esci-model" if settings else "esci-batcher")
+
+
 def test_app_shutdown_stops_the_worker_and_a_restart_gets_a_new_one(tiny_reranker):
     app = create_app(load_settings(), tiny_reranker)
     state = app.state.service
