@@ -95,3 +95,31 @@ def test_cache_key_separates_model_query_and_texts():
         cache_key("m", "qa", ["b"]),
     ]
     assert len({base, *others}) == len(others) + 1
+
+
+def test_a_direct_path_cache_hit_does_not_queue_behind_a_running_forward(
+    make_client, tiny_reranker, monkeypatch
+):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = make_client(batch_wait_ms=0)
+    first = client.post("/rerank", json=body(3)).json()  # now cached
+    started, release = threading.Event(), threading.Event()
+    inner = tiny_reranker.runner
+
+    def slow(batch):
+        started.set()
+        release.wait(30)
+        return inner(batch)
+
+    monkeypatch.setattr(tiny_reranker, "runner", slow)
+    with ThreadPoolExecutor(1) as pool:
+        blocked = pool.submit(client.post, "/rerank", json=body(4, query="not cached"))
+        assert started.wait(30)
+        hit = client.post("/rerank", json=body(3))
+        assert not blocked.done()  # the hit was answered while the model thread was busy
+        release.set()
+        assert blocked.result().status_code == 200
+    assert hit.status_code == 200
+    assert hit.json()["ranked"] == first["ranked"]

@@ -97,11 +97,7 @@ class Scorer:
             key, answer = self._lookup(query, texts)
             if answer is not None:
                 return answer
-            with self._lock:
-                start = time.perf_counter()
-                predictions = self.reranker.predict_texts([query] * len(texts), list(texts))
-                seconds = time.perf_counter() - start
-            return self._store(key, predictions, seconds)
+            return self._direct_thread().submit(self._direct, key, query, texts).result()
         prepared = self._prepare(query, texts)
         if isinstance(prepared, ScoreResult):
             return prepared
@@ -113,7 +109,11 @@ class Scorer:
         """``score`` for the event loop: hashing, tokenising and the direct path run in a worker
         thread; a batched request awaits the batcher's future without holding a thread."""
         if self.batcher is None:
-            return await asyncio.wrap_future(self._direct_thread().submit(self.score, query, texts))
+            # Cache lookups stay off the model thread, so a hit never queues behind a forward.
+            key, answer = await run_in_threadpool(self._lookup, query, texts)
+            if answer is not None:
+                return answer
+            return await asyncio.wrap_future(self._direct_thread().submit(self._direct, key, query, texts))
         prepared = await run_in_threadpool(self._prepare, query, texts)
         if isinstance(prepared, ScoreResult):
             return prepared
@@ -138,6 +138,14 @@ class Scorer:
             executor, self._model_thread = self._model_thread, None
         if executor is not None:
             executor.shutdown(wait=False)
+
+    def _direct(self, key: bytes, query: str, texts: Sequence[str]) -> ScoreResult:
+        """The direct path's forward pass (on the model thread), stored in the cache."""
+        with self._lock:
+            start = time.perf_counter()
+            predictions = self.reranker.predict_texts([query] * len(texts), list(texts))
+            seconds = time.perf_counter() - start
+        return self._store(key, predictions, seconds)
 
     def _direct_thread(self) -> ThreadPoolExecutor:
         """The one thread that runs direct-path requests (created on first use, again after close).
