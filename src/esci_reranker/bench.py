@@ -57,6 +57,7 @@ from esci_reranker.data.sample import sample_path
 from esci_reranker.data.text import product_texts
 from esci_reranker.hardware import cpu_bf16_support, cpu_flags, cpu_model
 from esci_reranker.model.config import ModelConfig
+from esci_reranker.model.features import unique_rows
 from esci_reranker.reranker import Reranker
 
 TORCH_FP32: Final[str] = "torch_fp32"
@@ -162,7 +163,7 @@ def _pairs_flops(reranker: Reranker, queries: list[str], texts: list[str]) -> di
         lens: list[int] = []
         for index in reranker.batches(encoded):
             for seqs in (encoded.query_ids, encoded.product_ids):
-                lens += [len(s) for s in {tuple(seqs[i]) for i in index}]
+                lens += [len(s) for s in unique_rows([seqs[i] for i in index])[0]]
         towers = encoder_flops(lens, layers, hidden, intermediate)
     return {
         "pair_only": pair,

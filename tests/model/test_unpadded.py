@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from esci_reranker.model import PairEncoder
-from esci_reranker.model.unpadded import Sequences, UnpaddedEncoder, unsupported_reason
+from esci_reranker.model.unpadded import Sequences, UnpaddedEncoder, encoder_states, unsupported_reason
 from esci_reranker.reranker import Reranker
 from tests.conftest import build_tiny_model, tiny_bert_config
 
@@ -37,23 +37,24 @@ def _batch(model, tokenizer, index=None):
     return encoder.collate(encoded, list(range(len(QUERIES))) if index is None else index)
 
 
+def _groups(batch, sides=("query", "product")):
+    """The pair batch and the given tower batches of a collated batch, as ``Sequences``."""
+    pair = Sequences(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    return [pair] + [Sequences(batch[f"{s}_input_ids"], batch[f"{s}_attention_mask"]) for s in sides]
+
+
 def test_hidden_states_equal_the_encoders_forward_on_real_tokens_and_zero_at_padding():
     model, tokenizer = _randomised_prior_model()
     batch = _batch(model, tokenizer)
-    groups = [
-        Sequences(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]),
-        Sequences(batch["query_input_ids"], batch["query_attention_mask"]),
-        Sequences(batch["product_input_ids"], batch["product_attention_mask"]),
-    ]
+    groups = _groups(batch)
     assert batch["attention_mask"].min() == 0  # the pairs really are padded
     with torch.inference_mode():
         ours = UnpaddedEncoder(model.encoder)(groups)
         for seqs, hidden in zip(groups, ours, strict=True):
-            extra = {"token_type_ids": seqs.token_type_ids} if seqs.token_type_ids is not None else {}
-            ref = model.encoder(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, **extra)
+            ref = encoder_states(model.encoder, seqs)
             real = seqs.attention_mask.bool()
-            assert hidden.shape == ref.last_hidden_state.shape
-            torch.testing.assert_close(hidden[real], ref.last_hidden_state[real], atol=1e-5, rtol=1e-5)
+            assert hidden.shape == ref.shape
+            torch.testing.assert_close(hidden[real], ref[real], atol=1e-5, rtol=1e-5)
             assert torch.all(hidden[~real] == 0)
 
 
@@ -124,21 +125,11 @@ def test_reranker_loads_with_and_without_unpadding_to_the_same_predictions(tiny_
 def test_under_bf16_autocast_it_keeps_autocasts_arithmetic():
     model, tokenizer = _randomised_prior_model()
     batch = _batch(model, tokenizer)
-    groups = [
-        Sequences(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]),
-        Sequences(batch["product_input_ids"], batch["product_attention_mask"]),
-    ]
+    groups = _groups(batch, sides=("product",))
     fast = UnpaddedEncoder(model.encoder)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         ours = fast(groups)
-        refs = [
-            model.encoder(input_ids=g.input_ids, attention_mask=g.attention_mask).last_hidden_state
-            if g.token_type_ids is None
-            else model.encoder(
-                input_ids=g.input_ids, attention_mask=g.attention_mask, token_type_ids=g.token_type_ids
-            ).last_hidden_state
-            for g in groups
-        ]
+        refs = [encoder_states(model.encoder, g) for g in groups]
     with torch.inference_mode():
         fp32 = fast(groups)
     for g, hidden, ref, full in zip(groups, ours, refs, fp32, strict=True):
@@ -157,10 +148,7 @@ def test_many_sequences_of_mixed_lengths_are_attended_in_chunks_without_mixing()
     queries = [f"{q} {i}" for i in range(5) for q in QUERIES]  # 25 distinct pairs
     texts = [t + " extra words" * i for i in range(5) for t in TEXTS]
     batch = encoder.collate(encoder.encode(queries, texts), list(range(len(queries))))
-    groups = [
-        Sequences(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]),
-        Sequences(batch["product_input_ids"], batch["product_attention_mask"]),
-    ]
+    groups = _groups(batch, sides=("product",))
     rows = sum(len(g.input_ids) for g in groups)
     chunks = _attention_chunks([g.attention_mask for g in groups])
     assert len(chunks) == -(-rows // ATTENTION_CHUNK) > 2
@@ -172,7 +160,7 @@ def test_many_sequences_of_mixed_lengths_are_attended_in_chunks_without_mixing()
     with torch.inference_mode():
         ours = UnpaddedEncoder(model.encoder)(groups)
         for seqs, hidden in zip(groups, ours, strict=True):
-            extra = {"token_type_ids": seqs.token_type_ids} if seqs.token_type_ids is not None else {}
-            ref = model.encoder(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, **extra)
             real = seqs.attention_mask.bool()
-            torch.testing.assert_close(hidden[real], ref.last_hidden_state[real], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                hidden[real], encoder_states(model.encoder, seqs)[real], atol=1e-5, rtol=1e-5
+            )

@@ -117,7 +117,7 @@ class PairEncoder:
             # request is one query with many candidates, so this drops the query tower's cost
             # to a single row; ``*_index`` maps every pair back to its row.
             for side, seqs in (("query", encoded.query_ids), ("product", encoded.product_ids)):
-                unique, rows = _unique_rows([seqs[i] for i in index])
+                unique, rows = unique_rows([seqs[i] for i in index])
                 batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = self._pad(unique, self.pad_id)
                 batch[f"{side}_index"] = torch.tensor(rows, dtype=torch.long)  # (B,)
         if encoded.lexical is not None:
@@ -125,7 +125,7 @@ class PairEncoder:
         return batch
 
 
-def _unique_rows(seqs: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+def unique_rows(seqs: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     """Distinct sequences in first-seen order, and for each input the row of its sequence."""
     row_of: dict[tuple[int, ...], int] = {}
     rows = [row_of.setdefault(tuple(seq), len(row_of)) for seq in seqs]

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from esci_reranker.labels import gain_vector
 from esci_reranker.model.config import MULTI_TASK, SINGLE_TASK, ModelConfig
 from esci_reranker.model.tower_cache import TowerCache, TowerPlan
-from esci_reranker.model.unpadded import Sequences, UnpaddedEncoder
+from esci_reranker.model.unpadded import Sequences, UnpaddedEncoder, encoder_states
 
 #: Index of "S" in the E/S/C/I order: the Task 3 positive class.
 SUBSTITUTE_INDEX = 1
@@ -202,15 +202,7 @@ class _RerankerBase(nn.Module):
         """Last hidden states (B, T, H) of each padded batch, in one unpadded pass when enabled."""
         if self.unpadded is not None and self._inferring():
             return self.unpadded(batches)
-        out = []
-        for seqs in batches:
-            extra = {"token_type_ids": seqs.token_type_ids} if seqs.token_type_ids is not None else {}
-            out.append(
-                self.encoder(
-                    input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, **extra
-                ).last_hidden_state
-            )
-        return out
+        return [encoder_states(self.encoder, seqs) for seqs in batches]
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return hidden[:, 0] if self.config.pooling == "cls" else mean_pool(hidden, mask)
@@ -271,8 +263,8 @@ class _RerankerBase(nn.Module):
         """
         features = []
         if self.config.prior == "cosine":
-            self._check_towers(inputs)
             if cosine is None:
+                self._check_towers(inputs)
                 # With train_prior off the towers are a fixed feature of the current encoder: the
                 # encoder still learns through the pair, but not to bend the cosine.
                 with torch.set_grad_enabled(self.train_prior and torch.is_grad_enabled()):

@@ -61,6 +61,12 @@ class Sequences:
     token_type_ids: torch.Tensor | None = None
 
 
+def encoder_states(encoder: nn.Module, seqs: Sequences) -> torch.Tensor:
+    """The encoder's own forward on one padded batch: its last hidden state (B, T, H)."""
+    extra = {"token_type_ids": seqs.token_type_ids} if seqs.token_type_ids is not None else {}
+    return encoder(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, **extra).last_hidden_state
+
+
 def _get(module: nn.Module, dotted: str) -> object:
     for name in dotted.split("."):
         module = getattr(module, name)
@@ -158,10 +164,8 @@ class UnpaddedEncoder:
         with torch.inference_mode():
             ours = fast(probes)
             for seqs, hidden in zip(probes, ours, strict=True):
-                extra = {"token_type_ids": seqs.token_type_ids} if seqs.token_type_ids is not None else {}
-                ref = encoder(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, **extra)
                 real = seqs.attention_mask.bool()
-                diff = float((ref.last_hidden_state[real] - hidden[real]).abs().max())
+                diff = float((encoder_states(encoder, seqs)[real] - hidden[real]).abs().max())
                 if not diff <= CHECK_TOLERANCE:
                     logger.warning("unpadded inference off: differs from the encoder by %.2e", diff)
                     return None
