@@ -16,10 +16,12 @@ from esci_reranker.bench import (
     ONNX_INT8,
     TORCH_BF16,
     TORCH_FP32,
+    TORCH_INT8,
     candidate_lists,
     cpu_bf16_support,
     encoder_flops,
     format_table,
+    int8_available,
     run_backend_bench,
 )
 
@@ -74,6 +76,7 @@ def test_backend_bench_writes_sane_json(tiny_checkpoint, tmp_path):
 
     backends = result["backends"]
     expected = {TORCH_FP32, ONNX_FP32, ONNX_INT8, ANCHOR} | ({TORCH_BF16} if cpu_bf16_support()[0] else set())
+    expected |= {TORCH_INT8} if int8_available() else set()
     ok = {name for name, e in backends.items() if e["status"] == "ok"}
     assert ok == expected
     for name in ok:
@@ -96,6 +99,11 @@ def test_backend_bench_writes_sane_json(tiny_checkpoint, tmp_path):
     loss = result["int8_ndcg_loss"]["vs_onnx_fp32"]
     assert math.isfinite(loss)
     assert loss == pytest.approx(backends[ONNX_FP32]["ndcg"] - backends[ONNX_INT8]["ndcg"])
+    if TORCH_INT8 in ok:  # int8 torch: close to fp32 torch, not equal to it (int8 really ran)
+        assert backends[TORCH_INT8]["score_corr_vs_torch_fp32"] > 0.95
+        assert backends[TORCH_INT8]["max_abs_score_diff_vs_torch_fp32"] > 1e-6
+        loss = result["int8_ndcg_loss"]["torch_int8_vs_torch_fp32"]
+        assert loss == pytest.approx(backends[TORCH_FP32]["ndcg"] - backends[TORCH_INT8]["ndcg"])
     assert result["server_latency"]["status"] == "not measured"
     table = format_table(result)
     assert table in lines
@@ -126,4 +134,8 @@ def test_anchor_uses_the_st_export_when_the_model_is_exportable(tmp_path):
     # the same weights and head: CrossEncoder.predict ranks exactly like the reranker
     assert anchor["ndcg"] == pytest.approx(result["backends"][TORCH_FP32]["ndcg"], abs=1e-9)
     assert set(result["backends"]) == {TORCH_FP32, ANCHOR}
-    assert result["int8_ndcg_loss"] == {"vs_onnx_fp32": None, "vs_torch_fp32": None}
+    assert result["int8_ndcg_loss"] == {
+        "vs_onnx_fp32": None,
+        "vs_torch_fp32": None,
+        "torch_int8_vs_torch_fp32": None,
+    }

@@ -19,8 +19,18 @@ def test_auto_precision_follows_native_bf16(monkeypatch):
 
 
 def test_unknown_precision_is_named():
-    with pytest.raises(ValueError, match=r"precision='fp8'; expected 'auto', 'fp32' or 'bf16'"):
+    with pytest.raises(
+        ValueError, match=r"precision='fp8'; expected 'auto' or one of \['fp32', 'bf16', 'int8'\]"
+    ):
         hardware.resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_int8_is_asked_for_and_cpu_only(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: (False, "none"))
+    assert hardware.resolve_precision("auto", torch.device("cpu")) == "fp32"  # auto never picks int8
+    assert hardware.resolve_precision("int8", torch.device("cpu")) == "int8"
+    with pytest.raises(ValueError, match="int8' runs on the CPU only, not on cuda"):
+        hardware.resolve_precision("int8", torch.device("cuda"))
 
 
 def test_cpu_bf16_support_reads_the_flags(monkeypatch):

@@ -14,6 +14,7 @@ import torch
 
 from esci_reranker.data.text import product_text, product_texts
 from esci_reranker.model import CheckpointError, PairEncoder, save_checkpoint
+from esci_reranker.model.cpu import int8_available
 from esci_reranker.reranker import Predictions, RankedCandidate, Reranker
 from tests.conftest import SAMPLE_PARQUET, build_tiny_model
 
@@ -267,3 +268,30 @@ def test_predict_frame_reads_product_columns_or_product_text(reranker: Reranker)
         reranker.predict_frame(frame.drop(columns="query"))
     with pytest.raises(ValueError, match="neither product columns"):
         reranker.predict_frame(frame[["query", "product_id"]])
+
+
+@pytest.mark.skipif(not int8_available(), reason="torch without dynamic int8 linear layers")
+def test_int8_precision_scores_close_to_fp32_and_stays_inference_only(tiny_prior_checkpoint: Path, tmp_path):
+    fp32 = Reranker.from_pretrained(tiny_prior_checkpoint, device="cpu")
+    int8 = Reranker.from_pretrained(tiny_prior_checkpoint, device="cpu", precision="int8", tower_cache=16)
+    assert int8.info()["precision"] == "int8"
+    assert int8.info()["unpadded"] is True
+    queries = [QUERY, "usb cable", QUERY, "coffee beans", "kids shoes", QUERY, "trail"]
+    a, b = fp32.predict_texts(queries, TEXTS), int8.predict_texts(queries, TEXTS)
+    np.testing.assert_allclose(b.scores, a.scores, atol=0.05)
+    np.testing.assert_allclose(b.esci_probs, a.esci_probs, atol=0.05)
+    assert not np.array_equal(a.scores, b.scores)  # int8 really ran
+    again = int8.predict_texts(queries, TEXTS)  # tower cache hits: the same scores
+    np.testing.assert_allclose(again.scores, b.scores, atol=1e-6)
+    with pytest.raises(RuntimeError, match="cannot be trained"):
+        int8.model.train()
+    with pytest.raises(ValueError, match="cannot save an int8 model"):
+        save_checkpoint(int8.model, int8.pair_encoder.tokenizer, tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()
+
+
+def test_unknown_precision_is_refused(tiny_checkpoint: Path):
+    with pytest.raises(ValueError, match=r"precision='fp16'; expected one of \['fp32', 'bf16', 'int8'\]"):
+        Reranker.from_pretrained(tiny_checkpoint, precision="fp16")
+    with pytest.raises(ValueError, match="precision='int8' runs on the CPU only, not on meta"):
+        Reranker.from_pretrained(tiny_checkpoint, device="meta", precision="int8")

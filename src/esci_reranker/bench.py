@@ -3,10 +3,12 @@
 ``run_backend_bench(model_dir, out_json)`` measures, in one run:
 
 - **throughput** (pairs/second) of torch fp32, torch bf16 autocast (only on CPUs with native
-  bf16: AVX-512 BF16 or AMX), ONNX Runtime fp32, ONNX Runtime int8 (dynamic quantisation) and
-  the anchor ``sentence_transformers.CrossEncoder.predict`` on the same weights;
+  bf16: AVX-512 BF16 or AMX), torch int8 (dynamic int8 linear layers, ``precision="int8"``),
+  ONNX Runtime fp32, ONNX Runtime int8 (dynamic quantisation) and the anchor
+  ``sentence_transformers.CrossEncoder.predict`` on the same weights;
 - each one's ratio to the anchor and its share of this CPU's fp32 matmul roofline;
-- the Task 1 nDCG of each backend on the sample's holdout split (the test split), and int8's loss.
+- the Task 1 nDCG of each backend on the sample's holdout split (the test split), and what each
+  int8 backend loses against fp32.
 
 **Workload.** What a reranker is given: whole candidate lists. Queries of the sample are drawn
 in a fixed random order (seed 0) and all their candidates taken until ``n_pairs`` pairs (the last
@@ -57,15 +59,17 @@ from esci_reranker.data.sample import sample_path
 from esci_reranker.data.text import product_texts
 from esci_reranker.hardware import cpu_bf16_support, cpu_flags, cpu_model
 from esci_reranker.model.config import ModelConfig
+from esci_reranker.model.cpu import int8_available
 from esci_reranker.model.features import unique_rows
 from esci_reranker.reranker import Reranker
 
 TORCH_FP32: Final[str] = "torch_fp32"
 TORCH_BF16: Final[str] = "torch_bf16"
+TORCH_INT8: Final[str] = "torch_int8"
 ONNX_FP32: Final[str] = "onnx_fp32"
 ONNX_INT8: Final[str] = "onnx_int8"
 ANCHOR: Final[str] = "st_cross_encoder"
-BACKENDS: Final[tuple[str, ...]] = (TORCH_FP32, TORCH_BF16, ONNX_FP32, ONNX_INT8, ANCHOR)
+BACKENDS: Final[tuple[str, ...]] = (TORCH_FP32, TORCH_BF16, TORCH_INT8, ONNX_FP32, ONNX_INT8, ANCHOR)
 #: Split of the bundled sample whose queries form the test split.
 TEST_SPLIT: Final[str] = "holdout"
 
@@ -279,10 +283,19 @@ def _build_variants(
     if TORCH_BF16 in backends:
         ok, why = cpu_bf16_support()
         if ok:
-            bf16 = Reranker.from_pretrained(model_dir, backend="torch", bf16=True, **load)  # type: ignore[arg-type]
+            bf16 = Reranker.from_pretrained(model_dir, backend="torch", precision="bf16", **load)  # type: ignore[arg-type]
             variants[TORCH_BF16] = _reranker_variant(TORCH_BF16, bf16, note=f"bf16 autocast ({why})")
         else:
             skipped[TORCH_BF16] = {"status": "skipped", "reason": why}
+    if TORCH_INT8 in backends:
+        if int8_available():
+            int8 = Reranker.from_pretrained(model_dir, backend="torch", precision="int8", **load)  # type: ignore[arg-type]
+            vnni = "with" if _vnni() else "without"
+            variants[TORCH_INT8] = _reranker_variant(
+                TORCH_INT8, int8, note=f"dynamic int8 linears ({vnni} VNNI)"
+            )
+        else:
+            skipped[TORCH_INT8] = {"status": "skipped", "reason": "no dynamic int8 linear in this torch"}
     for name, quantize in ((ONNX_FP32, None), (ONNX_INT8, "int8")):
         if name not in backends:
             continue
@@ -495,7 +508,7 @@ def _measure(
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "bf16_native": bf16_ok,
             "bf16_evidence": bf16_why,
-            "vnni": "avx512_vnni" in cpu_flags() or "avx_vnni" in cpu_flags(),
+            "vnni": _vnni(),
             "versions": _versions(),
         },
         "settings": {
@@ -537,14 +550,22 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def _vnni() -> bool:
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
+
+
 def _int8_loss(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
-    int8 = entries.get(ONNX_INT8, {}).get("ndcg")
+    """fp32 nDCG minus int8 nDCG: ONNX int8 against both fp32 backends, torch int8 against torch."""
 
-    def loss(name: str) -> float | None:
-        ref = entries.get(name, {}).get("ndcg")
-        return ref - int8 if ref is not None and int8 is not None else None
+    def loss(reference: str, int8: str) -> float | None:
+        ref, low = entries.get(reference, {}).get("ndcg"), entries.get(int8, {}).get("ndcg")
+        return ref - low if ref is not None and low is not None else None
 
-    return {"vs_onnx_fp32": loss(ONNX_FP32), "vs_torch_fp32": loss(TORCH_FP32)}
+    return {
+        "vs_onnx_fp32": loss(ONNX_FP32, ONNX_INT8),
+        "vs_torch_fp32": loss(TORCH_FP32, ONNX_INT8),
+        "torch_int8_vs_torch_fp32": loss(TORCH_FP32, TORCH_INT8),
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -587,7 +608,9 @@ def format_table(result: Mapping[str, Any]) -> str:
         f"({s['test_queries']} queries)",
     ]
     if loss["vs_onnx_fp32"] is not None:
-        footer.append(f"int8 nDCG loss vs onnx fp32: {loss['vs_onnx_fp32']:+.4f}")
+        footer.append(f"onnx int8 nDCG loss vs onnx fp32: {loss['vs_onnx_fp32']:+.4f}")
+    if loss.get("torch_int8_vs_torch_fp32") is not None:
+        footer.append(f"torch int8 nDCG loss vs torch fp32: {loss['torch_int8_vs_torch_fp32']:+.4f}")
     server = result.get("server_latency", {})
     if server.get("status") not in (None, "not measured"):
         from esci_reranker.bench_server import format_server_table

@@ -36,7 +36,7 @@ P50_GOAL_MS: Final[float] = 150.0
 #: Dynamic batching settings compared: off (``BATCH_WAIT_MS=0``) and the service default.
 BATCHING: Final[tuple[str, ...]] = ("off", "on")
 #: Values of the service's ``PRECISION`` setting.
-PRECISIONS: Final[tuple[str, ...]] = ("auto", "fp32", "bf16")
+PRECISIONS: Final[tuple[str, ...]] = ("auto", "fp32", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,7 @@ class ServerLatency:
         candidates: candidates per request.
         distinct: distinct queries cycled through.
         threads: ``OMP_NUM_THREADS`` of the server (None: inherited).
-        precision: ``PRECISION`` of the server (``auto``, ``fp32``, ``bf16``; None: the default).
+        precision: ``PRECISION`` of the server (``auto``, ``fp32``, ``bf16``, ``int8``; None: the default).
         tower_cache_size: ``TOWER_CACHE_SIZE`` of the server. 0 (the default here, unlike the
             service's) makes every request encode its products' towers: the cold case.
         batch_wait_ms: ``BATCH_WAIT_MS`` when batching is on (None: the service default).

@@ -745,7 +745,7 @@ def bench_command(
     backends: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated subset of torch_fp32, torch_bf16, onnx_fp32, onnx_int8, "
+            help="Comma-separated subset of torch_fp32, torch_bf16, torch_int8, onnx_fp32, onnx_int8, "
             "st_cross_encoder (default: all)."
         ),
     ] = None,

@@ -8,7 +8,9 @@ from typing import Literal
 
 import torch
 
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+#: The arithmetic a torch model can run in (``Reranker.from_pretrained(precision=...)``).
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
 
 
 def cpu_flags() -> set[str]:
@@ -63,14 +65,19 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16"]:
+def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16", "int8"]:
     """``auto`` -> ``bf16`` where the device has native bf16, else ``fp32``; others pass through.
 
+    ``int8`` is never chosen by ``auto``: it changes the scores slightly (see docs/speed.md), so
+    it is the user's call.
+
     Raises:
-        ValueError: ``precision`` is not auto, fp32 or bf16.
+        ValueError: ``precision`` is not auto, fp32, bf16 or int8, or int8 on a non-CPU device.
     """
     if precision == "auto":
         return "bf16" if bf16_native(device) else "fp32"
-    if precision in ("fp32", "bf16"):
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError(f"precision='int8' runs on the CPU only, not on {device.type}; use bf16.")
+    if precision in PRECISIONS:
         return precision  # type: ignore[return-value]
-    raise ValueError(f"precision={precision!r}; expected 'auto', 'fp32' or 'bf16'.")
+    raise ValueError(f"precision={precision!r}; expected 'auto' or one of {list(PRECISIONS)}.")

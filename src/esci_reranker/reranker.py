@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from esci_reranker import __version__
 from esci_reranker.data.text import FIELD_COLUMNS, clean_text, product_text, product_texts
-from esci_reranker.hardware import autocast
+from esci_reranker.hardware import PRECISIONS, autocast
 from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.model.config import CheckpointError, ModelConfig
 from esci_reranker.model.features import PROBE_PAIRS, EncodedPairs, PairEncoder
@@ -191,7 +191,8 @@ class Reranker:
         self.name = name
         self.backend = backend
         self.model = model
-        #: The arithmetic of the forward pass: ``fp32``, ``bf16`` or ``int8`` (ONNX quantised).
+        #: The arithmetic of the forward pass: ``fp32``, ``bf16`` or ``int8`` (torch dynamic int8
+        #: linear layers, or an ONNX int8 export).
         self.precision = precision
 
     @classmethod
@@ -204,7 +205,7 @@ class Reranker:
         backend: str = "torch",
         revision: str | None = None,
         token: str | None = None,
-        bf16: bool = False,
+        precision: str = "fp32",
         onednn: bool = True,
         unpad: bool = True,
         tower_cache: int = 0,
@@ -220,7 +221,10 @@ class Reranker:
                 a folder holding only ONNX weights is detected and loaded with ``onnx`` either way.
             revision, token: passed to ``huggingface_hub.snapshot_download`` (token defaults to
                 ``HF_TOKEN`` / the saved login).
-            bf16: run the torch backend under bfloat16 autocast (CPUs with AVX-512 BF16, GPUs).
+            precision: arithmetic of the torch backend: ``fp32``; ``bf16`` autocast (CPUs with
+                AVX-512 BF16 or AMX, GPUs); or ``int8``, dynamic int8 linear layers with everything
+                else in fp32 (CPU only; fastest on CPUs with AVX-512 VNNI; ``model.cpu``). An ONNX
+                folder carries its own precision (fp32 or int8 from ``export``) and ignores this.
             onednn: in fp32 on CPU, run the linear layers through oneDNN with weights prepacked
                 once (``model.cpu.pack_linears``: same scores to ~1e-6, ~2x faster where MKL's
                 sgemm is slow); False keeps plain ``nn.Linear``.
@@ -233,7 +237,10 @@ class Reranker:
 
         Raises:
             CheckpointError: nothing loadable at either place; the message names both.
+            ValueError: an unknown ``precision``, or ``int8`` on a device other than the CPU.
         """
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}; expected one of {list(PRECISIONS)}.")
         if isinstance(tower_cache, bool) or not isinstance(tower_cache, int) or tower_cache < 0:
             raise ValueError(f"tower_cache={tower_cache!r}; expected a number of entries >= 0 (0 = off).")
         folder = resolve_checkpoint(path_or_repo_id, revision=revision, token=token)
@@ -253,16 +260,19 @@ class Reranker:
 
             model, tokenizer = load_checkpoint(folder, device=dev)
             config = model.config
-            if onednn and dev.type == "cpu" and not bf16:
+            if precision == "int8" and dev.type != "cpu":
+                raise ValueError(f"precision='int8' runs on the CPU only, not on {dev.type}; use bf16.")
+            if onednn and dev.type == "cpu" and precision == "fp32":
                 from esci_reranker.model.cpu import pack_linears
 
                 pack_linears(model)
             if unpad:
-                _enable_unpadded(model, tokenizer)
+                _enable_unpadded(model, tokenizer)  # checked in fp32, before any quantisation
+            if precision == "int8":
+                model.quantize_int8()
             if tower_cache and config.prior == "cosine":
                 model.tower_cache = TowerCache(tower_cache)
-            runner = _TorchRunner(model, dev, torch.bfloat16 if bf16 else None)
-            precision = "bf16" if bf16 else "fp32"
+            runner = _TorchRunner(model, dev, torch.bfloat16 if precision == "bf16" else None)
         else:
             raise ValueError(f"backend={backend!r}; expected 'torch' or 'onnx'.")
         if max_length is not None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from esci_reranker.model import PairEncoder
-from esci_reranker.model.cpu import PackedLinear, onednn_available, pack_linears
+from esci_reranker.model.cpu import PackedLinear, int8_available, int8_linear, onednn_available, pack_linears
 from tests.conftest import build_tiny_model
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
@@ -50,3 +50,42 @@ def test_packed_linear_falls_back_to_plain_linear_for_training_and_bf16():
 def test_nothing_to_pack_returns_zero():
     assert pack_linears(nn.Sequential(nn.ReLU())) == 0
     assert pack_linears(nn.Linear(4, 4).double()) == 0
+
+
+needs_int8 = pytest.mark.skipif(not int8_available(), reason="torch without dynamic int8 linear layers")
+
+
+@needs_int8
+@pytest.mark.parametrize("packed", [False, True])
+def test_int8_linear_is_close_to_the_fp32_layer_and_really_int8(packed):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = int8_linear(PackedLinear(linear) if packed else linear)
+    x = torch.randn(20, 64)
+    with torch.inference_mode():
+        reference, out = linear(x), layer(x)
+    assert out.dtype == torch.float32
+    assert out.shape == reference.shape
+    error = float((out - reference).abs().max() / reference.abs().max())
+    assert 0 < error < 0.03  # int8 rounding: small, and not zero
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+@needs_int8
+def test_quantize_linears_swaps_every_linear_and_keeps_outputs_close():
+    model, tokenizer = build_tiny_model(prior="cosine", lexical=True, head_hidden=8)
+    model.eval()
+    batch = _batch(model, tokenizer)
+    with torch.inference_mode():
+        before = model(**batch)
+    encoder_linears = sum(type(m) is nn.Linear for m in model.encoder.modules())
+    assert model.quantize_int8() == encoder_linears > 0
+    assert not any(type(m) is nn.Linear for m in model.encoder.modules())
+    assert any(type(m) is nn.Linear for m in model.score_head.modules())  # heads stay fp32
+    with torch.inference_mode():
+        after = model(**batch)
+    for name in ("score", "esci_logits", "substitute_logit"):
+        torch.testing.assert_close(getattr(after, name), getattr(before, name), atol=0.05, rtol=0.05)
+    assert not torch.equal(after.score, before.score)
+    with pytest.raises(RuntimeError, match=r"runs in int8 .* cannot be trained"):
+        model.train()

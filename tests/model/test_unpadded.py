@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from esci_reranker.model import PairEncoder
+from esci_reranker.model.cpu import int8_available
 from esci_reranker.model.unpadded import Sequences, UnpaddedEncoder, encoder_states, unsupported_reason
 from esci_reranker.reranker import Reranker
 from tests.conftest import build_tiny_model, tiny_bert_config
@@ -150,13 +151,18 @@ def test_many_sequences_of_mixed_lengths_are_attended_in_chunks_without_mixing()
     batch = encoder.collate(encoder.encode(queries, texts), list(range(len(queries))))
     groups = _groups(batch, sides=("product",))
     rows = sum(len(g.input_ids) for g in groups)
-    chunks = _attention_chunks([g.attention_mask for g in groups])
+    order, chunks = _attention_chunks([g.attention_mask for g in groups])
     assert len(chunks) == -(-rows // ATTENTION_CHUNK) > 2
-    # every real token is in exactly one chunk, and chunks run longest first
-    tokens = torch.cat([c.tokens for c in chunks])
-    assert sorted(tokens.tolist()) == list(range(int(sum(g.attention_mask.sum() for g in groups))))
-    widths = [c.keys.shape[-1] for c in chunks]
+    # every real token is in exactly one chunk, chunks tile the reordered tokens, longest first
+    assert sorted(order.tolist()) == list(range(int(sum(g.attention_mask.sum() for g in groups))))
+    assert [c.start for c in chunks] == [0] + [c.stop for c in chunks[:-1]]
+    assert chunks[-1].stop == len(order)
+    widths = [c.bias.shape[-1] for c in chunks]
     assert widths == sorted(widths, reverse=True)
+    # a chunk's real keys are its token count; padding is masked with -inf
+    for c in chunks:
+        assert int(torch.isfinite(c.bias).sum()) == c.stop - c.start
+        assert (c.slots is None) == bool(torch.isfinite(c.bias).all())
     with torch.inference_mode():
         ours = UnpaddedEncoder(model.encoder)(groups)
         for seqs, hidden in zip(groups, ours, strict=True):
@@ -164,3 +170,37 @@ def test_many_sequences_of_mixed_lengths_are_attended_in_chunks_without_mixing()
             torch.testing.assert_close(
                 hidden[real], encoder_states(model.encoder, seqs)[real], atol=1e-5, rtol=1e-5
             )
+
+
+@pytest.mark.skipif(not int8_available(), reason="torch without dynamic int8 linear layers")
+def test_int8_layers_stay_close_to_fp32_and_ignore_autocast():
+    model, tokenizer = _randomised_prior_model()
+    groups = _groups(_batch(model, tokenizer))
+    fast = UnpaddedEncoder(model.encoder)
+    with torch.inference_mode():
+        fp32 = fast(groups)
+        fast.quantize_int8()
+        int8 = fast(groups)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            int8_under_autocast = fast(groups)
+    for g, full, low, auto in zip(groups, fp32, int8, int8_under_autocast, strict=True):
+        real = g.attention_mask.bool()
+        assert low.dtype == auto.dtype == torch.float32
+        torch.testing.assert_close(low[real], full[real], atol=0.1, rtol=0.1)
+        assert (low[real] - full[real]).abs().max() > 1e-4  # int8 really ran
+        torch.testing.assert_close(auto, low)  # autocast does not change the int8 path
+
+
+def test_a_chunk_of_equal_lengths_needs_no_padding():
+    from esci_reranker.model.unpadded import _attention_chunks
+
+    model, tokenizer = _randomised_prior_model()
+    encoder = PairEncoder(tokenizer, model.config)
+    texts = [f"product number {i}" for i in range(6)]  # all the same token count
+    batch = encoder.collate(encoder.encode(["shoes"] * 6, texts), list(range(6)))
+    groups = _groups(batch, sides=("product",))[1:]  # the product tower alone
+    _, chunks = _attention_chunks([g.attention_mask for g in groups])
+    assert [c.slots for c in chunks] == [None]
+    with torch.inference_mode():
+        (hidden,) = UnpaddedEncoder(model.encoder)(groups)
+        torch.testing.assert_close(hidden, encoder_states(model.encoder, groups[0]), atol=1e-5, rtol=1e-5)

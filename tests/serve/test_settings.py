@@ -104,3 +104,22 @@ def test_hub_repo_ids_and_paths_are_told_apart(tmp_path):
     assert not looks_like_hub_repo_id("/abs/path")
     (tmp_path / "org").mkdir()
     assert not looks_like_hub_repo_id(str(tmp_path / "org"))
+
+
+@pytest.mark.parametrize(("precision", "expected"), [("fp32", "fp32"), ("int8", "int8")])
+def test_precision_setting_reaches_the_loaded_model(monkeypatch, tiny_checkpoint, precision, expected):
+    from esci_reranker.model.cpu import int8_available
+    from esci_reranker.serve.state import load_reranker
+
+    if expected == "int8" and not int8_available():
+        pytest.skip("torch without dynamic int8 linear layers")
+    monkeypatch.setenv("MODEL_PATH", str(tiny_checkpoint))
+    monkeypatch.setenv("INFERENCE_DEVICE", "cpu")
+    monkeypatch.setenv("PRECISION", precision)
+    assert load_reranker(load_settings()).info()["precision"] == expected
+
+
+def test_unknown_precision_setting_is_named(monkeypatch):
+    monkeypatch.setenv("PRECISION", "fp16")
+    with pytest.raises(SettingsError, match="PRECISION="):
+        load_settings()

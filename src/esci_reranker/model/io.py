@@ -27,7 +27,15 @@ def save_checkpoint(
     """Write ``model`` and ``tokenizer`` to ``folder`` atomically (replacing what was there).
 
     ``extra_files`` maps file names to text content written alongside (e.g. ``metrics.json``).
+
+    Raises:
+        ValueError: the model runs in int8 (``quantize_int8``): its fp32 weights are gone.
     """
+    if getattr(model, "int8", False):
+        raise ValueError(
+            "cannot save an int8 model (quantize_int8): its fp32 weights are gone; save the "
+            "model before quantising, or export int8 with `esci-reranker export --format onnx --quantize int8`."
+        )
     folder = Path(folder)
     with staged_dir(folder) as tmp:
         model.config.save(tmp)

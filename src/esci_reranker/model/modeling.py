@@ -116,6 +116,8 @@ class _RerankerBase(nn.Module):
         #: Tower embeddings of texts seen before (``Reranker.from_pretrained(tower_cache=N)``);
         #: read only in eval mode without grad, cleared by ``train()``.
         self.tower_cache: TowerCache | None = None
+        #: Whether the encoder's linear layers run in dynamic int8 (``quantize_int8``).
+        self.int8 = False
         if encoder is None:
             if not config.backbone:
                 raise ValueError("model config: backbone is empty; build with from_backbone().")
@@ -186,12 +188,33 @@ class _RerankerBase(nn.Module):
         self.unpadded = UnpaddedEncoder.attach(self.encoder, probes)
         return self.unpadded is not None
 
+    def quantize_int8(self) -> int:
+        """Run the encoder's linear layers in dynamic int8 on the CPU (``model.cpu.int8_linear``),
+        in the unpadded path too; the heads and priors stay fp32. Inference only: afterwards the
+        model cannot be trained or saved with int8 weights. Returns how many layers were swapped.
+
+        Raises:
+            RuntimeError: this torch build has no dynamic int8 linear for the CPU.
+        """
+        from esci_reranker.model.cpu import quantize_linears
+
+        swapped = quantize_linears(self.encoder)
+        if self.unpadded is not None:
+            self.unpadded.quantize_int8()
+        self.int8 = True
+        return swapped
+
     def _inferring(self) -> bool:
         return not self.training and not torch.is_grad_enabled()
 
     def train(self, mode: bool = True) -> _RerankerBase:
         """Set training mode. Entering it drops what was derived from the current weights (the
         tower cache's embeddings, the unpadded path's fused weights): they are about to change."""
+        if mode and getattr(self, "int8", False):
+            raise RuntimeError(
+                "this model's encoder runs in int8 (quantize_int8) and cannot be trained; "
+                "load the checkpoint again without precision='int8'."
+            )
         if mode and getattr(self, "tower_cache", None) is not None:
             self.tower_cache.clear()  # type: ignore[union-attr]
         if mode:

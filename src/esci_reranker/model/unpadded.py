@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esci_reranker.model.cpu import PackedLinear
+from esci_reranker.model.cpu import PackedLinear, int8_linear
 
 logger = logging.getLogger(__name__)
 
@@ -100,16 +100,23 @@ def _has(module: nn.Module, dotted: str) -> bool:
     return True
 
 
+#: ``_Layer``'s linear layers: fused query/key/value, attention output, MLP in and out.
+_LINEARS = ("qkv", "attn_out", "inter", "out")
+
+
 class _Layer:
     """One BERT layer's modules, with query/key/value fused and per-dtype weight copies."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, heads: int) -> None:
         attn = layer.attention
         q, k, v = attn.self.query, attn.self.key, attn.self.value
         fused = nn.Linear(q.in_features, 3 * q.out_features, device=q.weight.device, dtype=q.weight.dtype)
+        # Attention's 1/sqrt(head width) is folded into the query rows: one scaling at load
+        # instead of one pass over every (T, T) score tensor of every forward.
+        scale = (q.out_features // heads) ** -0.5
         with torch.no_grad():
-            fused.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
-            fused.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+            fused.weight.copy_(torch.cat([q.weight * scale, k.weight, v.weight]))
+            fused.bias.copy_(torch.cat([q.bias * scale, k.bias, v.bias]))
         fused.requires_grad_(False)
         self.qkv: nn.Module = PackedLinear(fused) if isinstance(q, PackedLinear) else fused
         self.attn_out = attn.output.dense
@@ -120,6 +127,12 @@ class _Layer:
         self.ln2 = layer.output.LayerNorm
         self._cast: dict[torch.dtype, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
 
+    def quantize_int8(self) -> None:
+        """Swap the four linear layers for dynamic int8 ones (``model.cpu.int8_linear``)."""
+        for name in _LINEARS:
+            setattr(self, name, int8_linear(getattr(self, name)))
+        self._cast.clear()
+
     def linear(self, name: str, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         module: Any = getattr(self, name)
         if dtype is None:
@@ -127,7 +140,7 @@ class _Layer:
         if dtype not in self._cast:
             self._cast[dtype] = {
                 n: (m.weight.detach().to(dtype), None if m.bias is None else m.bias.detach().to(dtype))
-                for n, m in ((n, getattr(self, n)) for n in ("qkv", "attn_out", "inter", "out"))
+                for n, m in ((n, getattr(self, n)) for n in _LINEARS)
             }
         weight, bias = self._cast[dtype][name]
         return F.linear(x, weight, bias)
@@ -147,7 +160,9 @@ class UnpaddedEncoder:
             raise ValueError(f"cannot run {type(encoder).__name__} unpadded: {reason}.")
         self.encoder = encoder
         self.heads = int(encoder.config.num_attention_heads)
-        self.layers = [_Layer(layer) for layer in encoder.encoder.layer]
+        self.layers = [_Layer(layer, self.heads) for layer in encoder.encoder.layer]
+        #: Whether the linear layers run in int8 (``quantize_int8``); then all else runs in fp32.
+        self.int8 = False
 
     @classmethod
     def attach(cls, encoder: nn.Module, probes: Sequence[Sequences]) -> UnpaddedEncoder | None:
@@ -171,12 +186,23 @@ class UnpaddedEncoder:
                     return None
         return fast
 
+    def quantize_int8(self) -> None:
+        """Run every layer's linear layers in dynamic int8 from now on (``model.cpu.int8_linear``).
+
+        Call it after ``attach`` (whose check is in fp32). Everything between the linear layers
+        stays fp32, and autocast is ignored: int8 products take and give fp32.
+        """
+        for layer in self.layers:
+            layer.quantize_int8()
+        self.int8 = True
+
     def __call__(self, batches: Sequence[Sequences]) -> list[torch.Tensor]:
         """Last hidden states (B_i, T_i, H) of each batch, zeros at padding."""
         device = batches[0].input_ids.device.type
         # Autocast's lower precision, applied by hand below (autocast itself would re-cast the
         # weights on every call and the shared input of query, key and value three times).
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        autocasting = torch.is_autocast_enabled(device) and not self.int8
+        dtype = torch.get_autocast_dtype(device) if autocasting else None
         with torch.autocast(device, enabled=False):
             shapes = [tuple(b.attention_mask.shape) for b in batches]
             # Flat positions of the real tokens of each batch in its (B*T) layout.
@@ -187,9 +213,13 @@ class UnpaddedEncoder:
                 states = self.encoder.embeddings(input_ids=seqs.input_ids, **extra)  # (B, T, H)
                 packed.append(states.reshape(-1, states.shape[-1]).index_select(0, idx))
             x = torch.cat(packed).float()  # (N, H): every real token of every batch
-            chunks = _attention_chunks([b.attention_mask for b in batches])
+            # Tokens are reordered once so that each attention chunk is one contiguous run;
+            # the per-token layers do not care about order, and the end puts it back.
+            order, chunks = _attention_chunks([b.attention_mask for b in batches])
+            x = x.index_select(0, order)
             for layer in self.layers:
                 x = self._layer(layer, x, dtype, chunks)
+            x = torch.empty_like(x).index_copy_(0, order, x)
             out = []
             sizes = [len(idx) for idx in where]
             for (b, t), idx, part in zip(shapes, where, x.split(sizes), strict=True):
@@ -204,28 +234,33 @@ class UnpaddedEncoder:
         qkv = layer.linear("qkv", x if dtype is None else x.to(dtype), dtype)  # (N, 3H)
         ctx = qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3))  # (N, H)
         for chunk in chunks:
-            ctx.index_copy_(0, chunk.tokens, self._attend(qkv.index_select(0, chunk.tokens), chunk))
+            self._attend(qkv[chunk.start : chunk.stop], chunk, out=ctx[chunk.start : chunk.stop])
         hidden = layer.ln1(layer.linear("attn_out", ctx, dtype).float() + x)
         inner = layer.act(layer.linear("inter", hidden if dtype is None else hidden.to(dtype), dtype))
         return layer.ln2(layer.linear("out", inner, dtype).float() + hidden)
 
-    def _attend(self, qkv: torch.Tensor, chunk: _Chunk) -> torch.Tensor:
-        """Self-attention of one chunk of sequences: packed (n, 3H) in, packed (n, H) out."""
-        rows, t = chunk.keys.shape[0], chunk.keys.shape[-1]
+    def _attend(self, qkv: torch.Tensor, chunk: _Chunk, out: torch.Tensor) -> None:
+        """Self-attention of one chunk of sequences: packed (n, 3H) in, packed (n, H) into ``out``."""
+        rows, t = chunk.bias.shape[0], chunk.bias.shape[-1]
         h = qkv.shape[-1] // 3
         d = h // self.heads
-        padded = qkv.new_zeros((rows * t, 3 * h))
-        padded.index_copy_(0, chunk.slots, qkv)
+        if chunk.slots is None:  # all sequences of the chunk are equally long: no padding
+            padded = qkv
+        else:
+            padded = qkv.new_zeros((rows * t, 3 * h)).index_copy_(0, chunk.slots, qkv)
         q, k, v = (
             part.reshape(rows, t, self.heads, d).transpose(1, 2)
             for part in padded.view(rows, t, 3 * h).split(h, -1)
         )  # (rows, heads, T, d) each
         # Written out rather than scaled_dot_product_attention: for these short sequences and
         # 32-wide heads, CPU's fused kernel ran ~3x slower than two matrix products and a softmax.
-        scores = torch.matmul(q, k.transpose(-1, -2)) * d**-0.5  # (rows, heads, T, T)
-        weights = scores.float().masked_fill(~chunk.keys, float("-inf")).softmax(-1).to(v.dtype)
-        out = torch.matmul(weights, v)  # pad keys weigh 0; pad query rows are dropped below
-        return out.transpose(1, 2).reshape(rows * t, h).index_select(0, chunk.slots)
+        # The queries are pre-scaled (``_Layer``); pad keys get -inf from the additive mask.
+        scores = torch.matmul(q, k.transpose(-1, -2)).float().add_(chunk.bias)  # (rows, heads, T, T)
+        ctx = torch.matmul(scores.softmax(-1).to(v.dtype), v).transpose(1, 2).reshape(rows * t, h)
+        if chunk.slots is None:
+            out.copy_(ctx)
+        else:  # pad query rows are dropped
+            torch.index_select(ctx, 0, chunk.slots, out=out)
 
 
 #: Sequences per attention call. Sorted by length and cut this fine, each call pads only to its
@@ -235,32 +270,43 @@ ATTENTION_CHUNK = 8
 
 @dataclass(frozen=True)
 class _Chunk:
-    """A few sequences attended together: their packed token positions, where each goes in the
-    chunk's padded (rows*T) layout, and which key positions are real, (rows, 1, 1, T)."""
+    """A few sequences attended together. Their tokens are rows ``start:stop`` of the reordered
+    packed matrix; ``slots`` says where each goes in the chunk's padded (rows*T) layout (None when
+    no sequence is shorter than T); ``bias`` is the additive key mask (rows, 1, 1, T): 0 for real
+    keys, -inf for padding."""
 
-    tokens: torch.Tensor
-    slots: torch.Tensor
-    keys: torch.Tensor
+    start: int
+    stop: int
+    slots: torch.Tensor | None
+    bias: torch.Tensor
 
 
-def _attention_chunks(masks: Sequence[torch.Tensor]) -> list[_Chunk]:
-    """Chunks of ``ATTENTION_CHUNK`` sequences, longest first, over every batch's rows.
+def _attention_chunks(masks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[_Chunk]]:
+    """Chunks of ``ATTENTION_CHUNK`` sequences, longest first, over every batch's rows, and the
+    token order that makes each chunk contiguous.
 
     Packed tokens are every batch's real tokens in row-major order, batch after batch (as
-    ``UnpaddedEncoder.__call__`` builds them), so a row's tokens are one contiguous run.
+    ``UnpaddedEncoder.__call__`` builds them), so a row's tokens are one contiguous run. Returns
+    ``order`` (packed positions, chunk after chunk: ``x.index_select(0, order)`` reorders) and the
+    chunks, whose ``start:stop`` index the reordered tokens.
     """
     lengths = torch.cat([m.sum(-1) for m in masks]).tolist()  # one per sequence, in packed order
     device = masks[0].device
     starts = [0]
     for n in lengths[:-1]:
         starts.append(starts[-1] + n)
-    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
-    chunks = []
-    for first in range(0, len(order), ATTENTION_CHUNK):
-        rows = order[first : first + ATTENTION_CHUNK]
-        t = lengths[rows[0]]
-        tokens = torch.cat([torch.arange(starts[r], starts[r] + lengths[r]) for r in rows])
-        slots = torch.cat([torch.arange(i * t, i * t + lengths[r]) for i, r in enumerate(rows)])
-        keys = torch.arange(t)[None, :] < torch.tensor([lengths[r] for r in rows])[:, None]  # (rows, T)
-        chunks.append(_Chunk(tokens.to(device), slots.to(device), keys[:, None, None, :].to(device)))
-    return chunks
+    by_length = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+    chunks, runs, stop = [], [], 0
+    for first in range(0, len(by_length), ATTENTION_CHUNK):
+        rows = by_length[first : first + ATTENTION_CHUNK]
+        sizes = [lengths[r] for r in rows]
+        t = sizes[0]
+        runs += [torch.arange(starts[r], starts[r] + lengths[r]) for r in rows]
+        slots = None
+        if min(sizes) < t:
+            slots = torch.cat([torch.arange(i * t, i * t + n) for i, n in enumerate(sizes)]).to(device)
+        keys = torch.arange(t)[None, :] < torch.tensor(sizes)[:, None]  # (rows, T)
+        bias = torch.zeros(keys.shape).masked_fill_(~keys, float("-inf"))[:, None, None, :]
+        start, stop = stop, stop + sum(sizes)
+        chunks.append(_Chunk(start, stop, slots, bias.to(device)))
+    return torch.cat(runs).to(device), chunks

@@ -37,10 +37,12 @@ class Settings(BaseSettings):
     model_path: str | None = Field(None, description="Local checkpoint folder or Hugging Face Hub repo id.")
     hf_model_repo_id: str | None = Field(None, description="Hub repo id used when MODEL_PATH is unset.")
     inference_device: str = Field("auto", description="cpu, cuda, cuda:N, mps or auto (cuda > mps > cpu).")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
         "auto",
-        description="Torch backend arithmetic: bf16 autocast or fp32 (oneDNN-packed on CPU); auto = "
-        "bf16 where the device computes it natively (AVX-512 BF16/AMX CPUs, Ampere+ GPUs), else fp32.",
+        description="Torch backend arithmetic: bf16 autocast, fp32 (oneDNN-packed on CPU), or int8 "
+        "(dynamic int8 linear layers, CPU only, fastest on AVX-512 VNNI CPUs; scores shift slightly, "
+        "see docs/speed.md); auto = bf16 where the device computes it natively (AVX-512 BF16/AMX "
+        "CPUs, Ampere+ GPUs), else fp32. ONNX folders carry their own precision.",
     )
     batch_size: int = Field(
         64, ge=1, le=4096, description="Pairs per model forward pass when dynamic batching is off."

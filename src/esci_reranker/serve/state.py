@@ -38,7 +38,7 @@ def load_reranker(settings: Settings) -> Reranker:
         source,
         device=settings.inference_device,
         batch_size=settings.batch_size,
-        bf16=precision == "bf16",
+        precision=precision,
         tower_cache=settings.tower_cache_size,
     )
 
