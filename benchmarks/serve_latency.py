@@ -60,6 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--precision", choices=list(PRECISIONS), default=None, help="PRECISION of the server (default auto)"
     )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="MAX_BATCH_TOKENS when batching is on (default: the service's)",
+    )
     parser.add_argument("--max-seconds", type=float, default=120.0, help="time budget per setting")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for /ready")
     parser.add_argument("--data", type=Path, default=None, help="ESCI parquet (default: the bundled sample)")
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             distinct=args.distinct,
             threads=args.threads,
             precision=args.precision,
+            max_batch_tokens=args.max_batch_tokens,
             tower_cache_size=args.tower_cache,
             cache_size=args.cache_size,
             startup_timeout=args.startup_timeout,

@@ -89,3 +89,16 @@ def test_quantize_linears_swaps_every_linear_and_keeps_outputs_close():
     assert not torch.equal(after.score, before.score)
     with pytest.raises(RuntimeError, match=r"runs in int8 .* cannot be trained"):
         model.train()
+
+
+def test_bf16_linear_takes_and_gives_fp32_close_to_the_fp32_layer():
+    from esci_reranker.model.cpu import Bf16Linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    x = torch.randn(20, 64)
+    with torch.inference_mode():
+        reference, out = linear(x), Bf16Linear(linear)(x)
+    assert out.dtype == torch.float32
+    error = float((out - reference).abs().max() / reference.abs().max())
+    assert 0 < error < 0.02  # bf16 rounding of input and weight

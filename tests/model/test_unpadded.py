@@ -173,13 +173,17 @@ def test_many_sequences_of_mixed_lengths_are_attended_in_chunks_without_mixing()
 
 
 @pytest.mark.skipif(not int8_available(), reason="torch without dynamic int8 linear layers")
-def test_int8_layers_stay_close_to_fp32_and_ignore_autocast():
+@pytest.mark.parametrize("out_in_bf16", [False, True])
+def test_int8_layers_stay_close_to_fp32_and_ignore_autocast(out_in_bf16):
+    from esci_reranker.model.cpu import Bf16Linear
+
     model, tokenizer = _randomised_prior_model()
     groups = _groups(_batch(model, tokenizer))
     fast = UnpaddedEncoder(model.encoder)
     with torch.inference_mode():
         fp32 = fast(groups)
-        fast.quantize_int8()
+        fast.quantize_int8(out_in_bf16)
+        assert all(isinstance(layer.out, Bf16Linear) == out_in_bf16 for layer in fast.layers)
         int8 = fast(groups)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             int8_under_autocast = fast(groups)

@@ -21,7 +21,9 @@ fp32. Inputs, outputs and everything between the linear layers stay fp32. The op
 PyTorch's eager dynamic quantisation (``torch.ao.nn.quantized.dynamic.Linear``), which PyTorch
 marks deprecated in favour of torchao; torchao's CPU int8 path quantises activations with
 separate elementwise ops and measured slower than bf16 here, so these are used while the pinned
-torch range has them, and their absence is reported as a clear error.
+torch range has them, and their absence is reported as a clear error. ``Bf16Linear`` computes
+one layer in bf16 with fp32 input and output, for layers int8 rounds too coarsely
+(``model.unpadded`` uses it for the MLP's output layer).
 """
 
 from __future__ import annotations
@@ -155,6 +157,21 @@ def int8_linear(linear: nn.Module) -> nn.Module:
 
         plain.qconfig = per_channel_dynamic_qconfig  # type: ignore[assignment]
         return DynamicInt8Linear.from_float(plain)
+
+
+class Bf16Linear(nn.Module):
+    """An inference-only linear layer that computes in bf16 and answers in fp32: its input is
+    cast once, its weight was cast once at construction."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_bf16", linear.weight.detach().to(torch.bfloat16), persistent=False)
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.register_buffer("bias_bf16", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight_bf16, self.bias_bf16).float()
 
 
 def quantize_linears(module: nn.Module) -> int:

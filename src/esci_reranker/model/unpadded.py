@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esci_reranker.model.cpu import PackedLinear, int8_linear
+from esci_reranker.hardware import cpu_bf16_support
+from esci_reranker.model.cpu import Bf16Linear, PackedLinear, int8_linear
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +128,12 @@ class _Layer:
         self.ln2 = layer.output.LayerNorm
         self._cast: dict[torch.dtype, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
 
-    def quantize_int8(self) -> None:
-        """Swap the four linear layers for dynamic int8 ones (``model.cpu.int8_linear``)."""
+    def quantize_int8(self, out_in_bf16: bool) -> None:
+        """Swap the linear layers for dynamic int8 ones (``model.cpu.int8_linear``); with
+        ``out_in_bf16`` the MLP's output layer computes in bf16 instead (``Bf16Linear``)."""
         for name in _LINEARS:
-            setattr(self, name, int8_linear(getattr(self, name)))
+            module = getattr(self, name)
+            setattr(self, name, Bf16Linear(module) if name == "out" and out_in_bf16 else int8_linear(module))
         self._cast.clear()
 
     def linear(self, name: str, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -186,14 +189,22 @@ class UnpaddedEncoder:
                     return None
         return fast
 
-    def quantize_int8(self) -> None:
+    def quantize_int8(self, out_in_bf16: bool | None = None) -> None:
         """Run every layer's linear layers in dynamic int8 from now on (``model.cpu.int8_linear``).
 
+        The MLP's output layer is the one int8 hurts most: its input, the GELU output, is
+        long-tailed, and one scale per call for all of it rounds the many small values coarsely.
+        With ``out_in_bf16`` (default: when the CPU has native bf16) that layer computes in bf16
+        instead, which cut the score error against fp32 by ~30% (mean |diff| 0.0139 -> 0.0099 on
+        the sample's train/val pairs) for ~1/3 of the GEMM work at ~0.8x int8's rate.
+
         Call it after ``attach`` (whose check is in fp32). Everything between the linear layers
-        stays fp32, and autocast is ignored: int8 products take and give fp32.
+        stays fp32, and autocast is ignored: these layers take and give fp32.
         """
+        if out_in_bf16 is None:
+            out_in_bf16 = cpu_bf16_support()[0]
         for layer in self.layers:
-            layer.quantize_int8()
+            layer.quantize_int8(out_in_bf16)
         self.int8 = True
 
     def __call__(self, batches: Sequence[Sequences]) -> list[torch.Tensor]:
