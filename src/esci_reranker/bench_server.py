@@ -431,7 +431,7 @@ class ServerLatency:
             else defaults["batch_wait_ms"].default,
             "max_batch_tokens": self.max_batch_tokens
             if self.max_batch_tokens is not None
-            else defaults["max_batch_tokens"].default,
+            else "service default (CPU 4096, GPU 16384)",
             "latency": "client-side, request sent to answer read, over 127.0.0.1; cache off = every "
             "request runs the model; tower_cache_size 0 = every product goes through its tower",
             "p50_goal_ms": P50_GOAL_MS,

@@ -123,3 +123,14 @@ def test_unknown_precision_setting_is_named(monkeypatch):
     monkeypatch.setenv("PRECISION", "fp16")
     with pytest.raises(SettingsError, match="PRECISION="):
         load_settings()
+
+
+def test_max_batch_tokens_defaults_per_device_unless_set(monkeypatch):
+    import torch
+
+    settings = load_settings()
+    assert settings.max_batch_tokens is None
+    assert settings.batch_token_budget(torch.device("cpu")) == 4096
+    assert settings.batch_token_budget(torch.device("cuda")) == 16384
+    monkeypatch.setenv("MAX_BATCH_TOKENS", "1000")
+    assert load_settings().batch_token_budget(torch.device("cpu")) == 1000

@@ -311,7 +311,9 @@ class ServiceLimits(BaseModel):
     auth_required: bool
     batch_size: int
     batch_wait_ms: float = Field(description="Dynamic batching wait; 0 = off.")
-    max_batch_tokens: int = Field(description="Dynamic batching: padded tokens per forward pass.")
+    max_batch_tokens: int = Field(
+        description="Dynamic batching: padded tokens per forward pass (MAX_BATCH_TOKENS, or the device's default)."
+    )
 
 
 class InfoResponse(BaseModel):

@@ -72,7 +72,10 @@ class ServiceState:
         batcher = None
         if self.settings.batch_wait_ms > 0:
             batcher = DynamicBatcher(
-                reranker, self.settings.batch_wait_ms, self.settings.max_batch_tokens, self.metrics
+                reranker,
+                self.settings.batch_wait_ms,
+                self.settings.batch_token_budget(reranker.device),
+                self.metrics,
             )
             if self._closed:  # shutting down before the background load finished
                 batcher.close()

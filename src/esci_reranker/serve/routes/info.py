@@ -29,6 +29,6 @@ def info(scorer: ScorerDep, settings: SettingsDep) -> InfoResponse:
             auth_required=settings.api_key is not None,
             batch_size=settings.batch_size,
             batch_wait_ms=settings.batch_wait_ms,
-            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_tokens=settings.batch_token_budget(scorer.reranker.device),
         ),
     )
