@@ -152,24 +152,35 @@ def cv_command(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Config override (repeatable).")
     ] = None,
+    baselines: Annotated[
+        str,
+        typer.Option(help="Baselines ranked on every fold: comma-separated random,bm25,bi-encoder or none."),
+    ] = "bm25,bi-encoder",
 ) -> None:
     """Cross-validate a config over the train+val queries (the test split is never read)."""
+    from esci_reranker.eval.baselines import parse_baselines
     from esci_reranker.train import ConfigError, load_config
     from esci_reranker.train.cv import cross_validate
 
     try:
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+        chosen = parse_baselines(baselines)
         cfg = load_config(config, tuple(overrides or ()))
-        result = cross_validate(cfg, data, out, folds=folds, seeds=seed_list)
+        result = cross_validate(cfg, data, out, folds=folds, seeds=seed_list, baselines=chosen)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         fail(str(err))
         return
     s = result.summary()
-    typer.echo(
+    curve = ", ".join(f"{step}: {value:.4f}" for step, value in s["mean_curve"].items())
+    lines = [
         f"{s['runs']} runs: best val {result.metric} {s['mean']:.4f} ± {s['std']:.4f} "
-        f"(untrained {s['start_mean']:.4f}; gain {s['gain_mean']:+.4f} ± {s['gain_std']:.4f}); "
-        f"details: {out / 'cv.json'}"
-    )
+        f"(untrained {s['start_mean']:.4f}; last eval {s['end_mean']:.4f}; "
+        f"gain {s['gain_mean']:+.4f} ± {s['gain_std']:.4f})",
+        f"mean over runs by step: {curve}",
+        *(f"baseline {name}: {value:.4f}" for name, value in s["baselines"].items()),
+        f"details: {out / 'cv.json'}",
+    ]
+    typer.echo("\n".join(lines))
 
 
 @app.command("pipeline")

@@ -38,10 +38,53 @@ def test_cross_validate_trains_each_fold_without_a_test_split(tmp_path, small_sp
         None,
         [f"model.backbone={tiny_backbone}", "model.max_length=32", "optim.max_steps=2", "eval.every_steps=1"],
     )
-    result = cross_validate(cfg, data, tmp_path / "cv", folds=3, seeds=(0, 1))
+    result = cross_validate(cfg, data, tmp_path / "cv", folds=3, seeds=(0, 1), baselines=("bm25",))
     assert [(r.fold, r.seed) for r in result.runs] == [(f, s) for f in range(3) for s in (0, 1)]
     saved = json.loads((tmp_path / "cv" / "cv.json").read_text())
-    assert saved["summary"]["runs"] == 6
-    assert saved["summary"]["mean"] == pytest.approx(np.mean([r.best_metric for r in result.runs]))
+    summary = saved["summary"]
+    assert summary["runs"] == 6
+    assert summary["mean"] == pytest.approx(np.mean([r.best_metric for r in result.runs]))
     for run in result.runs:
         assert run.best_metric >= run.start_metric  # the untrained model is the floor
+        assert sorted(run.curve) == [0, 1, 2]  # evaluated at the start and after each step
+        assert run.start_metric == run.curve[0]
+        assert run.end_metric == run.curve[2]
+        assert run.best_metric == max(run.curve.values())
+    assert summary["end_mean"] == pytest.approx(np.mean([r.end_metric for r in result.runs]))
+    assert summary["mean_curve"]["1"] == pytest.approx(np.mean([r.curve[1] for r in result.runs]))
+    # BM25 ranked each fold's validation queries: the same numbers as evaluating it directly
+    from esci_reranker.eval.baselines import run_baseline
+    from esci_reranker.train.loop import read_split
+
+    assert len(saved["baselines_per_fold"]["bm25"]) == 3
+    fold0 = read_split(tmp_path / "cv" / "fold0" / "data" / "val.parquet", "val")
+    direct = run_baseline("bm25", fold0, text_fields=cfg.model.text_fields).metrics["task1"]["ndcg"]
+    assert saved["baselines_per_fold"]["bm25"][0] == pytest.approx(direct)
+    assert summary["baselines"]["bm25"] == pytest.approx(np.mean(saved["baselines_per_fold"]["bm25"]))
+
+
+def test_cross_validate_rejects_an_unknown_baseline(tmp_path, small_splits):
+    cfg = load_config(None, [])
+    with pytest.raises(ValueError, match="baselines: unknown \\['bm42'\\]"):
+        cross_validate(cfg, small_splits, tmp_path / "cv", baselines=("bm42",))
+
+
+def test_cv_command_prints_the_curve_and_the_baselines(tmp_path, small_splits, tiny_backbone):
+    from tests.cli_helpers import assert_fails, run
+
+    args = ["cv", "--data", small_splits, "--out", tmp_path / "cv", "--folds", "2"]
+    sets = [
+        f"model.backbone={tiny_backbone}",
+        "model.max_length=32",
+        "optim.max_steps=1",
+        "eval.every_steps=1",
+    ]
+    for item in sets:
+        args += ["--set", item]
+    result = run(*args, "--baselines", "bm25")
+    assert result.exit_code == 0, result.output
+    assert "2 runs: best val ndcg" in result.output
+    assert "mean over runs by step: 0: " in result.output
+    assert "baseline bm25: 0." in result.output
+    assert "bi-encoder" not in result.output
+    assert_fails(run(*args, "--baselines", "bm42"), "baselines: unknown ['bm42']")
