@@ -98,19 +98,27 @@ def test_bench_rejects_bad_options(tiny_checkpoint: Path, tmp_path: Path):
     assert_fails(
         run("bench", "--model", tiny_checkpoint, "--server-concurrency", "0"), "--server-concurrency '0'"
     )
+    assert_fails(
+        run("bench", "--model", tiny_checkpoint, "--server-precision", "fp16"), "--server-precision", "'fp16'"
+    )
 
 
 @pytest.mark.slow
 def test_bench_with_server_reports_rerank_latency(tiny_checkpoint: Path, tmp_path: Path):
     pytest.importorskip("uvicorn")
+    from esci_reranker.model.cpu import int8_available
+
+    precision = "int8" if int8_available() else "fp32"  # the server loads with PRECISION=int8
     out = tmp_path / "bench.json"
     result = run(
         "bench", "--model", tiny_checkpoint, "--out", out, *SMALL_BENCH, "--backends", "torch_fp32",
         "--server", "--server-requests", 3, "--server-concurrency", 2, "--server-seconds", 60,
+        "--server-precision", precision,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     server = json.loads(out.read_text())["server_latency"]
     assert server["status"] == "ok", server
+    assert server["precision"] == precision
     assert server["endpoint"] == "/rerank"
     assert server["candidates_per_request"] == 40
     assert [(r["batching"], r["cache"], r["concurrency"]) for r in server["results"]] == [

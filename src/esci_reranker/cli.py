@@ -771,6 +771,10 @@ def bench_command(
         str, typer.Option(help="Comma-separated client concurrency levels.")
     ] = "1,8",
     server_seconds: Annotated[float, typer.Option(help="Time limit per server setting, in seconds.")] = 120.0,
+    server_precision: Annotated[
+        str,
+        typer.Option(help="PRECISION of the server: auto, fp32, bf16 or int8 (int8: lowest CPU latency)."),
+    ] = "auto",
 ) -> None:
     """Benchmark inference speed: pairs/s of each backend vs sentence-transformers, share of the fp32
     roofline, nDCG, and (--server) /rerank latency through the HTTP service. Prints a table, writes JSON.
@@ -804,13 +808,17 @@ def bench_command(
             fail(f"--server-requests {server_requests}: expected a positive integer.")
         if not server_seconds > 0:
             fail(f"--server-seconds {server_seconds}: expected a positive number of seconds.")
-        hook = ServerLatency(
-            concurrency=levels,
-            requests=server_requests,
-            max_seconds=server_seconds,
-            threads=threads,
-            echo=typer.echo,
-        )
+        try:
+            hook = ServerLatency(
+                concurrency=levels,
+                requests=server_requests,
+                max_seconds=server_seconds,
+                threads=threads,
+                precision=server_precision,
+                echo=typer.echo,
+            )
+        except ValueError as err:
+            fail(f"--server-precision: {err}")
     try:
         run_backend_bench(
             model,
