@@ -40,3 +40,71 @@ def test_cpu_bf16_support_reads_the_flags(monkeypatch):
     supported, why = hardware.cpu_bf16_support()
     assert supported == ("AMX" in torch.backends.cpu.get_cpu_capability().upper())
     assert why
+
+
+class _FakeLibc:
+    def __init__(self, answer: int = 1) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.answer = answer
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.answer
+
+
+@pytest.fixture
+def fresh_malloc_state(monkeypatch):
+    """keep_freed_memory with no earlier call in effect, no malloc variables, a fake libc."""
+    monkeypatch.setattr(hardware, "_kept", False)
+    for name in (*hardware.MALLOC_VARIABLES, hardware.OPT_OUT_VARIABLE):
+        monkeypatch.delenv(name, raising=False)
+    libc = _FakeLibc()
+    monkeypatch.setattr(hardware, "_libc", lambda: libc)
+    return libc
+
+
+def test_keep_freed_memory_sets_both_thresholds_once(fresh_malloc_state):
+    libc = fresh_malloc_state
+    assert not hardware.freed_memory_kept()
+    assert hardware.keep_freed_memory(trim_threshold=1234) is True
+    # M_MMAP_THRESHOLD (-3) to glibc's 64-bit maximum, then M_TRIM_THRESHOLD (-1)
+    assert libc.calls == [(-3, 32 * 1024 * 1024), (-1, 1234)]
+    assert hardware.freed_memory_kept()
+    assert hardware.keep_freed_memory() is True
+    assert len(libc.calls) == 2  # set once per process
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MALLOC_TRIM_THRESHOLD_", "1000"),
+        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1"),
+        ("ESCI_KEEP_FREED_MEMORY", "0"),
+    ],
+)
+def test_keep_freed_memory_leaves_a_users_malloc_settings_alone(
+    fresh_malloc_state, monkeypatch, variable, value
+):
+    monkeypatch.setenv(variable, value)
+    assert hardware.keep_freed_memory() is False
+    assert fresh_malloc_state.calls == []
+    assert not hardware.freed_memory_kept()
+
+
+def test_keep_freed_memory_reports_failure_and_non_glibc(fresh_malloc_state, monkeypatch):
+    fresh_malloc_state.answer = 0  # mallopt refused
+    assert hardware.keep_freed_memory() is False
+    assert not hardware.freed_memory_kept()
+    monkeypatch.setattr(hardware, "_libc", lambda: None)  # macOS, musl, Windows
+    assert hardware.keep_freed_memory() is False
+
+
+def test_reranker_keeps_freed_memory_on_cpu_unless_told_not_to(fresh_malloc_state, tiny_checkpoint):
+    from esci_reranker.reranker import Reranker
+
+    untouched = Reranker.from_pretrained(tiny_checkpoint, device="cpu", keep_freed_memory=False)
+    assert fresh_malloc_state.calls == []
+    assert untouched.info()["keeps_freed_memory"] is False
+    tuned = Reranker.from_pretrained(tiny_checkpoint, device="cpu")
+    assert len(fresh_malloc_state.calls) == 2
+    assert tuned.info()["keeps_freed_memory"] is True

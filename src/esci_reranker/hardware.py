@@ -1,12 +1,19 @@
-"""What the machine can do: CPU model and flags, native bf16, and the precision to use by default."""
+"""What the machine can do: CPU model and flags, native bf16, the precision to use by default, and
+the one allocator setting CPU inference needs (``keep_freed_memory``)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
+import os
 import platform
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16", "int8"]
 #: The arithmetic a torch model can run in (``Reranker.from_pretrained(precision=...)``).
@@ -81,3 +88,58 @@ def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "
     if precision in PRECISIONS:
         return precision  # type: ignore[return-value]
     raise ValueError(f"precision={precision!r}; expected 'auto' or one of {list(PRECISIONS)}.")
+
+
+# glibc ``mallopt`` parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+#: Environment variables with which a user has configured glibc's malloc already (theirs wins).
+MALLOC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+#: Set to ``0`` to leave malloc as it is.
+OPT_OUT_VARIABLE = "ESCI_KEEP_FREED_MEMORY"
+_kept = False
+
+
+def _libc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
+
+    Why: a forward pass allocates activation tensors of several MB per layer. By default glibc
+    serves them from fresh ``mmap`` pages, or trims the heap they came from as soon as they are
+    freed, so every forward page-faults its activations in again. Keeping up to 32 MB blocks on
+    the heap (``M_MMAP_THRESHOLD``) and not trimming below ``trim_threshold`` bytes of free heap
+    (``M_TRIM_THRESHOLD``) took the int8 model from ~230 to ~325 pairs/s on the 2-core dev
+    machine; jemalloc or tcmalloc (``LD_PRELOAD``) do the same. The price: the process keeps up
+    to ``trim_threshold`` of freed memory mapped. Process-wide, and set once.
+
+    Returns True when the setting is in effect (also when an earlier call made it); False off
+    Linux/glibc, when ``ESCI_KEEP_FREED_MEMORY=0``, or when the user configured malloc through
+    ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_`` or ``GLIBC_TUNABLES`` (theirs wins).
+    """
+    global _kept
+    if _kept:
+        return True
+    if os.environ.get(OPT_OUT_VARIABLE, "").strip() == "0" or any(v in os.environ for v in MALLOC_VARIABLES):
+        return False
+    libc = _libc()
+    if libc is None:
+        return False
+    # Both or neither: either one set alone turns off glibc's adaptive thresholds and is slower.
+    if libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) != 1:
+        return False
+    if libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) != 1:
+        logger.warning("mallopt(M_TRIM_THRESHOLD) failed; freed memory may still be trimmed")
+        return False
+    _kept = True
+    return True
+
+
+def freed_memory_kept() -> bool:
+    """Whether ``keep_freed_memory`` is in effect in this process."""
+    return _kept

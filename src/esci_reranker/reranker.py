@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from esci_reranker import __version__
 from esci_reranker.data.text import FIELD_COLUMNS, clean_text, product_text, product_texts
-from esci_reranker.hardware import PRECISIONS, autocast
+from esci_reranker.hardware import PRECISIONS, autocast, freed_memory_kept
 from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.model.config import CheckpointError, ModelConfig
 from esci_reranker.model.features import PROBE_PAIRS, EncodedPairs, PairEncoder
@@ -209,6 +209,7 @@ class Reranker:
         onednn: bool = True,
         unpad: bool = True,
         tower_cache: int = 0,
+        keep_freed_memory: bool = True,
     ) -> Reranker:
         """Load a checkpoint folder, or download it from the Hugging Face Hub if no such folder exists.
 
@@ -234,6 +235,10 @@ class Reranker:
             tower_cache: keep the tower embeddings of up to this many distinct texts (LRU), so
                 products (and queries) seen before skip their tower pass; 0 = off. Only for
                 torch-backend models with the cosine prior; ignored otherwise (``info()`` says).
+            keep_freed_memory: on the CPU, have glibc's malloc keep freed memory for reuse
+                (``hardware.keep_freed_memory``: process-wide; ~1.4x faster forwards here, since
+                activations are no longer page-faulted in on every pass); False leaves malloc
+                as it is. ``info()["keeps_freed_memory"]`` says whether it is in effect.
 
         Raises:
             CheckpointError: nothing loadable at either place; the message names both.
@@ -245,6 +250,10 @@ class Reranker:
             raise ValueError(f"tower_cache={tower_cache!r}; expected a number of entries >= 0 (0 = off).")
         folder = resolve_checkpoint(path_or_repo_id, revision=revision, token=token)
         dev = select_device(device)
+        if keep_freed_memory and dev.type == "cpu":
+            from esci_reranker.hardware import keep_freed_memory as keep
+
+            keep()
         from esci_reranker.model.onnx import resolve_backend
 
         backend = resolve_backend(folder, backend)  # a folder with only ONNX weights loads as ONNX
@@ -484,7 +493,8 @@ class Reranker:
 
     def info(self) -> dict[str, Any]:
         """What is loaded: name, backbone, heads, max length, version, device, backend, precision,
-        the fast paths (``unpadded``) and the tower cache's counters."""
+        the fast paths (``unpadded``), the tower cache's counters and whether malloc keeps freed
+        memory (``keep_freed_memory``)."""
         heads = ["score", "esci", "substitute"] if self.config.multi_task else ["score"]
         return {
             "name": self.name,
@@ -501,6 +511,7 @@ class Reranker:
             "precision": self.precision,
             "unpadded": getattr(self.model, "unpadded", None) is not None,
             "tower_cache": self.tower_cache_stats(),
+            "keeps_freed_memory": freed_memory_kept(),
         }
 
     def tower_cache_stats(self) -> dict[str, int] | None:
