@@ -170,6 +170,39 @@ def test_rerank_errors(tiny_checkpoint: Path, tmp_path: Path):
     assert_fails(rerank(tmp_path / "dup.csv"), "duplicate product_id 'a'")
     assert_fails(rerank(good, "--format", "xml"), "--format 'xml'")
     assert_fails(rerank(good, "--top-k", 0), "--top-k 0")
+    assert_fails(rerank(good, "--precision", "fp16"), "--precision", "precision='fp16'", "'int8'")
+    assert_fails(rerank(good, "--device", "tpu"), "--device tpu")
+
+
+def test_rerank_and_score_in_int8_rank_like_fp32(tiny_prior_checkpoint: Path, tmp_path: Path):
+    from esci_reranker.model.cpu import int8_available
+
+    if not int8_available():
+        pytest.skip("torch without dynamic int8 linear layers")
+    lines = [
+        f'{{"product_id": "p{i}", "text": "{t}"}}'
+        for i, t in enumerate(["red shoe", "blue sock", "shoe box"])
+    ]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    ranked = {}
+    for precision in ("fp32", "int8"):
+        result = run(
+            "rerank", "--model", tiny_prior_checkpoint, "--query", "red shoe", "--candidates",
+            tmp_path / "c.jsonl", "--format", "json", "--precision", precision,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        ranked[precision] = json.loads(result.stdout)
+    assert [r["product_id"] for r in ranked["int8"]] == [r["product_id"] for r in ranked["fp32"]]
+    scores = [(a["score"], b["score"]) for a, b in zip(ranked["fp32"], ranked["int8"], strict=True)]
+    assert all(abs(a - b) < 0.05 for a, b in scores)
+    pd.DataFrame(
+        {"query": ["red shoe"] * 3, "product_text": ["red shoe", "blue sock", "shoe box"]}
+    ).to_parquet(tmp_path / "pairs.parquet")
+    out = tmp_path / "scored.parquet"
+    result = run("score", "--model", tiny_prior_checkpoint, "--input", tmp_path / "pairs.parquet", "--output", out,
+                 "--precision", "int8", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_parquet(out)["score"]) == 3
 
 
 # --- score --------------------------------------------------------------------------------------------
