@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from esci_reranker.data.text import FIELD_COLUMNS, product_texts
 from esci_reranker.fsutil import recover_dir, staged_dir, write_json
-from esci_reranker.hardware import resolve_precision
+from esci_reranker.hardware import keep_freed_memory, resolve_precision
 from esci_reranker.labels import LABEL_TO_INDEX, check_labels
 from esci_reranker.model import (
     MODEL_CLASSES,
@@ -250,6 +250,8 @@ class Trainer:
         )
         if cfg.output.tensorboard:
             accelerator.init_trackers("esci-reranker")
+        if accelerator.device.type == "cpu":
+            keep_freed_memory()  # activations and gradients are not page-faulted in every step
         self._load_data()
         model, tokenizer = build_model(cfg)
         encoder = PairEncoder(tokenizer, model.config)
