@@ -66,16 +66,8 @@ class Settings(BaseSettings):
         ge=1,
         le=1_048_576,
         description="Dynamic batching: padded tokens (rows x longest row) per forward pass; unset = "
-        "4096 on a CPU (larger batches spill the CPU caches: at concurrency 8 on 2 cores 16384 "
-        "served 4.3-5.1 req/s, 4096 7.0) and 16384 on a GPU.",
+        "4096 on a CPU (larger forwards spill the CPU caches and ran slower) and 16384 on a GPU.",
     )
-
-    def batch_token_budget(self, device: torch.device) -> int:
-        """``MAX_BATCH_TOKENS``, or when unset the default for ``device`` (CPU 4096, GPU 16384)."""
-        if self.max_batch_tokens is not None:
-            return self.max_batch_tokens
-        return CPU_BATCH_TOKENS if device.type == "cpu" else ACCELERATOR_BATCH_TOKENS
-
     tower_cache_size: int = Field(
         20_000,
         ge=0,
@@ -131,6 +123,12 @@ class Settings(BaseSettings):
                     "(several separated by ';'), or empty for no limit"
                 ) from None
         return value
+
+    def batch_token_budget(self, device: torch.device) -> int:
+        """``MAX_BATCH_TOKENS``, or when unset the default for ``device`` (CPU 4096, GPU 16384)."""
+        if self.max_batch_tokens is not None:
+            return self.max_batch_tokens
+        return CPU_BATCH_TOKENS if device.type == "cpu" else ACCELERATOR_BATCH_TOKENS
 
     def model_source(self) -> tuple[str, ModelOrigin]:
         """The checkpoint to serve and where that choice came from (``MODEL_PATH`` > ``HF_MODEL_REPO_ID`` > default)."""
