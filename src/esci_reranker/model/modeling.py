@@ -254,18 +254,46 @@ class _RerankerBase(nn.Module):
         With ``query_index`` (B,), the query inputs hold distinct queries (U, T) and pair i reads
         row ``query_index[i]``; likewise ``product_index``. Without, row i belongs to pair i.
         """
-        hidden_q, hidden_p = self._hidden_states(
-            [
-                Sequences(query_input_ids, query_attention_mask),
-                Sequences(product_input_ids, product_attention_mask),
-            ]
-        )
-        return _pair_cosine(
-            _embed(hidden_q, query_attention_mask),
-            _embed(hidden_p, product_attention_mask),
-            query_index,
-            product_index,
-        )
+        sides = [(query_input_ids, query_attention_mask), (product_input_ids, product_attention_mask)]
+        batches, plans = self._tower_batches(sides)
+        return self._tower_cosine(self._hidden_states(batches), batches, plans, query_index, product_index)
+
+    def _tower_batches(
+        self, sides: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[list[Sequences], list[TowerPlan]]:
+        """The tower inputs to encode for the (query, product) ``sides``: all rows, or at inference
+        with the tower cache only the rows it has not seen (then with one plan per side)."""
+        if self.tower_cache is None or not self._inferring():
+            return [Sequences(ids, mask) for ids, mask in sides], []
+        plans = [self.tower_cache.plan(ids, mask) for ids, mask in sides]
+        batches = [
+            Sequences(ids[plan.missing], mask[plan.missing])
+            for plan, (ids, mask) in zip(plans, sides, strict=True)
+            if len(plan.missing)
+        ]
+        return batches, plans
+
+    @staticmethod
+    def _tower_cosine(
+        hidden: list[torch.Tensor],
+        batches: list[Sequences],
+        plans: list[TowerPlan],
+        query_index: torch.Tensor | None,
+        product_index: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Per-pair cosine from the towers' hidden states of ``_tower_batches``' batches. -> (B,)."""
+        encoded = iter(zip(hidden, batches, strict=True))
+        if not plans:
+            embeddings = [_embed(states, seqs.attention_mask) for states, seqs in encoded]
+        else:
+            embeddings = []
+            for plan in plans:
+                computed = None
+                if len(plan.missing):
+                    states, seqs = next(encoded)
+                    computed = _embed(states, seqs.attention_mask)
+                embeddings.append(plan.fill(computed))
+        return _pair_cosine(*embeddings, query_index, product_index)
 
     @staticmethod
     def _check_towers(inputs: Mapping[str, torch.Tensor | None]) -> None:
@@ -348,30 +376,12 @@ class _RerankerBase(nn.Module):
             # with the tower cache, only texts it has not seen go through their tower.
             self._check_towers(inputs)
             sides = [(query_input_ids, query_attention_mask), (product_input_ids, product_attention_mask)]
-            if self.tower_cache is not None and self._inferring():
-                plans = [self.tower_cache.plan(ids, mask) for ids, mask in sides]  # type: ignore[arg-type]
-                batches += [
-                    Sequences(ids[plan.missing], mask[plan.missing])  # type: ignore[index]
-                    for plan, (ids, mask) in zip(plans, sides, strict=True)
-                    if len(plan.missing)
-                ]
-            else:
-                batches += [Sequences(ids, mask) for ids, mask in sides]  # type: ignore[arg-type]
+            tower_batches, plans = self._tower_batches(sides)  # type: ignore[arg-type]
+            batches += tower_batches
         hidden = self._hidden_states(batches)
         pooled = self._pool(hidden[0], attention_mask)  # (B, H)
         if towers:
-            encoded = iter(zip(hidden[1:], batches[1:], strict=True))
-            if plans:
-                embeddings = []
-                for plan in plans:
-                    computed = None
-                    if len(plan.missing):
-                        states, seqs = next(encoded)
-                        computed = _embed(states, seqs.attention_mask)
-                    embeddings.append(plan.fill(computed))
-            else:
-                embeddings = [_embed(states, seqs.attention_mask) for states, seqs in encoded]
-            cosine = _pair_cosine(*embeddings, query_index, product_index)
+            cosine = self._tower_cosine(hidden[1:], batches[1:], plans, query_index, product_index)
         prior = self.prior_features(inputs, cosine=cosine)
         out = RerankerOutput(score=self.score_head(pooled, prior).squeeze(-1), prior=prior)
         if self.esci_head is not None and self.substitute_head is not None:
