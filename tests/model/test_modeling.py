@@ -10,6 +10,7 @@ import torch
 
 from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS
 from esci_reranker.model import CheckpointError, LossConfig, PairEncoder, load_checkpoint, save_checkpoint
+from esci_reranker.model.modeling import rank_loss
 from tests.conftest import build_tiny_model
 
 QUERIES = ["red running shoes", "usb c cable 2m", "coffee"]
@@ -257,3 +258,54 @@ def test_heads_answer_in_fp32_under_bf16_autocast():
         assert getattr(out, name).dtype == torch.float32, name
     # not rounded to bf16's 8 significant bits
     assert not torch.equal(out.score, out.score.bfloat16().float())
+
+
+def test_listnet_rank_loss_is_the_softmax_cross_entropy_within_each_query():
+    scores = torch.tensor([0.9, 0.2, 0.4, 0.5, 0.1], requires_grad=True)
+    gains = torch.tensor([1.0, 0.0, 0.1, 1.0, 1.0])
+    groups = torch.tensor([7, 7, 7, 3, 3])  # query 3 has two exact matches: nothing to rank
+    loss = rank_loss(scores, gains, groups, "listnet", temperature=0.5)
+    target = (gains[:3] / 0.5).softmax(-1)
+    expected = -(target * (scores[:3] / 0.5).log_softmax(-1)).sum()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert scores.grad[3:].abs().sum() == 0  # the uninformative query gets no gradient
+    assert scores.grad[:3].abs().sum() > 0
+
+
+def test_within_mse_rank_loss_ignores_a_per_query_shift():
+    gains = torch.tensor([1.0, 0.1, 0.0, 1.0, 0.01])
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    shifted = gains + torch.tensor([0.3, 0.3, 0.3, -2.0, -2.0])
+    assert rank_loss(shifted, gains, groups, "within_mse", 1.0).item() == pytest.approx(0.0, abs=1e-7)
+    swapped = torch.tensor([0.1, 1.0, 0.0, 1.0, 0.01])  # first query's E and S swapped
+    assert rank_loss(swapped, gains, groups, "within_mse", 1.0).item() == pytest.approx(
+        2 * 0.9**2 / 3 / 2
+    )  # two pairs off by 0.9 in query 0 (mean over its 3 pairs), query 1 exact; mean of 2 queries
+
+
+def test_rank_loss_without_rankable_groups_is_zero_and_still_backpropagates():
+    scores = torch.tensor([0.3, 0.8], requires_grad=True)
+    loss = rank_loss(scores, torch.tensor([1.0, 0.0]), torch.tensor([0, 1]), "listnet", 0.1)
+    assert loss.item() == 0.0
+    loss.backward()
+    with pytest.raises(ValueError, match=r"loss\.rank_loss"):
+        rank_loss(scores, torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), "pairwise", 0.1)
+
+
+def test_rank_weight_adds_the_ranking_loss_and_needs_query_groups():
+    model, tokenizer = build_tiny_model()
+    batch = encode(model, tokenizer)
+    labels = torch.tensor([0, 1, 3])
+    model.loss_config = LossConfig(rank_weight=2.0, rank_temperature=0.2)
+    with pytest.raises(ValueError, match="groups"):
+        model(**batch, labels=labels)
+    out = model(**batch, labels=labels, groups=torch.tensor([5, 5, 5]))
+    gains = torch.tensor([1.0, 0.1, 0.0])
+    torch.testing.assert_close(
+        out.losses["rank"], rank_loss(out.score, gains, torch.zeros(3), "listnet", 0.2)
+    )
+    expected = (
+        out.losses["score"] + out.losses["esci"] + 0.5 * out.losses["substitute"] + 2.0 * out.losses["rank"]
+    )
+    torch.testing.assert_close(out.loss, expected)

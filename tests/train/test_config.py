@@ -74,3 +74,14 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_single_task_cannot_rank_by_expected_gain():
     with pytest.raises(ConfigError, match="rank_score must be 'regression'"):
         load_config(None, ["model.type=single_task", "model.rank_score=expected_gain"])
+
+
+def test_a_ranking_loss_needs_query_batches_of_at_most_batch_size():
+    with pytest.raises(ConfigError, match=r"optim\.batching: query"):
+        load_config(None, ["loss.rank_weight=0.5"])
+    with pytest.raises(ConfigError, match=r"group_size \(40\) must not exceed optim\.batch_size \(32\)"):
+        load_config(None, ["optim.batching=query", "optim.group_size=40"])
+    with pytest.raises(ConfigError, match=r"loss\.rank_loss"):
+        load_config(None, ["loss.rank_loss=pairwise"])
+    cfg = load_config(None, ["loss.rank_weight=0.5", "optim.batching=query", "loss.rank_loss=within_mse"])
+    assert (cfg.loss.rank_weight, cfg.loss.rank_loss, cfg.optim.group_size) == (0.5, "within_mse", 16)

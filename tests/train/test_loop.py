@@ -94,10 +94,16 @@ class _InterruptError(Exception):
     pass
 
 
+@pytest.mark.parametrize(
+    "batching",
+    [(), ("optim.batching=query", "optim.group_size=4", "loss.rank_weight=1.0")],
+    ids=["length-buckets", "query-groups-with-rank-loss"],
+)
 def test_resume_after_an_interruption_reaches_the_uninterrupted_state(
-    tmp_path, small_splits, tiny_backbone, monkeypatch
+    tmp_path, small_splits, tiny_backbone, monkeypatch, batching
 ):
     overrides = (
+        *batching,
         "optim.max_steps=10",
         "model.dropout=0.2",
         "eval.every_steps=5",

@@ -34,6 +34,46 @@ class LossConfig:
     class_weights: tuple[float, float, float, float] | None = None
     label_smoothing: float = 0.0
     substitute_pos_weight: float | None = None
+    #: Weight of a within-query ranking loss on the Task 1 score (needs query groups; 0 = off).
+    rank_weight: float = 0.0
+    #: ``listnet`` (softmax cross-entropy over a query's pairs) or ``within_mse`` (MSE of the
+    #: score's deviation from its query mean to the gain's).
+    rank_loss: str = "listnet"
+    #: ListNet's softmax temperature, in gain units: scores 1 temperature apart differ by a factor e.
+    rank_temperature: float = 0.1
+
+
+def rank_loss(
+    scores: torch.Tensor, gains: torch.Tensor, groups: torch.Tensor, kind: str, temperature: float
+) -> torch.Tensor:
+    """A within-query ranking loss of ``scores`` against ``gains``, both (B,), for query ``groups`` (B,).
+
+    Only differences inside a group count, so the loss ignores what MSE spends most of its
+    gradient on with few queries: how many exact matches a query has overall. Groups of one
+    pair, or whose pairs all have the same gain, carry no ranking information and are skipped;
+    with none left the loss is 0 (with a gradient path, so backward still works).
+
+    ``listnet``: mean over groups of the cross-entropy between ``softmax(gains / T)`` and
+    ``softmax(scores / T)``. ``within_mse``: mean over the kept groups' pairs of
+    ``((s - mean_g s) - (y - mean_g y))^2``.
+    """
+    if kind not in ("listnet", "within_mse"):
+        raise ValueError(f"loss.rank_loss={kind!r}: expected 'listnet' or 'within_mse'.")
+    scores = scores.float()
+    terms = []
+    for value in torch.unique(groups):
+        member = groups == value
+        s, y = scores[member], gains[member]
+        if s.numel() < 2 or bool((y == y[0]).all()):
+            continue
+        if kind == "listnet":
+            target = (y / temperature).softmax(-1)
+            terms.append(-(target * (s / temperature).log_softmax(-1)).sum())
+        else:
+            terms.append(((s - s.mean()) - (y - y.mean())).pow(2).mean())
+    if not terms:
+        return scores.sum() * 0.0
+    return torch.stack(terms).mean()
 
 
 @dataclass
@@ -347,6 +387,7 @@ class _RerankerBase(nn.Module):
         labels: torch.Tensor | None = None,
         query_index: torch.Tensor | None = None,
         product_index: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
     ) -> RerankerOutput:
         """Score a batch of encoded pairs.
 
@@ -357,6 +398,7 @@ class _RerankerBase(nn.Module):
                 tower inputs hold each distinct text once (``PairEncoder.collate`` does this).
             lexical: (B,) query-word coverage of each pair; required when ``config.lexical`` is set.
             labels: (B,) class indices in E, S, C, I order; when given, losses are computed.
+            groups: (B,) query ids of the pairs, for the ranking loss (``loss_config.rank_weight``).
         """
         inputs = {
             "query_input_ids": query_input_ids,
@@ -390,14 +432,21 @@ class _RerankerBase(nn.Module):
             # an elementwise sum, not @: autocast would run a matmul in bf16
             out.expected_gain = (out.esci_logits.float().softmax(-1) * self.gain_vector).sum(-1)
         if labels is not None:
-            self._add_losses(out, labels)
+            self._add_losses(out, labels, groups)
         return out
 
-    def _add_losses(self, out: RerankerOutput, labels: torch.Tensor) -> None:
+    def _add_losses(self, out: RerankerOutput, labels: torch.Tensor, groups: torch.Tensor | None) -> None:
         cfg = self.loss_config
         target_gain = self.gain_vector[labels]  # (B,)
         out.losses["score"] = F.mse_loss(out.score.float(), target_gain)
         total = cfg.score_weight * out.losses["score"]
+        if cfg.rank_weight > 0:
+            if groups is None:
+                raise ValueError("loss.rank_weight > 0 needs the pairs' query ids: pass groups.")
+            out.losses["rank"] = rank_loss(
+                out.score, target_gain, groups, cfg.rank_loss, cfg.rank_temperature
+            )
+            total = total + cfg.rank_weight * out.losses["rank"]
         if out.esci_logits is not None and out.substitute_logit is not None:
             weight = (
                 torch.tensor(cfg.class_weights, device=labels.device, dtype=torch.float32)

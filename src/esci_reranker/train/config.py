@@ -96,6 +96,11 @@ class LossSection(_Strict):
     )
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     substitute_pos_weight: float | None = Field(None, gt=0)
+    rank_weight: float = Field(
+        0.0, ge=0, description="Weight of a within-query ranking loss on the Task 1 score (0 = off)."
+    )
+    rank_loss: Literal["listnet", "within_mse"] = "listnet"
+    rank_temperature: float = Field(0.1, gt=0, description="ListNet softmax temperature, in gain units.")
 
 
 class OptimSection(_Strict):
@@ -113,6 +118,12 @@ class OptimSection(_Strict):
     bucket_size: int = Field(
         50, ge=1, description="Batches per length bucket: sort within a pool of this many batches."
     )
+    batching: Literal["length", "query"] = Field(
+        "length",
+        description="'length': length-bucketed batches (least padding); 'query': batches of "
+        "query groups, which a ranking loss (loss.rank_weight) needs.",
+    )
+    group_size: int = Field(16, ge=2, description="With batching 'query': most pairs of one query per slice.")
 
 
 class EvalSection(_Strict):
@@ -152,6 +163,19 @@ class TrainConfig(_Strict):
     optim: OptimSection = OptimSection()
     eval: EvalSection = EvalSection()
     output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _rank_needs_groups(self) -> TrainConfig:
+        if self.loss.rank_weight > 0 and self.optim.batching != "query":
+            raise ValueError(
+                "loss.rank_weight > 0 compares pairs of the same query: set optim.batching: query."
+            )
+        if self.optim.batching == "query" and self.optim.group_size > self.optim.batch_size:
+            raise ValueError(
+                f"optim.group_size ({self.optim.group_size}) must not exceed optim.batch_size "
+                f"({self.optim.batch_size})."
+            )
+        return self
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -42,7 +42,7 @@ from esci_reranker.model import (
     save_checkpoint,
 )
 from esci_reranker.model.config import MULTI_TASK, SINGLE_TASK
-from esci_reranker.train.batching import bucketed_batches
+from esci_reranker.train.batching import bucketed_batches, query_batches
 from esci_reranker.train.config import PACKAGED_BACKBONE, TrainConfig
 from esci_reranker.train.prior_init import fit_prior_heads, prior_features
 
@@ -259,6 +259,8 @@ class Trainer:
         encoded = encoder.encode(self.train_frame["query"].astype(str).tolist(), train_texts)
         labels = torch.tensor([LABEL_TO_INDEX[x] for x in self.train_frame["esci_label"]], dtype=torch.long)
         lengths = encoded.lengths()
+        # query ids as 0..Q-1, whatever their type: the ranking loss compares pairs within a query
+        groups = torch.as_tensor(pd.factorize(self.train_frame["query_id"])[0], dtype=torch.long)
         if model.config.prior_features and cfg.model.prior_init == "fit" and not resume:
             autocast = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
             features = prior_features(
@@ -269,7 +271,12 @@ class Trainer:
                 "prior heads fitted: %s", {k: np.round(w, 3).tolist() for k, (w, _) in fitted.items()}
             )
 
-        n_batches = math.ceil(len(encoded) / cfg.optim.batch_size)
+        if cfg.optim.batching == "query":  # packing whole slices leaves some batches short
+            n_batches = len(
+                query_batches(groups.numpy(), cfg.optim.batch_size, cfg.optim.group_size, cfg.seed, 0)
+            )
+        else:
+            n_batches = math.ceil(len(encoded) / cfg.optim.batch_size)
         steps_per_epoch = max(
             1, math.ceil(n_batches / accelerator.num_processes / cfg.optim.grad_accum_steps)
         )
@@ -345,11 +352,19 @@ class Trainer:
         model.train()
         done = state["step"] >= total_steps or state["stopped_early"]
         while not done:
-            batches = bucketed_batches(
-                lengths, cfg.optim.batch_size, cfg.seed, state["epoch"], cfg.optim.bucket_size
-            )[accelerator.process_index :: accelerator.num_processes]
+            if cfg.optim.batching == "query":
+                batches = query_batches(
+                    groups.numpy(), cfg.optim.batch_size, cfg.optim.group_size, cfg.seed, state["epoch"]
+                )
+            else:
+                batches = bucketed_batches(
+                    lengths, cfg.optim.batch_size, cfg.seed, state["epoch"], cfg.optim.bucket_size
+                )
+            batches = batches[accelerator.process_index :: accelerator.num_processes]
             for index in batches[state["batch_in_epoch"] :]:
                 batch = {k: v.to(device) for k, v in encoder.collate(encoded, index).items()}
+                if cfg.loss.rank_weight > 0:
+                    batch["groups"] = groups[index].to(device)
                 with accelerator.accumulate(model):
                     out = model(**batch, labels=labels[index].to(device))
                     accelerator.backward(out.loss)
