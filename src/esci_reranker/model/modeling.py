@@ -26,7 +26,11 @@ SUBSTITUTE_INDEX = 1
 
 @dataclass
 class LossConfig:
-    """Per-task loss weights and options. Total = score·MSE + esci·CE + substitute·BCE."""
+    """Per-task loss weights and options.
+
+    Total = score·MSE + esci·CE + substitute·BCE, plus rank·(within-query ranking loss) when
+    ``rank_weight`` > 0.
+    """
 
     score_weight: float = 1.0
     esci_weight: float = 1.0
