@@ -271,12 +271,16 @@ class Trainer:
                 "prior heads fitted: %s", {k: np.round(w, 3).tolist() for k, (w, _) in fitted.items()}
             )
 
-        if cfg.optim.batching == "query":  # packing whole slices leaves some batches short
-            n_batches = len(
-                query_batches(groups.numpy(), cfg.optim.batch_size, cfg.optim.group_size, cfg.seed, 0)
-            )
-        else:
-            n_batches = math.ceil(len(encoded) / cfg.optim.batch_size)
+        def epoch_batches(epoch: int) -> list[np.ndarray]:
+            """One epoch's batches as index arrays, before they are shared out over processes."""
+            if cfg.optim.batching == "query":
+                return query_batches(
+                    groups.numpy(), cfg.optim.batch_size, cfg.optim.group_size, cfg.seed, epoch
+                )
+            return bucketed_batches(lengths, cfg.optim.batch_size, cfg.seed, epoch, cfg.optim.bucket_size)
+
+        # counted, not computed from the batch size: query slices leave some batches short
+        n_batches = len(epoch_batches(0))
         steps_per_epoch = max(
             1, math.ceil(n_batches / accelerator.num_processes / cfg.optim.grad_accum_steps)
         )
@@ -352,15 +356,7 @@ class Trainer:
         model.train()
         done = state["step"] >= total_steps or state["stopped_early"]
         while not done:
-            if cfg.optim.batching == "query":
-                batches = query_batches(
-                    groups.numpy(), cfg.optim.batch_size, cfg.optim.group_size, cfg.seed, state["epoch"]
-                )
-            else:
-                batches = bucketed_batches(
-                    lengths, cfg.optim.batch_size, cfg.seed, state["epoch"], cfg.optim.bucket_size
-                )
-            batches = batches[accelerator.process_index :: accelerator.num_processes]
+            batches = epoch_batches(state["epoch"])[accelerator.process_index :: accelerator.num_processes]
             for index in batches[state["batch_in_epoch"] :]:
                 batch = {k: v.to(device) for k, v in encoder.collate(encoded, index).items()}
                 if cfg.loss.rank_weight > 0:
