@@ -63,7 +63,7 @@ def query_batches(
         # near-equal slices rather than a full run and a short tail: a tail of one pair has
         # nothing to be ranked against
         n_slices = -(-len(members) // group_size)
-        slices.extend(s for s in np.array_split(members, n_slices))
+        slices.extend(np.array_split(members, n_slices))
     slices = [slices[i] for i in rng.permutation(len(slices))]
     batches: list[np.ndarray] = []
     current: list[np.ndarray] = []
