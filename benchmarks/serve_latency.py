@@ -9,7 +9,7 @@ every query after its first visit is a cache hit.
 
     python benchmarks/serve_latency.py --model runs/default/model --out runs/default/serve_latency.json
 
-The code is ``esci_reranker.bench_server`` (also run by ``esci-reranker bench --server``). Each
+The code is ``esci_reranker.bench.server`` (also run by ``esci-reranker bench --server``). Each
 setting gets a fresh server process, so one setting's cache never serves another's requests.
 Run it on an otherwise idle machine: the numbers measure the CPU the server gets.
 """
@@ -22,7 +22,7 @@ import os
 import platform
 from pathlib import Path
 
-from esci_reranker.bench_server import BATCHING, PRECISIONS, ServerLatency, format_server_table
+from esci_reranker.bench.server import BATCHING, PRECISIONS, ServerLatency, format_server_table
 
 
 def main(argv: list[str] | None = None) -> None:

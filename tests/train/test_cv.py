@@ -70,7 +70,7 @@ def test_cross_validate_rejects_an_unknown_baseline(tmp_path, small_splits):
 
 
 def test_cv_command_prints_the_curve_and_the_baselines(tmp_path, small_splits, tiny_backbone):
-    from tests.cli_helpers import assert_fails, run
+    from tests.cli.helpers import assert_fails, run
 
     args = ["cv", "--data", small_splits, "--out", tmp_path / "cv", "--folds", "2"]
     sets = [

@@ -11,11 +11,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from esci_reranker.cli import EXPORT_FORMATS
+from esci_reranker.cli.inference import EXPORT_FORMATS
 from esci_reranker.data.text import product_texts
 from esci_reranker.model import save_checkpoint
 from esci_reranker.reranker import SCORE_COLUMNS, Reranker
-from tests.cli_helpers import assert_fails, run
+from tests.cli.helpers import assert_fails, run
 from tests.conftest import SAMPLE_PARQUET, build_tiny_model
 
 

@@ -18,12 +18,12 @@ from esci_reranker.bench import (
     TORCH_FP32,
     TORCH_INT8,
     candidate_lists,
-    cpu_bf16_support,
     encoder_flops,
     format_table,
-    int8_available,
     run_backend_bench,
 )
+from esci_reranker.hardware import cpu_bf16_support
+from esci_reranker.model.cpu import int8_available
 
 
 def test_encoder_flops_follows_the_formula():

@@ -30,7 +30,7 @@ a large fp32 matmul in the same run, by ``torch.mm`` and by an ONNX Runtime ``Ma
 of the two: torch's MKL takes a slower code path on AMD CPUs, where ONNX Runtime's MLAS reaches
 about twice its rate). bf16 and int8 can exceed 100% of it.
 
-**Server latency.** Pass ``server_latency=esci_reranker.bench_server.ServerLatency()`` (what
+**Server latency.** Pass ``server_latency=esci_reranker.bench.server.ServerLatency()`` (what
 ``esci-reranker bench --server`` does) to add p50/p99 ``/rerank`` latency through the real server,
 at concurrency 1 and 8, with dynamic batching off and on; without it the JSON records it as not
 measured.
@@ -537,7 +537,7 @@ def _measure(
         "int8_ndcg_loss": _int8_loss(entries),
         "server_latency": {
             "status": "not measured",
-            "reason": "run `esci-reranker bench --server` (server_latency=bench_server.ServerLatency()) "
+            "reason": "run `esci-reranker bench --server` (server_latency=bench.server.ServerLatency()) "
             "for p50/p99 /rerank latency at concurrency 1 and 8, with and without dynamic batching",
         },
     }
@@ -613,7 +613,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         footer.append(f"torch int8 nDCG loss vs torch fp32: {loss['torch_int8_vs_torch_fp32']:+.4f}")
     server = result.get("server_latency", {})
     if server.get("status") not in (None, "not measured"):
-        from esci_reranker.bench_server import format_server_table
+        from esci_reranker.bench.server import format_server_table
 
         footer += ["", format_server_table(server)]
     return "\n".join([fmt.format(*header), *(fmt.format(*row) for row in lines), *footer])
@@ -643,7 +643,3 @@ def main(argv: list[str] | None = None) -> None:
         backends=[b.strip() for b in args.backends.split(",") if b.strip()],
         test_queries=args.test_queries,
     )
-
-
-if __name__ == "__main__":
-    main()

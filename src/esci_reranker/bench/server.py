@@ -1,6 +1,6 @@
 """Latency of the real HTTP service: ``/rerank`` p50/p99 for 40-candidate queries over loopback.
 
-``ServerLatency(...)(model_dir)`` is the ``server_latency`` hook of ``bench.run_backend_bench``
+``ServerLatency(...)(model_dir)`` is the ``server_latency`` hook of ``bench.backends.run_backend_bench``
 (``esci-reranker bench --server``); ``benchmarks/serve_latency.py`` is a command around the same
 code. For each setting it starts ``esci-reranker serve`` in a fresh subprocess (uvicorn) on a free
 127.0.0.1 port, waits for ``/ready``, sends ``/rerank`` requests of real ESCI queries with their
@@ -285,7 +285,7 @@ def _sample_path() -> Path:
 
 @dataclass
 class ServerLatency:
-    """The server part of the benchmark (a ``bench.ServerLatencyBench``): call it with a model folder.
+    """The server part of the benchmark (a ``bench.backends.ServerLatencyBench``): call it with a model folder.
 
     Attributes:
         concurrency: client concurrency levels.

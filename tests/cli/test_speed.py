@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from esci_reranker.cli import EXPORT_FORMATS
+from esci_reranker.cli.inference import EXPORT_FORMATS
 from esci_reranker.reranker import Reranker
-from tests.cli_helpers import assert_fails, run
+from tests.cli.helpers import assert_fails, run
 
 pytest.importorskip("onnxruntime")
 
@@ -132,32 +132,3 @@ def test_bench_with_server_reports_rerank_latency(tiny_checkpoint: Path, tmp_pat
         assert numbers["p50_ms"] > 0
         assert numbers["p99_ms"] >= numbers["p50_ms"]
     assert "p99 ms" in result.output  # the server table
-
-
-def test_server_latency_settings_become_the_servers_environment():
-    from esci_reranker.bench_server import ServerLatency
-
-    bench = ServerLatency(threads=2, precision="fp32", batch_wait_ms=3, max_batch_tokens=512)
-    assert bench.env("off", "off") == {
-        "CACHE_SIZE": "0",
-        "BATCH_WAIT_MS": "0",
-        "OMP_NUM_THREADS": "2",
-        "PRECISION": "fp32",
-        "TOWER_CACHE_SIZE": "0",  # cold unless asked
-    }
-    assert bench.env("on", "on") == {
-        "CACHE_SIZE": "256",
-        "BATCH_WAIT_MS": "3",
-        "MAX_BATCH_TOKENS": "512",
-        "OMP_NUM_THREADS": "2",
-        "PRECISION": "fp32",
-        "TOWER_CACHE_SIZE": "0",
-    }
-    assert "PRECISION" not in ServerLatency().env("on", "off")  # the service default decides
-    assert ServerLatency(tower_cache_size=500).env("on", "off")["TOWER_CACHE_SIZE"] == "500"
-    with pytest.raises(ValueError, match="tower_cache_size=-1"):
-        ServerLatency(tower_cache_size=-1)
-    with pytest.raises(ValueError, match="precision='fp16'"):
-        ServerLatency(precision="fp16")
-    with pytest.raises(ValueError, match="concurrency"):
-        ServerLatency(concurrency=[0])

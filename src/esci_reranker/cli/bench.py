@@ -1,0 +1,115 @@
+"""Speed command: ``bench``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from esci_reranker.cli.app import app
+from esci_reranker.cli.common import fail
+
+
+@app.command("bench")
+def bench_command(
+    model: Annotated[Path, typer.Option("--model", help="Checkpoint folder (PyTorch weights).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the JSON result.")] = Path("bench.json"),
+    batch_size: Annotated[int, typer.Option(help="Pairs per forward pass of every backend.")] = 32,
+    pairs: Annotated[int, typer.Option(help="Pairs scored per timed round (bundled sample).")] = 512,
+    repeats: Annotated[int, typer.Option(help="Timed rounds per backend, interleaved.")] = 3,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="CPU threads of every backend and of the server (default: torch's count)."),
+    ] = None,
+    server: Annotated[
+        bool,
+        typer.Option(
+            "--server/--no-server",
+            help="Also measure /rerank p50/p99 through the real server (40 candidates, concurrency "
+            "1 and 8, dynamic batching off and on, cache off).",
+        ),
+    ] = True,
+    backends: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated subset of torch_fp32, torch_bf16, torch_int8, onnx_fp32, onnx_int8, "
+            "st_cross_encoder (default: all)."
+        ),
+    ] = None,
+    test_queries: Annotated[
+        int | None, typer.Option(help="Score only the first N holdout queries for nDCG (default: all).")
+    ] = None,
+    roofline_size: Annotated[
+        int, typer.Option(help="Side of the fp32 matmul that measures the roofline.")
+    ] = 2048,
+    server_requests: Annotated[int, typer.Option(help="Timed /rerank requests per server setting.")] = 60,
+    server_concurrency: Annotated[
+        str, typer.Option(help="Comma-separated client concurrency levels.")
+    ] = "1,8",
+    server_seconds: Annotated[float, typer.Option(help="Time limit per server setting, in seconds.")] = 120.0,
+    server_precision: Annotated[
+        str,
+        typer.Option(help="PRECISION of the server: auto, fp32, bf16 or int8 (int8: lowest CPU latency)."),
+    ] = "auto",
+) -> None:
+    """Benchmark inference speed: pairs/s of each backend vs sentence-transformers, share of the fp32
+    roofline, nDCG, and (--server) /rerank latency through the HTTP service. Prints a table, writes JSON.
+
+    Run it on an otherwise idle machine; see docs/speed.md for what each number means.
+    """
+    for name, value in (("--batch-size", batch_size), ("--pairs", pairs), ("--repeats", repeats)):
+        if value < 1:
+            fail(f"{name} {value}: expected a positive integer.")
+    if threads is not None and threads < 1:
+        fail(f"--threads {threads}: expected a positive integer.")
+    if not model.is_dir():
+        fail(f"--model {model}: no such checkpoint folder.")
+    from esci_reranker.bench import BACKENDS, run_backend_bench
+
+    chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else list(BACKENDS)
+    unknown = [b for b in chosen if b not in BACKENDS]
+    if unknown or not chosen:
+        fail(f"--backends {backends!r}: unknown {unknown}; expected names from {', '.join(BACKENDS)}.")
+    hook = None
+    if server:
+        from esci_reranker.bench.server import ServerLatency
+
+        try:
+            levels = tuple(int(c) for c in server_concurrency.split(",") if c.strip())
+        except ValueError:
+            levels = ()
+        if not levels or min(levels) < 1:
+            fail(f"--server-concurrency {server_concurrency!r}: expected positive integers such as 1,8.")
+        if server_requests < 1:
+            fail(f"--server-requests {server_requests}: expected a positive integer.")
+        if not server_seconds > 0:
+            fail(f"--server-seconds {server_seconds}: expected a positive number of seconds.")
+        try:
+            hook = ServerLatency(
+                concurrency=levels,
+                requests=server_requests,
+                max_seconds=server_seconds,
+                threads=threads,
+                precision=server_precision,
+                echo=typer.echo,
+            )
+        except ValueError as err:
+            fail(f"--server-precision: {err}")
+    try:
+        run_backend_bench(
+            model,
+            out,
+            batch_size=batch_size,
+            n_pairs=pairs,
+            repeats=repeats,
+            threads=threads,
+            backends=chosen,
+            test_queries=test_queries,
+            roofline_size=roofline_size,
+            server_latency=hook,
+            echo=typer.echo,
+        )
+    except (OSError, ValueError) as error:  # CheckpointError is a ValueError
+        fail(f"--model {model}: {error}")
+    typer.echo(f"wrote {out}")

@@ -1,0 +1,74 @@
+"""Helpers shared by the command modules: clean failures, model loading, tables, option help."""
+
+from __future__ import annotations
+
+import typer
+
+DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (cuda > mps > cpu)."
+MODEL_HELP = "Checkpoint folder, or a Hugging Face Hub repo id (user/name) to download."
+PRECISION_HELP = (
+    "Torch arithmetic: fp32; bf16 (autocast); int8 (dynamic int8 linear layers, CPU only, the "
+    "fastest on CPUs with AVX-512 VNNI; scores shift slightly); auto = bf16 where native, else fp32."
+)
+
+
+def fail(message: str) -> None:
+    """Print ``message`` as an error and exit with status 2 (bad input), without a traceback."""
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code=2)
+
+
+def load_reranker(
+    model: str, device: str, batch_size: int = 64, precision: str = "fp32"
+):  # -> Reranker (imported lazily)
+    """`Reranker.from_pretrained`, turning a bad folder / repo id / device / precision into a clean error."""
+    from esci_reranker.hardware import resolve_precision
+    from esci_reranker.reranker import Reranker, select_device
+
+    if batch_size < 1:
+        fail(f"--batch-size {batch_size}: expected a positive integer.")
+    try:
+        target = select_device(device)
+    except (RuntimeError, ValueError) as error:
+        fail(f"--device {device}: {error}")
+    try:
+        resolved = resolve_precision(precision, target)
+    except ValueError as error:
+        fail(f"--precision: {error}")
+    try:
+        return Reranker.from_pretrained(model, device=device, batch_size=batch_size, precision=resolved)
+    except (OSError, ValueError) as error:  # CheckpointError is a ValueError
+        fail(f"--model {model}: {error}")
+        raise  # unreachable: fail() exits
+
+
+def shorten(text: object, width: int = 60) -> str:
+    """``text`` as a string of at most ``width`` characters, cut with an ellipsis."""
+    text = "" if text is None else str(text)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """Print a rich table on one line per row; the last column (a text) is cut to the width left."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns[:-1])]
+    room = min(70, max(12, console.width - sum(widths) - 3 * len(columns) - 1))
+    table = Table(title=escape(title), title_justify="left")
+    for name in columns[:-1]:
+        table.add_column(
+            name, justify="right" if name in ("rank", "score", "P(sub)") else "left", no_wrap=True
+        )
+    table.add_column(columns[-1], no_wrap=True)
+    for row in rows:
+        # Product titles contain brackets ("[Pack of 2]") that rich would take for markup.
+        table.add_row(*(escape(cell) for cell in row[:-1]), escape(shorten(row[-1], room)))
+    console.print(table)
+
+
+def fmt_prob(value: float | None) -> str:
+    """A probability with three decimals, or ``-`` when there is none (None or NaN)."""
+    return "-" if value is None or value != value else f"{value:.3f}"

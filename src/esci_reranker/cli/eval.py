@@ -1,0 +1,204 @@
+"""Evaluation commands: ``evaluate``, ``baseline`` and ``inspect``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from esci_reranker.cli.app import app
+from esci_reranker.cli.common import DEVICE_HELP, MODEL_HELP, fail, fmt_prob, load_reranker, print_table
+
+_GAINS_HELP = "nDCG gains: esci (E=1,S=.1,C=.01,I=0) or official-script (S and C swapped)."
+_RELEVANT_HELP = "Labels relevant for MRR, MAP, Recall@10, P@10: E or E,S."
+
+
+def _check_eval_options(gains: str, relevant: str, batch_size: int, seeds: int) -> None:
+    """Validate the options shared by `evaluate` and `baseline` before any slow work."""
+    from esci_reranker.eval.ranking import parse_relevant
+    from esci_reranker.labels import gain_table
+
+    if batch_size < 1:
+        fail(f"--batch-size {batch_size}: expected a positive integer.")
+    if seeds < 1:
+        fail(f"--seeds {seeds}: expected a positive integer.")
+    try:
+        gain_table(gains)
+        parse_relevant(relevant)
+    except ValueError as error:
+        fail(str(error))
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: Annotated[Path, typer.Option("--model", help="Trained checkpoint folder.")],
+    data: Annotated[Path, typer.Option("--data", help="Prepared split to score (test.parquet).")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Folder for predictions.parquet, metrics.json, report.md and plots/."),
+    ],
+    batch_size: Annotated[int, typer.Option(help="Pairs per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    gains: Annotated[str, typer.Option(help=_GAINS_HELP)] = "esci",
+    relevant: Annotated[str, typer.Option(help=_RELEVANT_HELP)] = "E",
+    baselines: Annotated[
+        str, typer.Option(help="Baselines to compare with: random,bm25,bi-encoder or none.")
+    ] = "random,bm25,bi-encoder",
+    seeds: Annotated[int, typer.Option(help="Seeds averaged by the random baseline.")] = 10,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Score a split with a model and the baselines; write predictions, metrics, report and plots."""
+    from esci_reranker.eval.baselines import parse_baselines
+    from esci_reranker.eval.runner import read_split, run_evaluation
+    from esci_reranker.reranker import Reranker
+
+    _check_eval_options(gains, relevant, batch_size, seeds)
+    try:
+        parse_baselines(baselines)
+        frame = read_split(data)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+        return
+    try:
+        reranker = Reranker.from_pretrained(model, device=device, batch_size=batch_size)
+    except (OSError, ValueError) as error:  # CheckpointError is a ValueError
+        fail(f"--model {model}: {error}")
+        return
+    result = run_evaluation(
+        reranker,
+        frame,
+        out,
+        baselines=baselines,
+        gains=gains,
+        relevant=relevant,
+        seeds=seeds,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    typer.echo(result.table)
+    typer.echo(f"wrote predictions.parquet, metrics.json, report.md and plots/ to {out}")
+
+
+@app.command("baseline")
+def baseline_command(
+    name: Annotated[str, typer.Argument(help="random, bm25 or bi-encoder.")],
+    data: Annotated[Path, typer.Option("--data", help="Prepared split to score (test.parquet).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for predictions.parquet and metrics.json.")],
+    seeds: Annotated[int, typer.Option(help="Seeds averaged by the random baseline.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Texts per batch (bi-encoder).")] = 64,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    gains: Annotated[str, typer.Option(help=_GAINS_HELP)] = "esci",
+    relevant: Annotated[str, typer.Option(help=_RELEVANT_HELP)] = "E",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Rank a split with a training-free baseline and write predictions.parquet + metrics.json."""
+    from esci_reranker.eval.baselines import BASELINES, run_baseline
+    from esci_reranker.eval.report import comparison_table
+    from esci_reranker.eval.runner import read_split, save_run
+
+    if name not in BASELINES:
+        fail(f"baseline {name!r}: unknown; expected one of {', '.join(BASELINES)}.")
+    _check_eval_options(gains, relevant, batch_size, seeds)
+    try:
+        frame = read_split(data)
+        result = run_baseline(
+            name,
+            frame,
+            gains=gains,
+            relevant=relevant,
+            seeds=seeds,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        fail(f"--data {data}: {error}")
+        return
+    save_run(out, result.run, result.metrics)
+    typer.echo(comparison_table(None, {name: result.metrics}))
+    typer.echo(f"wrote predictions.parquet and metrics.json to {out}")
+
+
+@app.command("inspect")
+def inspect_command(
+    model: Annotated[str, typer.Option("--model", help=MODEL_HELP)],
+    data: Annotated[Path, typer.Option("--data", help="Prepared split (test.parquet) with query_id.")],
+    query_index: Annotated[
+        int | None, typer.Option(help="Which query of the file, by position (0 = first; default).")
+    ] = None,
+    query_id: Annotated[str | None, typer.Option(help="Which query of the file, by query_id.")] = None,
+    query: Annotated[
+        str | None, typer.Option(help="Score the candidates against this text instead of the query.")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="Show only the best K.")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+) -> None:
+    """Show how the model ranks the candidates of one query of a prepared split."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if query_index is not None and query_id is not None:
+        fail("give --query-index or --query-id, not both.")
+    if top_k is not None and top_k < 1:
+        fail(f"--top-k {top_k}: expected a positive integer.")
+    if query is not None and not query.strip():
+        fail("--query: expected a non-empty text.")
+    try:
+        names = pq.ParquetFile(data).schema_arrow.names
+    except (OSError, pa.ArrowException) as error:
+        fail(f"--data {data}: cannot read it as parquet ({error}).")
+    missing = [c for c in ("query_id", "query", "product_id") if c not in names]
+    if missing:
+        fail(f"--data {data}: missing column(s) {missing} (columns: {names}).")
+    ids = pc.unique(pq.read_table(data, columns=["query_id"]).column("query_id")).to_pylist()
+    if query_id is None:
+        index = query_index or 0
+        if not 0 <= index < len(ids):
+            fail(f"--query-index {index}: {data} has {len(ids)} queries; expected 0..{len(ids) - 1}.")
+        qid = ids[index]
+    else:
+        qid = next((i for i in ids if str(i) == query_id), None)
+        if qid is None:
+            fail(f"--query-id {query_id}: not in {data} ({len(ids)} queries).")
+    rows = pq.read_table(data, filters=[("query_id", "==", qid)]).to_pandas()
+    file_query = str(rows["query"].iloc[0])
+    text = query if query is not None else file_query
+    rows["query"] = text
+
+    reranker = load_reranker(model, device)
+    try:
+        preds = reranker.predict_frame(rows, progress=False)
+    except ValueError as error:
+        fail(f"--data {data}: {error}")
+    order = np.argsort(-preds.scores, kind="stable")[: top_k or len(rows)]
+    multi = reranker.config.multi_task
+    title_column = "product_title" if "product_title" in rows.columns else "product_text"
+
+    rows_out = [
+        [
+            str(rank),
+            str(rows["product_id"].iloc[i]),
+            f"{preds.scores[i]:.4f}",
+            str(preds.esci_classes[i]) if multi else "-",
+            fmt_prob(float(preds.substitute_probs[i])) if multi else "-",
+            str(rows["esci_label"].iloc[i]) if "esci_label" in rows.columns else "-",
+            str(rows[title_column].iloc[i]) if title_column in rows.columns else "",
+        ]
+        for rank, i in enumerate(order, start=1)
+    ]
+    if query is not None:
+        typer.echo(f"(query text overridden; the file's query is {file_query!r})")
+    print_table(
+        f"query_id {qid}: {text!r}",
+        ["rank", "product_id", "score", "pred", "P(sub)", "label", "title"],
+        rows_out,
+    )
+    truncated = int(preds.truncated.sum())
+    typer.echo(
+        f"{len(rows)} candidates, {len(order)} shown"
+        + (f"; {truncated} cut to {reranker.config.max_length} tokens" if truncated else "")
+    )

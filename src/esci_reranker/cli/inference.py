@@ -1,0 +1,204 @@
+"""Inference commands: ``rerank``, ``score``, ``push`` and ``export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from esci_reranker.cli.app import app
+from esci_reranker.cli.common import (
+    DEVICE_HELP,
+    MODEL_HELP,
+    PRECISION_HELP,
+    fail,
+    fmt_prob,
+    load_reranker,
+    print_table,
+)
+
+#: `export --format` name -> "module:function" with the signature (model_dir, out_dir, overwrite) -> Path.
+#: Imported only when used, so `--help` stays fast and optional extras stay optional.
+EXPORT_FORMATS: dict[str, str] = {
+    "hf-classifier": "esci_reranker.model.export:export_hf_classifier",
+    "st-cross-encoder": "esci_reranker.model.export:export_st_cross_encoder",
+    "onnx": "esci_reranker.model.onnx:export_onnx",  # also takes quantize= (--quantize int8)
+}
+#: Formats whose exporter takes ``quantize=``, and the values `--quantize` accepts for them.
+QUANTIZE_FORMATS: dict[str, tuple[str, ...]] = {"onnx": ("int8",)}
+
+
+@app.command("rerank")
+def rerank_command(
+    model: Annotated[str, typer.Option("--model", help=MODEL_HELP)],
+    query: Annotated[str, typer.Option("--query", help="The search query.")],
+    candidates: Annotated[
+        Path,
+        typer.Option(
+            "--candidates",
+            help="A .jsonl, .csv or .parquet file: product_id plus text, or product fields "
+            "(title, brand, color, description, bullets or the product_* column names).",
+        ),
+    ],
+    top_k: Annotated[int | None, typer.Option(help="Keep only the best K.")] = None,
+    output_format: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
+) -> None:
+    """Rerank the candidates in a file for one query and print them best first."""
+    import dataclasses
+    import json
+
+    if output_format not in ("table", "json"):
+        fail(f"--format {output_format!r}: expected table or json.")
+    if top_k is not None and top_k < 1:
+        fail(f"--top-k {top_k}: expected a positive integer.")
+    if not query.strip():
+        fail("--query: expected a non-empty text.")
+    from esci_reranker.reranker import read_candidates
+
+    try:
+        records = read_candidates(candidates)
+    except (OSError, ValueError) as error:
+        fail(f"--candidates {error}")
+    reranker = load_reranker(model, device, precision=precision)
+    try:
+        ranked = reranker.rerank(query, records, top_k=top_k)
+    except ValueError as error:
+        fail(f"--candidates {candidates}: {error}")
+    if output_format == "json":
+        typer.echo(json.dumps([dataclasses.asdict(c) for c in ranked], indent=2))
+        return
+    texts = {str(r["product_id"]): reranker.text_of(r) for r in records}
+    rows = [
+        [
+            str(c.rank),
+            c.product_id,
+            f"{c.score:.4f}",
+            c.esci_class or "-",
+            fmt_prob(c.substitute_prob),
+            ("[truncated] " if c.truncated else "") + texts[c.product_id],
+        ]
+        for c in ranked
+    ]
+    print_table(
+        f"{query!r}: {len(ranked)} of {len(records)} candidates",
+        ["rank", "product_id", "score", "pred", "P(sub)", "text"],
+        rows,
+    )
+
+
+@app.command("score")
+def score_command(
+    model: Annotated[str, typer.Option("--model", help=MODEL_HELP)],
+    input_path: Annotated[
+        Path,
+        typer.Option(
+            "--input",
+            help="Parquet with query and product_* columns or product_text; other columns pass through.",
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", help="Parquet to write (input + predictions).")],
+    batch_size: Annotated[int, typer.Option(help="Pairs per forward pass.")] = 64,
+    chunk_rows: Annotated[int, typer.Option(help="Rows read, scored and written at a time.")] = 50_000,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Score every pair of a parquet file and write it with the model's predictions added.
+
+    Adds score, expected_gain, esci_pred, esci_prob_E/S/C/I, substitute_prob and truncated.
+    Streams in chunks, so files of millions of rows fit in memory.
+    """
+    from esci_reranker.reranker import score_parquet
+
+    if chunk_rows < 1:
+        fail(f"--chunk-rows {chunk_rows}: expected a positive integer.")
+    if not input_path.is_file():
+        fail(f"--input {input_path}: no such file.")
+    reranker = load_reranker(model, device, batch_size, precision)
+    try:
+        rows = score_parquet(reranker, input_path, output, chunk_rows=chunk_rows, progress=progress)
+    except (OSError, ValueError) as error:
+        fail(f"--input {input_path}: {error}")
+    typer.echo(f"scored {rows:,} rows -> {output}")
+
+
+@app.command("push")
+def push_command(
+    model: Annotated[Path, typer.Option("--model", help="Checkpoint folder to upload.")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub repo, user/name or org/name.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
+    commit_message: Annotated[str | None, typer.Option(help="Commit message on the Hub.")] = None,
+    token: Annotated[
+        str | None, typer.Option(help="Hub token (default: HF_TOKEN or the saved login).")
+    ] = None,
+) -> None:
+    """Upload a checkpoint to the Hugging Face Hub with a generated model card (README.md)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from esci_reranker.hub import CARD_NAME, push_to_hub
+
+    try:
+        result = push_to_hub(model, repo_id, private=private, commit_message=commit_message, token=token)
+    except ValueError as error:  # CheckpointError, bad repo id
+        fail(str(error))
+    except (HfHubHTTPError, OSError) as error:
+        fail(f"upload to {repo_id} failed: {error}")
+    card = "generated" if result.card_written else "kept (hand-written)"
+    typer.echo(f"{CARD_NAME} {card}; pushed {model} to {result.url}")
+    typer.echo(f'load it with: Reranker.from_pretrained("{repo_id}")')
+
+
+@app.command("export")
+def export_command(
+    model: Annotated[str, typer.Option("--model", help=MODEL_HELP)],
+    output_format: Annotated[str, typer.Option("--format", help=f"One of: {', '.join(EXPORT_FORMATS)}.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the exported model to.")],
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --out if it exists and is not empty.")
+    ] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option("--quantize", help="onnx only: int8 (dynamic quantisation, smaller and faster on CPU)."),
+    ] = None,
+) -> None:
+    """Export a checkpoint as a standard model (see docs/inference.md for what each format keeps).
+
+    hf-classifier: transformers AutoModelForSequenceClassification with labels E, S, C, I.
+    st-cross-encoder: a sentence-transformers CrossEncoder giving the Task 1 score.
+    onnx: the whole model as one ONNX graph for ONNX Runtime (fp32, or int8 with --quantize int8);
+    Reranker.from_pretrained loads the folder (see docs/speed.md).
+    """
+    import importlib
+
+    from esci_reranker.reranker import resolve_checkpoint
+
+    target = EXPORT_FORMATS.get(output_format)
+    if target is None:
+        fail(f"--format {output_format!r}: expected one of {', '.join(EXPORT_FORMATS)}.")
+        return
+    options: dict[str, object] = {}
+    if quantize is not None:
+        allowed = QUANTIZE_FORMATS.get(output_format)
+        if allowed is None:
+            fail(
+                f"--quantize {quantize}: only --format {' or '.join(QUANTIZE_FORMATS)} can be quantized, "
+                f"not {output_format}; drop --quantize or use --format onnx."
+            )
+            return
+        if quantize not in allowed:
+            fail(f"--quantize {quantize!r}: expected one of {', '.join(allowed)}.")
+            return
+        options["quantize"] = quantize
+    try:
+        folder = resolve_checkpoint(model)
+        module_name, function_name = target.split(":")
+        exporter = getattr(importlib.import_module(module_name), function_name)
+        written = exporter(folder, out, overwrite=overwrite, **options)
+    except ImportError as error:
+        fail(f"--format {output_format}: a dependency is missing ({error}).")
+    except (OSError, ValueError) as error:  # CheckpointError and ExportError are ValueErrors
+        fail(str(error))
+    typer.echo(f"exported {model} as {output_format}{f' ({quantize})' if quantize else ''} to {written}")

@@ -1,0 +1,131 @@
+"""Training commands: ``train``, ``cv`` and ``pipeline`` (the main job)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from esci_reranker.cli.app import app
+from esci_reranker.cli.common import fail
+
+
+@app.command("train")
+def train_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML training config.")] = Path(
+        "configs/multi_task.yaml"
+    ),
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config value, e.g. --set optim.lr=5e-5 (repeatable)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last periodic checkpoint.")
+    ] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Train a reranker from a YAML config (multi-task by default); keeps the best model on val nDCG.
+
+    Runs on CPU, one GPU, or many with `accelerate launch -m esci_reranker.cli train ...`.
+    """
+    from esci_reranker.train import ConfigError, load_config, train
+
+    try:
+        cfg = load_config(config, tuple(overrides or ()))
+        result = train(cfg, resume=resume, progress=progress)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        fail(str(err))
+        return
+    typer.echo(
+        f"best val {result.metric_name} {result.best_metric:.4f} at step {result.best_step}/{result.steps}"
+        f"{' (early stop)' if result.stopped_early else ''}; model: {result.save_path}; "
+        f"{result.seconds:.0f} s"
+    )
+    if result.test_metrics:
+        t1 = result.test_metrics["task1"]
+        typer.echo(f"test: nDCG {t1['ndcg']:.4f}  nDCG@10 {t1['ndcg@10']:.4f}  MRR {t1['mrr']:.4f}")
+
+
+@app.command("cv")
+def cv_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML training config.")] = Path(
+        "configs/multi_task.yaml"
+    ),
+    data: Annotated[
+        Path, typer.Option("--data", help="Prepared folder; its train+val queries are folded.")
+    ] = Path("runs/default/data"),
+    out: Annotated[Path, typer.Option("--out", help="Output folder (cv.json and fold models).")] = Path(
+        "runs/cv"
+    ),
+    folds: Annotated[int, typer.Option(help="Number of query folds.")] = 4,
+    seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0",
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Config override (repeatable).")
+    ] = None,
+    baselines: Annotated[
+        str,
+        typer.Option(help="Baselines ranked on every fold: comma-separated random,bm25,bi-encoder or none."),
+    ] = "bm25,bi-encoder",
+) -> None:
+    """Cross-validate a config over the train+val queries (the test split is never read)."""
+    from esci_reranker.eval.baselines import parse_baselines
+    from esci_reranker.train import ConfigError, load_config
+    from esci_reranker.train.cv import cross_validate
+
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+        chosen = parse_baselines(baselines)
+        cfg = load_config(config, tuple(overrides or ()))
+        result = cross_validate(cfg, data, out, folds=folds, seeds=seed_list, baselines=chosen)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        fail(str(err))
+        return
+    s = result.summary()
+    curve = ", ".join(f"{step}: {value:.4f}" for step, value in s["mean_curve"].items())
+    lines = [
+        f"{s['runs']} runs: best val {result.metric} {s['mean']:.4f} ± {s['std']:.4f} "
+        f"(untrained {s['start_mean']:.4f}; last eval {s['end_mean']:.4f}; "
+        f"gain {s['gain_mean']:+.4f} ± {s['gain_std']:.4f})",
+        f"mean over runs by step: {curve}",
+        *(f"baseline {name}: {value:.4f}" for name, value in s["baselines"].items()),
+        f"details: {out / 'cv.json'}",
+    ]
+    typer.echo("\n".join(lines))
+
+
+@app.command("pipeline")
+def pipeline_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML training config.")] = Path(
+        "configs/multi_task.yaml"
+    ),
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/default"),
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Config override (repeatable).")
+    ] = None,
+    baselines: Annotated[str, typer.Option(help="Comma-separated: random,bm25,bi-encoder or none.")] = (
+        "random,bm25,bi-encoder"
+    ),
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """The main job: prepare the bundled sample, train, evaluate against baselines, print the table."""
+    from esci_reranker.data import DataError
+    from esci_reranker.pipeline import run_pipeline
+    from esci_reranker.train import ConfigError
+
+    names = tuple(b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none")
+    try:
+        result = run_pipeline(config, out, tuple(overrides or ()), names, progress=progress, log=typer.echo)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        fail(str(err))
+        return
+    typer.echo("\nValidation split (model selection; baselines for reference):\n")
+    typer.echo(result.val_table)
+    typer.echo("\nTest split (the sample's held-out queries; never used for training or selection):\n")
+    typer.echo(result.test_table)
+    t = result.seconds
+    typer.echo(
+        f"\ntime: prepare {t['prepare']:.0f} s, train {t['train']:.0f} s, "
+        f"evaluate {t['evaluate_val'] + t['evaluate_test']:.0f} s, total {t['total']:.0f} s"
+    )
+    typer.echo(f"model: {out / 'model'}   report: {out / 'eval' / 'report.md'}")
