@@ -21,9 +21,10 @@ from esci_reranker.serve.errors import install_error_handlers
 from esci_reranker.serve.metrics import Metrics
 from esci_reranker.serve.middleware import RequestContextMiddleware
 from esci_reranker.serve.ratelimit import RateLimitMiddleware, build_limiter, rate_limit_exceeded
-from esci_reranker.serve.routes import compat, info, ops, scoring
+from esci_reranker.serve.routes import compat, docs, info, ops, scoring
 from esci_reranker.serve.settings import Settings, load_settings
 from esci_reranker.serve.state import Loader, ServiceState, load_reranker
+from esci_reranker.serve.web import STATIC_NAME, STATIC_URL, static_files
 
 if TYPE_CHECKING:
     from esci_reranker.reranker import Reranker
@@ -69,10 +70,17 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # FastAPI's own /docs and /redoc load their assets from a CDN; ours (routes/docs.py) load
+        # them from the static mount below, so the pages work offline.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = state
 
     app.include_router(ops.router)
+    app.include_router(docs.router)
+    # The one static mount for every page the app serves (see serve/web).
+    app.mount(STATIC_URL, static_files(), name=STATIC_NAME)
     protected = [Depends(require_api_key)] if settings.api_key is not None else []
     app.include_router(info.router, dependencies=protected)
     app.include_router(scoring.router, dependencies=protected)
@@ -84,14 +92,16 @@ def create_app(
         app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded)
         app.add_middleware(RateLimitMiddleware, limiter=app.state.limiter)
     # Added last, so it is the outermost: it sees every response, 429s and 500s included.
-    routers = (ops.router, info.router, scoring.router, compat.router)
+    routers = (ops.router, docs.router, info.router, scoring.router, compat.router)
     known_paths = {getattr(route, "path", "") for router in routers for route in router.routes}
-    known_paths |= {path for path in (app.openapi_url, app.docs_url, app.redoc_url) if path}
+    if app.openapi_url:
+        known_paths.add(app.openapi_url)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
         known_paths=known_paths,
+        mounts=[STATIC_URL],
     )
     return app
 

@@ -43,13 +43,20 @@ class RequestContextMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, known_paths: Collection[str] = ()
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body_bytes: int,
+        known_paths: Collection[str] = (),
+        mounts: Collection[str] = (),
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         # Requests answered before routing (413, 429) are labelled by path only if it is a route.
         self.known_paths = frozenset(known_paths)
+        # Requests under a mount (``/static``) are labelled by the mount, one label for all its files.
+        self.mount_prefixes = tuple(f"{mount.rstrip('/')}/" for mount in mounts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,6 +100,8 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             path = scope.get("path", "")
             endpoint = getattr(scope.get("route"), "path", None)
+            if endpoint is None and path.startswith(self.mount_prefixes):
+                endpoint = next(prefix[:-1] for prefix in self.mount_prefixes if path.startswith(prefix))
             if endpoint is None:
                 endpoint = path if path in self.known_paths else UNMATCHED
             method = scope.get("method", "")

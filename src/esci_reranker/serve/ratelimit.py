@@ -1,7 +1,8 @@
 """Per-client-IP rate limit (``RATE_LIMIT``, e.g. ``100/minute``) with slowapi.
 
 One counter per client address covers every limited route together. ``/health``, ``/ready``
-and ``/metrics`` are exempt so probes and scrapers never see 429.
+and ``/metrics`` are exempt so probes and scrapers never see 429, and so are the static files
+under ``/static/`` (a docs page loads several; serving them costs no model time).
 
 slowapi's own ``SlowAPIMiddleware`` finds the route by scanning ``app.routes`` for an
 ``endpoint`` attribute; FastAPI >= 0.13x wraps included routers so that scan finds nothing and
@@ -27,9 +28,12 @@ from slowapi.util import get_remote_address
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from esci_reranker.serve.errors import error_response
+from esci_reranker.serve.web import STATIC_URL
 
 #: Routes that never count against or fail the limit.
 EXEMPT_PATHS: frozenset[str] = frozenset({"/health", "/ready", "/metrics"})
+#: Path prefixes that never count against or fail the limit.
+EXEMPT_PREFIXES: tuple[str, ...] = (f"{STATIC_URL}/",)
 
 
 def build_limiter(rate: str) -> Limiter:
@@ -46,13 +50,24 @@ def build_limiter(rate: str) -> Limiter:
 class RateLimitMiddleware:
     """ASGI middleware that answers 429 (with ``Retry-After``) once a client exceeds the limit."""
 
-    def __init__(self, app: ASGIApp, limiter: Limiter, exempt_paths: Collection[str] = EXEMPT_PATHS) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: Limiter,
+        exempt_paths: Collection[str] = EXEMPT_PATHS,
+        exempt_prefixes: tuple[str, ...] = EXEMPT_PREFIXES,
+    ) -> None:
         self.app = app
         self.limiter = limiter
         self.exempt_paths = frozenset(exempt_paths)
+        self.exempt_prefixes = exempt_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt_paths:
+        if (
+            scope["type"] != "http"
+            or scope["path"] in self.exempt_paths
+            or scope["path"].startswith(self.exempt_prefixes)
+        ):
             await self.app(scope, receive, send)
             return
         request = Request(scope, receive)
