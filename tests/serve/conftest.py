@@ -71,3 +71,63 @@ def make_client(tiny_reranker: Reranker) -> Iterator[MakeClient]:
 def client(make_client: MakeClient) -> TestClient:
     """A client of the default app (cache on, no key, no rate limit) serving the tiny model."""
     return make_client()
+
+
+# --- Live server and real browser (Playwright + Debian's Chromium); see tests/serve/browser.py. ---
+
+
+@pytest.fixture
+def live_server() -> Iterator[Callable[[Any], str]]:
+    """``live_server(app) -> base_url``: serve an app with uvicorn on a free loopback port for this test."""
+    from tests.serve.browser import LiveServer
+
+    with ExitStack() as stack:
+        yield lambda app: stack.enter_context(LiveServer(app)).url
+
+
+@pytest.fixture
+def live_url(live_server: Callable[[Any], str], tiny_reranker: Reranker) -> str:
+    """Base URL of the default app (no key, no rate limit) serving the tiny model over real HTTP."""
+    return live_server(create_app(load_settings(), tiny_reranker))
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """Debian's Chromium under Playwright, headless; one per test module (a launch takes ~1 s).
+
+    Fails (never skips) without the browser: the browser tests must run in CI, whose .ci/run
+    installs it.
+    """
+    from playwright.sync_api import sync_playwright
+
+    from tests.serve.browser import CHROMIUM_ARGS, CHROMIUM_PATH
+
+    if not Path(CHROMIUM_PATH).is_file():
+        pytest.fail(
+            f"no Chromium at {CHROMIUM_PATH}: install it with `apt-get install chromium` "
+            "(.ci/run does) or point CHROMIUM at a Chromium/Chrome binary"
+        )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM_PATH, args=list(CHROMIUM_ARGS))
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def open_page(chromium: Any) -> Iterator[Callable[[str], Any]]:
+    """``open_page(base_url) -> GuardedPage``: a fresh browser context whose requests may reach
+    ``base_url``'s origin only (anything else is aborted and listed in ``.blocked``)."""
+    from tests.serve.browser import GuardedPage
+
+    contexts: list[Any] = []
+
+    def open_(base_url: str) -> GuardedPage:
+        context = chromium.new_context(service_workers="block", viewport={"width": 1280, "height": 900})
+        contexts.append(context)
+        return GuardedPage(context, base_url)
+
+    yield open_
+    for context in contexts:
+        context.close()
