@@ -135,6 +135,13 @@ class EvalSection(_Strict):
     metric: Literal["ndcg", "ndcg@10", "mrr", "map"] = "ndcg"
     min_delta: float = Field(0.0, ge=0)
     batch_size: int = Field(64, ge=1)
+    select: Literal["best", "last"] = Field(
+        "best",
+        description="'best': keep the best validation point and stop early; 'last': keep the model at "
+        "the end of training, no early stopping, validation (if any) only logged. Out-of-fold models "
+        "use 'last' so their held-out queries never choose their checkpoint; with 'last' the "
+        "validation split may be absent.",
+    )
 
 
 class OutputSection(_Strict):

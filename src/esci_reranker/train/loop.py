@@ -179,10 +179,14 @@ class Trainer:
             self.train_frame = self.train_frame.sample(
                 n=d.max_train_rows, random_state=self.cfg.seed
             ).reset_index(drop=True)
-        self.val_frame = read_split(d.resolve("val"), "val")
+        val_path = d.resolve("val")
+        # With select 'last' nothing is chosen on validation, so a run may train on every query.
+        optional_val = self.cfg.eval.select == "last" and not val_path.is_file()
+        self.val_frame = None if optional_val else read_split(val_path, "val")
         test_path = d.resolve("test")
         self.test_frame = read_split(test_path, "test") if test_path.is_file() else None
-        overlap = set(self.train_frame["query_id"]) & set(self.val_frame["query_id"])
+        val_ids = set() if self.val_frame is None else set(self.val_frame["query_id"])
+        overlap = set(self.train_frame["query_id"]) & val_ids
         if overlap:
             raise ValueError(
                 f"train and val splits share {len(overlap)} query_id(s) (e.g. {sorted(overlap)[:3]}); "
@@ -321,7 +325,11 @@ class Trainer:
         unwrapped: RerankerModel = accelerator.unwrap_model(model)
         metric = cfg.eval.metric
 
+        select_last = cfg.eval.select == "last"
+
         def validate() -> None:
+            if self.val_frame is None:
+                return
             metrics = self.evaluate(unwrapped, tokenizer, self.val_frame, device)
             model.train()
             value = float(metrics["task1"][metric])
@@ -330,7 +338,9 @@ class Trainer:
             self._log(accelerator, record)
             if cfg.output.tensorboard:
                 accelerator.log({f"val/{k}": v for k, v in _flat(metrics).items()}, step=state["step"])
-            if value > state["best_metric"] + cfg.eval.min_delta:
+            if select_last:
+                pass  # only logged: the checkpoint is the model at the end of training
+            elif value > state["best_metric"] + cfg.eval.min_delta:
                 state.update(best_metric=value, best_step=state["step"], bad_evals=0)
                 if accelerator.is_main_process:
                     save_checkpoint(unwrapped, tokenizer, self.save_path)
@@ -403,6 +413,10 @@ class Trainer:
                 state["batch_in_epoch"] = 0
         bar.close()
         accelerator.wait_for_everyone()
+        if select_last:
+            state.update(best_step=state["step"], best_metric=float(state.get("last_val", math.nan)))
+            if accelerator.is_main_process:
+                save_checkpoint(unwrapped, tokenizer, self.save_path)
         if state["step"] % cfg.output.checkpoint_every != 0 and not state["stopped_early"]:
             self._save_state(accelerator, state)
         if cfg.output.tensorboard:
