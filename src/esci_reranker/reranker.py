@@ -142,6 +142,8 @@ class _TorchRunner:
         if out.esci_logits is not None and out.substitute_logit is not None:
             result["esci_logits"] = out.esci_logits.float().cpu().numpy()
             result["substitute_logit"] = out.substitute_logit.float().cpu().numpy()
+        if out.prior is not None:
+            result["prior"] = out.prior.float().cpu().numpy()  # (B, F): config.prior_features
         return result
 
 
@@ -379,6 +381,7 @@ class Reranker:
         score = np.zeros(n, dtype=np.float32)
         logits = np.zeros((n, 4), dtype=np.float32)
         sub = np.zeros(n, dtype=np.float32)
+        prior: np.ndarray | None = None
         has_classes = False
         batches = list(self.batches(encoded))
         for index in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
@@ -388,9 +391,15 @@ class Reranker:
                 has_classes = True
                 logits[index] = out["esci_logits"]
                 sub[index] = out["substitute_logit"]
+            if "prior" in out:
+                if prior is None:
+                    prior = np.zeros((n, out["prior"].shape[1]), dtype=np.float32)
+                prior[index] = out["prior"]
         result: dict[str, np.ndarray] = {"score": score}
         if has_classes:
             result["esci_logits"], result["substitute_logit"] = logits, sub
+        if prior is not None:
+            result["prior"] = prior  # (N, F) in config.prior_features order (torch backend only)
         return result
 
     def to_predictions(self, out: Mapping[str, np.ndarray], truncated: np.ndarray) -> Predictions:

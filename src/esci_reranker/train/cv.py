@@ -103,12 +103,18 @@ def cross_validate(
     seeds: tuple[int, ...] = (0,),
     progress: bool = False,
     baselines: tuple[str, ...] = CV_BASELINES,
+    oof: bool = False,
 ) -> CVResult:
     """Train ``cfg`` on each fold x seed of the train+val queries in ``data_dir``; return the results.
 
     ``baselines`` (names of ``eval.baselines.BASELINES``; ``()`` for none) rank each fold's
     validation queries too, with the config's text fields. Writes ``out_dir/cv.json`` (every run,
     the baselines per fold and the summary); fold models go to ``out_dir/fold*/``.
+
+    With ``oof``, each trained fold model also scores its held-out queries and the rows go to
+    ``out_dir/oof.parquet`` (``fold``, ``seed``, ids, ``stack.outputs.CE_COLUMNS``): the
+    out-of-fold cross-encoder outputs a stacker trains on. Use it with ``eval.select: last``
+    so no held-out query chooses its own model's checkpoint.
     """
     from esci_reranker.eval.baselines import parse_baselines, run_baseline
     from esci_reranker.train.loop import read_split, train
@@ -122,6 +128,7 @@ def cross_validate(
     )
     result = CVResult(metric=cfg.eval.metric)
     key = "task1." + cfg.eval.metric
+    oof_tables: list[pd.DataFrame] = []
     for fold, fold_queries in enumerate(query_folds(frame["query_id"].to_numpy(), folds)):
         split_dir = write_fold_splits(frame, fold_queries, out / f"fold{fold}" / "data")
         val = frame[frame["query_id"].isin(fold_queries)]
@@ -152,7 +159,21 @@ def cross_validate(
                 )
             )
             _write(out / "cv.json", result)
+            if oof:
+                oof_tables.append(fold_outputs(run.output.save_path, val, fold, seed))
+                pd.concat(oof_tables, ignore_index=True).to_parquet(out / "oof.parquet", index=False)
     return result
+
+
+def fold_outputs(model_dir: Path, val: pd.DataFrame, fold: int, seed: int) -> pd.DataFrame:
+    """The out-of-fold cross-encoder outputs of a fold model on its held-out queries."""
+    from esci_reranker.reranker import Reranker
+    from esci_reranker.stack.outputs import frame_outputs
+
+    table = frame_outputs(Reranker.from_pretrained(model_dir), val)
+    table.insert(0, "seed", seed)
+    table.insert(0, "fold", fold)
+    return table
 
 
 def _write(path: Path, result: CVResult) -> None:
