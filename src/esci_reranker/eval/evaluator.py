@@ -121,7 +121,9 @@ def evaluate_run(
       E, S, C, I), ``confusion_matrix`` (list of rows, true E,S,C,I x predicted E,S,C,I) and
       ``labels``, when ``esci_pred`` exists;
     - ``task3``: ``accuracy, f1, micro_f1, macro_f1, auc`` and ``threshold``, when
-      ``substitute_prob`` exists and is not all NaN.
+      ``substitute_prob`` exists and is not all NaN;
+    - ``by_query_type``: when the run has ``esci_query_source``, each type's ``num_queries``,
+      ``num_pairs`` and every Task 1/2/3 section above (without the confusion matrix).
 
     The input is not modified.
     """
@@ -156,7 +158,35 @@ def evaluate_run(
         metrics["task3"] = substitute_metrics(
             run["esci_label"].astype(str), run["substitute_prob"], threshold
         ) | {"threshold": threshold}
+    if QUERY_SOURCE_COLUMN in run.columns:
+        metrics["by_query_type"] = {
+            str(name): _type_metrics(
+                evaluate_run(
+                    part.drop(columns=QUERY_SOURCE_COLUMN), gains, relevant_labels, cutoff, threshold
+                )
+            )
+            for name, part in run.groupby(run[QUERY_SOURCE_COLUMN].astype(str), sort=True)
+        }
     return metrics
+
+
+#: What ``by_query_type`` keeps of each type's ``evaluate_run`` result.
+_TYPE_SECTIONS: Final[tuple[str, ...]] = (
+    "num_queries",
+    "num_pairs",
+    "task1",
+    "task1_expected_gain",
+    "task2",
+    "task3",
+)
+
+
+def _type_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """One query type's metrics: every Task 1/2/3 number, without the confusion matrix."""
+    out = {k: metrics[k] for k in _TYPE_SECTIONS if k in metrics}
+    if "task2" in out:
+        out["task2"] = {k: v for k, v in out["task2"].items() if k not in ("confusion_matrix", "labels")}
+    return out
 
 
 def _has_values(run: pd.DataFrame, column: str) -> bool:
