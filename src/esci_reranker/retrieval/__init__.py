@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from esci_reranker.retrieval.encoder import DenseEncoder, IndexMismatchError
     from esci_reranker.retrieval.index import CatalogueIndex, Retrieved
     from esci_reranker.retrieval.sample import build_sample_index
-    from esci_reranker.retrieval.search import SearchHit, SearchResults, Searcher
+    from esci_reranker.retrieval.search import Searcher, SearchHit, SearchResults
 
 _EXPORTS = {
     "CatalogueIndex": "esci_reranker.retrieval.index",
