@@ -22,7 +22,7 @@ from esci_reranker.data.text import FIELD_COLUMNS, clean_text, product_text, pro
 from esci_reranker.hardware import PRECISIONS, autocast, freed_memory_kept
 from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.model.config import CheckpointError, ModelConfig
-from esci_reranker.model.features import PROBE_PAIRS, EncodedPairs, PairEncoder
+from esci_reranker.model.features import PROBE_PAIRS, EncodedPairs, PairEncoder, pair_encoder_for
 from esci_reranker.model.modeling import RerankerModel
 from esci_reranker.model.tower_cache import TowerCache
 from esci_reranker.model.unpadded import Sequences
@@ -149,7 +149,7 @@ class _TorchRunner:
 
 def _enable_unpadded(model: RerankerModel, tokenizer: PreTrainedTokenizerBase) -> bool:
     """Switch ``model`` to padding-free inference if its encoder passes the check on probe pairs."""
-    encoder = PairEncoder(tokenizer, model.config)
+    encoder = pair_encoder_for(tokenizer, model.config)
     encoded = encoder.encode([q for q, _ in PROBE_PAIRS], [t for _, t in PROBE_PAIRS])
     batch = {
         k: v.to(model.gain_vector.device) for k, v in encoder.collate(encoded, range(len(encoded))).items()
@@ -294,7 +294,7 @@ class Reranker:
             config.max_length = max_length
         return cls(
             config,
-            PairEncoder(tokenizer, config),
+            pair_encoder_for(tokenizer, config),  # the model family's input builder
             runner,
             dev,
             batch_size=batch_size,
@@ -358,7 +358,11 @@ class Reranker:
         )
 
     def batches(self, encoded: EncodedPairs) -> Iterator[np.ndarray]:
-        """Index arrays of the forward passes that score ``encoded`` (length-sorted, ``batch_size`` each)."""
+        """Index arrays of the forward passes that score ``encoded`` (length-sorted, ``batch_size`` each;
+        for a list-level family, whole candidate lists per pass: ``pair_encoder.list_batches``)."""
+        if self.pair_encoder.list_level:
+            yield from self.pair_encoder.list_batches(encoded, self.batch_size)  # type: ignore[attr-defined]
+            return
         # Longest first, so the first batch shows the worst-case memory and padding is minimal.
         order = np.argsort(-np.asarray(encoded.lengths()), kind="stable")
         for start in range(0, len(order), self.batch_size):

