@@ -89,6 +89,9 @@ def rerank_command(
     )
 
 
+ENGINES: tuple[str, ...] = ("single", "ray")
+
+
 @app.command("score")
 def score_command(
     model: Annotated[str, typer.Option("--model", help=MODEL_HELP)],
@@ -96,33 +99,144 @@ def score_command(
         Path,
         typer.Option(
             "--input",
-            help="Parquet with query and product_* columns or product_text; other columns pass through.",
+            help="Parquet with query and product_* columns or product_text; other columns pass through. "
+            "With --engine ray also a folder, a glob or a URI.",
         ),
     ],
-    output: Annotated[Path, typer.Option("--output", help="Parquet to write (input + predictions).")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            help="Parquet to write (input + predictions); with --engine ray a new folder that gets "
+            "scores/, rejects/ and summary.json.",
+        ),
+    ],
     batch_size: Annotated[int, typer.Option(help="Pairs per forward pass.")] = 64,
-    chunk_rows: Annotated[int, typer.Option(help="Rows read, scored and written at a time.")] = 50_000,
+    chunk_rows: Annotated[
+        int | None,
+        typer.Option(
+            help="Rows read, scored and written at a time (default 50000); with --engine ray the rows "
+            "per actor call (default 4096)."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="single: this process; ray: Ray Data actors, each holding one model (needs the 'ray' "
+            "extra; see docs/scale.md)."
+        ),
+    ] = "single",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join (e.g. auto, ray://head:10001); default: a local Ray."),
+    ] = None,
+    num_actors: Annotated[int, typer.Option(help="Ray: scoring actors (model copies).")] = 1,
+    num_cpus_per_actor: Annotated[
+        float, typer.Option(help="Ray: CPUs reserved per actor; also its torch thread count.")
+    ] = 1.0,
+    num_gpus_per_actor: Annotated[
+        float, typer.Option(help="Ray: GPUs reserved per actor (0.5 = two actors per GPU).")
+    ] = 0.0,
 ) -> None:
     """Score every pair of a parquet file and write it with the model's predictions added.
 
     Adds score, expected_gain, esci_pred, esci_prob_E/S/C/I, substitute_prob and truncated.
-    Streams in chunks, so files of millions of rows fit in memory.
+    Streams in chunks, so files of millions of rows fit in memory. --engine ray spreads the
+    work over Ray Data actors and writes rows without a query or product text to rejects/.
     """
+    if engine not in ENGINES:
+        fail(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}.")
+    if chunk_rows is not None and chunk_rows < 1:
+        fail(f"--chunk-rows {chunk_rows}: expected a positive integer.")
+    if engine == "ray":
+        _score_with_ray(
+            model,
+            str(input_path),
+            output,
+            batch_size,
+            chunk_rows or 4096,
+            device,
+            precision,
+            progress,
+            ray_address,
+            num_actors,
+            num_cpus_per_actor,
+            num_gpus_per_actor,
+        )
+        return
     from esci_reranker.reranker import score_parquet
 
-    if chunk_rows < 1:
-        fail(f"--chunk-rows {chunk_rows}: expected a positive integer.")
     if not input_path.is_file():
         fail(f"--input {input_path}: no such file.")
     reranker = load_reranker(model, device, batch_size, precision)
     try:
-        rows = score_parquet(reranker, input_path, output, chunk_rows=chunk_rows, progress=progress)
+        rows = score_parquet(reranker, input_path, output, chunk_rows=chunk_rows or 50_000, progress=progress)
     except (OSError, ValueError) as error:
         fail(f"--input {input_path}: {error}")
     typer.echo(f"scored {rows:,} rows -> {output}")
+
+
+def _score_with_ray(
+    model: str,
+    input_spec: str,
+    output: Path,
+    batch_size: int,
+    rows_per_batch: int,
+    device: str,
+    precision: str,
+    progress: bool,
+    address: str | None,
+    num_actors: int,
+    num_cpus_per_actor: float,
+    num_gpus_per_actor: float,
+) -> None:
+    """`score --engine ray`: check the options, run ``score_with_ray`` and print its counts."""
+    try:
+        from esci_reranker.scale.ray_scoring import ScaleError, import_ray, score_with_ray
+
+        import_ray()
+    except ImportError as error:
+        fail(str(error))
+        return
+    for name, value in (("--num-actors", num_actors), ("--batch-size", batch_size)):
+        if value < 1:
+            fail(f"{name} {value}: expected a positive integer.")
+    if num_cpus_per_actor <= 0:
+        fail(f"--num-cpus-per-actor {num_cpus_per_actor}: expected a positive number.")
+    if num_gpus_per_actor < 0:
+        fail(f"--num-gpus-per-actor {num_gpus_per_actor}: expected 0 or more.")
+    try:
+        result = score_with_ray(
+            model,
+            input_spec,
+            output,
+            address=address,
+            num_actors=num_actors,
+            num_gpus_per_actor=num_gpus_per_actor,
+            num_cpus_per_actor=num_cpus_per_actor,
+            device=device,
+            batch_size=batch_size,
+            precision=precision,
+            rows_per_batch=rows_per_batch,
+            progress=progress,
+        )
+    except FileNotFoundError as error:
+        fail(f"--input {error}")
+        return
+    except ScaleError as error:
+        fail(str(error))
+        return
+    except (OSError, ValueError) as error:  # CheckpointError is a ValueError
+        fail(f"--model {model}: {error}")
+        return
+    typer.echo(
+        f"scored {result.scored_rows:,} rows, rejected {result.rejected_rows:,} of {result.input_rows:,} "
+        f"with {result.num_actors} Ray actor(s) in {result.seconds:.0f} s -> {result.scores_dir}"
+        + (f" (rejects: {result.rejects_dir})" if result.rejected_rows else "")
+    )
 
 
 @app.command("push")

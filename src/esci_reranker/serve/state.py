@@ -70,7 +70,9 @@ class ServiceState:
         with the first forward pass, the warm-up, and stops in ``close``).
         """
         batcher = None
-        if self.settings.batch_wait_ms > 0:
+        # A list-level model (listwise) scores a request's candidates together: its pairs must not
+        # be split over, or merged into, other requests' forward passes, so it takes the direct path.
+        if self.settings.batch_wait_ms > 0 and not reranker.config.list_level:
             batcher = DynamicBatcher(
                 reranker,
                 self.settings.batch_wait_ms,
