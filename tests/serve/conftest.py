@@ -17,6 +17,7 @@ from esci_reranker.reranker import Reranker
 from esci_reranker.serve import create_app, load_settings
 from esci_reranker.serve.settings import Settings
 from tests.serve.helpers import CountingRunner
+from tests.serve.search_fixtures import other_tiny_retriever, tiny_index  # noqa: F401 (fixtures)
 
 SETTINGS_ENV = [name.upper() for name in Settings.model_fields]
 

@@ -36,7 +36,13 @@ def test_ready_is_503_until_the_loader_returns(make_client, tiny_reranker):
     client = make_client(loader=blocking_loader)
     ready = client.get("/ready")
     assert ready.status_code == 503
-    assert ready.json() == {"ready": False, "model_status": "loading", "error": None}
+    assert ready.json() == {
+        "ready": False,
+        "model_status": "loading",
+        "error": None,
+        "index_status": "not_configured",
+        "index_error": None,
+    }
     health = client.get("/health")
     assert health.status_code == 200
     assert health.json()["model_loaded"] is False

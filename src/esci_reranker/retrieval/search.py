@@ -80,13 +80,18 @@ def rank_hits(
     threshold: float = SUBSTITUTE_THRESHOLD,
 ) -> list[SearchHit]:
     """The top ``top_k`` of ``retrieved``: in retrieval order, or by the reranker's ``predictions``
-    (in ``retrieved`` order; ties keep the retrieval order) with class and substitute flag."""
+    (in ``retrieved`` order; ties keep the retrieval order) with class and substitute flag (the
+    predictions' ``is_substitute`` decision, or ``substitute_prob >= threshold``)."""
     if predictions is not None and len(predictions) != len(retrieved):
         raise ValueError(f"rank_hits: {len(predictions)} predictions for {len(retrieved)} candidates.")
     if predictions is None:
         order = np.arange(len(retrieved))
     else:
         order = np.argsort(-np.asarray(predictions.scores, dtype=np.float64), kind="stable")
+        # The checkpoint's own Task 3 decision when the predictions carry one, else the threshold.
+        decisions = getattr(predictions, "is_substitute", None)
+        if decisions is None:
+            decisions = np.asarray(predictions.substitute_probs) >= threshold
     hits = []
     for rank, i in enumerate(order[:top_k], start=1):
         item = retrieved[i]
@@ -97,7 +102,7 @@ def rank_hits(
             if multi_task:
                 esci_class = str(predictions.esci_classes[i])
                 sub = _finite(predictions.substitute_probs[i])
-                flag = bool(sub >= threshold) if sub is not None else None
+                flag = bool(decisions[i]) if sub is not None else None
         hits.append(
             SearchHit(
                 rank=rank,

@@ -21,7 +21,7 @@ from esci_reranker.serve.errors import install_error_handlers
 from esci_reranker.serve.metrics import Metrics
 from esci_reranker.serve.middleware import RequestContextMiddleware
 from esci_reranker.serve.ratelimit import RateLimitMiddleware, build_limiter, rate_limit_exceeded
-from esci_reranker.serve.routes import compat, docs, info, ops, scoring
+from esci_reranker.serve.routes import compat, docs, info, ops, page, scoring, search
 from esci_reranker.serve.settings import Settings, load_settings
 from esci_reranker.serve.state import Loader, ServiceState, load_reranker
 from esci_reranker.serve.web import STATIC_NAME, STATIC_URL, static_files
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 DESCRIPTION = """\
 Multi-task ESCI reranker for product search: Task 1 ranking (`/rerank`), Task 2 E/S/C/I
 classification (`/classify`), Task 3 substitute detection (`/substitute`), all three
-(`/predict`) and a Cohere/Jina-compatible `/v1/rerank`. See docs/serving.md.
+(`/predict`), a Cohere/Jina-compatible `/v1/rerank`, and `/search` over a catalogue index
+(`INDEX_PATH`: retrieve, rerank, label; the page at `/`). See docs/serving.md.
 """
 
 
@@ -79,12 +80,14 @@ def create_app(
 
     app.include_router(ops.router)
     app.include_router(docs.router)
+    app.include_router(page.router)  # the search page; /search itself is protected below
     # The one static mount for every page the app serves (see serve/web).
     app.mount(STATIC_URL, static_files(), name=STATIC_NAME)
     protected = [Depends(require_api_key)] if settings.api_key is not None else []
     app.include_router(info.router, dependencies=protected)
     app.include_router(scoring.router, dependencies=protected)
     app.include_router(compat.router, dependencies=protected)
+    app.include_router(search.router, dependencies=protected)
 
     install_error_handlers(app)
     if settings.rate_limit:
@@ -92,7 +95,15 @@ def create_app(
         app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded)
         app.add_middleware(RateLimitMiddleware, limiter=app.state.limiter)
     # Added last, so it is the outermost: it sees every response, 429s and 500s included.
-    routers = (ops.router, docs.router, info.router, scoring.router, compat.router)
+    routers = (
+        ops.router,
+        docs.router,
+        page.router,
+        info.router,
+        scoring.router,
+        compat.router,
+        search.router,
+    )
     known_paths = {getattr(route, "path", "") for router in routers for route in router.routes}
     if app.openapi_url:
         known_paths.add(app.openapi_url)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from esci_reranker.retrieval.index import CatalogueIndex
 from esci_reranker.serve.errors import ApiError
 from esci_reranker.serve.scoring import Scorer
 from esci_reranker.serve.settings import Settings
@@ -38,3 +39,27 @@ def get_scorer(state: StateDep) -> Scorer:
 
 
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]
+
+
+def get_index(state: StateDep) -> CatalogueIndex:
+    """The catalogue index, or 503 saying why there is none (not configured, loading, failed)."""
+    if state.index is None:
+        if state.index_status == "not_configured":
+            raise ApiError(
+                503,
+                "search is off: no catalogue index is configured. Build one with `esci-reranker index "
+                "--sample --out DIR` (or --products F.parquet) and start the service with INDEX_PATH=DIR.",
+            )
+        if state.index_status == "failed":
+            raise ApiError(
+                503, f"the catalogue index failed to load ({state.index_error}); see the server log"
+            )
+        raise ApiError(
+            503,
+            "the catalogue index is still loading; retry when GET /ready answers 200",
+            headers={"Retry-After": "5"},
+        )
+    return state.index
+
+
+IndexDep = Annotated[CatalogueIndex, Depends(get_index)]

@@ -107,6 +107,13 @@ class Metrics:
             buckets=TOKEN_BUCKETS,
             registry=r,
         )
+        self.retrieval = Histogram(
+            "esci_retrieval_seconds",
+            "Time of one /search retrieval (BM25, query embedding, HNSW search, fusion), by mode.",
+            ["mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.cache_hits = Counter(
             "esci_cache_hits_total", "Requests answered from the response cache.", registry=r
         )
@@ -132,6 +139,10 @@ class Metrics:
         """Record one model call over ``candidates`` pairs."""
         self.model_forward.observe(seconds)
         self.batch_size.observe(candidates)
+
+    def observe_retrieval(self, mode: str, seconds: float) -> None:
+        """Record one catalogue retrieval."""
+        self.retrieval.labels(mode=mode).observe(seconds)
 
     def observe_batch(self, pairs: int, padded_tokens: int) -> None:
         """Record one forward pass of the dynamic batcher."""

@@ -142,6 +142,33 @@ class ScoringRequest(BaseModel):
         return candidates
 
 
+class SearchRequest(BaseModel):
+    """A query to run against the catalogue index (``POST /search``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"query": "wireless earbuds", "top_k": 10, "rerank": True}]},
+    )
+
+    query: Query = Field(description="The search query.")
+    top_k: int = Field(
+        10,
+        ge=1,
+        le=10_000,
+        strict=True,
+        description="Results to return (<= candidates, <= SEARCH_MAX_TOP_K).",
+    )
+    candidates: int = Field(
+        100, ge=1, le=100_000, strict=True, description="Products to retrieve and rerank (<= MAX_CANDIDATES)."
+    )
+    rerank: bool = Field(
+        True,
+        strict=True,
+        description="Rerank the retrieved products with the model (false: retrieval order).",
+    )
+    mode: Literal["hybrid", "bm25", "dense"] = Field("hybrid", description="Which retrievers to use.")
+
+
 class V1Document(BaseModel):
     """A document in the Cohere/Jina shape."""
 
@@ -253,6 +280,44 @@ class PredictResponse(BaseModel):
     stats: Stats
 
 
+class SearchResult(BaseModel):
+    rank: int
+    product_id: str
+    title: str
+    brand: str
+    color: str
+    score: float = Field(description="The model's ranking score when reranked, else the retrieval score.")
+    retrieval_score: float = Field(description="The retrieval (fusion) score.")
+    esci_class: EsciClass | None = Field(description="Null without reranking or for a single-task model.")
+    is_substitute: bool | None = Field(description="substitute_prob >= the model's threshold; null likewise.")
+    substitute_prob: float | None
+    sources: list[Literal["bm25", "dense"]] = Field(description="The retrievers that found the product.")
+    bm25_rank: int | None = Field(description="Rank in BM25's list (null: not in it).")
+    dense_rank: int | None = Field(description="Rank in the dense retriever's list (null: not in it).")
+
+
+class SearchStats(BaseModel):
+    """How a search was served."""
+
+    total_latency_ms: float = Field(description="From receiving the request to building the response.")
+    retrieval_ms: float = Field(description="BM25 + query embedding + HNSW search + fusion.")
+    model_forward_time_ms: float = Field(description="Reranking model time; 0 when cached or not reranked.")
+    num_candidates: int = Field(description="Products retrieved (and reranked).")
+    num_results: int
+    reranked: bool
+    cache_hit: bool
+    device: str
+    index_products: int = Field(description="Products in the catalogue index.")
+    timestamp: datetime
+
+
+class SearchResponse(BaseModel):
+    request_id: str
+    query: str
+    results: list[SearchResult] = Field(description="Best first.")
+    stats: SearchStats
+
+
 class V1Result(BaseModel):
     index: int = Field(description="Position of the document in the request.")
     relevance_score: float = Field(
@@ -297,9 +362,11 @@ class HealthResponse(BaseModel):
 
 
 class ReadyResponse(BaseModel):
-    ready: bool
+    ready: bool = Field(description="The model is warm and, when INDEX_PATH is set, the index is loaded.")
     model_status: Literal["loading", "ready", "failed"]
     error: str | None = None
+    index_status: Literal["not_configured", "loading", "ready", "failed"] = "not_configured"
+    index_error: str | None = None
 
 
 class ServiceLimits(BaseModel):
@@ -319,3 +386,8 @@ class ServiceLimits(BaseModel):
 class InfoResponse(BaseModel):
     model: dict[str, Any] = Field(description="Reranker.info(): name, backbone, heads, device, ...")
     service: ServiceLimits
+    index: dict[str, Any] | None = Field(
+        None,
+        description="The catalogue index behind /search: status, path, products, retriever, fields, fusion "
+        "(null when INDEX_PATH is not set).",
+    )

@@ -75,6 +75,17 @@ class Settings(BaseSettings):
         description="Tower embeddings kept for products/queries seen before (LRU, ~2 KB each for "
         "MiniLM): a warm catalogue skips the towers' share of the work; 0 turns it off.",
     )
+    index_path: str | None = Field(
+        None,
+        description="A catalogue index folder (`esci-reranker index --out DIR`) that POST /search and the "
+        "page at / retrieve from; unset = no search (503 from /search).",
+    )
+    retriever_path: str | None = Field(
+        None,
+        description="The retriever that embeds /search queries; unset = the one the index's manifest "
+        "names. It must embed text as the index's builder did (checked at start-up).",
+    )
+    search_max_top_k: int = Field(100, ge=1, le=10_000, description="Largest top_k a /search may ask for.")
     api_key: SecretStr | None = Field(None, description="When set, every scoring request must carry it.")
     rate_limit: str = Field("", description="Per-client limit such as '100/minute'; empty = no limit.")
     cache_size: int = Field(256, ge=0, description="Entries of the response cache; 0 turns it off.")
@@ -86,7 +97,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "text"
 
-    @field_validator("model_path", "hf_model_repo_id", "api_key", mode="before")
+    @field_validator(
+        "model_path", "hf_model_repo_id", "api_key", "index_path", "retriever_path", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

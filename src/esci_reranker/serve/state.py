@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Literal
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Literal
 
 from esci_reranker.hardware import resolve_precision
 from esci_reranker.reranker import Reranker, select_device
@@ -15,7 +16,12 @@ from esci_reranker.serve.metrics import Metrics
 from esci_reranker.serve.scoring import Scorer
 from esci_reranker.serve.settings import Settings
 
+if TYPE_CHECKING:
+    from esci_reranker.retrieval.index import CatalogueIndex, Retrieved
+
 ModelStatus = Literal["loading", "ready", "failed"]
+#: The catalogue index behind /search: ``not_configured`` without ``INDEX_PATH``.
+IndexStatus = Literal["not_configured", "loading", "ready", "failed"]
 #: Builds the reranker from settings; ``load_reranker`` unless a test injects another.
 Loader = Callable[[Settings], Reranker]
 
@@ -58,6 +64,16 @@ class ServiceState:
         self.error: str | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.index: CatalogueIndex | None = None
+        self.index_status: IndexStatus = "loading" if settings.index_path else "not_configured"
+        self.index_error: str | None = None
+        self._retrieval: ThreadPoolExecutor | None = None
+        self._retrieval_lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        """The model is warm, and the catalogue index is loaded when one is configured."""
+        return self.status == "ready" and self.index_status in ("ready", "not_configured")
 
     @property
     def model_loaded(self) -> bool:
@@ -97,6 +113,54 @@ class ServiceState:
         self._closed = True
         if self.scorer is not None:
             self.scorer.close()
+        with self._retrieval_lock:
+            executor, self._retrieval = self._retrieval, None
+        if executor is not None:
+            executor.shutdown(wait=False)
+
+    # -- the catalogue index (POST /search) --------------------------------------------------------
+    def _retrieval_thread(self) -> ThreadPoolExecutor:
+        """The one thread that runs retrievals: the query encoder's torch OpenMP pool belongs to
+        the thread that calls it, so one thread keeps one pool (as the scorer's model thread does)."""
+        with self._retrieval_lock:
+            if self._retrieval is None:
+                self._retrieval = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esci-retrieval")
+            return self._retrieval
+
+    def retrieve(self, query: str, n: int, mode: str) -> Future[list[Retrieved]]:
+        """Run ``CatalogueIndex.retrieve`` on the retrieval thread."""
+        if self.index is None:
+            raise RuntimeError("ServiceState.retrieve: no catalogue index is loaded.")
+        return self._retrieval_thread().submit(self.index.retrieve, query, n, mode)
+
+    def attach_index(self, index: CatalogueIndex) -> None:
+        """Serve ``index`` for /search (after checking the model can read its stored fields)."""
+        from esci_reranker.retrieval.search import check_reranker_fields
+
+        if self.scorer is not None:
+            check_reranker_fields(index, self.scorer.reranker.config.text_fields, self.scorer.model_id)
+        self._retrieval_thread().submit(index.retrieve, "warm up", 1).result()
+        self.index = index
+        self.index_status = "ready"
+        self.index_error = None
+        log.info("catalogue index ready", extra={"index": str(index.folder), "products": len(index)})
+
+    def load_index(self) -> None:
+        """Open ``INDEX_PATH`` (with ``RETRIEVER_PATH`` when set); record a failure instead of raising."""
+        path = self.settings.index_path
+        if not path or self.index is not None:
+            return
+        try:
+            from esci_reranker.retrieval.index import CatalogueIndex
+
+            log.info("loading catalogue index %s", path, extra={"index": path})
+            self.attach_index(CatalogueIndex.open(path, retriever=self.settings.retriever_path))
+        except Exception as err:  # a bad index must show in /ready and /search, not kill the server
+            self.index_status = "failed"
+            self.index_error = f"{type(err).__name__}: {err}"
+            log.exception(
+                "catalogue index failed to load; /search answers 503", extra={"error": self.index_error}
+            )
 
     def warm_up(self) -> None:
         """One dummy forward pass, then mark the service ready."""
@@ -110,7 +174,8 @@ class ServiceState:
         log.info("model ready", extra={"model": self.scorer.model_id, "device": self.scorer.device})
 
     def load_and_warm_up(self) -> None:
-        """Load with ``loader`` (unless a model is attached), warm up; record a failure instead of raising."""
+        """Load with ``loader`` (unless a model is attached), warm up, then open the catalogue index
+        when ``INDEX_PATH`` is set; record a failure instead of raising."""
         try:
             if self.scorer is None:
                 self.attach(self.loader(self.settings))
@@ -120,6 +185,7 @@ class ServiceState:
             self.error = f"{type(err).__name__}: {err}"
             self.metrics.model_loaded.set(0)
             log.exception("model failed to load; /ready and /health answer 503", extra={"error": self.error})
+        self.load_index()
 
     def start_loading(self) -> None:
         """Load and warm up in a daemon thread, so the server answers /health meanwhile."""

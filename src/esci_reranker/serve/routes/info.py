@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from esci_reranker.serve.deps import ScorerDep, SettingsDep
+from esci_reranker.serve.deps import ScorerDep, SettingsDep, StateDep
 from esci_reranker.serve.errors import ERROR_RESPONSES
 from esci_reranker.serve.schemas import InfoResponse, ServiceLimits
 
@@ -16,8 +16,14 @@ router = APIRouter(tags=["operations"])
     summary="Loaded model and service limits",
     responses={k: v for k, v in ERROR_RESPONSES.items() if k in (401, 429, 503)},
 )
-def info(scorer: ScorerDep, settings: SettingsDep) -> InfoResponse:
-    """``Reranker.info()`` (name, backbone, heads, max length, device, ...) and the limits in force."""
+def info(scorer: ScorerDep, settings: SettingsDep, state: StateDep) -> InfoResponse:
+    """``Reranker.info()`` (name, backbone, heads, max length, device, ...), the limits in force
+    and the catalogue index behind /search."""
+    index = None
+    if settings.index_path:
+        index = {"status": state.index_status, "error": state.index_error, "path": settings.index_path}
+        if state.index is not None:
+            index |= state.index.info() | {"retriever_path": settings.retriever_path}
     return InfoResponse(
         model=scorer.reranker.info(),
         service=ServiceLimits(
@@ -31,4 +37,5 @@ def info(scorer: ScorerDep, settings: SettingsDep) -> InfoResponse:
             batch_wait_ms=settings.batch_wait_ms,
             max_batch_tokens=settings.batch_token_budget(scorer.reranker.device),
         ),
+        index=index,
     )

@@ -35,8 +35,15 @@ def health(state: StateDep) -> JSONResponse:
     responses={503: {"model": ReadyResponse, "description": "Loading, warming up, or failed."}},
 )
 def ready(state: StateDep) -> JSONResponse:
-    """200 once the model is loaded and has run one warm-up forward pass; 503 before (or on failure)."""
-    body = ReadyResponse(ready=state.status == "ready", model_status=state.status, error=state.error)
+    """200 once the model is loaded and has run one warm-up forward pass and, when ``INDEX_PATH`` is
+    set, the catalogue index is loaded; 503 before (or when either failed)."""
+    body = ReadyResponse(
+        ready=state.ready,
+        model_status=state.status,
+        error=state.error,
+        index_status=state.index_status,
+        index_error=state.index_error,
+    )
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)
 
 

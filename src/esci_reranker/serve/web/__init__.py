@@ -2,7 +2,7 @@
 
 ``STATIC_URL`` (``/static``) serves, in this order:
 
-1. ``serve/web/static/`` — our own files (the favicon; later the search page's CSS and JS);
+1. ``serve/web/static/`` — our own files (the favicon, the search page's CSS and JS);
 2. the ``static/`` folder of the ``fastapi-standalone-docs`` package — the Swagger UI and ReDoc
    dist files with their licences (``swagger/``, ``redoc/``), so ``/docs`` and ``/redoc`` load
    nothing from a CDN.
@@ -26,6 +26,8 @@ STATIC_URL: Final[str] = "/static"
 STATIC_NAME: Final[str] = "static"
 #: Our own files, shipped as package data.
 STATIC_DIR: Final[Path] = Path(__file__).resolve().parent / "static"
+#: Jinja2 templates of the pages (the search page at ``/``).
+TEMPLATES_DIR: Final[Path] = Path(__file__).resolve().parent / "templates"
 #: The package that ships the Swagger UI and ReDoc dist files, and its folder that holds them.
 DOCS_ASSETS_PACKAGE: Final[str] = "fastapi_standalone_docs"
 DOCS_ASSETS_DIR: Final[str] = "static"
