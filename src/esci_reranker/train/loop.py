@@ -37,11 +37,11 @@ from esci_reranker.model import (
     MODEL_CLASSES,
     LossConfig,
     ModelConfig,
-    PairEncoder,
     RerankerModel,
     save_checkpoint,
 )
-from esci_reranker.model.config import MULTI_TASK, SINGLE_TASK
+from esci_reranker.model.config import LISTWISE, LLM, MULTI_TASK, SINGLE_TASK, ListwiseSettings, LLMSettings
+from esci_reranker.model.features import pair_encoder_for
 from esci_reranker.train.batching import bucketed_batches, query_batches
 from esci_reranker.train.config import PACKAGED_BACKBONE, TrainConfig
 from esci_reranker.train.prior_init import fit_prior_heads, prior_features
@@ -113,12 +113,26 @@ def frame_texts(frame: pd.DataFrame, config: ModelConfig) -> list[str]:
     raise ValueError("split has neither product_* columns nor product_text.")
 
 
-def build_model(cfg: TrainConfig) -> tuple[RerankerModel, Any]:
-    """A fresh model on the configured pretrained backbone, and its tokenizer."""
+def build_model(cfg: TrainConfig) -> tuple[Any, Any]:
+    """A fresh model on the configured pretrained backbone (a causal LM + LoRA for ``llm``), and its tokenizer."""
     m = cfg.model
+    if m.type == "llm":
+        from esci_reranker.model.llm import build_llm
+
+        settings = LLMSettings(base_model=m.backbone, **m.llm.model_dump())
+        llm_config = ModelConfig(
+            model_type=LLM,
+            backbone_name=m.backbone,
+            max_length=m.max_length,
+            text_fields=m.text_fields,
+            long_field_chars=m.long_field_chars,
+            query_max_length=m.query_max_length,
+            llm=settings,
+        )
+        return build_llm(llm_config, LossConfig(**cfg.loss.model_dump()))
     backbone = resolve_backbone(m.backbone)
     model_config = ModelConfig(
-        model_type=MULTI_TASK if m.type == "multi_task" else SINGLE_TASK,
+        model_type={"multi_task": MULTI_TASK, "single_task": SINGLE_TASK, "listwise": LISTWISE}[m.type],
         pooling=m.pooling,
         max_length=m.max_length,
         text_fields=m.text_fields,
@@ -130,6 +144,9 @@ def build_model(cfg: TrainConfig) -> tuple[RerankerModel, Any]:
         dropout=m.dropout,
         query_max_length=m.query_max_length,
         product_max_length=m.product_max_length,
+        listwise=ListwiseSettings(**m.listwise.model_dump(exclude={"stage1_ratio"}))
+        if m.type == "listwise"
+        else None,
     )
     loss = LossConfig(**cfg.loss.model_dump())
     model = MODEL_CLASSES[model_config.model_type].from_backbone(backbone, model_config, loss)
@@ -148,7 +165,8 @@ def _param_groups(model: RerankerModel, cfg: TrainConfig) -> list[dict[str, Any]
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        is_head = not name.startswith("encoder.")
+        # the LLM's LoRA weights take the base learning rate, like a fine-tuned encoder
+        is_head = not name.startswith(("encoder.", "lm."))
         no_decay = param.ndim < 2 or "LayerNorm" in name or "prior_weight" in name
         groups.setdefault((is_head, no_decay), []).append(param)
     head_lr = cfg.optim.head_lr or cfg.optim.lr
@@ -199,7 +217,7 @@ class Trainer:
 
         return Reranker(
             model.config,
-            PairEncoder(tokenizer, model.config),
+            pair_encoder_for(tokenizer, model.config),
             _TorchRunner(model, device, None),
             device,
             batch_size=self.cfg.eval.batch_size,
@@ -258,7 +276,7 @@ class Trainer:
             keep_freed_memory()  # activations and gradients are not page-faulted in every step
         self._load_data()
         model, tokenizer = build_model(cfg)
-        encoder = PairEncoder(tokenizer, model.config)
+        encoder = pair_encoder_for(tokenizer, model.config)
         train_texts = frame_texts(self.train_frame, model.config)
         encoded = encoder.encode(self.train_frame["query"].astype(str).tolist(), train_texts)
         labels = torch.tensor([LABEL_TO_INDEX[x] for x in self.train_frame["esci_label"]], dtype=torch.long)
@@ -289,6 +307,8 @@ class Trainer:
             1, math.ceil(n_batches / accelerator.num_processes / cfg.optim.grad_accum_steps)
         )
         total_steps = cfg.optim.max_steps or math.ceil(steps_per_epoch * cfg.optim.epochs)
+        if model.config.model_type == LISTWISE:  # the two-stage schedule (model.on_train_step)
+            model.stage1_steps = round(cfg.model.listwise.stage1_ratio * total_steps)
         optimizer = torch.optim.AdamW(_param_groups(model, cfg))
         scheduler = get_linear_schedule_with_warmup(
             optimizer, int(cfg.optim.warmup_ratio * total_steps), total_steps
@@ -324,6 +344,8 @@ class Trainer:
 
         unwrapped: RerankerModel = accelerator.unwrap_model(model)
         metric = cfg.eval.metric
+        # a family's per-step schedule (the listwise model's frozen-encoder stage), if it has one
+        on_train_step = getattr(unwrapped, "on_train_step", None)
 
         select_last = cfg.eval.select == "last"
 
@@ -369,8 +391,10 @@ class Trainer:
             batches = epoch_batches(state["epoch"])[accelerator.process_index :: accelerator.num_processes]
             for index in batches[state["batch_in_epoch"] :]:
                 batch = {k: v.to(device) for k, v in encoder.collate(encoded, index).items()}
-                if cfg.loss.rank_weight > 0:
+                if cfg.loss.rank_weight > 0 or unwrapped.config.list_level:
                     batch["groups"] = groups[index].to(device)
+                if on_train_step is not None:
+                    on_train_step(state["step"])
                 with accelerator.accumulate(model):
                     out = model(**batch, labels=labels[index].to(device))
                     accelerator.backward(out.loss)
