@@ -56,6 +56,7 @@
     if (hit.esci_class) {
       const badge = el("span", "badge esci esci-" + hit.esci_class, hit.esci_class);
       badge.title = LABELS[hit.esci_class];
+      badge.dataset.esci = hit.esci_class;
       badge.appendChild(el("span", "visually-hidden", " (" + LABELS[hit.esci_class] + ")"));
       badges.appendChild(badge);
     }
