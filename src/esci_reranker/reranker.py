@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,9 @@ from esci_reranker.model.features import PROBE_PAIRS, EncodedPairs, PairEncoder,
 from esci_reranker.model.modeling import RerankerModel
 from esci_reranker.model.tower_cache import TowerCache
 from esci_reranker.model.unpadded import Sequences
+
+if TYPE_CHECKING:
+    from esci_reranker.stack.stacker import Stacker
 
 #: A product given to ``predict``/``rerank``: its text, or a mapping of its fields.
 Product = str | Mapping[str, Any]
@@ -45,6 +48,8 @@ class Predictions:
         esci_probs: (N, 4) class probabilities in E, S, C, I order (NaN for a single-task model).
         substitute_probs: (N,) Task 3 probability that the product is a substitute (NaN likewise).
         truncated: (N,) True where the pair was longer than the model's max length and was cut.
+        substitute_threshold: the Task 3 decision threshold (the checkpoint's decision rule;
+            0.5 for a model without one): ``is_substitute`` is ``substitute_probs >= it``.
     """
 
     scores: np.ndarray
@@ -54,9 +59,15 @@ class Predictions:
     esci_probs: np.ndarray
     substitute_probs: np.ndarray
     truncated: np.ndarray
+    substitute_threshold: float = 0.5
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    @property
+    def is_substitute(self) -> np.ndarray:
+        """(N,) the Task 3 decision: ``substitute_probs >= substitute_threshold`` (False where NaN)."""
+        return np.asarray(self.substitute_probs) >= self.substitute_threshold
 
     @classmethod
     def empty(cls) -> Predictions:
@@ -76,6 +87,8 @@ class RankedCandidate:
     substitute_prob: float | None
     rank: int
     truncated: bool = False
+    #: The Task 3 decision (the checkpoint's threshold); None for a single-task model.
+    is_substitute: bool | None = None
 
 
 class BatchRunner(Protocol):
@@ -160,6 +173,38 @@ def _enable_unpadded(model: RerankerModel, tokenizer: PreTrainedTokenizerBase) -
     return model.enable_unpadded(probes)
 
 
+def _load_stacker(folder: Path, backend: str, config: ModelConfig) -> Stacker | None:
+    """The checkpoint's stacker, or None when it has no ``stacker/`` folder.
+
+    Raises:
+        CheckpointError: the folder is unreadable, or the model cannot feed it (the stacker reads
+            the cross-encoder's class heads and prior features, which the ONNX graph does not
+            output).
+    """
+    from esci_reranker.stack.stacker import MANIFEST_NAME, STACKER_DIR
+
+    path = folder / STACKER_DIR
+    if not (path / MANIFEST_NAME).is_file():
+        return None
+    if backend != "torch":
+        raise CheckpointError(
+            f"{path}: a stacked checkpoint runs on the torch backend (backend={backend!r} was asked): "
+            "the stacker reads the cross-encoder's prior features, which the ONNX graph does not "
+            "output. Load it with backend='torch', or pass stacked=False for the cross-encoder alone."
+        )
+    if not config.multi_task or config.prior != "cosine":
+        raise CheckpointError(
+            f"{path}: the stacker needs a multi-task cross-encoder with the cosine prior; this "
+            f"checkpoint's model is {config.model_type} with prior={config.prior!r}."
+        )
+    from esci_reranker.stack.stacker import Stacker
+
+    try:
+        return Stacker.load(path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     z = np.exp(x - x.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
@@ -182,6 +227,7 @@ class Reranker:
         backend: str = "torch",
         model: torch.nn.Module | None = None,
         precision: str = "fp32",
+        stacker: Stacker | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}; expected a positive integer.")
@@ -196,6 +242,9 @@ class Reranker:
         #: The arithmetic of the forward pass: ``fp32``, ``bf16`` or ``int8`` (torch dynamic int8
         #: linear layers, or an ONNX int8 export).
         self.precision = precision
+        #: The trees and decision rules over the cross-encoder's outputs and the stack features
+        #: (``stack/``), when the checkpoint has a ``stacker/`` folder and it was not turned off.
+        self.stacker = stacker
 
     @classmethod
     def from_pretrained(
@@ -212,6 +261,7 @@ class Reranker:
         unpad: bool = True,
         tower_cache: int = 0,
         keep_freed_memory: bool = True,
+        stacked: bool = True,
     ) -> Reranker:
         """Load a checkpoint folder, or download it from the Hugging Face Hub if no such folder exists.
 
@@ -241,6 +291,9 @@ class Reranker:
                 (``hardware.keep_freed_memory``: process-wide; ~1.4x faster forwards here, since
                 activations are no longer page-faulted in on every pass); False leaves malloc
                 as it is. ``info()["keeps_freed_memory"]`` says whether it is in effect.
+            stacked: use the checkpoint's stacker (``stacker/``: gradient-boosted trees over the
+                cross-encoder's outputs and hand-made features, with decision rules) when it has
+                one; False scores with the cross-encoder's own heads.
 
         Raises:
             CheckpointError: nothing loadable at either place; the message names both.
@@ -292,6 +345,7 @@ class Reranker:
                     f"max_length={max_length}; expected 8..{config.max_length} (the trained length)."
                 )
             config.max_length = max_length
+        stacker = _load_stacker(folder, backend, config) if stacked else None
         return cls(
             config,
             pair_encoder_for(tokenizer, config),  # the model family's input builder
@@ -302,6 +356,7 @@ class Reranker:
             backend=backend,
             model=model,
             precision=precision,
+            stacker=stacker,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -319,7 +374,8 @@ class Reranker:
             return Predictions.empty()
         queries = [q for q, _ in pairs]
         texts = [self.text_of(p) for _, p in pairs]
-        return self.predict_texts(queries, texts, progress=progress)
+        records = [p if isinstance(p, Mapping) else {"text": p} for _, p in pairs] if self.stacker else None
+        return self.predict_texts(queries, texts, progress=progress, records=records)
 
     def predict_frame(self, frame: pd.DataFrame, progress: bool = True) -> Predictions:
         """Score every row of a prepared split (columns ``query`` and product fields or ``product_text``).
@@ -332,7 +388,19 @@ class Reranker:
             texts = frame["product_text"]
         else:
             texts = product_texts(frame, self.config.text_fields, self.config.long_field_chars)
-        return self.predict_texts(frame["query"].astype(str).tolist(), texts.astype(str).tolist(), progress)
+        queries = frame["query"].astype(str).tolist()
+        if self.stacker is None:
+            return self.predict_texts(queries, texts.astype(str).tolist(), progress)
+        from esci_reranker.stack.cv import split_fields
+
+        encoded = self.pair_encoder.encode(queries, texts.astype(str).tolist())
+        out = self.run_encoded(encoded, progress=progress)
+        # a split's candidate lists are its queries (by id when there is one)
+        groups = frame["query_id"].tolist() if "query_id" in frame.columns else queries
+        fields = split_fields(frame) if any(c.startswith("product_") for c in frame.columns) else None
+        if fields is None:
+            fields = {"title": texts.astype(str).tolist()}
+        return self._stacked(out, np.asarray(encoded.truncated, dtype=bool), queries, fields, groups)
 
     def input_columns(self, columns: Iterable[str]) -> list[str]:
         """The columns ``predict_frame`` reads from a table with ``columns``.
@@ -369,15 +437,84 @@ class Reranker:
             yield order[start : start + self.batch_size]
 
     def predict_texts(
-        self, queries: Sequence[str], texts: Sequence[str], progress: bool = False
+        self,
+        queries: Sequence[str],
+        texts: Sequence[str],
+        progress: bool = False,
+        records: Sequence[Mapping[str, Any]] | None = None,
     ) -> Predictions:
-        """Score pairs given as parallel lists of query strings and product texts."""
+        """Score pairs given as parallel lists of query strings and product texts.
+
+        ``records`` (optional, parallel) are the products' field mappings: a stacked model
+        reads its features from them (brand, colour, bullets, ...); without them each text
+        counts as a title with no other field. Pairs with the same query form one candidate
+        list for the stacker's list features.
+        """
         n = len(queries)
         if n == 0:
             return Predictions.empty()
         encoded = self.pair_encoder.encode(queries, texts)
         out = self.run_encoded(encoded, progress=progress)
-        return self.to_predictions(out, np.asarray(encoded.truncated, dtype=bool))
+        return self.finish(out, np.asarray(encoded.truncated, dtype=bool), queries, texts, records)
+
+    def finish(
+        self,
+        out: Mapping[str, np.ndarray],
+        truncated: np.ndarray,
+        queries: Sequence[str],
+        texts: Sequence[str],
+        records: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Predictions:
+        """``Predictions`` from raw head outputs: the cross-encoder's own (``to_predictions``), or
+        the stacker's when the model has one (its features read ``records``, else ``texts``)."""
+        if self.stacker is None:
+            return self.to_predictions(out, truncated)
+        from esci_reranker.stack.features import PRODUCT_FIELDS, record_fields
+
+        per_pair = (
+            [record_fields(r) for r in records] if records is not None else [record_fields(t) for t in texts]
+        )
+        fields = {name: [f.get(name, "") for f in per_pair] for name in PRODUCT_FIELDS}
+        return self._stacked(out, truncated, queries, fields, list(queries))
+
+    def input_key(
+        self, texts: Sequence[str], records: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[str]:
+        """Strings that identify what the model reads of the products (for cache keys): the texts,
+        plus, for a stacked model given ``records``, every field its features read."""
+        if self.stacker is None or records is None:
+            return list(texts)
+        from esci_reranker.stack.features import PRODUCT_FIELDS, record_fields
+
+        fields = ["\x1f".join(record_fields(r).get(n, "") for n in PRODUCT_FIELDS) for r in records]
+        return [*texts, *fields]
+
+    def _stacked(
+        self,
+        out: Mapping[str, np.ndarray],
+        truncated: np.ndarray,
+        queries: Sequence[str],
+        fields: Mapping[str, Sequence[str]],
+        groups: Sequence[object],
+    ) -> Predictions:
+        from esci_reranker.stack.features import feature_table
+        from esci_reranker.stack.outputs import cross_encoder_columns
+
+        assert self.stacker is not None  # callers check
+        columns = cross_encoder_columns(out, self.config.prior_features, self.config.gains)
+        stacked = self.stacker.predict(feature_table(queries, fields, groups, columns))
+        probs = stacked["probs"].astype(np.float32)
+        gains = probs @ np.array([self.config.gains[c] for c in ESCI_LABELS], dtype=np.float32)
+        return Predictions(
+            scores=stacked["score"].astype(np.float32),
+            regression_scores=np.asarray(out["score"], dtype=np.float32),
+            expected_gains=gains.astype(np.float32),
+            esci_classes=np.asarray(ESCI_LABELS)[stacked["classes"]],
+            esci_probs=probs,
+            substitute_probs=stacked["substitute_prob"].astype(np.float32),
+            truncated=truncated,
+            substitute_threshold=self.stacker.rules.substitute_threshold,
+        )
 
     def run_encoded(self, encoded: EncodedPairs, progress: bool = False) -> dict[str, np.ndarray]:
         """Raw head outputs for encoded pairs, in their order (length-sorted batches inside)."""
@@ -456,7 +593,10 @@ class Reranker:
         ids, texts = self._candidates(candidates)
         if not ids:
             return []
-        preds = self.predict_texts([query] * len(ids), texts)
+        records = (
+            [c if isinstance(c, Mapping) else {"text": c[1]} for c in candidates] if self.stacker else None
+        )
+        preds = self.predict_texts([query] * len(ids), texts, records=records)
         order = np.argsort(-preds.scores, kind="stable")[: top_k or len(ids)]
         multi = self.config.multi_task
         return [
@@ -468,6 +608,7 @@ class Reranker:
                 substitute_prob=float(preds.substitute_probs[i]) if multi else None,
                 rank=rank,
                 truncated=bool(preds.truncated[i]),
+                is_substitute=bool(preds.is_substitute[i]) if multi else None,
             )
             for rank, i in enumerate(order, start=1)
         ]
@@ -525,6 +666,17 @@ class Reranker:
             "unpadded": getattr(self.model, "unpadded", None) is not None,
             "tower_cache": self.tower_cache_stats(),
             "keeps_freed_memory": freed_memory_kept(),
+            "stacker": self._stacker_info(),
+        }
+
+    def _stacker_info(self) -> dict[str, Any] | None:
+        """The stacker's features count, boosting rounds and decision rules; None without one."""
+        if self.stacker is None:
+            return None
+        return {
+            "features": len(self.stacker.feature_names),
+            "rounds": dict(self.stacker.rounds),
+            "rules": self.stacker.rules.to_dict(),
         }
 
     def tower_cache_stats(self) -> dict[str, int] | None:

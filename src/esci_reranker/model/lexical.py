@@ -21,7 +21,8 @@ PREFIX_CHARS = 4
 
 
 @functools.cache
-def _stopwords() -> frozenset[str]:
+def stopwords() -> frozenset[str]:
+    """English stopwords (bm25s's Lucene list), loaded once."""
     from bm25s.stopwords import STOPWORDS_EN
 
     return frozenset(STOPWORDS_EN)
@@ -29,7 +30,7 @@ def _stopwords() -> frozenset[str]:
 
 def word_tokens(text: str) -> list[str]:
     """Lowercase word tokens (``\\w+``) without English stopwords (bm25s's Lucene list)."""
-    stop = _stopwords()
+    stop = stopwords()
     return [t for t in _WORD.findall(text.lower()) if t not in stop]
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 from fastapi import Request
@@ -58,9 +59,14 @@ def candidate_texts(candidates: Sequence[Candidate], scorer: Scorer, settings: S
     return texts
 
 
-async def score(scorer: Scorer, query: str, texts: list[str]) -> ScoreResult:
-    """``scorer.score_async``: the model runs off the event loop, which keeps serving other requests."""
-    return await scorer.score_async(query, texts)
+async def score(
+    scorer: Scorer, query: str, texts: list[str], records: Sequence[Mapping[str, Any]] | None = None
+) -> ScoreResult:
+    """``scorer.score_async``: the model runs off the event loop, which keeps serving other requests.
+
+    ``records`` (the candidates' fields) reach a stacked model's features; see ``Scorer.score``.
+    """
+    return await scorer.score_async(query, texts, records)
 
 
 def ranking(scores: np.ndarray, top_k: int | None) -> np.ndarray:

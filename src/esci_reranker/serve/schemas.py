@@ -254,7 +254,9 @@ class ClassifyResponse(BaseModel):
 
 class SubstituteProduct(BaseModel):
     product_id: str
-    is_substitute: bool = Field(description="substitute_prob >= 0.5.")
+    is_substitute: bool = Field(
+        description="substitute_prob >= the model's threshold (0.5 unless its stacker chose one)."
+    )
     substitute_prob: float
 
 

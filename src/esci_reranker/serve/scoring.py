@@ -32,6 +32,9 @@ from esci_reranker.serve.cache import PredictionCache, cache_key
 from esci_reranker.serve.errors import ApiError
 from esci_reranker.serve.metrics import Metrics
 
+#: Candidates' field mappings for a stacked model (None: the texts alone).
+Records = Sequence[Mapping[str, Any]] | None
+
 
 @dataclass(frozen=True)
 class ScoreResult:
@@ -87,39 +90,51 @@ class Scorer:
         """The text the model reads for a product (built from fields exactly as in training)."""
         return self.reranker.text_of(product)
 
-    def score(self, query: str, texts: Sequence[str]) -> ScoreResult:
+    @property
+    def stacked(self) -> bool:
+        """Whether the model reads product fields beyond its text (a stacker's features)."""
+        return self.reranker.stacker is not None
+
+    def score(self, query: str, texts: Sequence[str], records: Records = None) -> ScoreResult:
         """Predictions for ``(query, text)`` for every text, from the cache or the model (blocks).
+
+        ``records`` are the candidates' field mappings, which a stacked model's features read
+        (``Reranker.predict_texts``); ignored by a model without a stacker.
 
         Raises:
             ApiError: 503 when the service shut down before the request was scored.
         """
+        records = records if self.stacked else None
         if self.batcher is None:
-            key, answer = self._lookup(query, texts)
+            key, answer = self._lookup(query, texts, records)
             if answer is not None:
                 return answer
-            return self._direct_thread().submit(self._direct, key, query, texts).result()
-        prepared = self._prepare(query, texts)
+            return self._direct_thread().submit(self._direct, key, query, texts, records).result()
+        prepared = self._prepare(query, texts, records)
         if isinstance(prepared, ScoreResult):
             return prepared
         with _shutdown_is_503():
             output = self._submit(prepared[1]).result()
-        return self._finish(*prepared, output)
+        return self._finish(*prepared, output, query, texts, records)
 
-    async def score_async(self, query: str, texts: Sequence[str]) -> ScoreResult:
+    async def score_async(self, query: str, texts: Sequence[str], records: Records = None) -> ScoreResult:
         """``score`` for the event loop: hashing, tokenising and the direct path run in a worker
         thread; a batched request awaits the batcher's future without holding a thread."""
+        records = records if self.stacked else None
         if self.batcher is None:
             # Cache lookups stay off the model thread, so a hit never queues behind a forward.
-            key, answer = await run_in_threadpool(self._lookup, query, texts)
+            key, answer = await run_in_threadpool(self._lookup, query, texts, records)
             if answer is not None:
                 return answer
-            return await asyncio.wrap_future(self._direct_thread().submit(self._direct, key, query, texts))
-        prepared = await run_in_threadpool(self._prepare, query, texts)
+            return await asyncio.wrap_future(
+                self._direct_thread().submit(self._direct, key, query, texts, records)
+            )
+        prepared = await run_in_threadpool(self._prepare, query, texts, records)
         if isinstance(prepared, ScoreResult):
             return prepared
         with _shutdown_is_503():
             output = await asyncio.wrap_future(self._submit(prepared[1]))
-        return self._finish(*prepared, output)
+        return self._finish(*prepared, output, query, texts, records)
 
     def warm_up(self) -> None:
         """One dummy forward pass (through the batcher's thread when batching), so the first real
@@ -139,11 +154,11 @@ class Scorer:
         if executor is not None:
             executor.shutdown(wait=False)
 
-    def _direct(self, key: bytes, query: str, texts: Sequence[str]) -> ScoreResult:
+    def _direct(self, key: bytes, query: str, texts: Sequence[str], records: Records) -> ScoreResult:
         """The direct path's forward pass (on the model thread), stored in the cache."""
         with self._lock:
             start = time.perf_counter()
-            predictions = self.reranker.predict_texts([query] * len(texts), list(texts))
+            predictions = self.reranker.predict_texts([query] * len(texts), list(texts), records=records)
             seconds = time.perf_counter() - start
         return self._store(key, predictions, seconds)
 
@@ -161,21 +176,25 @@ class Scorer:
             return self._model_thread
 
     # ------------------------------------------------------------------------------------------
-    def _lookup(self, query: str, texts: Sequence[str]) -> tuple[bytes, ScoreResult | None]:
+    def _lookup(
+        self, query: str, texts: Sequence[str], records: Records = None
+    ) -> tuple[bytes, ScoreResult | None]:
         """The cache key and, when no model call is needed (a cache hit, no texts), the answer."""
         if not texts:
             return b"", ScoreResult(Predictions.empty(), 0.0, False)
         if self.cache is None:
             return b"", None
-        key = cache_key(self.model_id, query, texts)
+        key = cache_key(self.model_id, query, self.reranker.input_key(texts, records))
         cached = self.cache.get(key)
         if self.metrics is not None:
             (self.metrics.cache_hits if cached is not None else self.metrics.cache_misses).inc()
         return key, ScoreResult(cached, 0.0, True) if cached is not None else None
 
-    def _prepare(self, query: str, texts: Sequence[str]) -> ScoreResult | tuple[bytes, EncodedPairs]:
+    def _prepare(
+        self, query: str, texts: Sequence[str], records: Records = None
+    ) -> ScoreResult | tuple[bytes, EncodedPairs]:
         """Batched path, before queueing: the answer without the model, or the cache key and the pairs."""
-        key, answer = self._lookup(query, texts)
+        key, answer = self._lookup(query, texts, records)
         if answer is not None:
             return answer
         return key, self._encode([query] * len(texts), list(texts))
@@ -189,8 +208,17 @@ class Scorer:
             raise RuntimeError("Scorer._submit: no dynamic batcher (BATCH_WAIT_MS=0); use the direct path.")
         return self.batcher.submit(encoded)
 
-    def _finish(self, key: bytes, encoded: EncodedPairs, output: BatchedOutput) -> ScoreResult:
-        predictions = self.reranker.to_predictions(output.outputs, np.asarray(encoded.truncated, dtype=bool))
+    def _finish(
+        self,
+        key: bytes,
+        encoded: EncodedPairs,
+        output: BatchedOutput,
+        query: str,
+        texts: Sequence[str],
+        records: Records,
+    ) -> ScoreResult:
+        truncated = np.asarray(encoded.truncated, dtype=bool)
+        predictions = self.reranker.finish(output.outputs, truncated, [query] * len(texts), texts, records)
         return self._store(key, predictions, output.forward_seconds)
 
     def _store(self, key: bytes, predictions: Predictions, seconds: float) -> ScoreResult:

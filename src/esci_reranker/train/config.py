@@ -116,6 +116,12 @@ class ModelSection(_Strict):
     )
     llm: LLMSection = LLMSection()
     listwise: ListwiseSection = ListwiseSection()
+    stacker: Literal["none", "gbdt"] = Field(
+        "none",
+        description="'gbdt': train the cross-encoder on stack.folds query folds of train+val, fit "
+        "gradient-boosted trees (the 'stack' section) on its out-of-fold outputs and hand-made "
+        "features, then train the final cross-encoder on every train+val query (stack/).",
+    )
 
     @field_validator("text_fields", mode="before")
     @classmethod
@@ -203,6 +209,27 @@ class EvalSection(_Strict):
     )
 
 
+class StackSection(_Strict):
+    """The stacker (``model.stacker: gbdt``): out-of-fold folds, LightGBM settings, decision rules."""
+
+    folds: int = Field(4, ge=2, description="Query folds of train+val for the out-of-fold cross-encoders.")
+    num_leaves: int = Field(7, ge=2)
+    learning_rate: float = Field(0.05, gt=0)
+    min_data_in_leaf: int = Field(40, ge=1)
+    feature_fraction: float = Field(0.7, gt=0, le=1)
+    bagging_fraction: float = Field(0.8, gt=0, le=1)
+    lambda_l2: float = Field(10.0, ge=0)
+    max_rounds: int = Field(400, ge=1, description="Most boosting rounds; the inner CV picks how many.")
+    inner_folds: int = Field(4, ge=2, description="Query folds that choose each tree model's rounds.")
+    task2_objective: Literal["micro_f1", "macro_f1"] = Field(
+        "micro_f1", description="What the Task 2 class offsets maximise (micro-F1 is the official metric)."
+    )
+    task3_objective: Literal["micro_f1", "f1"] = Field(
+        "micro_f1", description="What the substitute threshold maximises (micro-F1 is the official metric)."
+    )
+    exclude_features: tuple[str, ...] = Field((), description="Feature columns the trees must not read.")
+
+
 class OutputSection(_Strict):
     """Where the best model, periodic checkpoints and logs go."""
 
@@ -228,6 +255,7 @@ class TrainConfig(_Strict):
     loss: LossSection = LossSection()
     optim: OptimSection = OptimSection()
     eval: EvalSection = EvalSection()
+    stack: StackSection = StackSection()
     output: OutputSection = OutputSection()
 
     @model_validator(mode="after")
@@ -235,6 +263,11 @@ class TrainConfig(_Strict):
         if self.loss.rank_weight > 0 and self.optim.batching != "query":
             raise ValueError(
                 "loss.rank_weight > 0 compares pairs of the same query: set optim.batching: query."
+            )
+        if self.model.stacker == "gbdt" and (self.model.type != "multi_task" or self.model.prior != "cosine"):
+            raise ValueError(
+                "model.stacker: gbdt reads the cross-encoder's class heads and cosine prior: it needs "
+                f"model.type: multi_task and model.prior: cosine (got {self.model.type}, {self.model.prior})."
             )
         if self.model.type == "listwise" and self.optim.batching != "query":
             raise ValueError("model.type listwise trains on candidate lists: set optim.batching: query.")

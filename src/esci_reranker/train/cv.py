@@ -16,6 +16,7 @@ bi-encoder, ...), so a config can be compared with them on all ~110 queries inst
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,8 @@ def cross_validate(
     progress: bool = False,
     baselines: tuple[str, ...] = CV_BASELINES,
     oof: bool = False,
+    frame: pd.DataFrame | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> CVResult:
     """Train ``cfg`` on each fold x seed of the train+val queries in ``data_dir``; return the results.
 
@@ -115,6 +118,9 @@ def cross_validate(
     ``out_dir/oof.parquet`` (``fold``, ``seed``, ids, ``stack.outputs.CE_COLUMNS``): the
     out-of-fold cross-encoder outputs a stacker trains on. Use it with ``eval.select: last``
     so no held-out query chooses its own model's checkpoint.
+
+    ``frame`` (optional) is the train+val table itself, read from ``data_dir`` when not given;
+    ``log`` receives a line as each fold starts.
     """
     from esci_reranker.eval.baselines import parse_baselines, run_baseline
     from esci_reranker.train.loop import read_split, train
@@ -122,10 +128,11 @@ def cross_validate(
     chosen = parse_baselines(list(baselines))
 
     data_dir, out = Path(data_dir), Path(out_dir)
-    frame = pd.concat(
-        [read_split(data_dir / "train.parquet", "train"), read_split(data_dir / "val.parquet", "val")],
-        ignore_index=True,
-    )
+    if frame is None:
+        frame = pd.concat(
+            [read_split(data_dir / "train.parquet", "train"), read_split(data_dir / "val.parquet", "val")],
+            ignore_index=True,
+        )
     result = CVResult(metric=cfg.eval.metric)
     key = "task1." + cfg.eval.metric
     oof_tables: list[pd.DataFrame] = []
@@ -136,6 +143,11 @@ def cross_validate(
             metrics = run_baseline(name, val, text_fields=cfg.model.text_fields).metrics
             result.baselines.setdefault(name, []).append(float(metrics["task1"][cfg.eval.metric]))
         for seed in seeds:
+            if log is not None:
+                log(
+                    f"fold {fold + 1}/{folds}, seed {seed}: train on {frame['query_id'].nunique() - len(fold_queries)} "
+                    f"queries, hold out {len(fold_queries)}"
+                )
             run = cfg.model_copy(deep=True)
             run.seed = seed
             run.data.dir = split_dir

@@ -28,9 +28,6 @@ from esci_reranker.serve.scoring import Scorer, ScoreResult
 
 router = APIRouter(tags=["scoring"], responses=ERROR_RESPONSES)
 
-#: Task 3 decision threshold on the substitute probability; equal to eval.classification's
-#: DEFAULT_THRESHOLD (not imported: serve talks to the model only, see CONVENTIONS.md).
-SUBSTITUTE_THRESHOLD = 0.5
 _SINGLE_TASK: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorResponse, "description": "The loaded model is single-task (no Task 2/3 heads)."}
 }
@@ -51,7 +48,8 @@ async def _score(
     request.state.num_candidates = len(body.candidates)  # for the access log, also when rejected
     pipeline.check_length(body.query, settings, "query")
     texts = pipeline.candidate_texts(body.candidates, scorer, settings)
-    return await pipeline.score(scorer, body.query, texts)
+    records = [c.record() for c in body.candidates] if scorer.stacked else None
+    return await pipeline.score(scorer, body.query, texts, records)
 
 
 @router.post("/rerank", summary="Task 1: order candidates by relevance")
@@ -101,14 +99,15 @@ async def classify(
 async def substitute(
     body: ScoringRequest, request: Request, scorer: ScorerDep, settings: SettingsDep
 ) -> SubstituteResponse:
-    """The substitute probability and ``is_substitute`` (probability >= 0.5), in request order."""
+    """The substitute probability and ``is_substitute`` (probability >= the model's decision
+    threshold: its stacker's rule, 0.5 without one), in request order."""
     _require_multi_task(scorer, "Task 3 (substitute detection)")
     result = await _score(request, body, scorer, settings)
     probs = result.predictions.substitute_probs
     results = [
         SubstituteProduct(
             product_id=candidate.product_id,
-            is_substitute=bool(probs[i] >= SUBSTITUTE_THRESHOLD),
+            is_substitute=bool(result.predictions.is_substitute[i]),
             substitute_prob=float(probs[i]),
         )
         for i, candidate in enumerate(body.candidates)
@@ -137,7 +136,7 @@ async def predict(
                 product_id=body.candidates[i].product_id,
                 score=float(preds.scores[i]),
                 esci_class=str(preds.esci_classes[i]) if multi else None,  # type: ignore[arg-type]
-                is_substitute=bool(prob >= SUBSTITUTE_THRESHOLD) if prob is not None else None,
+                is_substitute=bool(preds.is_substitute[i]) if prob is not None else None,
                 substitute_prob=prob,
             )
         )

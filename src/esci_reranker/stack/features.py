@@ -1,0 +1,393 @@
+"""Hand-made features of (query, product) pairs for the stacker, and features across each query's list.
+
+Every function here is pure and needs only the pairs themselves (and, for list features, the
+other candidates of the same query), so a pair gets the same features at training and at
+inference whatever else is scored with it. Missing information is NaN, never 0: the trees tell
+"no brand given" from "brand not in the query".
+
+Groups of features (``feature_table`` builds them all):
+
+- **priors per field**: query-word coverage (``model.lexical.query_coverage``) of the title, of
+  brand + colour, of bullets + description and of all text; BM25 of the title, of title +
+  brand + colour and of bullets + description within the query's candidate list.
+- **structured matches**: the product's brand named in the query; another candidate's brand
+  named in the query but not this product's; colour words of the query present in, or
+  contradicted by, the product; numbers, sizes with units and model numbers of the query found
+  in the product text.
+- **negation**: for "without X" / "no X" / "not X" / "non X" / "X-free" queries, whether X
+  appears in the product text.
+- **lengths and missing fields**.
+- **list features**: each chosen score's rank (as a fraction of the list), z-score and gap to
+  the best within the query's list, the list length.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import pandas as pd
+
+from esci_reranker.data.text import FIELD_COLUMNS, clean_text
+from esci_reranker.model.lexical import PREFIX_CHARS, stopwords, word_tokens
+
+#: Product fields the features read (the ESCI column without its ``product_`` prefix).
+PRODUCT_FIELDS: Final[tuple[str, ...]] = ("title", "brand", "color", "bullets", "description")
+
+_WORD: Final = re.compile(r"[a-z0-9]+(?:[.'][a-z0-9]+)*")
+_NUMBER: Final = re.compile(r"\d+(?:\.\d+)?")
+#: A number followed by a unit, with or without a space ("16 oz", "16oz", "2.5mm", "3-pack").
+_UNIT: Final = re.compile(
+    r"(\d+(?:\.\d+)?)\s*-?\s*"
+    r"(fl\.? ?oz|oz|ounces?|ml|l|liters?|litres?|gal|gallons?|lbs?|pounds?|kg|g|grams?|mg|"
+    r"mm|cm|m|in|inch|inches|ft|feet|foot|yds?|yards?|gb|tb|mb|mah|w|watts?|v|volts?|"
+    r"pack|pk|packs|count|ct|pcs|pieces?|pairs?|sets?|qt|quarts?|x)\b"
+)
+_UNIT_ALIASES: Final[Mapping[str, str]] = {
+    "ounce": "oz", "ounces": "oz", "fl oz": "floz", "fl.oz": "floz", "fl. oz": "floz", "floz": "floz",
+    "liter": "l", "liters": "l", "litre": "l", "litres": "l", "gallon": "gal", "gallons": "gal",
+    "lb": "lb", "lbs": "lb", "pound": "lb", "pounds": "lb", "gram": "g", "grams": "g",
+    "inch": "in", "inches": "in", "feet": "ft", "foot": "ft", "yd": "yd", "yds": "yd", "yard": "yd",
+    "yards": "yd", "watt": "w", "watts": "w", "volt": "v", "volts": "v", "pk": "pack", "packs": "pack",
+    "count": "ct", "pcs": "ct", "piece": "ct", "pieces": "ct", "pair": "pair", "pairs": "pair",
+    "set": "set", "sets": "set", "quart": "qt", "quarts": "qt",
+}  # fmt: skip
+#: Tokens with letters and digits ("a2141", "rtx3080", "m1"): model numbers and part codes.
+_MODEL: Final = re.compile(r"^(?=.*[a-z])(?=.*\d)[a-z0-9\-]{2,}$")
+#: Words that exclude the next (non-stopword) word of a query: "shampoo without sulfate".
+NEGATIONS: Final[frozenset[str]] = frozenset({"without", "no", "not", "non", "minus", "excluding"})
+#: Colour words: a query naming one the product contradicts is asking for something else.
+COLORS: Final[frozenset[str]] = frozenset({
+    "black", "white", "red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "grey",
+    "gray", "silver", "gold", "beige", "navy", "teal", "turquoise", "maroon", "burgundy", "ivory",
+    "cream", "tan", "khaki", "olive", "violet", "lavender", "magenta", "cyan", "charcoal", "bronze",
+    "copper", "rose", "coral", "mint", "clear", "transparent", "multicolor",
+})  # fmt: skip
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _norm(text: str) -> str:
+    """Lowercase words joined by single spaces, for phrase containment (brands, units)."""
+    return " ".join(_words(text))
+
+
+def _contains_phrase(haystack_norm: str, phrase_norm: str) -> bool:
+    return bool(phrase_norm) and f" {phrase_norm} " in f" {haystack_norm} "
+
+
+def units(text: str) -> set[tuple[float, str]]:
+    """``(value, unit)`` pairs of sizes and quantities in ``text``: "16oz" -> {(16.0, 'oz')}."""
+    found = set()
+    for value, unit in _UNIT.findall(text.lower()):
+        key = " ".join(unit.split())
+        found.add((float(value), _UNIT_ALIASES.get(key, key)))
+    return found
+
+
+def model_numbers(text: str) -> set[str]:
+    """Tokens mixing letters and digits (model and part numbers), hyphens removed."""
+    return {t.replace("-", "") for t in text.lower().split() if _MODEL.match(t.strip(".,;:()[]\"'"))}
+
+
+def negated_terms(query: str) -> list[str]:
+    """The words a query excludes: "shampoo without sulfate" -> ['sulfate']; "gluten-free" -> ['gluten'].
+
+    The word after a negation (``NEGATIONS``, or "w/o"), stopwords skipped, and the word before
+    "free".
+    """
+    words = _words(query.lower().replace("w/o", "without"))
+    stop = stopwords()
+    terms = []
+    for i, word in enumerate(words):
+        if word in NEGATIONS:
+            following = next((w for w in words[i + 1 :] if w not in stop and w not in NEGATIONS), None)
+            if following is not None:
+                terms.append(following)
+        elif word == "free" and i > 0 and words[i - 1] not in stop:
+            terms.append(words[i - 1])
+    return terms
+
+
+def _share(wanted: set, found: set) -> float:
+    return float(len(wanted & found)) / len(wanted) if wanted else np.nan
+
+
+def _coverage(query_words: set[str], stems: set[str]) -> float:
+    """``model.lexical.query_coverage`` from pre-tokenised sides (query words, text word prefixes)."""
+    if not query_words:
+        return 0.0
+    return sum(w[:PREFIX_CHARS] in stems for w in query_words) / len(query_words)
+
+
+def _stems(words: Iterable[str]) -> frozenset[str]:
+    return frozenset(w[:PREFIX_CHARS] for w in words)
+
+
+@dataclass(frozen=True)
+class ProductSide:
+    """What the features need of a product, computed once per distinct product (``product_side``)."""
+
+    title: str
+    brand: str
+    color: str
+    long_text: str
+    title_tokens: tuple[str, ...]
+    brand_color_tokens: tuple[str, ...]
+    long_tokens: tuple[str, ...]
+    title_stems: frozenset[str]
+    brand_color_stems: frozenset[str]
+    long_stems: frozenset[str]
+    #: every word of every field (stopwords dropped), and their prefixes
+    words: frozenset[str]
+    stems: frozenset[str]
+    brand_norm: str
+    #: colour words of the colour field and the title
+    colors: frozenset[str]
+
+
+@functools.lru_cache(maxsize=50_000)
+def product_side(title: str, brand: str, color: str, bullets: str, description: str) -> ProductSide:
+    """Tokenise a product's fields once; cached, since the same products recur across queries."""
+    long_text = " ".join(t for t in (bullets, description) if t)
+    title_tokens = tuple(word_tokens(title))
+    bc_tokens = tuple(word_tokens(f"{brand} {color}"))
+    long_tokens = tuple(word_tokens(long_text))
+    words = frozenset(title_tokens + bc_tokens + long_tokens)
+    return ProductSide(
+        title=title,
+        brand=brand,
+        color=color,
+        long_text=long_text,
+        title_tokens=title_tokens,
+        brand_color_tokens=bc_tokens,
+        long_tokens=long_tokens,
+        title_stems=_stems(title_tokens),
+        brand_color_stems=_stems(bc_tokens),
+        long_stems=_stems(long_tokens),
+        words=words,
+        stems=_stems(words),
+        brand_norm=_norm(brand),
+        colors=frozenset(w for w in (*word_tokens(color), *title_tokens) if w in COLORS),
+    )
+
+
+@dataclass(frozen=True)
+class QuerySide:
+    """What the features need of a query (``query_side``)."""
+
+    text: str
+    norm: str
+    tokens: frozenset[str]
+    colors: frozenset[str]
+    numbers: frozenset[str]
+    units: frozenset[tuple[float, str]]
+    models: frozenset[str]
+    negated: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=10_000)
+def query_side(query: str) -> QuerySide:
+    """Tokenise a query once (cached)."""
+    norm = _norm(query)
+    return QuerySide(
+        text=query,
+        norm=norm,
+        tokens=frozenset(word_tokens(query)),
+        colors=frozenset(w for w in norm.split() if w in COLORS),
+        numbers=frozenset(_NUMBER.findall(query.lower())),
+        units=frozenset(units(query)),
+        models=frozenset(model_numbers(query)),
+        negated=tuple(negated_terms(query)),
+    )
+
+
+def _product_side(fields: Mapping[str, str]) -> ProductSide:
+    return product_side(*(str(fields.get(k, "") or "") for k in PRODUCT_FIELDS))
+
+
+def pair_features(query: str, fields: Mapping[str, str]) -> dict[str, float]:
+    """Features of one (query, product) pair; ``fields`` maps ``PRODUCT_FIELDS`` names to text ("" = missing).
+
+    Coverages are ``model.lexical.query_coverage`` (0..1); shares are NaN when the query has
+    nothing of that kind (no numbers, no sizes, ...), flags NaN when the product lacks the field.
+    """
+    return _pair_features(query_side(query), _product_side(fields))
+
+
+def _pair_features(q: QuerySide, p: ProductSide) -> dict[str, float]:
+    f: dict[str, float] = {
+        "cov_title": _coverage(q.tokens, p.title_stems),
+        "cov_brand_color": _coverage(q.tokens, p.brand_color_stems) if (p.brand or p.color) else np.nan,
+        "cov_long": _coverage(q.tokens, p.long_stems) if p.long_text else np.nan,
+        "cov_all": _coverage(q.tokens, p.stems),
+        # exact (not prefix) word matches: "tv" vs "tvs" is a different product more often than not
+        "exact_title": _share(q.tokens, set(p.title_tokens)),
+        "brand_in_query": float(_contains_phrase(q.norm, p.brand_norm)) if p.brand_norm else np.nan,
+        "query_has_color": float(bool(q.colors)),
+        "color_match": np.nan,
+        "color_conflict": np.nan,
+        "number_match": np.nan,
+        "unit_match": np.nan,
+        "unit_conflict": np.nan,
+        "model_match": np.nan,
+    }
+    if q.colors:
+        f["color_match"] = _share(q.colors, p.colors | (p.words & COLORS))
+        # the query names a colour and the product names only others
+        f["color_conflict"] = float(bool(p.colors) and not q.colors & p.colors)
+    # numbers, sizes and model numbers: the product's full text is read only when the query has some
+    if q.numbers or q.units or q.models:
+        all_text = " ".join(t for t in (p.title, p.brand, p.color, p.long_text) if t)
+        if q.numbers:
+            f["number_match"] = _share(q.numbers, set(_NUMBER.findall(all_text.lower())))
+        if q.units:
+            p_units = units(all_text)
+            f["unit_match"] = _share(q.units, p_units)
+            # the same unit with another value: "64 oz" asked, "16 oz" offered
+            same_unit = {u for _, u in q.units} & {u for _, u in p_units}
+            f["unit_conflict"] = float(bool(same_unit) and not q.units & p_units)
+        if q.models:
+            f["model_match"] = _share(q.models, model_numbers(all_text) | p.words)
+    f["is_negation"] = float(bool(q.negated))
+    f["negated_in_product"] = (
+        float(any(t[:PREFIX_CHARS] in p.stems for t in q.negated)) if q.negated else np.nan
+    )
+    f["query_words"] = float(len(q.norm.split()))
+    f["title_words"] = float(len(p.title_tokens))
+    f["long_chars"] = float(len(p.long_text))
+    f["has_brand"], f["has_color"] = float(bool(p.brand)), float(bool(p.color))
+    f["has_long"] = float(bool(p.long_text))
+    return f
+
+
+def list_bm25(
+    query_words: Sequence[str], docs: Sequence[Sequence[str]], k1: float = 1.5, b: float = 0.75
+) -> np.ndarray:
+    """BM25 (Lucene's idf) of a query against the word lists of one candidate list.
+
+    Term statistics come from the list itself, as in the BM25 baseline
+    (``eval.baselines.bm25_scores``, which builds a ``bm25s`` index per list); done here on
+    the already tokenised words because an index per list and field costs ~8 ms a query.
+    NaN for every document when the list has no words at all.
+    """
+    n = len(docs)
+    lengths = np.array([len(d) for d in docs], dtype=np.float64)
+    if n == 0 or lengths.sum() == 0:
+        return np.full(n, np.nan)
+    norm = k1 * (1.0 - b + b * lengths / lengths.mean())
+    counts = [Counter(d) for d in docs]
+    scores = np.zeros(n)
+    for term in set(query_words):
+        tf = np.array([c.get(term, 0) for c in counts], dtype=np.float64)
+        df = float((tf > 0).sum())
+        if df:
+            idf = np.log(1.0 + (n - df + 0.5) / (df + 0.5))
+            scores += idf * tf * (k1 + 1.0) / (tf + norm)
+    return scores
+
+
+#: Scores that get list features (when the table has them).
+LIST_SCORES: Final[tuple[str, ...]] = (
+    "ce_score", "ce_gain", "ce_p_E", "ce_p_S", "ce_sub", "ce_cosine", "bm25_all", "cov_all",
+)  # fmt: skip
+
+
+def list_features(values: np.ndarray, groups: np.ndarray) -> dict[str, np.ndarray]:
+    """Rank fraction, z-score and gap to the best of ``values`` within each group.
+
+    ``rank`` is 0 for the best of a list and 1 for the worst (ties share the better rank; a
+    list of one gets 0); ``z`` is (value - list mean) / list std (0 where the std is 0); ``gap``
+    is the list's best value minus this one.
+    """
+    frame = pd.DataFrame({"v": values, "g": groups})
+    grouped = frame.groupby("g", sort=False)["v"]
+    size = grouped.transform("size").to_numpy(dtype=np.float64)
+    rank = grouped.rank(method="min", ascending=False).to_numpy(dtype=np.float64) - 1.0
+    mean = grouped.transform("mean").to_numpy(dtype=np.float64)
+    std = grouped.transform("std", ddof=0).to_numpy(dtype=np.float64)
+    z = np.divide(values - mean, std, out=np.zeros_like(mean), where=std > 1e-12)
+    best = grouped.transform("max").to_numpy(dtype=np.float64)
+    return {
+        "rank": np.divide(rank, size - 1, out=np.zeros_like(rank), where=size > 1),
+        "z": z,
+        "gap": best - values,
+    }
+
+
+def feature_table(
+    queries: Sequence[str],
+    fields: Mapping[str, Sequence[str]],
+    groups: Sequence[object],
+    model_columns: Mapping[str, np.ndarray] | None = None,
+) -> pd.DataFrame:
+    """All stacker features of N pairs, one row per pair in input order.
+
+    Args:
+        queries: (N,) query text of each pair.
+        fields: ``PRODUCT_FIELDS`` name -> (N,) text ("" when missing); absent names count as missing.
+        groups: (N,) the candidate list each pair belongs to (query id or text): BM25 and the
+            list features are computed within it.
+        model_columns: the cross-encoder's columns (``stack.outputs.cross_encoder_columns``),
+            copied in and given list features.
+    """
+    n = len(queries)
+    cols = {name: [str(v or "") for v in fields.get(name, [""] * n)] for name in PRODUCT_FIELDS}
+    for name, values in cols.items():
+        if len(values) != n:
+            raise ValueError(f"feature_table: field {name!r} has {len(values)} values for {n} pairs.")
+    sides = [product_side(*(cols[name][i] for name in PRODUCT_FIELDS)) for i in range(n)]
+    table = pd.DataFrame([_pair_features(query_side(queries[i]), sides[i]) for i in range(n)], index=range(n))
+    group_codes = pd.factorize(pd.Series(list(groups), dtype=object))[0]
+    bm25 = {k: np.zeros(n) for k in ("bm25_title", "bm25_all", "bm25_long")}
+    # the brands of the other candidates: a query naming one of them asks for that brand
+    brand_norm = [side.brand_norm for side in sides]
+    other_brand = np.full(n, np.nan)
+    for code in np.unique(group_codes):
+        rows = np.flatnonzero(group_codes == code)
+        query = queries[rows[0]]
+        q_words = sorted(query_side(query).tokens)
+        bm25["bm25_title"][rows] = list_bm25(q_words, [sides[i].title_tokens for i in rows])
+        bm25["bm25_all"][rows] = list_bm25(
+            q_words, [sides[i].title_tokens + sides[i].brand_color_tokens for i in rows]
+        )
+        bm25["bm25_long"][rows] = list_bm25(q_words, [sides[i].long_tokens for i in rows])
+        q_norm = query_side(query).norm
+        named = {brand_norm[i] for i in rows if brand_norm[i] and _contains_phrase(q_norm, brand_norm[i])}
+        if named:
+            other_brand[rows] = [float(bool(brand_norm[i]) and brand_norm[i] not in named) for i in rows]
+    for key, values in bm25.items():
+        table[key] = values
+    table["other_brand_named"] = other_brand
+    table["list_size"] = np.bincount(group_codes)[group_codes].astype(np.float64)
+    for name, values in (model_columns or {}).items():
+        table[name] = np.asarray(values, dtype=np.float64)
+    for name in LIST_SCORES:
+        if name in table.columns:
+            for kind, values in list_features(table[name].to_numpy(np.float64), group_codes).items():
+                table[f"{name}_{kind}"] = values
+    return table
+
+
+def record_fields(product: str | Mapping[str, object]) -> dict[str, str]:
+    """``PRODUCT_FIELDS`` texts of a product given as text or as a mapping of its fields.
+
+    Keys may be the short names (``title``, ``brand``, ...) or the ESCI column names
+    (``product_title``, ...), cleaned as in data preparation. A plain string, or a mapping with
+    only ``text``, counts as the title with every other field missing.
+    """
+    if isinstance(product, str):
+        return {"title": clean_text(product)}
+    fields = {
+        name: clean_text(product.get(name, product.get(FIELD_COLUMNS[name]))) for name in PRODUCT_FIELDS
+    }
+    if not any(fields.values()) and "text" in product:
+        fields["title"] = clean_text(product["text"])
+    return fields

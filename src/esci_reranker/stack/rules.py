@@ -1,0 +1,151 @@
+"""Decision rules for Tasks 2 and 3, chosen on out-of-fold predictions.
+
+A classifier's argmax and a 0.5 threshold are right only for calibrated probabilities and
+equal error costs. The rules here are fitted on honest (out-of-fold) predictions of the training
+queries, each to maximise one metric:
+
+- Task 2: per-class offsets ``o`` added to the log-probabilities, ``argmax(log p + o)`` with
+  ``o_E = 0``; coordinate ascent over a grid, ties broken towards the smallest offsets.
+- Task 3: the threshold on the substitute probability.
+
+They travel in the checkpoint (``stacker.json``) and every consumer (``Reranker``, the service,
+``evaluate``) applies them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import numpy as np
+
+from esci_reranker.labels import ESCI_LABELS
+
+Task2Objective = Literal["micro_f1", "macro_f1"]
+Task3Objective = Literal["micro_f1", "f1"]
+#: Offsets tried for each class, in log-probability units.
+OFFSET_GRID: Final[np.ndarray] = np.round(np.arange(-3.0, 3.0001, 0.1), 2)
+
+
+@dataclass
+class DecisionRules:
+    """Per-class log-probability offsets (E, S, C, I order) and the substitute threshold."""
+
+    class_offsets: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    substitute_threshold: float = 0.5
+    task2_objective: str = "micro_f1"
+    task3_objective: str = "micro_f1"
+
+    def classes(self, probs: np.ndarray) -> np.ndarray:
+        """Predicted class indices (E, S, C, I order) for (N, 4) probabilities."""
+        return _apply_offsets(np.log(np.clip(probs, 1e-12, 1.0)), np.asarray(self.class_offsets))
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (``stacker.json``)."""
+        return {
+            "class_offsets": dict(zip(ESCI_LABELS, map(float, self.class_offsets), strict=True)),
+            "substitute_threshold": float(self.substitute_threshold),
+            "task2_objective": self.task2_objective,
+            "task3_objective": self.task3_objective,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> DecisionRules:
+        """Inverse of ``to_dict``; raises ``ValueError`` naming a missing or bad field."""
+        try:
+            offsets = data["class_offsets"]
+            if not isinstance(offsets, dict) or set(offsets) != set(ESCI_LABELS):
+                raise ValueError(f"class_offsets must map {list(ESCI_LABELS)} to numbers, got {offsets!r}")
+            threshold = float(data["substitute_threshold"])  # type: ignore[arg-type]
+        except KeyError as err:
+            raise ValueError(f"decision rules: missing field {err}") from None
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"decision rules: substitute_threshold={threshold}; expected 0..1.")
+        return cls(
+            class_offsets=[float(offsets[c]) for c in ESCI_LABELS],
+            substitute_threshold=threshold,
+            task2_objective=str(data.get("task2_objective", "micro_f1")),
+            task3_objective=str(data.get("task3_objective", "micro_f1")),
+        )
+
+
+def _apply_offsets(logp: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    return np.argmax(logp + offsets[None, :], axis=1)
+
+
+def _f1_scores(true: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """F1 of each class 0..k-1 (0 where a class is neither true nor predicted)."""
+    tp = np.bincount(true[true == pred], minlength=k).astype(np.float64)
+    n_true = np.bincount(true, minlength=k).astype(np.float64)
+    n_pred = np.bincount(pred, minlength=k).astype(np.float64)
+    denom = n_true + n_pred
+    return np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)
+
+
+def task2_metric(true: np.ndarray, pred: np.ndarray, objective: str) -> float:
+    """Micro-F1 (= accuracy for single-label classes) or macro-F1 over the four classes."""
+    if objective == "micro_f1":
+        return float(np.mean(true == pred))
+    if objective == "macro_f1":
+        return float(_f1_scores(true, pred, len(ESCI_LABELS)).mean())
+    raise ValueError(f"task2 objective {objective!r}; expected 'micro_f1' or 'macro_f1'.")
+
+
+def fit_class_offsets(
+    probs: np.ndarray, labels: np.ndarray, objective: str = "micro_f1", sweeps: int = 3
+) -> tuple[list[float], float]:
+    """Offsets (E fixed at 0) maximising ``objective`` of ``argmax(log p + o)``; and the value reached.
+
+    Args:
+        probs: (N, 4) out-of-fold class probabilities, E/S/C/I order.
+        labels: (N,) true class indices.
+    """
+    logp = np.log(np.clip(probs, 1e-12, 1.0))
+    offsets = np.zeros(len(ESCI_LABELS))
+    best = task2_metric(labels, _apply_offsets(logp, offsets), objective)
+    for _ in range(sweeps):
+        changed = False
+        for c in range(1, len(ESCI_LABELS)):
+            values = []
+            for value in OFFSET_GRID:
+                trial = offsets.copy()
+                trial[c] = value
+                values.append(task2_metric(labels, _apply_offsets(logp, trial), objective))
+            scores = np.asarray(values)
+            top = scores.max()
+            # among the best, the offset nearest 0: the smallest change that reaches it
+            candidates = OFFSET_GRID[scores >= top - 1e-12]
+            chosen = float(candidates[np.argmin(np.abs(candidates))])
+            if top > best + 1e-12 or (top >= best - 1e-12 and abs(chosen) < abs(offsets[c])):
+                changed = changed or chosen != offsets[c]
+                offsets[c], best = chosen, max(best, float(top))
+        if not changed:
+            break
+    return [float(o) for o in offsets], best
+
+
+def task3_metric(is_sub: np.ndarray, pred: np.ndarray, objective: str) -> float:
+    """Micro-F1 (accuracy) or the substitute class's F1 of binary predictions."""
+    if objective == "micro_f1":
+        return float(np.mean(is_sub == pred))
+    if objective == "f1":
+        tp = float(np.sum(is_sub & pred))
+        denom = float(is_sub.sum() + pred.sum())
+        return 2 * tp / denom if denom else 0.0
+    raise ValueError(f"task3 objective {objective!r}; expected 'micro_f1' or 'f1'.")
+
+
+def fit_threshold(probs: np.ndarray, is_sub: np.ndarray, objective: str = "micro_f1") -> tuple[float, float]:
+    """The substitute-probability threshold maximising ``objective``; and the value reached.
+
+    Candidates are 0.5 and the midpoints between consecutive distinct probabilities; among
+    equally good thresholds the one nearest 0.5 wins.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    is_sub = np.asarray(is_sub, dtype=bool)
+    distinct = np.unique(probs)
+    candidates = np.concatenate([[0.5], (distinct[1:] + distinct[:-1]) / 2, [distinct[-1] + 1e-9]])
+    scores = np.array([task3_metric(is_sub, probs >= t, objective) for t in candidates])
+    top = scores.max()
+    good = candidates[scores >= top - 1e-12]
+    return float(good[np.argmin(np.abs(good - 0.5))]), float(top)

@@ -1,0 +1,327 @@
+"""Gradient-boosted trees over the stack features: LightGBM lambdarank (Task 1), multiclass (Task 2)
+and binary (Task 3), with their rounds chosen by query-grouped cross-validation.
+
+With ~100 training queries the number of boosting rounds is the knob that decides between
+learning and memorising. Each tree model is trained on ``inner_folds`` query folds with the
+held-out fold as validation, the per-round validation curves are averaged over folds and the
+best round of the mean curve is kept; the final model is refitted on all queries with that many
+rounds. The same inner folds give out-of-fold predictions of every training query at the chosen
+round: the decision rules (``stack.rules``) are fitted on those.
+
+Saved as plain files in a ``stacker/`` folder of the checkpoint: each booster in LightGBM's own
+text format and ``stacker.json`` (feature names, parameters, chosen rounds, decision rules). No
+pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import pandas as pd
+
+from esci_reranker.labels import ESCI_LABELS, LABEL_TO_INDEX
+from esci_reranker.stack.rules import DecisionRules, fit_class_offsets, fit_threshold
+
+STACKER_DIR: Final[str] = "stacker"
+MANIFEST_NAME: Final[str] = "stacker.json"
+FORMAT_VERSION: Final[int] = 1
+#: Relevance grade of each label for lambdarank, and LightGBM's ``label_gain`` per grade, so
+#: LightGBM's nDCG uses the ESCI gains (I=0, C=0.01, S=0.1, E=1).
+RANK_GRADE: Final[Mapping[str, int]] = {"I": 0, "C": 1, "S": 2, "E": 3}
+TASKS: Final[tuple[str, ...]] = ("ranker", "classifier", "substitute")
+SUBSTITUTE: Final[int] = LABEL_TO_INDEX["S"]
+
+
+@dataclass
+class GBDTParams:
+    """LightGBM settings shared by the three models (strongly regularised: ~100 queries)."""
+
+    num_leaves: int = 7
+    learning_rate: float = 0.05
+    min_data_in_leaf: int = 40
+    feature_fraction: float = 0.7
+    bagging_fraction: float = 0.8
+    bagging_freq: int = 1
+    lambda_l2: float = 10.0
+    max_rounds: int = 400
+    inner_folds: int = 4
+    seed: int = 0
+
+    def lgb_params(self, task: str, gains: Sequence[float]) -> dict[str, Any]:
+        """LightGBM's parameter dict for ``task`` (one of ``TASKS``)."""
+        base: dict[str, Any] = {
+            "num_leaves": self.num_leaves,
+            "learning_rate": self.learning_rate,
+            "min_data_in_leaf": self.min_data_in_leaf,
+            "feature_fraction": self.feature_fraction,
+            "bagging_fraction": self.bagging_fraction,
+            "bagging_freq": self.bagging_freq,
+            "lambda_l2": self.lambda_l2,
+            "seed": self.seed,
+            "deterministic": True,
+            "force_row_wise": True,
+            "num_threads": 1,  # small data: threads cost more than they give, and results stay fixed
+            "verbosity": -1,
+        }
+        if task == "ranker":
+            # the gain of each grade in RANK_GRADE order; eval over the whole list (official nDCG)
+            label_gain = [gains[ESCI_LABELS.index(label)] for label in sorted(RANK_GRADE, key=RANK_GRADE.get)]
+            return base | {
+                "objective": "lambdarank",
+                "metric": "ndcg",
+                "eval_at": [1000],
+                "label_gain": label_gain,
+                "lambdarank_truncation_level": 1000,
+            }
+        if task == "classifier":
+            return base | {
+                "objective": "multiclass",
+                "num_class": len(ESCI_LABELS),
+                "metric": "multi_logloss",
+            }
+        if task == "substitute":
+            return base | {"objective": "binary", "metric": "binary_logloss"}
+        raise ValueError(f"task {task!r}; expected one of {TASKS}.")
+
+
+def _targets(labels: Sequence[str], task: str) -> np.ndarray:
+    if task == "ranker":
+        return np.array([RANK_GRADE[x] for x in labels], dtype=np.int32)
+    index = np.array([LABEL_TO_INDEX[x] for x in labels], dtype=np.int32)
+    return index if task == "classifier" else (index == SUBSTITUTE).astype(np.int32)
+
+
+def inner_query_folds(groups: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """Row-index arrays of ``folds`` query-disjoint validation folds (seeded)."""
+    unique = np.unique(groups)
+    if len(unique) < folds:
+        raise ValueError(f"stacker: {len(unique)} queries cannot make {folds} inner folds.")
+    order = np.random.default_rng(seed).permutation(unique)
+    return [np.flatnonzero(np.isin(groups, order[i::folds])) for i in range(folds)]
+
+
+def _dataset(x: np.ndarray, y: np.ndarray, groups: np.ndarray, task: str, names: list[str]) -> Any:
+    import lightgbm as lgb
+
+    ds = lgb.Dataset(x, label=y, feature_name=names, free_raw_data=False)
+    if task == "ranker":
+        # rows sorted by query code (``fit_task``), so np.unique's order is the rows' order
+        ds.set_group(np.unique(groups, return_counts=True)[1])
+    return ds
+
+
+def _sorted_by_group(groups: np.ndarray) -> np.ndarray:
+    return np.argsort(groups, kind="stable")
+
+
+@dataclass
+class TaskFit:
+    """One task's model: the rounds chosen, the mean inner-CV curve and out-of-fold predictions."""
+
+    booster: Any
+    rounds: int
+    curve: list[float]
+    oof: np.ndarray
+
+
+def fit_task(
+    x: np.ndarray,
+    labels: Sequence[str],
+    groups: np.ndarray,
+    task: str,
+    names: list[str],
+    params: GBDTParams,
+    gains: Sequence[float],
+) -> TaskFit:
+    """Choose the rounds by inner query-grouped CV, refit on all rows; see the module docstring."""
+    import lightgbm as lgb
+
+    order = _sorted_by_group(groups)
+    x, groups = x[order], groups[order]
+    y = _targets([labels[i] for i in order], task)
+    lgb_params = params.lgb_params(task, gains)
+    curves, boosters, folds = [], [], inner_query_folds(groups, params.inner_folds, params.seed)
+    for val_rows in folds:
+        train_rows = np.setdiff1d(np.arange(len(y)), val_rows)
+        dtrain = _dataset(x[train_rows], y[train_rows], groups[train_rows], task, names)
+        dval = _dataset(x[val_rows], y[val_rows], groups[val_rows], task, names)
+        record: dict[str, Any] = {}
+        booster = lgb.train(
+            lgb_params,
+            dtrain,
+            num_boost_round=params.max_rounds,
+            valid_sets=[dval],
+            valid_names=["val"],
+            callbacks=[lgb.record_evaluation(record)],
+        )
+        (values,) = record["val"].values()
+        curves.append(np.asarray(values, dtype=np.float64))
+        boosters.append(booster)
+    mean = np.mean(curves, axis=0)
+    rounds = int(np.argmax(mean) if task == "ranker" else np.argmin(mean)) + 1
+    oof_sorted = np.zeros((len(y), len(ESCI_LABELS))) if task == "classifier" else np.zeros(len(y))
+    for val_rows, booster in zip(folds, boosters, strict=True):
+        oof_sorted[val_rows] = booster.predict(x[val_rows], num_iteration=rounds)
+    final = lgb.train(lgb_params, _dataset(x, y, groups, task, names), num_boost_round=rounds)
+    oof = np.empty_like(oof_sorted)
+    oof[order] = oof_sorted  # back to the caller's row order
+    return TaskFit(final, rounds, mean.tolist(), oof)
+
+
+@dataclass
+class Stacker:
+    """The three tree models, their feature list and the decision rules."""
+
+    feature_names: list[str]
+    boosters: dict[str, Any]
+    rules: DecisionRules = field(default_factory=DecisionRules)
+    params: GBDTParams = field(default_factory=GBDTParams)
+    rounds: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def matrix(self, table: pd.DataFrame) -> np.ndarray:
+        """The feature matrix in training order; a feature the table lacks is NaN (missing)."""
+        missing = [n for n in self.feature_names if n not in table.columns]
+        frame = table.reindex(columns=self.feature_names) if missing else table[self.feature_names]
+        return frame.to_numpy(dtype=np.float64)
+
+    def predict(self, table: pd.DataFrame) -> dict[str, np.ndarray]:
+        """``score`` (N,), ``probs`` (N, 4, E/S/C/I), ``classes`` (N,) after the rules, ``substitute_prob`` (N,)."""
+        x = self.matrix(table)
+        score = self.boosters["ranker"].predict(x)
+        probs = np.asarray(self.boosters["classifier"].predict(x)).reshape(len(x), len(ESCI_LABELS))
+        sub = np.asarray(self.boosters["substitute"].predict(x))
+        return {
+            "score": score,
+            "probs": probs,
+            "classes": self.rules.classes(probs),
+            "substitute_prob": sub,
+        }
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write the boosters (LightGBM text) and ``stacker.json`` into ``folder``; returns it."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        for task in TASKS:
+            self.boosters[task].save_model(str(out / f"{task}.txt"))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "feature_names": self.feature_names,
+            "rules": self.rules.to_dict(),
+            "params": self.params.__dict__,
+            "rounds": self.rounds,
+            "info": self.info,
+        }
+        (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=float) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Stacker:
+        """Read a folder written by ``save``.
+
+        Raises:
+            ValueError: a missing file or field, or an unknown format version; the message names it.
+        """
+        import lightgbm as lgb
+
+        folder = Path(folder)
+        manifest_path = folder / MANIFEST_NAME
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{manifest_path}: cannot read the stacker manifest ({err}).") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{manifest_path}: format_version {manifest.get('format_version')!r}; this version of "
+                f"esci-reranker reads {FORMAT_VERSION}."
+            )
+        boosters = {}
+        for task in TASKS:
+            path = folder / f"{task}.txt"
+            if not path.is_file():
+                raise ValueError(f"{path}: missing; a stacker folder holds {[t + '.txt' for t in TASKS]}.")
+            boosters[task] = lgb.Booster(model_file=str(path))
+        names = list(manifest["feature_names"])
+        for task, booster in boosters.items():
+            if booster.feature_name() != names:
+                raise ValueError(
+                    f"{folder / (task + '.txt')}: its features differ from {manifest_path}'s feature_names."
+                )
+        return cls(
+            feature_names=names,
+            boosters=boosters,
+            rules=DecisionRules.from_dict(manifest["rules"]),
+            params=GBDTParams(**manifest.get("params", {})),
+            rounds=dict(manifest.get("rounds", {})),
+            info=dict(manifest.get("info", {})),
+        )
+
+
+#: Columns of a stack table that are not features.
+NON_FEATURES: Final[frozenset[str]] = frozenset(
+    {"fold", "seed", "query_id", "product_id", "esci_label", "esci_query_source", "query"}
+)
+
+
+def feature_columns(table: pd.DataFrame, exclude: Sequence[str] = ()) -> list[str]:
+    """The feature columns of a stack table: numeric, not ids or labels, not in ``exclude``."""
+    return [
+        c
+        for c in table.columns
+        if c not in NON_FEATURES and c not in exclude and pd.api.types.is_numeric_dtype(table[c])
+    ]
+
+
+def fit_stacker(
+    table: pd.DataFrame,
+    params: GBDTParams | None = None,
+    gains: Sequence[float] = (1.0, 0.1, 0.01, 0.0),
+    features: Sequence[str] | None = None,
+    task2_objective: str = "micro_f1",
+    task3_objective: str = "micro_f1",
+) -> tuple[Stacker, dict[str, np.ndarray]]:
+    """Fit the three models and the decision rules on a stack table.
+
+    Args:
+        table: one row per (query, product) with ``query_id``, ``esci_label`` and the features
+            (``stack.features.feature_table`` plus out-of-fold cross-encoder columns).
+        gains: E, S, C, I gains (lambdarank's ``label_gain``).
+        features: feature columns to use (default: ``feature_columns(table)``).
+
+    Returns:
+        The stacker, and the inner out-of-fold predictions (``score``, ``probs``,
+        ``substitute_prob``) the rules were fitted on.
+    """
+    params = params or GBDTParams()
+    names = list(features) if features is not None else feature_columns(table)
+    x = table[names].to_numpy(dtype=np.float64)
+    labels = table["esci_label"].astype(str).tolist()
+    groups = pd.factorize(table["query_id"])[0]
+    fits = {task: fit_task(x, labels, groups, task, names, params, gains) for task in TASKS}
+    label_index = np.array([LABEL_TO_INDEX[x] for x in labels])
+    offsets, _ = fit_class_offsets(fits["classifier"].oof, label_index, task2_objective)
+    threshold, _ = fit_threshold(fits["substitute"].oof, label_index == SUBSTITUTE, task3_objective)
+    stacker = Stacker(
+        feature_names=names,
+        boosters={t: f.booster for t, f in fits.items()},
+        rules=DecisionRules(offsets, threshold, task2_objective, task3_objective),
+        params=params,
+        rounds={t: f.rounds for t, f in fits.items()},
+        info={
+            "queries": len(np.unique(groups)),
+            "rows": len(table),
+            "inner_curves": {t: f.curve for t, f in fits.items()},
+        },
+    )
+    oof = {
+        "score": fits["ranker"].oof,
+        "probs": fits["classifier"].oof,
+        "substitute_prob": fits["substitute"].oof,
+    }
+    return stacker, oof

@@ -1,0 +1,148 @@
+"""Stack features on hand-made rows, each expected value worked out by hand from the definitions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from esci_reranker.stack.features import (
+    feature_table,
+    list_bm25,
+    list_features,
+    model_numbers,
+    negated_terms,
+    pair_features,
+    record_fields,
+    units,
+)
+
+
+def test_coverage_per_field_and_exact_title_match():
+    f = pair_features(
+        "red running shoes",
+        {"title": "Nike Running Shoe", "brand": "Nike", "color": "Blue", "bullets": "Great for red carpets"},
+    )
+    # query words {red, running, shoes}; title prefixes {nike, runn, shoe}: running + shoes
+    assert f["cov_title"] == pytest.approx(2 / 3)
+    assert f["cov_brand_color"] == 0.0  # {nike, blue}
+    assert f["cov_long"] == pytest.approx(1 / 3)  # "red" in the bullets
+    assert f["cov_all"] == 1.0
+    assert f["exact_title"] == pytest.approx(1 / 3)  # only "running" is the same word ("shoe" != "shoes")
+
+
+def test_missing_fields_are_nan_not_zero():
+    f = pair_features("usb cable", {"title": "USB-C cable"})
+    assert math.isnan(f["cov_brand_color"])
+    assert math.isnan(f["cov_long"])
+    assert math.isnan(f["brand_in_query"])
+    assert f["has_brand"] == 0.0
+    assert f["has_long"] == 0.0
+    # the query has no colour, number, size or model number: those features say "not applicable"
+    for name in (
+        "color_match",
+        "color_conflict",
+        "number_match",
+        "unit_match",
+        "unit_conflict",
+        "model_match",
+    ):
+        assert math.isnan(f[name]), name
+
+
+def test_brand_and_colour_matches():
+    f = pair_features("nike red shoes", {"title": "Air Zoom", "brand": "Nike", "color": "Blue"})
+    assert f["brand_in_query"] == 1.0
+    assert f["query_has_color"] == 1.0
+    assert f["color_match"] == 0.0
+    assert f["color_conflict"] == 1.0  # asked red, the product names only blue
+    g = pair_features("red shoes", {"title": "Red Air Zoom", "color": "Red/White"})
+    assert g["color_match"] == 1.0
+    assert g["color_conflict"] == 0.0
+    # a brand of two words must appear as a phrase
+    h = pair_features("under armour shirt", {"title": "Shirt", "brand": "Under Armour"})
+    assert h["brand_in_query"] == 1.0
+    assert (
+        pair_features("armour under shirt", {"title": "Shirt", "brand": "Under Armour"})["brand_in_query"]
+        == 0.0
+    )
+
+
+def test_numbers_sizes_and_model_numbers():
+    assert units("Shampoo 16oz, 2-pack of 3.5 ml") == {(16.0, "oz"), (2.0, "pack"), (3.5, "ml")}
+    assert model_numbers("case for iphone a2141 (2020) red") == {"a2141"}
+    f = pair_features("shampoo 64 oz", {"title": "Shampoo 16 oz bottle"})
+    assert f["unit_match"] == 0.0
+    assert f["unit_conflict"] == 1.0
+    assert f["number_match"] == 0.0
+    g = pair_features("shampoo 16 oz", {"title": "Shampoo, 16oz bottle"})
+    assert g["unit_match"] == 1.0
+    assert g["unit_conflict"] == 0.0
+    assert g["number_match"] == 1.0
+    h = pair_features("a2141 battery", {"title": "Battery for A2141 laptops"})
+    assert h["model_match"] == 1.0
+
+
+def test_negation():
+    assert negated_terms("shampoo without sulfate") == ["sulfate"]
+    assert negated_terms("gluten-free bread") == ["gluten"]
+    assert negated_terms("non slip socks") == ["slip"]
+    assert negated_terms("red shoes") == []
+    has = pair_features("shampoo without sulfate", {"title": "Sulfate cleansing shampoo"})
+    assert has["is_negation"] == 1.0
+    assert has["negated_in_product"] == 1.0
+    lacks = pair_features("shampoo without sulfate", {"title": "Gentle shampoo", "bullets": "for curls"})
+    assert lacks["negated_in_product"] == 0.0
+    assert math.isnan(pair_features("shampoo", {"title": "Shampoo"})["negated_in_product"])
+
+
+def test_list_features_rank_z_and_gap_within_each_list():
+    values = np.array([3.0, 1.0, 2.0, 5.0, 5.0])
+    groups = np.array([0, 0, 0, 1, 1])
+    out = list_features(values, groups)
+    np.testing.assert_allclose(out["rank"], [0.0, 1.0, 0.5, 0.0, 0.0])  # ties share the better rank
+    std = np.std([3.0, 1.0, 2.0])
+    np.testing.assert_allclose(out["z"], [1 / std, -1 / std, 0.0, 0.0, 0.0])  # a flat list: 0
+    np.testing.assert_allclose(out["gap"], [0.0, 2.0, 1.0, 0.0, 0.0])
+
+
+def test_list_bm25_by_hand():
+    # two one-word documents, the query word in one: idf = ln(1 + (2 - 1 + .5) / (1 + .5)) = ln 2,
+    # length norm = k1 (1 - b + b * 1/1) = 1.5, so tf part = 1 * 2.5 / (1 + 1.5) = 1
+    np.testing.assert_allclose(list_bm25(["a"], [["a"], ["b"]]), [math.log(2), 0.0])
+    assert np.isnan(list_bm25(["a"], [[], []])).all()
+
+
+def test_feature_table_list_context_other_brand_and_model_columns():
+    queries = ["nike shoes"] * 3 + ["socks"]
+    fields = {
+        "title": ["Air Zoom shoes", "Ultraboost shoes", "Running shoes", "Wool socks"],
+        "brand": ["Nike", "Adidas", "", "Darn Tough"],
+    }
+    table = feature_table(queries, fields, [1, 1, 1, 2], {"ce_score": np.array([0.9, 0.5, 0.1, 0.3])})
+    # the query names Nike, a brand of its list: Adidas's product is another brand's, Nike's is not
+    assert table["other_brand_named"].tolist()[:3] == [0.0, 1.0, 0.0]
+    assert math.isnan(table["other_brand_named"].iloc[3])  # no brand of its list is named
+    assert table["list_size"].tolist() == [3.0, 3.0, 3.0, 1.0]
+    np.testing.assert_allclose(table["ce_score_gap"], [0.0, 0.4, 0.8, 0.0])
+    np.testing.assert_allclose(table["ce_score_rank"], [0.0, 0.5, 1.0, 0.0])
+    # BM25 is computed within each list: "shoes" is in all three titles (low idf), "nike" in none
+    assert table["bm25_title"].iloc[3] > 0  # "socks" in its one-product list
+
+
+def test_feature_table_rejects_misaligned_fields():
+    with pytest.raises(ValueError, match="field 'brand' has 1 values for 2 pairs"):
+        feature_table(["a", "b"], {"title": ["x", "y"], "brand": ["z"]}, [0, 1])
+
+
+def test_record_fields_from_text_short_names_and_esci_columns():
+    assert record_fields("Nike Air | Nike") == {"title": "Nike Air | Nike"}
+    assert record_fields({"text": " <b>Cable</b> "})["title"] == "Cable"
+    fields = record_fields({"product_title": "Cable", "brand": "Anker", "product_bullet_point": "2 m"})
+    assert (fields["title"], fields["brand"], fields["bullets"], fields["color"]) == (
+        "Cable",
+        "Anker",
+        "2 m",
+        "",
+    )

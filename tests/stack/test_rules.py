@@ -1,0 +1,63 @@
+"""Decision rules: thresholds and class offsets chosen on out-of-fold predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from esci_reranker.stack.rules import DecisionRules, fit_class_offsets, fit_threshold, task2_metric
+
+
+def test_fit_threshold_maximises_micro_f1_and_prefers_the_one_nearest_half():
+    probs = np.array([0.1, 0.4, 0.6, 0.9])
+    # the three top ones are substitutes: any threshold in (0.1, 0.4] is perfect; midpoint 0.25
+    threshold, value = fit_threshold(probs, np.array([False, True, True, True]))
+    assert (threshold, value) == (pytest.approx(0.25), 1.0)
+    # 0.5 is already perfect here, and nearest to itself
+    threshold, value = fit_threshold(probs, np.array([False, False, True, True]))
+    assert (threshold, value) == (0.5, 1.0)
+
+
+def test_fit_threshold_for_the_substitute_f1():
+    probs = np.array([0.05, 0.1, 0.2, 0.3])
+    is_sub = np.array([False, True, False, True])
+    # micro-F1: predicting nothing scores 0.5, as does every cut; F1 of the class wants recall
+    threshold, value = fit_threshold(probs, is_sub, "f1")
+    assert value == pytest.approx(2 * 2 / (2 + 3))  # threshold 0.075: predicts the top three
+    assert threshold == pytest.approx(0.075)
+
+
+def test_class_offsets_move_borderline_pairs_to_the_class_the_labels_say():
+    # every pair's argmax is E (index 0), but the four true S pairs have P(S) just below P(E)
+    probs = np.array(
+        [[0.5, 0.4, 0.05, 0.05]] * 4 + [[0.9, 0.05, 0.03, 0.02]] * 6,
+    )
+    labels = np.array([1] * 4 + [0] * 6)
+    assert task2_metric(labels, probs.argmax(1), "micro_f1") == 0.6
+    offsets, value = fit_class_offsets(probs, labels)
+    assert value == 1.0
+    assert offsets[0] == 0.0
+    # the smallest offset on S that wins: log(0.5/0.4) = 0.223 -> 0.3 on the 0.1 grid
+    assert offsets[1] == pytest.approx(0.3)
+    rules = DecisionRules(class_offsets=offsets)
+    assert rules.classes(probs).tolist() == labels.tolist()
+
+
+def test_offsets_stay_zero_when_argmax_is_already_best():
+    probs = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]])
+    offsets, value = fit_class_offsets(probs, np.array([0, 1, 3]))
+    assert offsets == [0.0, 0.0, 0.0, 0.0]
+    assert value == 1.0
+
+
+def test_rules_round_trip_and_reject_bad_fields():
+    rules = DecisionRules([0.0, 0.3, -0.2, 0.1], 0.31, "macro_f1", "f1")
+    assert DecisionRules.from_dict(rules.to_dict()) == rules
+    with pytest.raises(ValueError, match="missing field 'substitute_threshold'"):
+        DecisionRules.from_dict({"class_offsets": {"E": 0, "S": 0, "C": 0, "I": 0}})
+    with pytest.raises(ValueError, match="class_offsets must map"):
+        DecisionRules.from_dict({"class_offsets": {"E": 0}, "substitute_threshold": 0.5})
+    with pytest.raises(ValueError, match=r"substitute_threshold=1\.5; expected 0\.\.1"):
+        DecisionRules.from_dict(
+            {"class_offsets": {"E": 0, "S": 0, "C": 0, "I": 0}, "substitute_threshold": 1.5}
+        )

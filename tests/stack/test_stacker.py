@@ -1,0 +1,120 @@
+"""The LightGBM stacker: fitting with inner query folds, predicting, saving and loading."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from esci_reranker.stack.stacker import (
+    GBDTParams,
+    Stacker,
+    feature_columns,
+    fit_stacker,
+    inner_query_folds,
+)
+
+SMALL = GBDTParams(
+    max_rounds=40, learning_rate=0.3, min_data_in_leaf=5, inner_folds=3, num_leaves=4, lambda_l2=0.0
+)
+
+
+def synthetic_table(queries: int = 24, per_query: int = 10, seed: int = 0) -> pd.DataFrame:
+    """Labels that follow a 'signal' feature (E high, I low) plus a pure-noise feature."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for q in range(queries):
+        for p in range(per_query):
+            label = "ESCI"[rng.integers(4)]
+            signal = {"E": 3.0, "S": 2.0, "C": 1.0, "I": 0.0}[label] + rng.normal(0, 0.3)
+            rows.append(
+                {
+                    "query_id": q,
+                    "product_id": f"p{q}-{p}",
+                    "esci_label": label,
+                    "signal": signal,
+                    "noise": rng.normal(),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[Stacker, dict, pd.DataFrame]:
+    table = synthetic_table()
+    stacker, oof = fit_stacker(table, SMALL)
+    return stacker, oof, table
+
+
+def test_feature_columns_leave_out_ids_labels_and_excluded():
+    table = synthetic_table(2, 2).assign(fold=0, esci_query_source="other")
+    assert feature_columns(table) == ["signal", "noise"]
+    assert feature_columns(table, exclude=["noise"]) == ["signal"]
+
+
+def test_inner_folds_are_query_disjoint_and_cover_every_row():
+    groups = np.repeat(np.arange(7), 3)
+    folds = inner_query_folds(groups, 3, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(21))
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not set(groups[folds[a]]) & set(groups[folds[b]])
+    with pytest.raises(ValueError, match="7 queries cannot make 8 inner folds"):
+        inner_query_folds(groups, 8, seed=0)
+
+
+def test_fit_learns_the_signal_for_all_three_tasks(fitted):
+    stacker, oof, table = fitted
+    out = stacker.predict(table)
+    labels = table["esci_label"].to_numpy()
+    # the ranker orders E above I; the classifier recovers the class from the signal
+    assert out["score"][labels == "E"].mean() > out["score"][labels == "I"].mean()
+    assert np.mean(np.array(list("ESCI"))[out["classes"]] == labels) > 0.8
+    np.testing.assert_allclose(out["probs"].sum(axis=1), 1.0, rtol=1e-6)
+    assert out["substitute_prob"][labels == "S"].mean() > out["substitute_prob"][labels != "S"].mean()
+    # the rounds came from the inner CV and the out-of-fold predictions cover every row
+    assert set(stacker.rounds) == {"ranker", "classifier", "substitute"}
+    assert all(1 <= r <= SMALL.max_rounds for r in stacker.rounds.values())
+    assert oof["probs"].shape == (len(table), 4)
+    assert oof["score"].shape == (len(table),)
+    assert stacker.feature_names == ["signal", "noise"]
+
+
+def test_save_load_round_trip_predicts_the_same(fitted, tmp_path):
+    stacker, _, table = fitted
+    folder = stacker.save(tmp_path / "stacker")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "classifier.txt",
+        "ranker.txt",
+        "stacker.json",
+        "substitute.txt",
+    ]
+    loaded = Stacker.load(folder)
+    a, b = stacker.predict(table), loaded.predict(table)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert loaded.rules == stacker.rules
+    assert loaded.rounds == stacker.rounds
+    # a missing feature column is treated as missing values, not an error
+    partial = loaded.predict(table.drop(columns=["noise"]))
+    np.testing.assert_array_equal(partial["score"], loaded.predict(table.assign(noise=np.nan))["score"])
+
+
+def test_load_names_what_is_wrong(fitted, tmp_path):
+    stacker, _, _ = fitted
+    folder = stacker.save(tmp_path / "stacker")
+    manifest = json.loads((folder / "stacker.json").read_text())
+    (folder / "stacker.json").write_text(json.dumps(manifest | {"feature_names": ["signal", "other"]}))
+    with pytest.raises(ValueError, match=r"ranker\.txt: its features differ"):
+        Stacker.load(folder)
+    (folder / "stacker.json").write_text(json.dumps(manifest | {"format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99"):
+        Stacker.load(folder)
+    (folder / "stacker.json").write_text(json.dumps(manifest))
+    (folder / "substitute.txt").unlink()
+    with pytest.raises(ValueError, match=r"substitute\.txt: missing"):
+        Stacker.load(folder)
+    with pytest.raises(ValueError, match="cannot read the stacker manifest"):
+        Stacker.load(tmp_path / "nowhere")

@@ -1,0 +1,167 @@
+"""A stacked model end to end: out-of-fold cross-encoders, trees, final model, loading and serving."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from esci_reranker.model.config import CheckpointError
+from esci_reranker.reranker import Reranker
+from esci_reranker.stack.cv import stack_table
+from esci_reranker.stack.stacker import Stacker
+from esci_reranker.stack.train import train_stacked
+from esci_reranker.train.config import ConfigError, load_config
+
+STACKED = [
+    "model.max_length=32",
+    "model.prior=cosine",
+    "model.lexical=true",
+    "model.stacker=gbdt",
+    "optim.max_steps=2",
+    "stack.folds=2",
+    "stack.max_rounds=10",
+    "stack.min_data_in_leaf=5",
+    "stack.inner_folds=2",
+]
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory, small_splits, tiny_backbone):
+    root = tmp_path_factory.mktemp("stacked")
+    cfg = load_config(
+        None,
+        [
+            f"model.backbone={tiny_backbone}",
+            *STACKED,
+            f"data.dir={small_splits}",
+            f"output.save_path={root / 'model'}",
+        ],
+    )
+    lines: list[str] = []
+    result = train_stacked(cfg, progress=False, log=lines.append)
+    return result, root, lines
+
+
+def test_training_writes_one_model_with_its_stacker_and_the_cv(stacked):
+    _result, root, lines = stacked
+    assert (root / "model" / "config.json").is_file()
+    assert sorted(p.name for p in (root / "model" / "stacker").iterdir()) == [
+        "classifier.txt",
+        "ranker.txt",
+        "stacker.json",
+        "substitute.txt",
+    ]
+    cv = json.loads((root / "train" / "stack_cv.json").read_text())
+    assert [f["fold"] for f in cv["folds"]] == [0, 1]
+    assert {"ndcg", "task2_micro_f1", "task3_auc"} <= set(cv["means"]["stacker"])
+    assert "by_query_type" not in cv["folds"][0]  # the breakdown has its own key
+    assert cv["folds"][0]["stacker_by_type"]  # the sample's queries have a type
+    # progress says which fold runs
+    assert any("fold 1/2" in line for line in lines)
+    assert any("fold 2/2" in line for line in lines)
+    assert any("final model" in line for line in lines)
+    # the final cross-encoder trained on every train+val query
+    trained = pd.read_parquet(root / "train" / "train_all.parquet")
+    assert trained["query_id"].nunique() == 9
+
+
+def test_loaded_model_scores_with_the_stacker(stacked, small_splits):
+    result, root, _ = stacked
+    reranker = Reranker.from_pretrained(root / "model")
+    assert reranker.stacker is not None
+    frame = pd.read_parquet(small_splits / "test.parquet")
+    preds = reranker.predict_frame(frame, progress=False)
+    # the same as the stacker on the features of the cross-encoder's outputs
+    plain = Reranker.from_pretrained(root / "model", stacked=False)
+    assert plain.stacker is None
+    from esci_reranker.stack.outputs import frame_outputs
+
+    ce = frame_outputs(plain, frame)
+    np.testing.assert_allclose(preds.regression_scores, ce["ce_score"], rtol=1e-5, atol=1e-6)
+    table = stack_table(frame, {c: ce[c].to_numpy() for c in ce.columns if c.startswith("ce_")})
+    direct = reranker.stacker.predict(table)
+    np.testing.assert_allclose(preds.scores, direct["score"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(preds.esci_probs, direct["probs"], rtol=1e-5, atol=1e-6)
+    assert preds.substitute_threshold == reranker.stacker.rules.substitute_threshold
+    assert reranker.info()["stacker"]["rounds"] == result.rounds
+
+
+def test_rerank_applies_the_decision_rules(stacked):
+    _, root, _ = stacked
+    reranker = Reranker.from_pretrained(root / "model")
+    candidates = [
+        {"product_id": "a", "title": "Nike running shoe", "brand": "Nike", "color": "Red"},
+        {"product_id": "b", "title": "Shoe polish kit"},
+        ("c", "Red running socks"),
+    ]
+    reranker.stacker.rules.class_offsets = [0.0, 0.0, 100.0, 0.0]  # everything becomes C
+    reranker.stacker.rules.substitute_threshold = 0.0  # everything is a substitute
+    ranked = reranker.rerank("red running shoes", candidates)
+    assert {r.esci_class for r in ranked} == {"C"}
+    assert all(r.is_substitute for r in ranked)
+    reranker.stacker.rules.substitute_threshold = 1.0 + 1e-9
+    assert not any(r.is_substitute for r in reranker.rerank("red running shoes", candidates))
+
+
+def test_service_answers_with_the_rules(stacked, monkeypatch):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from esci_reranker.serve import create_app, load_settings
+    from esci_reranker.serve.settings import Settings
+
+    for name in Settings.model_fields:  # the developer's API_KEY, RATE_LIMIT, ... stay out
+        monkeypatch.delenv(name.upper(), raising=False)
+    _, root, _ = stacked
+    reranker = Reranker.from_pretrained(root / "model", device="cpu")
+    reranker.stacker.rules.class_offsets = [0.0, 0.0, 0.0, 100.0]  # everything becomes I
+    reranker.stacker.rules.substitute_threshold = 0.0
+    body = {
+        "query": "red running shoes",
+        "candidates": [
+            {"product_id": "a", "title": "Nike running shoe", "brand": "Nike"},
+            {"product_id": "b", "text": "Shoe polish kit"},
+        ],
+    }
+    for batching in (0, 5):  # the direct path and the dynamic batcher
+        app = create_app(load_settings(batch_wait_ms=batching, cache_size=0), reranker)
+        with TestClient(app) as client:
+            check_answers(client, reranker, body)
+
+
+def check_answers(client, reranker, body):
+    """/classify and /substitute follow the rules; /rerank orders as ``Reranker.rerank`` does."""
+    classified = client.post("/classify", json=body).json()["results"]
+    assert [r["esci_class"] for r in classified] == ["I", "I"]
+    subs = client.post("/substitute", json=body).json()["results"]
+    assert [r["is_substitute"] for r in subs] == [True, True]
+    ranked = client.post("/rerank", json=body).json()["ranked"]
+    direct = reranker.rerank(body["query"], body["candidates"])
+    assert [r["product_id"] for r in ranked] == [r.product_id for r in direct]
+    assert [r["score"] for r in ranked] == pytest.approx([r.score for r in direct], rel=1e-5)
+
+
+def test_a_checkpoint_without_a_stacker_loads_as_before(tiny_prior_checkpoint):
+    reranker = Reranker.from_pretrained(tiny_prior_checkpoint)
+    assert reranker.stacker is None
+    assert reranker.info()["stacker"] is None
+    preds = reranker.predict([("red shoes", "Nike Air | Nike | Red")])
+    assert preds.substitute_threshold == 0.5
+
+
+def test_stacked_checkpoint_refuses_the_onnx_backend_with_a_clear_error(stacked):
+    from esci_reranker.reranker import _load_stacker
+
+    _, root, _ = stacked
+    config = Reranker.from_pretrained(root / "model", stacked=False).config
+    with pytest.raises(CheckpointError, match="runs on the torch backend"):
+        _load_stacker(root / "model", "onnx", config)
+    assert isinstance(_load_stacker(root / "model", "torch", config), Stacker)
+
+
+def test_config_rejects_a_stacker_without_the_heads_it_reads():
+    with pytest.raises(ConfigError, match=r"model\.stacker: gbdt reads the cross-encoder"):
+        load_config(None, ["model.stacker=gbdt", "model.type=single_task"])
