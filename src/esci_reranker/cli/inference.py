@@ -24,6 +24,7 @@ EXPORT_FORMATS: dict[str, str] = {
     "hf-classifier": "esci_reranker.model.export:export_hf_classifier",
     "st-cross-encoder": "esci_reranker.model.export:export_st_cross_encoder",
     "onnx": "esci_reranker.model.onnx:export_onnx",  # also takes quantize= (--quantize int8)
+    "merged": "esci_reranker.model.llm:merge_checkpoint",  # llm family: LoRA merged into the LM
 }
 #: Formats whose exporter takes ``quantize=``, and the values `--quantize` accepts for them.
 QUANTIZE_FORMATS: dict[str, tuple[str, ...]] = {"onnx": ("int8",)}
@@ -284,6 +285,8 @@ def export_command(
     st-cross-encoder: a sentence-transformers CrossEncoder giving the Task 1 score.
     onnx: the whole model as one ONNX graph for ONNX Runtime (fp32, or int8 with --quantize int8);
     Reranker.from_pretrained loads the folder (see docs/speed.md).
+    merged: an llm-family checkpoint with its LoRA adapter merged into the LM's weights (no base
+    model or peft needed to load it; Reranker.from_pretrained loads the folder).
     """
     import importlib
 

@@ -41,7 +41,9 @@ def _settings_from(cls: type, value: Any, where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(value) - known)
     if unknown:
-        raise CheckpointError(f"model config: unknown {where} key(s) {unknown}; expected some of {sorted(known)}.")
+        raise CheckpointError(
+            f"model config: unknown {where} key(s) {unknown}; expected some of {sorted(known)}."
+        )
     return cls(**value)
 
 
@@ -208,7 +210,9 @@ class ModelConfig:
         if self.model_type == LISTWISE and self.listwise is None:
             self.listwise = ListwiseSettings()
         if self.model_type == LLM and (self.prior != "none" or self.lexical):
-            raise ValueError("model config: the llm family reads no prior features; set prior none, lexical false.")
+            raise ValueError(
+                "model config: the llm family reads no prior features; set prior none, lexical false."
+            )
         checks = {
             "pooling": (self.pooling, ("mean", "cls")),
             "rank_score": (self.rank_score, ("regression", "expected_gain")),

