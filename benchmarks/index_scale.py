@@ -1,0 +1,175 @@
+"""Catalogue index at scale: build time, peak memory, size on disk and /search latency (a benchmark).
+
+For each size it writes a synthetic catalogue (never shipped: titles made of words, brands and
+colours drawn from the bundled sample's products, plus a random model number, seeded), builds the
+index with ``esci-reranker index`` in a subprocess (wall time, peak RSS of that process) and serves
+it with ``esci-reranker serve`` (``INDEX_PATH``, response cache off) to time sequential
+``POST /search`` requests of the sample's test queries (p50/p95 of the client-side latency, and
+the server's retrieval time). ``sample`` as a size indexes the bundled sample's 6,613 products.
+
+    python benchmarks/index_scale.py --sizes sample 20000 100000 --model runs/default/model \
+        --retriever runs/retriever/model --work /tmp/index_scale --out runs/index_scale.json
+
+Run it on an otherwise idle machine; full ESCI-US size is ``--sizes 1200000`` (the embedding of
+1.2M products dominates: see the printed per-product rates to extrapolate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from esci_reranker.bench.server import Server
+from esci_reranker.data.sample import sample_path
+from esci_reranker.model.lexical import word_tokens
+
+CHUNK = 50_000
+
+
+def synthetic_catalogue(path: Path, size: int, seed: int = 0) -> None:
+    """``size`` products with sample-like fields, written in chunks (never all in memory)."""
+    sample = pd.read_parquet(sample_path()).drop_duplicates("product_id")
+    words = np.array(sorted({w for t in sample["product_title"] for w in word_tokens(t) if len(w) > 2}))
+    brands = sample["product_brand"].replace("", np.nan).dropna().unique()
+    colors = sample["product_color"].replace("", np.nan).dropna().unique()
+    rng = np.random.default_rng(seed)
+    schema = pa.schema(
+        [(c, pa.string()) for c in ("product_id", "product_title", "product_brand", "product_color")]
+    )
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, size, CHUNK):
+            n = min(CHUNK, size - start)
+            lengths = rng.integers(4, 14, n)
+            titles = [
+                " ".join(words[rng.integers(0, len(words), k)]).title() + f" {rng.integers(100, 99999)}"
+                for k in lengths
+            ]
+            table = pa.table(
+                {
+                    "product_id": [f"SYN{start + i:09d}" for i in range(n)],
+                    "product_title": titles,
+                    "product_brand": brands[rng.integers(0, len(brands), n)].tolist(),
+                    "product_color": colors[rng.integers(0, len(colors), n)].tolist(),
+                },
+                schema=schema,
+            )
+            writer.write_table(table)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def build(products: Path | None, out: Path, retriever: str, batch_rows: int) -> dict[str, float]:
+    """Build in a subprocess; its wall time and peak RSS (the build's alone: one child at a time)."""
+    script = Path(sys.executable).with_name("esci-reranker")
+    source = ["--products", str(products)] if products is not None else ["--sample"]
+    command = [str(script), "index", *source, "--out", str(out), "--retriever", retriever]
+    command += ["--batch-rows", str(batch_rows)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t
+    if done.returncode != 0:
+        raise RuntimeError(f"index build failed:\n{done.stderr[-3000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, max over finished children
+    return {
+        "build_seconds": seconds,
+        "peak_rss_mib": peak / 1024,
+        "peak_rss_is_this_build": peak > before,
+        "log": done.stdout.strip().splitlines()[-1],
+    }
+
+
+def search_latency(model: str, index: Path, queries: list[str], requests: int) -> dict[str, float]:
+    env = {"INDEX_PATH": str(index), "CACHE_SIZE": "0"}
+    if "OMP_NUM_THREADS" in os.environ:
+        env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+    client_ms, retrieval_ms, forward_ms = [], [], []
+    with Server(model, env=env, startup_timeout=900) as server, httpx.Client(timeout=120) as client:
+        for i in range(requests + 3):
+            body = {"query": queries[i % len(queries)], "top_k": 10, "candidates": 100}
+            t = time.perf_counter()
+            response = client.post(f"{server.url}/search", json=body)
+            elapsed = (time.perf_counter() - t) * 1000
+            response.raise_for_status()
+            if i < 3:  # warm-up requests
+                continue
+            stats = response.json()["stats"]
+            client_ms.append(elapsed)
+            retrieval_ms.append(stats["retrieval_ms"])
+            forward_ms.append(stats["model_forward_time_ms"])
+    return {
+        "search_p50_ms": float(np.percentile(client_ms, 50)),
+        "search_p95_ms": float(np.percentile(client_ms, 95)),
+        "retrieval_p50_ms": float(np.percentile(retrieval_ms, 50)),
+        "rerank_forward_p50_ms": float(np.percentile(forward_ms, 50)),
+        "requests": len(client_ms),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["sample", "20000"], help="'sample' or product counts")
+    parser.add_argument("--model", default="runs/default/model")
+    parser.add_argument("--retriever", default="packaged:all-MiniLM-L6-v2")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/index_scale"))
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--batch-rows", type=int, default=4096)
+    parser.add_argument("--keep", action="store_true", help="keep the catalogues and indexes")
+    args = parser.parse_args(argv)
+
+    frame = pd.read_parquet(sample_path())
+    queries = frame.loc[frame["split"] == "holdout", "query"].drop_duplicates().tolist()
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in args.sizes:
+        products = None
+        row: dict[str, object] = {"size": size}
+        if size != "sample":
+            products = args.work / f"catalogue-{size}.parquet"
+            t = time.perf_counter()
+            synthetic_catalogue(products, int(size))
+            row["generate_seconds"] = time.perf_counter() - t
+        index = args.work / f"index-{size}"
+        row |= build(products, index, args.retriever, args.batch_rows)
+        manifest = json.loads((index / "manifest.json").read_text())
+        row["products"] = manifest["counts"]["products"]
+        row["index_mib"] = folder_bytes(index) / 2**20
+        row["build_ms_per_product"] = 1000 * float(row["build_seconds"]) / row["products"]  # type: ignore[arg-type]
+        row |= search_latency(args.model, index, queries, args.requests)
+        rows.append(row)
+        print(
+            f"{size:>9}: {row['products']:,} products, build {row['build_seconds']:.0f} s "
+            f"({row['build_ms_per_product']:.2f} ms/product), peak RSS {row['peak_rss_mib']:.0f} MiB, "
+            f"index {row['index_mib']:.0f} MiB; /search p50 {row['search_p50_ms']:.0f} ms "
+            f"(retrieval {row['retrieval_p50_ms']:.0f} ms, rerank {row['rerank_forward_p50_ms']:.0f} ms)",
+            flush=True,
+        )
+        if not args.keep:
+            shutil.rmtree(index, ignore_errors=True)
+            if products is not None:
+                products.unlink(missing_ok=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps({"benchmark": "index_scale", "cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
