@@ -113,3 +113,46 @@ def bench_command(
     except (OSError, ValueError) as error:  # CheckpointError is a ValueError
         fail(f"--model {model}: {error}")
     typer.echo(f"wrote {out}")
+
+
+@app.command("bench-families")
+def bench_families_command(
+    model: Annotated[
+        list[Path], typer.Option("--model", help="Checkpoint folder; repeat for each model (any family).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the JSON result.")] = Path(
+        "bench_families.json"
+    ),
+    pairs: Annotated[
+        int, typer.Option(help="Pairs scored per throughput round (whole candidate lists).")
+    ] = 256,
+    repeats: Annotated[int, typer.Option(help="Rounds per model, interleaved over the models.")] = 3,
+    requests: Annotated[int, typer.Option(help="40-candidate rerank requests per round.")] = 10,
+    request_size: Annotated[int, typer.Option(help="Candidates per request.")] = 40,
+    batch_size: Annotated[int, typer.Option(help="Pairs per forward pass (list models: whole lists).")] = 32,
+    precision: Annotated[str, typer.Option(help="auto (bf16 where native), fp32 or bf16.")] = "auto",
+) -> None:
+    """Compare model families (multi-task, single-task, listwise, llm) on the same pairs: pairs/s and
+    ms per 40-candidate rerank request, each through Reranker's one scoring path. Prints a table,
+    writes JSON. Run it on an otherwise idle machine."""
+    import json
+
+    for name, value in (("--pairs", pairs), ("--repeats", repeats), ("--requests", requests)):
+        if value < 1:
+            fail(f"{name} {value}: expected a positive integer.")
+    missing = [str(m) for m in model if not m.is_dir()]
+    if missing:
+        fail(f"--model {', '.join(missing)}: no such checkpoint folder.")
+    from esci_reranker.bench.families import format_family_table, run_family_bench
+
+    try:
+        result = run_family_bench(
+            model, pairs, repeats, request_size, requests, batch_size=batch_size, precision=precision
+        )
+    except (OSError, ValueError) as error:
+        fail(str(error))
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    typer.echo(format_family_table(result))
+    typer.echo(f"wrote {out}")
