@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -68,13 +69,37 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def resolve_mixed_precision(setting: str) -> str:
+def resolve_mixed_precision(setting: str, cpu: bool = False) -> str:
     """The ``Accelerator`` mixed-precision mode for a config value (``auto`` decided per device)."""
     if setting != "auto":
         return setting
     from accelerate import PartialState
 
-    return "bf16" if resolve_precision("auto", PartialState().device) == "bf16" else "no"
+    return "bf16" if resolve_precision("auto", PartialState(cpu=cpu).device) == "bf16" else "no"
+
+
+def distributed_cpu() -> bool:
+    """Whether this process is one of several CPU-only training processes (gloo).
+
+    accelerate only forms a CPU process group when asked (``cpu=True``, or ``ACCELERATE_USE_CPU``
+    as ``accelerate launch --cpu`` sets); a plain ``torchrun --nproc_per_node N`` on a machine
+    without GPUs would otherwise run N independent copies that all write the same files.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return forced or (world_size > 1 and not torch.cuda.is_available())
+
+
+def even_share(batches: list[np.ndarray], num_processes: int) -> list[np.ndarray]:
+    """``batches`` padded with its own first batches to a multiple of ``num_processes``.
+
+    Every process then takes the same number of batches per epoch: in data-parallel training
+    each step is a collective (the gradient all-reduce), so a process with one batch more would
+    pair its last step with the other processes' first step of the next epoch. Like
+    ``accelerate``'s ``even_batches``, the few repeated batches are seen twice that epoch.
+    """
+    short = -len(batches) % num_processes
+    return batches + batches[:short]
 
 
 def resolve_backbone(name: str) -> str:
@@ -264,12 +289,24 @@ class Trainer:
         cfg = self.cfg
         started = time.perf_counter()
         set_seed(cfg.seed)
+        cpu = distributed_cpu()
         accelerator = Accelerator(
-            mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+            cpu=cpu,
+            mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cpu),
             gradient_accumulation_steps=cfg.optim.grad_accum_steps,
             log_with="tensorboard" if cfg.output.tensorboard else None,
             project_dir=str(self.run_dir),
+            # With several processes (DDP): parts of some models get no gradient in a step (the
+            # encoder's unused pooler, the heads of a stage that is off), which DDP must be told.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if accelerator.num_processes != world_size:
+            raise RuntimeError(
+                f"WORLD_SIZE={world_size} but accelerate formed a group of {accelerator.num_processes} "
+                "process(es); launch with `accelerate launch` (--multi_gpu, or --cpu) or set "
+                "ACCELERATE_USE_CPU=1 for CPU processes under torchrun."
+            )
         if cfg.output.tensorboard:
             accelerator.init_trackers("esci-reranker")
         if accelerator.device.type == "cpu":
@@ -302,7 +339,7 @@ class Trainer:
             return bucketed_batches(lengths, cfg.optim.batch_size, cfg.seed, epoch, cfg.optim.bucket_size)
 
         # counted, not computed from the batch size: query slices leave some batches short
-        n_batches = len(epoch_batches(0))
+        n_batches = len(even_share(epoch_batches(0), accelerator.num_processes))
         steps_per_epoch = max(
             1, math.ceil(n_batches / accelerator.num_processes / cfg.optim.grad_accum_steps)
         )
@@ -310,8 +347,11 @@ class Trainer:
         if model.config.model_type == LISTWISE:  # the two-stage schedule (model.on_train_step)
             model.stage1_steps = round(cfg.model.listwise.stage1_ratio * total_steps)
         optimizer = torch.optim.AdamW(_param_groups(model, cfg))
+        # The prepared scheduler is stepped once per process at every optimiser step (accelerate
+        # scales schedules written for one process's batch), so its length counts process-steps.
+        scale = accelerator.num_processes
         scheduler = get_linear_schedule_with_warmup(
-            optimizer, int(cfg.optim.warmup_ratio * total_steps), total_steps
+            optimizer, int(cfg.optim.warmup_ratio * total_steps) * scale, total_steps * scale
         )
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         device = accelerator.device
@@ -355,6 +395,11 @@ class Trainer:
             metrics = self.evaluate(unwrapped, tokenizer, self.val_frame, device)
             model.train()
             value = float(metrics["task1"][metric])
+            if accelerator.num_processes > 1:
+                # Every process evaluates, but they must all take the same early-stopping and
+                # best-model decisions: rank 0's value is the one (no divergence on GPUs whose
+                # kernels are not bit-reproducible).
+                value = float(broadcast(torch.tensor([value], device=device), from_process=0).item())
             record = {"type": "val", "step": state["step"], "epoch": state["epoch"], **_flat(metrics)}
             state["history"].append(record)
             self._log(accelerator, record)
@@ -388,7 +433,8 @@ class Trainer:
         model.train()
         done = state["step"] >= total_steps or state["stopped_early"]
         while not done:
-            batches = epoch_batches(state["epoch"])[accelerator.process_index :: accelerator.num_processes]
+            shared = even_share(epoch_batches(state["epoch"]), accelerator.num_processes)
+            batches = shared[accelerator.process_index :: accelerator.num_processes]
             for index in batches[state["batch_in_epoch"] :]:
                 batch = {k: v.to(device) for k, v in encoder.collate(encoded, index).items()}
                 if cfg.loss.rank_weight > 0 or unwrapped.config.list_level:
