@@ -132,7 +132,9 @@ def score_command(
     ] = "single",
     ray_address: Annotated[
         str | None,
-        typer.Option(help="Ray cluster to join (e.g. auto, ray://head:10001); default: a local Ray."),
+        typer.Option(
+            help="Ray cluster to join (auto, ray://head:10001); default: $RAY_ADDRESS, else a local Ray."
+        ),
     ] = None,
     num_actors: Annotated[int, typer.Option(help="Ray: scoring actors (model copies).")] = 1,
     num_cpus_per_actor: Annotated[

@@ -14,8 +14,8 @@ Afterwards the row counts are checked (scored + rejected = input) and, when the 
 found exactly once in the output; ``out_dir/summary.json`` records the counts and timings.
 
 Ray is an optional extra (``pip install 'esci-reranker[ray]'``), imported only here. With no
-``address`` a local Ray is started (and shut down at the end); with one, the job joins that
-cluster, and the model, the input and ``out_dir`` must be reachable from every node (a shared
+``address`` (and no ``$RAY_ADDRESS``) a local Ray is started and shut down at the end; with one,
+the job joins that cluster, and the model, the input and ``out_dir`` must be reachable from every node (a shared
 filesystem, object storage, or a Hub repo id for the model).
 """
 
@@ -196,7 +196,8 @@ def score_with_ray(
         model: checkpoint folder or Hub repo id, readable by every Ray node.
         input_spec: parquet file, folder, glob or URI with ``query`` and product columns.
         out_dir: a new (or empty) folder, or a URI; gets ``scores/``, ``rejects/``, ``summary.json``.
-        address: a running Ray cluster (``ray://host:10001``, ``auto``); None starts a local one.
+        address: a running Ray cluster (``ray://host:10001``, ``auto``); None joins
+            ``$RAY_ADDRESS`` when it is set, else starts a local Ray.
         num_actors: scoring actors, each holding one ``Reranker``.
         num_gpus_per_actor: GPUs reserved per actor (fractions share a GPU); 0 on CPU.
         num_cpus_per_actor: CPUs reserved per actor; also its torch thread count.
@@ -244,7 +245,7 @@ def score_with_ray(
     ray_started = time.perf_counter()
     if own_cluster:  # else: a cluster the caller started (tests share one per session)
         init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if address is None:
+        if address is None and not os.environ.get("RAY_ADDRESS"):  # ray.init joins $RAY_ADDRESS
             # The actors reserve their CPUs for the whole job; reading and writing are tasks that
             # need a CPU slot too, or the job waits forever. One logical CPU more than the
             # actors take (the I/O tasks are light and share the cores).
