@@ -27,6 +27,9 @@ class PipelineResult:
     test_metrics: dict[str, Any]
     val_metrics: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
+    #: For a stacked model (``model.stacker: gbdt``): the cross-validation tables over the
+    #: train+val queries, which replace the validation split (the final model trains on it).
+    cv_table: str | None = None
 
 
 def pipeline_config(config: str | Path, out_dir: Path, overrides: tuple[str, ...] = ()) -> TrainConfig:
@@ -77,6 +80,8 @@ def run_pipeline(
     seconds["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    if cfg.model.stacker == "gbdt":
+        return _stacked_pipeline(cfg, config, out, baselines, progress, log, seconds)
     log(f"[2/4] train {config} (early stopping on val) -> {cfg.output.save_path}")
     result = train(cfg, progress=progress, evaluate_test=False)
     log(
@@ -122,4 +127,65 @@ def run_pipeline(
         test_metrics=evaluations["test"].metrics,
         val_metrics=evaluations["val"].metrics,
         seconds=seconds,
+    )
+
+
+def _stacked_pipeline(
+    cfg: TrainConfig,
+    config: str | Path,
+    out: Path,
+    baselines: tuple[str, ...],
+    progress: bool,
+    log: Any,
+    seconds: dict[str, float],
+) -> PipelineResult:
+    """Stages 2-4 for a stacked model: out-of-fold cross-encoders, cross-validation and the
+    stacker, the final cross-encoder; then the test split against the baselines."""
+    import pandas as pd
+
+    from esci_reranker.eval.runner import run_evaluation
+    from esci_reranker.reranker import Reranker
+    from esci_reranker.stack.cv import cv_tables
+    from esci_reranker.stack.train import train_stacked
+
+    t = time.perf_counter()
+    log(
+        f"[2/4] train {config}: {cfg.stack.folds} out-of-fold cross-encoders, the stacker, the final "
+        f"model -> {cfg.output.save_path}"
+    )
+    result = train_stacked(cfg, progress=progress, log=log)
+    seconds["train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    log("[3/4] cross-validation over the train+val queries (out of fold; mean ± std over folds)")
+    cv_table = cv_tables(result.cv)
+    seconds["evaluate_val"] = time.perf_counter() - t  # the CV ran during training
+
+    t = time.perf_counter()
+    log(
+        f"[4/4] evaluate on the test split against {', '.join(baselines) or 'no baselines'} -> {out / 'eval'}"
+    )
+    reranker = Reranker.from_pretrained(cfg.output.save_path)
+    reranker.name = "esci-reranker (stacked)"
+    frame = pd.read_parquet(out / "data" / "test.parquet")
+    evaluation = run_evaluation(reranker, frame, out / "eval", baselines=baselines, progress=progress)
+    seconds["evaluate_test"] = time.perf_counter() - t
+    model_metrics = dict(evaluation.metrics)
+    model_metrics["training"] = {
+        "cv": result.cv["overall"],
+        "seconds": result.seconds,
+        "rounds": result.rounds,
+    }
+    (Path(cfg.output.save_path) / "metrics.json").write_text(
+        json.dumps(model_metrics, indent=2, default=str) + "\n"
+    )
+    seconds["total"] = sum(seconds.values())
+    (out / "timings.json").write_text(json.dumps(seconds, indent=2) + "\n")
+    return PipelineResult(
+        out_dir=out,
+        test_table=evaluation.table,
+        val_table="",
+        test_metrics=evaluation.metrics,
+        val_metrics={},
+        seconds=seconds,
+        cv_table=cv_table,
     )

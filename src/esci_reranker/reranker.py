@@ -359,6 +359,11 @@ class Reranker:
             stacker=stacker,
         )
 
+    @property
+    def substitute_threshold(self) -> float:
+        """The Task 3 decision threshold: the stacker's decision rule, else 0.5."""
+        return self.stacker.rules.substitute_threshold if self.stacker is not None else 0.5
+
     # ------------------------------------------------------------------------------------------
     def text_of(self, product: Product) -> str:
         """The text the model reads for ``product`` (a string as is, or a dict built as in training)."""
@@ -513,7 +518,7 @@ class Reranker:
             esci_probs=probs,
             substitute_probs=stacked["substitute_prob"].astype(np.float32),
             truncated=truncated,
-            substitute_threshold=self.stacker.rules.substitute_threshold,
+            substitute_threshold=self.substitute_threshold,
         )
 
     def run_encoded(self, encoded: EncodedPairs, progress: bool = False) -> dict[str, np.ndarray]:

@@ -85,6 +85,22 @@ def test_by_source_is_the_mean_of_its_queries() -> None:
     )
 
 
+def test_by_query_type_holds_every_task_of_each_type() -> None:
+    run = full_run()
+    m = evaluate_run(run, threshold=0.3)
+    assert sorted(m["by_query_type"]) == ["behavioral", "negations", "other"]
+    other = run[run["esci_query_source"] == "other"]
+    t = m["by_query_type"]["other"]
+    assert (t["num_queries"], t["num_pairs"]) == (4, 40)
+    assert t["task1"]["ndcg"] == pytest.approx(ranking_metrics(other)["ndcg"])
+    true, pred = other["esci_label"], other["esci_pred"]
+    assert t["task2"]["macro_f1"] == pytest.approx(esci_classification_metrics(true, pred)["macro_f1"])
+    assert "confusion_matrix" not in t["task2"]
+    # the model's threshold reaches the per-type Task 3 numbers too
+    assert t["task3"]["f1"] == pytest.approx(substitute_metrics(true, other["substitute_prob"], 0.3)["f1"])
+    assert "by_query_type" not in t
+
+
 def test_empty_run_is_defined() -> None:
     m = evaluate_run(full_run().iloc[:0])
     assert m["num_queries"] == 0

@@ -60,6 +60,11 @@ def test_render_report_sections(split: pd.DataFrame) -> None:
     assert "| parse_pattern | 2 |" in text
     assert "## Task 2" in text
     assert "## Task 3" in text
+    assert "## Every task by query type" in text
+    t = model["by_query_type"]["parse_pattern"]
+    row = f"| parse_pattern | 2 | {t['task1']['ndcg']:.4f} |"
+    assert row in text
+    assert f"{t['task2']['macro_f1']:.4f} | {t['task3']['micro_f1']:.4f}" in text
     assert "![nDCG per query](plots/ndcg_per_query.png)" in text
     assert "Warning" not in text
     other_split = bm25 | {"num_pairs": 1}

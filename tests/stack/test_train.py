@@ -54,11 +54,15 @@ def test_training_writes_one_model_with_its_stacker_and_the_cv(stacked):
         "stacker.json",
         "substitute.txt",
     ]
-    cv = json.loads((root / "train" / "stack_cv.json").read_text())
-    assert [f["fold"] for f in cv["folds"]] == [0, 1]
-    assert {"ndcg", "task2_micro_f1", "task3_auc"} <= set(cv["means"]["stacker"])
-    assert "by_query_type" not in cv["folds"][0]  # the breakdown has its own key
-    assert cv["folds"][0]["stacker_by_type"]  # the sample's queries have a type
+    cv = json.loads((root / "train" / "folds" / "stack_cv.json").read_text())
+    assert [(e["fold"], e["seed"]) for e in cv["entries"]] == [(0, 0), (1, 0)]
+    overall = cv["summary"]["overall"]
+    assert set(overall) == {"stacker", "cross_encoder", "bm25", "bi-encoder"}
+    assert {"ndcg", "task2_micro_f1", "task3_auc"} <= set(overall["stacker"])
+    ndcgs = [e["stacker"]["ndcg"] for e in cv["entries"]]
+    assert overall["stacker"]["ndcg"]["mean"] == pytest.approx(np.mean(ndcgs))
+    assert cv["entries"][0]["stacker_by_type"]  # the sample's queries have a type
+    assert set(cv["summary"]["by_type"]) == {t for e in cv["entries"] for t in e["stacker_by_type"]}
     # progress says which fold runs
     assert any("fold 1/2" in line for line in lines)
     assert any("fold 2/2" in line for line in lines)

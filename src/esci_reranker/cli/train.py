@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from esci_reranker.cli.app import app
 from esci_reranker.cli.common import fail
+
+if TYPE_CHECKING:
+    from esci_reranker.train.config import TrainConfig
 
 
 @app.command("train")
@@ -33,6 +36,9 @@ def train_command(
 
     try:
         cfg = load_config(config, tuple(overrides or ()))
+        if cfg.model.stacker == "gbdt":
+            _train_stacked(cfg, resume, progress)
+            return
         result = train(cfg, resume=resume, progress=progress)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         fail(str(err))
@@ -68,19 +74,43 @@ def cv_command(
         typer.Option(help="Baselines ranked on every fold: comma-separated random,bm25,bi-encoder or none."),
     ] = "bm25,bi-encoder",
 ) -> None:
-    """Cross-validate a config over the train+val queries (the test split is never read)."""
+    """Cross-validate a config over the train+val queries (the test split is never read).
+
+    Every fold model scores its held-out queries (out-of-fold, ``oof.parquet``), which gives
+    every Task 1/2/3 metric per ESCI query type as mean ± std over folds and seeds. A stacked
+    config (``model.stacker: gbdt``) trains the fold cross-encoders to the end of their schedule
+    and cross-validates the stacker on their outputs beside the cross-encoder alone.
+    """
+    import pandas as pd
+
     from esci_reranker.eval.baselines import parse_baselines
+    from esci_reranker.stack.cv import cv_summary, cv_tables, oof_entries
     from esci_reranker.train import ConfigError, load_config
     from esci_reranker.train.cv import cross_validate
+    from esci_reranker.train.loop import read_split
 
     try:
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
         chosen = parse_baselines(baselines)
         cfg = load_config(config, tuple(overrides or ()))
-        result = cross_validate(cfg, data, out, folds=folds, seeds=seed_list, baselines=chosen)
+        if cfg.model.stacker == "gbdt":
+            from esci_reranker.stack.train import cross_validate_stacked
+
+            frame = pd.concat(
+                [read_split(data / "train.parquet", "train"), read_split(data / "val.parquet", "val")],
+                ignore_index=True,
+            )
+            stacked = cross_validate_stacked(
+                cfg, frame, out, folds, seed_list, baselines=chosen, progress=True, log=typer.echo
+            )
+            typer.echo(cv_tables(stacked.summary))
+            typer.echo(f"details: {out / 'stack_cv.json'}")
+            return
+        result = cross_validate(cfg, data, out, folds=folds, seeds=seed_list, baselines=chosen, oof=True)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         fail(str(err))
         return
+    typer.echo(cv_tables(cv_summary(oof_entries(pd.read_parquet(out / "oof.parquet")))))
     s = result.summary()
     curve = ", ".join(f"{step}: {value:.4f}" for step, value in s["mean_curve"].items())
     lines = [
@@ -119,8 +149,15 @@ def pipeline_command(
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         fail(str(err))
         return
-    typer.echo("\nValidation split (model selection; baselines for reference):\n")
-    typer.echo(result.val_table)
+    if result.cv_table is not None:
+        typer.echo(
+            "\nCross-validation over the train+val queries (each fold scored by models that never "
+            "saw it; mean ± std over folds):\n"
+        )
+        typer.echo(result.cv_table)
+    else:
+        typer.echo("\nValidation split (model selection; baselines for reference):\n")
+        typer.echo(result.val_table)
     typer.echo("\nTest split (the sample's held-out queries; never used for training or selection):\n")
     typer.echo(result.test_table)
     t = result.seconds
@@ -129,3 +166,18 @@ def pipeline_command(
         f"evaluate {t['evaluate_val'] + t['evaluate_test']:.0f} s, total {t['total']:.0f} s"
     )
     typer.echo(f"model: {out / 'model'}   report: {out / 'eval' / 'report.md'}")
+
+
+def _train_stacked(cfg: TrainConfig, resume: bool, progress: bool) -> None:
+    """``train`` for ``model.stacker: gbdt``: fold models, stacker, final model; CV tables printed."""
+    from esci_reranker.stack.cv import cv_tables
+    from esci_reranker.stack.train import train_stacked
+
+    if resume:
+        raise ValueError(
+            "--resume continues one training run; a stacked model (model.stacker: gbdt) trains "
+            "several: run it again without --resume."
+        )
+    result = train_stacked(cfg, progress=progress, log=typer.echo)
+    typer.echo(cv_tables(result.cv))
+    typer.echo(f"model: {result.save_path} (cross-encoder + stacker/)")

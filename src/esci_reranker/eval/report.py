@@ -100,6 +100,29 @@ def _by_source_table(
     return markdown_table(["query type", "queries", *[name for name, _ in runs]], rows)
 
 
+def _by_type_table(by_type: Mapping[str, Metrics]) -> str:
+    """One row per query type: queries, Task 1 nDCG/nDCG@10/MRR, Task 2 and Task 3 figures."""
+    rows = []
+    for name, m in by_type.items():
+        t1, t2, t3 = m.get("task1", {}), m.get("task2", {}), m.get("task3", {})
+        rows.append(
+            [
+                name,
+                m.get("num_queries", ""),
+                t1.get("ndcg", ""),
+                t1.get("ndcg@10", ""),
+                t1.get("mrr", ""),
+                t2.get("micro_f1", ""),
+                t2.get("macro_f1", ""),
+                t3.get("micro_f1", ""),
+                t3.get("f1", ""),
+                t3.get("auc", ""),
+            ]
+        )
+    header = ["query type", "queries", "nDCG", "nDCG@10", "MRR", "T2 micro-F1", "T2 macro-F1"]
+    return markdown_table([*header, "T3 micro-F1", "T3 F1 (S)", "T3 AUC"], rows)
+
+
 def _task2_section(task2: Metrics) -> list[str]:
     labels = task2.get("labels", list(ESCI_LABELS))
     per_class = task2["per_class"]
@@ -201,6 +224,9 @@ def render_report(
             ),
             "",
         ]
+    by_type = metrics.get("by_query_type")
+    if by_type:
+        lines += ["## Every task by query type (`esci_query_source`)", "", _by_type_table(by_type), ""]
     if plots:
         lines += ["## Plots", ""]
         lines += [f"![{caption}]({path})\n" for caption, path in plots.items()]

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from esci_reranker.eval.baselines import BASELINES, DEFAULT_SEEDS, parse_baselines, run_baseline
+from esci_reranker.eval.classification import DEFAULT_THRESHOLD
 from esci_reranker.eval.evaluator import check_split, evaluate_run
 from esci_reranker.eval.plots import plot_confusion_matrix, plot_ndcg_histogram, plot_score_distribution
 from esci_reranker.eval.ranking import DEFAULT_RELEVANT, parse_relevant, per_query_ranking_metrics
@@ -133,16 +134,18 @@ def evaluate_predictions(
     device: str | None = None,
     bi_encoder_path: str | Path | None = None,
     progress: bool = True,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> EvaluationResult:
     """Evaluate an existing run frame against the baselines on ``frame`` and write all files.
 
     ``predictions`` is a run frame for the rows of ``frame`` (e.g. from ``predictions_frame``);
-    ``frame`` is the prepared split the baselines score. Other arguments as in ``run_evaluation``.
+    ``frame`` is the prepared split the baselines score; ``threshold`` is the model's Task 3
+    decision threshold. Other arguments as in ``run_evaluation``.
     """
     relevant_labels = parse_relevant(relevant)
     baseline_names = parse_baselines(baselines)
     out = Path(out_dir)
-    metrics = {"name": name} | evaluate_run(predictions, gains, relevant_labels)
+    metrics = {"name": name} | evaluate_run(predictions, gains, relevant_labels, threshold=threshold)
     files = save_run(out, predictions, metrics)
 
     baseline_metrics: dict[str, dict[str, Any]] = {}
@@ -239,4 +242,5 @@ def run_evaluation(
         device=device,
         bi_encoder_path=bi_encoder_path,
         progress=progress,
+        threshold=reranker.substitute_threshold,
     )

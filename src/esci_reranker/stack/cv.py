@@ -78,6 +78,8 @@ def cross_encoder_run(table: pd.DataFrame) -> pd.DataFrame:
     """A run frame of the cross-encoder alone (its argmax classes, 0.5 substitute threshold)."""
     run = _ids(table)
     run["score"] = table["ce_score"].to_numpy()
+    if "ce_gain" not in table.columns:  # a single-task model: Task 1 only
+        return run
     probs = table[[f"ce_p_{c}" for c in ESCI_LABELS]].to_numpy()
     run["expected_gain"] = table["ce_gain"].to_numpy()
     run["esci_pred"] = np.asarray(ESCI_LABELS)[probs.argmax(axis=1)]
@@ -94,7 +96,11 @@ def _ids(table: pd.DataFrame) -> pd.DataFrame:
 def summary_metrics(metrics: Mapping[str, Any], labels: Sequence[str]) -> dict[str, float]:
     """The headline numbers of an ``evaluate_run`` result, with the trivial classifiers' rates."""
     labels = np.asarray(labels)
-    out = {"ndcg": metrics["task1"]["ndcg"], "ndcg@10": metrics["task1"]["ndcg@10"]}
+    out = {
+        "num_queries": float(metrics["num_queries"]),
+        "ndcg": metrics["task1"]["ndcg"],
+        "ndcg@10": metrics["task1"]["ndcg@10"],
+    }
     if "task2" in metrics:
         out |= {
             "task2_micro_f1": metrics["task2"]["micro_f1"],
@@ -114,17 +120,25 @@ def cross_validate_stacker(
     features: Sequence[str] | None = None,
     task2_objective: str = "micro_f1",
     task3_objective: str = "micro_f1",
+    baseline_runs: Mapping[str, pd.DataFrame] | None = None,
 ) -> list[dict[str, Any]]:
     """Per outer fold: the stacker's and the cross-encoder's metrics on the fold's queries.
 
     ``table`` is an ``oof_stack_table`` (a ``fold`` column and the features). Each entry holds
     ``fold``, ``stacker`` and ``cross_encoder`` (``summary_metrics``), their per-query-type
     breakdowns (``*_by_type``) and the stacker's chosen ``rounds`` and ``rules``.
+    ``baseline_runs`` (name -> run frame over the same rows, e.g. ``bm25``, ``bi-encoder``)
+    are evaluated on each fold's queries too.
     """
     names = list(features) if features is not None else feature_columns(table)
     results = []
     for fold in sorted(table["fold"].unique()):
         train, test = table[table["fold"] != fold], table[table["fold"] == fold]
+        fold_queries = set(test["query_id"])
+        baselines = {
+            name: run[run["query_id"].isin(fold_queries)].reset_index(drop=True)
+            for name, run in (baseline_runs or {}).items()
+        }
         stacker, _ = fit_stacker(
             train.reset_index(drop=True),
             params,
@@ -140,6 +154,7 @@ def cross_validate_stacker(
         for name, run, threshold in (
             ("stacker", stacker_run(stacker, test), stacker.rules.substitute_threshold),
             ("cross_encoder", cross_encoder_run(test) if "ce_score" in test.columns else None, 0.5),
+            *((name, run, 0.5) for name, run in baselines.items()),
         ):
             if run is None:
                 continue
@@ -151,3 +166,92 @@ def cross_validate_stacker(
             }
         results.append(entry)
     return results
+
+
+#: Models of a stack CV entry, in table order (baselines follow when present).
+CV_MODELS: tuple[str, ...] = ("stacker", "cross_encoder", "bm25", "bi-encoder")
+#: The columns of the CV tables: (key of ``summary_metrics``, header).
+CV_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("ndcg", "nDCG"),
+    ("ndcg@10", "nDCG@10"),
+    ("task2_micro_f1", "T2 micro-F1"),
+    ("task2_macro_f1", "T2 macro-F1"),
+    ("task3_micro_f1", "T3 micro-F1"),
+    ("task3_auc", "T3 AUC"),
+)
+
+
+def cv_summary(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean and std over entries (folds x seeds) of every model's metrics, overall and per query type.
+
+    Returns ``{"overall": {model: {metric: {"mean", "std"}}}, "by_type": {type: {model: ...}}}``;
+    the per-type numbers average the folds where the type occurs.
+    """
+
+    def stats(rows: list[Mapping[str, float]]) -> dict[str, dict[str, float]]:
+        keys = [k for k in rows[0] if all(k in r for r in rows)]
+        return {
+            k: {
+                "mean": float(np.nanmean([r[k] for r in rows])),
+                "std": float(np.nanstd([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0,
+            }
+            for k in keys
+        }
+
+    overall = {m: stats([e[m] for e in entries]) for m in CV_MODELS if all(m in e for e in entries)}
+    types = sorted({t for e in entries for m in overall for t in e.get(f"{m}_by_type", {})})
+    by_type: dict[str, dict[str, Any]] = {}
+    for t in types:
+        by_type[t] = {
+            m: stats([e[f"{m}_by_type"][t] for e in entries if t in e.get(f"{m}_by_type", {})])
+            for m in overall
+            if any(t in e.get(f"{m}_by_type", {}) for e in entries)
+        }
+    return {"runs": len(entries), "overall": overall, "by_type": by_type}
+
+
+def _cell(stat: Mapping[str, Mapping[str, float]], key: str) -> str:
+    if key not in stat:
+        return ""
+    return f"{stat[key]['mean']:.3f} ± {stat[key]['std']:.3f}"
+
+
+def cv_tables(summary: Mapping[str, Any]) -> str:
+    """Markdown tables of ``cv_summary``: every model overall, then each query type."""
+    header = "| model | " + " | ".join(h for _, h in CV_COLUMNS) + " |"
+    rule = "|:---|" + "---:|" * len(CV_COLUMNS)
+    lines = [header, rule]
+    for model, stat in summary["overall"].items():
+        lines.append(f"| {model} | " + " | ".join(_cell(stat, k) for k, _ in CV_COLUMNS) + " |")
+    lines += [
+        "",
+        "By ESCI query type:",
+        "",
+        "| query type | model | " + header[len("| model | ") :],
+        "|:---|:---|" + "---:|" * len(CV_COLUMNS),
+    ]
+    for qtype, models in summary["by_type"].items():
+        for model, stat in models.items():
+            lines.append(f"| {qtype} | {model} | " + " | ".join(_cell(stat, k) for k, _ in CV_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def oof_entries(oof: pd.DataFrame) -> list[dict[str, Any]]:
+    """``cross_validate_stacker``-shaped entries of the cross-encoder alone, one per (fold, seed)
+    of an ``oof.parquet``: what ``cv_summary`` needs for a config without a stacker."""
+    entries = []
+    for (fold, seed), rows in oof.groupby(["fold", "seed"], sort=True):
+        run = cross_encoder_run(rows.reset_index(drop=True))
+        metrics = evaluate_run(run)
+        entries.append(
+            {
+                "fold": int(fold),
+                "seed": int(seed),
+                "cross_encoder": summary_metrics(metrics, run["esci_label"].tolist()),
+                "cross_encoder_by_type": {
+                    t: summary_metrics(m, run.loc[run[QUERY_SOURCE_COLUMN] == t, "esci_label"].tolist())
+                    for t, m in metrics.get("by_query_type", {}).items()
+                },
+            }
+        )
+    return entries

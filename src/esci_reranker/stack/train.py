@@ -8,8 +8,9 @@ this instead of a single cross-encoder training:
    query chooses its checkpoint) and scores the held-out fold. Every train+val pair thus gets
    cross-encoder outputs from a model that never saw its query (``oof.parquet``);
 2. the stacker (``stack.stacker``) is cross-validated on the same folds (``stack_cv.json``:
-   stacker against the cross-encoder alone, per fold and query type), then fitted on every
-   out-of-fold row with its rounds and decision rules chosen by inner query folds;
+   stacker against the cross-encoder alone and the baselines, per fold and query type), then
+   fitted on every out-of-fold row with its rounds and decision rules chosen by inner query
+   folds;
 3. the final cross-encoder is trained on all train+val queries with the same schedule and the
    stacker is saved inside its checkpoint (``stacker/``), so it loads as one model.
 
@@ -25,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from esci_reranker.stack.stacker import STACKER_DIR, GBDTParams, feature_columns, fit_stacker
 from esci_reranker.train.config import TrainConfig
 
 #: Validation steps for the fold and final models: none but the last (cheap, and only logged).
@@ -39,24 +40,20 @@ class StackedTrainResult:
     """Where the stacked model is and what cross-validation said of it."""
 
     save_path: Path
-    cv: list[dict[str, Any]]
+    cv: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
     rounds: dict[str, int] = field(default_factory=dict)
     rules: dict[str, Any] = field(default_factory=dict)
 
-    def cv_means(self) -> dict[str, dict[str, float]]:
-        """Mean over folds of each model's headline metrics (``stack.cv.summary_metrics``)."""
-        return cv_means(self.cv)
 
+@dataclass
+class StackedCV:
+    """A stacked config's cross-validation: per (fold, seed) entries, their summary, the tables."""
 
-def cv_means(entries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean over folds of ``stacker`` and ``cross_encoder`` metrics of ``cross_validate_stacker`` entries."""
-    out: dict[str, dict[str, float]] = {}
-    for model in ("stacker", "cross_encoder"):
-        rows = [e[model] for e in entries if model in e]
-        if rows:
-            out[model] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    return out
+    entries: list[dict[str, Any]]
+    summary: dict[str, Any]
+    #: seed -> the out-of-fold stack table (features + cross-encoder columns) of every train+val row
+    tables: dict[int, pd.DataFrame] = field(repr=False, default_factory=dict)
 
 
 def _fixed_schedule(cfg: TrainConfig) -> TrainConfig:
@@ -67,19 +64,86 @@ def _fixed_schedule(cfg: TrainConfig) -> TrainConfig:
     return run
 
 
+def gbdt_params(cfg: TrainConfig, seed: int) -> GBDTParams:
+    """The LightGBM settings of a config's ``stack`` section."""
+    s = cfg.stack
+    return GBDTParams(
+        num_leaves=s.num_leaves,
+        learning_rate=s.learning_rate,
+        min_data_in_leaf=s.min_data_in_leaf,
+        feature_fraction=s.feature_fraction,
+        bagging_fraction=s.bagging_fraction,
+        lambda_l2=s.lambda_l2,
+        max_rounds=s.max_rounds,
+        inner_folds=s.inner_folds,
+        seed=seed,
+    )
+
+
+def cross_validate_stacked(
+    cfg: TrainConfig,
+    frame: pd.DataFrame,
+    out_dir: Path,
+    folds: int,
+    seeds: tuple[int, ...],
+    baselines: tuple[str, ...] = ("bm25", "bi-encoder"),
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> StackedCV:
+    """Cross-validate a stacked config over the query folds of ``frame`` (train+val).
+
+    For each seed: out-of-fold cross-encoders on ``folds`` query folds (``out_dir/oof.parquet``),
+    then ``stack.cv.cross_validate_stacker`` on the same folds, beside the cross-encoder alone
+    and the ``baselines``. Writes ``out_dir/stack_cv.json`` (entries and summary).
+    """
+    from esci_reranker.eval.baselines import run_baseline
+    from esci_reranker.fsutil import write_json
+    from esci_reranker.stack.cv import cross_validate_stacker, cv_summary, oof_stack_table
+    from esci_reranker.train.cv import cross_validate
+
+    cross_validate(
+        _fixed_schedule(cfg),
+        out_dir,
+        out_dir,
+        folds=folds,
+        seeds=seeds,
+        progress=progress,
+        baselines=(),
+        oof=True,
+        frame=frame,
+        log=lambda line: log(f"      cross-encoder {line}"),
+    )
+    oof = pd.read_parquet(out_dir / "oof.parquet")
+    runs = {name: run_baseline(name, frame, text_fields=cfg.model.text_fields).run for name in baselines}
+    entries: list[dict[str, Any]] = []
+    tables: dict[int, pd.DataFrame] = {}
+    for seed in seeds:
+        tables[seed] = table = oof_stack_table(frame, oof, seed)
+        names = feature_columns(table, exclude=cfg.stack.exclude_features)
+        log(f"      stacker, seed {seed}: cross-validate on the {folds} folds ({len(names)} features)")
+        for entry in cross_validate_stacker(
+            table,
+            gbdt_params(cfg, seed),
+            names,
+            cfg.stack.task2_objective,
+            cfg.stack.task3_objective,
+            baseline_runs=runs,
+        ):
+            entries.append({"seed": seed, **entry})
+    summary = cv_summary(entries)
+    write_json(out_dir / "stack_cv.json", {"summary": summary, "entries": entries})
+    return StackedCV(entries, summary, tables)
+
+
 def train_stacked(
     cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = print
 ) -> StackedTrainResult:
     """Run the three stages of the module docstring for ``cfg`` (``model.stacker: gbdt``).
 
     Writes the model to ``cfg.output.save_path`` (cross-encoder + ``stacker/``) and the fold
-    models, ``oof.parquet`` and ``stack_cv.json`` under the run directory.
+    models, ``oof.parquet`` and ``stack_cv.json`` under the run directory's ``folds/``.
     """
-    from esci_reranker.fsutil import write_json
     from esci_reranker.reranker import Reranker
-    from esci_reranker.stack.cv import cross_validate_stacker, oof_stack_table
-    from esci_reranker.stack.stacker import STACKER_DIR, GBDTParams, feature_columns, fit_stacker
-    from esci_reranker.train.cv import cross_validate
     from esci_reranker.train.loop import read_split, train
 
     if cfg.model.stacker != "gbdt":
@@ -90,54 +154,28 @@ def train_stacked(
         [read_split(cfg.data.resolve("train"), "train"), read_split(cfg.data.resolve("val"), "val")],
         ignore_index=True,
     )
-    fixed = _fixed_schedule(cfg)
 
     t = time.perf_counter()
-    folds_dir = run_dir / "folds"
-    cross_validate(
-        fixed,
-        folds_dir,
-        folds_dir,
-        folds=cfg.stack.folds,
-        seeds=(cfg.seed,),
-        progress=progress,
-        baselines=(),
-        oof=True,
-        frame=frame,
-        log=lambda line: log(f"      cross-encoder {line}"),
+    cv = cross_validate_stacked(
+        cfg, frame, run_dir / "folds", cfg.stack.folds, (cfg.seed,), progress=progress, log=log
     )
-    seconds["fold_models"] = time.perf_counter() - t
+    seconds["cross_validation"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    oof = pd.read_parquet(folds_dir / "oof.parquet")
-    table = oof_stack_table(frame, oof, cfg.seed)
-    s = cfg.stack
-    params = GBDTParams(
-        num_leaves=s.num_leaves,
-        learning_rate=s.learning_rate,
-        min_data_in_leaf=s.min_data_in_leaf,
-        feature_fraction=s.feature_fraction,
-        bagging_fraction=s.bagging_fraction,
-        lambda_l2=s.lambda_l2,
-        max_rounds=s.max_rounds,
-        inner_folds=s.inner_folds,
-        seed=cfg.seed,
-    )
-    names = feature_columns(table, exclude=s.exclude_features)
-    log(
-        f"      stacker: cross-validate on the {cfg.stack.folds} folds' out-of-fold rows ({len(names)} features)"
-    )
-    cv = cross_validate_stacker(table, params, names, s.task2_objective, s.task3_objective)
-    write_json(run_dir / "stack_cv.json", {"folds": cv, "means": cv_means(cv)})
     log("      stacker: fit on every out-of-fold row")
+    table = cv.tables[cfg.seed]
     stacker, _ = fit_stacker(
-        table, params, features=names, task2_objective=s.task2_objective, task3_objective=s.task3_objective
+        table,
+        gbdt_params(cfg, cfg.seed),
+        features=feature_columns(table, exclude=cfg.stack.exclude_features),
+        task2_objective=cfg.stack.task2_objective,
+        task3_objective=cfg.stack.task3_objective,
     )
     seconds["stacker"] = time.perf_counter() - t
 
     t = time.perf_counter()
     log(f"      cross-encoder: final model on all {frame['query_id'].nunique()} train+val queries")
-    final = fixed.model_copy(deep=True)
+    final = _fixed_schedule(cfg)
     all_path = run_dir / "train_all.parquet"
     all_path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(all_path, index=False)
@@ -149,9 +187,9 @@ def train_stacked(
     final.data.dir = None
     train(final, progress=progress, evaluate_test=False)
     save_path = Path(cfg.output.save_path)
-    stacker.info["cv_means"] = cv_means(cv)
+    stacker.info["cv"] = cv.summary["overall"]
     stacker.save(save_path / STACKER_DIR)
     Reranker.from_pretrained(save_path)  # fail here, not in the user's hands, if it does not load
     seconds["final_model"] = time.perf_counter() - t
     (run_dir / "stack_timings.json").write_text(json.dumps(seconds, indent=2) + "\n")
-    return StackedTrainResult(save_path, cv, seconds, stacker.rounds, stacker.rules.to_dict())
+    return StackedTrainResult(save_path, cv.summary, seconds, stacker.rounds, stacker.rules.to_dict())
