@@ -38,6 +38,7 @@ def train_retriever_command(
     from esci_reranker.retrieval.train import train_retriever
     from esci_reranker.train import ConfigError
 
+    _quiet_loading()
     try:
         cfg = load_retriever_config(config, tuple(overrides or ()))
         result = train_retriever(cfg, log_fn=typer.echo)
@@ -59,6 +60,13 @@ def train_retriever_command(
         f"\nretriever ({result.loss}, fusion {result.fusion['method']}): {result.model_path}; "
         f"{result.seconds:.0f} s"
     )
+
+
+def _quiet_loading() -> None:
+    """No per-model "Loading weights" progress bars on stderr (errors stay the only stderr line)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _delete_ids(spec: str | None) -> list[str]:
@@ -111,6 +119,7 @@ def index_command(
     from esci_reranker.retrieval.encoder import PACKAGED_RETRIEVER, IndexMismatchError
     from esci_reranker.retrieval.index import CatalogueIndex, CatalogueIndexError
 
+    _quiet_loading()
     updating = update is not None or bool(delete)
     if batch_rows < 1:
         fail(f"--batch-rows {batch_rows}: expected a positive integer.")
@@ -188,6 +197,7 @@ def search_command(
     from esci_reranker.retrieval.index import CatalogueIndex, CatalogueIndexError
     from esci_reranker.retrieval.search import Searcher
 
+    _quiet_loading()
     try:
         opened = CatalogueIndex.open(index, retriever=retriever)
     except (CatalogueIndexError, IndexMismatchError, ImportError) as err:

@@ -127,13 +127,8 @@ def _source_columns(schema_names: Sequence[str], fields: Sequence[str]) -> dict[
     return out
 
 
-def iter_product_batches(
-    path: str | Path, fields: Sequence[str], batch_rows: int = DEFAULT_BATCH_ROWS
-) -> Iterator[pd.DataFrame]:
-    """Read ``product_id`` and the given fields from a parquet file, ``batch_rows`` rows at a time.
-
-    Columns may use the short names (``title``) or the ESCI names (``product_title``). Each frame
-    has ``product_id`` and one column per short field name present in the file.
+def open_products(path: str | Path, fields: Sequence[str]) -> tuple[pq.ParquetFile, dict[str, str]]:
+    """Open a products parquet and find its field columns (see ``iter_product_batches``).
 
     Raises:
         CatalogueIndexError: the file is missing, unreadable, or has no ``product_id`` / no field column.
@@ -156,9 +151,25 @@ def iter_product_batches(
             f"{path}: none of the product fields {list(fields)} is a column (as short names or "
             f"{[FIELD_COLUMNS[f] for f in fields]}); columns: {names}."
         )
-    for batch in handle.iter_batches(batch_size=batch_rows, columns=["product_id", *columns.values()]):
-        frame = batch.to_pandas()
-        yield frame.rename(columns={v: k for k, v in columns.items()})
+    return handle, columns
+
+
+def iter_product_batches(
+    path: str | Path, fields: Sequence[str], batch_rows: int = DEFAULT_BATCH_ROWS
+) -> Iterator[pd.DataFrame]:
+    """Read ``product_id`` and the given fields from a parquet file, ``batch_rows`` rows at a time.
+
+    Columns may use the short names (``title``) or the ESCI names (``product_title``). Each frame
+    has ``product_id`` and one column per short field name present in the file. The file is
+    checked (``open_products``) when this is called, not at the first batch.
+    """
+    handle, columns = open_products(path, fields)
+
+    def batches() -> Iterator[pd.DataFrame]:
+        for batch in handle.iter_batches(batch_size=batch_rows, columns=["product_id", *columns.values()]):
+            yield batch.to_pandas().rename(columns={v: k for k, v in columns.items()})
+
+    return batches()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,13 +522,14 @@ class CatalogueIndex:
         _require_usearch()
         fields = parse_text_fields(fields)
         stored = tuple(dict.fromkeys([*DISPLAY_FIELDS, *fields, *parse_text_fields(store_fields or fields)]))
-        encoder = retriever if isinstance(retriever, DenseEncoder) else DenseEncoder.load(retriever)
-        spec = str(retriever.name if isinstance(retriever, DenseEncoder) else retriever)
+        # The products file is checked before the (slower) retriever is loaded.
         batches = (
             iter_product_batches(products, stored, batch_rows)
             if isinstance(products, str | Path)
             else products
         )
+        encoder = retriever if isinstance(retriever, DenseEncoder) else DenseEncoder.load(retriever)
+        spec = str(retriever.name if isinstance(retriever, DenseEncoder) else retriever)
         stats = BuildStats()
         out = Path(out_dir)
         start = time.perf_counter()
@@ -597,6 +609,8 @@ class CatalogueIndex:
                 the one that built the index.
         """
         folder = Path(folder)
+        if isinstance(products, str | Path):  # check the file before the (slower) retriever loads
+            open_products(products, cls.read_manifest(folder)["stored_fields"])
         index = cls.open(folder, retriever=retriever, writable=True)
         manifest = index.manifest
         fields = tuple(manifest["fields"])
