@@ -411,7 +411,9 @@ class Reranker:
         """The columns ``predict_frame`` reads from a table with ``columns``.
 
         ``query`` plus the model's ``product_*`` field columns when any is present (text rebuilt
-        as in training), else ``product_text``.
+        as in training), else ``product_text``. A stacked model also reads the other product
+        columns and ``query_id`` when present (its list features group pairs by query: give a
+        query's candidates in one chunk of ``score_parquet``).
 
         Raises:
             ValueError: no ``query`` column, or neither product columns nor ``product_text``.
@@ -421,6 +423,10 @@ class Reranker:
             raise ValueError(f"input has no 'query' column (columns: {columns}).")
         fields = [FIELD_COLUMNS[f] for f in self.config.text_fields]
         present = [c for c in fields if c in columns]
+        if present and self.stacker is not None:
+            # the stacker's features read every product field, and list features need the query id
+            extra = [c for c in (*FIELD_COLUMNS.values(), "query_id") if c in columns and c not in present]
+            return ["query", *present, *extra]
         if present:
             return ["query", *present]
         if "product_text" in columns:
