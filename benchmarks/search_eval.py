@@ -54,11 +54,12 @@ def ids_of(index: CatalogueIndex, keys: np.ndarray) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--retriever", required=True, help="the fine-tuned retriever folder")
+    parser.add_argument("--retriever", help="the fine-tuned retriever folder (none: zero-shot only)")
     parser.add_argument("--model", default="runs/default/model", help="the reranker checkpoint")
     parser.add_argument("--work", type=Path, default=Path("runs/search_eval"), help="index folders go here")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--reuse", action="store_true", help="reuse index folders already in --work")
     args = parser.parse_args(argv)
 
     frame = pd.read_parquet(sample_path())
@@ -67,13 +68,17 @@ def main(argv: list[str] | None = None) -> None:
     queries = list(queries)
     timings: dict[str, float] = {}
     indexes = {}
-    for name, spec in (("zero-shot", PACKAGED_RETRIEVER), ("fine-tuned", args.retriever)):
+    retrievers = [("zero-shot", PACKAGED_RETRIEVER)]
+    if args.retriever:
+        retrievers.append(("fine-tuned", args.retriever))
+    for name, spec in retrievers:
         folder = args.work / f"index-{name}"
-        t = time.perf_counter()
-        CatalogueIndex.build(sample_path(), folder, retriever=spec, source="bundled ESCI sample")
-        timings[f"build_{name}"] = time.perf_counter() - t
+        if not (args.reuse and (folder / "manifest.json").is_file()):
+            t = time.perf_counter()
+            CatalogueIndex.build(sample_path(), folder, retriever=spec, source="bundled ESCI sample")
+            timings[f"build_{name}"] = time.perf_counter() - t
         indexes[name] = CatalogueIndex.open(folder)
-    ft = indexes["fine-tuned"]
+    ft = indexes["fine-tuned" if args.retriever else "zero-shot"]
     depth = max(KS)
     table: dict[str, dict[str, list[float]]] = {}
 
@@ -102,10 +107,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from esci_reranker.reranker import Reranker
 
-    reranker = Reranker.from_pretrained(args.model)
-    searcher = Searcher(ft, reranker)
     e2e, plain, latency = [], [], []
-    for qid, query in queries:
+    searcher = Searcher(ft, Reranker.from_pretrained(args.model)) if Path(args.model).exists() else None
+    for qid, query in queries if searcher is not None else []:
         rows = test[test["query_id"] == qid]
         gains = dict(zip(rows["product_id"], rows["esci_label"].map(ESCI_GAINS), strict=True))
         t = time.perf_counter()
@@ -120,10 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         "catalogue_products": len(ft),
         "recall": {m: {k: float(np.mean(v)) for k, v in row.items()} for m, row in table.items()},
         "hnsw_recall_vs_exact@100": float(np.mean(hnsw_overlap)),
-        "ndcg@10_search_reranked": float(np.mean(e2e)),
-        "ndcg@10_hybrid_retrieval_only": float(np.mean(plain)),
-        "search_seconds_p50": float(np.median(latency)),
-        "model": args.model,
+        "ndcg@10_search_reranked": float(np.mean(e2e)) if e2e else None,
+        "ndcg@10_hybrid_retrieval_only": float(np.mean(plain)) if plain else None,
+        "search_seconds_p50": float(np.median(latency)) if latency else None,
+        "model": args.model if searcher is not None else None,
         "retriever": args.retriever,
         "fusion": ft.fusion,
         "timings": timings,
@@ -133,11 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     for method, row in summary["recall"].items():
         print(f"{method:45s} " + " ".join(f"{row[f'recall@{k}']:.4f} " for k in KS))
     print(f"HNSW top-100 overlap with exact search: {summary['hnsw_recall_vs_exact@100']:.4f}")
-    print(
-        f"nDCG@10 (unjudged = irrelevant): search {summary['ndcg@10_search_reranked']:.4f}, "
-        f"retrieval only {summary['ndcg@10_hybrid_retrieval_only']:.4f}; in-process search p50 "
-        f"{summary['search_seconds_p50'] * 1000:.0f} ms"
-    )
+    if searcher is not None:
+        print(
+            f"nDCG@10 (unjudged = irrelevant): search {summary['ndcg@10_search_reranked']:.4f}, "
+            f"retrieval only {summary['ndcg@10_hybrid_retrieval_only']:.4f}; in-process search p50 "
+            f"{summary['search_seconds_p50'] * 1000:.0f} ms"
+        )
+    print(f"index build: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
