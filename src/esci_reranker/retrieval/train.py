@@ -435,10 +435,11 @@ def train_retriever(cfg: RetrieverConfig, log_fn: Callable[[str], None] = print)
         cv["chosen"] = {"loss": loss, "fusion": fusion}
         write_json(out / "cv.json", {"config": cfg.model_dump(mode="json"), **cv})
         metric = f"recall@{cfg.cv.candidates}"
+        tuned, zero = cv["mean"][f"fine-tuned dense ({loss})"][metric], cv["mean"]["zero-shot dense"][metric]
         log_fn(
-            f"CV chose loss {loss} (mean {metric} "
-            f"{cv['mean'][f'fine-tuned dense ({loss})'][metric]:.4f} vs zero-shot "
-            f"{cv['mean']['zero-shot dense'][metric]:.4f}) and fusion {fusion_name(fusion)}"
+            f"CV chose loss {loss} (mean {metric} {tuned:.4f} vs zero-shot {zero:.4f}) and fusion "
+            f"{fusion_name(fusion)}"
+            + ("" if tuned > zero else "; the fine-tuned retriever does NOT beat the zero-shot one here")
         )
     t = time.perf_counter()
     log_fn(f"training the final retriever ({loss}) on all {frame['query_id'].nunique()} train+val queries")
