@@ -1,0 +1,109 @@
+"""docs/scale.md runs: every ```bash runbook block, in order, at tiny scale, so the runbook cannot rot.
+
+The ```bash runbook-env block of the doc is replaced by small values: raw ESCI files made from
+the bundled sample (a few queries), a tiny random encoder, 2 CPU training processes, 2 Ray
+actors on the session's shared local Ray (joined through RAY_ADDRESS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from esci_reranker.data.io import EXAMPLE_COLUMNS, PRODUCTS_COLUMNS
+from tests.conftest import SAMPLE_PARQUET
+
+RUNBOOK = Path(__file__).resolve().parents[2] / "docs" / "scale.md"
+pytestmark = pytest.mark.slow
+
+
+def runbook_blocks(text: str, marker: str) -> list[str]:
+    """The bodies of the fenced blocks whose info string is exactly ``bash <marker>``."""
+    return re.findall(rf"^```bash {re.escape(marker)}\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+
+
+def raw_esci_files(folder: Path, train_queries: int = 8, test_queries: int = 3) -> Path:
+    """Amazon's two raw files (their names and columns) holding a few of the sample's queries."""
+    frame = pd.read_parquet(SAMPLE_PARQUET)
+    seen = frame.drop_duplicates("query_id")
+    train_ids = seen.loc[seen["split"] != "holdout", "query_id"].iloc[:train_queries]
+    test_ids = seen.loc[seen["split"] == "holdout", "query_id"].iloc[:test_queries]
+    frame = frame[frame["query_id"].isin([*train_ids, *test_ids])].reset_index(drop=True)
+    frame["split"] = frame["split"].map({"train": "train", "dev": "train", "holdout": "test"})
+    examples = frame[list(EXAMPLE_COLUMNS)].assign(
+        example_id=range(len(frame)), small_version=1, large_version=1
+    )
+    folder.mkdir(parents=True)
+    examples.to_parquet(folder / "shopping_queries_dataset_examples.parquet", index=False)
+    products = frame[list(PRODUCTS_COLUMNS)].drop_duplicates(["product_id", "product_locale"])
+    products.to_parquet(folder / "shopping_queries_dataset_products.parquet", index=False)
+    return folder
+
+
+def test_the_blocks_are_found_and_the_settings_match():
+    text = RUNBOOK.read_text()
+    [settings] = runbook_blocks(text, "runbook-env")
+    names = re.findall(r"^([A-Z_]+)=", settings, flags=re.MULTILINE)
+    assert names == ["ESCI", "RUN", "NPROC", "TRAIN_SETS", "ACTORS", "GPUS_PER_ACTOR"]
+    commands = "\n".join(runbook_blocks(text, "runbook"))
+    for command in (
+        "esci-reranker prepare",
+        "torchrun",
+        "--resume",
+        "esci-reranker evaluate",
+        "--engine ray",
+    ):
+        assert command in commands
+
+
+def test_runbook_commands_run_at_tiny_scale(ray_cluster, tmp_path: Path, tiny_backbone: Path):
+    text = RUNBOOK.read_text()
+    run = tmp_path / "run"
+    settings = {
+        "ESCI": raw_esci_files(tmp_path / "esci"),
+        "RUN": run,
+        "NPROC": 2,
+        "TRAIN_SETS": f"--set model.backbone={tiny_backbone} --set model.max_length=32 "
+        "--set optim.max_steps=2 --set eval.every_steps=1",
+        "ACTORS": 2,
+        "GPUS_PER_ACTOR": 0,
+    }
+    script = "\n".join(
+        [
+            "set -euo pipefail",
+            *(f"{k}={shlex.quote(str(v))}" for k, v in settings.items()),
+            *runbook_blocks(text, "runbook"),
+        ]
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,  # the session's shared Ray
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=RUNBOOK.parents[1], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+
+    stats = json.loads((run / "data" / "stats.json").read_text())
+    assert set(stats["splits"]) == {"train", "val", "test"}
+    assert (run / "model" / "config.json").is_file()
+    log = [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in log) == 2
+    assert "task1" in json.loads((run / "eval" / "metrics.json").read_text())
+    summary = json.loads((run / "scores" / "summary.json").read_text())
+    pairs = sum(s["rows"] for s in stats["splits"].values())
+    assert summary["input_rows"] == pairs
+    assert summary["scored_rows"] + summary["rejected_rows"] == pairs
+    assert summary["keys_checked"]
+    assert '"scored_rows"' in done.stdout  # the documented `cat` of the summary
