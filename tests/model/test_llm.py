@@ -238,3 +238,10 @@ def test_llm_trains_end_to_end_and_serves(small_splits: Path, tmp_path: Path) ->
             [c.score for c in list(expected.values())[:2]], abs=1e-5
         )
         assert client.post("/substitute", json=body).status_code == 200
+
+
+def test_base_model_flag_sets_the_backbone(small_splits: Path, tmp_path: Path) -> None:
+    config = Path(__file__).resolve().parents[2] / "configs/llm_lora.yaml"
+    missing = tmp_path / "no-such-lm"
+    result = run("train", "--config", config, "--base-model", missing, "--set", f"data.dir={small_splits}")
+    assert_fails(result, f"model.llm.base_model='{missing}'", "no such folder")

@@ -23,6 +23,14 @@ def train_command(
         list[str] | None,
         typer.Option("--set", help="Override a config value, e.g. --set optim.lr=5e-5 (repeatable)."),
     ] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model",
+            help="Pretrained weights to start from (sets model.backbone): for model.type llm a causal "
+            "LM folder, Hub id (e.g. Qwen/Qwen3-0.6B) or packaged:SmolLM2-135M-Instruct.",
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the last periodic checkpoint.")
     ] = False,
@@ -35,7 +43,7 @@ def train_command(
     from esci_reranker.train import ConfigError, load_config, train
 
     try:
-        cfg = load_config(config, tuple(overrides or ()))
+        cfg = load_config(config, _overrides(overrides, base_model))
         if cfg.model.stacker == "gbdt":
             _train_stacked(cfg, resume, progress)
             return
@@ -69,6 +77,14 @@ def cv_command(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Config override (repeatable).")
     ] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model",
+            help="Pretrained weights to start from (sets model.backbone): for model.type llm a causal "
+            "LM folder, Hub id (e.g. Qwen/Qwen3-0.6B) or packaged:SmolLM2-135M-Instruct.",
+        ),
+    ] = None,
     baselines: Annotated[
         str,
         typer.Option(help="Baselines ranked on every fold: comma-separated random,bm25,bi-encoder or none."),
@@ -92,7 +108,7 @@ def cv_command(
     try:
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
         chosen = parse_baselines(baselines)
-        cfg = load_config(config, tuple(overrides or ()))
+        cfg = load_config(config, _overrides(overrides, base_model))
         if cfg.model.stacker == "gbdt":
             from esci_reranker.stack.train import cross_validate_stacked
 
@@ -133,6 +149,14 @@ def pipeline_command(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Config override (repeatable).")
     ] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model",
+            help="Pretrained weights to start from (sets model.backbone): for model.type llm a causal "
+            "LM folder, Hub id (e.g. Qwen/Qwen3-0.6B) or packaged:SmolLM2-135M-Instruct.",
+        ),
+    ] = None,
     baselines: Annotated[str, typer.Option(help="Comma-separated: random,bm25,bi-encoder or none.")] = (
         "random,bm25,bi-encoder"
     ),
@@ -145,7 +169,9 @@ def pipeline_command(
 
     names = tuple(b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none")
     try:
-        result = run_pipeline(config, out, tuple(overrides or ()), names, progress=progress, log=typer.echo)
+        result = run_pipeline(
+            config, out, _overrides(overrides, base_model), names, progress=progress, log=typer.echo
+        )
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         fail(str(err))
         return
@@ -181,3 +207,8 @@ def _train_stacked(cfg: TrainConfig, resume: bool, progress: bool) -> None:
     result = train_stacked(cfg, progress=progress, log=typer.echo)
     typer.echo(cv_tables(result.cv))
     typer.echo(f"model: {result.save_path} (cross-encoder + stacker/)")
+
+
+def _overrides(overrides: list[str] | None, base_model: str | None) -> tuple[str, ...]:
+    """The ``--set`` overrides, with ``--base-model`` as ``model.backbone`` last (it wins)."""
+    return (*(overrides or ()), *((f"model.backbone={base_model}",) if base_model else ()))
