@@ -2,7 +2,7 @@
 
 Checks that data-parallel training is the same computation as one process with the same global
 batch, that only rank 0 writes, that early stopping stops every rank together and that a
-2-process run resumes from its checkpoint. Each rank runs tests/train/distributed_worker.py.
+2-process run with dropout resumes from its checkpoint to the uninterrupted run's weights. Each rank runs tests/train/distributed_worker.py.
 
 Tolerance: the 2-process weights equal the 1-process weights to 1e-6 (absolute). The global
 batch is the same (2 x 8 pairs) and made of the same pairs: rank r takes batches r, r+2, ...
@@ -121,16 +121,25 @@ def test_two_processes_train_like_one_with_the_same_global_batch_and_resume(
         ("val", 6),
     ]
 
-    # A crash on every rank inside step 5 (after the step-3 checkpoint), then --resume.
-    crashed, _ = _run(tmp_path / "cut", small_splits, dropout_free_backbone, 2, env={"CRASH_AT_CLIP": "5"})
+    # With dropout each rank draws its own masks: a crash on every rank inside step 5 (after the
+    # step-3 checkpoint), then --resume, must end where the uninterrupted run ends.
+    dropout = "model.dropout=0.3"
+    full, _ = _run(tmp_path / "full", small_splits, dropout_free_backbone, 2, dropout)
+    assert full.returncode == 0, full.stderr[-3000:]
+    crashed, _ = _run(
+        tmp_path / "cut", small_splits, dropout_free_backbone, 2, dropout, env={"CRASH_AT_CLIP": "5"}
+    )
     assert crashed.returncode != 0
     assert "simulated crash at clip 5" in crashed.stderr
     state = json.loads((tmp_path / "cut" / "train" / "last" / "trainer_state.json").read_text())
     assert state["step"] == 3
-    resumed, ranks = _run(tmp_path / "cut", small_splits, dropout_free_backbone, 2, resume=True)
+    resumed, ranks = _run(tmp_path / "cut", small_splits, dropout_free_backbone, 2, dropout, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert {r["steps"] for r in ranks} == {6}
-    _assert_same_weights(_weights(tmp_path / "two"), _weights(tmp_path / "cut"))
+    _assert_same_weights(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
+    # rank 1 wrote nothing on resume either (rank 0 wrote the gathered random states)
+    writes = json.loads((tmp_path / "cut" / "writes-1.json").read_text())
+    assert [path for _, path in writes] == [str(tmp_path / "cut" / "result-1.json")]
 
 
 def test_early_stopping_stops_every_rank_at_the_same_step(

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -50,6 +51,8 @@ from esci_reranker.train.prior_init import fit_prior_heads, prior_features
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "trainer_state.json"
+#: Every process's random state in a multi-process run, list index = rank (beside accelerate's).
+RANKS_RNG_NAME = "rank_random_states.pt"
 LOG_NAME = "log.jsonl"
 REQUIRED_COLUMNS = ("query_id", "query", "product_id", "esci_label")
 
@@ -265,10 +268,15 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------
     def _save_state(self, accelerator: Accelerator, state: dict[str, Any]) -> None:
         # Written to a temp folder and swapped in, so a kill mid-save keeps the previous state.
+        # accelerate saves rank 0's random state only; the other ranks' (their own dropout
+        # masks) are gathered to rank 0, the only writer. Every rank must call this.
+        ranks_rng = gather_object([_rng_state()]) if accelerator.num_processes > 1 else None
         if not accelerator.is_main_process:
             return
         with staged_dir(self.run_dir / "last") as tmp:
             accelerator.save_state(str(tmp), safe_serialization=True)
+            if ranks_rng is not None:
+                torch.save(ranks_rng, tmp / RANKS_RNG_NAME)
             write_json(tmp / STATE_NAME, state)
 
     def _log(self, accelerator: Accelerator, record: dict[str, Any]) -> None:
@@ -369,12 +377,15 @@ class Trainer:
         }
         if resume:
             last = self.run_dir / "last"
-            recover_dir(last)
+            if accelerator.is_main_process:  # one process repairs an interrupted swap
+                recover_dir(last)
+            accelerator.wait_for_everyone()
             if not (last / STATE_NAME).is_file():
                 raise FileNotFoundError(
                     f"--resume: no resumable checkpoint in {last}; start without --resume."
                 )
             accelerator.load_state(str(last))
+            _restore_rank_rng(last / RANKS_RNG_NAME, accelerator.process_index, accelerator.num_processes)
             state = json.loads((last / STATE_NAME).read_text())
             logger.info("resumed from %s at step %d", last, state["step"])
         elif accelerator.is_main_process:
@@ -522,6 +533,38 @@ class Trainer:
             metrics |= self.evaluate(best, tokenizer, self.test_frame, device)
         write_json(self.save_path / "metrics.json", metrics)
         return metrics if self.test_frame is not None else None
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch and CUDA random states."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _restore_rank_rng(path: Path, rank: int, num_processes: int) -> None:
+    """Set this process's random state from a multi-process checkpoint, when it has one for it."""
+    if num_processes == 1 or not path.is_file():
+        return
+    states = torch.load(path, weights_only=False)  # written by this loop (rank 0), not user input
+    if len(states) != num_processes:
+        logger.warning(
+            "%s holds %d processes' random states, this run has %d: dropout masks will differ "
+            "from the interrupted run.",
+            path,
+            len(states),
+            num_processes,
+        )
+        return
+    mine = states[rank]
+    random.setstate(mine["python"])
+    np.random.set_state(mine["numpy"])
+    torch.set_rng_state(mine["torch"])
+    if mine["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(mine["cuda"])
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, float]:
