@@ -13,6 +13,42 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "multi_task.yaml"
 
 
 @pytest.mark.slow
+def test_stacked_pipeline_trains_folds_stacker_and_final_model(tmp_path, tiny_backbone):
+    lines: list[str] = []
+    result = run_pipeline(
+        CONFIG,  # the default: model.stacker gbdt
+        tmp_path / "run",
+        overrides=(
+            f"model.backbone={tiny_backbone}",
+            "optim.max_steps=2",
+            "model.max_length=32",
+            "stack.max_rounds=20",
+        ),
+        baselines=("random", "bm25"),
+        progress=False,
+        log=lines.append,
+    )
+    out = tmp_path / "run"
+    assert {p.name for p in out.iterdir()} >= {"data", "model", "train", "eval", "timings.json"}
+    assert (out / "model" / "stacker" / "stacker.json").is_file()
+    assert result.test_metrics["num_queries"] == 41
+    assert "by_query_type" in result.test_metrics
+    assert "bm25" in result.test_table
+    # the validation split is training data of the final model: cross-validation replaces it
+    assert result.cv_table is not None
+    for row in ("| stacker |", "| cross_encoder |", "| bm25 |", "| negations | stacker |"):
+        assert row in result.cv_table
+    assert next(line for line in lines if "cross-encoder fold" in line).endswith("hold out 28")
+    assert sum("cross-encoder fold" in line for line in lines) == 4
+    model_metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert model_metrics["task1"]["ndcg"] == pytest.approx(result.test_metrics["task1"]["ndcg"])
+    assert set(model_metrics["training"]["cv"]) == {"stacker", "cross_encoder", "bm25"}
+    # the substitute threshold in the test metrics is the model's decision rule
+    rules = json.loads((out / "model" / "stacker" / "stacker.json").read_text())["rules"]
+    assert result.test_metrics["task3"]["threshold"] == pytest.approx(rules["substitute_threshold"])
+
+
+@pytest.mark.slow
 def test_pipeline_writes_model_evaluation_and_tables_in_fixed_places(tmp_path, tiny_backbone):
     lines: list[str] = []
     result = run_pipeline(
@@ -20,6 +56,7 @@ def test_pipeline_writes_model_evaluation_and_tables_in_fixed_places(tmp_path, t
         tmp_path / "run",
         overrides=(
             f"model.backbone={tiny_backbone}",
+            "model.stacker=none",
             "optim.max_steps=2",
             "eval.every_steps=1",
             "model.max_length=32",

@@ -153,7 +153,7 @@ def _stacked_pipeline(
         f"[2/4] train {config}: {cfg.stack.folds} out-of-fold cross-encoders, the stacker, the final "
         f"model -> {cfg.output.save_path}"
     )
-    result = train_stacked(cfg, progress=progress, log=log)
+    result = train_stacked(cfg, progress=progress, log=log, baselines=baselines)
     seconds["train"] = time.perf_counter() - t
     t = time.perf_counter()
     log("[3/4] cross-validation over the train+val queries (out of fold; mean ± std over folds)")

@@ -87,4 +87,13 @@ def test_cv_command_prints_the_curve_and_the_baselines(tmp_path, small_splits, t
     assert "mean over runs by step: 0: " in result.output
     assert "baseline bm25: 0." in result.output
     assert "bi-encoder" not in result.output
+    # every task, overall and per query type, from the fold models' out-of-fold predictions
+    assert "| model | nDCG | nDCG@10 | T2 micro-F1 | T2 macro-F1 | T3 micro-F1 | T3 AUC |" in result.output
+    assert "| cross_encoder | 0." in result.output
+    import pandas as pd
+
+    types = pd.concat([pd.read_parquet(small_splits / f"{n}.parquet") for n in ("train", "val")])
+    for qtype in types["esci_query_source"].unique():
+        assert f"| {qtype} | cross_encoder | 0." in result.output
+    assert (tmp_path / "cv" / "oof.parquet").is_file()
     assert_fails(run(*args, "--baselines", "bm42"), "baselines: unknown ['bm42']")

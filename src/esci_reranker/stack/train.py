@@ -136,12 +136,16 @@ def cross_validate_stacked(
 
 
 def train_stacked(
-    cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = print
+    cfg: TrainConfig,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    baselines: tuple[str, ...] = ("bm25", "bi-encoder"),
 ) -> StackedTrainResult:
     """Run the three stages of the module docstring for ``cfg`` (``model.stacker: gbdt``).
 
     Writes the model to ``cfg.output.save_path`` (cross-encoder + ``stacker/``) and the fold
     models, ``oof.parquet`` and ``stack_cv.json`` under the run directory's ``folds/``.
+    ``baselines`` are ranked on every fold beside the stacker (``random`` is left out).
     """
     from esci_reranker.reranker import Reranker
     from esci_reranker.train.loop import read_split, train
@@ -157,7 +161,14 @@ def train_stacked(
 
     t = time.perf_counter()
     cv = cross_validate_stacked(
-        cfg, frame, run_dir / "folds", cfg.stack.folds, (cfg.seed,), progress=progress, log=log
+        cfg,
+        frame,
+        run_dir / "folds",
+        cfg.stack.folds,
+        (cfg.seed,),
+        baselines=tuple(b for b in baselines if b != "random"),
+        progress=progress,
+        log=log,
     )
     seconds["cross_validation"] = time.perf_counter() - t
 
