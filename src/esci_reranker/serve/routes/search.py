@@ -51,7 +51,9 @@ async def search(
     predictions, forward_ms, cache_hit = None, 0.0, False
     if body.rerank and retrieved:
         texts = [scorer.text_of(r.fields) for r in retrieved]
-        result = await pipeline.score(scorer, body.query, texts)
+        # A stacked model's features read the products' fields, as /rerank's candidates give them.
+        records = [r.fields for r in retrieved] if scorer.stacked else None
+        result = await pipeline.score(scorer, body.query, texts, records)
         predictions, forward_ms, cache_hit = result.predictions, result.forward_ms, result.cache_hit
     hits = rank_hits(retrieved, body.top_k, predictions, scorer.multi_task)
     results = [
