@@ -105,21 +105,14 @@ def run_pipeline(
             reranker, frame, out / folder, baselines=baselines, progress=progress
         )
         seconds[f"evaluate_{split}"] = time.perf_counter() - t
-    # metrics.json beside the model (what `push` puts in the model card): the test evaluation
-    # plus how training went.
-    model_metrics = dict(evaluations["test"].metrics)
-    model_metrics["training"] = {
+    training = {
         "best_step": result.best_step,
         f"val_{result.metric_name}": result.best_metric,
         "steps": result.steps,
         "stopped_early": result.stopped_early,
         "seconds": result.seconds,
     }
-    (Path(cfg.output.save_path) / "metrics.json").write_text(
-        json.dumps(model_metrics, indent=2, default=str) + "\n"
-    )
-    seconds["total"] = sum(seconds.values())
-    (out / "timings.json").write_text(json.dumps(seconds, indent=2) + "\n")
+    _write_results(cfg, out, evaluations["test"].metrics, training, seconds)
     return PipelineResult(
         out_dir=out,
         test_table=evaluations["test"].table,
@@ -169,17 +162,8 @@ def _stacked_pipeline(
     frame = pd.read_parquet(out / "data" / "test.parquet")
     evaluation = run_evaluation(reranker, frame, out / "eval", baselines=baselines, progress=progress)
     seconds["evaluate_test"] = time.perf_counter() - t
-    model_metrics = dict(evaluation.metrics)
-    model_metrics["training"] = {
-        "cv": result.cv["overall"],
-        "seconds": result.seconds,
-        "rounds": result.rounds,
-    }
-    (Path(cfg.output.save_path) / "metrics.json").write_text(
-        json.dumps(model_metrics, indent=2, default=str) + "\n"
-    )
-    seconds["total"] = sum(seconds.values())
-    (out / "timings.json").write_text(json.dumps(seconds, indent=2) + "\n")
+    training = {"cv": result.cv["overall"], "seconds": result.seconds, "rounds": result.rounds}
+    _write_results(cfg, out, evaluation.metrics, training, seconds)
     return PipelineResult(
         out_dir=out,
         test_table=evaluation.table,
@@ -189,3 +173,20 @@ def _stacked_pipeline(
         seconds=seconds,
         cv_table=cv_table,
     )
+
+
+def _write_results(
+    cfg: TrainConfig,
+    out: Path,
+    test_metrics: dict[str, Any],
+    training: dict[str, Any],
+    seconds: dict[str, float],
+) -> None:
+    """``metrics.json`` beside the model (what ``push`` puts in the model card: the test
+    evaluation plus how training went) and ``timings.json`` with the total."""
+    model_metrics = dict(test_metrics) | {"training": training}
+    (Path(cfg.output.save_path) / "metrics.json").write_text(
+        json.dumps(model_metrics, indent=2, default=str) + "\n"
+    )
+    seconds["total"] = sum(seconds.values())
+    (out / "timings.json").write_text(json.dumps(seconds, indent=2) + "\n")

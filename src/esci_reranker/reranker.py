@@ -511,9 +511,11 @@ class Reranker:
         from esci_reranker.stack.features import feature_table
         from esci_reranker.stack.outputs import cross_encoder_columns
 
-        assert self.stacker is not None  # callers check
+        stacker = self.stacker
+        if stacker is None:
+            raise RuntimeError("Reranker._stacked: this model has no stacker (callers check first).")
         columns = cross_encoder_columns(out, self.config.prior_features, self.config.gains)
-        stacked = self.stacker.predict(feature_table(queries, fields, groups, columns))
+        stacked = stacker.predict(feature_table(queries, fields, groups, columns))
         probs = stacked["probs"].astype(np.float32)
         gains = probs @ np.array([self.config.gains[c] for c in ESCI_LABELS], dtype=np.float32)
         return Predictions(
