@@ -41,6 +41,8 @@ CHROMIUM_ARGS = (
     "--disable-extensions",
 )
 SERVER_START_TIMEOUT = 60.0
+#: Default timeout of every navigation, action and wait in an ``open_page`` context.
+BROWSER_TIMEOUT_MS = 120_000
 
 
 class LiveServer:

@@ -120,12 +120,16 @@ def chromium() -> Iterator[Any]:
 def open_page(chromium: Any) -> Iterator[Callable[[str], Any]]:
     """``open_page(base_url) -> GuardedPage``: a fresh browser context whose requests may reach
     ``base_url``'s origin only (anything else is aborted and listed in ``.blocked``)."""
-    from tests.serve.browser import GuardedPage
+    from tests.serve.browser import BROWSER_TIMEOUT_MS, GuardedPage
 
     contexts: list[Any] = []
 
     def open_(base_url: str) -> GuardedPage:
         context = chromium.new_context(service_workers="block", viewport={"width": 1280, "height": 900})
+        # Generous: a wait ends as soon as its condition holds, and a loaded 2-core machine can take
+        # tens of seconds to parse a 1.5 MB bundle (Playwright's default is 30 s).
+        context.set_default_timeout(BROWSER_TIMEOUT_MS)
+        context.set_default_navigation_timeout(BROWSER_TIMEOUT_MS)
         contexts.append(context)
         return GuardedPage(context, base_url)
 

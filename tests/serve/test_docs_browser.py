@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-RENDER_TIMEOUT_MS = 60_000  # a cold 1.5 MB bundle on a busy 2-core CI machine
+RENDER_TIMEOUT_MS = 120_000  # a cold 1.5 MB bundle on a busy 2-core machine
 
 
 def _operations(url: str) -> list[tuple[str, str]]:
