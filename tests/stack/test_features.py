@@ -107,6 +107,16 @@ def test_list_features_rank_z_and_gap_within_each_list():
     np.testing.assert_allclose(out["gap"], [0.0, 2.0, 1.0, 0.0, 0.0])
 
 
+def test_one_list_fast_path_equals_the_grouped_path():
+    values = np.array([0.3, 0.9, 0.3, -1.0, 2.0])
+    one = list_features(values, np.zeros(5))
+    # the same list beside another one goes through the grouped path
+    both = list_features(np.concatenate([values, [5.0, 6.0]]), np.array([0] * 5 + [1, 1]))
+    for key in ("rank", "z", "gap"):
+        np.testing.assert_allclose(one[key], both[key][:5])
+    np.testing.assert_allclose(one["rank"], [0.5, 0.25, 0.5, 1.0, 0.0])
+
+
 def test_list_bm25_by_hand():
     # two one-word documents, the query word in one: idf = ln(1 + (2 - 1 + .5) / (1 + .5)) = ln 2,
     # length norm = k1 (1 - b + b * 1/1) = 1.5, so tf part = 1 * 2.5 / (1 + 1.5) = 1
@@ -146,3 +156,23 @@ def test_record_fields_from_text_short_names_and_esci_columns():
         "2 m",
         "",
     )
+
+
+def test_feature_table_columns_are_the_pair_features_then_the_list_ones():
+    from esci_reranker.stack.features import FEATURE_NAMES
+
+    table = feature_table(["red shoes"], {"title": ["Red shoe"]}, [0], {"ce_score": np.array([0.5])})
+    names = list(table.columns)
+    assert tuple(names[: len(FEATURE_NAMES)]) == FEATURE_NAMES
+    assert names[len(FEATURE_NAMES) :][:5] == [
+        "bm25_title",
+        "bm25_all",
+        "bm25_long",
+        "other_brand_named",
+        "list_size",
+    ]
+    # then the model's columns, then list features in LIST_SCORES order (ce_score ... bm25_all, cov_all)
+    assert names[len(FEATURE_NAMES) + 5 :] == [
+        "ce_score",
+        *(f"{s}_{k}" for s in ("ce_score", "bm25_all", "cov_all") for k in ("rank", "z", "gap")),
+    ]
