@@ -132,7 +132,10 @@ def test_rerank_file_formats_give_the_api_result(
         "substitute_prob",
         "rank",
         "truncated",
+        "is_substitute",
     }
+    # the model's decision rule (0.5 without a stacker) comes with the probability
+    assert [r["is_substitute"] for r in ranked] == [r["substitute_prob"] >= 0.5 for r in ranked]
 
 
 def test_rerank_table_and_text_candidates(tiny_checkpoint: Path, tmp_path: Path):

@@ -230,8 +230,12 @@ def test_info_and_openapi(client, tiny_reranker):
     assert client.get("/docs").status_code == 200
 
 
-def test_substitute_threshold_matches_evaluation():
+def test_substitute_threshold_matches_evaluation(client, tiny_reranker):
     from esci_reranker.eval.classification import DEFAULT_THRESHOLD
-    from esci_reranker.serve.routes.scoring import SUBSTITUTE_THRESHOLD
 
-    assert SUBSTITUTE_THRESHOLD == DEFAULT_THRESHOLD
+    # a model without a stacker decides at evaluation's default; /substitute applies the model's
+    assert tiny_reranker.substitute_threshold == DEFAULT_THRESHOLD
+    results = client.post("/substitute", json=body(5)).json()["results"]
+    assert [r["is_substitute"] for r in results] == [
+        r["substitute_prob"] >= DEFAULT_THRESHOLD for r in results
+    ]
