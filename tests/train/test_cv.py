@@ -75,6 +75,7 @@ def test_cv_command_prints_the_curve_and_the_baselines(tmp_path, small_splits, t
     args = ["cv", "--data", small_splits, "--out", tmp_path / "cv", "--folds", "2"]
     sets = [
         f"model.backbone={tiny_backbone}",
+        "model.stacker=none",  # the cross-encoder's own CV (the stacked one: tests/stack)
         "model.max_length=32",
         "optim.max_steps=1",
         "eval.every_steps=1",
