@@ -19,6 +19,7 @@ The test split is never read here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -66,18 +67,9 @@ def _fixed_schedule(cfg: TrainConfig) -> TrainConfig:
 
 def gbdt_params(cfg: TrainConfig, seed: int) -> GBDTParams:
     """The LightGBM settings of a config's ``stack`` section."""
-    s = cfg.stack
-    return GBDTParams(
-        num_leaves=s.num_leaves,
-        learning_rate=s.learning_rate,
-        min_data_in_leaf=s.min_data_in_leaf,
-        feature_fraction=s.feature_fraction,
-        bagging_fraction=s.bagging_fraction,
-        lambda_l2=s.lambda_l2,
-        max_rounds=s.max_rounds,
-        inner_folds=s.inner_folds,
-        seed=seed,
-    )
+    # every LightGBM setting the section names (the rest keep GBDTParams' defaults)
+    shared = {f.name for f in dataclasses.fields(GBDTParams)} & set(type(cfg.stack).model_fields)
+    return GBDTParams(**cfg.stack.model_dump(include=shared), seed=seed)
 
 
 def cross_validate_stacked(
