@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (cuda > mps > cpu)."
@@ -10,6 +12,16 @@ PRECISION_HELP = (
     "Torch arithmetic: fp32; bf16 (autocast); int8 (dynamic int8 linear layers, CPU only, the "
     "fastest on CPUs with AVX-512 VNNI; scores shift slightly); auto = bf16 where native, else fp32."
 )
+
+# `train`, `cv` and `pipeline` all take the same starting weights.
+BaseModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--base-model",
+        help="Pretrained weights to start from (sets model.backbone): for model.type llm a causal "
+        "LM folder, Hub id (e.g. Qwen/Qwen3-0.6B) or packaged:SmolLM2-135M-Instruct.",
+    ),
+]
 
 
 def fail(message: str) -> None:

