@@ -222,6 +222,7 @@ def test_info_and_openapi(client, tiny_reranker):
         "/substitute",
         "/predict",
         "/v1/rerank",
+        "/v2/rerank",
         "/health",
         "/ready",
         "/metrics",

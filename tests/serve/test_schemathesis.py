@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 
 from esci_reranker.serve import create_app, load_settings  # noqa: E402
 
-POSTS = ["/rerank", "/classify", "/substitute", "/predict", "/v1/rerank"]
+POSTS = ["/rerank", "/classify", "/substitute", "/predict", "/v1/rerank", "/v2/rerank"]
 GETS = ["/health", "/ready", "/info", "/metrics"]
 CASES = [("POST", p, mode) for p in POSTS for mode in ("positive", "negative")] + [
     ("GET", p, "positive") for p in GETS

@@ -27,7 +27,7 @@ def serve_command(
         int, typer.Option(min=1, max=64, help="Worker processes; each loads its own copy of the model.")
     ] = 1,
 ) -> None:
-    """Serve the reranker over HTTP (FastAPI + uvicorn): /rerank, /classify, /substitute, /predict, /v1/rerank, /health, /ready, /metrics, /info; docs at /docs.
+    """Serve the reranker over HTTP (FastAPI + uvicorn): /rerank, /classify, /substitute, /predict, /v1/rerank, /v2/rerank, /health, /ready, /metrics, /info; docs at /docs.
 
     Other settings come from environment variables (API_KEY, RATE_LIMIT, CACHE_SIZE, MAX_CANDIDATES, LOG_FORMAT, ...): see docs/serving.md.
     """

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 DESCRIPTION = """\
 Multi-task ESCI reranker for product search: Task 1 ranking (`/rerank`), Task 2 E/S/C/I
 classification (`/classify`), Task 3 substitute detection (`/substitute`), all three
-(`/predict`), a Cohere/Jina-compatible `/v1/rerank`, and `/search` over a catalogue index
+(`/predict`), a Cohere/Jina-compatible `/v1/rerank`, a Cohere v2 `/v2/rerank`, and `/search` over a catalogue index
 (`INDEX_PATH`: retrieve, rerank, label; the page at `/`). See docs/serving.md.
 """
 

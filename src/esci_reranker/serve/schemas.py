@@ -2,7 +2,8 @@
 
 Requests reject unknown keys (a misspelt ``titel`` is an error, not a silently empty field),
 except the ``/v1/rerank`` compatibility request, which ignores the extra keys Cohere and Jina
-clients send (``model``, ``max_chunks_per_doc``, ...).
+clients send (``model``, ``max_chunks_per_doc``, ...). ``/v2/rerank`` follows Cohere's v2 request,
+whose keys are all known (``model``, ``priority`` and ``relevant_spans`` are accepted and ignored).
 """
 
 from __future__ import annotations
@@ -204,6 +205,48 @@ class V1RerankRequest(BaseModel):
         return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
+class V2RerankRequest(BaseModel):
+    """The Cohere v2 ``/v2/rerank`` request (what ``cohere.ClientV2.rerank`` posts).
+
+    As in Cohere's v2 API, ``model`` is required and ``documents`` are plain strings. ``model``,
+    ``priority`` and ``relevant_spans`` are accepted and ignored (the service answers with the
+    model it loaded, in request order, without spans); other unknown keys are rejected, so a
+    misspelt ``top_k`` is an error rather than silently ignored.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "esci-reranker",
+                    "query": "wireless earbuds",
+                    "documents": ["Soundcore Life P2 Wireless Earbuds | Anker", "USB-C cable 2 m"],
+                    "top_n": 1,
+                }
+            ]
+        },
+    )
+
+    model: str = Field(description="Required, as in Cohere's v2 API; ignored: the loaded model answers.")
+    query: Query
+    documents: list[Text] = Field(description="The texts to rank (strings, as in Cohere's v2 API).")
+    top_n: int | None = Field(None, ge=1, strict=True, description="Keep only the best top_n (default: all).")
+    max_tokens_per_doc: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="Cut each document to its first max_tokens_per_doc tokens (the model's tokenizer) "
+        "before scoring; the model's own max length applies either way (default: no cut).",
+    )
+    priority: int | None = Field(
+        None, strict=True, description="Accepted and ignored (requests run in order)."
+    )
+    relevant_spans: dict[str, Any] | None = Field(
+        None, description="Accepted and ignored: results carry no relevant_spans."
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # responses
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +381,40 @@ class V1RerankResponse(BaseModel):
     model: str
     results: list[V1Result] = Field(description="Sorted by relevance_score, best first.")
     usage: V1Usage
+    stats: Stats
+
+
+class V2Result(BaseModel):
+    index: int = Field(description="Position of the document in the request.")
+    relevance_score: float = Field(
+        description="The model's ranking score (as in /rerank and /v1/rerank; not calibrated to 0..1)."
+    )
+
+
+class V2ApiVersion(BaseModel):
+    version: str = "2"
+
+
+class V2BilledUnits(BaseModel):
+    search_units: int = 1
+
+
+class V2Meta(BaseModel):
+    """Cohere's ``meta`` block: the API version and the (nominal) billed units."""
+
+    api_version: V2ApiVersion = Field(default_factory=V2ApiVersion)
+    billed_units: V2BilledUnits = Field(default_factory=V2BilledUnits)
+
+
+class V2RerankResponse(BaseModel):
+    """Cohere's v2 rerank response (``id``, ``results``, ``meta``) plus this service's
+    ``request_id``, ``model`` and ``stats`` (Cohere's clients keep unknown keys)."""
+
+    id: str = Field(description="Same as request_id.")
+    results: list[V2Result] = Field(description="Sorted by relevance_score, best first.")
+    meta: V2Meta = Field(default_factory=V2Meta)
+    request_id: str
+    model: str
     stats: Stats
 
 

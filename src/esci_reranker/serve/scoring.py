@@ -136,6 +136,33 @@ class Scorer:
             output = await asyncio.wrap_future(self._submit(prepared[1]))
         return self._finish(*prepared, output, query, texts, records)
 
+    def truncate_tokens(self, texts: Sequence[str], max_tokens: int) -> list[str]:
+        """Each text cut to its first ``max_tokens`` tokens of the model's tokenizer (whole tokens,
+        cut at the end of the last kept token's characters); shorter texts are returned as they are.
+
+        Blocks on the tokenizer lock: call it from a worker thread.
+        """
+        out = list(texts)
+        # A token covers at least one UTF-8 byte (WordPiece and byte-level BPE alike), so a text of
+        # at most max_tokens bytes cannot be longer: only the others need the tokenizer.
+        long = [i for i, text in enumerate(out) if len(text.encode("utf-8")) > max_tokens]
+        if not long:
+            return out
+        tokenizer = self.reranker.pair_encoder.tokenizer
+        with self._encode_lock:
+            if not getattr(tokenizer, "is_fast", False):
+                # A slow (Python) tokenizer has no character offsets: decode the kept tokens instead.
+                ids = tokenizer([out[i] for i in long], add_special_tokens=False)["input_ids"]
+                for i, row in zip(long, ids, strict=True):
+                    if len(row) > max_tokens:
+                        out[i] = tokenizer.decode(row[:max_tokens])
+                return out
+            encoded = tokenizer([out[i] for i in long], add_special_tokens=False, return_offsets_mapping=True)
+        for i, offsets in zip(long, encoded["offset_mapping"], strict=True):
+            if len(offsets) > max_tokens:
+                out[i] = out[i][: offsets[max_tokens - 1][1]]
+        return out
+
     def warm_up(self) -> None:
         """One dummy forward pass (through the batcher's thread when batching), so the first real
         request does not pay for lazy initialisation."""

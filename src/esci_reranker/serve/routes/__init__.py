@@ -1,1 +1,1 @@
-"""Routers, one per resource: operations (health, ready, metrics), info, scoring, compat (/v1)."""
+"""Routers, one per resource: operations (health, ready, metrics), info, scoring, compat (/v1, /v2)."""
