@@ -23,7 +23,7 @@ import torch
 
 from esci_reranker.data import sample_path
 from esci_reranker.reranker import Reranker
-from esci_reranker.stack.features import feature_table, product_side, query_side, record_fields
+from esci_reranker.stack.features import feature_arrays, product_side, query_side, record_fields
 from esci_reranker.stack.outputs import cross_encoder_columns
 
 
@@ -69,7 +69,7 @@ def stacker_part_ms(reranker: Reranker, query: str, cands: list[dict], cold: boo
     stacker = reranker.stacker
     if stacker is None:
         raise ValueError("stacker_part_ms: the model has no stacker.")
-    stacker.predict(feature_table([query] * len(cands), fields, [query] * len(cands), columns))
+    stacker.predict(feature_arrays([query] * len(cands), fields, [query] * len(cands), columns))
     return (time.perf_counter() - start) * 1000
 
 

@@ -508,14 +508,14 @@ class Reranker:
         fields: Mapping[str, Sequence[str]],
         groups: Sequence[object],
     ) -> Predictions:
-        from esci_reranker.stack.features import feature_table
+        from esci_reranker.stack.features import feature_arrays
         from esci_reranker.stack.outputs import cross_encoder_columns
 
         stacker = self.stacker
         if stacker is None:
             raise RuntimeError("Reranker._stacked: this model has no stacker (callers check first).")
         columns = cross_encoder_columns(out, self.config.prior_features, self.config.gains)
-        stacked = stacker.predict(feature_table(queries, fields, groups, columns))
+        stacked = stacker.predict(feature_arrays(queries, fields, groups, columns))
         probs = stacked["probs"].astype(np.float32)
         gains = probs @ np.array([self.config.gains[c] for c in ESCI_LABELS], dtype=np.float32)
         return Predictions(

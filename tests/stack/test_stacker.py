@@ -118,3 +118,18 @@ def test_load_names_what_is_wrong(fitted, tmp_path):
         Stacker.load(folder)
     with pytest.raises(ValueError, match="cannot read the stacker manifest"):
         Stacker.load(tmp_path / "nowhere")
+
+
+def test_named_columns_predict_like_the_frame(fitted):
+    """The serving path passes ``feature_arrays`` (a dict) instead of a frame: same outputs,
+    a missing column still counts as missing values, and a large table (several threads)
+    predicts like a request-sized one (one thread)."""
+    stacker, _, table = fitted
+    columns = {name: table[name].to_numpy() for name in ("signal", "noise")}
+    a, b = stacker.predict(table), stacker.predict(columns)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    partial = stacker.predict({"signal": columns["signal"]})
+    np.testing.assert_array_equal(partial["score"], stacker.predict(table.assign(noise=np.nan))["score"])
+    big = pd.concat([table] * 12, ignore_index=True)  # > 2048 rows: LightGBM's own thread count
+    np.testing.assert_allclose(stacker.predict(big)["score"][: len(table)], a["score"], rtol=1e-12)

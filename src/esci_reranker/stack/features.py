@@ -128,7 +128,8 @@ def _coverage(query_words: set[str], stems: set[str]) -> float:
 
 
 def _stems(words: Iterable[str]) -> frozenset[str]:
-    return frozenset(w[:PREFIX_CHARS] for w in words)
+    # distinct words first: a description repeats its words, and slicing each copy is the cost
+    return frozenset(w[:PREFIX_CHARS] for w in set(words))
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,21 @@ class ProductSide:
     #: colour words of the colour field and the title
     colors: frozenset[str]
 
+    @functools.cached_property
+    def title_counts(self) -> Counter[str]:
+        """Term counts of the title (``list_bm25``), built once per product."""
+        return Counter(self.title_tokens)
+
+    @functools.cached_property
+    def all_counts(self) -> Counter[str]:
+        """Term counts of title + brand + colour."""
+        return Counter(self.title_tokens + self.brand_color_tokens)
+
+    @functools.cached_property
+    def long_counts(self) -> Counter[str]:
+        """Term counts of bullets + description."""
+        return Counter(self.long_tokens)
+
 
 @functools.lru_cache(maxsize=50_000)
 def product_side(title: str, brand: str, color: str, bullets: str, description: str) -> ProductSide:
@@ -161,6 +177,7 @@ def product_side(title: str, brand: str, color: str, bullets: str, description: 
     bc_tokens = tuple(word_tokens(f"{brand} {color}"))
     long_tokens = tuple(word_tokens(long_text))
     words = frozenset(title_tokens + bc_tokens + long_tokens)
+    title_stems, bc_stems, long_stems = _stems(title_tokens), _stems(bc_tokens), _stems(long_tokens)
     return ProductSide(
         title=title,
         brand=brand,
@@ -169,11 +186,11 @@ def product_side(title: str, brand: str, color: str, bullets: str, description: 
         title_tokens=title_tokens,
         brand_color_tokens=bc_tokens,
         long_tokens=long_tokens,
-        title_stems=_stems(title_tokens),
-        brand_color_stems=_stems(bc_tokens),
-        long_stems=_stems(long_tokens),
+        title_stems=title_stems,
+        brand_color_stems=bc_stems,
+        long_stems=long_stems,
         words=words,
-        stems=_stems(words),
+        stems=title_stems | bc_stems | long_stems,
         brand_norm=_norm(brand),
         colors=frozenset(w for w in (*word_tokens(color), *title_tokens) if w in COLORS),
     )
@@ -287,14 +304,24 @@ def list_bm25(
     the already tokenised words because an index per list and field costs ~8 ms a query.
     NaN for every document when the list has no words at all.
     """
-    n = len(docs)
-    lengths = np.array([len(d) for d in docs], dtype=np.float64)
-    if n == 0 or lengths.sum() == 0:
+    return _bm25_counts(query_words, [Counter(d) for d in docs], [len(d) for d in docs], k1, b)
+
+
+def _bm25_counts(
+    query_words: Sequence[str],
+    counts: Sequence[Mapping[str, int]],
+    lengths: Sequence[int],
+    k1: float = 1.5,
+    b: float = 0.75,
+) -> np.ndarray:
+    """``list_bm25`` from each document's term counts and length (counts cached per product)."""
+    n = len(counts)
+    doc_len = np.array(lengths, dtype=np.float64)
+    if n == 0 or doc_len.sum() == 0:
         return np.full(n, np.nan)
-    norm = k1 * (1.0 - b + b * lengths / lengths.mean())
-    counts = [Counter(d) for d in docs]
+    norm = k1 * (1.0 - b + b * doc_len / doc_len.mean())
     scores = np.zeros(n)
-    for term in set(query_words):
+    for term in sorted(set(query_words)):  # fixed order: float sums then match run to run
         tf = np.array([c.get(term, 0) for c in counts], dtype=np.float64)
         df = float((tf > 0).sum())
         if df:
@@ -354,7 +381,20 @@ def feature_table(
     groups: Sequence[object],
     model_columns: Mapping[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:
-    """All stacker features of N pairs, one row per pair in input order.
+    """All stacker features of N pairs, one row per pair in input order (``feature_arrays`` framed)."""
+    return pd.DataFrame(feature_arrays(queries, fields, groups, model_columns), index=range(len(queries)))
+
+
+def feature_arrays(
+    queries: Sequence[str],
+    fields: Mapping[str, Sequence[str]],
+    groups: Sequence[object],
+    model_columns: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """All stacker features of N pairs as named (N,) columns, pairs in input order.
+
+    The serving path feeds these straight to ``Stacker.predict``: framing ~60 columns costs
+    more than some of the features do for a 40-candidate request.
 
     Args:
         queries: (N,) query text of each pair.
@@ -376,7 +416,7 @@ def feature_table(
     columns: dict[str, np.ndarray] = {
         name: np.array([r[name] for r in rows_of_features], dtype=np.float64) for name in FEATURE_NAMES
     }
-    group_codes = pd.factorize(pd.Series(list(groups), dtype=object))[0]
+    group_codes = _group_codes(groups)
     bm25 = {k: np.zeros(n) for k in ("bm25_title", "bm25_all", "bm25_long")}
     # the brands of the other candidates: a query naming one of them asks for that brand
     brand_norm = [side.brand_norm for side in sides]
@@ -385,11 +425,17 @@ def feature_table(
         rows = np.flatnonzero(group_codes == code)
         query = queries[rows[0]]
         q_words = sorted(query_side(query).tokens)
-        bm25["bm25_title"][rows] = list_bm25(q_words, [sides[i].title_tokens for i in rows])
-        bm25["bm25_all"][rows] = list_bm25(
-            q_words, [sides[i].title_tokens + sides[i].brand_color_tokens for i in rows]
+        bm25["bm25_title"][rows] = _bm25_counts(
+            q_words, [sides[i].title_counts for i in rows], [len(sides[i].title_tokens) for i in rows]
         )
-        bm25["bm25_long"][rows] = list_bm25(q_words, [sides[i].long_tokens for i in rows])
+        bm25["bm25_all"][rows] = _bm25_counts(
+            q_words,
+            [sides[i].all_counts for i in rows],
+            [len(sides[i].title_tokens) + len(sides[i].brand_color_tokens) for i in rows],
+        )
+        bm25["bm25_long"][rows] = _bm25_counts(
+            q_words, [sides[i].long_counts for i in rows], [len(sides[i].long_tokens) for i in rows]
+        )
         q_norm = query_side(query).norm
         named = {brand_norm[i] for i in rows if brand_norm[i] and _contains_phrase(q_norm, brand_norm[i])}
         if named:
@@ -403,7 +449,15 @@ def feature_table(
         if name in columns:
             for kind, values in list_features(columns[name], group_codes).items():
                 columns[f"{name}_{kind}"] = values
-    return pd.DataFrame(columns, index=range(n))
+    return columns
+
+
+def _group_codes(groups: Sequence[object]) -> np.ndarray:
+    """(N,) integer code of each pair's list, numbered in order of first appearance."""
+    first = groups[0] if len(groups) else None
+    if all(g == first for g in groups):  # one list: a rerank request
+        return np.zeros(len(groups), dtype=np.int64)
+    return pd.factorize(pd.Series(list(groups), dtype=object))[0]
 
 
 def record_fields(product: str | Mapping[str, object]) -> dict[str, str]:

@@ -173,6 +173,10 @@ def fit_task(
     return TaskFit(final, rounds, mean.tolist(), oof)
 
 
+#: Up to this many rows, the trees predict on one thread.
+_ONE_THREAD_ROWS: Final = 2048
+
+
 @dataclass
 class Stacker:
     """The three tree models, their feature list and the decision rules."""
@@ -184,18 +188,32 @@ class Stacker:
     rounds: dict[str, int] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
-    def matrix(self, table: pd.DataFrame) -> np.ndarray:
-        """The feature matrix in training order; a feature the table lacks is NaN (missing)."""
-        missing = [n for n in self.feature_names if n not in table.columns]
-        frame = table.reindex(columns=self.feature_names) if missing else table[self.feature_names]
-        return frame.to_numpy(dtype=np.float64)
+    def matrix(self, table: pd.DataFrame | Mapping[str, np.ndarray]) -> np.ndarray:
+        """The (N, F) feature matrix in training order; a feature the table lacks is NaN (missing).
 
-    def predict(self, table: pd.DataFrame) -> dict[str, np.ndarray]:
+        ``table`` is a frame or named (N,) columns (``stack.features.feature_arrays``).
+        """
+        if isinstance(table, pd.DataFrame):
+            missing = [n for n in self.feature_names if n not in table.columns]
+            frame = table.reindex(columns=self.feature_names) if missing else table[self.feature_names]
+            return frame.to_numpy(dtype=np.float64)
+        n = len(next(iter(table.values()))) if table else 0
+        x = np.full((n, len(self.feature_names)), np.nan)
+        for j, name in enumerate(self.feature_names):
+            if name in table:
+                x[:, j] = table[name]
+        return x
+
+    def predict(self, table: pd.DataFrame | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``score`` (N,), ``probs`` (N, 4, E/S/C/I), ``classes`` (N,) after the rules, ``substitute_prob`` (N,)."""
         x = self.matrix(table)
-        score = self.boosters["ranker"].predict(x)
-        probs = np.asarray(self.boosters["classifier"].predict(x)).reshape(len(x), len(ESCI_LABELS))
-        sub = np.asarray(self.boosters["substitute"].predict(x))
+        # one thread: a request's few dozen rows cost less than waking an OpenMP team
+        threads = {"num_threads": 1} if len(x) <= _ONE_THREAD_ROWS else {}
+        score = self.boosters["ranker"].predict(x, **threads)
+        probs = np.asarray(self.boosters["classifier"].predict(x, **threads)).reshape(
+            len(x), len(ESCI_LABELS)
+        )
+        sub = np.asarray(self.boosters["substitute"].predict(x, **threads))
         return {
             "score": score,
             "probs": probs,
