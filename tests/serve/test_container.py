@@ -47,10 +47,18 @@ def test_base_image_is_a_pinned_slim_python(dockerfile):
 def test_torch_is_installed_from_the_cpu_index_before_the_package(dockerfile):
     runs = [args for keyword, args in dockerfile if keyword == "RUN"]
     torch_step = next(i for i, args in enumerate(runs) if "torch==" in args)
-    package_step = next(i for i, args in enumerate(runs) if ".[serve]" in args)
+    package_step = next(i for i, args in enumerate(runs) if ".[serve" in args)
     assert torch_step < package_step
     assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch_step]
     assert all("--no-cache-dir" in args for args in runs if "pip install" in args)
+
+
+def test_image_installs_the_retrieval_extra_for_search(dockerfile):
+    # POST /search and the page at / open a catalogue index: sentence-transformers and usearch.
+    runs = [args for keyword, args in dockerfile if keyword == "RUN"]
+    (package,) = [args for args in runs if ".[serve" in args]
+    extras = re.search(r"\.\[([^\]]+)\]", package).group(1).split(",")
+    assert {"serve", "retrieval"} <= {e.strip() for e in extras}
 
 
 def test_runs_as_a_non_root_user(dockerfile):
