@@ -6,7 +6,7 @@ index of the same graph degree (16) and construction depth (128) over (a) those 
 renormalised: catalogue-like clusters, at a larger size). Reports build time, index memory, p50
 query time for the top 100 at search depth 128, and recall of the top 100 against an exact scan.
 
-    pip install faiss-cpu
+    pip install "esci-reranker[ann-bench]"     # faiss-cpu
     python benchmarks/ann_choice.py --index runs/default/index --synthetic 200000 --out runs/ann_choice.json
 """
 
@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    try:
+        import faiss  # noqa: F401  (checked before the minutes of usearch work, not after)
+    except ImportError:
+        raise SystemExit('ann_choice.py needs faiss-cpu: pip install "esci-reranker[ann-bench]"') from None
     real = real_vectors(args.index)
     results = {}
     for name, data in (("real", real), ("synthetic", synthetic(real, args.synthetic))):
