@@ -361,8 +361,12 @@ class Reranker:
 
     @property
     def substitute_threshold(self) -> float:
-        """The Task 3 decision threshold: the stacker's decision rule, else 0.5."""
-        return self.stacker.rules.substitute_threshold if self.stacker is not None else 0.5
+        """The Task 3 decision threshold: the stacker's decision rule, else the model's own
+        (``ModelConfig.substitute_threshold``: a distilled student's), else 0.5."""
+        if self.stacker is not None:
+            return self.stacker.rules.substitute_threshold
+        own = self.config.substitute_threshold
+        return 0.5 if own is None else float(own)
 
     # ------------------------------------------------------------------------------------------
     def text_of(self, product: Product) -> str:
@@ -475,9 +479,14 @@ class Reranker:
         queries: Sequence[str],
         texts: Sequence[str],
         records: Sequence[Mapping[str, Any]] | None = None,
+        groups: Sequence[object] | None = None,
     ) -> Predictions:
         """``Predictions`` from raw head outputs: the cross-encoder's own (``to_predictions``), or
-        the stacker's when the model has one (its features read ``records``, else ``texts``)."""
+        the stacker's when the model has one (its features read ``records``, else ``texts``).
+
+        ``groups`` (parallel, optional) names the candidate list of each pair for the stacker's
+        list features; by default the pairs of one query form one list.
+        """
         if self.stacker is None:
             return self.to_predictions(out, truncated)
         from esci_reranker.stack.features import PRODUCT_FIELDS, record_fields
@@ -486,7 +495,8 @@ class Reranker:
             [record_fields(r) for r in records] if records is not None else [record_fields(t) for t in texts]
         )
         fields = {name: [f.get(name, "") for f in per_pair] for name in PRODUCT_FIELDS}
-        return self._stacked(out, truncated, queries, fields, list(queries))
+        lists = list(queries) if groups is None else list(groups)
+        return self._stacked(out, truncated, queries, fields, lists)
 
     def input_key(
         self, texts: Sequence[str], records: Sequence[Mapping[str, Any]] | None = None
@@ -581,6 +591,7 @@ class Reranker:
             esci_probs=probs,
             substitute_probs=sub,
             truncated=truncated,
+            substitute_threshold=self.substitute_threshold,
         )
 
     # ------------------------------------------------------------------------------------------

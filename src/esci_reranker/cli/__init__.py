@@ -9,7 +9,7 @@ from esci_reranker.cli.app import app
 
 # The import order is the order of the commands in --help.
 # isort: off
-from esci_reranker.cli import data, train, eval, inference, serve, bench, retrieval  # noqa: F401
+from esci_reranker.cli import data, train, distill, eval, inference, serve, bench, retrieval  # noqa: F401
 # isort: on
 
 __all__ = ["app"]

@@ -23,6 +23,7 @@ from esci_reranker.cli.common import (
 EXPORT_FORMATS: dict[str, str] = {
     "hf-classifier": "esci_reranker.model.export:export_hf_classifier",
     "st-cross-encoder": "esci_reranker.model.export:export_st_cross_encoder",
+    "tei": "esci_reranker.model.export:export_tei",  # text-embeddings-inference reranker folder
     "onnx": "esci_reranker.model.onnx:export_onnx",  # also takes quantize= (--quantize int8)
     "merged": "esci_reranker.model.llm:merge_checkpoint",  # llm family: LoRA merged into the LM
 }
@@ -281,10 +282,14 @@ def export_command(
         typer.Option("--quantize", help="onnx only: int8 (dynamic quantisation, smaller and faster on CPU)."),
     ] = None,
 ) -> None:
-    """Export a checkpoint as a standard model (see docs/inference.md for what each format keeps).
+    """Export a checkpoint as a standard model (docs/deploy.md, docs/inference.md).
+
+    The stacked default and the cross-encoder with priors have no stock form: distil them first
+    (`esci-reranker distill`), then export the student.
 
     hf-classifier: transformers AutoModelForSequenceClassification with labels E, S, C, I.
     st-cross-encoder: a sentence-transformers CrossEncoder giving the Task 1 score.
+    tei: the st-cross-encoder folder as text-embeddings-inference serves it on /rerank.
     onnx: the whole model as one ONNX graph for ONNX Runtime (fp32, or int8 with --quantize int8);
     Reranker.from_pretrained loads the folder (see docs/speed.md).
     merged: an llm-family checkpoint with its LoRA adapter merged into the LM's weights (no base

@@ -18,10 +18,21 @@ SINGLE_TASK: Final[str] = "esci-cross-encoder"
 LLM: Final[str] = "esci-llm"
 #: Pair encoder + a transformer over each query's candidate list (``model.listwise``).
 LISTWISE: Final[str] = "esci-listwise"
-MODEL_TYPES: Final[tuple[str, ...]] = (MULTI_TASK, SINGLE_TASK, LLM, LISTWISE)
+#: The E/S/C/I head alone; the Task 1 score is its expected gain and the Task 3 probability its
+#: P(S) (``modeling.ClassifierReranker``: the distilled ``student-esci``).
+CLASSIFIER: Final[str] = "esci-classifier"
+MODEL_TYPES: Final[tuple[str, ...]] = (MULTI_TASK, SINGLE_TASK, LLM, LISTWISE, CLASSIFIER)
 FORMAT_VERSION: Final[int] = 1
 CONFIG_NAME: Final[str] = "config.json"
 WEIGHTS_NAME: Final[str] = "model.safetensors"
+#: Key of our settings inside the ``config.json`` of a stock transformers classifier folder (the
+#: distilled students, ``model.stock``): the rest of that file is the transformers config.
+STOCK_KEY: Final[str] = "esci_reranker"
+#: Keys of a stock classifier's ``config.json`` that describe its classification head or other
+#: libraries' settings, not the encoder: they are not part of ``ModelConfig.backbone``.
+STOCK_HEAD_KEYS: Final[frozenset[str]] = frozenset(
+    {STOCK_KEY, "architectures", "id2label", "label2id", "problem_type", "sentence_transformers"}
+)
 
 Pooling = Literal["mean", "cls"]
 RankScore = Literal["regression", "expected_gain"]
@@ -169,6 +180,9 @@ class ModelConfig:
         dropout: dropout on the pooled vector during training.
         query_max_length, product_max_length: token caps of the two towers used by ``prior``.
         llm, listwise: the settings of those families (None for the others).
+        substitute_threshold: the Task 3 decision threshold on the substitute probability, when
+            the model carries its own (a distilled student's, fitted to its teacher's decisions);
+            None = 0.5 (a stacked checkpoint's rules live in ``stacker/``).
     """
 
     model_type: str = MULTI_TASK
@@ -189,6 +203,7 @@ class ModelConfig:
     gains: dict[str, float] = field(default_factory=lambda: dict(ESCI_GAINS))
     llm: LLMSettings | None = None
     listwise: ListwiseSettings | None = None
+    substitute_threshold: float | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -221,6 +236,15 @@ class ModelConfig:
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"model config: {name}={value!r}; expected one of {list(allowed)}.")
+        if self.model_type == CLASSIFIER and (self.prior != "none" or self.lexical):
+            raise ValueError(
+                "model config: the esci-classifier family reads no prior features; set prior none, "
+                "lexical false."
+            )
+        if self.substitute_threshold is not None and not 0.0 <= self.substitute_threshold <= 1.0:
+            raise ValueError(
+                f"model config: substitute_threshold={self.substitute_threshold}; expected 0..1 or null."
+            )
         if self.model_type == SINGLE_TASK and self.rank_score != "regression":
             raise ValueError(
                 "model config: rank_score='expected_gain' needs the 4-class head; the single-task "
@@ -253,11 +277,18 @@ class ModelConfig:
         data = dataclasses.asdict(self)
         data["text_fields"] = list(self.text_fields)
         data["esci_labels"] = list(self.esci_labels)
-        for name in ("llm", "listwise"):
+        for name in ("llm", "listwise", "substitute_threshold"):
             if data[name] is None:
                 del data[name]  # older readers (and the two original families) never see the key
             else:
                 data[name] = json.loads(json.dumps(data[name]))  # tuples -> lists
+        return data
+
+    def stock_settings(self) -> dict[str, Any]:
+        """``to_dict`` without the backbone: what a stock classifier's ``config.json`` carries under
+        ``STOCK_KEY`` (the backbone is the rest of that file)."""
+        data = self.to_dict()
+        del data["backbone"]
         return data
 
     def save(self, folder: str | Path) -> Path:
@@ -285,6 +316,11 @@ class ModelConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{path}: not valid JSON ({err}).") from None
+        if isinstance(data, dict) and isinstance(data.get(STOCK_KEY), dict):
+            # A stock transformers classifier (a distilled student): our settings under STOCK_KEY,
+            # the encoder's config around them.
+            backbone = {k: v for k, v in data.items() if k not in STOCK_HEAD_KEYS}
+            data = {**data[STOCK_KEY], "backbone": backbone}
         if not isinstance(data, dict) or data.get("model_type") not in MODEL_TYPES:
             found = data.get("model_type") if isinstance(data, dict) else type(data).__name__
             raise CheckpointError(

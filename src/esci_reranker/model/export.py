@@ -4,6 +4,13 @@
   its argmax is our ``esci_class``.
 - ``st-cross-encoder``: a 1-label model that ``sentence_transformers.CrossEncoder`` loads with an
   identity activation, so ``CrossEncoder(folder).predict(pairs)`` is our Task 1 regression score.
+- ``tei``: the ``st-cross-encoder`` folder plus what Hugging Face text-embeddings-inference reads
+  to serve it as a reranker (``check_tei_folder``): the trained pair length in
+  ``sentence_bert_config.json``, where TEI looks for its maximum input length.
+
+A stacked checkpoint (trees over the cross-encoder and hand-made features, ``stacker/``) and the
+default cross-encoder (bi-encoder prior, lexical feature) have no stock equivalent: distil them
+into a stock student (``esci-reranker distill``, ``distill/``) and export that.
 
 **Exportability rule.** A stock ``BertForSequenceClassification`` applies dense + tanh to the first
 token and then one linear layer (``RobertaForSequenceClassification`` does the same inside its
@@ -29,13 +36,27 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 
 from esci_reranker.fsutil import staged_dir
 from esci_reranker.labels import ESCI_LABELS
-from esci_reranker.model.config import ModelConfig
+from esci_reranker.model.config import STOCK_KEY, ModelConfig
 from esci_reranker.model.features import PairEncoder
 from esci_reranker.model.io import load_checkpoint
 from esci_reranker.model.modeling import RerankerModel
 
 HF_CLASSIFIER: Final[str] = "hf-classifier"
 ST_CROSS_ENCODER: Final[str] = "st-cross-encoder"
+TEI: Final[str] = "tei"
+#: Where text-embeddings-inference reads the maximum input length of a model (the first of the
+#: sentence-transformers config names it tries); without it TEI allows max_position_embeddings.
+TEI_LENGTH_FILE: Final[str] = "sentence_bert_config.json"
+#: Backbones whose stock classifier TEI's candle backend implements (``bert`` with its pooler,
+#: the RoBERTa family with its classification head).
+TEI_BACKBONES: Final[frozenset[str]] = frozenset({"bert", "roberta", "xlm-roberta", "camembert"})
+#: How to get an exportable model from one that is not: appended to every refusal.
+DISTILL_HINT: Final[str] = (
+    "To deploy it with stock libraries, distil it into a stock student that exports: "
+    "`esci-reranker distill --teacher {model} --config configs/distill_score.yaml --out runs/student-score` "
+    "(or configs/distill_esci.yaml for the E/S/C/I classifier), then export runs/student-score/model "
+    "(docs/deploy.md)."
+)
 #: What sentence-transformers (>= 4) reads from ``config.json`` of a folder without ``modules.json``
 #: to pick the activation applied to the logits; without it a 1-label model gets a sigmoid.
 ST_IDENTITY_ACTIVATION: Final[str] = "torch.nn.modules.linear.Identity"
@@ -104,7 +125,7 @@ def check_exportable(config: ModelConfig, hidden_size: int, backbone_type: str, 
             "the first token and then one linear layer, which equals the reranker head only with "
             "the CLS token, a hidden layer as wide as the encoder and no bi-encoder prior. Train an "
             f"exportable model with `--set model.pooling=cls --set model.head_hidden={hidden_size} "
-            "--set model.prior=none --set model.lexical=false`."
+            "--set model.prior=none --set model.lexical=false`. " + DISTILL_HINT.format(model="DIR")
         )
     if backbone_type not in HEAD_LAYOUTS:
         raise ExportError(
@@ -114,17 +135,18 @@ def check_exportable(config: ModelConfig, hidden_size: int, backbone_type: str, 
         )
 
 
-def build_sequence_classifier(model: RerankerModel, head: str) -> PreTrainedModel:
+def build_sequence_classifier(model: RerankerModel, head: str, fmt: str | None = None) -> PreTrainedModel:
     """A stock ``AutoModelForSequenceClassification`` computing one head of ``model`` exactly.
 
     Args:
         model: a loaded reranker (eval mode).
         head: ``"esci"`` (4 labels E, S, C, I) or ``"score"`` (1 label, the Task 1 regression).
+        fmt: the export format, for messages (default: the one ``head`` usually goes to).
 
     Raises:
         ExportError: the model is not exportable (see the module docstring) or lacks ``head``.
     """
-    fmt = HF_CLASSIFIER if head == "esci" else ST_CROSS_ENCODER
+    fmt = fmt or (HF_CLASSIFIER if head == "esci" else ST_CROSS_ENCODER)
     encoder_config = model.encoder.config
     check_exportable(model.config, encoder_config.hidden_size, encoder_config.model_type, fmt)
     if head == "esci":
@@ -137,6 +159,13 @@ def build_sequence_classifier(model: RerankerModel, head: str) -> PreTrainedMode
         id2label = dict(enumerate(ESCI_LABELS))
         problem_type = "single_label_classification"
     elif head == "score":
+        if model.score_head is None:
+            raise ExportError(
+                f"export --format {fmt}: this model ({model.config.model_type}) has no regression "
+                "head: it ranks by the expected gain of its E/S/C/I probabilities, which a 1-label "
+                f"model cannot compute. Export it with --format {HF_CLASSIFIER} (or onnx), or "
+                "distil a score student (configs/distill_score.yaml) for a 1-score reranker."
+            )
         source_head = model.score_head
         id2label = {0: "score"}
         problem_type = "regression"
@@ -191,28 +220,77 @@ def _check_target(source: Path, out: Path, overwrite: bool) -> None:
         raise ExportError(f"--out {out} already exists and is not empty; pass --overwrite to replace it.")
 
 
-def _export(model_dir: str | Path, out_dir: str | Path, head: str, overwrite: bool) -> Path:
-    source, out = Path(model_dir), Path(out_dir)
-    _check_target(source, out, overwrite)
-    model, tokenizer = load_checkpoint(source, device="cpu")
-    hf_model = build_sequence_classifier(model, head)
-    fmt = HF_CLASSIFIER if head == "esci" else ST_CROSS_ENCODER
+def _refuse_stacked(source: Path, fmt: str) -> None:
+    """Raise ``ExportError`` for a stacked checkpoint: its trees have no stock equivalent."""
+    from esci_reranker.stack.stacker import MANIFEST_NAME, STACKER_DIR  # stack/ builds on model/
+
+    if (source / STACKER_DIR / MANIFEST_NAME).is_file():
+        raise ExportError(
+            f"export --format {fmt}: {source} is a stacked model (a cross-encoder plus gradient-"
+            f"boosted trees over its outputs and hand-made features, in {STACKER_DIR}/); trees "
+            "and features cannot be expressed as a stock sequence classifier. "
+            + DISTILL_HINT.format(model=source)
+        )
+
+
+def write_classifier(
+    folder: Path,
+    hf_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: ModelConfig,
+    settings: Mapping[str, object] | None = None,
+) -> None:
+    """Save a stock classifier and its tokenizer into ``folder`` so other libraries score like us.
+
+    A 1-label model gets sentence-transformers' identity activation; the trained pair length
+    travels as the tokenizer's ``model_max_length``. ``settings`` (our ``ModelConfig`` without
+    its backbone) go into ``config.json`` under ``STOCK_KEY``, so ``Reranker`` loads the folder too.
+    """
+    if hf_model.config.num_labels == 1:
+        # sentence-transformers applies a sigmoid to 1-label models unless config.json says otherwise.
+        hf_model.config.sentence_transformers = {"activation_fn": ST_IDENTITY_ACTIVATION}
+    if settings is not None:
+        setattr(hf_model.config, STOCK_KEY, dict(settings))
+    # transformers pipelines and sentence-transformers both truncate at model_max_length
+    tokenizer.model_max_length = config.max_length
+    hf_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def check_export_difference(
+    model: RerankerModel, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: str, fmt: str
+) -> float:
+    """The largest |ours - stock| logit on the probe pairs; ``ExportError`` above ``EXPORT_TOLERANCE``."""
     diff = max_export_difference(model, hf_model, tokenizer, head)
     if not diff <= EXPORT_TOLERANCE:
         raise ExportError(
             f"export --format {fmt}: the exported model differs from the checkpoint by {diff:.2e} "
             f"(> {EXPORT_TOLERANCE:g}); not writing it. Please report this with the model's config.json."
         )
-    if head == "score":
-        # sentence-transformers applies a sigmoid to 1-label models unless config.json says otherwise.
-        hf_model.config.sentence_transformers = {"activation_fn": ST_IDENTITY_ACTIVATION}
-    # The trained pair length travels as the tokenizer's model_max_length, which both
-    # transformers pipelines and sentence-transformers use to truncate.
-    tokenizer.model_max_length = model.config.max_length
+    return diff
+
+
+def _export(model_dir: str | Path, out_dir: str | Path, head: str, overwrite: bool, fmt: str) -> Path:
+    source, out = Path(model_dir), Path(out_dir)
+    _check_target(source, out, overwrite)
+    _refuse_stacked(source, fmt)
+    model, tokenizer = load_checkpoint(source, device="cpu")
+    hf_model = build_sequence_classifier(model, head, fmt)
+    if fmt == TEI and hf_model.config.model_type not in TEI_BACKBONES:
+        raise ExportError(
+            f"export --format {TEI}: text-embeddings-inference serves sequence classifiers of "
+            f"{sorted(TEI_BACKBONES)}, not {hf_model.config.model_type!r}; use --format {ST_CROSS_ENCODER}."
+        )
+    check_export_difference(model, hf_model, tokenizer, head, fmt)
 
     with staged_dir(out) as tmp:
-        hf_model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write_classifier(tmp, hf_model, tokenizer, model.config)
+        if fmt == TEI:
+            (tmp / TEI_LENGTH_FILE).write_text(
+                json.dumps({"max_seq_length": model.config.max_length, "do_lower_case": False}, indent=2)
+                + "\n"
+            )
+            check_tei_folder(tmp)
         (tmp / "README.md").write_text(_readme(model.config, fmt, source))
         if out.exists() and not out.is_dir():
             out.unlink()
@@ -229,7 +307,7 @@ def export_hf_classifier(model_dir: str | Path, out_dir: str | Path, overwrite: 
             or ``out_dir`` exists and is not empty without ``overwrite``.
         CheckpointError: ``model_dir`` is not a checkpoint.
     """
-    return _export(model_dir, out_dir, "esci", overwrite)
+    return _export(model_dir, out_dir, "esci", overwrite, HF_CLASSIFIER)
 
 
 def export_st_cross_encoder(model_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -242,13 +320,102 @@ def export_st_cross_encoder(model_dir: str | Path, out_dir: str | Path, overwrit
     Raises:
         ExportError, CheckpointError: as for ``export_hf_classifier``.
     """
-    return _export(model_dir, out_dir, "score", overwrite)
+    return _export(model_dir, out_dir, "score", overwrite, ST_CROSS_ENCODER)
+
+
+def export_tei(model_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a 1-label reranker folder that text-embeddings-inference serves on ``/rerank``.
+
+    The ``st-cross-encoder`` folder (TEI reads ``config.json``, ``tokenizer.json`` and
+    ``model.safetensors``) plus ``sentence_bert_config.json`` holding the trained pair length,
+    so TEI truncates pairs (``"truncate": true``, longest side first) where we do. TEI's
+    ``/rerank`` returns ``sigmoid(score)`` unless the request says ``"raw_scores": true``; both
+    rank alike. The folder is checked with ``check_tei_folder`` before it is written.
+
+    Raises:
+        ExportError: as ``export_st_cross_encoder``, or a backbone TEI does not serve.
+        CheckpointError: ``model_dir`` is not a checkpoint.
+    """
+    return _export(model_dir, out_dir, "score", overwrite, TEI)
+
+
+def check_tei_folder(folder: str | Path) -> None:
+    """Raise ``ExportError`` unless ``folder`` has what text-embeddings-inference reads for a reranker.
+
+    TEI (router and candle backend) reads ``config.json``: ``architectures`` (a name ending in
+    ``Classification`` makes it a classifier), ``model_type``, ``max_position_embeddings``,
+    ``pad_token_id``, ``position_embedding_type`` (absolute only) and ``id2label``/``label2id``
+    (one label = a reranker, served on ``/rerank``); ``tokenizer.json`` (fast tokenizers only);
+    ``model.safetensors`` with the encoder under the base model's prefix and the head's layers
+    (for BERT ``bert.pooler.dense``, which TEI silently skips when absent, and ``classifier``);
+    and the maximum input length from ``sentence_bert_config.json``.
+    """
+    folder = Path(folder)
+    problems: list[str] = []
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExportError(f"{folder}: no readable config.json ({err}).") from None
+    architectures = config.get("architectures") or []
+    if not any(str(a).endswith("Classification") for a in architectures):
+        problems.append(f"architectures {architectures} has no *ForSequenceClassification")
+    model_type = config.get("model_type")
+    if model_type not in TEI_BACKBONES:
+        problems.append(f"model_type {model_type!r} is not one of {sorted(TEI_BACKBONES)}")
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        problems.append("position_embedding_type must be 'absolute'")
+    if not isinstance(config.get("max_position_embeddings"), int):
+        problems.append("max_position_embeddings is missing")
+    id2label, label2id = config.get("id2label"), config.get("label2id")
+    if not isinstance(id2label, dict) or not isinstance(label2id, dict) or len(id2label) != 1:
+        problems.append(f"a reranker needs id2label and label2id with exactly one label (got {id2label})")
+    if not (folder / "tokenizer.json").is_file():
+        problems.append("tokenizer.json is missing (TEI reads fast tokenizers only)")
+    try:
+        length = json.loads((folder / TEI_LENGTH_FILE).read_text())["max_seq_length"]
+        if not isinstance(length, int) or length > config.get("max_position_embeddings", 0):
+            problems.append(f"{TEI_LENGTH_FILE}: max_seq_length {length!r} exceeds max_position_embeddings")
+    except (OSError, json.JSONDecodeError, KeyError):
+        problems.append(f"{TEI_LENGTH_FILE} with max_seq_length is missing")
+    problems += _tei_weight_problems(folder / "model.safetensors", model_type, config.get("hidden_size"))
+    if problems:
+        raise ExportError(
+            f"{folder}: not a folder text-embeddings-inference serves as a reranker: {'; '.join(problems)}."
+        )
+
+
+def _tei_weight_problems(path: Path, model_type: object, hidden: object) -> list[str]:
+    """What TEI would miss in the classifier's weights (names and shapes it reads)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return [f"{path.name} is missing"]
+    with safe_open(str(path), "pt") as weights:
+        shapes = {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}  # noqa: SIM118
+    prefix = {"bert": "bert"}.get(str(model_type), str(model_type).replace("-", "_"))
+    layout = HEAD_LAYOUTS.get(str(model_type))
+    needed = {f"{prefix}.embeddings.word_embeddings.weight": None}
+    if layout is not None and isinstance(hidden, int):
+        needed |= {
+            f"{layout.dense}.weight": (hidden, hidden),
+            f"{layout.dense}.bias": (hidden,),
+            f"{layout.out}.weight": (1, hidden),
+            f"{layout.out}.bias": (1,),
+        }
+    problems = []
+    for key, shape in needed.items():
+        if key not in shapes:
+            problems.append(f"{path.name} lacks {key}")
+        elif shape is not None and shapes[key] != shape:
+            problems.append(f"{path.name}: {key} has shape {shapes[key]}, expected {shape}")
+    return problems
 
 
 #: Format name -> exporter ``(model_dir, out_dir, overwrite) -> out_dir``.
 EXPORTERS: Final[Mapping[str, Callable[..., Path]]] = {
     HF_CLASSIFIER: export_hf_classifier,
     ST_CROSS_ENCODER: export_st_cross_encoder,
+    TEI: export_tei,
 }
 
 
@@ -265,6 +432,19 @@ def _readme(config: ModelConfig, fmt: str, source: Path) -> str:
             "```\n"
         )
         what = "a 4-class E/S/C/I classifier (the Task 2 head)"
+    elif fmt == TEI:
+        usage = (
+            "```bash\n"
+            "docker run -p 8080:80 -v $PWD/PATH:/model ghcr.io/huggingface/text-embeddings-inference:cpu-latest \\\n"
+            "    --model-id /model\n"
+            "curl -s localhost:8080/rerank -H 'content-type: application/json' \\\n"
+            """    -d '{"query": "running shoes", "texts": ["Nike Air Zoom | Nike | Black"], """
+            """"raw_scores": true, "truncate": true}'\n"""
+            "```\n\n"
+            '`"raw_scores": true` returns the model\'s score (the default applies a sigmoid, which ranks '
+            'alike); `"truncate": true` cuts long pairs at the trained length, longest side first.\n'
+        )
+        what = "a single-score reranker for text-embeddings-inference (the Task 1 regression head)"
     else:
         usage = (
             "```python\n"

@@ -78,7 +78,9 @@ def load_checkpoint(
 ) -> tuple[Any, PreTrainedTokenizerBase]:
     """Rebuild the model and tokenizer saved in ``folder`` (in eval mode, on ``device``).
 
-    A ``RerankerModel`` (the encoder families) or, for ``esci-llm``, an ``LLMReranker``.
+    A ``RerankerModel`` (the encoder families) or, for ``esci-llm``, an ``LLMReranker``. A stock
+    transformers classifier folder with our settings (a distilled student, ``model.stock``) is
+    loaded as the ``RerankerModel`` it was saved from.
 
     Raises:
         CheckpointError: the folder is missing, is another kind of model, or its weights do not
@@ -88,6 +90,10 @@ def load_checkpoint(
     recover_dir(folder)  # a save interrupted between its two renames leaves the old copy aside
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder.")
+    from esci_reranker.model.stock import is_stock_folder, load_stock  # it builds on this module
+
+    if is_stock_folder(folder):
+        return load_stock(folder, device=device, loss_config=loss_config)
     config = ModelConfig.load(folder)
     if config.model_type == LLM:
         from esci_reranker.model.llm import load_llm

@@ -1,7 +1,8 @@
 """The rerankers: one transformer encoder over "query [SEP] product", pooled, feeding task heads.
 
 ``MultiTaskReranker`` has three heads (Task 1 score, Task 2 E/S/C/I, Task 3 substitute);
-``CrossEncoderReranker`` is the single-task Task 1 baseline on the same encoder.
+``CrossEncoderReranker`` is the single-task Task 1 baseline on the same encoder;
+``ClassifierReranker`` is the E/S/C/I head alone, every other output derived from it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from esci_reranker.labels import gain_vector
-from esci_reranker.model.config import MULTI_TASK, SINGLE_TASK, ModelConfig
+from esci_reranker.model.config import CLASSIFIER, MULTI_TASK, SINGLE_TASK, ModelConfig
 from esci_reranker.model.tower_cache import TowerCache, TowerPlan
 from esci_reranker.model.unpadded import Sequences, UnpaddedEncoder, encoder_states
 
@@ -529,10 +530,65 @@ class CrossEncoderReranker(_RerankerBase):
     model_type = SINGLE_TASK
 
 
+class ClassifierReranker(_RerankerBase):
+    """The E/S/C/I head alone: a stock 4-label sequence classifier is the whole model.
+
+    The distilled ``student-esci`` (``distill/``). Its other outputs are functions of the class
+    probabilities ``p = softmax(esci_logits)``, so exporting the head loses nothing:
+    ``score = expected_gain = Σ_c p_c · gain_c`` (Task 1 ranks by the expected gain) and
+    ``substitute_logit = log p_S - log(1 - p_S)`` (Task 3: ``sigmoid`` of it is ``p_S``).
+    Labels, when given, train the head with cross-entropy (``loss_config.esci_weight``).
+    """
+
+    model_type = CLASSIFIER
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        encoder: PreTrainedModel | None = None,
+        loss_config: LossConfig | None = None,
+    ) -> None:
+        super().__init__(config, encoder=encoder, loss_config=loss_config)
+        # The base builds every head of a family with classes; this one derives score and
+        # substitute from the class probabilities, so those heads must not exist (nor be saved).
+        self.score_head = None  # type: ignore[assignment]
+        self.substitute_head = None
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
+    ) -> RerankerOutput:
+        """Score encoded pairs (B, T): class logits and the outputs derived from them.
+
+        ``groups`` is accepted for the training loop's sake and unused (no ranking loss).
+        """
+        assert self.esci_head is not None  # built by the base for every family with classes
+        hidden = self._hidden_states([Sequences(input_ids, attention_mask, token_type_ids)])[0]
+        logits = self.esci_head(self._pool(hidden, attention_mask), None)  # (B, 4), fp32
+        log_probs = logits.float().log_softmax(-1)
+        gain = (log_probs.exp() * self.gain_vector).sum(-1)  # elementwise: autocast-safe
+        others = torch.cat([log_probs[:, :SUBSTITUTE_INDEX], log_probs[:, SUBSTITUTE_INDEX + 1 :]], -1)
+        # log(p_S / (1 - p_S)) with 1 - p_S summed in log space: exact where p_S is near 1
+        substitute_logit = log_probs[:, SUBSTITUTE_INDEX] - torch.logsumexp(others, -1)
+        out = RerankerOutput(
+            score=gain, esci_logits=logits, substitute_logit=substitute_logit, expected_gain=gain
+        )
+        if labels is not None:
+            cfg = self.loss_config
+            out.losses["esci"] = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            out.loss = cfg.esci_weight * out.losses["esci"]
+        return out
+
+
 #: The encoder-based families by ``model_type`` (``model.listwise`` adds itself on import; the
 #: LLM family is built and loaded by ``model.llm``).
 MODEL_CLASSES: dict[str, type[_RerankerBase]] = {
     MULTI_TASK: MultiTaskReranker,
     SINGLE_TASK: CrossEncoderReranker,
+    CLASSIFIER: ClassifierReranker,
 }
 RerankerModel = _RerankerBase

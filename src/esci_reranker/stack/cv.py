@@ -10,7 +10,7 @@ The test split is never read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -114,6 +114,50 @@ def summary_metrics(metrics: Mapping[str, Any], labels: Sequence[str]) -> dict[s
     return out
 
 
+def fold_stackers(
+    table: pd.DataFrame,
+    params: GBDTParams | None = None,
+    features: Sequence[str] | None = None,
+    task2_objective: str = "micro_f1",
+    task3_objective: str = "micro_f1",
+) -> Iterator[tuple[int, Stacker, pd.DataFrame]]:
+    """Per outer fold of an ``oof_stack_table``: the stacker fitted on the other folds' rows and
+    the fold's own rows (which it never saw), as ``(fold, stacker, rows)``."""
+    names = list(features) if features is not None else feature_columns(table)
+    for fold in sorted(table["fold"].unique()):
+        train, test = table[table["fold"] != fold], table[table["fold"] == fold]
+        stacker, _ = fit_stacker(
+            train.reset_index(drop=True),
+            params,
+            features=names,
+            task2_objective=task2_objective,
+            task3_objective=task3_objective,
+        )
+        yield int(fold), stacker, test
+
+
+def run_summary(run: pd.DataFrame, threshold: float = 0.5) -> dict[str, Any]:
+    """A run frame's ``summary_metrics``, overall and per ESCI query type.
+
+    Returns ``{"overall": summary, "by_type": {type: summary}}`` (``by_type`` empty without
+    ``esci_query_source``); ``threshold`` is the Task 3 decision threshold.
+    """
+    metrics = evaluate_run(run, threshold=threshold)
+    return {
+        "overall": summary_metrics(metrics, run["esci_label"].tolist()),
+        "by_type": {
+            t: summary_metrics(m, run.loc[run[QUERY_SOURCE_COLUMN] == t, "esci_label"].tolist())
+            for t, m in metrics.get("by_query_type", {}).items()
+        },
+    }
+
+
+def add_run(entry: dict[str, Any], name: str, run: pd.DataFrame, threshold: float = 0.5) -> None:
+    """Put a run's metrics into a CV entry as ``entry[name]`` and ``entry[name + "_by_type"]``."""
+    summary = run_summary(run, threshold)
+    entry[name], entry[f"{name}_by_type"] = summary["overall"], summary["by_type"]
+
+
 def cross_validate_stacker(
     table: pd.DataFrame,
     params: GBDTParams | None = None,
@@ -130,24 +174,15 @@ def cross_validate_stacker(
     ``baseline_runs`` (name -> run frame over the same rows, e.g. ``bm25``, ``bi-encoder``)
     are evaluated on each fold's queries too.
     """
-    names = list(features) if features is not None else feature_columns(table)
     results = []
-    for fold in sorted(table["fold"].unique()):
-        train, test = table[table["fold"] != fold], table[table["fold"] == fold]
+    for fold, stacker, test in fold_stackers(table, params, features, task2_objective, task3_objective):
         fold_queries = set(test["query_id"])
         baselines = {
             name: run[run["query_id"].isin(fold_queries)].reset_index(drop=True)
             for name, run in (baseline_runs or {}).items()
         }
-        stacker, _ = fit_stacker(
-            train.reset_index(drop=True),
-            params,
-            features=names,
-            task2_objective=task2_objective,
-            task3_objective=task3_objective,
-        )
         entry: dict[str, Any] = {
-            "fold": int(fold),
+            "fold": fold,
             "rounds": stacker.rounds,
             "rules": stacker.rules.to_dict(),
         }
@@ -156,14 +191,8 @@ def cross_validate_stacker(
             ("cross_encoder", cross_encoder_run(test) if "ce_score" in test.columns else None, 0.5),
             *((name, run, 0.5) for name, run in baselines.items()),
         ):
-            if run is None:
-                continue
-            metrics = evaluate_run(run, threshold=threshold)
-            entry[name] = summary_metrics(metrics, run["esci_label"].tolist())
-            entry[f"{name}_by_type"] = {
-                t: summary_metrics(m, run.loc[run[QUERY_SOURCE_COLUMN] == t, "esci_label"].tolist())
-                for t, m in metrics.get("by_query_type", {}).items()
-            }
+            if run is not None:
+                add_run(entry, name, run, threshold)
         results.append(entry)
     return results
 
@@ -181,11 +210,12 @@ CV_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
-def cv_summary(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def cv_summary(entries: Sequence[Mapping[str, Any]], models: Sequence[str] = CV_MODELS) -> dict[str, Any]:
     """Mean and std over entries (folds x seeds) of every model's metrics, overall and per query type.
 
-    Returns ``{"overall": {model: {metric: {"mean", "std"}}}, "by_type": {type: {model: ...}}}``;
-    the per-type numbers average the folds where the type occurs.
+    ``models`` are the entry keys to summarise, in table order (those absent from an entry are
+    left out). Returns ``{"overall": {model: {metric: {"mean", "std"}}}, "by_type": {type:
+    {model: ...}}}``; the per-type numbers average the folds where the type occurs.
     """
 
     def stats(rows: list[Mapping[str, float]]) -> dict[str, dict[str, float]]:
@@ -198,7 +228,7 @@ def cv_summary(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             for k in keys
         }
 
-    overall = {m: stats([e[m] for e in entries]) for m in CV_MODELS if all(m in e for e in entries)}
+    overall = {m: stats([e[m] for e in entries]) for m in models if all(m in e for e in entries)}
     types = sorted({t for e in entries for m in overall for t in e.get(f"{m}_by_type", {})})
     by_type: dict[str, dict[str, Any]] = {}
     for t in types:
@@ -241,17 +271,7 @@ def oof_entries(oof: pd.DataFrame) -> list[dict[str, Any]]:
     of an ``oof.parquet``: what ``cv_summary`` needs for a config without a stacker."""
     entries = []
     for (fold, seed), rows in oof.groupby(["fold", "seed"], sort=True):
-        run = cross_encoder_run(rows.reset_index(drop=True))
-        metrics = evaluate_run(run)
-        entries.append(
-            {
-                "fold": int(fold),
-                "seed": int(seed),
-                "cross_encoder": summary_metrics(metrics, run["esci_label"].tolist()),
-                "cross_encoder_by_type": {
-                    t: summary_metrics(m, run.loc[run[QUERY_SOURCE_COLUMN] == t, "esci_label"].tolist())
-                    for t, m in metrics.get("by_query_type", {}).items()
-                },
-            }
-        )
+        entry: dict[str, Any] = {"fold": int(fold), "seed": int(seed)}
+        add_run(entry, "cross_encoder", cross_encoder_run(rows.reset_index(drop=True)))
+        entries.append(entry)
     return entries

@@ -45,7 +45,7 @@ from esci_reranker.model import (
 from esci_reranker.model.config import LISTWISE, LLM, MULTI_TASK, SINGLE_TASK, ListwiseSettings, LLMSettings
 from esci_reranker.model.features import pair_encoder_for
 from esci_reranker.train.batching import bucketed_batches, query_batches
-from esci_reranker.train.config import PACKAGED_BACKBONE, TrainConfig
+from esci_reranker.train.config import PACKAGED_BACKBONE, OptimSection, TrainConfig
 from esci_reranker.train.prior_init import fit_prior_heads, prior_features
 
 logger = logging.getLogger(__name__)
@@ -186,9 +186,12 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _param_groups(model: RerankerModel, cfg: TrainConfig) -> list[dict[str, Any]]:
-    # No weight decay on biases and LayerNorm weights (standard for BERT fine-tuning); the heads
-    # may use their own, usually larger, learning rate.
+def param_groups(model: RerankerModel, optim: OptimSection) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the encoder at ``optim.lr``, the heads at ``optim.head_lr``.
+
+    No weight decay on biases and LayerNorm weights (standard for BERT fine-tuning); the heads
+    may use their own, usually larger, learning rate. Frozen parameters are left out.
+    """
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -197,12 +200,12 @@ def _param_groups(model: RerankerModel, cfg: TrainConfig) -> list[dict[str, Any]
         is_head = not name.startswith(("encoder.", "lm."))
         no_decay = param.ndim < 2 or "LayerNorm" in name or "prior_weight" in name
         groups.setdefault((is_head, no_decay), []).append(param)
-    head_lr = cfg.optim.head_lr or cfg.optim.lr
+    head_lr = optim.head_lr or optim.lr
     return [
         {
             "params": params,
-            "lr": head_lr if is_head else cfg.optim.lr,
-            "weight_decay": 0.0 if no_decay else cfg.optim.weight_decay,
+            "lr": head_lr if is_head else optim.lr,
+            "weight_decay": 0.0 if no_decay else optim.weight_decay,
         }
         for (is_head, no_decay), params in groups.items()
     ]
@@ -354,7 +357,7 @@ class Trainer:
         total_steps = cfg.optim.max_steps or math.ceil(steps_per_epoch * cfg.optim.epochs)
         if model.config.model_type == LISTWISE:  # the two-stage schedule (model.on_train_step)
             model.stage1_steps = round(cfg.model.listwise.stage1_ratio * total_steps)
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg))
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
         # The prepared scheduler is stepped once per process at every optimiser step (accelerate
         # scales schedules written for one process's batch), so its length counts process-steps.
         scale = accelerator.num_processes

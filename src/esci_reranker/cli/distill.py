@@ -1,0 +1,161 @@
+"""Distillation commands: ``distill`` (a stock student from a teacher) and ``distill-cv``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from esci_reranker.cli.app import app
+from esci_reranker.cli.common import MODEL_HELP, fail
+
+ConfigOption = Annotated[
+    Path,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML distillation config: configs/distill_score.yaml or configs/distill_esci.yaml.",
+    ),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value, e.g. --set optim.epochs=2 (repeatable)."),
+]
+DataOption = Annotated[
+    Path | None,
+    typer.Option("--data", help="Prepared folder (train/val/test.parquet); default: the config's data.dir."),
+]
+
+
+def _config(config: Path, overrides: list[str] | None, data: Path | None):  # -> DistillConfig
+    from esci_reranker.distill import load_distill_config
+
+    extra = [f"data.dir={data}"] if data is not None else []
+    return load_distill_config(config, [*(overrides or []), *extra])
+
+
+@app.command("distill")
+def distill_command(
+    teacher: Annotated[str, typer.Option("--teacher", help=f"The teacher. {MODEL_HELP}")],
+    config: ConfigOption,
+    out: Annotated[Path, typer.Option("--out", help="Output folder; the student goes to OUT/model.")],
+    data: DataOption = None,
+    overrides: SetOption = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Distil a teacher (any checkpoint, e.g. the stacked default) into a stock student.
+
+    The student is a plain transformers BertForSequenceClassification saved in OUT/model:
+    student-score (configs/distill_score.yaml, 1 logit: the teacher's Task 1 score) or
+    student-esci (configs/distill_esci.yaml, 4 logits E/S/C/I: the teacher's classes after its
+    decision rules). transformers, sentence-transformers and text-embeddings-inference load it
+    as is; Reranker.from_pretrained, evaluate, bench and serve load it as one of our models;
+    `export --model OUT/model --format ...` writes each library's format (docs/deploy.md).
+    Trains on the train+val pairs plus unlabelled pairs made from them, never on the test split.
+    """
+    from esci_reranker.distill import distill
+    from esci_reranker.train import ConfigError
+
+    try:
+        cfg = _config(config, overrides, data)
+        result = distill(teacher, cfg, out, progress=progress, log=typer.echo)
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # CheckpointError, TestLeakError too
+        fail(str(err))
+        return
+    best = result.summary.get("best_val", {})
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k.startswith("val_"))
+    typer.echo(
+        f"student-{cfg.student}: {result.model_dir} (best step {result.summary['best_step']}: {shown})"
+    )
+    typer.echo(
+        f"details: {out / 'distill.json'}; evaluate it with `esci-reranker evaluate --model {result.model_dir}`"
+    )
+
+
+@app.command("distill-cv")
+def distill_cv_command(
+    teacher: Annotated[
+        Path,
+        typer.Option("--teacher", help="The teacher checkpoint (a stacked one: its stacker's settings)."),
+    ],
+    config: ConfigOption,
+    oof: Annotated[
+        Path,
+        typer.Option("--oof", help="The teacher's out-of-fold cross-encoder outputs (esci-reranker cv)."),
+    ] = Path("runs/default/train/folds/oof.parquet"),
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder (distill_cv.json, teacher_oof.parquet).")
+    ] = Path("runs/distill_cv"),
+    data: DataOption = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated student training seeds.")] = "0",
+    oof_seed: Annotated[int, typer.Option("--oof-seed", help="Which seed of --oof the teacher uses.")] = 0,
+    baselines: Annotated[
+        str, typer.Option(help="Baselines ranked on every fold: comma-separated bm25,bi-encoder or none.")
+    ] = "bm25,bi-encoder",
+    overrides: SetOption = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = False,
+) -> None:
+    """Cross-validate a student against its teacher over the teacher's query folds.
+
+    For each fold and seed, a student learns the teacher's out-of-fold outputs on the other
+    folds' pairs and is scored on the fold, beside the teacher's own out-of-fold outputs there
+    (Task 1 nDCG, Task 2 micro/macro F1, Task 3, per query type). The test split is never read
+    beyond keeping its products and queries out of training. See distill/cv.py for what this
+    measures and what it does not.
+    """
+    import pandas as pd
+
+    from esci_reranker.distill import DISTILL_CV_MODELS, cross_validate_student, teacher_oof_table
+    from esci_reranker.distill.data import read_labelled_and_test
+    from esci_reranker.eval.baselines import parse_baselines, run_baseline
+    from esci_reranker.fsutil import write_json
+    from esci_reranker.model.config import ModelConfig
+    from esci_reranker.stack.cv import cv_summary, cv_tables
+    from esci_reranker.stack.stacker import MANIFEST_NAME, STACKER_DIR, Stacker
+    from esci_reranker.train import ConfigError
+
+    try:
+        cfg = _config(config, overrides, data)
+        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+        chosen = parse_baselines(baselines)
+        teacher_config = ModelConfig.load(teacher)
+        stacker = (
+            Stacker.load(teacher / STACKER_DIR) if (teacher / STACKER_DIR / MANIFEST_NAME).is_file() else None
+        )
+        if not oof.is_file():
+            raise FileNotFoundError(
+                f"--oof {oof}: no such file; `esci-reranker cv --out DIR` writes DIR/oof.parquet."
+            )
+        frame, test = read_labelled_and_test(cfg.data.dir)
+        typer.echo(
+            f"teacher out-of-fold outputs ({'stacked' if stacker else 'cross-encoder'}, oof seed {oof_seed})"
+        )
+        table = teacher_oof_table(frame, pd.read_parquet(oof), stacker, seed=oof_seed)
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_parquet(out / "teacher_oof.parquet", index=False)
+        runs = {
+            name: run_baseline(name, frame, text_fields=teacher_config.text_fields).run for name in chosen
+        }
+        entries = cross_validate_student(
+            table,
+            frame,
+            cfg,
+            seeds=seed_list,
+            test=test,
+            baseline_runs=runs,
+            text_fields=teacher_config.text_fields,
+            long_field_chars=teacher_config.long_field_chars,
+            progress=progress,
+            log=typer.echo,
+        )
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        fail(str(err))
+        return
+    summary = cv_summary(entries, models=DISTILL_CV_MODELS)
+    write_json(
+        out / "distill_cv.json",
+        {"summary": summary, "entries": entries, "config": cfg.model_dump(mode="json")},
+    )
+    typer.echo(cv_tables(summary))
+    typer.echo(f"details: {out / 'distill_cv.json'}")

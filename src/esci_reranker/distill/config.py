@@ -1,0 +1,152 @@
+"""The distillation config (``configs/distill_score.yaml``, ``configs/distill_esci.yaml``).
+
+YAML mapped onto strict pydantic models that reject unknown keys by name, through the same
+loader as training configs (``train.config.load_yaml_config``); ``--set section.key=value``
+overrides any value. The optimiser section is the training config's own (``OptimSection``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from esci_reranker.data.text import parse_text_fields
+from esci_reranker.train.config import PACKAGED_BACKBONE, OptimSection, load_yaml_config
+
+#: The two student kinds: one logit (Task 1 score) or four (E/S/C/I).
+StudentKind = Literal["score", "esci"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DistillData(_Strict):
+    """The distillation pairs: labelled train+val pairs plus unlabelled pairs made from them.
+
+    Test-split rows are never read into the set, and neither are train/val rows whose product
+    or query also appears in the test split (``distill.data``).
+    """
+
+    dir: Path = Field(Path("runs/default/data"), description="Prepared splits (train/val/test.parquet).")
+    unlabelled_per_query: int = Field(
+        60, ge=0, description="Unlabelled pairs per query: the query with products of other queries."
+    )
+    similar_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of a query's unlabelled products drawn from the candidates of its most "
+        "similar other queries (TF-IDF of the query words); the rest uniformly from all products.",
+    )
+    similar_queries: int = Field(10, ge=1, description="How many similar queries the share draws from.")
+    val_share: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of the distillation queries held out for early stopping."
+    )
+    seed: int = Field(0, description="Seed of the sampling and of the validation queries.")
+
+
+class TeacherSection(_Strict):
+    """How the teacher scores the pairs (its outputs are cached in the output folder)."""
+
+    batch_size: int = Field(64, ge=1)
+    precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
+    device: str = Field("auto", description="cpu, cuda, cuda:N, mps or auto.")
+    list_size: int = Field(
+        8,
+        ge=1,
+        description="Unlabelled pairs scored per candidate list, each list beside the query's "
+        "labelled candidates (a stacked teacher's list features see lists like its training lists).",
+    )
+
+
+class StudentModel(_Strict):
+    """The student: a stock BertForSequenceClassification-style model on pretrained weights."""
+
+    backbone: str = Field(
+        PACKAGED_BACKBONE, description="Encoder weights: packaged:..., a folder or a Hub id."
+    )
+    max_length: int = Field(96, ge=8, le=512)
+    text_fields: tuple[str, ...] | None = Field(
+        None, description="Product fields the student reads (default: the teacher's)."
+    )
+    long_field_chars: int | None = Field(None, ge=8, description="Default: the teacher's.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    freeze_embeddings: bool = Field(True, description="Keep the word-embedding matrix fixed.")
+
+    @field_validator("text_fields", mode="before")
+    @classmethod
+    def _fields(cls, value: Any) -> tuple[str, ...] | None:
+        return None if value is None else parse_text_fields(value)
+
+
+class DistillLoss(_Strict):
+    """``score``: MSE to the teacher's standardised score plus a within-query ListNet term;
+    ``esci``: KL divergence to the teacher's class probabilities (after its decision rules)."""
+
+    score_weight: float = Field(1.0, ge=0, description="score student: weight of the MSE term.")
+    rank_weight: float = Field(
+        1.0, ge=0, description="score student: weight of the within-query ListNet term (0 = off)."
+    )
+    rank_temperature: float = Field(
+        1.0, gt=0, description="ListNet softmax temperature, in teacher standard deviations."
+    )
+    temperature: float = Field(
+        1.0, gt=0, description="esci student: softmax temperature of the KL term (T^2-scaled)."
+    )
+
+
+class DistillEval(_Strict):
+    """Validation on the held-out distillation queries; early stopping on its distillation loss."""
+
+    every_steps: int = Field(100, ge=1)
+    at_start: bool = Field(True, description="Evaluate the untrained student first.")
+    patience: int = Field(4, ge=1, description="Evaluations without improvement before stopping.")
+    batch_size: int = Field(64, ge=1)
+
+
+class DistillConfig(_Strict):
+    """A whole distillation run (``esci-reranker distill``)."""
+
+    student: StudentKind = "score"
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    data: DistillData = DistillData()
+    teacher: TeacherSection = TeacherSection()
+    model: StudentModel = StudentModel()
+    loss: DistillLoss = DistillLoss()
+    # query slices by default: the score student's ListNet term compares pairs of one query
+    optim: OptimSection = OptimSection(batching="query")
+    eval: DistillEval = DistillEval()
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
+
+    @model_validator(mode="after")
+    def _rank_needs_groups(self) -> DistillConfig:
+        if self.student == "score" and self.loss.rank_weight > 0 and self.optim.batching != "query":
+            raise ValueError(
+                "loss.rank_weight > 0 compares pairs of the same query: set optim.batching: query "
+                "(or loss.rank_weight: 0)."
+            )
+        if self.optim.batching == "query" and self.optim.group_size > self.optim.batch_size:
+            raise ValueError(
+                f"optim.group_size ({self.optim.group_size}) must not exceed optim.batch_size "
+                f"({self.optim.batch_size})."
+            )
+        return self
+
+
+def load_distill_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> DistillConfig:
+    """Read a YAML distillation config, apply ``--set`` overrides and validate.
+
+    Raises:
+        ConfigError: missing file, bad YAML, unknown key or bad value; the message names the key.
+    """
+    return load_yaml_config(path, overrides, DistillConfig, "distillation", "configs/distill_score.yaml")

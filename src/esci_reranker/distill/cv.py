@@ -1,0 +1,220 @@
+"""Cross-validation of a student against its teacher, over the query folds of the teacher's CV.
+
+The teacher's out-of-fold outputs (``teacher_oof_table``) give, for every train+val pair, the
+teacher's outputs from a model that never trained on its query: the cross-encoder's columns of
+``oof.parquet`` (``esci-reranker cv``, ``make run``'s ``train/folds/``), or for a stacked teacher
+the trees fitted on the other folds' rows over those columns (``stack.cv.fold_stackers``, the
+stacker's own CV), with that fold's decision rules.
+
+``cross_validate_student`` then trains, for each fold f and seed, a student on the pairs of the
+other folds with their out-of-fold teacher outputs as targets (early stopping on a share of
+those queries), and scores fold f's pairs with it; the teacher's own out-of-fold outputs on
+fold f are scored beside it, so every comparison is paired by fold. Neither ever reads the test
+split; train+val rows whose product or query is in the test split are left out of training
+(``distill.data.drop_test_overlap``). What this does not show: the real distillation also trains
+on unlabelled pairs, which the teacher's out-of-fold table does not score, so the CV student
+learns from the labelled pairs only (a lower bound for that part). And as in the stacker's own
+CV, the teachers whose outputs are a fold's training targets did train on the held-out fold
+(only the held-out fold's own outputs are out of fold): the student never sees the held-out
+queries, their products' text or their labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from esci_reranker.data.text import DEFAULT_LONG_FIELD_CHARS, DEFAULT_TEXT_FIELDS
+from esci_reranker.distill.config import DistillConfig
+from esci_reranker.distill.data import LABELLED, PAIR_KEY, drop_test_overlap, validation_queries
+from esci_reranker.distill.teacher import PROB_COLUMNS, rule_probs
+from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS, gain_vector
+
+if TYPE_CHECKING:
+    from esci_reranker.stack.stacker import Stacker
+
+#: Models of a distillation CV entry, in table order (baselines follow when present).
+DISTILL_CV_MODELS: tuple[str, ...] = ("student", "teacher", "bm25", "bi-encoder")
+
+
+def teacher_oof_table(
+    frame: pd.DataFrame, oof: pd.DataFrame, stacker: Stacker | None = None, seed: int = 0
+) -> pd.DataFrame:
+    """Every train+val pair's out-of-fold teacher outputs (``distill.teacher.TEACHER_COLUMNS``).
+
+    Args:
+        frame: the train+val rows (prepared splits).
+        oof: an ``oof.parquet`` of ``esci-reranker cv`` (fold, seed, ids, cross-encoder columns).
+        stacker: the teacher's stacker (for its features, LightGBM settings and rule objectives),
+            or None for a cross-encoder teacher (its columns are the outputs, threshold 0.5).
+        seed: which seed of ``oof`` to use.
+
+    Returns:
+        ``fold``, ``query_id``, ``product_id``, the teacher columns and ``t_threshold`` (the Task
+        3 threshold of the fold's teacher), one row per row of ``frame``.
+    """
+    from esci_reranker.stack.cv import fold_stackers, oof_stack_table
+
+    part = oof[oof["seed"] == seed]
+    if part.empty:
+        raise ValueError(f"oof table: no rows for seed {seed} (seeds: {sorted(oof['seed'].unique())}).")
+    if stacker is None:
+        rows = frame[list(PAIR_KEY)].merge(part, on=list(PAIR_KEY), how="left", validate="one_to_one")
+        if rows["fold"].isna().any():
+            missing = rows.loc[rows["fold"].isna(), "query_id"].unique()[:3].tolist()
+            raise ValueError(f"oof table: seed {seed} has no out-of-fold outputs for queries {missing}.")
+        has_classes = "ce_p_E" in rows.columns
+        probs = (
+            rows[[f"ce_p_{c}" for c in ESCI_LABELS]].to_numpy(np.float64)
+            if has_classes
+            else np.full((len(rows), len(ESCI_LABELS)), np.nan)
+        )
+        sub = rows["ce_sub"].to_numpy(np.float64) if "ce_sub" in rows.columns else np.full(len(rows), np.nan)
+        return _teacher_frame(
+            rows, rows["fold"], rows["ce_score"], probs, np.zeros(len(ESCI_LABELS)), sub, 0.5
+        )
+    table = oof_stack_table(frame, oof, seed)
+    params = dataclasses.replace(stacker.params, seed=seed)
+    parts = []
+    for _fold, fold_stacker, rows in fold_stackers(
+        table, params, stacker.feature_names, stacker.rules.task2_objective, stacker.rules.task3_objective
+    ):
+        out = fold_stacker.predict(rows)
+        rules = fold_stacker.rules
+        parts.append(
+            _teacher_frame(
+                rows,
+                rows["fold"],
+                out["score"],
+                out["probs"],
+                np.asarray(rules.class_offsets),
+                out["substitute_prob"],
+                rules.substitute_threshold,
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def _teacher_frame(
+    rows: pd.DataFrame,
+    folds: Any,
+    score: Any,
+    probs: np.ndarray,
+    offsets: np.ndarray,
+    sub: Any,
+    threshold: float,
+) -> pd.DataFrame:
+    adjusted = rule_probs(probs, offsets)
+    out = pd.DataFrame({"fold": np.asarray(folds).astype(int)})
+    out["query_id"] = rows["query_id"].to_numpy()
+    out["product_id"] = rows["product_id"].to_numpy()
+    out["t_score"] = np.asarray(score, dtype=np.float64)
+    for i, name in enumerate(PROB_COLUMNS):
+        out[name] = adjusted[:, i]
+    out["t_sub"] = np.asarray(sub, dtype=np.float64)
+    out["t_is_sub"] = out["t_sub"].to_numpy() >= threshold
+    finite = np.isfinite(adjusted).all(axis=1)
+    out["t_class"] = np.where(finite, np.asarray(ESCI_LABELS)[np.nan_to_num(adjusted).argmax(axis=1)], "")
+    out["t_threshold"] = float(threshold)
+    return out
+
+
+def teacher_run(rows: pd.DataFrame) -> pd.DataFrame:
+    """A run frame (``eval.evaluator``) of the teacher's out-of-fold outputs (rows of a
+    ``teacher_oof_table`` merged with the split's ``esci_label`` and query type)."""
+    columns = [c for c in ("query_id", "product_id", "esci_label", "esci_query_source") if c in rows]
+    run = rows[columns].reset_index(drop=True).copy()
+    run["score"] = rows["t_score"].to_numpy()
+    probs = rows[list(PROB_COLUMNS)].to_numpy(np.float64)
+    if np.isfinite(probs).all():
+        run["expected_gain"] = probs @ gain_vector(ESCI_GAINS)
+        run["esci_pred"] = rows["t_class"].to_numpy()
+        run["esci_probs"] = list(probs)
+        run["substitute_prob"] = rows["t_sub"].to_numpy()
+    return run
+
+
+def cross_validate_student(
+    teacher_oof: pd.DataFrame,
+    frame: pd.DataFrame,
+    cfg: DistillConfig,
+    seeds: Sequence[int] = (0,),
+    test: pd.DataFrame | None = None,
+    baseline_runs: Mapping[str, pd.DataFrame] | None = None,
+    text_fields: Sequence[str] = DEFAULT_TEXT_FIELDS,
+    long_field_chars: int = DEFAULT_LONG_FIELD_CHARS,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Per (fold, seed): the student's and the teacher's metrics on the fold's pairs.
+
+    Args:
+        teacher_oof: a ``teacher_oof_table`` (its ``fold`` column defines the folds).
+        frame: the train+val rows it covers (prepared splits: product columns, labels).
+        cfg: the student's distillation config (``cfg.seed`` is replaced by each of ``seeds``).
+        seeds: student training seeds.
+        test: the test split, whose products and queries are kept out of every training set.
+        baseline_runs: name -> run frame over ``frame``'s rows, evaluated per fold as well.
+        text_fields, long_field_chars: the teacher's product text settings (the student's
+            unless ``cfg.model`` sets its own).
+
+    Returns:
+        Entries shaped like the stacker CV's (``stack.cv.cv_summary`` summarises them with
+        ``models=DISTILL_CV_MODELS``): ``fold``, ``seed``, ``student``, ``teacher``, each
+        ``*_by_type``, the baselines, and the student's ``best_step`` and threshold.
+    """
+    from esci_reranker.distill.student import student_reranker, train_student
+    from esci_reranker.eval.runner import predictions_frame
+    from esci_reranker.stack.cv import add_run
+
+    data = frame.merge(teacher_oof, on=list(PAIR_KEY), how="left", validate="one_to_one")
+    if data["fold"].isna().any():
+        missing = data.loc[data["fold"].isna(), "query_id"].unique()[:3].tolist()
+        raise ValueError(f"teacher_oof: no out-of-fold teacher outputs for queries {missing}.")
+    trainable = data if test is None else drop_test_overlap(data, test)[0]
+    trainable = trainable.assign(source=LABELLED)
+    entries: list[dict[str, Any]] = []
+    folds = sorted(int(f) for f in data["fold"].unique())
+    for fold in folds:
+        held_out = data[data["fold"] == fold].reset_index(drop=True)
+        pool = trainable[trainable["fold"] != fold]
+        for seed in seeds:
+            run_cfg = cfg.model_copy(update={"seed": seed}, deep=True)
+            val_ids = validation_queries(pool["query_id"], cfg.data.val_share, cfg.data.seed + seed)
+            is_val = pool["query_id"].isin(val_ids)
+            log(
+                f"distill cv: fold {fold + 1}/{len(folds)}, seed {seed}: student-{cfg.student} on "
+                f"{int((~is_val).sum())} pairs (+{int(is_val.sum())} for early stopping), "
+                f"scored on {len(held_out)}"
+            )
+            result = train_student(
+                run_cfg,
+                pool[~is_val],
+                pool[is_val],
+                text_fields=tuple(text_fields),
+                long_field_chars=long_field_chars,
+                progress=progress,
+            )
+            reranker = student_reranker(result.model, result.tokenizer, batch_size=cfg.eval.batch_size)
+            entry: dict[str, Any] = {
+                "fold": fold,
+                "seed": int(seed),
+                "best_step": result.best_step,
+                "substitute_threshold": reranker.substitute_threshold,
+            }
+            add_run(
+                entry,
+                "student",
+                predictions_frame(reranker, held_out, progress=False),
+                reranker.substitute_threshold,
+            )
+            add_run(entry, "teacher", teacher_run(held_out), float(held_out["t_threshold"].iloc[0]))
+            fold_queries = set(held_out["query_id"])
+            for name, run in (baseline_runs or {}).items():
+                add_run(entry, name, run[run["query_id"].isin(fold_queries)].reset_index(drop=True))
+            entries.append(entry)
+    return entries

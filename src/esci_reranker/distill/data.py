@@ -1,0 +1,244 @@
+"""The distillation pairs: train+val pairs of a prepared folder plus unlabelled pairs made from them.
+
+A student learns from the teacher's outputs, not from labels, so any (query, product) pair the
+teacher can score is a training example. Two kinds are used:
+
+- **labelled**: the train and val pairs (their labels only feed the validation metrics);
+- **unlabelled**: each train/val query paired with products of *other* train/val queries, never
+  its own candidates. A share (``similar_share``) is drawn from the candidates of the query's
+  most similar other queries (TF-IDF cosine of the query words): near misses the teacher tells
+  apart (same kind of product, another size or brand), the rest uniformly from every product.
+
+**The test split is never part of it**, and that is checked, not assumed: the test rows are
+read only to drop every train/val row whose product or query (id, or text after lower-casing
+and collapsing spaces) also appears there, so no test product's text and no test query reaches
+the student, and ``check_no_test_leak`` raises if any does (it runs on every set built here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import pandas as pd
+
+from esci_reranker.distill.config import DistillData
+
+#: Columns that identify a pair.
+PAIR_KEY: Final[tuple[str, str]] = ("query_id", "product_id")
+#: Columns that describe the query of a pair (the rest, ``product_*``, describe the product).
+QUERY_COLUMNS: Final[tuple[str, ...]] = ("query_id", "query", "esci_query_source")
+#: ``source`` values of the pairs.
+LABELLED: Final[str] = "labelled"
+UNLABELLED: Final[str] = "unlabelled"
+
+
+class TestLeakError(ValueError):
+    """A distillation set holds a test-split query or product."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
+@dataclass(frozen=True)
+class DistillPairs:
+    """The distillation set and what the test rules removed.
+
+    Attributes:
+        frame: one row per pair: ``query_id``, ``query``, ``product_id``, the ``product_*``
+            columns, ``esci_label`` (None for unlabelled pairs), ``source`` (``labelled`` or
+            ``unlabelled``) and ``esci_query_source`` when the splits have it.
+        excluded: rows of train+val left out, by reason (``test_product``, ``test_query``).
+    """
+
+    frame: pd.DataFrame
+    excluded: dict[str, int] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        """Pairs, queries and products of the set, labelled and unlabelled pairs."""
+        frame = self.frame
+        return {
+            "pairs": len(frame),
+            "labelled_pairs": int((frame["source"] == LABELLED).sum()),
+            "unlabelled_pairs": int((frame["source"] == UNLABELLED).sum()),
+            "queries": int(frame["query_id"].nunique()),
+            "products": int(frame["product_id"].nunique()),
+        }
+
+
+def normalise_query(text: object) -> str:
+    """A query as compared across splits: lower case, single spaces, no outer spaces."""
+    return " ".join(str(text).lower().split())
+
+
+def read_labelled_and_test(data_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The train+val rows (one frame) and the test rows of a prepared folder.
+
+    Raises:
+        FileNotFoundError: a split is missing; the test split is needed to keep it out.
+    """
+    from esci_reranker.train.loop import read_split
+
+    folder = Path(data_dir)
+    labelled = pd.concat(
+        [read_split(folder / "train.parquet", "train"), read_split(folder / "val.parquet", "val")],
+        ignore_index=True,
+    )
+    test_path = folder / "test.parquet"
+    if not test_path.is_file():
+        raise FileNotFoundError(
+            f"{test_path}: the test split is needed to keep its queries and products out of the "
+            "distillation set; point --data at a folder written by `esci-reranker prepare`."
+        )
+    return labelled, pd.read_parquet(test_path)
+
+
+def drop_test_overlap(labelled: pd.DataFrame, test: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """``labelled`` without rows whose product or query (id or normalised text) is in ``test``."""
+    test_products = set(test["product_id"].astype(str))
+    test_queries = set(test["query"].map(normalise_query))
+    test_query_ids = set(test["query_id"])
+    product_hit = labelled["product_id"].astype(str).isin(test_products).to_numpy()
+    query_hit = (
+        labelled["query"].map(normalise_query).isin(test_queries) | labelled["query_id"].isin(test_query_ids)
+    ).to_numpy()
+    excluded = {
+        "test_product": int(product_hit.sum()),
+        "test_query": int((query_hit & ~product_hit).sum()),
+    }
+    return labelled[~(product_hit | query_hit)].reset_index(drop=True), excluded
+
+
+def check_no_test_leak(pairs: pd.DataFrame, test: pd.DataFrame) -> None:
+    """Raise ``TestLeakError`` if any test-split product id, query id or query text is in ``pairs``.
+
+    The message names how many pairs leak and a few of the offending ids.
+    """
+    products = pairs["product_id"].astype(str).isin(set(test["product_id"].astype(str)))
+    query_ids = pairs["query_id"].isin(set(test["query_id"]))
+    query_texts = pairs["query"].map(normalise_query).isin(set(test["query"].map(normalise_query)))
+    problems = []
+    for name, hit, column in (
+        ("test product id(s)", products, "product_id"),
+        ("test query id(s)", query_ids, "query_id"),
+        ("test query text(s)", query_texts, "query"),
+    ):
+        if hit.any():
+            shown = pairs.loc[hit, column].astype(str).unique()[:3].tolist()
+            problems.append(f"{int(hit.sum())} pair(s) with {name}, e.g. {shown}")
+    if problems:
+        raise TestLeakError(
+            "the distillation set holds test-split data: " + "; ".join(problems) + ". The test split "
+            "must never reach training: build the set with distill.data.distillation_pairs."
+        )
+
+
+def similar_queries(queries: pd.Series, k: int) -> np.ndarray:
+    """(Q, min(k, Q-1)) row indices of each query's most similar *other* queries (TF-IDF cosine)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(queries)
+    k = min(k, n - 1)
+    if k < 1:
+        return np.zeros((n, 0), dtype=np.int64)
+    vectors = TfidfVectorizer(token_pattern=r"(?u)\b\w+\b").fit_transform(queries.map(normalise_query))
+    # brute force in chunks on the sparse vectors: no Q x Q matrix is ever held
+    _, index = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(vectors).kneighbors(vectors)
+    rows = []
+    for i, neighbours in enumerate(index):
+        others = [j for j in neighbours if j != i][:k]  # ties may put the query itself anywhere
+        rows.append(others)
+    return np.asarray(rows, dtype=np.int64)
+
+
+def _draw(rng: np.random.Generator, pool: np.ndarray, n: int, exclude: set[int], chosen: list[int]) -> None:
+    """Append up to ``n`` distinct entries of ``pool`` (product indices) not in ``exclude`` to ``chosen``."""
+    allowed = pool[~np.isin(pool, list(exclude))] if exclude else pool
+    take = min(n, len(allowed))
+    if take:
+        picked = rng.choice(allowed, size=take, replace=False).tolist()
+        chosen.extend(picked)
+        exclude.update(picked)
+
+
+def sample_unlabelled(labelled: pd.DataFrame, cfg: DistillData) -> pd.DataFrame:
+    """Unlabelled pairs: each query of ``labelled`` with ``cfg.unlabelled_per_query`` products of
+    other queries of ``labelled`` (never its own candidates); seeded by ``cfg.seed``.
+
+    Returns rows with the query's columns, the product's ``product_*`` columns, ``esci_label``
+    None and ``source`` ``unlabelled``.
+    """
+    per_query = cfg.unlabelled_per_query
+    query_cols = [c for c in QUERY_COLUMNS if c in labelled.columns]
+    product_cols = [
+        "product_id",
+        *[c for c in labelled.columns if c.startswith("product_") and c != "product_id"],
+    ]
+    if per_query == 0 or labelled.empty:
+        return pd.DataFrame(columns=[*query_cols, *product_cols, "esci_label", "source"])
+    products = labelled[product_cols].drop_duplicates("product_id").reset_index(drop=True)
+    product_index = pd.Series(np.arange(len(products)), index=products["product_id"].astype(str))
+    queries = labelled[query_cols].drop_duplicates("query_id").reset_index(drop=True)
+    rows_of_query = {
+        qid: product_index[ids.astype(str)].to_numpy()
+        for qid, ids in labelled.groupby("query_id", sort=False)["product_id"]
+    }
+    neighbours = similar_queries(queries["query"], cfg.similar_queries)
+    rng = np.random.default_rng([cfg.seed, 20_251_127])
+    everything = np.arange(len(products))
+    n_similar = round(per_query * cfg.similar_share)
+    query_rows: list[int] = []
+    product_rows: list[int] = []
+    for qi, qid in enumerate(queries["query_id"]):
+        own = set(rows_of_query[qid].tolist())
+        chosen: list[int] = []
+        if n_similar and neighbours.shape[1]:
+            near = np.unique(np.concatenate([rows_of_query[queries["query_id"][j]] for j in neighbours[qi]]))
+            _draw(rng, near, n_similar, own, chosen)
+        _draw(rng, everything, per_query - len(chosen), own, chosen)
+        query_rows += [qi] * len(chosen)
+        product_rows += chosen
+    frame = pd.concat(
+        [
+            queries.iloc[query_rows].reset_index(drop=True),
+            products.iloc[product_rows].reset_index(drop=True),
+        ],
+        axis=1,
+    )
+    frame["esci_label"] = None
+    frame["source"] = UNLABELLED
+    return frame
+
+
+def distillation_pairs(data_dir: str | Path, cfg: DistillData) -> DistillPairs:
+    """Build the distillation set of a prepared folder (see the module docstring).
+
+    Raises:
+        FileNotFoundError: a split is missing.
+        TestLeakError: the set would hold test data (never expected: it is a last check).
+    """
+    labelled, test = read_labelled_and_test(data_dir)
+    kept, excluded = drop_test_overlap(labelled, test)
+    kept = kept.assign(source=LABELLED)
+    unlabelled = sample_unlabelled(kept, cfg)
+    frame = pd.concat(
+        [kept, unlabelled[[c for c in unlabelled.columns if c in kept.columns]]], ignore_index=True
+    )
+    check_no_test_leak(frame, test)
+    return DistillPairs(frame=frame, excluded=excluded)
+
+
+def validation_queries(query_ids: pd.Series, share: float, seed: int) -> set[object]:
+    """The held-out share of distillation queries (seeded, by query; ``data.splits``' rule)."""
+    from esci_reranker.data.splits import sample_val_queries
+
+    return set(sample_val_queries(np.asarray(pd.unique(query_ids)), share, seed).tolist())
+
+
+def label_counts(frame: pd.DataFrame) -> Mapping[str, int]:
+    """How many pairs carry each label (labelled pairs only)."""
+    labels = frame.loc[frame["source"] == LABELLED, "esci_label"].astype(str)
+    return {str(k): int(v) for k, v in labels.value_counts().sort_index().items()}

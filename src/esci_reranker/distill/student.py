@@ -1,0 +1,399 @@
+"""Students: stock sequence classifiers trained on the teacher's outputs.
+
+Both kinds are the exportable layout of our encoder families (CLS pooling, one tanh layer as
+wide as the encoder, no prior: ``model.export``'s rule), i.e. exactly a transformers
+``BertForSequenceClassification``; they are saved as one (``model.stock.save_stock``).
+
+- **score** (``student-score``, 1 label; ``CrossEncoderReranker``): loss =
+  ``score_weight · MSE(s, z) + rank_weight · ListNet_T(s, z | query)`` with ``z`` the teacher's
+  score standardised over the training pairs, ``z = (t - μ) / σ``. Standardised, because a
+  stacked teacher's lambdarank score has an arbitrary offset and scale (only differences within
+  a list mean anything to it) while a cross-encoder teacher's is in gain units: in z units the
+  two loss terms weigh the same and ``rank_temperature`` means the same (in teacher standard
+  deviations) whatever the teacher. After training, μ and σ are folded into the classifier's
+  last layer (``w ← σ·w``, ``b ← σ·b + μ``: a linear map of a linear layer, exact), so the saved
+  student scores on the teacher's own scale. ListNet compares the pairs of a query within a
+  batch, so batches are query slices (``optim.batching: query``).
+- **esci** (``student-esci``, 4 labels E/S/C/I; ``ClassifierReranker``): loss =
+  ``T² · KL(p_teacher,T ‖ softmax(logits / T))`` to the teacher's class probabilities after its
+  decision rules; ranking by the expected gain ``Σ p_c · gain_c`` (``labels.ESCI_GAINS``);
+  Task 3 = ``p_S`` with a threshold fitted (``stack.rules.fit_threshold``) to the teacher's
+  substitute decisions on the validation queries.
+
+Both start from the packaged all-MiniLM-L6-v2 as transformers would start a
+``BertForSequenceClassification`` from it: the encoder and its pretrained pooler (our head's
+tanh layer), a new classifier layer drawn from N(0, initializer_range²).
+
+Training: Hugging Face accelerate (CPU or GPU, bf16 autocast where native), AdamW with the
+training loop's parameter groups and linear warmup/decay, gradient clipping, seeded batches
+(``train.batching``). Every ``eval.every_steps`` steps the held-out distillation queries are
+scored: their distillation loss chooses the kept model (early stopping with ``eval.patience``),
+and the labelled pairs among them give nDCG and Task 2 F1 from the labels (logged only).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from esci_reranker.distill.config import DistillConfig
+from esci_reranker.distill.data import LABELLED
+from esci_reranker.distill.teacher import PROB_COLUMNS
+from esci_reranker.model.config import CLASSIFIER, SINGLE_TASK, ModelConfig
+from esci_reranker.model.modeling import MODEL_CLASSES, RerankerModel, rank_loss
+
+#: Student kind -> model family.
+STUDENT_FAMILIES: dict[str, str] = {"score": SINGLE_TASK, "esci": CLASSIFIER}
+
+
+@dataclass
+class StudentResult:
+    """A trained student (best validation point, on the CPU) and how training went.
+
+    Attributes:
+        model, tokenizer: the student, ready for ``model.stock.save_stock``.
+        best_step, steps, stopped_early: where the kept model is and when training ended.
+        best_val_loss: the kept model's distillation loss on the validation queries.
+        history: every validation record (step, losses, label metrics).
+        standardisation: the score student's ``mean``/``std`` of the teacher score (folded in).
+        seconds: wall time of training.
+    """
+
+    model: RerankerModel
+    tokenizer: Any
+    best_step: int
+    steps: int
+    stopped_early: bool
+    best_val_loss: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    standardisation: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def build_student(
+    cfg: DistillConfig, text_fields: tuple[str, ...], long_field_chars: int
+) -> tuple[RerankerModel, Any]:
+    """A new student on ``cfg.model.backbone`` and its tokenizer (see the module docstring).
+
+    ``text_fields``/``long_field_chars`` apply unless the config sets its own.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from esci_reranker.train.loop import resolve_backbone
+
+    backbone = resolve_backbone(cfg.model.backbone)
+    family = STUDENT_FAMILIES[cfg.student]
+    hidden = int(AutoConfig.from_pretrained(backbone).hidden_size)
+    config = ModelConfig(
+        model_type=family,
+        pooling="cls",
+        head_hidden=hidden,
+        prior="none",
+        lexical=False,
+        max_length=cfg.model.max_length,
+        text_fields=cfg.model.text_fields or text_fields,
+        long_field_chars=cfg.model.long_field_chars or long_field_chars,
+        rank_score="expected_gain" if family == CLASSIFIER else "regression",
+        dropout=cfg.model.dropout,
+    )
+    model = MODEL_CLASSES[family].from_backbone(backbone, config)
+    model.config.backbone_name = cfg.model.backbone
+    head = model.heads["score" if family == SINGLE_TASK else "esci"]
+    init_range = float(getattr(model.encoder.config, "initializer_range", 0.02))
+    with torch.no_grad():
+        pooler = getattr(model.encoder, "pooler", None)
+        dense = getattr(pooler, "dense", None)
+        if isinstance(
+            dense, torch.nn.Linear
+        ):  # the pretrained pooler, as BertForSequenceClassification keeps it
+            head.body[0].load_state_dict(dense.state_dict())  # type: ignore[index]
+        head.proj.weight.normal_(0.0, init_range)
+        head.proj.bias.zero_()
+    if cfg.model.freeze_embeddings:
+        model.encoder.get_input_embeddings().weight.requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(backbone)
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """Per-pair training targets as tensors (N, ...) and the query group of each pair."""
+
+    score: torch.Tensor | None  # (N,) standardised teacher score
+    log_probs: torch.Tensor | None  # (N, 4) log of the teacher's rule probabilities
+    groups: torch.Tensor  # (N,) query codes 0..Q-1
+
+
+def _targets(frame: pd.DataFrame, kind: str, mean: float, std: float) -> _Targets:
+    groups = torch.as_tensor(pd.factorize(frame["query_id"])[0], dtype=torch.long)
+    if kind == "score":
+        z = (frame["t_score"].to_numpy(np.float64) - mean) / std
+        return _Targets(torch.as_tensor(z, dtype=torch.float32), None, groups)
+    probs = np.clip(frame[list(PROB_COLUMNS)].to_numpy(np.float64), 1e-12, 1.0)
+    return _Targets(None, torch.as_tensor(np.log(probs), dtype=torch.float32), groups)
+
+
+def distill_loss(
+    out: Any, targets: _Targets, index: torch.Tensor | np.ndarray, cfg: DistillConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The student's loss on the pairs at ``index`` (see the module docstring); total and parts."""
+    idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
+    if cfg.student == "score":
+        assert targets.score is not None
+        z = targets.score[idx].to(out.score.device)
+        parts = {"mse": F.mse_loss(out.score.float(), z)}
+        total = cfg.loss.score_weight * parts["mse"]
+        if cfg.loss.rank_weight > 0:
+            groups = targets.groups[idx].to(out.score.device)
+            parts["listnet"] = rank_loss(out.score, z, groups, "listnet", cfg.loss.rank_temperature)
+            total = total + cfg.loss.rank_weight * parts["listnet"]
+        return total, parts
+    assert targets.log_probs is not None
+    t = cfg.loss.temperature
+    teacher = (targets.log_probs[idx].to(out.esci_logits.device) / t).log_softmax(-1)  # (B, 4)
+    student = (out.esci_logits.float() / t).log_softmax(-1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
+    return (t * t) * kl, {"kl": kl}
+
+
+def student_reranker(
+    model: RerankerModel, tokenizer: Any, device: torch.device | None = None, batch_size: int = 64
+) -> Any:
+    """An in-memory ``Reranker`` over a student (scoring, label metrics; CPU by default)."""
+    from esci_reranker.model.features import pair_encoder_for
+    from esci_reranker.reranker import Reranker, _TorchRunner
+
+    return Reranker(
+        model.config,
+        pair_encoder_for(tokenizer, model.config),
+        _TorchRunner(model, device or torch.device("cpu"), None),
+        device or torch.device("cpu"),
+        batch_size=batch_size,
+        name="student",
+        model=model,
+    )
+
+
+def _validate(
+    model: RerankerModel,
+    tokenizer: Any,
+    device: torch.device,
+    val: pd.DataFrame,
+    targets: _Targets,
+    cfg: DistillConfig,
+) -> dict[str, Any]:
+    """Distillation loss on the validation pairs (whole queries) and label metrics on the labelled ones."""
+    from esci_reranker.eval.evaluator import evaluate_run
+    from esci_reranker.eval.runner import predictions_frame
+    from esci_reranker.model.modeling import RerankerOutput
+    from esci_reranker.train.loop import frame_texts
+
+    model.eval()
+    reranker = student_reranker(model, tokenizer, device, cfg.eval.batch_size)
+    encoded = reranker.pair_encoder.encode(val["query"].astype(str).tolist(), frame_texts(val, model.config))
+    raw = reranker.run_encoded(encoded)
+    out = RerankerOutput(
+        score=torch.as_tensor(raw["score"]),
+        esci_logits=torch.as_tensor(raw["esci_logits"]) if "esci_logits" in raw else None,
+    )
+    with torch.no_grad():
+        loss, parts = distill_loss(out, targets, np.arange(len(val)), cfg)
+    record: dict[str, Any] = {"val_loss": float(loss), **{f"val_{k}": float(v) for k, v in parts.items()}}
+    labelled = val[val["source"] == LABELLED] if "source" in val.columns else val
+    if len(labelled) and labelled["esci_label"].notna().all():
+        metrics = evaluate_run(predictions_frame(reranker, labelled.reset_index(drop=True), progress=False))
+        record["val_ndcg"] = float(metrics["task1"]["ndcg"])
+        if "task2" in metrics:
+            record["val_task2_micro_f1"] = float(metrics["task2"]["micro_f1"])
+            record["val_task2_macro_f1"] = float(metrics["task2"]["macro_f1"])
+    return record
+
+
+def _fold_standardisation(model: RerankerModel, mean: float, std: float) -> None:
+    """Make the score head output ``std · s + mean`` (the teacher's scale) instead of ``s``."""
+    head = model.score_head
+    assert head is not None
+    with torch.no_grad():
+        head.proj.weight.mul_(std)
+        head.proj.bias.mul_(std).add_(mean)
+
+
+def fit_student_threshold(model: RerankerModel, tokenizer: Any, val: pd.DataFrame, batch_size: int) -> float:
+    """The Task 3 threshold on the student's P(S) that best matches the teacher's decisions
+    (``t_is_sub``) on ``val`` (micro-F1, ``stack.rules.fit_threshold``)."""
+    from esci_reranker.stack.rules import fit_threshold
+    from esci_reranker.train.loop import frame_texts
+
+    reranker = student_reranker(model.eval(), tokenizer, batch_size=batch_size)
+    preds = reranker.predict_texts(val["query"].astype(str).tolist(), frame_texts(val, model.config))
+    threshold, _ = fit_threshold(np.asarray(preds.substitute_probs), val["t_is_sub"].to_numpy(bool))
+    return threshold
+
+
+def train_student(
+    cfg: DistillConfig,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    text_fields: tuple[str, ...],
+    long_field_chars: int,
+    progress: bool = True,
+    record: Callable[[dict[str, Any]], None] | None = None,
+) -> StudentResult:
+    """Train one student on ``train`` (pairs with the teacher columns), early-stopped on ``val``.
+
+    Args:
+        cfg: the distillation config (its ``seed`` seeds initialisation and batches).
+        train, val: pairs (``query_id``, ``query``, product columns, ``source``, ``esci_label``)
+            with ``distill.teacher.TEACHER_COLUMNS``; disjoint by query.
+        text_fields, long_field_chars: the teacher's, used unless the config sets its own.
+        record: called with every log record (training and validation).
+
+    Returns:
+        The kept (best) student on the CPU, with the score student's standardisation folded in
+        and the esci student's substitute threshold set.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    from esci_reranker.hardware import keep_freed_memory
+    from esci_reranker.model.features import pair_encoder_for
+    from esci_reranker.train.batching import bucketed_batches, query_batches
+    from esci_reranker.train.loop import frame_texts, param_groups, resolve_mixed_precision
+
+    overlap = set(train["query_id"]) & set(val["query_id"])
+    if overlap:
+        raise ValueError(f"train_student: train and val share {len(overlap)} query id(s); split by query.")
+    if cfg.student == "esci" and not np.isfinite(train[list(PROB_COLUMNS)].to_numpy(np.float64)).all():
+        raise ValueError(
+            "student esci learns the teacher's E/S/C/I probabilities, but this teacher has no class "
+            "outputs (a single-task model); distil a score student (configs/distill_score.yaml)."
+        )
+    started = time.perf_counter()
+    set_seed(cfg.seed)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+    )
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()
+    train, val = train.reset_index(drop=True), val.reset_index(drop=True)
+    model, tokenizer = build_student(cfg, text_fields, long_field_chars)
+    mean = float(train["t_score"].mean())
+    std = float(train["t_score"].std(ddof=0)) or 1.0
+    train_targets, val_targets = (
+        _targets(train, cfg.student, mean, std),
+        _targets(val, cfg.student, mean, std),
+    )
+    encoder = pair_encoder_for(tokenizer, model.config)
+    encoded = encoder.encode(train["query"].astype(str).tolist(), frame_texts(train, model.config))
+    lengths = encoded.lengths()
+
+    def epoch_batches(epoch: int) -> list[np.ndarray]:
+        if cfg.optim.batching == "query":
+            return query_batches(
+                train_targets.groups.numpy(), cfg.optim.batch_size, cfg.optim.group_size, cfg.seed, epoch
+            )
+        return bucketed_batches(lengths, cfg.optim.batch_size, cfg.seed, epoch, cfg.optim.bucket_size)
+
+    steps_per_epoch = max(1, math.ceil(len(epoch_batches(0)) / cfg.optim.grad_accum_steps))
+    total_steps = cfg.optim.max_steps or math.ceil(steps_per_epoch * cfg.optim.epochs)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(cfg.optim.warmup_ratio * total_steps), total_steps
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    unwrapped: RerankerModel = accelerator.unwrap_model(model)
+    device = accelerator.device
+
+    history: list[dict[str, Any]] = []
+    best = {"loss": math.inf, "step": -1, "bad": 0}
+    best_state: dict[str, torch.Tensor] | None = None
+    losses: list[float] = []
+    emit = record or (lambda _r: None)
+
+    def validate(step: int) -> None:
+        nonlocal best_state
+        rec = {"type": "val", "step": step, **_validate(unwrapped, tokenizer, device, val, val_targets, cfg)}
+        model.train()
+        history.append(rec)
+        emit(rec)
+        if rec["val_loss"] < best["loss"]:
+            best.update(loss=rec["val_loss"], step=step, bad=0)
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.state_dict().items()}
+        else:
+            best["bad"] += 1
+        bar.set_postfix(
+            loss=f"{np.mean(losses[-50:]) if losses else 0:.4f}", val_loss=f"{rec['val_loss']:.4f}"
+        )
+
+    bar = tqdm(total=total_steps, desc=f"student-{cfg.student}", unit="step", disable=not progress)
+    step, epoch, stopped = 0, 0, False
+    if cfg.eval.at_start:
+        validate(0)
+    model.train()
+    while step < total_steps and not stopped:
+        for index in epoch_batches(epoch):
+            batch = {k: v.to(device) for k, v in encoder.collate(encoded, index).items()}
+            with accelerator.accumulate(model):
+                out = model(**batch)
+                loss, parts = distill_loss(out, train_targets, index, cfg)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            losses.append(float(loss.detach()))
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if step % cfg.eval.every_steps == 0 or step == total_steps:
+                emit(
+                    {
+                        "type": "train",
+                        "step": step,
+                        "loss": float(np.mean(losses[-50:])),
+                        "lr": scheduler.get_last_lr()[0],
+                        **{f"loss_{k}": float(v.detach()) for k, v in parts.items()},
+                    }
+                )
+                validate(step)
+                stopped = best["bad"] >= cfg.eval.patience
+            if stopped or step >= total_steps:
+                break
+        epoch += 1
+    bar.close()
+    if best_state is None:  # no validation ran (at_start off, no step reached): keep the last model
+        best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.state_dict().items()}
+        best.update(step=step)
+    student = unwrapped.to("cpu").eval()
+    student.load_state_dict(best_state)
+    standardisation: dict[str, float] = {}
+    if cfg.student == "score":
+        _fold_standardisation(student, mean, std)
+        standardisation = {"mean": mean, "std": std}
+    else:
+        student.config.substitute_threshold = fit_student_threshold(
+            student, tokenizer, val, cfg.eval.batch_size
+        )
+    return StudentResult(
+        model=student,
+        tokenizer=tokenizer,
+        best_step=int(best["step"]),
+        steps=step,
+        stopped_early=stopped,
+        best_val_loss=float(best["loss"]),
+        history=history,
+        standardisation=standardisation,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,254 @@
+"""The teacher's outputs on the distillation pairs: what a student learns from.
+
+The teacher is any checkpoint ``Reranker.from_pretrained`` loads; the default is the stacked
+model (a cross-encoder with LightGBM trees and decision rules over its outputs and hand-made
+features). Per pair (``TEACHER_COLUMNS``):
+
+- ``t_score``: the score the teacher ranks by (the stacker's, else the model's ranking score);
+- ``t_prob_E`` .. ``t_prob_I``: its class probabilities **after its decision rules**,
+  ``softmax(log p + offsets)`` with the Task 2 offsets of ``stack.rules.DecisionRules`` (zero
+  without a stacker), so that their argmax is the teacher's class (``t_class``);
+- ``t_sub``: its substitute probability, and ``t_is_sub`` its Task 3 decision (its threshold).
+
+**Lists.** A stacked teacher's features read each pair's whole candidate list (BM25 within the
+list, rank, z-score and gap to the best), so scoring goes through ``Reranker.finish`` with
+explicit lists, never pair by pair: labelled pairs are scored in their query's labelled list,
+as in the teacher's own training; unlabelled pairs in lists made of the query's labelled
+candidates plus ``list_size`` unlabelled ones (only the unlabelled rows are kept), so every
+list looks like the lists the trees were fitted on. The cross-encoder runs once per pair.
+
+**Cache.** The outputs are written to ``teacher_outputs.parquet`` in the output folder with a
+key (a hash of the teacher's files, the pairs and the scoring settings) in
+``teacher_outputs.json``; a run with the same key reads them instead of scoring again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import pandas as pd
+
+from esci_reranker.distill.config import TeacherSection
+from esci_reranker.distill.data import LABELLED, PAIR_KEY
+from esci_reranker.labels import ESCI_LABELS
+
+if TYPE_CHECKING:
+    from esci_reranker.reranker import Reranker
+
+PROB_COLUMNS: Final[tuple[str, ...]] = tuple(f"t_prob_{label}" for label in ESCI_LABELS)
+TEACHER_COLUMNS: Final[tuple[str, ...]] = ("t_score", *PROB_COLUMNS, "t_sub", "t_is_sub", "t_class")
+CACHE_NAME: Final[str] = "teacher_outputs.parquet"
+CACHE_META_NAME: Final[str] = "teacher_outputs.json"
+#: Bumped when the meaning of the cached columns changes, so old caches are not reused.
+CACHE_VERSION: Final[int] = 1
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """The teacher's outputs aligned with the pairs, and what the teacher is.
+
+    Attributes:
+        frame: ``PAIR_KEY`` and ``TEACHER_COLUMNS``, one row per pair in the pairs' order.
+        info: the teacher's path, model type, whether it is stacked and its decision rules.
+        cached: True when read from the output folder instead of scored.
+    """
+
+    frame: pd.DataFrame
+    info: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False
+
+    @property
+    def has_classes(self) -> bool:
+        """Whether the teacher gives class probabilities (not a single-task model)."""
+        return bool(self.frame[list(PROB_COLUMNS)].notna().all().all()) if len(self.frame) else False
+
+
+def rule_probs(probs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``softmax(log p + offsets)`` row-wise: probabilities whose argmax is the rules' class. (N, 4)."""
+    logits = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)) + np.asarray(offsets)[None, :]
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def teacher_info(reranker: Reranker, name: str) -> dict[str, Any]:
+    """What the teacher is: path, family, stacked or not, its decision rules."""
+    stacker = reranker.stacker
+    offsets = list(stacker.rules.class_offsets) if stacker is not None else [0.0] * len(ESCI_LABELS)
+    return {
+        "teacher": name,
+        "model_type": reranker.config.model_type,
+        "stacked": stacker is not None,
+        "rank_score": "stacker" if stacker is not None else reranker.config.rank_score,
+        "class_offsets": dict(zip(ESCI_LABELS, map(float, offsets), strict=True)),
+        "substitute_threshold": float(reranker.substitute_threshold),
+        "text_fields": list(reranker.config.text_fields),
+        "long_field_chars": reranker.config.long_field_chars,
+    }
+
+
+def list_layout(pairs: pd.DataFrame, list_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The candidate lists a list-level teacher scores (see the module docstring).
+
+    Returns ``rows`` (indices into ``pairs``, a labelled pair may appear in several lists),
+    ``groups`` (the list id of each entry of ``rows``) and ``keep`` (for each pair, the position
+    in ``rows`` whose output is its own).
+    """
+    if list_size < 1:
+        raise ValueError(f"teacher.list_size={list_size}; expected >= 1.")
+    labelled = (pairs["source"] == LABELLED).to_numpy() if "source" in pairs else np.ones(len(pairs), bool)
+    rows: list[np.ndarray] = []
+    groups: list[np.ndarray] = []
+    keep = np.full(len(pairs), -1, dtype=np.int64)
+    size = 0
+    for members in pairs.groupby("query_id", sort=False).indices.values():
+        own, extra = members[labelled[members]], members[~labelled[members]]
+        # the labelled list itself, as in the teacher's training; then the unlabelled pairs in
+        # chunks, each beside the labelled candidates, of which only the chunk is kept
+        chunks = [np.zeros(0, dtype=np.int64)] if len(own) else []
+        chunks += [extra[i : i + list_size] for i in range(0, len(extra), list_size)]
+        for chunk in chunks:
+            block = np.concatenate([own, chunk])
+            if len(chunk):  # an unlabelled chunk: its rows follow the labelled ones
+                keep[chunk] = size + len(own) + np.arange(len(chunk))
+            else:  # the labelled list: every row is its own
+                keep[own] = size + np.arange(len(own))
+            rows.append(block)
+            groups.append(np.full(len(block), len(groups)))
+            size += len(block)
+    if (keep < 0).any():
+        raise RuntimeError("list_layout: a pair was left out of every list (this is a bug).")
+    return np.concatenate(rows), np.concatenate(groups), keep
+
+
+def score_pairs(
+    reranker: Reranker, pairs: pd.DataFrame, list_size: int, progress: bool = False
+) -> pd.DataFrame:
+    """The teacher's outputs on every pair (``TEACHER_COLUMNS``), in the pairs' order.
+
+    ``pairs`` needs ``query_id``, ``query``, ``product_id``, the ``product_*`` columns (or
+    ``product_text``) and ``source`` (``labelled``/``unlabelled``; all labelled when absent).
+    """
+    from esci_reranker.train.loop import frame_texts
+
+    pairs = pairs.reset_index(drop=True)
+    queries = pairs["query"].astype(str).tolist()
+    texts = frame_texts(pairs, reranker.config)
+    encoded = reranker.pair_encoder.encode(queries, texts)
+    out = reranker.run_encoded(encoded, progress=progress)  # the cross-encoder: once per pair
+    truncated = np.asarray(encoded.truncated, dtype=bool)
+    if reranker.stacker is None:
+        preds = reranker.finish(out, truncated, queries, texts)
+        keep = np.arange(len(pairs))
+    else:
+        rows, groups, keep = list_layout(pairs, list_size)
+        product_cols = [c for c in pairs.columns if c.startswith("product_")]
+        records = pairs[product_cols].iloc[rows].to_dict(orient="records")
+        preds = reranker.finish(
+            {k: np.asarray(v)[rows] for k, v in out.items()},
+            truncated[rows],
+            [queries[i] for i in rows],
+            [texts[i] for i in rows],
+            records=records,
+            groups=groups.tolist(),
+        )
+    offsets = (
+        np.asarray(reranker.stacker.rules.class_offsets)
+        if reranker.stacker is not None
+        else np.zeros(len(ESCI_LABELS))
+    )
+    probs = rule_probs(np.asarray(preds.esci_probs)[keep], offsets)
+    frame = pairs[list(PAIR_KEY)].copy()
+    frame["t_score"] = np.asarray(preds.scores, dtype=np.float64)[keep]
+    for i, name in enumerate(PROB_COLUMNS):
+        frame[name] = probs[:, i]
+    frame["t_sub"] = np.asarray(preds.substitute_probs, dtype=np.float64)[keep]
+    frame["t_is_sub"] = np.asarray(preds.is_substitute, dtype=bool)[keep]
+    has_classes = np.isfinite(probs).all(axis=1)
+    frame["t_class"] = np.where(has_classes, np.asarray(ESCI_LABELS)[np.nan_to_num(probs).argmax(axis=1)], "")
+    return frame
+
+
+def _hash_files(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(teacher_folder: Path, pairs: pd.DataFrame, cfg: TeacherSection) -> str:
+    """A hash of the teacher's files, the pairs (ids, query, product columns) and the settings."""
+    columns = [
+        "query_id",
+        "query",
+        "product_id",
+        *sorted(c for c in pairs.columns if c.startswith("product_")),
+    ]
+    if "source" in pairs.columns:
+        columns.append("source")
+    digest = hashlib.sha256()
+    digest.update(_hash_files(teacher_folder).encode())
+    digest.update(pd.util.hash_pandas_object(pairs[columns].astype(str), index=False).to_numpy().tobytes())
+    settings = {"version": CACHE_VERSION, "list_size": cfg.list_size, "precision": cfg.precision}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def teacher_outputs(
+    teacher: str | Path,
+    pairs: pd.DataFrame,
+    cfg: TeacherSection,
+    out_dir: str | Path,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> TeacherOutputs:
+    """The teacher's outputs on ``pairs``: read from ``out_dir``'s cache when its key matches,
+    else scored (grouped per candidate list) and cached there.
+
+    Raises:
+        CheckpointError: the teacher does not load.
+    """
+    from esci_reranker.fsutil import write_json
+    from esci_reranker.hardware import resolve_precision
+    from esci_reranker.reranker import Reranker, resolve_checkpoint, select_device
+
+    folder = resolve_checkpoint(teacher)
+    out = Path(out_dir)
+    key = cache_key(folder, pairs, cfg)
+    meta_path, cache_path = out / CACHE_META_NAME, out / CACHE_NAME
+    if meta_path.is_file() and cache_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            cached = pd.read_parquet(cache_path)
+            aligned = pairs[list(PAIR_KEY)].merge(
+                cached, on=list(PAIR_KEY), how="left", validate="one_to_one"
+            )
+            if len(aligned) == len(pairs) and aligned["t_score"].notna().all():
+                log(f"teacher outputs: {len(aligned)} pairs read from {cache_path} (same teacher and pairs)")
+                return TeacherOutputs(aligned, meta.get("info", {}), cached=True)
+    device = select_device(cfg.device)
+    reranker = Reranker.from_pretrained(
+        folder,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        precision=resolve_precision(cfg.precision, device),
+    )
+    info = teacher_info(reranker, str(teacher))
+    log(
+        f"teacher outputs: scoring {len(pairs)} pairs with {teacher} "
+        f"({'stacked' if info['stacked'] else info['model_type']}, {reranker.precision})"
+    )
+    frame = score_pairs(reranker, pairs, cfg.list_size, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(cache_path, index=False)
+    write_json(meta_path, {"key": key, "info": info, "pairs": len(frame)})
+    return TeacherOutputs(frame, info, cached=False)

@@ -1,0 +1,79 @@
+"""Fixtures for distillation: a prepared folder whose train split touches the test split, a
+stacked tiny teacher (with non-zero decision-rule offsets) and tiny-student config overrides."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import build_tiny_model, write_small_splits
+
+#: Overrides that make a student tiny and its training a few steps (plus the backbone and data).
+TINY_STUDENT = [
+    "model.max_length=32",
+    "optim.max_steps=4",
+    "optim.batch_size=8",
+    "optim.group_size=4",
+    "eval.every_steps=2",
+    "eval.batch_size=32",
+    "data.unlabelled_per_query=5",
+    "data.similar_queries=3",
+    "teacher.batch_size=32",
+    "mixed_precision=no",
+]
+
+
+@pytest.fixture(scope="session")
+def distill_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared splits (6/3/3 real queries) where the train split also holds one row with a test
+    product and one row of another query with a test query's text: both must stay out."""
+    folder = write_small_splits(tmp_path_factory.mktemp("distill") / "data")
+    train = pd.read_parquet(folder / "train.parquet")
+    test = pd.read_parquet(folder / "test.parquet")
+    product_row = test.iloc[[0]].copy()  # a test product, under a train query
+    product_row[["query_id", "query"]] = train.iloc[0][["query_id", "query"]].to_numpy()
+    query_row = train.iloc[[1]].copy()  # a train product, under a new query spelled like a test query
+    query_row["query_id"] = int(train["query_id"].max()) + 1000
+    query_row["query"] = "  " + str(test.iloc[0]["query"]).upper() + " "
+    pd.concat([train, product_row, query_row], ignore_index=True).to_parquet(
+        folder / "train.parquet", index=False
+    )
+    return folder
+
+
+def stack_teacher(source: Path, folder: Path, data: Path) -> Path:
+    """A copy of ``source`` (multi-task, cosine prior) with a stacker fitted on ``data``'s train+val
+    rows and decision rules with non-zero offsets, so the rules visibly change the classes."""
+    from esci_reranker.reranker import Reranker
+    from esci_reranker.stack.cv import stack_table
+    from esci_reranker.stack.outputs import CE_COLUMNS, frame_outputs
+    from esci_reranker.stack.stacker import STACKER_DIR, GBDTParams, fit_stacker
+
+    shutil.copytree(source, folder)
+    frame = pd.concat([pd.read_parquet(data / f"{s}.parquet") for s in ("train", "val")], ignore_index=True)
+    outputs = frame_outputs(Reranker.from_pretrained(folder, stacked=False), frame)
+    table = stack_table(frame, {c: outputs[c].to_numpy() for c in CE_COLUMNS if c in outputs})
+    params = GBDTParams(max_rounds=10, min_data_in_leaf=5, inner_folds=2, num_leaves=4)
+    stacker, _ = fit_stacker(table, params)
+    stacker.rules.class_offsets = [0.0, 0.6, -0.4, 0.3]
+    stacker.save(folder / STACKER_DIR)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def stacked_teacher(tmp_path_factory: pytest.TempPathFactory, distill_data: Path) -> Path:
+    """A tiny stacked teacher (cross-encoder with the cosine and lexical priors + trees + rules)."""
+    from esci_reranker.model import save_checkpoint
+
+    model, tokenizer = build_tiny_model(prior="cosine", lexical=True, seed=3)
+    source = save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("teacher") / "cross-encoder")
+    return stack_teacher(source, tmp_path_factory.mktemp("teacher") / "stacked", distill_data)
+
+
+@pytest.fixture(scope="session")
+def tiny_student_overrides(tiny_backbone: Path, distill_data: Path) -> list[str]:
+    """``--set`` overrides for a tiny student on the tiny backbone and the distillation data."""
+    return [f"model.backbone={tiny_backbone}", f"data.dir={distill_data}", *TINY_STUDENT]

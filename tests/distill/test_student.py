@@ -1,0 +1,112 @@
+"""Students: their losses, their starting point and their config."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from esci_reranker.distill.config import DistillConfig, load_distill_config
+from esci_reranker.distill.student import _targets, build_student, distill_loss
+from esci_reranker.model.modeling import RerankerOutput
+from esci_reranker.train.config import ConfigError
+
+
+def _frame(scores: list[float], probs: list[list[float]], queries: list[int]) -> pd.DataFrame:
+    frame = pd.DataFrame({"query_id": queries, "t_score": scores})
+    for i, label in enumerate("ESCI"):
+        frame[f"t_prob_{label}"] = [p[i] for p in probs]
+    return frame
+
+
+def test_score_loss_is_mse_plus_listnet_on_the_standardised_teacher_score():
+    frame = _frame([1.0, 3.0, 5.0, 7.0], [[0.25] * 4] * 4, [1, 1, 2, 2])
+    cfg = DistillConfig(student="score", optim={"batching": "query"})
+    targets = _targets(frame, "score", mean=4.0, std=2.0)
+    np.testing.assert_allclose(targets.score.numpy(), [-1.5, -0.5, 0.5, 1.5])
+    out = RerankerOutput(score=torch.tensor([-1.5, -0.5, 0.0, 0.0]))
+    total, parts = distill_loss(out, targets, np.arange(4), cfg)
+    # MSE by hand: (0 + 0 + 0.25 + 2.25) / 4
+    assert float(parts["mse"]) == pytest.approx(0.625)
+
+    # ListNet by hand (T = 1): query 1 matches exactly -> its entropy; query 2 predicts uniform
+    def ce(target: list[float], pred: list[float]) -> float:
+        t = np.exp(target) / np.exp(target).sum()
+        return float(-(t * (np.asarray(pred) - np.log(np.exp(pred).sum()))).sum())
+
+    expected = (ce([-1.5, -0.5], [-1.5, -0.5]) + ce([0.5, 1.5], [0.0, 0.0])) / 2
+    assert float(parts["listnet"]) == pytest.approx(expected, rel=1e-5)
+    assert float(total) == pytest.approx(0.625 + expected, rel=1e-5)
+    # only a shift within each query changes nothing for ListNet
+    shifted = RerankerOutput(
+        score=torch.tensor([-1.5, -0.5, 0.0, 0.0]) + torch.tensor([3.0, 3.0, -2.0, -2.0])
+    )
+    _, moved = distill_loss(shifted, targets, np.arange(4), cfg)
+    assert float(moved["listnet"]) == pytest.approx(float(parts["listnet"]), rel=1e-5)
+
+
+def test_esci_loss_is_the_kl_divergence_to_the_teacher_probabilities():
+    teacher = [[0.7, 0.1, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1]]
+    frame = _frame([0.0, 0.0], teacher, [1, 1])
+    cfg = DistillConfig(student="esci", optim={"batching": "length"})
+    targets = _targets(frame, "esci", 0.0, 1.0)
+    same = RerankerOutput(score=torch.zeros(2), esci_logits=torch.log(torch.tensor(teacher)) + 5.0)
+    total, _ = distill_loss(same, targets, np.arange(2), cfg)
+    assert float(total) == pytest.approx(0.0, abs=1e-6)
+    flat = RerankerOutput(score=torch.zeros(2), esci_logits=torch.zeros(2, 4))
+    total, parts = distill_loss(flat, targets, np.arange(2), cfg)
+    by_hand = np.mean([sum(p * math.log(p / 0.25) for p in row) for row in teacher])
+    assert float(parts["kl"]) == pytest.approx(by_hand, rel=1e-5)
+    # with temperature T the loss is T^2 KL of the softened distributions
+    hot = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"temperature": 2.0})})
+    total_t, parts_t = distill_loss(flat, targets, np.arange(2), hot)
+    soft = np.sqrt(np.asarray(teacher))
+    soft /= soft.sum(axis=1, keepdims=True)
+    by_hand_t = np.mean([sum(p * math.log(p / 0.25) for p in row) for row in soft])
+    assert float(parts_t["kl"]) == pytest.approx(by_hand_t, rel=1e-5)
+    assert float(total_t) == pytest.approx(4 * by_hand_t, rel=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "labels"), [("score", 1), ("esci", 4)])
+def test_a_student_starts_as_a_stock_classifier_from_the_backbone(
+    kind: str, labels: int, tiny_backbone: Path
+):
+    from transformers import AutoModel
+
+    cfg = DistillConfig(student=kind, model={"backbone": str(tiny_backbone), "max_length": 32})
+    model, _ = build_student(cfg, ("title", "brand"), 300)
+    config = model.config
+    assert (config.pooling, config.prior, config.lexical) == ("cls", "none", False)
+    assert config.head_hidden == model.encoder.config.hidden_size
+    assert config.text_fields == ("title", "brand")
+    assert config.long_field_chars == 300
+    head = model.heads["score" if kind == "score" else "esci"]
+    assert head.proj.out_features == labels
+    # the pretrained pooler is the head's tanh layer, as in BertForSequenceClassification
+    pretrained = AutoModel.from_pretrained(tiny_backbone)
+    torch.testing.assert_close(head.body[0].weight, pretrained.pooler.dense.weight)
+    assert float(head.proj.bias.detach().abs().max()) == 0.0
+    assert float(head.proj.weight.detach().std()) == pytest.approx(0.02, rel=0.5)
+    assert not model.encoder.get_input_embeddings().weight.requires_grad
+    assert set(model.heads) == ({"score"} if kind == "score" else {"esci"})
+
+
+def test_configs_reject_unknown_keys_and_rank_loss_without_query_batches():
+    with pytest.raises(ConfigError, match=r"loss\.rank_wieght: unknown key"):
+        load_distill_config("configs/distill_score.yaml", ["loss.rank_wieght=1"])
+    with pytest.raises(ConfigError, match=r"set optim\.batching: query"):
+        load_distill_config("configs/distill_score.yaml", ["optim.batching=length"])
+    with pytest.raises(ConfigError, match=r"student: Input should be 'score' or 'esci'"):
+        load_distill_config("configs/distill_score.yaml", ["student=both"])
+
+
+@pytest.mark.parametrize("name", ["configs/distill_score.yaml", "configs/distill_esci.yaml"])
+def test_shipped_configs_load(name: str):
+    cfg = load_distill_config(name)
+    assert cfg.model.max_length == 96
+    assert cfg.model.backbone == "packaged:all-MiniLM-L6-v2"
+    assert cfg.student in name
