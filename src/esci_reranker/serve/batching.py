@@ -134,6 +134,8 @@ class DynamicBatcher:
         max_batch_tokens: padded-token budget of one forward (rows × widest row).
         metrics: where the queue gauge and the per-forward histograms go (None: nowhere).
         on_batch: called by the worker after every forward pass (tests, logging).
+        after_batch: called by the worker once a forward pass's requests have their results
+            (the memory policy's check, ``MemoryGuard.check``), so it never delays those answers.
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class DynamicBatcher:
         max_batch_tokens: int,
         metrics: Metrics | None = None,
         on_batch: Callable[[BatchInfo], None] | None = None,
+        after_batch: Callable[[], object] | None = None,
     ) -> None:
         if not max_wait_ms > 0:
             raise ValueError(
@@ -155,6 +158,7 @@ class DynamicBatcher:
         self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics
         self.on_batch = on_batch
+        self.after_batch = after_batch
         self._pending: list[_Request] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -325,6 +329,11 @@ class DynamicBatcher:
                 _fail(request, error)
         else:
             self._scatter(batch, out, seconds)
+        if self.after_batch is not None:
+            try:
+                self.after_batch()
+            except Exception:
+                log.exception("dynamic batcher after_batch hook failed")
 
     def _scatter(self, batch: _Batch, out: dict[str, np.ndarray], seconds: float) -> None:
         row = 0

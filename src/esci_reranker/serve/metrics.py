@@ -15,6 +15,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -124,6 +125,20 @@ class Metrics:
         r.register(self._tower_cache)  # type: ignore[arg-type]
         self.model_loaded = Gauge(
             "esci_model_loaded", "1 once the model is loaded and warmed up, else 0.", registry=r
+        )
+        # process_resident_memory_bytes, process_virtual_memory_bytes, process_cpu_seconds_total,
+        # process_open_fds, ...: the standard process series, on this app's registry (Linux /proc).
+        ProcessCollector(registry=r)
+        self.memory_limit = Gauge(
+            "esci_memory_limit_bytes", "MEMORY_LIMIT_MB in bytes (0: no memory policy).", registry=r
+        )
+        self.memory_trims = Counter(
+            "esci_memory_trims_total",
+            "Times the memory policy handed malloc's free memory back to the OS (RSS over MEMORY_LIMIT_MB).",
+            registry=r,
+        )
+        self.memory_trimmed = Counter(
+            "esci_memory_trimmed_bytes_total", "Resident memory those trims released.", registry=r
         )
 
     def watch_tower_cache(self, source: Callable[[], Mapping[str, int] | None]) -> None:

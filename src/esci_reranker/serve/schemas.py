@@ -448,6 +448,24 @@ class ReadyResponse(BaseModel):
     index_error: str | None = None
 
 
+class MemoryStatus(BaseModel):
+    """The process's resident memory and the memory policy (``MEMORY_LIMIT_MB``) in force."""
+
+    rss_mb: float | None = Field(description="Resident memory now, MiB (null where /proc is missing).")
+    peak_rss_mb: float = Field(description="Highest resident memory since start, MiB.")
+    limit_mb: int | None = Field(description="MEMORY_LIMIT_MB (null: no policy).")
+    malloc_arena_max: int | None = Field(description="glibc malloc arena cap (null: glibc's default).")
+    malloc_arena_source: str = Field(description="MALLOC_ARENA_MAX, policy, or glibc default.")
+    keeps_freed_memory: bool = Field(
+        description="Whether malloc keeps freed memory for reuse (ESCI_KEEP_FREED_MEMORY)."
+    )
+    checks: int = Field(0, description="RSS checks after forward passes (with a limit).")
+    trims: int = Field(
+        0, description="Times free malloc memory was handed back to the OS (RSS over the limit)."
+    )
+    trimmed_mb: float = Field(0.0, description="Resident memory those trims released, MiB.")
+
+
 class ServiceLimits(BaseModel):
     max_candidates: int
     max_text_chars: int
@@ -460,6 +478,7 @@ class ServiceLimits(BaseModel):
     max_batch_tokens: int = Field(
         description="Dynamic batching: padded tokens per forward pass (MAX_BATCH_TOKENS, or the device's default)."
     )
+    memory: MemoryStatus
 
 
 class InfoResponse(BaseModel):

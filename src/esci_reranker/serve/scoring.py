@@ -30,6 +30,7 @@ from esci_reranker.reranker import Predictions, Reranker
 from esci_reranker.serve.batching import BatchedOutput, BatcherClosedError, DynamicBatcher
 from esci_reranker.serve.cache import PredictionCache, cache_key
 from esci_reranker.serve.errors import ApiError
+from esci_reranker.serve.memory import MemoryGuard
 from esci_reranker.serve.metrics import Metrics
 
 #: Candidates' field mappings for a stacked model (None: the texts alone).
@@ -59,11 +60,14 @@ class Scorer:
         cache: PredictionCache | None = None,
         metrics: Metrics | None = None,
         batcher: DynamicBatcher | None = None,
+        memory: MemoryGuard | None = None,
     ) -> None:
         self.reranker = reranker
         self.cache = cache
         self.metrics = metrics
         self.batcher = batcher
+        # With a batcher the memory check is its after_batch hook; the direct path runs it here.
+        self.memory = memory
         self._lock = threading.Lock()
         # A fast tokenizer is not thread-safe (its truncation setting is shared state; concurrent
         # calls can skip truncation or fail with "Already borrowed"): one tokenisation at a time.
@@ -109,7 +113,7 @@ class Scorer:
             key, answer = self._lookup(query, texts, records)
             if answer is not None:
                 return answer
-            return self._direct_thread().submit(self._direct, key, query, texts, records).result()
+            return self._submit_direct(key, query, texts, records).result()
         prepared = self._prepare(query, texts, records)
         if isinstance(prepared, ScoreResult):
             return prepared
@@ -126,9 +130,7 @@ class Scorer:
             key, answer = await run_in_threadpool(self._lookup, query, texts, records)
             if answer is not None:
                 return answer
-            return await asyncio.wrap_future(
-                self._direct_thread().submit(self._direct, key, query, texts, records)
-            )
+            return await asyncio.wrap_future(self._submit_direct(key, query, texts, records))
         prepared = await run_in_threadpool(self._prepare, query, texts, records)
         if isinstance(prepared, ScoreResult):
             return prepared
@@ -180,6 +182,17 @@ class Scorer:
             executor, self._model_thread = self._model_thread, None
         if executor is not None:
             executor.shutdown(wait=False)
+
+    def _submit_direct(
+        self, key: bytes, query: str, texts: Sequence[str], records: Records
+    ) -> Future[ScoreResult]:
+        """Queue a direct-path forward on the model thread, then the memory check behind it (so the
+        check never delays this request's answer, and never overlaps a forward)."""
+        thread = self._direct_thread()
+        future = thread.submit(self._direct, key, query, texts, records)
+        if self.memory is not None:
+            thread.submit(self.memory.check)
+        return future
 
     def _direct(self, key: bytes, query: str, texts: Sequence[str], records: Records) -> ScoreResult:
         """The direct path's forward pass (on the model thread), stored in the cache."""

@@ -75,6 +75,21 @@ class Settings(BaseSettings):
         description="Tower embeddings kept for products/queries seen before (LRU, ~2 KB each for "
         "MiniLM): a warm catalogue skips the towers' share of the work; 0 turns it off.",
     )
+    memory_limit_mb: int | None = Field(
+        None,
+        ge=256,
+        le=1_048_576,
+        description="Bounded memory (MiB of resident memory): caps glibc malloc's arenas at start-up "
+        "(unless MALLOC_ARENA_MAX is set) and, after a forward pass that leaves the RSS above the "
+        "limit, hands malloc's free memory back to the OS; unset = no policy. See docs/serving.md.",
+    )
+    malloc_arena_max: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="glibc malloc arenas (the variable glibc reads at process start; applied again at "
+        "start-up); unset = glibc's default (8 per core), or 2 with MEMORY_LIMIT_MB.",
+    )
     index_path: str | None = Field(
         None,
         description="A catalogue index folder (`esci-reranker index --out DIR`) that POST /search and the "

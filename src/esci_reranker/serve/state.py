@@ -12,6 +12,7 @@ from esci_reranker.hardware import resolve_precision
 from esci_reranker.reranker import Reranker, select_device
 from esci_reranker.serve.batching import DynamicBatcher
 from esci_reranker.serve.cache import PredictionCache
+from esci_reranker.serve.memory import ArenaPolicy, MemoryGuard, apply_arena_policy
 from esci_reranker.serve.metrics import Metrics
 from esci_reranker.serve.scoring import Scorer
 from esci_reranker.serve.settings import Settings
@@ -59,6 +60,13 @@ class ServiceState:
         self.metrics = metrics
         self.loader = loader
         self.cache = PredictionCache(settings.cache_size) if settings.cache_size > 0 else None
+        # The arena cap must be set before the service's threads allocate: here, at app creation.
+        self.arenas: ArenaPolicy = apply_arena_policy(settings.memory_limit_mb, settings.malloc_arena_max)
+        self.memory = (
+            MemoryGuard(settings.memory_limit_mb * 1024 * 1024, metrics=metrics)
+            if settings.memory_limit_mb is not None
+            else None
+        )
         self.scorer: Scorer | None = None
         self.status: ModelStatus = "loading"
         self.error: str | None = None
@@ -94,10 +102,11 @@ class ServiceState:
                 self.settings.batch_wait_ms,
                 self.settings.batch_token_budget(reranker.device),
                 self.metrics,
+                after_batch=self.memory.check if self.memory is not None else None,
             )
             if self._closed:  # shutting down before the background load finished
                 batcher.close()
-        self.scorer = Scorer(reranker, self.cache, self.metrics, batcher)
+        self.scorer = Scorer(reranker, self.cache, self.metrics, batcher, memory=self.memory)
         self.metrics.watch_tower_cache(getattr(reranker, "tower_cache_stats", lambda: None))
 
     def open(self) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from esci_reranker.hardware import freed_memory_kept
 from esci_reranker.serve.deps import ScorerDep, SettingsDep, StateDep
 from esci_reranker.serve.errors import ERROR_RESPONSES
-from esci_reranker.serve.schemas import InfoResponse, ServiceLimits
+from esci_reranker.serve.memory import MIB, peak_rss, process_rss
+from esci_reranker.serve.schemas import InfoResponse, MemoryStatus, ServiceLimits
+from esci_reranker.serve.state import ServiceState
 
 router = APIRouter(tags=["operations"])
 
@@ -36,6 +39,25 @@ def info(scorer: ScorerDep, settings: SettingsDep, state: StateDep) -> InfoRespo
             batch_size=settings.batch_size,
             batch_wait_ms=settings.batch_wait_ms,
             max_batch_tokens=settings.batch_token_budget(scorer.reranker.device),
+            memory=memory_status(state),
         ),
         index=index,
+    )
+
+
+def memory_status(state: ServiceState) -> MemoryStatus:
+    """The process's RSS now and at its peak, and what the memory policy has done."""
+    rss = process_rss()
+    guard = state.memory
+    counters = guard.stats() if guard is not None else {}
+    return MemoryStatus(
+        rss_mb=round(rss / MIB, 1) if rss is not None else None,
+        peak_rss_mb=round(peak_rss() / MIB, 1),
+        limit_mb=state.settings.memory_limit_mb,
+        malloc_arena_max=state.arenas.arenas,
+        malloc_arena_source=state.arenas.source,
+        keeps_freed_memory=freed_memory_kept(),
+        checks=counters.get("checks", 0),
+        trims=counters.get("trims", 0),
+        trimmed_mb=counters.get("trimmed_mb", 0.0),
     )

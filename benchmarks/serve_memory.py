@@ -1,0 +1,103 @@
+"""Resident memory (RSS) of the HTTP service under sustained load, per 30 s round (a benchmark, not a test).
+
+For each configuration, starts ``esci-reranker serve`` on a free loopback port (a fresh process),
+reads its idle RSS, then keeps 16 clients sending /rerank requests of real ESCI queries with 40
+candidates each (the response cache off, so every request runs the model) for 4 rounds of 30 s,
+printing the server's RSS at the end of each round (and its highest sample), the requests served
+and their p50/p95 latency. The plateau is the highest RSS of the second half of the rounds.
+
+    python benchmarks/serve_memory.py --model runs/default/model --out runs/default/serve_memory.json
+    python benchmarks/serve_memory.py --model runs/default/model \\
+        --config default --config limit=MEMORY_LIMIT_MB=1024 --config arenas2=MALLOC_ARENA_MAX=2
+
+``--config NAME[=VAR=VALUE[,VAR=VALUE...]]`` adds a configuration with those server environment
+variables (default: ``default`` and ``memory-limit`` = ``MEMORY_LIMIT_MB=1024``). The code is
+``esci_reranker.bench.server_memory``. It keeps both cores busy: run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+from esci_reranker.bench.server_memory import ServerMemory, format_memory_table
+
+DEFAULT_CONFIGS = {"default": {}, "memory-limit": {"MEMORY_LIMIT_MB": "1024"}}
+
+
+def parse_config(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME`` or ``NAME=VAR=VALUE,VAR=VALUE`` -> (name, environment)."""
+    name, _, rest = text.partition("=")
+    if not name:
+        raise argparse.ArgumentTypeError(f"--config {text!r}: expected NAME or NAME=VAR=VALUE[,VAR=VALUE]")
+    env: dict[str, str] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"--config {text!r}: {item!r} is not VAR=VALUE")
+        env[key] = value
+    return name, env
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder (or Hub repo id) to serve")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--config",
+        type=parse_config,
+        action="append",
+        default=None,
+        help="NAME[=VAR=VALUE,...]: a server configuration (repeatable)",
+    )
+    parser.add_argument("--concurrency", type=int, default=16, help="clients (default 16)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per configuration (default 4)")
+    parser.add_argument("--round-seconds", type=float, default=30.0, help="seconds per round (default 30)")
+    parser.add_argument("--candidates", type=int, default=40, help="candidates per request (default 40)")
+    parser.add_argument("--distinct", type=int, default=20, help="distinct queries cycled through")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
+    parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for /ready")
+    parser.add_argument("--data", type=Path, default=None, help="ESCI parquet (default: the bundled sample)")
+    args = parser.parse_args(argv)
+    configs = dict(args.config) if args.config else DEFAULT_CONFIGS
+    try:
+        bench = ServerMemory(
+            configs=configs,
+            concurrency=args.concurrency,
+            rounds=args.rounds,
+            round_seconds=args.round_seconds,
+            candidates=args.candidates,
+            distinct=args.distinct,
+            threads=args.threads,
+            startup_timeout=args.startup_timeout,
+            data=args.data,
+            echo=lambda line: print(line, flush=True),
+        )
+        block = bench(args.model)
+    except ValueError as err:
+        parser.error(str(err))
+    print(format_memory_table(block))
+    if args.out:
+        report = {
+            "benchmark": "serve_memory",
+            "model": args.model,
+            "machine": {
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            },
+            **block,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Bounded service memory: the process's resident memory, glibc malloc's arenas and trimming, and the
+policy ``MEMORY_LIMIT_MB`` applies (docs/serving.md, "Memory").
+
+Why the service's RSS grows under concurrent load although no Python object outlives its request:
+glibc's malloc gives threads their own *arenas* (up to 8 per core) so they do not contend for one
+lock, and a freed block returns to the arena it came from, not to the OS. Every thread that
+tokenises, parses JSON or runs a forward pass thus grows an arena to its own high-water mark, and
+``hardware.keep_freed_memory`` (which makes forwards ~1.4x faster by not giving freed activation
+memory back) tells malloc to keep up to 1 GB of free heap per arena. The memory is free, reusable,
+but resident. The policy therefore:
+
+- caps the arenas at start-up (``mallopt(M_ARENA_MAX)``, what ``MALLOC_ARENA_MAX`` does), so the
+  threads share a few heaps instead of each keeping its own high-water mark;
+- after each forward pass compares the RSS with the limit and, when it is over, hands the free
+  pages of every arena back to the OS (``malloc_trim(0)``), which keeps the speed of reused memory
+  below the limit and pays for page faults only above it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import platform
+import resource
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from esci_reranker.serve.metrics import Metrics
+
+log = logging.getLogger("esci_reranker.serve")
+
+MIB: Final[int] = 1024 * 1024
+#: ``mallopt`` parameter number of ``M_ARENA_MAX`` (glibc malloc.h).
+_M_ARENA_MAX: Final[int] = -8
+#: The environment variable glibc itself reads for the arena cap (at process start).
+ARENA_VARIABLE: Final[str] = "MALLOC_ARENA_MAX"
+#: Arenas the policy allows when ``MALLOC_ARENA_MAX`` is not set: one for the model thread, one shared
+#: by the others (measured in docs/serving.md).
+POLICY_ARENAS: Final[int] = 2
+#: After a trim that left the RSS over the limit, trim again only once it has grown by this much:
+#: trimming memory that is in use frees nothing and costs a walk over every arena.
+RETRIM_STEP_BYTES: Final[int] = 64 * MIB
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+def process_rss() -> int | None:
+    """The resident set size of this process in bytes (``/proc/self/statm``); None off Linux."""
+    try:
+        with open("/proc/self/statm", "rb") as file:
+            pages = int(file.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """The highest RSS this process has had, in bytes (``getrusage``; kB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if platform.system() == "Darwin" else 1024)
+
+
+def malloc_trim() -> bool:
+    """Give the free memory of every glibc malloc arena back to the OS (``malloc_trim(0)``).
+
+    Returns True when memory was released; False when there was none, or off glibc.
+    """
+    libc = _libc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+def set_arena_max(arenas: int) -> bool:
+    """Cap glibc malloc's arenas at ``arenas`` for threads that have none yet (``mallopt(M_ARENA_MAX)``).
+
+    glibc fixes its arena limit the first time a thread needs a new arena beyond the first 8, so
+    this must run early, before many threads have allocated (``create_app`` does, at start-up);
+    arenas that exist stay. Returns False off glibc or when glibc refused the value.
+    """
+    if arenas < 1:
+        raise ValueError(f"set_arena_max(arenas={arenas}): expected >= 1.")
+    libc = _libc()
+    return libc is not None and libc.mallopt(_M_ARENA_MAX, int(arenas)) == 1
+
+
+@dataclass(frozen=True)
+class ArenaPolicy:
+    """What the start-up step did about malloc arenas (shown by ``/info``)."""
+
+    arenas: int | None
+    source: str  # "MALLOC_ARENA_MAX" (the user's, applied by glibc), "policy", or "glibc default"
+    applied: bool
+
+
+def apply_arena_policy(limit_mb: int | None, arena_max: int | None) -> ArenaPolicy:
+    """At start-up: with ``MEMORY_LIMIT_MB`` set and no ``MALLOC_ARENA_MAX``, cap the arenas at
+    ``POLICY_ARENAS``. A ``MALLOC_ARENA_MAX`` in the environment was applied by glibc when the process
+    started; it is applied again here (harmless), for servers started from Python with it in the settings.
+    """
+    if arena_max is not None:
+        return ArenaPolicy(arena_max, ARENA_VARIABLE, set_arena_max(arena_max))
+    if limit_mb is None:
+        return ArenaPolicy(None, "glibc default", False)
+    applied = set_arena_max(POLICY_ARENAS)
+    if not applied:
+        log.warning("MEMORY_LIMIT_MB: could not cap malloc arenas (not glibc?); trimming still applies")
+    return ArenaPolicy(POLICY_ARENAS, "policy", applied)
+
+
+class MemoryGuard:
+    """Keeps the process's RSS near ``limit_bytes`` by trimming malloc when it is over.
+
+    ``check()`` runs after each forward pass, on the thread that ran it (the batcher's, or the
+    direct path's model thread), after the requests of that forward have their answers. It reads
+    the RSS (a few µs) and trims when it is over the limit, unless an earlier trim already left it
+    over the limit and it has not grown by ``retrim_step_bytes`` since (so a limit below what the
+    model needs costs one trim per step of growth, not one per forward).
+
+    Args:
+        limit_bytes: the RSS above which free memory is handed back to the OS.
+        rss: reads the current RSS in bytes (``process_rss``; tests inject their own).
+        trim: hands free memory back (``malloc_trim``).
+        metrics: where the trim counters go (None: nowhere).
+        retrim_step_bytes: growth after a trim that did not get under the limit before the next one.
+    """
+
+    def __init__(
+        self,
+        limit_bytes: int,
+        *,
+        rss: Callable[[], int | None] = process_rss,
+        trim: Callable[[], object] = malloc_trim,
+        metrics: Metrics | None = None,
+        retrim_step_bytes: int = RETRIM_STEP_BYTES,
+    ) -> None:
+        if limit_bytes < 1:
+            raise ValueError(f"MemoryGuard limit_bytes={limit_bytes}; expected > 0.")
+        self.limit_bytes = limit_bytes
+        self.rss = rss
+        self.trim = trim
+        self.metrics = metrics
+        self.retrim_step_bytes = retrim_step_bytes
+        self.checks = 0
+        self.trims = 0
+        self.trimmed_bytes = 0
+        self.last_rss: int | None = None
+        self._floor: int | None = None  # RSS right after a trim that stayed over the limit
+        self._lock = threading.Lock()
+        self._warned = False
+        if metrics is not None:
+            metrics.memory_limit.set(limit_bytes)
+
+    def check(self) -> bool:
+        """Trim when the RSS is over the limit (see the class); True when a trim ran."""
+        if not self._lock.acquire(blocking=False):  # another thread is checking: one is enough
+            return False
+        try:
+            self.checks += 1
+            before = self.rss()
+            self.last_rss = before
+            if before is None or before <= self.limit_bytes:
+                self._floor = None
+                return False
+            if self._floor is not None and before < self._floor + self.retrim_step_bytes:
+                return False
+            self.trim()
+            after = self.rss()
+            after = before if after is None else after
+            self.last_rss = after
+            self.trims += 1
+            freed = max(0, before - after)
+            self.trimmed_bytes += freed
+            if self.metrics is not None:
+                self.metrics.memory_trims.inc()
+                self.metrics.memory_trimmed.inc(freed)
+            self._floor = after if after > self.limit_bytes else None
+            if self._floor is not None and not self._warned:
+                self._warned = True
+                log.warning(
+                    "RSS is %d MiB after trimming malloc, over MEMORY_LIMIT_MB=%d: the model and its "
+                    "working set need more; raise MEMORY_LIMIT_MB or lower MAX_BATCH_TOKENS",
+                    after // MIB,
+                    self.limit_bytes // MIB,
+                )
+            return True
+        finally:
+            self._lock.release()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``/info``."""
+        return {
+            "limit_mb": self.limit_bytes // MIB,
+            "checks": self.checks,
+            "trims": self.trims,
+            "trimmed_mb": round(self.trimmed_bytes / MIB, 1),
+        }

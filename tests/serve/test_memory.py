@@ -1,0 +1,304 @@
+"""Bounded service memory (``MEMORY_LIMIT_MB``): settings, the trim policy, where it runs, what
+/metrics and /info report, and the glibc mechanisms it relies on (in subprocesses, so this test
+process's allocator is left as it is). No timing is asserted."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from esci_reranker.serve import load_settings
+from esci_reranker.serve import memory as memory_module
+from esci_reranker.serve.batching import DynamicBatcher
+from esci_reranker.serve.memory import MIB, MemoryGuard, apply_arena_policy, process_rss
+from esci_reranker.serve.scoring import Scorer
+from esci_reranker.serve.settings import SettingsError
+from tests.serve.helpers import body
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+needs_glibc = pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
+
+
+class FakeRss:
+    """An RSS reading a test sets, and a trim that lowers it to ``after_trim`` (the OS's part)."""
+
+    def __init__(self, value: int, after_trim: int | None = None) -> None:
+        self.value = value
+        self.after_trim = after_trim
+        self.trims = 0
+        self.threads: list[str] = []
+
+    def __call__(self) -> int:
+        return self.value
+
+    def trim(self) -> bool:
+        self.trims += 1
+        self.threads.append(threading.current_thread().name)
+        if self.after_trim is not None:
+            self.value = self.after_trim
+        return True
+
+
+def _samples(text: str) -> dict[str, float]:
+    """Unlabelled samples of a /metrics page, by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+def test_memory_settings_parse_and_name_the_variable(monkeypatch):
+    monkeypatch.setenv("MEMORY_LIMIT_MB", "1024")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    settings = load_settings()
+    assert settings.memory_limit_mb == 1024
+    assert settings.malloc_arena_max == 2
+    assert load_settings(memory_limit_mb=None).memory_limit_mb is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("MEMORY_LIMIT_MB", "lots", "MEMORY_LIMIT_MB='lots': Input should be a valid integer"),
+        ("MEMORY_LIMIT_MB", "1.5GB", "MEMORY_LIMIT_MB='1.5GB': Input should be a valid integer"),
+        ("MEMORY_LIMIT_MB", "100", "MEMORY_LIMIT_MB='100': Input should be greater than or equal to 256"),
+        ("MALLOC_ARENA_MAX", "0", "MALLOC_ARENA_MAX='0': Input should be greater than or equal to 1"),
+    ],
+)
+def test_invalid_memory_settings_stop_start_up(monkeypatch, name, value, expected):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert expected in str(error.value)
+
+
+# --- the policy ---------------------------------------------------------------------------------
+
+
+def test_guard_trims_only_over_the_limit():
+    rss = FakeRss(900 * MIB, after_trim=600 * MIB)
+    guard = MemoryGuard(1024 * MIB, rss=rss, trim=rss.trim)
+    assert guard.check() is False
+    assert rss.trims == 0
+    rss.value = 1100 * MIB
+    assert guard.check() is True
+    assert rss.trims == 1
+    assert guard.stats() == {"limit_mb": 1024, "checks": 2, "trims": 1, "trimmed_mb": 500.0}
+    assert guard.last_rss == 600 * MIB
+    assert guard.check() is False  # back under the limit
+
+
+def test_guard_does_not_retrim_until_memory_grew_past_a_failed_trim():
+    # The working set itself is over the limit: a trim frees little; trimming on every forward
+    # would only cost time. The next trim waits until the RSS grew by the step.
+    rss = FakeRss(1300 * MIB, after_trim=1200 * MIB)
+    guard = MemoryGuard(1024 * MIB, rss=rss, trim=rss.trim, retrim_step_bytes=64 * MIB)
+    assert guard.check() is True
+    rss.after_trim = None
+    for value in (1200, 1250, 1263):
+        rss.value = value * MIB
+        assert guard.check() is False
+    assert rss.trims == 1
+    rss.value = 1264 * MIB
+    assert guard.check() is True
+    assert rss.trims == 2
+    # Once under the limit, the next time over trims at once again.
+    rss.value = 1000 * MIB
+    assert guard.check() is False
+    rss.value = 1030 * MIB
+    assert guard.check() is True
+    assert rss.trims == 3
+
+
+def test_guard_rejects_a_non_positive_limit():
+    with pytest.raises(ValueError, match="limit_bytes=0"):
+        MemoryGuard(0)
+
+
+def test_batcher_checks_memory_after_each_forward_once_its_requests_are_answered(tiny_reranker):
+    rss = FakeRss(2048 * MIB)
+    seen: list[bool] = []
+    futures = []
+
+    def check() -> None:
+        seen.append(all(f.done() for f in futures))
+        guard.check()
+
+    guard = MemoryGuard(1024 * MIB, rss=rss, trim=rss.trim)
+    batcher = DynamicBatcher(tiny_reranker, 1.0, 64, after_batch=check)
+    try:
+        scorer = Scorer(tiny_reranker, batcher=batcher)
+        encoded = scorer._encode(["red shoes"] * 12, [f"red running shoe model {i}" for i in range(12)])
+        futures.append(batcher.submit(encoded))
+        futures[0].result(timeout=120)
+    finally:
+        batcher.close()
+    assert len(seen) >= 2  # a 64-token budget splits the 12 pairs over several forwards
+    assert seen[-1] is True  # the last forward's hook ran after the request had its answer
+    assert rss.trims >= 1
+    assert set(rss.threads) == {"esci-batcher"}  # on the batcher's thread: never beside a forward
+
+
+def test_direct_path_checks_memory_on_the_model_thread(tiny_reranker):
+    rss = FakeRss(2048 * MIB, after_trim=512 * MIB)
+    guard = MemoryGuard(1024 * MIB, rss=rss, trim=rss.trim)
+    scorer = Scorer(tiny_reranker, memory=guard)
+    try:
+        result = scorer.score("red shoes", ["red running shoes", "blue hat"])
+        assert len(result.predictions) == 2
+        scorer._direct_thread().submit(lambda: None).result()  # the check queued behind the forward
+    finally:
+        scorer.close()
+    assert rss.trims == 1
+    assert rss.threads == ["esci-model_0"]  # the one thread that runs direct-path forwards
+    assert guard.checks == 1
+
+
+def test_service_reports_rss_limit_and_trims(make_client, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(memory_module, "set_arena_max", lambda n: calls.append(n) or True)
+    client = make_client(memory_limit_mb=1024, batch_wait_ms=1)
+    state = client.app.state.service
+    assert calls == [memory_module.POLICY_ARENAS]  # capped at app creation
+    rss = FakeRss(3000 * MIB, after_trim=900 * MIB)
+    state.memory.rss, state.memory.trim = rss, rss.trim
+
+    assert client.post("/rerank", json=body(4)).status_code == 200
+    info = client.get("/info").json()["service"]["memory"]
+    assert info["limit_mb"] == 1024
+    assert info["malloc_arena_max"] == 2
+    assert info["malloc_arena_source"] == "policy"
+    assert info["trims"] >= 1
+    assert info["trimmed_mb"] >= 2100.0
+    assert info["peak_rss_mb"] > 0
+    if GLIBC:
+        assert info["rss_mb"] > 0
+    samples = _samples(client.get("/metrics").text)
+    assert samples["esci_memory_limit_bytes"] == 1024 * MIB
+    assert samples["esci_memory_trims_total"] == info["trims"]
+    assert samples["esci_memory_trimmed_bytes_total"] >= 2100 * MIB
+    if GLIBC:
+        assert samples["process_resident_memory_bytes"] > 0
+
+
+def test_no_policy_without_a_limit(make_client, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(memory_module, "set_arena_max", lambda n: calls.append(n) or True)
+    client = make_client()
+    assert client.app.state.service.memory is None
+    assert calls == []
+    info = client.get("/info").json()["service"]["memory"]
+    assert info["limit_mb"] is None
+    assert info["malloc_arena_source"] == "glibc default"
+    assert info["trims"] == 0
+    assert _samples(client.get("/metrics").text)["esci_memory_limit_bytes"] == 0
+
+
+def test_arena_policy_prefers_the_users_setting(monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(memory_module, "set_arena_max", lambda n: calls.append(n) or True)
+    assert apply_arena_policy(None, None).source == "glibc default"
+    assert apply_arena_policy(1024, 4).arenas == 4
+    assert apply_arena_policy(1024, None).arenas == memory_module.POLICY_ARENAS
+    assert calls == [4, memory_module.POLICY_ARENAS]
+
+
+# --- the glibc mechanisms, for real (in a fresh interpreter) ------------------------------------
+
+
+def _run(code: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@needs_glibc
+def test_process_rss_matches_proc_status():
+    with open("/proc/self/status") as file:
+        vm_rss = next(int(line.split()[1]) * 1024 for line in file if line.startswith("VmRSS"))
+    rss = process_rss()
+    assert rss is not None
+    assert abs(rss - vm_rss) < 64 * MIB
+
+
+@needs_glibc
+def test_malloc_trim_gives_kept_free_memory_back():
+    # As the service's malloc is configured (hardware.keep_freed_memory: no trimming below 1 GB,
+    # blocks up to 32 MB from the heap), freed memory stays resident until malloc_trim.
+    out = _run(
+        """
+        import ctypes
+        from esci_reranker.hardware import keep_freed_memory
+        from esci_reranker.serve.memory import malloc_trim, process_rss
+        assert keep_freed_memory()
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        blocks = [libc.malloc(1 << 20) for _ in range(300)]
+        for b in blocks:
+            ctypes.memset(b, 1, 1 << 20)
+        touched = process_rss()
+        for b in blocks:
+            libc.free(b)
+        kept = process_rss()
+        released = malloc_trim()
+        print(touched, kept, process_rss(), released)
+        """
+    )
+    touched, kept, trimmed, released = out.split()
+    mib = 1024 * 1024
+    assert int(kept) > int(touched) - 32 * mib  # freed, but still resident
+    assert int(kept) - int(trimmed) > 200 * mib  # handed back by the trim
+    assert released == "True"
+
+
+@needs_glibc
+def test_arena_cap_limits_the_arenas_threads_create():
+    code = """
+        import ctypes, re, sys, tempfile, threading
+        from esci_reranker.serve.memory import set_arena_max
+        if sys.argv[-1] != "none":
+            assert set_arena_max(int(sys.argv[-1]))
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        libc.fopen.restype = ctypes.c_void_p
+        libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.fclose.argtypes = [ctypes.c_void_p]
+        barrier = threading.Barrier(12)
+        def work():
+            barrier.wait()  # all at once, so they contend and glibc wants more arenas
+            for _ in range(200):
+                libc.malloc(4096)
+        threads = [threading.Thread(target=work) for _ in range(12)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        path = tempfile.mktemp()
+        f = libc.fopen(path.encode(), b"w"); libc.malloc_info(0, f); libc.fclose(f)
+        print(len(re.findall(r"<heap nr=", open(path).read())))
+    """
+    capped = int(
+        subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code), "2"], capture_output=True, text=True, timeout=120
+        ).stdout
+    )
+    free = int(
+        subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code), "none"], capture_output=True, text=True, timeout=120
+        ).stdout
+    )
+    assert capped <= 2
+    assert free > capped
