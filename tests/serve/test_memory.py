@@ -66,6 +66,11 @@ def test_memory_settings_parse_and_name_the_variable(monkeypatch):
     assert settings.memory_limit_mb == 1024
     assert settings.malloc_arena_max == 2
     assert load_settings(memory_limit_mb=None).memory_limit_mb is None
+    # Empty = unset, as docker compose passes ${MEMORY_LIMIT_MB:-} when the shell has none.
+    monkeypatch.setenv("MEMORY_LIMIT_MB", "")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", " ")
+    assert load_settings().memory_limit_mb is None
+    assert load_settings().malloc_arena_max is None
 
 
 @pytest.mark.parametrize(
@@ -185,6 +190,8 @@ def test_service_reports_rss_limit_and_trims(make_client, monkeypatch):
     assert info["peak_rss_mb"] > 0
     if GLIBC:
         assert info["rss_mb"] > 0
+        assert info["malloc_arenas"] >= 1
+        assert info["malloc_heap_mb"] >= info["malloc_free_mb"] >= 0
     samples = _samples(client.get("/metrics").text)
     assert samples["esci_memory_limit_bytes"] == 1024 * MIB
     assert samples["esci_memory_trims_total"] == info["trims"]
@@ -233,6 +240,33 @@ def test_process_rss_matches_proc_status():
     rss = process_rss()
     assert rss is not None
     assert abs(rss - vm_rss) < 64 * MIB
+
+
+@needs_glibc
+def test_malloc_stats_count_free_memory_and_arenas():
+    out = _run(
+        """
+        import ctypes
+        from esci_reranker.hardware import keep_freed_memory
+        from esci_reranker.serve.memory import malloc_stats
+        assert keep_freed_memory()
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        before = malloc_stats()
+        blocks = [libc.malloc(1 << 20) for _ in range(100)]
+        held = malloc_stats()
+        for b in blocks[:-1]:  # the last one keeps the others from merging into the top and being trimmed
+            libc.free(b)
+        freed = malloc_stats()
+        print(before.arenas, held.heap_bytes - before.heap_bytes, freed.free_bytes - held.free_bytes)
+        """
+    )
+    arenas, grown, free = (int(x) for x in out.split())
+    mib = 1024 * 1024
+    assert arenas >= 1
+    assert grown >= 99 * mib  # 1 MB blocks come from the heap (keep_freed_memory's mmap threshold)
+    assert free >= 98 * mib
 
 
 @needs_glibc

@@ -29,7 +29,7 @@ def serve_command(
 ) -> None:
     """Serve the reranker over HTTP (FastAPI + uvicorn): /rerank, /classify, /substitute, /predict, /v1/rerank, /v2/rerank, /health, /ready, /metrics, /info; docs at /docs.
 
-    Other settings come from environment variables (API_KEY, RATE_LIMIT, CACHE_SIZE, MAX_CANDIDATES, LOG_FORMAT, ...): see docs/serving.md.
+    Other settings come from environment variables (API_KEY, RATE_LIMIT, CACHE_SIZE, MAX_CANDIDATES, MEMORY_LIMIT_MB, LOG_FORMAT, ...): see docs/serving.md.
     """
     import logging
     import os

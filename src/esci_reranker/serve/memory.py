@@ -23,6 +23,7 @@ import ctypes.util
 import logging
 import os
 import platform
+import re
 import resource
 import threading
 from collections.abc import Callable
@@ -79,6 +80,59 @@ def malloc_trim() -> bool:
     """
     libc = _libc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+@dataclass(frozen=True)
+class MallocStats:
+    """glibc malloc's own account (``malloc_info``), summed over its arenas, in bytes.
+
+    Attributes:
+        arenas: arenas (heaps) malloc has created.
+        heap_bytes: memory the arenas got from the OS and still hold (``system current``).
+        free_bytes: of that, free chunks (``fast`` + ``rest``): memory a trim could give back, less
+            what an earlier trim already returned (freed chunks stay in malloc's lists).
+        mmap_bytes: blocks above the mmap threshold, mapped one by one.
+    """
+
+    arenas: int
+    heap_bytes: int
+    free_bytes: int
+    mmap_bytes: int
+
+
+_TOTAL = re.compile(r'<total type="(fast|rest|mmap)" count="\d+" size="(\d+)"/>')
+_SYSTEM = re.compile(r'<system type="current" size="(\d+)"/>')
+
+
+def malloc_stats() -> MallocStats | None:
+    """What glibc's malloc holds (``malloc_info`` parsed); None off glibc. Takes every arena's lock
+    briefly: for ``/info``, not for a hot path."""
+    libc = _libc()
+    if libc is None:
+        return None
+    buffer, size = ctypes.c_void_p(), ctypes.c_size_t()
+    libc.open_memstream.restype = ctypes.c_void_p
+    stream = libc.open_memstream(ctypes.byref(buffer), ctypes.byref(size))
+    if not stream:
+        return None
+    try:
+        libc.malloc_info(0, ctypes.c_void_p(stream))
+    finally:
+        libc.fclose(ctypes.c_void_p(stream))
+    try:
+        text = ctypes.string_at(buffer, size.value).decode("utf-8", "replace")
+    finally:
+        libc.free(buffer)
+    # The totals after the last </heap> are the whole process's; each <heap> has its own before.
+    tail = text[text.rfind("</heap>") :]
+    totals = {kind: int(n) for kind, n in _TOTAL.findall(tail)}
+    system = _SYSTEM.findall(tail)
+    return MallocStats(
+        arenas=text.count("<heap nr="),
+        heap_bytes=int(system[0]) if system else 0,
+        free_bytes=totals.get("fast", 0) + totals.get("rest", 0),
+        mmap_bytes=totals.get("mmap", 0),
+    )
 
 
 def set_arena_max(arenas: int) -> bool:

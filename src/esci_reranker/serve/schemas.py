@@ -459,6 +459,11 @@ class MemoryStatus(BaseModel):
     keeps_freed_memory: bool = Field(
         description="Whether malloc keeps freed memory for reuse (ESCI_KEEP_FREED_MEMORY)."
     )
+    malloc_arenas: int | None = Field(None, description="Arenas glibc malloc has created (null off glibc).")
+    malloc_heap_mb: float | None = Field(None, description="Memory malloc's arenas hold from the OS, MiB.")
+    malloc_free_mb: float | None = Field(
+        None, description="Of that, free chunks (what a trim can give back, less what one already did), MiB."
+    )
     checks: int = Field(0, description="RSS checks after forward passes (with a limit).")
     trims: int = Field(
         0, description="Times free malloc memory was handed back to the OS (RSS over the limit)."

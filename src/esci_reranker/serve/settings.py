@@ -113,7 +113,14 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "text"
 
     @field_validator(
-        "model_path", "hf_model_repo_id", "api_key", "index_path", "retriever_path", mode="before"
+        "model_path",
+        "hf_model_repo_id",
+        "api_key",
+        "index_path",
+        "retriever_path",
+        "memory_limit_mb",
+        "malloc_arena_max",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

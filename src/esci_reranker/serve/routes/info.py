@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from esci_reranker.hardware import freed_memory_kept
 from esci_reranker.serve.deps import ScorerDep, SettingsDep, StateDep
 from esci_reranker.serve.errors import ERROR_RESPONSES
-from esci_reranker.serve.memory import MIB, peak_rss, process_rss
+from esci_reranker.serve.memory import MIB, malloc_stats, peak_rss, process_rss
 from esci_reranker.serve.schemas import InfoResponse, MemoryStatus, ServiceLimits
 from esci_reranker.serve.state import ServiceState
 
@@ -50,6 +50,7 @@ def memory_status(state: ServiceState) -> MemoryStatus:
     rss = process_rss()
     guard = state.memory
     counters = guard.stats() if guard is not None else {}
+    malloc = malloc_stats()
     return MemoryStatus(
         rss_mb=round(rss / MIB, 1) if rss is not None else None,
         peak_rss_mb=round(peak_rss() / MIB, 1),
@@ -57,6 +58,9 @@ def memory_status(state: ServiceState) -> MemoryStatus:
         malloc_arena_max=state.arenas.arenas,
         malloc_arena_source=state.arenas.source,
         keeps_freed_memory=freed_memory_kept(),
+        malloc_arenas=malloc.arenas if malloc else None,
+        malloc_heap_mb=round(malloc.heap_bytes / MIB, 1) if malloc else None,
+        malloc_free_mb=round(malloc.free_bytes / MIB, 1) if malloc else None,
         checks=counters.get("checks", 0),
         trims=counters.get("trims", 0),
         trimmed_mb=counters.get("trimmed_mb", 0.0),
