@@ -17,12 +17,15 @@ Run it on an otherwise idle machine: the numbers measure the CPU the server gets
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 from pathlib import Path
 
-from esci_reranker.bench.server import BATCHING, PRECISIONS, ServerLatency, format_server_table
+from esci_reranker.bench.server import (
+    BATCHING,
+    PRECISIONS,
+    ServerLatency,
+    format_server_table,
+    write_report,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,19 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(err))
     print(format_server_table(block))
     if args.out:
-        report = {
-            "benchmark": "serve_latency",
-            "model": args.model,
-            "machine": {
-                "python": platform.python_version(),
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            },
-            **block,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.out, "serve_latency", args.model, block)
         print(f"wrote {args.out}")
 
 

@@ -18,11 +18,9 @@ variables (default: ``default`` and ``memory-limit`` = ``MEMORY_LIMIT_MB=1024``)
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 from pathlib import Path
 
+from esci_reranker.bench.server import write_report
 from esci_reranker.bench.server_memory import ServerMemory, format_memory_table
 
 DEFAULT_CONFIGS = {"default": {}, "memory-limit": {"MEMORY_LIMIT_MB": "1024"}}
@@ -83,19 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(err))
     print(format_memory_table(block))
     if args.out:
-        report = {
-            "benchmark": "serve_memory",
-            "model": args.model,
-            "machine": {
-                "python": platform.python_version(),
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            },
-            **block,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.out, "serve_memory", args.model, block)
         print(f"wrote {args.out}")
 
 

@@ -225,9 +225,10 @@ def test_arena_policy_prefers_the_users_setting(monkeypatch):
 # --- the glibc mechanisms, for real (in a fresh interpreter) ------------------------------------
 
 
-def _run(code: str) -> str:
+def _run(code: str, *args: str) -> str:
+    """Run ``code`` in a fresh interpreter (``sys.argv[1:]`` = ``args``); its stdout."""
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
@@ -324,15 +325,6 @@ def test_arena_cap_limits_the_arenas_threads_create():
         f = libc.fopen(path.encode(), b"w"); libc.malloc_info(0, f); libc.fclose(f)
         print(len(re.findall(r"<heap nr=", open(path).read())))
     """
-    capped = int(
-        subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code), "2"], capture_output=True, text=True, timeout=120
-        ).stdout
-    )
-    free = int(
-        subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code), "none"], capture_output=True, text=True, timeout=120
-        ).stdout
-    )
+    capped, free = int(_run(code, "2")), int(_run(code, "none"))
     assert capped <= 2
     assert free > capped

@@ -474,10 +474,36 @@ def format_server_table(block: Mapping[str, Any]) -> str:
         )
         for r in block["results"]
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in [header, *rows]]
+    lines = fixed_width(header, rows)
     lines.append(
         f"/rerank, {block['candidates_per_request']} candidates, over loopback; goal: p50 <= "
         f"{block['p50_goal_ms']:.0f} ms at concurrency 1 (cache off)"
     )
     return "\n".join(lines)
+
+
+def fixed_width(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of a right-aligned text table: the header, then one line per row."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in [header, *rows]]
+
+
+def write_report(path: str | Path, benchmark: str, model: str, block: Mapping[str, Any]) -> None:
+    """Write a server benchmark's ``block`` as JSON with the benchmark's name, the model and the machine."""
+    import json
+    import platform
+
+    report = {
+        "benchmark": benchmark,
+        "model": model,
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        },
+        **block,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")

@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from esci_reranker.bench.server import Server, build_requests
+from esci_reranker.bench.server import Server, build_requests, fixed_width
 
 MIB: Final[int] = 1024 * 1024
 #: The service goal of issue 18: steady-state RSS at or below 1 GB under 16 clients (cache off).
@@ -366,8 +366,7 @@ def format_memory_table(block: Mapping[str, Any]) -> str:
         )
         for r in block["results"]
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]]
+    lines = fixed_width(header, rows)
     lines.append(
         f"/rerank, {block['candidates_per_request']} candidates, {block['concurrency']} clients, cache off, "
         f"{block['rounds']} x {block['round_seconds']:.0f} s; plateau = {block['plateau']}; "
