@@ -77,3 +77,25 @@ def stacked_teacher(tmp_path_factory: pytest.TempPathFactory, distill_data: Path
 def tiny_student_overrides(tiny_backbone: Path, distill_data: Path) -> list[str]:
     """``--set`` overrides for a tiny student on the tiny backbone and the distillation data."""
     return [f"model.backbone={tiny_backbone}", f"data.dir={distill_data}", *TINY_STUDENT]
+
+
+@pytest.fixture(scope="session")
+def oof_parquet(tmp_path_factory: pytest.TempPathFactory, stacked_teacher: Path, distill_data: Path) -> Path:
+    """An ``oof.parquet`` shaped like ``esci-reranker cv``'s: 2 query folds, seed 0, the teacher's
+    cross-encoder columns (from the one teacher: the mechanics, not an honest out-of-fold run)."""
+    from esci_reranker.reranker import Reranker
+    from esci_reranker.stack.outputs import frame_outputs
+    from esci_reranker.train.cv import query_folds
+
+    frame = pd.concat(
+        [pd.read_parquet(distill_data / f"{s}.parquet") for s in ("train", "val")], ignore_index=True
+    )
+    outputs = frame_outputs(Reranker.from_pretrained(stacked_teacher, stacked=False), frame)
+    fold_of = {
+        q: i for i, queries in enumerate(query_folds(frame["query_id"].to_numpy(), 2)) for q in queries
+    }
+    outputs.insert(0, "seed", 0)
+    outputs.insert(0, "fold", outputs["query_id"].map(fold_of))
+    path = tmp_path_factory.mktemp("oof") / "oof.parquet"
+    outputs.to_parquet(path, index=False)
+    return path

@@ -79,8 +79,11 @@ class PairEncoder:
         truncated = [len(x) >= cfg.max_length for x in ids]
         maybe = [i for i, t in enumerate(truncated) if t]
         if maybe:
-            # A pair exactly max_length long may not have been cut: re-check only those few.
-            full = self.tokenizer([queries[i] for i in maybe], [texts[i] for i in maybe])["input_ids"]
+            # A pair exactly max_length long may not have been cut: re-check only those few (in
+            # full, so quietly: a tokenizer saved with the trained length would warn about each).
+            full = self.tokenizer([queries[i] for i in maybe], [texts[i] for i in maybe], verbose=False)[
+                "input_ids"
+            ]
             for i, f in zip(maybe, full, strict=True):
                 truncated[i] = len(f) > cfg.max_length
         query_ids = product_ids = None

@@ -272,6 +272,9 @@ def export_onnx(
             meta["quantization"] = _quantize_int8(fp32_path, tmp / ONNX_INT8_NAME, checked)
             fp32_path.unlink()
         model.config.save(tmp)
+        # as in the stock exports: onnxruntime users who tokenise with truncation=True cut pairs
+        # at the trained length (our runner passes it explicitly either way)
+        tokenizer.model_max_length = model.config.max_length
         tokenizer.save_pretrained(tmp)
         (tmp / ONNX_META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists() and not out.is_dir():

@@ -152,9 +152,4 @@ def load_stock(
     target.body[0].load_state_dict(hf_model.get_submodule(layout.dense).state_dict())  # type: ignore[index]
     target.proj.load_state_dict(hf_model.get_submodule(layout.out).state_dict())
     del hf_model
-    tokenizer = load_tokenizer(folder)
-    # The saved model_max_length (the trained pair length) is for other libraries, which truncate
-    # at it; our PairEncoder passes its max_length explicitly and re-tokenises long pairs in full
-    # to tell which were cut, which that limit would make transformers warn about on every load.
-    tokenizer.model_max_length = int(config.backbone.get("max_position_embeddings", 512))
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), load_tokenizer(folder)

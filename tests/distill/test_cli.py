@@ -1,0 +1,74 @@
+"""``esci-reranker distill``, ``distill-cv`` and ``export`` on teachers and students, from the shell."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.cli.helpers import assert_fails, run
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def test_distill_command_writes_a_student_that_exports(
+    stacked_teacher: Path, tiny_student_overrides: list[str], tmp_path: Path
+):
+    from sentence_transformers import CrossEncoder
+
+    out = tmp_path / "student"
+    result = run(
+        "distill", "--teacher", stacked_teacher, "--config", "configs/distill_score.yaml", "--out", out,
+        "--no-progress", *_sets(tiny_student_overrides),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"student-score: {out / 'model'}" in result.output
+    assert (out / "distill.json").is_file()
+    exported = run("export", "--model", out / "model", "--format", "tei", "--out", tmp_path / "tei")
+    assert exported.exit_code == 0, exported.output
+    assert CrossEncoder(str(tmp_path / "tei")).predict([("shoes", "red shoes")]).shape == (1,)
+
+
+def test_distill_command_names_a_bad_key_and_a_missing_teacher(
+    tiny_student_overrides: list[str], tmp_path: Path
+):
+    bad_key = run(
+        "distill", "--teacher", tmp_path, "--config", "configs/distill_score.yaml", "--out", tmp_path / "o",
+        "--set", "loss.rank_weigth=2",
+    )  # fmt: skip
+    assert_fails(bad_key, "loss.rank_weigth: unknown key")
+    missing = run(
+        "distill", "--teacher", tmp_path / "nowhere", "--config", "configs/distill_score.yaml",
+        "--out", tmp_path / "o", *_sets(tiny_student_overrides),
+    )  # fmt: skip
+    assert_fails(missing, "no checkpoint at local path")
+
+
+def test_export_of_the_stacked_teacher_points_to_distill(stacked_teacher: Path, tmp_path: Path):
+    for fmt in ("hf-classifier", "st-cross-encoder", "tei"):
+        result = run("export", "--model", stacked_teacher, "--format", fmt, "--out", tmp_path / fmt)
+        assert_fails(
+            result, "is a stacked model", "esci-reranker distill --teacher", "configs/distill_score.yaml"
+        )
+        assert not (tmp_path / fmt).exists()
+
+
+def test_distill_cv_command_prints_student_and_teacher(
+    stacked_teacher: Path, oof_parquet: Path, tiny_student_overrides: list[str], tmp_path: Path
+):
+    out = tmp_path / "cv"
+    result = run(
+        "distill-cv", "--teacher", stacked_teacher, "--config", "configs/distill_score.yaml", "--oof", oof_parquet,
+        "--out", out, "--seeds", "0", "--baselines", "bm25", *_sets(tiny_student_overrides),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "| student |" in result.output
+    assert "| teacher |" in result.output
+    assert "| bm25 |" in result.output
+    saved = json.loads((out / "distill_cv.json").read_text())
+    assert [(e["fold"], e["seed"]) for e in saved["entries"]] == [(0, 0), (1, 0)]
+    assert (out / "teacher_oof.parquet").is_file()
+    missing = run("distill-cv", "--teacher", stacked_teacher, "--config", "configs/distill_score.yaml",
+                  "--oof", tmp_path / "none.parquet", "--out", out)  # fmt: skip
+    assert_fails(missing, "no such file; `esci-reranker cv --out DIR` writes DIR/oof.parquet")

@@ -1,0 +1,102 @@
+"""Students cross-validated against the teacher's out-of-fold outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import esci_reranker.distill.student as student_module
+from esci_reranker.distill import (
+    DISTILL_CV_MODELS,
+    cross_validate_student,
+    load_distill_config,
+    teacher_oof_table,
+)
+from esci_reranker.distill.cv import teacher_run
+from esci_reranker.distill.data import read_labelled_and_test
+from esci_reranker.distill.teacher import PROB_COLUMNS, TEACHER_COLUMNS
+from esci_reranker.eval.evaluator import evaluate_run
+from esci_reranker.stack.cv import cv_summary
+from esci_reranker.stack.stacker import STACKER_DIR, Stacker
+
+
+@pytest.fixture(scope="module")
+def splits(distill_data: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return read_labelled_and_test(distill_data)
+
+
+def test_cross_encoder_teacher_table_is_the_oof_columns(splits, oof_parquet: Path):
+    frame, _ = splits
+    oof = pd.read_parquet(oof_parquet)
+    table = teacher_oof_table(frame, oof, stacker=None, seed=0)
+    assert len(table) == len(frame)
+    assert set(TEACHER_COLUMNS) <= set(table.columns)
+    merged = table.merge(oof, on=["query_id", "product_id"], suffixes=("", "_oof"))
+    np.testing.assert_allclose(merged["t_score"], merged["ce_score"])
+    np.testing.assert_allclose(merged["t_prob_S"], merged["ce_p_S"])  # no rules: the raw probabilities
+    assert (merged["t_threshold"] == 0.5).all()
+    with pytest.raises(ValueError, match="no rows for seed 3"):
+        teacher_oof_table(frame, oof, seed=3)
+
+
+def test_stacked_teacher_outputs_of_a_fold_never_come_from_trees_that_saw_it(
+    splits, oof_parquet: Path, stacked_teacher: Path
+):
+    frame, _ = splits
+    oof = pd.read_parquet(oof_parquet)
+    stacker = Stacker.load(stacked_teacher / STACKER_DIR)
+    table = teacher_oof_table(frame, oof, stacker, seed=0)
+    assert len(table) == len(frame)
+    assert not table.duplicated(["query_id", "product_id"]).any()
+    # the rules' offsets are applied: the class is the argmax of the adjusted probabilities
+    assert (table[list(PROB_COLUMNS)].to_numpy().argmax(1) == table["t_class"].map("ESCI".index)).all()
+    # the proof: change every label of fold 0; fold 0's teacher outputs stay as they were, since
+    # the trees that score fold 0 were fitted on fold 1 only (fold 1's outputs do change)
+    fold0 = set(oof.loc[oof["fold"] == 0, "query_id"])
+    relabelled = frame.copy()
+    shift = {"E": "I", "S": "C", "C": "S", "I": "E"}
+    relabelled.loc[relabelled["query_id"].isin(fold0), "esci_label"] = relabelled["esci_label"].map(shift)
+    again = teacher_oof_table(relabelled, oof, stacker, seed=0)
+    key = ["query_id", "product_id"]
+    before = table.set_index(key).sort_index()
+    after = again.set_index(key).sort_index()
+    in_fold0 = before.index.get_level_values("query_id").isin(fold0)
+    pd.testing.assert_frame_equal(before[in_fold0], after[in_fold0])
+    assert not np.allclose(before.loc[~in_fold0, "t_score"], after.loc[~in_fold0, "t_score"])
+
+
+def test_cross_validation_trains_without_the_held_out_fold_and_scores_both(
+    splits, oof_parquet: Path, tiny_student_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+):
+    frame, test = splits
+    table = teacher_oof_table(frame, pd.read_parquet(oof_parquet), stacker=None, seed=0)
+    calls: list[tuple[set, set, set]] = []
+    real = student_module.train_student
+
+    def recording(cfg, train, val, **kwargs):
+        calls.append((set(train["query_id"]), set(val["query_id"]), set(train["product_id"])))
+        return real(cfg, train, val, **kwargs)
+
+    monkeypatch.setattr(student_module, "train_student", recording)
+    cfg = load_distill_config("configs/distill_esci.yaml", tiny_student_overrides)
+    entries = cross_validate_student(table, frame, cfg, seeds=(0, 1), test=test, log=lambda _line: None)
+    assert [(e["fold"], e["seed"]) for e in entries] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for entry, (trained, validated, products) in zip(entries, calls, strict=True):
+        held_out = set(table.loc[table["fold"] == entry["fold"], "query_id"])
+        assert not (trained | validated) & held_out  # the held-out fold never trains or stops the student
+        assert not trained & validated
+        assert not products & set(test["product_id"])  # nor does the test split
+        assert {"ndcg", "task2_micro_f1", "task2_macro_f1"} <= set(entry["student"])
+        # the teacher's numbers are its out-of-fold outputs on the fold, evaluated as any run
+        rows = frame.merge(table[table["fold"] == entry["fold"]], on=["query_id", "product_id"])
+        metrics = evaluate_run(teacher_run(rows))
+        assert entry["teacher"]["ndcg"] == pytest.approx(metrics["task1"]["ndcg"])
+        assert entry["teacher"]["task2_micro_f1"] == pytest.approx(metrics["task2"]["micro_f1"])
+    summary = cv_summary(entries, models=DISTILL_CV_MODELS)
+    assert list(summary["overall"]) == ["student", "teacher"]
+    assert summary["overall"]["student"]["ndcg"]["mean"] == pytest.approx(
+        np.mean([e["student"]["ndcg"] for e in entries])
+    )
