@@ -117,6 +117,7 @@ class DistillConfig(_Strict):
     teacher: TeacherSection = TeacherSection()
     model: StudentModel = StudentModel()
     loss: DistillLoss = DistillLoss()
+    # the training config's optimiser section (it checks that query slices fit the batches);
     # query slices by default: the score student's ListNet term compares pairs of one query
     optim: OptimSection = OptimSection(batching="query")
     eval: DistillEval = DistillEval()
@@ -132,11 +133,6 @@ class DistillConfig(_Strict):
             raise ValueError(
                 "loss.rank_weight > 0 compares pairs of the same query: set optim.batching: query "
                 "(or loss.rank_weight: 0)."
-            )
-        if self.optim.batching == "query" and self.optim.group_size > self.optim.batch_size:
-            raise ValueError(
-                f"optim.group_size ({self.optim.group_size}) must not exceed optim.batch_size "
-                f"({self.optim.batch_size})."
             )
         return self
 

@@ -193,6 +193,14 @@ class OptimSection(_Strict):
     )
     group_size: int = Field(16, ge=2, description="With batching 'query': most pairs of one query per slice.")
 
+    @model_validator(mode="after")
+    def _slices_fit_batches(self) -> OptimSection:
+        if self.batching == "query" and self.group_size > self.batch_size:
+            raise ValueError(
+                f"optim.group_size ({self.group_size}) must not exceed optim.batch_size ({self.batch_size})."
+            )
+        return self
+
 
 class EvalSection(_Strict):
     """Validation during training and early stopping."""
@@ -282,11 +290,6 @@ class TrainConfig(_Strict):
             )
         if self.model.type == "listwise" and self.optim.batching != "query":
             raise ValueError("model.type listwise trains on candidate lists: set optim.batching: query.")
-        if self.optim.batching == "query" and self.optim.group_size > self.optim.batch_size:
-            raise ValueError(
-                f"optim.group_size ({self.optim.group_size}) must not exceed optim.batch_size "
-                f"({self.optim.batch_size})."
-            )
         return self
 
 
