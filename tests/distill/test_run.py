@@ -179,3 +179,28 @@ def test_esci_student_needs_a_teacher_with_classes(
     cfg = load_distill_config("configs/distill_esci.yaml", tiny_student_overrides)
     with pytest.raises(ValueError, match="this teacher has no class outputs"):
         distill(tiny_single_task_checkpoint, cfg, tmp_path, progress=False, log=lambda _line: None)
+
+
+def test_students_serve_through_the_http_service(score_run, esci_run):
+    from fastapi.testclient import TestClient
+
+    from esci_reranker.serve.app import create_app
+    from esci_reranker.serve.settings import load_settings
+
+    body = {
+        "query": "red running shoes",
+        "candidates": [
+            {"product_id": "a", "title": "Nike Pegasus", "brand": "Nike", "color": "red"},
+            {"product_id": "b", "text": "Shoe polish kit"},
+        ],
+    }
+    for result, classes in ((score_run[0], False), (esci_run[0], True)):
+        reranker = Reranker.from_pretrained(result.model_dir, device="cpu")
+        with TestClient(create_app(load_settings(), reranker)) as client:
+            ranked = client.post("/rerank", json=body)
+            assert ranked.status_code == 200, ranked.text
+            expected = {c.product_id: c.score for c in reranker.rerank(body["query"], body["candidates"])}
+            got = {r["product_id"]: r["score"] for r in ranked.json()["ranked"]}
+            assert got == pytest.approx(expected, abs=1e-5)
+            classify = client.post("/classify", json=body)
+            assert classify.status_code == (200 if classes else 409)
