@@ -392,9 +392,10 @@ def _tei_weight_problems(path: Path, model_type: object, hidden: object) -> list
         return [f"{path.name} is missing"]
     with safe_open(str(path), "pt") as weights:
         shapes = {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}  # noqa: SIM118
-    prefix = {"bert": "bert"}.get(str(model_type), str(model_type).replace("-", "_"))
+    # transformers saves the RoBERTa family's encoder under "roberta." (XLM-R and CamemBERT too)
+    prefix = "bert" if model_type == "bert" else "roberta"
     layout = HEAD_LAYOUTS.get(str(model_type))
-    needed = {f"{prefix}.embeddings.word_embeddings.weight": None}
+    needed: dict[str, tuple[int, ...] | None] = {f"{prefix}.embeddings.word_embeddings.weight": None}
     if layout is not None and isinstance(hidden, int):
         needed |= {
             f"{layout.dense}.weight": (hidden, hidden),
