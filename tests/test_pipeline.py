@@ -27,9 +27,12 @@ def test_stacked_pipeline_trains_folds_stacker_and_final_model(tmp_path, tiny_ba
         baselines=("random", "bm25"),
         progress=False,
         log=lines.append,
+        build_index=False,  # the index stage is the same for both paths; tested below
     )
     out = tmp_path / "run"
     assert {p.name for p in out.iterdir()} >= {"data", "model", "train", "eval", "timings.json"}
+    assert not (out / "index").exists()
+    assert result.index_dir is None
     assert (out / "model" / "stacker" / "stacker.json").is_file()
     assert result.test_metrics["num_queries"] == 41
     assert "by_query_type" in result.test_metrics
@@ -50,6 +53,12 @@ def test_stacked_pipeline_trains_folds_stacker_and_final_model(tmp_path, tiny_ba
 
 @pytest.mark.slow
 def test_pipeline_writes_model_evaluation_and_tables_in_fixed_places(tmp_path, tiny_backbone):
+    # The index stage with a tiny random retriever (the packaged one takes ~1 min to embed 6.6k
+    # products on 2 cores); it needs the retrieval extra, as `make run` installs it.
+    pytest.importorskip("usearch", reason="the retrieval extra is not installed")
+    from tests.retrieval.conftest import build_tiny_retriever
+
+    retriever = build_tiny_retriever(tmp_path / "tiny-st")
     lines: list[str] = []
     result = run_pipeline(
         CONFIG,
@@ -64,9 +73,18 @@ def test_pipeline_writes_model_evaluation_and_tables_in_fixed_places(tmp_path, t
         baselines=("random", "bm25"),
         progress=False,
         log=lines.append,
+        index_retriever=retriever,
     )
     out = tmp_path / "run"
-    assert {p.name for p in out.iterdir()} >= {"data", "model", "train", "eval", "eval_val", "timings.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "data",
+        "model",
+        "train",
+        "eval",
+        "eval_val",
+        "index",
+        "timings.json",
+    }
     stats = json.loads((out / "data" / "stats.json").read_text())
     assert [stats["splits"][s]["queries"] for s in ("train", "val", "test")] == [97, 13, 41]
     assert result.test_metrics["num_queries"] == 41
@@ -79,4 +97,14 @@ def test_pipeline_writes_model_evaluation_and_tables_in_fixed_places(tmp_path, t
     model_metrics = json.loads((out / "model" / "metrics.json").read_text())
     assert model_metrics["task1"]["ndcg"] == pytest.approx(result.test_metrics["task1"]["ndcg"])
     assert model_metrics["training"]["steps"] == 2
-    assert lines[0].startswith("[1/4] prepare")
+    assert lines[0].startswith("[1/5] prepare")
+    # The sample's search index, what `esci-reranker search --index OUT/index` reads: every product
+    # of the sample, searchable, timed in timings.json.
+    from esci_reranker.retrieval import CatalogueIndex
+
+    assert result.index_dir == out / "index"
+    assert lines[-1].startswith("[5/5] index the sample's products")
+    index = CatalogueIndex.open(out / "index")
+    assert len(index) == 6613
+    assert index.retrieve("wireless earbuds", 5)
+    assert json.loads((out / "timings.json").read_text())["index"] > 0

@@ -1,9 +1,12 @@
-"""The main job: prepare the bundled sample -> train the default model -> evaluate against baselines.
+"""The main job: prepare the bundled sample -> train the default model -> evaluate against baselines
+-> index the sample's catalogue for search.
 
 Outputs go to fixed places other tools rely on (``OUT`` defaults to ``runs/default``):
 ``OUT/data/`` the prepared splits, ``OUT/model/`` the best checkpoint (+ metrics.json),
 ``OUT/train/`` logs and resume state, ``OUT/eval/`` the test-split evaluation (predictions,
-metrics, report, plots) and ``OUT/eval_val/`` the same on the validation split.
+metrics, report, plots), ``OUT/eval_val/`` the same on the validation split (single cross-encoder
+only) and ``OUT/index/`` the bundled sample's catalogue index, so ``esci-reranker search --index
+OUT/index`` and the service's page work right after the job.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class PipelineResult:
     #: For a stacked model (``model.stacker: gbdt``): the cross-validation tables over the
     #: train+val queries, which replace the validation split (the final model trains on it).
     cv_table: str | None = None
+    #: The sample's search index (``OUT/index``); None when it was not built.
+    index_dir: Path | None = None
 
 
 def pipeline_config(config: str | Path, out_dir: Path, overrides: tuple[str, ...] = ()) -> TrainConfig:
@@ -52,21 +57,26 @@ def run_pipeline(
     baselines: tuple[str, ...] = ("random", "bm25", "bi-encoder"),
     progress: bool = True,
     log: Any = print,
+    build_index: bool = True,
+    index_retriever: str | Path | None = None,
 ) -> PipelineResult:
-    """Run the whole main job and return its result; ``log`` receives one line per stage."""
-    import pandas as pd
+    """Run the whole main job and return its result; ``log`` receives one line per stage.
 
+    Args:
+        build_index: also index the bundled sample's products into ``OUT/index`` (BM25 + dense
+            vectors; ~1 min on 2 cores), what ``esci-reranker search`` and ``/search`` read.
+        index_retriever: the index's dense retriever (a sentence-transformers folder); None =
+            the packaged zero-shot all-MiniLM-L6-v2 (``make run`` trains no retriever).
+    """
     from esci_reranker.data import PrepareOptions, prepare, sample_path, write_splits
-    from esci_reranker.eval.runner import run_evaluation
-    from esci_reranker.reranker import Reranker
-    from esci_reranker.train.loop import train
 
     out = Path(out_dir)
     cfg = pipeline_config(config, out, overrides)
     seconds: dict[str, float] = {}
+    stages = 5 if build_index else 4
 
     t = time.perf_counter()
-    log(f"[1/4] prepare the bundled ESCI sample -> {out / 'data'}")
+    log(f"[1/{stages}] prepare the bundled ESCI sample -> {out / 'data'}")
     prepared = prepare(
         joined=sample_path(),
         options=PrepareOptions(
@@ -79,10 +89,61 @@ def run_pipeline(
         log(f"      {name:5s}: {s['queries']:4d} queries {s['rows']:6d} rows")
     seconds["prepare"] = time.perf_counter() - t
 
+    stacked = cfg.model.stacker == "gbdt"
+    run_stages = _stacked_pipeline if stacked else _cross_encoder_pipeline
+    result, training = run_stages(cfg, config, out, baselines, progress, log, seconds, stages)
+    if build_index:
+        t = time.perf_counter()
+        result.index_dir = _build_sample_index(out / "index", index_retriever, stages, log)
+        seconds["index"] = time.perf_counter() - t
+    _write_results(cfg, out, result.test_metrics, training, seconds)
+    return result
+
+
+def _build_sample_index(index_dir: Path, retriever: str | Path | None, stages: int, log: Any) -> Path | None:
+    """The last stage: the bundled sample's catalogue index, so search works after the job.
+
+    Skipped with a message (not an error) when the retrieval extra is missing: the model and its
+    evaluation, the job's main outputs, are already written by then.
+    """
+    from esci_reranker.retrieval.encoder import PACKAGED_RETRIEVER
+
+    name = retriever if retriever is not None else f"{PACKAGED_RETRIEVER} (zero-shot)"
+    log(f"[{stages}/{stages}] index the sample's products for search (BM25 + dense, {name}) -> {index_dir}")
+    try:
+        from esci_reranker.retrieval.sample import build_sample_index
+
+        build_sample_index(index_dir, retriever=retriever)
+    except ImportError as err:
+        log(
+            f"      skipped: search needs the retrieval extra ({err}); install it with "
+            "pip install 'esci-reranker[retrieval]', then: esci-reranker index --sample "
+            f"--out {index_dir}"
+        )
+        return None
+    return index_dir
+
+
+def _cross_encoder_pipeline(
+    cfg: TrainConfig,
+    config: str | Path,
+    out: Path,
+    baselines: tuple[str, ...],
+    progress: bool,
+    log: Any,
+    seconds: dict[str, float],
+    stages: int,
+) -> tuple[PipelineResult, dict[str, Any]]:
+    """Stages 2-4 for a single cross-encoder: train with early stopping on val, then evaluate on
+    the val and test splits against the baselines. Returns the result and how training went."""
+    import pandas as pd
+
+    from esci_reranker.eval.runner import run_evaluation
+    from esci_reranker.reranker import Reranker
+    from esci_reranker.train.loop import train
+
     t = time.perf_counter()
-    if cfg.model.stacker == "gbdt":
-        return _stacked_pipeline(cfg, config, out, baselines, progress, log, seconds)
-    log(f"[2/4] train {config} (early stopping on val) -> {cfg.output.save_path}")
+    log(f"[2/{stages}] train {config} (early stopping on val) -> {cfg.output.save_path}")
     result = train(cfg, progress=progress, evaluate_test=False)
     log(
         f"      best val {result.metric_name} {result.best_metric:.4f} at step {result.best_step} "
@@ -98,7 +159,7 @@ def run_pipeline(
     for step, split, folder in ((3, "val", "eval_val"), (4, "test", "eval")):
         t = time.perf_counter()
         log(
-            f"[{step}/4] evaluate on the {split} split against {', '.join(baselines) or 'no baselines'} -> {out / folder}"
+            f"[{step}/{stages}] evaluate on the {split} split against {', '.join(baselines) or 'no baselines'} -> {out / folder}"
         )
         frame = pd.read_parquet(out / "data" / f"{split}.parquet")
         evaluations[split] = run_evaluation(
@@ -112,8 +173,7 @@ def run_pipeline(
         "stopped_early": result.stopped_early,
         "seconds": result.seconds,
     }
-    _write_results(cfg, out, evaluations["test"].metrics, training, seconds)
-    return PipelineResult(
+    pipeline_result = PipelineResult(
         out_dir=out,
         test_table=evaluations["test"].table,
         val_table=evaluations["val"].table,
@@ -121,6 +181,7 @@ def run_pipeline(
         val_metrics=evaluations["val"].metrics,
         seconds=seconds,
     )
+    return pipeline_result, training
 
 
 def _stacked_pipeline(
@@ -131,9 +192,11 @@ def _stacked_pipeline(
     progress: bool,
     log: Any,
     seconds: dict[str, float],
-) -> PipelineResult:
+    stages: int,
+) -> tuple[PipelineResult, dict[str, Any]]:
     """Stages 2-4 for a stacked model: out-of-fold cross-encoders, cross-validation and the
-    stacker, the final cross-encoder; then the test split against the baselines."""
+    stacker, the final cross-encoder; then the test split against the baselines. Returns the
+    result and how training went."""
     import pandas as pd
 
     from esci_reranker.eval.runner import run_evaluation
@@ -143,19 +206,19 @@ def _stacked_pipeline(
 
     t = time.perf_counter()
     log(
-        f"[2/4] train {config}: {cfg.stack.folds} out-of-fold cross-encoders, the stacker, the final "
+        f"[2/{stages}] train {config}: {cfg.stack.folds} out-of-fold cross-encoders, the stacker, the final "
         f"model -> {cfg.output.save_path}"
     )
     result = train_stacked(cfg, progress=progress, log=log, baselines=baselines)
     seconds["train"] = time.perf_counter() - t
     t = time.perf_counter()
-    log("[3/4] cross-validation over the train+val queries (out of fold; mean ± std over folds)")
+    log(f"[3/{stages}] cross-validation over the train+val queries (out of fold; mean ± std over folds)")
     cv_table = cv_tables(result.cv)
     seconds["evaluate_val"] = time.perf_counter() - t  # the CV ran during training
 
     t = time.perf_counter()
     log(
-        f"[4/4] evaluate on the test split against {', '.join(baselines) or 'no baselines'} -> {out / 'eval'}"
+        f"[4/{stages}] evaluate on the test split against {', '.join(baselines) or 'no baselines'} -> {out / 'eval'}"
     )
     reranker = Reranker.from_pretrained(cfg.output.save_path)
     reranker.name = "esci-reranker (stacked)"
@@ -163,7 +226,6 @@ def _stacked_pipeline(
     evaluation = run_evaluation(reranker, frame, out / "eval", baselines=baselines, progress=progress)
     seconds["evaluate_test"] = time.perf_counter() - t
     training = {"cv": result.cv["overall"], "seconds": result.seconds, "rounds": result.rounds}
-    _write_results(cfg, out, evaluation.metrics, training, seconds)
     return PipelineResult(
         out_dir=out,
         test_table=evaluation.table,
@@ -172,7 +234,7 @@ def _stacked_pipeline(
         val_metrics={},
         seconds=seconds,
         cv_table=cv_table,
-    )
+    ), training
 
 
 def _write_results(

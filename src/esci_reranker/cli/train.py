@@ -140,8 +140,17 @@ def pipeline_command(
         "random,bm25,bi-encoder"
     ),
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    index: Annotated[
+        bool,
+        typer.Option(
+            "--index/--no-index",
+            help="Also index the bundled sample's products into OUT/index for `search` and the "
+            "service's page (~1 min; needs the retrieval extra).",
+        ),
+    ] = True,
 ) -> None:
-    """The main job: prepare the bundled sample, train, evaluate against baselines, print the table."""
+    """The main job: prepare the bundled sample, train, evaluate against baselines, print the table,
+    then index the sample's catalogue for search (OUT/index; --no-index skips it)."""
     from esci_reranker.data import DataError
     from esci_reranker.pipeline import run_pipeline
     from esci_reranker.train import ConfigError
@@ -149,7 +158,13 @@ def pipeline_command(
     names = tuple(b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none")
     try:
         result = run_pipeline(
-            config, out, _overrides(overrides, base_model), names, progress=progress, log=typer.echo
+            config,
+            out,
+            _overrides(overrides, base_model),
+            names,
+            progress=progress,
+            log=typer.echo,
+            build_index=index,
         )
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         fail(str(err))
@@ -166,11 +181,17 @@ def pipeline_command(
     typer.echo("\nTest split (the sample's held-out queries; never used for training or selection):\n")
     typer.echo(result.test_table)
     t = result.seconds
+    index_time = f"index {t['index']:.0f} s, " if "index" in t else ""
     typer.echo(
         f"\ntime: prepare {t['prepare']:.0f} s, train {t['train']:.0f} s, "
-        f"evaluate {t['evaluate_val'] + t['evaluate_test']:.0f} s, total {t['total']:.0f} s"
+        f"evaluate {t['evaluate_val'] + t['evaluate_test']:.0f} s, {index_time}total {t['total']:.0f} s"
     )
     typer.echo(f"model: {out / 'model'}   report: {out / 'eval' / 'report.md'}")
+    if result.index_dir is not None:
+        typer.echo(
+            f"search index: {result.index_dir}   try: esci-reranker search --index {result.index_dir} "
+            f'--model {out / "model"} --query "wireless earbuds" --top-k 5'
+        )
 
 
 def _train_stacked(cfg: TrainConfig, resume: bool, progress: bool) -> None:
