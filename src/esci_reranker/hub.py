@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,16 @@ from typing import Any, Final
 from esci_reranker import __version__
 from esci_reranker.data.text import FIELD_SEPARATOR, LONG_FIELDS
 from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS, GAIN_TABLES, LABEL_NAMES
-from esci_reranker.model.config import WEIGHTS_NAME, CheckpointError, ModelConfig
+from esci_reranker.model.config import (
+    CLASSIFIER,
+    LISTWISE,
+    LLM,
+    SINGLE_TASK,
+    CheckpointError,
+    ModelConfig,
+    is_hub_id,
+)
+from esci_reranker.model.io import CheckpointFiles, checkpoint_files
 
 CARD_NAME: Final[str] = "README.md"
 METRICS_NAME: Final[str] = "metrics.json"
@@ -33,7 +41,6 @@ _SECTION_TITLES: Final[Mapping[str, str]] = {
 }
 #: Metrics too detailed for the card (they stay in metrics.json).
 _SKIPPED_METRIC_KEYS: Final[frozenset[str]] = frozenset({"per_class", "confusion_matrix", "labels"})
-_HUB_ID: Final[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def load_metrics(folder: str | Path) -> dict[str, Any] | None:
@@ -99,60 +106,241 @@ def _evaluation_section(metrics: Mapping[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
+def _base_reference(config: ModelConfig) -> str:
+    """The model this one was trained from: the LLM's base LM, else the encoder's source."""
+    return config.llm.base_model if config.llm is not None else config.backbone_name
+
+
 def _front_matter(config: ModelConfig) -> str:
-    lines = [
-        "---",
-        "pipeline_tag: text-ranking",
-        "tags:",
-        *(
-            f"- {t}"
-            for t in ("esci-reranker", "reranker", "cross-encoder", "product-search", "esci")
-            + (("multi-task",) if config.multi_task else ())
-        ),
-    ]
+    tags = ["esci-reranker", "reranker", "product-search", "esci"]
+    tags.insert(2, "llm" if config.model_type == LLM else "cross-encoder")
+    if config.multi_task:
+        tags.append("multi-task")
+    if config.model_type == LISTWISE:
+        tags.append("listwise")
+    adapter = config.llm is not None and not config.llm.merged
+    if adapter:
+        tags.append("lora")
+    lines = ["---", "pipeline_tag: text-ranking"]
+    if adapter:
+        lines.append("library_name: peft")  # the Hub shows the repo as an adapter of base_model
+    lines += ["tags:", *(f"- {t}" for t in tags)]
     # base_model must be a Hub id; a local path or a made-up name would be rejected by the Hub.
-    if _HUB_ID.match(config.backbone_name) and not Path(config.backbone_name).exists():
-        lines.append(f"base_model: {config.backbone_name}")
+    base = _base_reference(config)
+    if is_hub_id(base):
+        lines.append(f"base_model: {base}")
     lines.append("---")
     return "\n".join(lines)
 
 
-def build_model_card(config: ModelConfig, repo_id: str, metrics: Mapping[str, Any] | None = None) -> str:
-    """The README.md of a pushed checkpoint: what it is, how to load it, data, metrics, limits.
-
-    Pure: builds a string from the model config, the repo id and the parsed ``metrics.json``.
-    """
+def _what(config: ModelConfig, stock: bool, stacked: bool) -> str:
+    """The card's first paragraph after the dataset sentence: what the model reads and outputs."""
     backbone = config.backbone_name or config.backbone.get("model_type", "unknown")
-    heads = (
-        "three heads on one shared encoder: a Task 1 relevance score (regression to the ESCI gain), "
-        "a Task 2 E/S/C/I classifier and a Task 3 is-substitute probability"
-        if config.multi_task
-        else "one head: a Task 1 relevance score (regression to the ESCI gain)"
-    )
-    fields = ", ".join(f"`{f}`" for f in config.text_fields)
-    long_fields = [f for f in config.text_fields if f in LONG_FIELDS]
-    cap = f"; {', '.join(long_fields)} cut to {config.long_field_chars} characters" if long_fields else ""
-    separator = FIELD_SEPARATOR.replace("|", "\\|")  # a bare | would end the table cell
-    labels = ", ".join(f"{label} = {LABEL_NAMES[label]}" for label in ESCI_LABELS)
     rank = (
         "the expected gain P(E)·1 + P(S)·0.1 + P(C)·0.01 from the E/S/C/I head"
         if config.rank_score == "expected_gain"
         else "the regression head"
     )
+    heads = (
+        "three heads on one shared encoder: a Task 1 relevance score (regression to the ESCI gain), "
+        "a Task 2 E/S/C/I classifier and a Task 3 is-substitute probability"
+    )
+    if config.model_type == LLM:
+        assert config.llm is not None
+        words = ", ".join(f"`{w}`" for w in config.llm.label_words)
+        score = (
+            "the expected gain Σ P(label)·gain"
+            if config.llm.score == "expected_gain"
+            else "(3·P(E) + 2·P(S) + P(C)) / 3"
+        )
+        what = (
+            f"A label-token LLM reranker: the causal LM `{config.llm.base_model}` reads a chat prompt "
+            f"(instruction, query, product text) and, at the answer position, the logits of the label "
+            f"words {words} are softmaxed into P(E), P(S), P(C), P(I). `rerank` sorts by {score}; the "
+            "class is the most likely label and the substitute probability is P(S). "
+        )
+        if config.llm.merged:
+            return what + (
+                "This repo holds the LM with its LoRA adapter merged into the weights (`merged/`): "
+                "no base model is needed."
+            )
+        return what + (
+            f"This repo holds the LoRA adapter (peft) trained on that base model, not the base "
+            f"model's weights: loading it loads `{config.llm.base_model}` first."
+        )
+    if config.model_type == LISTWISE:
+        what = (
+            f'A listwise reranker: a `{backbone}` encoder reads each "query [SEP] product text" pair, '
+            "then a list transformer reads all candidates of a query together, so a candidate's "
+            f"outputs depend on the rest of its list (rerank a query's whole candidate list in one "
+            f"call). It has {heads}. `rerank` sorts by {rank}."
+        )
+    elif config.model_type == CLASSIFIER:
+        what = (
+            f'A cross-encoder reranker reading "query [SEP] product text" with a `{backbone}` encoder '
+            "and one head, an E/S/C/I classifier: the Task 1 score is its expected gain "
+            "P(E)·1 + P(S)·0.1 + P(C)·0.01 and the Task 3 probability its P(S)."
+        )
+    elif config.model_type == SINGLE_TASK:
+        what = (
+            f'A cross-encoder reranker reading "query [SEP] product text" with a `{backbone}` encoder '
+            "and one head: a Task 1 relevance score (regression to the ESCI gain). It has no classes "
+            "(Task 2) or substitute probability (Task 3)."
+        )
+    else:
+        what = (
+            f'A cross-encoder reranker reading "query [SEP] product text" with a `{backbone}` encoder '
+            f"and {heads}. `rerank` sorts by {rank}."
+        )
+    if stock:
+        what += (
+            " The folder is also a stock transformers sequence classifier: "
+            "`AutoModelForSequenceClassification.from_pretrained` loads it without esci-reranker."
+        )
+    if stacked:
+        what += (
+            " Its `stacker/` folder holds gradient-boosted trees (LightGBM text files) over the "
+            "cross-encoder's outputs and hand-made features, and decision rules, which `Reranker` "
+            "applies after the cross-encoder (`stacked=False` turns them off)."
+        )
+    return what
+
+
+def _llm_loading(config: ModelConfig, repo_id: str) -> str:
+    """How an LLM checkpoint's base model is found when the repo is loaded (empty for others)."""
+    if config.llm is None:
+        return ""
+    from esci_reranker.model.llm import MERGED_DIR, base_source, packaged_install
+
+    settings = config.llm
+    if settings.merged:
+        return (
+            f"The LM alone (without our prompt and label words) is a plain transformers causal LM: "
+            f'`AutoModelForCausalLM.from_pretrained("{repo_id}", subfolder="{MERGED_DIR}")`.\n\n'
+        )
+    source = base_source(settings)
+    if source == "packaged":
+        return (
+            f"The base model `{settings.base_model}` ships in a Python package: `{packaged_install(settings)}` "
+            "installs it (a GGUF file that transformers dequantises with the `gguf` package); "
+            "`Reranker.from_pretrained` finds it there and applies this adapter.\n\n"
+        )
+    gguf = f', gguf_file="{settings.gguf_file}"' if settings.gguf_file else ""
+    return (
+        f"`Reranker.from_pretrained` downloads the base model `{settings.base_model}` from the Hub and "
+        "applies this adapter with peft. The LM alone (without our prompt and label words, which are "
+        "in `config.json` under `llm`):\n\n"
+        "```python\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM\n\n"
+        f'base = AutoModelForCausalLM.from_pretrained("{settings.base_model}"{gguf})\n'
+        f'lm = PeftModel.from_pretrained(base, "{repo_id}")\n'
+        "```\n\n"
+    )
+
+
+def _details(config: ModelConfig) -> list[tuple[str, str]]:
+    """Rows of the card's settings table."""
+    fields = ", ".join(f"`{f}`" for f in config.text_fields)
+    long_fields = [f for f in config.text_fields if f in LONG_FIELDS]
+    cap = f"; {', '.join(long_fields)} cut to {config.long_field_chars} characters" if long_fields else ""
+    separator = FIELD_SEPARATOR.replace("|", "\\|")  # a bare | would end the table cell
+    text = ("product text", f'{fields} joined with "{separator}"{cap}')
+    version = ("esci-reranker version", __version__)
+    if config.llm is not None:
+        settings = config.llm
+        weights = (
+            "the LM with the LoRA adapter merged (`merged/`)"
+            if settings.merged
+            else f"LoRA adapter (peft): r {settings.lora_r}, alpha {settings.lora_alpha:g}, dropout "
+            f"{settings.lora_dropout:g} on {', '.join(f'`{t}`' for t in settings.lora_targets)}"
+        )
+        base = f"`{settings.base_model}`" + (f" (`{settings.gguf_file}`)" if settings.gguf_file else "")
+        return [
+            ("model type", f"`{config.model_type}`"),
+            ("base model", base),
+            ("weights", weights),
+            ("label words", ", ".join(f"`{settings.label_prefix}{w}`" for w in settings.label_words)),
+            ("ranking score", f"`{settings.score}`"),
+            ("max prompt length", f"{config.max_length} tokens (the product text, then the query, is cut)"),
+            text,
+            version,
+        ]
+    backbone = config.backbone_name or config.backbone.get("model_type", "unknown")
+    rows = [
+        ("model type", f"`{config.model_type}`"),
+        ("encoder", f"`{backbone}`"),
+        ("pooling", f"`{config.pooling}`"),
+        ("head hidden size", str(config.head_hidden)),
+        ("bi-encoder prior", f"`{config.prior}`"),
+        (
+            "max pair length",
+            f"{config.max_length} tokens (longer pairs are truncated and reported as `truncated`)",
+        ),
+        text,
+        ("ranking score", f"`{config.rank_score}`"),
+    ]
+    if config.listwise is not None:
+        lw = config.listwise
+        rows.append(
+            (
+                "list transformer",
+                f"{lw.layers} layers, {lw.heads} heads; lists over {lw.max_list} candidates are dealt "
+                "round-robin into chunks scored separately",
+            )
+        )
+    return [*rows, version]
+
+
+def _cost_note(config: ModelConfig) -> str:
+    if config.model_type == LLM:
+        return (
+            "An LLM scores every (query, product) pair with a full pass of a decoder LM over the "
+            "prompt: far more compute per pair than a small cross-encoder. It is not a first-stage "
+            "retriever."
+        )
+    if config.model_type == LISTWISE:
+        return (
+            "Every candidate is encoded as a pair, then the whole list is read again by the list "
+            "transformer: cost grows linearly with the number of candidates. It is not a "
+            "first-stage retriever."
+        )
+    return (
+        "A cross-encoder scores every (query, product) pair: cost grows linearly with the number of "
+        "candidates. It is not a first-stage retriever."
+    )
+
+
+def build_model_card(
+    config: ModelConfig,
+    repo_id: str,
+    metrics: Mapping[str, Any] | None = None,
+    stock: bool = False,
+    stacked: bool = False,
+) -> str:
+    """The README.md of a pushed checkpoint: what it is, how to load it, data, metrics, limits.
+
+    Pure: builds a string from the model config, the repo id, the parsed ``metrics.json`` and
+    what the folder holds besides (``stock``: a stock transformers classifier folder;
+    ``stacked``: a ``stacker/``). The description follows the model family.
+    """
     name = repo_id.split("/")[-1]
+    extra = "llm" if config.model_type == LLM else None
+    install = f"pip install 'esci-reranker[{extra}]'" if extra else "pip install esci-reranker"
+    details = "\n".join(f"| {k} | {v} |" for k, v in _details(config))
+    labels = ", ".join(f"{label} = {LABEL_NAMES[label]}" for label in ESCI_LABELS)
     return f"""{_front_matter(config)}
 {CARD_MARKER}
 
 # {name}
 
-A cross-encoder reranker for product search, trained on the Amazon Shopping Queries Dataset (ESCI)
-with the [esci-reranker](https://github.com/esci-reranker/esci-reranker) package. It reads
-"query [SEP] product text" with a `{backbone}` encoder and has {heads}. `rerank` sorts by {rank}.
+A reranker for product search, trained on the Amazon Shopping Queries Dataset (ESCI) with the
+[esci-reranker](https://github.com/esci-reranker/esci-reranker) package. {_what(config, stock, stacked)}
 
 ## How to use
 
 ```bash
-pip install esci-reranker
+{install}
 ```
 
 ```python
@@ -174,22 +362,14 @@ preds = reranker.predict([("running shoes", "Nike Air Zoom Pegasus | Nike")])
 print(preds.scores, preds.esci_probs)  # esci_probs columns: E, S, C, I
 ```
 
-Or from the command line: `esci-reranker rerank --model {repo_id} --query "running shoes" --candidates candidates.jsonl`.
+{_llm_loading(config, repo_id)}Or from the command line: `esci-reranker rerank --model {repo_id} --query "running shoes" --candidates candidates.jsonl`.
 Private repos need a token (`HF_TOKEN` or `huggingface-cli login`).
 
 ## Model details
 
 | setting | value |
 |---|---|
-| model type | `{config.model_type}` |
-| encoder | `{backbone}` |
-| pooling | `{config.pooling}` |
-| head hidden size | {config.head_hidden} |
-| bi-encoder prior | `{config.prior}` |
-| max pair length | {config.max_length} tokens (longer pairs are truncated and reported as `truncated`) |
-| product text | {fields} joined with "{separator}"{cap} |
-| ranking score | `{config.rank_score}` |
-| esci-reranker version | {__version__} |
+{details}
 
 ## Training data
 
@@ -212,8 +392,7 @@ retrieved by a first stage such as BM25 or a bi-encoder, in e-commerce search{";
 
 - Trained on one catalogue (Amazon) and its query distribution; expect lower quality on other
   catalogues, other languages or locales, and very different product text.
-- A cross-encoder scores every (query, product) pair: cost grows linearly with the number of
-  candidates. It is not a first-stage retriever.
+- {_cost_note(config)}
 - Text beyond {config.max_length} tokens is cut; information late in long descriptions is not seen.
 - ESCI labels are crowd-sourced and noisy, and classes are imbalanced (complements and
   substitutes are rare), so the class probabilities are less reliable than the ranking.
@@ -233,13 +412,51 @@ def write_model_card(folder: str | Path, repo_id: str) -> bool:
     """Write the generated card to ``folder/README.md`` unless a hand-written README.md is there.
 
     Returns True when the card was written (absent before, or an earlier generated card).
+
+    Raises:
+        CheckpointError: ``folder`` is not a complete checkpoint.
     """
     folder = Path(folder)
+    files = checkpoint_files(folder)
     card = folder / CARD_NAME
     if card.is_file() and CARD_MARKER not in card.read_text(errors="replace"):
         return False
-    card.write_text(build_model_card(ModelConfig.load(folder), repo_id, load_metrics(folder)))
+    card.write_text(
+        build_model_card(
+            files.config,
+            repo_id,
+            load_metrics(folder),
+            stock=files.weights == "stock",
+            stacked=files.stacked,
+        )
+    )
     return True
+
+
+def check_shareable(files: CheckpointFiles, folder: Path, repo_id: str) -> None:
+    """Raise ``CheckpointError`` when whoever loads ``repo_id`` could not rebuild the model.
+
+    An llm-family adapter holds only the LoRA weights: loading it loads ``llm.base_model``
+    again, which another machine can do for a Hub id or a ``packaged:`` model, not for a
+    folder of this machine.
+    """
+    if files.weights != "lora-adapter":
+        return
+    from esci_reranker.model.llm import base_source
+
+    assert files.config.llm is not None
+    base = files.config.llm.base_model
+    if base_source(files.config.llm) == "local":
+        raise CheckpointError(
+            f"push: {folder} is an llm-family checkpoint whose LoRA adapter sits on the base model "
+            f"{base!r} (llm.base_model in its config.json), a path on this machine, not a Hugging "
+            f"Face Hub id or a packaged: model; whoever loads {repo_id} could not load that base, so "
+            "the adapter alone would be useless there. Push a standalone copy instead: "
+            f"`esci-reranker export --model {folder} --format merged --out {folder}-merged`, then "
+            f"`esci-reranker push --model {folder}-merged --repo-id {repo_id}` (the LoRA merged into "
+            "the LM's weights; it loads with no base model). Or, if that folder is a copy of a Hub "
+            "model, set llm.base_model in config.json to its Hub id (e.g. Qwen/Qwen3-0.6B) and push again."
+        )
 
 
 def push_to_hub(
@@ -252,17 +469,21 @@ def push_to_hub(
     """Upload a checkpoint folder to the Hub repo ``repo_id`` (created if missing) with its model card.
 
     The card is written to ``folder/README.md`` first (a hand-written README.md is kept as is),
-    so what is uploaded is exactly the folder. Hidden files are not uploaded.
+    so what is uploaded is exactly the folder. Hidden files are not uploaded. Every family
+    pushes: the encoder families' ``model.safetensors`` (or a distilled student's stock
+    classifier), a ``stacker/`` beside it, and the llm family's LoRA adapter (the card names
+    the base model it loads) or its merged LM.
 
     Args:
-        folder: a local checkpoint folder (``config.json``, ``model.safetensors``, tokenizer files).
+        folder: a local checkpoint folder (``config.json``, the weights, tokenizer files).
         repo_id: ``user/name`` or ``org/name``.
         private: create the repo as private (an existing repo keeps its visibility).
         commit_message: defaults to "Upload esci-reranker model".
         token: a Hub token; None uses ``HF_TOKEN`` or the saved login.
 
     Raises:
-        CheckpointError: ``folder`` is not a checkpoint.
+        CheckpointError: ``folder`` is not a complete checkpoint, or it is an llm adapter over a
+            base model that exists only on this machine (``check_shareable``).
         ValueError: ``repo_id`` is not a valid Hub repo id.
         huggingface_hub.errors.HfHubHTTPError: the Hub refused (authentication, permissions, ...).
     """
@@ -271,15 +492,12 @@ def push_to_hub(
     from huggingface_hub.utils import validate_repo_id
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such checkpoint folder.")
-    ModelConfig.load(folder)  # raises with a clear message for anything that is not our checkpoint
-    if not (folder / WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"{folder}: {WEIGHTS_NAME} is missing; nothing to push.")
+    files = checkpoint_files(folder)  # raises with a clear message for anything incomplete or not ours
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
         raise ValueError(f"repo id {repo_id!r} is not valid ({err}); expected 'user/name'.") from None
+    check_shareable(files, folder, repo_id)
 
     card_written = write_model_card(folder, repo_id)
     api = HfApi(token=token)

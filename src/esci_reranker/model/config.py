@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -33,6 +34,15 @@ STOCK_KEY: Final[str] = "esci_reranker"
 STOCK_HEAD_KEYS: Final[frozenset[str]] = frozenset(
     {STOCK_KEY, "architectures", "id2label", "label2id", "problem_type", "sentence_transformers"}
 )
+
+_HUB_ID: Final[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether a model reference (``backbone_name``, ``llm.base_model``) is a Hugging Face Hub id
+    (``owner/name``) that another machine can download, not a path that exists here."""
+    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
 
 Pooling = Literal["mean", "cls"]
 RankScore = Literal["regression", "expected_gain"]

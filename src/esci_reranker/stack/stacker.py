@@ -37,6 +37,11 @@ TASKS: Final[tuple[str, ...]] = ("ranker", "classifier", "substitute")
 SUBSTITUTE: Final[int] = LABEL_TO_INDEX["S"]
 
 
+def has_stacker(checkpoint: str | Path) -> bool:
+    """Whether a checkpoint folder is stacked: it holds a ``stacker/`` with its manifest."""
+    return (Path(checkpoint) / STACKER_DIR / MANIFEST_NAME).is_file()
+
+
 @dataclass
 class GBDTParams:
     """LightGBM settings shared by the three models (strongly regularised: ~100 queries)."""
