@@ -124,3 +124,37 @@ def write_small_splits(folder: Path, queries_per_split: tuple[int, int, int] = (
 def small_splits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with small train/val/test parquets (6/3/3 real queries)."""
     return write_small_splits(tmp_path_factory.mktemp("splits"))
+
+
+def stack_teacher(source: Path, folder: Path, data: Path) -> Path:
+    """A copy of ``source`` (multi-task, cosine prior) with a stacker fitted on ``data``'s train+val
+    rows and decision rules with non-zero offsets, so the rules visibly change the classes."""
+    import shutil
+
+    import pandas as pd
+
+    from esci_reranker.reranker import Reranker
+    from esci_reranker.stack.cv import stack_table
+    from esci_reranker.stack.outputs import CE_COLUMNS, frame_outputs
+    from esci_reranker.stack.stacker import STACKER_DIR, GBDTParams, fit_stacker
+
+    shutil.copytree(source, folder)
+    frame = pd.concat([pd.read_parquet(data / f"{s}.parquet") for s in ("train", "val")], ignore_index=True)
+    outputs = frame_outputs(Reranker.from_pretrained(folder, stacked=False), frame)
+    table = stack_table(frame, {c: outputs[c].to_numpy() for c in CE_COLUMNS if c in outputs})
+    params = GBDTParams(max_rounds=10, min_data_in_leaf=5, inner_folds=2, num_leaves=4)
+    stacker, _ = fit_stacker(table, params)
+    stacker.rules.class_offsets = [0.0, 0.6, -0.4, 0.3]
+    stacker.save(folder / STACKER_DIR)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_stacked_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_splits: Path) -> Path:
+    """A tiny stacked checkpoint: the cosine + lexical prior model with a stacker fitted on the
+    small splits (read-only: copy it before changing it)."""
+    from esci_reranker.model import save_checkpoint
+
+    model, tokenizer = build_tiny_model(prior="cosine", lexical=True, seed=4)
+    source = save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny-cross-encoder")
+    return stack_teacher(source, tmp_path_factory.mktemp("ckpt") / "tiny-stacked", small_splits)

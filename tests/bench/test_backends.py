@@ -24,6 +24,7 @@ from esci_reranker.bench import (
 )
 from esci_reranker.hardware import cpu_bf16_support
 from esci_reranker.model.cpu import int8_available
+from esci_reranker.model.onnx import CROSS_ENCODER_STAGE, WHOLE_MODEL
 
 
 def test_encoder_flops_follows_the_formula():
@@ -139,3 +140,31 @@ def test_anchor_uses_the_st_export_when_the_model_is_exportable(tmp_path):
         "vs_torch_fp32": None,
         "torch_int8_vs_torch_fp32": None,
     }
+
+
+@pytest.mark.slow
+def test_onnx_rows_of_a_stacked_checkpoint_are_its_cross_encoder_stage(tiny_stacked_checkpoint, tmp_path):
+    result = run_backend_bench(
+        tiny_stacked_checkpoint,
+        None,
+        batch_size=8,
+        n_pairs=8,
+        repeats=1,
+        threads=1,
+        backends=[TORCH_FP32, ONNX_FP32, ONNX_INT8],
+        test_queries=2,
+        roofline_size=64,
+        echo=None,
+    )
+    backends = result["backends"]
+    assert backends[TORCH_FP32]["stage"] == WHOLE_MODEL  # the torch row runs the stacker too
+    for name in (ONNX_FP32, ONNX_INT8):
+        assert backends[name]["stage"] == CROSS_ENCODER_STAGE
+        assert "cross-encoder stage only (no stacker)" in backends[name]["note"]
+        # different stages: no score comparison with the stacked torch row
+        assert "max_abs_score_diff_vs_torch_fp32" not in backends[name]
+        assert 0 < backends[name]["ndcg"] <= 1
+    loss = result["int8_ndcg_loss"]
+    assert loss["vs_torch_fp32"] is None
+    assert loss["vs_onnx_fp32"] == pytest.approx(backends[ONNX_FP32]["ndcg"] - backends[ONNX_INT8]["ndcg"])
+    assert "cross-encoder stage only" in format_table(result)

@@ -3,13 +3,12 @@ stacked tiny teacher (with non-zero decision-rule offsets) and tiny-student conf
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tests.conftest import build_tiny_model, write_small_splits
+from tests.conftest import build_tiny_model, stack_teacher, write_small_splits
 
 #: Overrides that make a student tiny and its training a few steps (plus the backbone and data).
 TINY_STUDENT = [
@@ -41,25 +40,6 @@ def distill_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pd.concat([train, product_row, query_row], ignore_index=True).to_parquet(
         folder / "train.parquet", index=False
     )
-    return folder
-
-
-def stack_teacher(source: Path, folder: Path, data: Path) -> Path:
-    """A copy of ``source`` (multi-task, cosine prior) with a stacker fitted on ``data``'s train+val
-    rows and decision rules with non-zero offsets, so the rules visibly change the classes."""
-    from esci_reranker.reranker import Reranker
-    from esci_reranker.stack.cv import stack_table
-    from esci_reranker.stack.outputs import CE_COLUMNS, frame_outputs
-    from esci_reranker.stack.stacker import STACKER_DIR, GBDTParams, fit_stacker
-
-    shutil.copytree(source, folder)
-    frame = pd.concat([pd.read_parquet(data / f"{s}.parquet") for s in ("train", "val")], ignore_index=True)
-    outputs = frame_outputs(Reranker.from_pretrained(folder, stacked=False), frame)
-    table = stack_table(frame, {c: outputs[c].to_numpy() for c in CE_COLUMNS if c in outputs})
-    params = GBDTParams(max_rounds=10, min_data_in_leaf=5, inner_folds=2, num_leaves=4)
-    stacker, _ = fit_stacker(table, params)
-    stacker.rules.class_offsets = [0.0, 0.6, -0.4, 0.3]
-    stacker.save(folder / STACKER_DIR)
     return folder
 
 

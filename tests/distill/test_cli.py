@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.cli.helpers import assert_fails, run
 
 
@@ -46,12 +48,31 @@ def test_distill_command_names_a_bad_key_and_a_missing_teacher(
 
 
 def test_export_of_the_stacked_teacher_points_to_distill(stacked_teacher: Path, tmp_path: Path):
-    for fmt in ("hf-classifier", "st-cross-encoder", "tei"):
+    for fmt in ("hf-classifier", "st-cross-encoder", "tei", "onnx"):
         result = run("export", "--model", stacked_teacher, "--format", fmt, "--out", tmp_path / fmt)
         assert_fails(
             result, "is a stacked model", "esci-reranker distill --teacher", "configs/distill_score.yaml"
         )
         assert not (tmp_path / fmt).exists()
+    onnx = run("export", "--model", stacked_teacher, "--format", "onnx", "--out", tmp_path / "onnx")
+    assert_fails(onnx, "the ONNX graph would hold the cross-encoder alone", "pass --cross-encoder-only")
+    wrong = run(
+        "export", "--model", stacked_teacher, "--format", "tei", "--cross-encoder-only", "--out", tmp_path / "t"
+    )  # fmt: skip
+    assert_fails(wrong, "--cross-encoder-only: only --format onnx", "not tei; drop the flag")
+
+
+def test_onnx_export_of_the_stacked_teacher_is_its_first_stage_and_says_so(
+    stacked_teacher: Path, tmp_path: Path
+):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "first-stage"
+    result = run(
+        "export", "--model", stacked_teacher, "--format", "onnx", "--cross-encoder-only", "--out", out
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "onnx.json").read_text())["stage"] == "cross-encoder-only"
+    assert "first stage of a stacked model only" in (out / "README.md").read_text()
 
 
 def test_distill_cv_command_prints_student_and_teacher(

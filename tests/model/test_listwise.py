@@ -139,6 +139,24 @@ def test_save_load_round_trip(listwise, tmp_path: Path) -> None:
     np.testing.assert_allclose(again["score"], _outputs(model, encoder, QUERIES, TEXTS)["score"], atol=1e-6)
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "hf-classifier", "st-cross-encoder", "tei"])
+def test_stock_exports_are_refused_with_the_distill_route(fmt: str, tmp_path: Path) -> None:
+    from tests.cli.helpers import assert_fails, run
+
+    # the head layout a stock classifier computes (CLS, tanh layer as wide as the encoder, no
+    # prior): what is refused is the list transformer, not the layout
+    model, tokenizer = build_tiny_model("esci-listwise", pooling="cls", head_hidden=32)
+    folder = save_checkpoint(model, tokenizer, tmp_path / "lw")
+    result = run("export", "--model", folder, "--format", fmt, "--out", tmp_path / "out")
+    assert_fails(
+        result,
+        f"export --format {fmt}: {folder} is a listwise checkpoint (model_type 'esci-listwise')",
+        "there is no stock equivalent",
+        f"esci-reranker distill --teacher {folder}",
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_iterative_inference_keeps_survivors_above_the_dropped() -> None:
     model, tokenizer = build_tiny_model(
         "esci-listwise", listwise={"iterative_rounds": 2, "iterative_drop": 0.5}

@@ -179,6 +179,28 @@ def test_merge_refuses_other_families(tiny_checkpoint: Path, tmp_path: Path) -> 
     assert_fails(result, "esci-multitask", "--format merged is for the llm family")
 
 
+def test_stock_exports_are_refused_before_loading_with_the_merged_route(base: Path, tmp_path: Path) -> None:
+    model, tokenizer = build_llm(_config(base))
+    adapter = save_checkpoint(model, tokenizer, tmp_path / "llm")
+    merged = tmp_path / "merged"
+    assert run("export", "--model", adapter, "--format", "merged", "--out", merged).exit_code == 0
+    # a base that no longer exists: the refusal must come before any weights are loaded
+    config = json.loads((adapter / "config.json").read_text())
+    config["llm"]["base_model"] = str(tmp_path / "gone")
+    (adapter / "config.json").write_text(json.dumps(config))
+    for fmt in ("onnx", "hf-classifier", "st-cross-encoder", "tei"):
+        result = run("export", "--model", adapter, "--format", fmt, "--out", tmp_path / fmt)
+        assert_fails(
+            result,
+            f"export --format {fmt}: {adapter} is an llm-family checkpoint (model_type 'esci-llm'",
+            f"esci-reranker export --model {adapter} --format merged --out DIR",
+            f"esci-reranker distill --teacher {adapter}",
+        )
+        assert not (tmp_path / fmt).exists()
+        on_merged = run("export", "--model", merged, "--format", fmt, "--out", tmp_path / fmt)
+        assert_fails(on_merged, "the causal LM in merged/", "It is already the standalone form")
+
+
 def test_adapter_on_another_base_is_refused(base: Path, tmp_path: Path) -> None:
     from transformers import AutoConfig
 

@@ -18,10 +18,12 @@ from esci_reranker.data.text import product_texts  # noqa: E402
 from esci_reranker.model import CheckpointError, ModelConfig, PairEncoder, load_checkpoint, save_checkpoint  # noqa: E402
 from esci_reranker.model.export import ExportError  # noqa: E402
 from esci_reranker.model.onnx import (  # noqa: E402
+    CROSS_ENCODER_STAGE,
     EXPORT_TOLERANCE,
     ONNX_INT8_NAME,
     ONNX_META_NAME,
     ONNX_NAME,
+    WHOLE_MODEL,
     export_onnx,
     load_onnx_runner,
     resolve_backend,
@@ -160,8 +162,42 @@ def test_folder_holds_config_sidecar_and_tokenizer(exported, tiny_checkpoint):
     assert meta["quantize"] is None
     assert meta["opset"] == 17
     assert 0 <= meta["max_abs_diff_fp32_vs_torch"] <= EXPORT_TOLERANCE
+    assert meta["stage"] == WHOLE_MODEL
+    assert "It holds the checkpoint's whole model." in (folder / "README.md").read_text()
     assert (folder / "tokenizer.json").is_file()
     assert not (folder / "model.safetensors").exists()
+
+
+def test_stacked_checkpoint_is_refused_unless_its_first_stage_is_asked_for(
+    tiny_stacked_checkpoint: Path, tmp_path: Path
+):
+    stacked = tiny_stacked_checkpoint
+    with pytest.raises(ExportError) as err:
+        export_onnx(stacked, tmp_path / "refused")
+    message = str(err.value)
+    for fragment in (
+        f"export --format onnx: {stacked} is a stacked model",
+        "the ONNX graph would hold the cross-encoder alone and score differently",
+        f"esci-reranker distill --teacher {stacked}",
+        "pass --cross-encoder-only",
+    ):
+        assert fragment in message
+    assert not (tmp_path / "refused").exists()
+
+    folder = export_onnx(stacked, tmp_path / "first-stage", cross_encoder_only=True)
+    meta = json.loads((folder / ONNX_META_NAME).read_text())
+    assert meta["stage"] == CROSS_ENCODER_STAGE
+    assert "stacker" in meta["stage_note"]
+    readme = (folder / "README.md").read_text()
+    assert "**This is the first stage of a stacked model only.**" in readme
+    assert "--cross-encoder-only" in readme
+    assert not (folder / "stacker").exists()
+    # it scores as the checkpoint's cross-encoder does without its stacker
+    pairs = list(zip(QUERIES, TEXTS, strict=True))
+    first = Reranker.from_pretrained(stacked, device="cpu", stacked=False).predict(pairs)
+    onnx_preds = Reranker.from_pretrained(folder, device="cpu").predict(pairs)
+    np.testing.assert_allclose(onnx_preds.scores, first.scores, atol=1e-4)
+    np.testing.assert_allclose(onnx_preds.esci_probs, first.esci_probs, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["multi", "single", "prior"])

@@ -10,6 +10,11 @@
 - the Task 1 nDCG of each backend on the sample's holdout split (the test split), and what each
   int8 backend loses against fp32.
 
+**Stacked checkpoints.** The torch rows run the whole model (cross-encoder, then the stacker's
+trees and rules). The stacker is not in ONNX, so the ONNX rows are the cross-encoder stage alone
+(``export_onnx(..., cross_encoder_only=True)``), labelled ``stage: cross-encoder-only`` in the JSON
+and in the table's note; their scores and nDCG are not compared with the torch rows'.
+
 **Workload.** What a reranker is given: whole candidate lists. Queries of the sample are drawn
 in a fixed random order (seed 0) and all their candidates taken until ``n_pairs`` pairs (the last
 list cut short), so the pairs have the real query and product text lengths and the real number
@@ -61,6 +66,7 @@ from esci_reranker.hardware import cpu_bf16_support, cpu_flags, cpu_model
 from esci_reranker.model.config import ModelConfig
 from esci_reranker.model.cpu import int8_available
 from esci_reranker.model.features import unique_rows
+from esci_reranker.model.onnx import CROSS_ENCODER_STAGE, WHOLE_MODEL
 from esci_reranker.reranker import Reranker
 
 TORCH_FP32: Final[str] = "torch_fp32"
@@ -88,6 +94,9 @@ class _Variant:
     uses_towers: bool
     note: str = ""
     ndcg_meaningful: bool = True
+    #: What the variant computes: ``WHOLE_MODEL``, or ``CROSS_ENCODER_STAGE`` for the ONNX export
+    #: of a stacked checkpoint (its trees are not in ONNX); only equal stages are compared.
+    stage: str = WHOLE_MODEL
     seconds: list[float] = field(default_factory=list)
 
 
@@ -200,11 +209,11 @@ def _load_sample(config: ModelConfig) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
-def _reranker_variant(name: str, reranker: Reranker, note: str = "") -> _Variant:
+def _reranker_variant(name: str, reranker: Reranker, note: str = "", stage: str = WHOLE_MODEL) -> _Variant:
     def predict(queries: list[str], texts: list[str]) -> np.ndarray:
         return reranker.predict_texts(queries, texts).scores
 
-    return _Variant(name, predict, uses_towers=reranker.config.prior == "cosine", note=note)
+    return _Variant(name, predict, uses_towers=reranker.config.prior == "cosine", note=note, stage=stage)
 
 
 def _anchor_variant(
@@ -296,6 +305,9 @@ def _build_variants(
             )
         else:
             skipped[TORCH_INT8] = {"status": "skipped", "reason": "no dynamic int8 linear in this torch"}
+    # The stacker's trees are not in ONNX: of a stacked checkpoint, the ONNX rows time (and
+    # score) its cross-encoder stage alone, and say so; the torch rows run the whole model.
+    stage = CROSS_ENCODER_STAGE if reference.stacker is not None else WHOLE_MODEL
     for name, quantize in ((ONNX_FP32, None), (ONNX_INT8, "int8")):
         if name not in backends:
             continue
@@ -304,13 +316,16 @@ def _build_variants(
 
             echo(f"exporting {name} ...")
             start = time.perf_counter()
-            folder = export_onnx(model_dir, workdir / name, quantize=quantize)
+            folder = export_onnx(model_dir, workdir / name, quantize=quantize, cross_encoder_only=True)
             seconds = time.perf_counter() - start
         except ImportError as err:
             skipped[name] = {"status": "skipped", "reason": str(err)}
             continue
         onnx_reranker = Reranker.from_pretrained(folder, backend="onnx", **load)  # type: ignore[arg-type]
-        variants[name] = _reranker_variant(name, onnx_reranker, note=f"export {seconds:.1f}s")
+        note = f"export {seconds:.1f}s" + (
+            "; cross-encoder stage only (no stacker)" if stage != WHOLE_MODEL else ""
+        )
+        variants[name] = _reranker_variant(name, onnx_reranker, note=note, stage=stage)
     if ANCHOR in backends:
         anchor, info = _anchor_variant(model_dir, workdir, reference.config.max_length, batch_size)
         if anchor is None:
@@ -471,12 +486,13 @@ def _measure(
             "gflops": gflops,
             "roofline_share": gflops / peak,
             "note": v.note,
+            "stage": v.stage,
         }
         if v.ndcg_meaningful:
             entry |= _ndcg(test, test_scores[name])
         else:
             entry |= {"ndcg": None, "ndcg@10": None}
-        if base is not None and name != ANCHOR:
+        if base is not None and name != ANCHOR and v.stage == variants[TORCH_FP32].stage:
             diff = np.abs(test_scores[name].astype(np.float64) - base)
             entry["max_abs_score_diff_vs_torch_fp32"] = float(diff.max())
             entry["score_corr_vs_torch_fp32"] = _corr(test_scores[name], base)
@@ -555,11 +571,14 @@ def _vnni() -> bool:
 
 
 def _int8_loss(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
-    """fp32 nDCG minus int8 nDCG: ONNX int8 against both fp32 backends, torch int8 against torch."""
+    """fp32 nDCG minus int8 nDCG: ONNX int8 against both fp32 backends, torch int8 against torch
+    (None where the two compute different stages: a stacked model's ONNX rows lack its trees)."""
 
     def loss(reference: str, int8: str) -> float | None:
-        ref, low = entries.get(reference, {}).get("ndcg"), entries.get(int8, {}).get("ndcg")
-        return ref - low if ref is not None and low is not None else None
+        ref, low = entries.get(reference, {}), entries.get(int8, {})
+        if ref.get("ndcg") is None or low.get("ndcg") is None or ref.get("stage") != low.get("stage"):
+            return None
+        return float(ref["ndcg"] - low["ndcg"])
 
     return {
         "vs_onnx_fp32": loss(ONNX_FP32, ONNX_INT8),

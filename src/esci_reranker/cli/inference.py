@@ -29,6 +29,8 @@ EXPORT_FORMATS: dict[str, str] = {
 }
 #: Formats whose exporter takes ``quantize=``, and the values `--quantize` accepts for them.
 QUANTIZE_FORMATS: dict[str, tuple[str, ...]] = {"onnx": ("int8",)}
+#: Formats whose exporter takes ``cross_encoder_only=`` (a stacked checkpoint's first stage alone).
+CROSS_ENCODER_ONLY_FORMATS: tuple[str, ...] = ("onnx",)
 
 
 @app.command("rerank")
@@ -281,6 +283,14 @@ def export_command(
         str | None,
         typer.Option("--quantize", help="onnx only: int8 (dynamic quantisation, smaller and faster on CPU)."),
     ] = None,
+    cross_encoder_only: Annotated[
+        bool,
+        typer.Option(
+            "--cross-encoder-only",
+            help="onnx only: export a stacked checkpoint's cross-encoder without its stacker (the "
+            "trees are not in ONNX; the folder records that it is the first stage only).",
+        ),
+    ] = False,
 ) -> None:
     """Export a checkpoint as a standard model (docs/deploy.md, docs/inference.md).
 
@@ -291,9 +301,11 @@ def export_command(
     st-cross-encoder: a sentence-transformers CrossEncoder giving the Task 1 score.
     tei: the st-cross-encoder folder as text-embeddings-inference serves it on /rerank.
     onnx: the whole model as one ONNX graph for ONNX Runtime (fp32, or int8 with --quantize int8);
-    Reranker.from_pretrained loads the folder (see docs/speed.md).
+    Reranker.from_pretrained loads the folder (see docs/speed.md). A stacked checkpoint is refused
+    (its trees are not in ONNX) unless --cross-encoder-only asks for its first stage alone.
     merged: an llm-family checkpoint with its LoRA adapter merged into the LM's weights (no base
-    model or peft needed to load it; Reranker.from_pretrained loads the folder).
+    model or peft needed to load it; Reranker.from_pretrained loads the folder). The llm and
+    listwise families have no other export: distil them into a stock student instead.
     """
     import importlib
 
@@ -316,6 +328,14 @@ def export_command(
             fail(f"--quantize {quantize!r}: expected one of {', '.join(allowed)}.")
             return
         options["quantize"] = quantize
+    if cross_encoder_only:
+        if output_format not in CROSS_ENCODER_ONLY_FORMATS:
+            fail(
+                f"--cross-encoder-only: only --format {' or '.join(CROSS_ENCODER_ONLY_FORMATS)} can "
+                f"export a stacked checkpoint's first stage, not {output_format}; drop the flag."
+            )
+            return
+        options["cross_encoder_only"] = True
     try:
         folder = resolve_checkpoint(model)
         module_name, function_name = target.split(":")

@@ -8,9 +8,11 @@
   to serve it as a reranker (``check_tei_folder``): the trained pair length in
   ``sentence_bert_config.json``, where TEI looks for its maximum input length.
 
-A stacked checkpoint (trees over the cross-encoder and hand-made features, ``stacker/``) and the
-default cross-encoder (bi-encoder prior, lexical feature) have no stock equivalent: distil them
-into a stock student (``esci-reranker distill``, ``distill/``) and export that.
+A stacked checkpoint (trees over the cross-encoder and hand-made features, ``stacker/``), the
+default cross-encoder (bi-encoder prior, lexical feature) and the listwise family have no stock
+equivalent: distil them into a stock student (``esci-reranker distill``, ``distill/``) and export
+that. The llm family's standalone form is ``--format merged`` (``model.llm.merge_checkpoint``).
+``check_export_source`` refuses these before any weights are loaded, for every format (ONNX too).
 
 **Exportability rule.** A stock ``BertForSequenceClassification`` applies dense + tanh to the first
 token and then one linear layer (``RobertaForSequenceClassification`` does the same inside its
@@ -36,12 +38,13 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 
 from esci_reranker.fsutil import staged_dir
 from esci_reranker.labels import ESCI_LABELS
-from esci_reranker.model.config import STOCK_KEY, ModelConfig
+from esci_reranker.model.config import LISTWISE, LLM, STOCK_KEY, ModelConfig
 from esci_reranker.model.features import PairEncoder
-from esci_reranker.model.io import load_checkpoint
+from esci_reranker.model.io import CheckpointFiles, checkpoint_files, load_checkpoint
 from esci_reranker.model.modeling import RerankerModel
 
 HF_CLASSIFIER: Final[str] = "hf-classifier"
+ONNX: Final[str] = "onnx"
 ST_CROSS_ENCODER: Final[str] = "st-cross-encoder"
 TEI: Final[str] = "tei"
 #: Where text-embeddings-inference reads the maximum input length of a model (the first of the
@@ -220,17 +223,88 @@ def _check_target(source: Path, out: Path, overwrite: bool) -> None:
         raise ExportError(f"--out {out} already exists and is not empty; pass --overwrite to replace it.")
 
 
-def _refuse_stacked(source: Path, fmt: str) -> None:
-    """Raise ``ExportError`` for a stacked checkpoint: its trees have no stock equivalent."""
-    from esci_reranker.stack.stacker import MANIFEST_NAME, STACKER_DIR  # stack/ builds on model/
+#: What ``--format onnx`` on a stacked checkpoint takes to export its cross-encoder alone.
+CROSS_ENCODER_ONLY_FLAG: Final[str] = "--cross-encoder-only"
 
-    if (source / STACKER_DIR / MANIFEST_NAME).is_file():
+
+def check_export_source(source: Path, fmt: str, cross_encoder_only: bool = False) -> CheckpointFiles:
+    """Refuse, before any weights are loaded, a checkpoint whose model ``fmt`` cannot express.
+
+    - the ``llm`` family (a causal LM + LoRA reading a prompt): no pairwise classifier or
+      pairwise ONNX graph computes it; ``--format merged`` is its standalone form;
+    - the ``listwise`` family: a candidate's score depends on its whole candidate list, which a
+      pairwise model cannot see; there is no stock equivalent, only a distilled student;
+    - a stacked checkpoint (``stacker/``): the trees and hand-made features are not expressible
+      in a stock classifier or in ONNX. ``--format onnx`` writes its cross-encoder alone only
+      when asked to (``cross_encoder_only``), since that scores differently from the model.
+
+    Args:
+        source: the checkpoint folder.
+        fmt: the export format, for the messages.
+        cross_encoder_only: export the first stage of a stacked checkpoint knowingly (onnx only).
+
+    Returns:
+        What the checkpoint holds (its config; ``stacked`` when only its cross-encoder is exported).
+
+    Raises:
+        ExportError: the checkpoint is one of the above (the message says what to do instead).
+        CheckpointError: ``source`` is missing, not a checkpoint, or lacks its weights.
+    """
+    from esci_reranker.stack.stacker import STACKER_DIR  # stack/ builds on model/
+
+    files = checkpoint_files(source)
+    config = files.config
+    if config.model_type == LLM:
+        assert config.llm is not None
+        if files.weights == "merged-lm":
+            what = "the causal LM in merged/ (a LoRA adapter merged into its weights)"
+            standalone = (
+                "It is already the standalone form: transformers' AutoModelForCausalLM loads its "
+                "merged/ folder, and Reranker.from_pretrained and `esci-reranker serve` the checkpoint."
+            )
+        else:
+            what = f"the causal LM {config.llm.base_model!r} with a LoRA adapter"
+            standalone = (
+                "For a standalone model, write the adapter merged into the LM's weights: "
+                f"`esci-reranker export --model {source} --format merged --out DIR` (a plain "
+                "transformers causal LM; Reranker.from_pretrained and `esci-reranker serve` load it "
+                "with no base model or peft)."
+            )
         raise ExportError(
-            f"export --format {fmt}: {source} is a stacked model (a cross-encoder plus gradient-"
-            f"boosted trees over its outputs and hand-made features, in {STACKER_DIR}/); trees "
-            "and features cannot be expressed as a stock sequence classifier. "
+            f"export --format {fmt}: {source} is an llm-family checkpoint (model_type {LLM!r}: {what}, "
+            "scored by the logits of four label words at the end of a chat prompt). Neither a stock "
+            f"sequence classifier nor our pairwise ONNX graph computes that. {standalone} For a stock "
+            f"cross-encoder, distil it: `esci-reranker distill --teacher {source} --config "
+            "configs/distill_score.yaml --out runs/student-score`, then export "
+            "runs/student-score/model (docs/deploy.md)."
+        )
+    if config.model_type == LISTWISE:
+        raise ExportError(
+            f"export --format {fmt}: {source} is a listwise checkpoint (model_type {LISTWISE!r}): each "
+            "candidate's score depends on the other candidates of its query through the list "
+            "transformer, which neither a stock sequence classifier nor our pairwise ONNX graph (one "
+            "pair in, one score out) can see; there is no stock equivalent. "
             + DISTILL_HINT.format(model=source)
         )
+    if files.stacked and not (fmt == ONNX and cross_encoder_only):
+        what = (
+            "the ONNX graph would hold the cross-encoder alone and score differently from the model"
+            if fmt == ONNX
+            else "trees and features cannot be expressed as a stock sequence classifier"
+        )
+        first_stage = (
+            f" To export the cross-encoder stage alone knowingly, pass {CROSS_ENCODER_ONLY_FLAG} "
+            "(the folder then records that it is the first stage only)."
+            if fmt == ONNX
+            else ""
+        )
+        raise ExportError(
+            f"export --format {fmt}: {source} is a stacked model (a cross-encoder plus gradient-"
+            f"boosted trees over its outputs and hand-made features, in {STACKER_DIR}/); {what}. "
+            + DISTILL_HINT.format(model=source)
+            + first_stage
+        )
+    return files
 
 
 def write_classifier(
@@ -273,7 +347,7 @@ def check_export_difference(
 def _export(model_dir: str | Path, out_dir: str | Path, head: str, overwrite: bool, fmt: str) -> Path:
     source, out = Path(model_dir), Path(out_dir)
     _check_target(source, out, overwrite)
-    _refuse_stacked(source, fmt)
+    check_export_source(source, fmt)
     model, tokenizer = load_checkpoint(source, device="cpu")
     hf_model = build_sequence_classifier(model, head, fmt)
     if fmt == TEI and hf_model.config.model_type not in TEI_BACKBONES:

@@ -59,7 +59,13 @@ from transformers import PreTrainedTokenizerBase
 from esci_reranker import __version__
 from esci_reranker.fsutil import recover_dir, staged_dir
 from esci_reranker.model.config import WEIGHTS_NAME, CheckpointError, ModelConfig
-from esci_reranker.model.export import ExportError, _check_target
+from esci_reranker.model.export import (
+    CROSS_ENCODER_ONLY_FLAG,
+    ONNX,
+    ExportError,
+    _check_target,
+    check_export_source,
+)
 from esci_reranker.model.features import PROBE_PAIRS, PairEncoder
 from esci_reranker.model.io import load_checkpoint, load_tokenizer
 from esci_reranker.model.modeling import RerankerModel
@@ -79,6 +85,19 @@ DEFAULT_OPSET: Final[int] = 17
 #: 14..16 decompose it and still work).
 MIN_OPSET: Final[int] = 14
 _INSTALL_HINT: Final[str] = "pip install 'esci-reranker[onnx]'"
+README_NAME: Final[str] = "README.md"
+#: ``stage`` in ``onnx.json``: the graph is the checkpoint's whole model ...
+WHOLE_MODEL: Final[str] = "whole-model"
+#: ... or only the cross-encoder of a stacked checkpoint (``--cross-encoder-only``): its trees,
+#: stack features and decision rules were left out, so it scores as ``stacked=False`` does.
+CROSS_ENCODER_STAGE: Final[str] = "cross-encoder-only"
+_STAGE_NOTES: Final[Mapping[str, str]] = {
+    WHOLE_MODEL: "the checkpoint's whole model",
+    CROSS_ENCODER_STAGE: (
+        "the cross-encoder, the first stage of a stacked checkpoint only: its stacker (trees over "
+        "the cross-encoder's outputs and hand-made features, and decision rules) was not exported"
+    ),
+}
 
 
 def _dynamic_axes(name: str, ndim: int) -> dict[int, str]:
@@ -189,8 +208,14 @@ def export_onnx(
     quantize: str | None = None,
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
+    cross_encoder_only: bool = False,
 ) -> Path:
     """Export a checkpoint to an ONNX folder that ``Reranker.from_pretrained(out_dir)`` loads.
+
+    A stacked checkpoint (``stacker/``: trees over the cross-encoder's outputs and hand-made
+    features) is refused unless ``cross_encoder_only``: the trees are not in the graph, so the
+    folder would score with the first stage alone. With it, the folder is that first stage, and
+    says so (``stage`` in ``onnx.json``, and its README.md).
 
     Args:
         model_dir: a checkpoint folder (``config.json`` + ``model.safetensors`` + tokenizer).
@@ -199,14 +224,18 @@ def export_onnx(
             ``model_int8.onnx`` (int8 per-channel weights; ~4x smaller, faster on CPUs with VNNI).
         opset: ONNX opset of the graph (>= 14; 17 has a native LayerNormalization).
         overwrite: replace ``out_dir`` if it exists and is not empty.
+        cross_encoder_only: export a stacked checkpoint's cross-encoder without its stacker
+            (no effect on a checkpoint without one: the cross-encoder is the whole model).
 
     Returns:
         ``out_dir``.
 
     Raises:
         CheckpointError: ``model_dir`` is not a checkpoint.
-        ExportError: ``out_dir`` is unusable, or the fp32 graph differs from the PyTorch model by
-            more than ``EXPORT_TOLERANCE`` (nothing is written then).
+        ExportError: ``out_dir`` is unusable; the checkpoint is stacked (without
+            ``cross_encoder_only``), an llm or a listwise model (``export.check_export_source``);
+            or the fp32 graph differs from the PyTorch model by more than ``EXPORT_TOLERANCE``
+            (nothing is written then).
         ValueError: unknown ``quantize`` or ``opset`` below 14.
         ImportError: ``onnx`` / ``onnxruntime`` are not installed.
     """
@@ -216,6 +245,7 @@ def export_onnx(
         raise ValueError(f"opset={opset!r}; expected an integer >= {MIN_OPSET} (default {DEFAULT_OPSET}).")
     source, out = Path(model_dir), Path(out_dir)
     _check_target(source, out, overwrite)
+    stacked = check_export_source(source, ONNX, cross_encoder_only).stacked
     model, tokenizer = load_checkpoint(source, device="cpu")
     ort = _import_onnxruntime()
     with contextlib.suppress(AttributeError, ValueError):  # no such switch: trace what it has
@@ -264,6 +294,8 @@ def export_onnx(
             "dynamic_axes": {n: {str(k): v for k, v in axes.items()} for n, axes in dynamic_axes.items()},
             "max_abs_diff_fp32_vs_torch": diff,
             "source": source.name,
+            "stage": CROSS_ENCODER_STAGE if stacked else WHOLE_MODEL,
+            "stage_note": _STAGE_NOTES[CROSS_ENCODER_STAGE if stacked else WHOLE_MODEL],
             "esci_reranker_version": __version__,
             "torch_version": torch.__version__,
             "onnxruntime_version": ort.__version__,
@@ -277,6 +309,7 @@ def export_onnx(
         tokenizer.model_max_length = model.config.max_length
         tokenizer.save_pretrained(tmp)
         (tmp / ONNX_META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / README_NAME).write_text(_readme(meta, model.config))
         if out.exists() and not out.is_dir():
             out.unlink()
     return out
@@ -307,6 +340,44 @@ def _quantize_int8(src: Path, dst: Path, probes: Sequence[dict[str, torch.Tensor
                 )
             diff = max(diff, float(np.abs(value - a[name]).max()))
     return settings | {"max_abs_diff_int8_vs_fp32_probe": diff}
+
+
+def _readme(meta: Mapping[str, Any], config: ModelConfig) -> str:
+    """The folder's README.md: what the graph is (and, for a first stage, what it lacks), how to run it."""
+    outputs = ", ".join(f"`{name}`" for name in meta["outputs"])
+    lines = [
+        f"# ESCI reranker export (onnx{', int8' if meta['quantize'] else ''})",
+        "",
+        f"Exported by `esci-reranker export --format onnx` from `{meta['source']}` "
+        f"(model_type `{config.model_type}`): `{meta['file']}`, outputs {outputs}. It holds "
+        f"{meta['stage_note']}.",
+        "",
+    ]
+    if meta["stage"] == CROSS_ENCODER_STAGE:
+        lines += [
+            "**This is the first stage of a stacked model only.** The checkpoint ranks with "
+            "gradient-boosted trees over this cross-encoder's outputs and hand-made features, "
+            "then decision rules (its `stacker/` folder); none of that is in this graph, so its "
+            "scores, classes and substitute decisions are the cross-encoder's own, as "
+            "`Reranker.from_pretrained(checkpoint, stacked=False)` gives them, not the stacked "
+            f"model's. It was written with `{CROSS_ENCODER_ONLY_FLAG}`. For a stock model that "
+            "reproduces the stacked one, distil it (`esci-reranker distill`, docs/deploy.md).",
+            "",
+        ]
+    lines += [
+        "```python",
+        "from esci_reranker import Reranker",
+        "",
+        'reranker = Reranker.from_pretrained("PATH")  # the ONNX Runtime backend',
+        "```",
+        "",
+        f"Pairs are (query, product text), truncated to {config.max_length} tokens; product text is "
+        f"built from the fields {', '.join(config.text_fields)} (`esci_reranker.data.text.product_text`). "
+        f"`{ONNX_META_NAME}` describes the graph (inputs, outputs, opset, the checked difference to "
+        "the PyTorch model).",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
