@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from esci_reranker.data.text import product_text, product_texts
+from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.model import CheckpointError, PairEncoder, save_checkpoint
 from esci_reranker.model.cpu import int8_available
 from esci_reranker.reranker import Predictions, RankedCandidate, Reranker
@@ -295,3 +296,108 @@ def test_unknown_precision_is_refused(tiny_checkpoint: Path):
         Reranker.from_pretrained(tiny_checkpoint, precision="fp16")
     with pytest.raises(ValueError, match="precision='int8' runs on the CPU only, not on meta"):
         Reranker.from_pretrained(tiny_checkpoint, device="meta", precision="int8")
+
+
+# --- every family through the one public object ----------------------------------------------------
+
+#: Every kind of checkpoint ``train`` / ``distill`` writes, and whether it answers Tasks 2 and 3
+#: (the single-task cross-encoder and the score student rank only: no classes by design).
+FAMILIES = {
+    "multi_task": ("esci-multitask", True),
+    "single_task": ("esci-cross-encoder", False),
+    "listwise": ("esci-listwise", True),
+    "llm": ("esci-llm", True),
+    "stacked": ("esci-multitask", True),
+    "student-esci": ("esci-classifier", True),
+    "student-score": ("esci-cross-encoder", False),
+}
+FAMILY_QUERIES = ("red running shoes", "usb c cable")
+FAMILY_TEXTS = (
+    ("nike trail running shoes | red", "shoe polish kit", "red running socks | nike", "anker usb c cable"),
+    ("anker usb c cable | black", "usb c to hdmi adapter", "phone case"),
+)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """``(family, checkpoint folder)``, each saved the way its producer saves it."""
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    if name == "multi_task":
+        return name, request.getfixturevalue("tiny_checkpoint")
+    if name == "single_task":
+        return name, request.getfixturevalue("tiny_single_task_checkpoint")
+    if name == "stacked":
+        return name, request.getfixturevalue("tiny_stacked_checkpoint")
+    if name == "listwise":
+        model, tokenizer = build_tiny_model("esci-listwise")
+        return name, save_checkpoint(model, tokenizer, root / "listwise")
+    if name == "llm":
+        pytest.importorskip("peft", reason="the llm extra is not installed")
+        from esci_reranker.model import ModelConfig
+        from esci_reranker.model.config import LLMSettings
+        from esci_reranker.model.llm import build_llm
+        from tests.model.tiny_llm import save_tiny_base
+
+        base = save_tiny_base(root / "base")
+        config = ModelConfig(model_type="esci-llm", max_length=128, llm=LLMSettings(base_model=str(base)))
+        model, tokenizer = build_llm(config)
+        return name, save_checkpoint(model, tokenizer, root / "llm")
+    from esci_reranker.model.stock import save_stock  # the distilled students' format
+
+    model_type, rank_score = (
+        ("esci-classifier", "expected_gain")
+        if name == "student-esci"
+        else ("esci-cross-encoder", "regression")
+    )
+    model, tokenizer = build_tiny_model(
+        model_type, pooling="cls", head_hidden=32, max_length=32, rank_score=rank_score
+    )
+    return name, save_stock(model, tokenizer, root / name)
+
+
+def test_every_family_loads_and_answers_its_tasks_through_predict_and_rerank(family: tuple[str, Path]):
+    name, folder = family
+    model_type, three_tasks = FAMILIES[name]
+    reranker = Reranker.from_pretrained(folder, device="cpu", batch_size=3)
+    assert reranker.info()["model_type"] == model_type
+    assert (reranker.stacker is not None) == (name == "stacked")
+
+    # two queries' lists interleaved: results come back in input order, whatever the family
+    pairs = [(q, t) for q, texts in zip(FAMILY_QUERIES, FAMILY_TEXTS, strict=True) for t in texts]
+    order = np.random.default_rng(0).permutation(len(pairs))
+    preds = reranker.predict([pairs[i] for i in order])
+    assert len(preds) == len(pairs)
+    assert np.isfinite(preds.scores).all()
+    if three_tasks:  # Task 2: a class and its probabilities; Task 3: a probability and a decision
+        assert set(preds.esci_classes) <= set("ESCI")
+        np.testing.assert_allclose(preds.esci_probs.sum(axis=1), 1.0, atol=1e-5)
+        assert ((preds.substitute_probs >= 0) & (preds.substitute_probs <= 1)).all()
+        np.testing.assert_array_equal(
+            preds.is_substitute, preds.substitute_probs >= preds.substitute_threshold
+        )
+    else:  # ranks only, and says so rather than inventing classes
+        assert preds.esci_classes.tolist() == [""] * len(pairs)
+        assert np.isnan(preds.esci_probs).all()
+        assert np.isnan(preds.substitute_probs).all()
+
+    # rerank is the same scoring path: one query's candidates, best first, same scores as predict
+    query, texts = FAMILY_QUERIES[0], FAMILY_TEXTS[0]
+    ranked = reranker.rerank(query, [(f"p{i}", t) for i, t in enumerate(texts)])
+    assert [c.rank for c in ranked] == list(range(1, len(texts) + 1))
+    assert [c.score for c in ranked] == sorted((c.score for c in ranked), reverse=True)
+    by_pair = {pairs[i]: preds.scores[row] for row, i in enumerate(order)}
+    for c in ranked:
+        assert c.score == pytest.approx(by_pair[(query, texts[int(c.product_id[1:])])], abs=1e-4)
+        if three_tasks:
+            assert c.esci_class in ESCI_LABELS
+            assert c.substitute_prob is not None
+            assert 0.0 <= c.substitute_prob <= 1.0
+            assert c.is_substitute == (c.substitute_prob >= preds.substitute_threshold)
+        else:
+            assert (c.esci_class, c.esci_probs, c.substitute_prob, c.is_substitute) == (
+                None,
+                None,
+                None,
+                None,
+            )
