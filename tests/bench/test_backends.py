@@ -111,6 +111,14 @@ def test_backend_bench_writes_sane_json(tiny_checkpoint, tmp_path):
     assert all(name in table for name in backends)
 
 
+def _small_bench(checkpoint, backends: list[str]) -> dict:
+    """One quick round of ``backends`` on 8 pairs, nothing written or printed."""
+    return run_backend_bench(
+        checkpoint, None, batch_size=8, n_pairs=8, repeats=1, threads=1, backends=backends,
+        test_queries=2, roofline_size=64, echo=None,
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_anchor_uses_the_st_export_when_the_model_is_exportable(tmp_path):
     from esci_reranker.model import save_checkpoint
@@ -118,18 +126,7 @@ def test_anchor_uses_the_st_export_when_the_model_is_exportable(tmp_path):
 
     model, tokenizer = build_tiny_model(pooling="cls", head_hidden=32)
     checkpoint = save_checkpoint(model, tokenizer, tmp_path / "exportable")
-    result = run_backend_bench(
-        checkpoint,
-        None,
-        batch_size=8,
-        n_pairs=8,
-        repeats=1,
-        threads=1,
-        backends=[TORCH_FP32, ANCHOR],
-        test_queries=2,
-        roofline_size=64,
-        echo=None,
-    )
+    result = _small_bench(checkpoint, [TORCH_FP32, ANCHOR])
     anchor = result["backends"][ANCHOR]
     assert anchor["kind"] == "export"
     # the same weights and head: CrossEncoder.predict ranks exactly like the reranker
@@ -144,18 +141,7 @@ def test_anchor_uses_the_st_export_when_the_model_is_exportable(tmp_path):
 
 @pytest.mark.slow
 def test_onnx_rows_of_a_stacked_checkpoint_are_its_cross_encoder_stage(tiny_stacked_checkpoint, tmp_path):
-    result = run_backend_bench(
-        tiny_stacked_checkpoint,
-        None,
-        batch_size=8,
-        n_pairs=8,
-        repeats=1,
-        threads=1,
-        backends=[TORCH_FP32, ONNX_FP32, ONNX_INT8],
-        test_queries=2,
-        roofline_size=64,
-        echo=None,
-    )
+    result = _small_bench(tiny_stacked_checkpoint, [TORCH_FP32, ONNX_FP32, ONNX_INT8])
     backends = result["backends"]
     assert backends[TORCH_FP32]["stage"] == WHOLE_MODEL  # the torch row runs the stacker too
     for name in (ONNX_FP32, ONNX_INT8):

@@ -55,6 +55,19 @@ def save_checkpoint(
     return folder
 
 
+def existing_checkpoint_dir(folder: str | Path) -> Path:
+    """``folder`` as a ``Path`` once it is known to be a folder.
+
+    Raises:
+        CheckpointError: there is no such folder.
+    """
+    folder = Path(folder)
+    recover_dir(folder)  # a save interrupted between its two renames leaves the old copy aside
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder.")
+    return folder
+
+
 #: How a checkpoint keeps its weights (``CheckpointFiles.weights``).
 WeightsKind = Literal["safetensors", "stock", "lora-adapter", "merged-lm"]
 
@@ -87,10 +100,7 @@ def checkpoint_files(folder: str | Path) -> CheckpointFiles:
     from esci_reranker.model.stock import is_stock_folder  # it builds on this module
     from esci_reranker.stack.stacker import has_stacker  # stack/ builds on model/
 
-    folder = Path(folder)
-    recover_dir(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such checkpoint folder.")
+    folder = existing_checkpoint_dir(folder)
     config = ModelConfig.load(folder)
     weights: WeightsKind
     if config.model_type == LLM:
@@ -138,10 +148,7 @@ def load_checkpoint(
         CheckpointError: the folder is missing, is another kind of model, or its weights do not
             match its config.
     """
-    folder = Path(folder)
-    recover_dir(folder)  # a save interrupted between its two renames leaves the old copy aside
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such checkpoint folder.")
+    folder = existing_checkpoint_dir(folder)
     from esci_reranker.model.stock import is_stock_folder, load_stock  # it builds on this module
 
     if is_stock_folder(folder):

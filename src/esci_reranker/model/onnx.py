@@ -57,7 +57,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from esci_reranker import __version__
-from esci_reranker.fsutil import recover_dir, staged_dir
+from esci_reranker.fsutil import staged_dir
 from esci_reranker.model.config import WEIGHTS_NAME, CheckpointError, ModelConfig
 from esci_reranker.model.export import (
     CROSS_ENCODER_ONLY_FLAG,
@@ -67,7 +67,7 @@ from esci_reranker.model.export import (
     check_export_source,
 )
 from esci_reranker.model.features import PROBE_PAIRS, PairEncoder
-from esci_reranker.model.io import load_checkpoint, load_tokenizer
+from esci_reranker.model.io import existing_checkpoint_dir, load_checkpoint, load_tokenizer
 from esci_reranker.model.modeling import RerankerModel
 
 ONNX_NAME: Final[str] = "model.onnx"
@@ -456,10 +456,7 @@ def load_onnx_runner(
             config/tokenizer, or a graph that lacks the outputs its config needs.
         ImportError: onnxruntime is not installed.
     """
-    folder = Path(folder)
-    recover_dir(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such folder.")
+    folder = existing_checkpoint_dir(folder)
     path = onnx_model_path(folder)
     if path is None:
         hint = (
