@@ -4,6 +4,7 @@ process's allocator is left as it is). No timing is asserted."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from esci_reranker.serve import load_settings
 from esci_reranker.serve import memory as memory_module
 from esci_reranker.serve.batching import DynamicBatcher
-from esci_reranker.serve.memory import MIB, MemoryGuard, apply_arena_policy, process_rss
+from esci_reranker.serve.memory import MIB, MemoryGuard, apply_startup_policy, process_rss
 from esci_reranker.serve.scoring import Scorer
 from esci_reranker.serve.settings import SettingsError
 from tests.serve.helpers import body
@@ -174,6 +175,7 @@ def test_direct_path_checks_memory_on_the_model_thread(tiny_reranker):
 def test_service_reports_rss_limit_and_trims(make_client, monkeypatch):
     calls: list[int] = []
     monkeypatch.setattr(memory_module, "set_arena_max", lambda n: calls.append(n) or True)
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)  # restored after the test
     client = make_client(memory_limit_mb=1024, batch_wait_ms=1)
     state = client.app.state.service
     assert calls == [memory_module.POLICY_ARENAS]  # capped at app creation
@@ -185,6 +187,7 @@ def test_service_reports_rss_limit_and_trims(make_client, monkeypatch):
     assert info["limit_mb"] == 1024
     assert info["malloc_arena_max"] == 2
     assert info["malloc_arena_source"] == "policy"
+    assert info["onednn_cache_capacity"] == memory_module.POLICY_ONEDNN_CACHE
     assert info["trims"] >= 1
     assert info["trimmed_mb"] >= 2100.0
     assert info["peak_rss_mb"] > 0
@@ -203,23 +206,39 @@ def test_service_reports_rss_limit_and_trims(make_client, monkeypatch):
 def test_no_policy_without_a_limit(make_client, monkeypatch):
     calls: list[int] = []
     monkeypatch.setattr(memory_module, "set_arena_max", lambda n: calls.append(n) or True)
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     client = make_client()
     assert client.app.state.service.memory is None
     assert calls == []
     info = client.get("/info").json()["service"]["memory"]
     assert info["limit_mb"] is None
     assert info["malloc_arena_source"] == "glibc default"
+    assert info["onednn_cache_source"] == "oneDNN default"
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
     assert info["trims"] == 0
     assert _samples(client.get("/metrics").text)["esci_memory_limit_bytes"] == 0
 
 
-def test_arena_policy_prefers_the_users_setting(monkeypatch):
+def test_startup_policy_prefers_the_users_settings(monkeypatch):
     calls: list[int] = []
     monkeypatch.setattr(memory_module, "set_arena_max", lambda n: calls.append(n) or True)
-    assert apply_arena_policy(None, None).source == "glibc default"
-    assert apply_arena_policy(1024, 4).arenas == 4
-    assert apply_arena_policy(1024, None).arenas == memory_module.POLICY_ARENAS
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    none = apply_startup_policy(None, None)
+    assert (none.malloc_arena_source, none.onednn_cache_source) == ("glibc default", "oneDNN default")
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
+    assert apply_startup_policy(1024, 4).malloc_arena_max == 4
+    policy = apply_startup_policy(1024, None)
+    assert policy.malloc_arena_max == memory_module.POLICY_ARENAS
+    assert policy.onednn_cache_capacity == memory_module.POLICY_ONEDNN_CACHE
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(memory_module.POLICY_ONEDNN_CACHE)
     assert calls == [4, memory_module.POLICY_ARENAS]
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "300")
+    users = apply_startup_policy(1024, None)
+    assert (users.onednn_cache_capacity, users.onednn_cache_source) == (
+        300,
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY",
+    )
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "300"
 
 
 # --- the glibc mechanisms, for real (in a fresh interpreter) ------------------------------------

@@ -11,6 +11,8 @@ but resident. The policy therefore:
 
 - caps the arenas at start-up (``mallopt(M_ARENA_MAX)``, what ``MALLOC_ARENA_MAX`` does), so the
   threads share a few heaps instead of each keeping its own high-water mark;
+- shrinks oneDNN's JIT kernel cache, which otherwise fills with kernels for one-off input shapes
+  (memory in use, which no trim returns; see ``apply_startup_policy``);
 - after each forward pass compares the RSS with the limit and, when it is over, hands the free
   pages of every arena back to the OS (``malloc_trim(0)``), which keeps the speed of reused memory
   below the limit and pays for page faults only above it.
@@ -44,6 +46,11 @@ ARENA_VARIABLE: Final[str] = "MALLOC_ARENA_MAX"
 #: Arenas the policy allows when ``MALLOC_ARENA_MAX`` is not set: one for the model thread, one shared
 #: by the others (measured in docs/serving.md).
 POLICY_ARENAS: Final[int] = 2
+#: oneDNN's variable for its primitive (JIT kernel) cache, and the capacity the policy sets: enough
+#: for the dozen or so linear-layer shapes of one forward (pair pass and two towers) to be reused
+#: within it, far below oneDNN's default of 1024 (see ``apply_startup_policy``).
+ONEDNN_CACHE_VARIABLE: Final[str] = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+POLICY_ONEDNN_CACHE: Final[int] = 64
 #: After a trim that left the RSS over the limit, trim again only once it has grown by this much:
 #: trimming memory that is in use frees nothing and costs a walk over every arena.
 RETRIM_STEP_BYTES: Final[int] = 64 * MIB
@@ -149,27 +156,58 @@ def set_arena_max(arenas: int) -> bool:
 
 
 @dataclass(frozen=True)
-class ArenaPolicy:
-    """What the start-up step did about malloc arenas (shown by ``/info``)."""
+class StartupPolicy:
+    """What the start-up step set for the process (shown by ``/info``).
 
-    arenas: int | None
-    source: str  # "MALLOC_ARENA_MAX" (the user's, applied by glibc), "policy", or "glibc default"
-    applied: bool
+    Attributes:
+        malloc_arena_max: the arena cap (None: glibc's default, 8 per core).
+        malloc_arena_source: ``MALLOC_ARENA_MAX`` (the user's), ``policy`` or ``glibc default``.
+        onednn_cache_capacity: oneDNN's primitive cache capacity (None: its default, 1024).
+        onednn_cache_source: ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (the user's), ``policy`` or
+            ``oneDNN default``.
+    """
+
+    malloc_arena_max: int | None
+    malloc_arena_source: str
+    onednn_cache_capacity: int | None
+    onednn_cache_source: str
 
 
-def apply_arena_policy(limit_mb: int | None, arena_max: int | None) -> ArenaPolicy:
-    """At start-up: with ``MEMORY_LIMIT_MB`` set and no ``MALLOC_ARENA_MAX``, cap the arenas at
-    ``POLICY_ARENAS``. A ``MALLOC_ARENA_MAX`` in the environment was applied by glibc when the process
-    started; it is applied again here (harmless), for servers started from Python with it in the settings.
+def apply_startup_policy(limit_mb: int | None, arena_max: int | None) -> StartupPolicy:
+    """At start-up (app creation, before the model's first forward and before the service's
+    threads allocate), with ``MEMORY_LIMIT_MB`` set:
+
+    - cap glibc malloc's arenas at ``POLICY_ARENAS`` unless ``MALLOC_ARENA_MAX`` is set (glibc
+      applied that one when the process started; it is applied again here, for apps built from
+      Python with it in the settings);
+    - set oneDNN's primitive cache to ``POLICY_ONEDNN_CACHE`` entries unless
+      ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` is set. oneDNN JIT-compiles a kernel per input shape
+      and keeps the last 1024 (~100 KB each). The unpadded encoder's linear layers see a new
+      shape (the batch's real-token count) on nearly every forward, so the cache fills with
+      kernels that are rarely used again: ~100 MB of RSS over a few minutes of traffic. oneDNN
+      reads the variable once, at its first kernel: it takes effect when this runs before the
+      process's first forward (as in ``esci-reranker serve``), not in a process that has already
+      run the model.
     """
     if arena_max is not None:
-        return ArenaPolicy(arena_max, ARENA_VARIABLE, set_arena_max(arena_max))
-    if limit_mb is None:
-        return ArenaPolicy(None, "glibc default", False)
-    applied = set_arena_max(POLICY_ARENAS)
-    if not applied:
-        log.warning("MEMORY_LIMIT_MB: could not cap malloc arenas (not glibc?); trimming still applies")
-    return ArenaPolicy(POLICY_ARENAS, "policy", applied)
+        arenas, arena_source = arena_max, ARENA_VARIABLE
+        set_arena_max(arena_max)
+    elif limit_mb is not None:
+        arenas, arena_source = POLICY_ARENAS, "policy"
+        if not set_arena_max(POLICY_ARENAS):
+            log.warning("MEMORY_LIMIT_MB: could not cap malloc arenas (not glibc?); trimming still applies")
+    else:
+        arenas, arena_source = None, "glibc default"
+    given = os.environ.get(ONEDNN_CACHE_VARIABLE, "").strip()
+    if given:
+        cache: int | None = int(given) if given.isdigit() else None
+        cache_source = ONEDNN_CACHE_VARIABLE
+    elif limit_mb is not None:
+        os.environ[ONEDNN_CACHE_VARIABLE] = str(POLICY_ONEDNN_CACHE)
+        cache, cache_source = POLICY_ONEDNN_CACHE, "policy"
+    else:
+        cache, cache_source = None, "oneDNN default"
+    return StartupPolicy(arenas, arena_source, cache, cache_source)
 
 
 class MemoryGuard:

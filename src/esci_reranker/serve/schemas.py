@@ -456,6 +456,12 @@ class MemoryStatus(BaseModel):
     limit_mb: int | None = Field(description="MEMORY_LIMIT_MB (null: no policy).")
     malloc_arena_max: int | None = Field(description="glibc malloc arena cap (null: glibc's default).")
     malloc_arena_source: str = Field(description="MALLOC_ARENA_MAX, policy, or glibc default.")
+    onednn_cache_capacity: int | None = Field(
+        description="oneDNN primitive cache capacity set at start-up (null: oneDNN's default, 1024)."
+    )
+    onednn_cache_source: str = Field(
+        description="ONEDNN_PRIMITIVE_CACHE_CAPACITY, policy, or oneDNN default."
+    )
     keeps_freed_memory: bool = Field(
         description="Whether malloc keeps freed memory for reuse (ESCI_KEEP_FREED_MEMORY)."
     )

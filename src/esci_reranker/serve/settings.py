@@ -79,8 +79,9 @@ class Settings(BaseSettings):
         None,
         ge=256,
         le=1_048_576,
-        description="Bounded memory (MiB of resident memory): caps glibc malloc's arenas at start-up "
-        "(unless MALLOC_ARENA_MAX is set) and, after a forward pass that leaves the RSS above the "
+        description="Bounded memory (MiB of resident memory): caps glibc malloc's arenas and oneDNN's "
+        "kernel cache at start-up (unless MALLOC_ARENA_MAX / ONEDNN_PRIMITIVE_CACHE_CAPACITY are set) "
+        "and, after a forward pass that leaves the RSS above the "
         "limit, hands malloc's free memory back to the OS; unset = no policy. See docs/serving.md.",
     )
     malloc_arena_max: int | None = Field(

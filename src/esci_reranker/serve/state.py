@@ -12,7 +12,7 @@ from esci_reranker.hardware import resolve_precision
 from esci_reranker.reranker import Reranker, select_device
 from esci_reranker.serve.batching import DynamicBatcher
 from esci_reranker.serve.cache import PredictionCache
-from esci_reranker.serve.memory import ArenaPolicy, MemoryGuard, apply_arena_policy
+from esci_reranker.serve.memory import MemoryGuard, StartupPolicy, apply_startup_policy
 from esci_reranker.serve.metrics import Metrics
 from esci_reranker.serve.scoring import Scorer
 from esci_reranker.serve.settings import Settings
@@ -60,8 +60,11 @@ class ServiceState:
         self.metrics = metrics
         self.loader = loader
         self.cache = PredictionCache(settings.cache_size) if settings.cache_size > 0 else None
-        # The arena cap must be set before the service's threads allocate: here, at app creation.
-        self.arenas: ArenaPolicy = apply_arena_policy(settings.memory_limit_mb, settings.malloc_arena_max)
+        # The arena cap and oneDNN's cache size must be set before the service's threads allocate
+        # and before the model's first forward: here, at app creation.
+        self.startup: StartupPolicy = apply_startup_policy(
+            settings.memory_limit_mb, settings.malloc_arena_max
+        )
         self.memory = (
             MemoryGuard(settings.memory_limit_mb * 1024 * 1024, metrics=metrics)
             if settings.memory_limit_mb is not None
