@@ -429,7 +429,9 @@ class CatalogueIndex:
         vector = self.encoder.encode([query])[0]
         # The candidate list must be at least k long for the search to return k good neighbours.
         self.ann.expansion_search = max(HNSW_EXPANSION_SEARCH, k)
-        matches = self.ann.search(vector, k)
+        # Asked for every live product: scan them all. After deletions an HNSW graph can leave a
+        # node unreachable, and a caller asking for all must get all.
+        matches = self.ann.search(vector, k, exact=k >= len(self.ann))
         return np.asarray(matches.keys, np.int64), 1.0 - np.asarray(matches.distances, np.float32)
 
     def retrieve(
