@@ -172,33 +172,38 @@ def test_direct_path_checks_memory_on_the_model_thread(tiny_reranker):
     assert guard.checks == 1
 
 
+LIMIT_MB = 1024 * 1024  # 1 TiB
+
+
 def test_service_reports_rss_limit_and_trims(make_client, monkeypatch):
     calls: list[int] = []
     monkeypatch.setattr(memory_module, "set_arena_max", lambda n: calls.append(n) or True)
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)  # restored after the test
-    client = make_client(memory_limit_mb=1024, batch_wait_ms=1)
+    # A limit no real process reaches: a check that runs before the fake RSS is in place (the
+    # start-up warm-up; a whole test run's RSS is over 1 GB) must not trim and count real memory.
+    client = make_client(memory_limit_mb=LIMIT_MB, batch_wait_ms=1)
     state = client.app.state.service
     assert calls == [memory_module.POLICY_ARENAS]  # capped at app creation
-    rss = FakeRss(3000 * MIB, after_trim=900 * MIB)
+    rss = FakeRss((LIMIT_MB + 2000) * MIB, after_trim=900 * MIB)
     state.memory.rss, state.memory.trim = rss, rss.trim
 
     assert client.post("/rerank", json=body(4)).status_code == 200
     info = client.get("/info").json()["service"]["memory"]
-    assert info["limit_mb"] == 1024
+    assert info["limit_mb"] == LIMIT_MB
     assert info["malloc_arena_max"] == 2
     assert info["malloc_arena_source"] == "policy"
     assert info["onednn_cache_capacity"] == memory_module.POLICY_ONEDNN_CACHE
     assert info["trims"] >= 1
-    assert info["trimmed_mb"] >= 2100.0
+    assert info["trimmed_mb"] >= LIMIT_MB + 1100.0
     assert info["peak_rss_mb"] > 0
     if GLIBC:
         assert info["rss_mb"] > 0
         assert info["malloc_arenas"] >= 1
         assert info["malloc_heap_mb"] >= info["malloc_free_mb"] >= 0
     samples = _samples(client.get("/metrics").text)
-    assert samples["esci_memory_limit_bytes"] == 1024 * MIB
+    assert samples["esci_memory_limit_bytes"] == LIMIT_MB * MIB
     assert samples["esci_memory_trims_total"] == info["trims"]
-    assert samples["esci_memory_trimmed_bytes_total"] >= 2100 * MIB
+    assert samples["esci_memory_trimmed_bytes_total"] >= (LIMIT_MB + 1100) * MIB
     if GLIBC:
         assert samples["process_resident_memory_bytes"] > 0
 
