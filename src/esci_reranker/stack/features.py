@@ -454,10 +454,11 @@ def feature_arrays(
 
 def _group_codes(groups: Sequence[object]) -> np.ndarray:
     """(N,) integer code of each pair's list, numbered in order of first appearance."""
-    first = groups[0] if len(groups) else None
-    if all(g == first for g in groups):  # one list: a rerank request
-        return np.zeros(len(groups), dtype=np.int64)
-    return pd.factorize(pd.Series(list(groups), dtype=object))[0]
+    values = list(groups)  # positional, whatever sequence (a Series keeps its own index)
+    first = values[0] if values else None
+    if all(g == first for g in values):  # one list: a rerank request
+        return np.zeros(len(values), dtype=np.int64)
+    return pd.factorize(pd.Series(values, dtype=object))[0]
 
 
 def record_fields(product: str | Mapping[str, object]) -> dict[str, str]:
