@@ -90,6 +90,16 @@ def test_invalid_memory_settings_stop_start_up(monkeypatch, name, value, expecte
     assert expected in str(error.value)
 
 
+def test_memory_limit_halves_the_cpu_token_budget_unless_it_is_set():
+    import torch
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert load_settings(memory_limit_mb=1024).batch_token_budget(cpu) == 2048
+    assert load_settings(memory_limit_mb=1024).batch_token_budget(gpu) == 16384  # RSS is host memory
+    assert load_settings(memory_limit_mb=1024, max_batch_tokens=4096).batch_token_budget(cpu) == 4096
+    assert load_settings().batch_token_budget(cpu) == 4096
+
+
 # --- the policy ---------------------------------------------------------------------------------
 
 
@@ -188,7 +198,10 @@ def test_service_reports_rss_limit_and_trims(make_client, monkeypatch):
     state.memory.rss, state.memory.trim = rss, rss.trim
 
     assert client.post("/rerank", json=body(4)).status_code == 200
-    info = client.get("/info").json()["service"]["memory"]
+    service = client.get("/info").json()["service"]
+    assert service["max_batch_tokens"] == 2048
+    assert state.scorer.batcher.max_batch_tokens == 2048
+    info = service["memory"]
     assert info["limit_mb"] == LIMIT_MB
     assert info["malloc_arena_max"] == 2
     assert info["malloc_arena_source"] == "policy"

@@ -22,6 +22,10 @@ DEFAULT_MODEL_PATH: Final[str] = "runs/default/model"
 #: Default ``MAX_BATCH_TOKENS`` on a CPU and on an accelerator (see ``Settings.batch_token_budget``).
 CPU_BATCH_TOKENS: Final[int] = 4096
 ACCELERATOR_BATCH_TOKENS: Final[int] = 16384
+#: Default ``MAX_BATCH_TOKENS`` on a CPU with ``MEMORY_LIMIT_MB`` set: half the activations of one
+#: forward, which is what kept the default model under 1 GB without trimming after most forwards
+#: (docs/serving.md, "Memory").
+MEMORY_POLICY_BATCH_TOKENS: Final[int] = 2048
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -66,7 +70,8 @@ class Settings(BaseSettings):
         ge=1,
         le=1_048_576,
         description="Dynamic batching: padded tokens (rows x longest row) per forward pass; unset = "
-        "4096 on a CPU (larger forwards spill the CPU caches and ran slower) and 16384 on a GPU.",
+        "4096 on a CPU (larger forwards spill the CPU caches and ran slower; 2048 with MEMORY_LIMIT_MB) "
+        "and 16384 on a GPU.",
     )
     tower_cache_size: int = Field(
         20_000,
@@ -161,10 +166,13 @@ class Settings(BaseSettings):
         return value
 
     def batch_token_budget(self, device: torch.device) -> int:
-        """``MAX_BATCH_TOKENS``, or when unset the default for ``device`` (CPU 4096, GPU 16384)."""
+        """``MAX_BATCH_TOKENS``, or when unset the default for ``device``: CPU 4096 (2048 with
+        ``MEMORY_LIMIT_MB``, whose RSS holds a forward's activations), GPU 16384."""
         if self.max_batch_tokens is not None:
             return self.max_batch_tokens
-        return CPU_BATCH_TOKENS if device.type == "cpu" else ACCELERATOR_BATCH_TOKENS
+        if device.type != "cpu":
+            return ACCELERATOR_BATCH_TOKENS
+        return CPU_BATCH_TOKENS if self.memory_limit_mb is None else MEMORY_POLICY_BATCH_TOKENS
 
     def model_source(self) -> tuple[str, ModelOrigin]:
         """The checkpoint to serve and where that choice came from (``MODEL_PATH`` > ``HF_MODEL_REPO_ID`` > default)."""
