@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,23 +74,30 @@ def folder_bytes(folder: Path) -> int:
 
 
 def build(products: Path | None, out: Path, retriever: str, batch_rows: int) -> dict[str, float]:
-    """Build in a subprocess; its wall time and peak RSS (the build's alone: one child at a time)."""
+    """Build in a subprocess; its wall time and its own peak RSS.
+
+    The peak comes from ``os.wait4`` on that one child: ``getrusage(RUSAGE_CHILDREN)`` would be
+    the maximum over every child so far, the previous size's server included.
+    """
     script = Path(sys.executable).with_name("esci-reranker")
     source = ["--products", str(products)] if products is not None else ["--sample"]
     command = [str(script), "index", *source, "--out", str(out), "--retriever", retriever]
     command += ["--batch-rows", str(batch_rows)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - t
-    if done.returncode != 0:
-        raise RuntimeError(f"index build failed:\n{done.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, max over finished children
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        seconds = time.perf_counter() - t
+        stdout.seek(0)
+        stderr.seek(0)
+        out_text, err_text = stdout.read(), stderr.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"index build failed:\n{err_text[-3000:]}")
     return {
         "build_seconds": seconds,
-        "peak_rss_mib": peak / 1024,
-        "peak_rss_is_this_build": peak > before,
-        "log": done.stdout.strip().splitlines()[-1],
+        "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB on Linux
+        "log": out_text.strip().splitlines()[-1],
     }
 
 
