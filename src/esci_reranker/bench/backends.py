@@ -37,8 +37,9 @@ about twice its rate). bf16 and int8 can exceed 100% of it.
 
 **Server latency.** Pass ``server_latency=esci_reranker.bench.server.ServerLatency()`` (what
 ``esci-reranker bench --server`` does) to add p50/p99 ``/rerank`` latency through the real server,
-at concurrency 1 and 8, with dynamic batching off and on; without it the JSON records it as not
-measured.
+at concurrency 1 and 8, with dynamic batching off and on, each against the in-process time of
+this module's anchor (``anchor_variant``) on the same 40 pairs; without it the JSON records it as
+not measured.
 """
 
 from __future__ import annotations
@@ -216,11 +217,17 @@ def _reranker_variant(name: str, reranker: Reranker, note: str = "", stage: str 
     return _Variant(name, predict, uses_towers=reranker.config.prior == "cosine", note=note, stage=stage)
 
 
-def _anchor_variant(
+def anchor_variant(
     model_dir: Path, workdir: Path, max_length: int, batch_size: int
 ) -> tuple[_Variant | None, dict[str, Any]]:
     """``CrossEncoder.predict`` on the st-cross-encoder export of the checkpoint, or, when the
-    checkpoint cannot be exported that way, on its encoder with a fresh 1-label head."""
+    checkpoint cannot be exported that way, on its encoder with a fresh 1-label head.
+
+    The one anchor of both benchmarks: the backend rows here and the server's in-process anchor
+    (``bench.server``). Returns the variant (None without sentence-transformers) and what it is:
+    ``kind`` (``export`` or ``backbone-fallback``), ``note``, ``detail`` (or a skip ``reason``).
+    The export is written under ``workdir``.
+    """
     try:
         from sentence_transformers import CrossEncoder
     except ImportError:
@@ -327,7 +334,7 @@ def _build_variants(
         )
         variants[name] = _reranker_variant(name, onnx_reranker, note=note, stage=stage)
     if ANCHOR in backends:
-        anchor, info = _anchor_variant(model_dir, workdir, reference.config.max_length, batch_size)
+        anchor, info = anchor_variant(model_dir, workdir, reference.config.max_length, batch_size)
         if anchor is None:
             skipped[ANCHOR] = info
         else:

@@ -12,6 +12,15 @@ The default settings are the ones the service goals are stated for: the response
 (``CACHE_SIZE=0``) so every request runs the model, concurrency 1 and 8, dynamic batching off
 (``BATCH_WAIT_MS=0``) and on (the service default). Latency is measured by the client, from
 sending the request to reading the whole answer.
+
+**Anchor.** Each setting is also timed against the bare library call: sentence-transformers
+``CrossEncoder.predict`` in the benchmark's own process, on the same request bodies (one call per
+body, its 40 pairs in one batch), with the server's thread count, on the checkpoint's stock export
+as ``bench.backends.anchor_variant`` builds it (a checkpoint that is not a stock cross-encoder, such
+as a stacked model, gets its encoder with a fresh 1-label head, and the JSON and the table say what
+the service computes beyond it). It runs right before the setting's server starts and right after
+it stops, so the two share the machine's state; ``p50_vs_anchor = p50_ms / anchor_p50_ms`` (below
+1: the whole HTTP path costs less than the bare library call).
 """
 
 from __future__ import annotations
@@ -57,6 +66,10 @@ class LatencyResult:
     server_forward_p50_ms: float
     wall_s: float
     stopped_by_time_limit: bool
+    #: Median in-process ``CrossEncoder.predict`` time on the same bodies (None: no anchor).
+    anchor_p50_ms: float | None = None
+    #: ``p50_ms / anchor_p50_ms`` (None: no anchor).
+    p50_vs_anchor: float | None = None
 
 
 def build_requests(path: str | Path, candidates: int = 40, distinct: int = 20) -> list[dict[str, Any]]:
@@ -254,18 +267,29 @@ async def send_load(
     }
 
 
-def summarize(batching: str, cache: str, concurrency: int, load: Mapping[str, Any]) -> LatencyResult:
-    """Percentiles and rates of one ``send_load`` run."""
+def summarize(
+    batching: str,
+    cache: str,
+    concurrency: int,
+    load: Mapping[str, Any],
+    anchor_ms: Sequence[float] = (),
+) -> LatencyResult:
+    """Percentiles and rates of one ``send_load`` run, and its ratio to the anchor's median
+    (``anchor_ms``: the setting's in-process ``CrossEncoder.predict`` times; empty: no anchor)."""
     latencies = load["latencies"]
     lat = np.asarray(latencies, dtype=np.float64) if latencies else np.full(1, np.nan)
     wall = float(load["wall"])
+    p50 = round(float(np.percentile(lat, 50)), 2)
+    anchor_p50 = round(float(np.median(anchor_ms)), 2) if len(anchor_ms) else None
+    # The ratio of the two rounded numbers the JSON shows, so a reader can check it.
+    ratio = round(p50 / anchor_p50, 3) if anchor_p50 and latencies else None
     return LatencyResult(
         batching=batching,
         cache=cache,
         concurrency=concurrency,
         requests=len(latencies),
         errors=int(load["errors"]),
-        p50_ms=round(float(np.percentile(lat, 50)), 2),
+        p50_ms=p50,
         p95_ms=round(float(np.percentile(lat, 95)), 2),
         p99_ms=round(float(np.percentile(lat, 99)), 2),
         mean_ms=round(float(lat.mean()), 2),
@@ -274,6 +298,8 @@ def summarize(batching: str, cache: str, concurrency: int, load: Mapping[str, An
         server_forward_p50_ms=round(float(np.median(load["forward"])), 2) if load["forward"] else 0.0,
         wall_s=round(wall, 2),
         stopped_by_time_limit=bool(load["timed_out"]),
+        anchor_p50_ms=anchor_p50,
+        p50_vs_anchor=ratio,
     )
 
 
@@ -281,6 +307,85 @@ def _sample_path() -> Path:
     from esci_reranker.data.sample import sample_path
 
     return Path(sample_path())
+
+
+#: The scoring call of the anchor: ``predict(queries, texts)`` on one request's pairs.
+AnchorPredict = Callable[[list[str], list[str]], Any]
+
+
+def service_extras(model_dir: str | Path) -> list[str]:
+    """What the service computes for a pair beyond a plain cross-encoder's one encoder pass.
+
+    Empty for a checkpoint whose st-cross-encoder export is the whole model; otherwise the parts a
+    ``CrossEncoder`` anchor on its encoder lacks (bi-encoder prior towers, the lexical feature,
+    the list transformer, the stacker), so the anchor can be labelled for what it is.
+    """
+    from esci_reranker.model.config import LISTWISE
+    from esci_reranker.model.io import checkpoint_files
+
+    files = checkpoint_files(model_dir)
+    config = files.config
+    extras = []
+    if config.prior != "none":
+        extras.append(f"the {config.prior} prior's query and product towers")
+    if config.lexical:
+        extras.append("the lexical feature")
+    if config.model_type == LISTWISE:
+        extras.append("the list transformer over the candidates")
+    if files.stacked:
+        extras.append("the stacker (trees and decision rules)")
+    return extras
+
+
+def load_anchor(
+    model_dir: str | Path, workdir: Path, batch_size: int
+) -> tuple[AnchorPredict | None, dict[str, Any]]:
+    """The bare library call each setting is compared with: ``CrossEncoder.predict`` in this process.
+
+    Built by ``bench.backends.anchor_variant`` (the backend benchmark's anchor): the checkpoint's
+    st-cross-encoder export when there is one, else its encoder with a fresh 1-label head.
+
+    Args:
+        model_dir: the served checkpoint folder.
+        workdir: where the export is written (CrossEncoder holds the weights once loaded).
+        batch_size: pairs per forward pass (the benchmark passes a request's candidate count).
+
+    Returns:
+        ``predict`` (None when the anchor cannot run) and the JSON ``anchor`` block: ``status``
+        (``ok``, ``skipped`` or ``failed``, with a ``reason``), and when ok ``kind``, ``note``,
+        ``detail``, ``service_extras`` and ``label`` (the table's one-line description).
+    """
+    from esci_reranker.bench.backends import anchor_variant
+    from esci_reranker.model.io import checkpoint_files
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        return None, {
+            "status": "skipped",
+            "reason": f"{model_dir}: the anchor needs a local checkpoint folder",
+        }
+    try:
+        max_length = checkpoint_files(path).config.max_length
+        variant, info = anchor_variant(path, workdir, max_length, batch_size)
+        extras = service_extras(path) if variant is not None else []
+    except Exception as err:  # e.g. an ONNX folder or the llm family: the server numbers still count
+        return None, {"status": "failed", "reason": f"{type(err).__name__}: {err}"}
+    if variant is None:
+        return None, info
+    info = {"status": "ok", **info, "service_extras": extras}
+    if info["kind"] == "export":
+        info["label"] = "the st-cross-encoder export of the checkpoint (the same weights)"
+    else:
+        info["label"] = (
+            "the checkpoint's encoder with a fresh 1-label head (the model has no stock "
+            "cross-encoder export: anchor.export_error in the JSON)"
+        )
+    if extras:
+        info["label"] += (
+            f"; the service also runs {', '.join(extras)}, which the anchor does not, so "
+            "p50/anchor includes their cost, not only the HTTP path's"
+        )
+    return variant.predict, info
 
 
 @dataclass
@@ -304,6 +409,11 @@ class ServerLatency:
         cache_size: ``CACHE_SIZE`` when the cache is on.
         startup_timeout: seconds to wait for ``/ready``.
         data: parquet with the queries and products (default: the bundled sample).
+        anchor: also time ``CrossEncoder.predict`` in this process on the same bodies (see the
+            module docstring); needs sentence-transformers and a local checkpoint folder.
+        anchor_calls: anchor calls right before each setting's server starts and as many right
+            after it stops (cycling through the bodies: the default 10 + 10 covers the 20 distinct
+            queries once).
         echo: progress lines (None: silent).
     """
 
@@ -322,6 +432,8 @@ class ServerLatency:
     cache_size: int = 256
     startup_timeout: float = 180.0
     data: str | Path | None = None
+    anchor: bool = True
+    anchor_calls: int = 10
     echo: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
@@ -333,7 +445,7 @@ class ServerLatency:
             raise ValueError(
                 f"ServerLatency tower_cache_size={self.tower_cache_size!r}; expected an integer >= 0."
             )
-        for name in ("requests", "candidates", "distinct"):
+        for name in ("requests", "candidates", "distinct", "anchor_calls"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerLatency {name}={getattr(self, name)}; expected a positive integer.")
         if not self.concurrency or min(self.concurrency) < 1:
@@ -371,8 +483,10 @@ class ServerLatency:
     def __call__(self, model_dir: str | Path) -> dict[str, Any]:
         """Run every setting on ``model_dir``; returns the JSON-ready ``server_latency`` block.
 
-        It has ``status``, the run settings, ``results`` (one ``LatencyResult`` per setting) and,
-        for the cache-off settings, ``concurrency_N -> batching_off/on -> {p50_ms, p99_ms, ...}``.
+        It has ``status``, the run settings, ``anchor`` (what the in-process anchor is, or why it
+        is missing), ``results`` (one ``LatencyResult`` per setting, with ``anchor_p50_ms`` and
+        ``p50_vs_anchor``) and, for the cache-off settings,
+        ``concurrency_N -> batching_off/on -> {p50_ms, p99_ms, anchor_p50_ms, p50_vs_anchor, ...}``.
         A setting whose server fails to start is recorded with its error; the others still run.
         """
         try:
@@ -387,35 +501,47 @@ class ServerLatency:
         bodies = build_requests(self.data or _sample_path(), self.candidates, self.distinct)
         results: list[LatencyResult] = []
         failures: list[dict[str, Any]] = []
-        for cache in self.cache:
-            for batching in self.batching:
-                for concurrency in self.concurrency:
-                    env = self.env(batching, cache)
-                    try:
-                        with Server(model_dir, env, self.startup_timeout) as server:
-                            load = asyncio.run(
-                                send_load(server.url, bodies, concurrency, self.requests, self.max_seconds)
+        with _AnchorClock(self, model_dir, bodies) as anchor:
+            for cache in self.cache:
+                for batching in self.batching:
+                    for concurrency in self.concurrency:
+                        env = self.env(batching, cache)
+                        anchor_ms = anchor.time(0)  # right before this setting's server starts
+                        try:
+                            with Server(model_dir, env, self.startup_timeout) as server:
+                                load = asyncio.run(
+                                    send_load(
+                                        server.url, bodies, concurrency, self.requests, self.max_seconds
+                                    )
+                                )
+                        except RuntimeError as err:
+                            failures.append(
+                                {
+                                    "batching": batching,
+                                    "cache": cache,
+                                    "concurrency": concurrency,
+                                    "error": str(err),
+                                }
                             )
-                    except RuntimeError as err:
-                        failures.append(
-                            {
-                                "batching": batching,
-                                "cache": cache,
-                                "concurrency": concurrency,
-                                "error": str(err),
-                            }
+                            say(
+                                f"  server failed (batching {batching}, cache {cache}, "
+                                f"concurrency {concurrency})"
+                            )
+                            continue
+                        anchor_ms += anchor.time(self.anchor_calls)  # right after it stopped
+                        result = summarize(batching, cache, concurrency, load, anchor_ms)
+                        results.append(result)
+                        versus = (
+                            f" (anchor {result.anchor_p50_ms:.1f} ms, {result.p50_vs_anchor:.2f}x)"
+                            if result.p50_vs_anchor is not None
+                            else ""
                         )
                         say(
-                            f"  server failed (batching {batching}, cache {cache}, concurrency {concurrency})"
+                            f"  batching {batching}, cache {cache}, concurrency {concurrency}: "
+                            f"p50 {result.p50_ms:.1f} ms{versus}, p99 {result.p99_ms:.1f} ms, "
+                            f"{result.requests_per_s:.1f} req/s ({result.requests} requests, "
+                            f"{result.errors} errors)"
                         )
-                        continue
-                    result = summarize(batching, cache, concurrency, load)
-                    results.append(result)
-                    say(
-                        f"  batching {batching}, cache {cache}, concurrency {concurrency}: "
-                        f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
-                        f"{result.requests_per_s:.1f} req/s ({result.requests} requests, {result.errors} errors)"
-                    )
         block: dict[str, Any] = {
             "status": "ok" if results else "failed",
             "endpoint": "/rerank",
@@ -435,6 +561,7 @@ class ServerLatency:
             "latency": "client-side, request sent to answer read, over 127.0.0.1; cache off = every "
             "request runs the model; tower_cache_size 0 = every product goes through its tower",
             "p50_goal_ms": P50_GOAL_MS,
+            "anchor": anchor.info,
             "results": [asdict(r) for r in results],
         }
         if failures:
@@ -447,8 +574,72 @@ class ServerLatency:
                     "requests_per_s": r.requests_per_s,
                     "requests": r.requests,
                     "errors": r.errors,
+                    "anchor_p50_ms": r.anchor_p50_ms,
+                    "p50_vs_anchor": r.p50_vs_anchor,
                 }
         return block
+
+
+class _AnchorClock:
+    """The anchor of one ``ServerLatency`` run: loaded on entry (with the server's thread count set
+    on this process's torch, restored on exit), then ``time(start)`` per half-setting."""
+
+    def __init__(self, bench: ServerLatency, model_dir: str | Path, bodies: Sequence[Mapping[str, Any]]):
+        self.bench = bench
+        self.model_dir = model_dir
+        self.bodies = bodies
+        self.predict: AnchorPredict | None = None
+        self.info: dict[str, Any] = {"status": "skipped", "reason": "ServerLatency(anchor=False)"}
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._threads: int | None = None
+
+    def __enter__(self) -> _AnchorClock:
+        if not self.bench.anchor:
+            return self
+        import torch
+
+        self._threads = torch.get_num_threads()
+        # The server's thread count: OMP_NUM_THREADS=threads when set, else it inherits this
+        # process's environment and so picks the same torch default as this process.
+        threads = self.bench.threads or self._threads
+        torch.set_num_threads(threads)
+        self._tmp = tempfile.TemporaryDirectory(prefix="esci-bench-anchor-")
+        self.predict, self.info = load_anchor(self.model_dir, Path(self._tmp.name), self.bench.candidates)
+        if self.predict is not None:
+            self.info |= {
+                "what": "sentence-transformers CrossEncoder.predict in the benchmark's process, fp32, "
+                "on the same request bodies: one call per body, its pairs in one batch",
+                "threads": threads,
+                "batch_size": self.bench.candidates,
+                "calls_per_setting": 2 * self.bench.anchor_calls,
+                "timing": "half right before the setting's server starts, half right after it stops; "
+                "anchor_p50_ms is their median, after one untimed warm-up call",
+            }
+            self.time(0, 1)  # warm-up: thread pool, first-call allocations
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._threads is not None:
+            import torch
+
+            torch.set_num_threads(self._threads)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def time(self, start: int, calls: int | None = None) -> list[float]:
+        """Milliseconds of ``calls`` (default ``anchor_calls``) predict calls, one per body,
+        cycling from body ``start``; empty without an anchor."""
+        if self.predict is None:
+            return []
+        times = []
+        for i in range(self.bench.anchor_calls if calls is None else calls):
+            body = self.bodies[(start + i) % len(self.bodies)]
+            texts = [str(c["text"]) for c in body["candidates"]]
+            queries = [str(body["query"])] * len(texts)
+            began = time.perf_counter()
+            self.predict(queries, texts)
+            times.append((time.perf_counter() - began) * 1000.0)
+        return times
 
 
 def format_server_table(block: Mapping[str, Any]) -> str:
@@ -458,7 +649,10 @@ def format_server_table(block: Mapping[str, Any]) -> str:
             f["error"].splitlines()[0] for f in block.get("failures", [])
         )
         return f"server latency: {block.get('status', 'not measured')}" + (f" ({reason})" if reason else "")
-    header = ("batching", "cache", "conc", "n", "err", "p50 ms", "p95 ms", "p99 ms", "req/s", "fwd p50")
+    header = (
+        "batching", "cache", "conc", "n", "err", "p50 ms", "p95 ms", "p99 ms", "req/s", "fwd p50",
+        "anchor ms", "p50/anchor",
+    )  # fmt: skip
     rows = [
         (
             r["batching"],
@@ -471,6 +665,8 @@ def format_server_table(block: Mapping[str, Any]) -> str:
             f"{r['p99_ms']:.1f}",
             f"{r['requests_per_s']:.1f}",
             f"{r['server_forward_p50_ms']:.1f}",
+            f"{r['anchor_p50_ms']:.1f}" if r.get("anchor_p50_ms") is not None else "-",
+            f"{r['p50_vs_anchor']:.2f}" if r.get("p50_vs_anchor") is not None else "-",
         )
         for r in block["results"]
     ]
@@ -479,7 +675,20 @@ def format_server_table(block: Mapping[str, Any]) -> str:
         f"/rerank, {block['candidates_per_request']} candidates, over loopback; goal: p50 <= "
         f"{block['p50_goal_ms']:.0f} ms at concurrency 1 (cache off)"
     )
+    lines.append(_anchor_footer(block.get("anchor", {})))
     return "\n".join(lines)
+
+
+def _anchor_footer(anchor: Mapping[str, Any]) -> str:
+    """What the anchor columns mean, or why they are empty."""
+    if anchor.get("status") != "ok":
+        return f"anchor: not measured ({anchor.get('reason', 'no anchor in this result')})"
+    return (
+        f"anchor: sentence-transformers CrossEncoder.predict in the benchmark's process (fp32, "
+        f"threads {anchor['threads']}, one request's {anchor['batch_size']} pairs in one batch, "
+        f"{anchor['calls_per_setting']} calls around each setting) on {anchor['label']}\n"
+        "p50/anchor = p50 / anchor p50 (below 1.00: the whole HTTP path costs less than the bare library call)"
+    )
 
 
 def fixed_width(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
