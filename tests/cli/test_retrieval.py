@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from tests.cli.helpers import assert_fails, run
 
@@ -31,7 +32,19 @@ def test_index_build_update_delete_and_search(
     tmp_path: Path, products: Path, retriever: Path, tiny_checkpoint: Path
 ):
     out = tmp_path / "index"
-    built = run("index", "--products", products, "--out", out, "--retriever", retriever, "--batch-rows", 25)
+    built = run(
+        "index",
+        "--products",
+        products,
+        "--out",
+        out,
+        "--retriever",
+        retriever,
+        "--batch-rows",
+        25,
+        "--device",
+        "cpu",
+    )
     assert built.exit_code == 0, built.output
     assert f"built {out}: 82 products" in built.output
     assert json.loads((out / "manifest.json").read_text())["counts"]["products"] == 82
@@ -75,6 +88,11 @@ def test_index_and_search_errors(tmp_path: Path, products: Path, retriever: Path
         "products file not found",
     )
     assert_fails(run("index", "--out", tmp_path / "i", "--delete", "a"), "no catalogue index here")
+    bad_device = ("index", "--out", tmp_path / "i", "--products", products, "--retriever", retriever)
+    assert_fails(run(*bad_device, "--device", "gpu0"), "device 'gpu0'")
+    if not torch.cuda.is_available():
+        assert_fails(run(*bad_device, "--device", "cuda"), "no CUDA GPU")
+    assert not (tmp_path / "i").exists()
     out = tmp_path / "index"
     assert run("index", "--products", products, "--out", out, "--retriever", retriever).exit_code == 0
     assert_fails(

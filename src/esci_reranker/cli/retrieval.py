@@ -110,6 +110,12 @@ def index_command(
         ),
     ] = None,
     batch_rows: Annotated[int, typer.Option(help="Products read and embedded per batch.")] = 4096,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Device that embeds the products: auto (a GPU when there is one), cpu, cuda, cuda:N."
+        ),
+    ] = "auto",
 ) -> None:
     """Build a catalogue index (BM25 + HNSW dense vectors), or update one with --update / --delete.
 
@@ -130,7 +136,12 @@ def index_command(
                     "--products/--sample build a new index; --update/--delete change the one at --out. Use one or the other."
                 )
             stats = CatalogueIndex.update(
-                out, update, delete=_delete_ids(delete), retriever=retriever, batch_rows=batch_rows
+                out,
+                update,
+                delete=_delete_ids(delete),
+                retriever=retriever,
+                batch_rows=batch_rows,
+                device=device,
             )
             what = (
                 f"updated {out}: {stats.added:,} added, {stats.replaced:,} replaced, {stats.deleted:,} deleted"
@@ -153,6 +164,7 @@ def index_command(
                 batch_rows=batch_rows,
                 source="bundled ESCI sample" if sample else str(products),
                 log=None,
+                device=device,
             )
             what = f"built {out}: {stats.added:,} products"
     except (CatalogueIndexError, IndexMismatchError, FileNotFoundError, ValueError, ImportError) as err:

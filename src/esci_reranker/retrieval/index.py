@@ -194,6 +194,23 @@ def _new_ann(dim: int) -> Any:
     )
 
 
+def embedding_device(device: str | None) -> str:
+    """The torch device name to embed products on: ``device``, or (None / ``auto``) a GPU when present.
+
+    Raises:
+        ValueError: ``device`` is not a torch device name, or names a GPU this machine lacks.
+    """
+    import torch
+
+    from esci_reranker.reranker import select_device
+
+    chosen = select_device(device)
+    # An explicit cuda on a machine without one would fail deep inside the first forward.
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this machine has no CUDA GPU; expected cpu or auto.")
+    return str(chosen)
+
+
 def _require_usearch() -> None:
     try:
         import usearch  # noqa: F401
@@ -514,12 +531,14 @@ class CatalogueIndex:
         fusion: dict[str, Any] | None = None,
         source: str | None = None,
         log: Any = None,
+        device: str | None = None,
     ) -> BuildStats:
         """Build an index of ``products`` (a parquet path, or frames with ``product_id`` and fields).
 
         The first occurrence of a product id wins; later ones and products with no text are
         skipped (counted in the result). The fusion is ``fusion``, else the one the retriever
-        folder's ``esci_retrieval.json`` names, else ``DEFAULT_FUSION``.
+        folder's ``esci_retrieval.json`` names, else ``DEFAULT_FUSION``. ``device`` embeds the
+        products (None or ``auto``: a GPU when there is one; embedding is ~90 % of a build).
         """
         _require_usearch()
         fields = parse_text_fields(fields)
@@ -530,7 +549,11 @@ class CatalogueIndex:
             if isinstance(products, str | Path)
             else products
         )
-        encoder = retriever if isinstance(retriever, DenseEncoder) else DenseEncoder.load(retriever)
+        encoder = (
+            retriever
+            if isinstance(retriever, DenseEncoder)
+            else DenseEncoder.load(retriever, device=embedding_device(device))
+        )
         spec = str(retriever.name if isinstance(retriever, DenseEncoder) else retriever)
         stats = BuildStats()
         out = Path(out_dir)
@@ -599,8 +622,11 @@ class CatalogueIndex:
         retriever: str | Path | DenseEncoder | None = None,
         batch_rows: int = DEFAULT_BATCH_ROWS,
         log: Any = None,
+        device: str | None = None,
     ) -> BuildStats:
         """Add or replace ``products`` (same columns as for ``build``) and delete ``delete`` ids.
+
+        ``device`` embeds the new products (None or ``auto``: a GPU when there is one).
 
         A product whose id is already indexed is replaced (its old row is marked deleted and its
         new text embedded); ``delete`` ids that are not indexed are listed in ``not_found``.
@@ -613,7 +639,7 @@ class CatalogueIndex:
         folder = Path(folder)
         if isinstance(products, str | Path):  # check the file before the (slower) retriever loads
             open_products(products, cls.read_manifest(folder)["stored_fields"])
-        index = cls.open(folder, retriever=retriever, writable=True)
+        index = cls.open(folder, retriever=retriever, writable=True, device=embedding_device(device))
         manifest = index.manifest
         fields = tuple(manifest["fields"])
         stored = tuple(manifest["stored_fields"])
