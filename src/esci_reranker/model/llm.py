@@ -227,6 +227,10 @@ class LLMReranker(nn.Module):
     """
 
     model_type = LLM
+    # Buffers, declared so type checkers see tensors (nn.Module.__getattr__ says Tensor | Module).
+    label_ids: torch.Tensor
+    gain_vector: torch.Tensor
+    weighted_vector: torch.Tensor
 
     def __init__(
         self,
