@@ -98,12 +98,20 @@ class BatchRunner(Protocol):
 
 
 def select_device(device: str | None = None) -> torch.device:
-    """``device`` if given (``auto`` or None picks cuda > mps > cpu)."""
+    """``device`` if given (``auto`` or None picks cuda > mps > cpu).
+
+    Raises:
+        ValueError: ``device`` is not a torch device name, or names CUDA on a machine without it
+            (which would otherwise fail deep inside the first forward pass).
+    """
     if device not in (None, "auto"):
         try:
-            return torch.device(device)
+            chosen = torch.device(device)
         except RuntimeError as err:
             raise ValueError(f"device {device!r}: {err}; expected cpu, cuda, cuda:N, mps or auto.") from None
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this machine has no CUDA GPU; expected cpu, mps or auto.")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -198,17 +198,12 @@ def embedding_device(device: str | None) -> str:
     """The torch device name to embed products on: ``device``, or (None / ``auto``) a GPU when present.
 
     Raises:
-        ValueError: ``device`` is not a torch device name, or names a GPU this machine lacks.
+        ValueError: ``device`` is not a torch device name, or names a GPU this machine lacks
+            (``reranker.select_device``'s checks).
     """
-    import torch
+    from esci_reranker.reranker import select_device  # torch: imported when an index embeds
 
-    from esci_reranker.reranker import select_device
-
-    chosen = select_device(device)
-    # An explicit cuda on a machine without one would fail deep inside the first forward.
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: this machine has no CUDA GPU; expected cpu or auto.")
-    return str(chosen)
+    return str(select_device(device))
 
 
 def _require_usearch() -> None:
