@@ -98,3 +98,42 @@ def test_cv_command_prints_the_curve_and_the_baselines(tmp_path, small_splits, t
         assert f"| {qtype} | cross_encoder | 0." in result.output
     assert (tmp_path / "cv" / "oof.parquet").is_file()
     assert_fails(run(*args, "--baselines", "bm42"), "baselines: unknown ['bm42']")
+
+
+def test_out_of_fold_cv_with_select_last_scores_the_final_model_once(tmp_path, small_splits, tiny_backbone):
+    """With ``oof`` and ``eval.select: last`` the fold's final metric comes from the out-of-fold
+    pass (the same model on the same queries); the training does not validate that step too."""
+    import pandas as pd
+
+    from esci_reranker.eval.ranking import ranking_metrics
+    from esci_reranker.stack.cv import cross_encoder_run
+
+    cfg = load_config(
+        None,
+        [
+            f"model.backbone={tiny_backbone}",
+            "model.stacker=none",
+            "model.max_length=32",
+            "optim.max_steps=2",
+            "eval.every_steps=1",
+            "eval.select=last",
+        ],
+    )
+    out = tmp_path / "cv"
+    result = cross_validate(cfg, small_splits, out, folds=2, baselines=(), oof=True)
+    oof = pd.read_parquet(out / "oof.parquet")
+    for run in result.runs:
+        log = [json.loads(line) for line in (out / f"fold{run.fold}" / "seed0" / "train" / "log.jsonl").open()]
+        assert [r["step"] for r in log if r["type"] == "val"] == [0, 1]  # not step 2: the OOF pass scores it
+        rows = oof[oof["fold"] == run.fold].reset_index(drop=True)
+        expected = ranking_metrics(cross_encoder_run(rows))["ndcg"]
+        assert run.end_metric == run.best_metric == run.curve[2] == pytest.approx(expected)
+        assert sorted(run.curve) == [0, 1, 2]
+
+
+def test_skipping_the_final_validation_needs_select_last(small_splits, tiny_backbone):
+    from esci_reranker.train.loop import train
+
+    cfg = load_config(None, [f"model.backbone={tiny_backbone}", f"data.dir={small_splits}"])
+    with pytest.raises(ValueError, match="validate_at_end=False needs eval.select='last'"):
+        train(cfg, progress=False, validate_at_end=False)

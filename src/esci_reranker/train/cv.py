@@ -117,12 +117,15 @@ def cross_validate(
     With ``oof``, each trained fold model also scores its held-out queries and the rows go to
     ``out_dir/oof.parquet`` (``fold``, ``seed``, ids, ``stack.outputs.CE_COLUMNS``): the
     out-of-fold cross-encoder outputs a stacker trains on. Use it with ``eval.select: last``
-    so no held-out query chooses its own model's checkpoint.
+    so no held-out query chooses its own model's checkpoint; the training then skips its own
+    validation of the final step, and the fold's final metric comes from the out-of-fold scores.
 
     ``frame`` (optional) is the train+val table itself, read from ``data_dir`` when not given;
     ``log`` receives a line as each fold starts.
     """
     from esci_reranker.eval.baselines import parse_baselines, run_baseline
+    from esci_reranker.eval.ranking import ranking_metrics
+    from esci_reranker.stack.cv import cross_encoder_run
     from esci_reranker.train.loop import read_split, train
 
     chosen = parse_baselines(list(baselines))
@@ -154,8 +157,17 @@ def cross_validate(
             run.data.train = run.data.val = run.data.test = None
             run.output.save_path = out / f"fold{fold}" / f"seed{seed}" / "model"
             run.output.run_dir = out / f"fold{fold}" / f"seed{seed}" / "train"
-            trained = train(run, progress=progress)
+            # The out-of-fold pass scores the final model on the fold's queries anyway; with
+            # 'last' (nothing chosen on them) the training's own final validation is the same
+            # scoring, done twice, which costs minutes a fold for the LLM family.
+            oof_final = oof and run.eval.select == "last"
+            trained = train(run, progress=progress, validate_at_end=not oof_final)
             curve = {int(h["step"]): float(h[key]) for h in trained.history if key in h}
+            table = fold_outputs(run.output.save_path, val, fold, seed) if oof else None
+            if oof_final:
+                assert table is not None
+                final = ranking_metrics(cross_encoder_run(table))[cfg.eval.metric]
+                curve[trained.steps] = trained.best_metric = final
             nan = float("nan")
             result.runs.append(
                 FoldResult(
@@ -171,8 +183,8 @@ def cross_validate(
                 )
             )
             _write(out / "cv.json", result)
-            if oof:
-                oof_tables.append(fold_outputs(run.output.save_path, val, fold, seed))
+            if table is not None:
+                oof_tables.append(table)
                 pd.concat(oof_tables, ignore_index=True).to_parquet(out / "oof.parquet", index=False)
     return result
 

@@ -290,14 +290,24 @@ class Trainer:
             fh.write(json.dumps(record, default=str) + "\n")
 
     # -- main loop --------------------------------------------------------------------------
-    def train(self, resume: bool = False, evaluate_test: bool = True) -> TrainResult:
+    def train(
+        self, resume: bool = False, evaluate_test: bool = True, validate_at_end: bool = True
+    ) -> TrainResult:
         """Train to the end (or early stop) and return where the best model is and how it scored.
 
         With ``evaluate_test`` (default) the best model is scored on the test split, when there
         is one, and ``metrics.json`` is written beside it; callers that run a fuller evaluation
         themselves (the pipeline) turn it off rather than score the test split twice.
+        ``validate_at_end=False`` (only with ``eval.select: last``) skips the validation of the
+        final step, for callers that score the final model on the validation queries themselves
+        (``cv``'s out-of-fold pass); a slow model family then scores them once, not twice.
         """
         cfg = self.cfg
+        if not validate_at_end and cfg.eval.select != "last":
+            raise ValueError(
+                "validate_at_end=False needs eval.select='last': 'best' chooses the checkpoint by "
+                "validation, including the final step's."
+            )
         started = time.perf_counter()
         set_seed(cfg.seed)
         cpu = distributed_cpu()
@@ -484,7 +494,8 @@ class Trainer:
                         **{f"loss_{k}": float(v.detach()) for k, v in out.losses.items()},
                     }
                     self._log(accelerator, train_record)
-                    validate()
+                    if validate_at_end or state["step"] < total_steps:
+                        validate()
                     if state["bad_evals"] >= cfg.eval.patience:
                         state["stopped_early"] = True
                 if state["step"] % cfg.output.checkpoint_every == 0 or state["stopped_early"]:
@@ -498,7 +509,9 @@ class Trainer:
         bar.close()
         accelerator.wait_for_everyone()
         if select_last:
-            state.update(best_step=state["step"], best_metric=float(state.get("last_val", math.nan)))
+            # Without the final validation, an earlier step's value would misreport this model.
+            final = state.get("last_val", math.nan) if validate_at_end else math.nan
+            state.update(best_step=state["step"], best_metric=float(final))
             if accelerator.is_main_process:
                 save_checkpoint(unwrapped, tokenizer, self.save_path)
         if state["step"] % cfg.output.checkpoint_every != 0 and not state["stopped_early"]:
@@ -581,7 +594,13 @@ def _flat(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def train(
-    cfg: TrainConfig, resume: bool = False, progress: bool = True, evaluate_test: bool = True
+    cfg: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    evaluate_test: bool = True,
+    validate_at_end: bool = True,
 ) -> TrainResult:
-    """Train ``cfg``; see ``Trainer``."""
-    return Trainer(cfg, progress=progress).train(resume=resume, evaluate_test=evaluate_test)
+    """Train ``cfg``; see ``Trainer.train``."""
+    return Trainer(cfg, progress=progress).train(
+        resume=resume, evaluate_test=evaluate_test, validate_at_end=validate_at_end
+    )
