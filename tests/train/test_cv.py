@@ -135,5 +135,5 @@ def test_skipping_the_final_validation_needs_select_last(small_splits, tiny_back
     from esci_reranker.train.loop import train
 
     cfg = load_config(None, [f"model.backbone={tiny_backbone}", f"data.dir={small_splits}"])
-    with pytest.raises(ValueError, match="validate_at_end=False needs eval.select='last'"):
+    with pytest.raises(ValueError, match=r"validate_at_end=False needs eval\.select='last'"):
         train(cfg, progress=False, validate_at_end=False)
