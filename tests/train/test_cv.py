@@ -123,7 +123,9 @@ def test_out_of_fold_cv_with_select_last_scores_the_final_model_once(tmp_path, s
     result = cross_validate(cfg, small_splits, out, folds=2, baselines=(), oof=True)
     oof = pd.read_parquet(out / "oof.parquet")
     for run in result.runs:
-        log = [json.loads(line) for line in (out / f"fold{run.fold}" / "seed0" / "train" / "log.jsonl").open()]
+        log = [
+            json.loads(line) for line in (out / f"fold{run.fold}" / "seed0" / "train" / "log.jsonl").open()
+        ]
         assert [r["step"] for r in log if r["type"] == "val"] == [0, 1]  # not step 2: the OOF pass scores it
         rows = oof[oof["fold"] == run.fold].reset_index(drop=True)
         expected = ranking_metrics(cross_encoder_run(rows))["ndcg"]
