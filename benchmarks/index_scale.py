@@ -11,13 +11,21 @@ the server's retrieval time). ``sample`` as a size indexes the bundled sample's 
         --retriever runs/retriever/model --work /tmp/index_scale --out runs/index_scale.json
 
 Run it on an otherwise idle machine; full ESCI-US size is ``--sizes 1200000`` (the embedding of
-1.2M products dominates: see the printed per-product rates to extrapolate).
+1.2M products dominates: ~2.6 h on 2 cores). ``--increment N`` builds a synthetic catalogue the
+way a user with a large catalogue can: ``index`` on the first N products, then ``index --update``
+with each next N; every increment is committed atomically, its wall time and peak RSS are saved
+in ``WORK/index-SIZE.progress.json`` as it finishes, and a run started again with the same
+arguments resumes after the last committed increment (a killed 3-hour build loses at most one):
+
+    python benchmarks/index_scale.py --sizes 1200000 --increment 100000 --keep \
+        --model runs/default/model --retriever runs/retriever/model --out runs/index_scale_1200k.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -39,8 +47,16 @@ from esci_reranker.model.lexical import word_tokens
 CHUNK = 50_000
 
 
-def synthetic_catalogue(path: Path, size: int, seed: int = 0) -> None:
-    """``size`` products with sample-like fields, written in chunks (never all in memory)."""
+def synthetic_catalogue(path: Path, size: int, seed: int = 0, parts: int | None = None) -> list[Path]:
+    """``size`` products with sample-like fields, written in chunks (never all in memory).
+
+    With ``parts``, the products go to one file per ``parts`` products (``path`` with
+    ``-part-00000`` ... before the suffix) instead of one file (the same products as one file when
+    ``parts`` is a multiple of the 50,000-product chunk); the list of files written is returned.
+    """
+    if parts is not None and parts <= 0:
+        raise ValueError(f"--increment {parts}: expected a positive number of products.")
+    chunk = CHUNK if parts is None else math.gcd(CHUNK, parts)
     sample = pd.read_parquet(sample_path()).drop_duplicates("product_id")
     words = np.array(sorted({w for t in sample["product_title"] for w in word_tokens(t) if len(w) > 2}))
     brands = sample["product_brand"].replace("", np.nan).dropna().unique()
@@ -49,9 +65,17 @@ def synthetic_catalogue(path: Path, size: int, seed: int = 0) -> None:
     schema = pa.schema(
         [(c, pa.string()) for c in ("product_id", "product_title", "product_brand", "product_color")]
     )
-    with pq.ParquetWriter(path, schema) as writer:
-        for start in range(0, size, CHUNK):
-            n = min(CHUNK, size - start)
+    files: list[Path] = []
+    writer: pq.ParquetWriter | None = None
+    try:
+        for start in range(0, size, chunk):
+            if writer is None or (parts is not None and start % parts == 0):
+                if writer is not None:
+                    writer.close()
+                file = path if parts is None else part_path(path, start // parts)
+                writer = pq.ParquetWriter(file, schema)
+                files.append(file)
+            n = min(chunk, size - start)
             lengths = rng.integers(4, 14, n)
             titles = [
                 " ".join(words[rng.integers(0, len(words), k)]).title() + f" {rng.integers(100, 99999)}"
@@ -67,22 +91,39 @@ def synthetic_catalogue(path: Path, size: int, seed: int = 0) -> None:
                 schema=schema,
             )
             writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    return files
+
+
+def part_path(path: Path, part: int) -> Path:
+    return path.with_name(f"{path.stem}-part-{part:05d}{path.suffix}")
 
 
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def build(products: Path | None, out: Path, retriever: str, batch_rows: int) -> dict[str, float]:
-    """Build in a subprocess; its wall time and its own peak RSS.
+def build(
+    products: Path | None, out: Path, retriever: str, batch_rows: int, update: bool = False
+) -> dict[str, float]:
+    """Build (or, with ``update``, add ``products`` to) an index in a subprocess; its wall time
+    and its own peak RSS.
 
     The peak comes from ``os.wait4`` on that one child: ``getrusage(RUSAGE_CHILDREN)`` would be
     the maximum over every child so far, the previous size's server included.
     """
     script = Path(sys.executable).with_name("esci-reranker")
-    source = ["--products", str(products)] if products is not None else ["--sample"]
-    command = [str(script), "index", *source, "--out", str(out), "--retriever", retriever]
+    if update:
+        assert products is not None
+        source = ["--update", str(products)]
+    else:
+        source = ["--products", str(products)] if products is not None else ["--sample"]
+    command = [str(script), "index", *source, "--out", str(out)]
     command += ["--batch-rows", str(batch_rows)]
+    if not update:  # an update embeds with the retriever the manifest names
+        command += ["--retriever", retriever]
     t = time.perf_counter()
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
@@ -98,6 +139,55 @@ def build(products: Path | None, out: Path, retriever: str, batch_rows: int) -> 
         "build_seconds": seconds,
         "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB on Linux
         "log": out_text.strip().splitlines()[-1],
+    }
+
+
+def build_in_increments(args: argparse.Namespace, size: int, index: Path) -> dict[str, object]:
+    """Index ``size`` synthetic products ``args.increment`` at a time, resuming after the last
+    increment the index holds; the summed wall time and the largest peak RSS of the increments."""
+    progress_file = args.work / f"index-{size}.progress.json"
+    catalogue = args.work / f"catalogue-{size}.parquet"
+    parts = [part_path(catalogue, i) for i in range(-(-size // args.increment))]
+    progress: dict[str, object] = {"size": size, "increment": args.increment, "increments": []}
+    if progress_file.is_file():
+        progress = json.loads(progress_file.read_text())
+        if (progress["size"], progress["increment"]) != (size, args.increment):
+            raise SystemExit(
+                f"{progress_file} records a build of {progress['size']:,} in increments of "
+                f"{progress['increment']:,}, not {size:,} in {args.increment:,}; remove it and "
+                f"{index} to start again."
+            )
+    elif index.exists():
+        raise SystemExit(f"{index} exists without {progress_file}; remove it to start again.")
+    done: list[dict[str, object]] = progress["increments"]  # type: ignore[assignment]
+    if not all(p.is_file() for p in parts[len(done) :]):
+        t = time.perf_counter()  # deterministic (seeded): the same products on every resume
+        synthetic_catalogue(catalogue, size, parts=args.increment)
+        progress.setdefault("generate_seconds", time.perf_counter() - t)
+    indexed = json.loads((index / "manifest.json").read_text())["counts"]["products"] if index.exists() else 0
+    if indexed < len(done) * args.increment and indexed < size:
+        raise SystemExit(
+            f"{progress_file} records {len(done)} increments but {index} holds {indexed:,} products; "
+            "remove both to start again."
+        )
+    # An increment committed but killed before its timing was written: it is in the index.
+    while len(done) * args.increment < min(indexed, size):
+        done.append({"part": len(done), "build_seconds": None, "peak_rss_mib": None})
+    for part in range(len(done), len(parts)):
+        print(f"increment {part + 1}/{len(parts)}: {parts[part].name}", flush=True)
+        timing = build(parts[part], index, args.retriever, args.batch_rows, update=part > 0)
+        done.append({"part": part, **timing})
+        progress_file.write_text(json.dumps(progress, indent=2) + "\n")
+        print(f"  {timing['build_seconds']:.0f} s, peak RSS {timing['peak_rss_mib']:.0f} MiB", flush=True)
+    timed = [d for d in done if d["build_seconds"] is not None]
+    return {
+        "increment": args.increment,
+        "increments": done,
+        "untimed_increments": len(done) - len(timed),
+        "generate_seconds": progress.get("generate_seconds"),
+        "build_seconds": sum(float(d["build_seconds"]) for d in timed),  # type: ignore[arg-type]
+        "peak_rss_mib": max(float(d["peak_rss_mib"]) for d in timed),  # type: ignore[arg-type]
+        "log": str(timed[-1]["log"]) if timed else "",
     }
 
 
@@ -138,6 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--batch-rows", type=int, default=4096)
     parser.add_argument("--keep", action="store_true", help="keep the catalogues and indexes")
+    parser.add_argument(
+        "--increment",
+        type=int,
+        help="build synthetic sizes in increments of this many products (index, then index --update "
+        "per increment), resumable after a kill",
+    )
     args = parser.parse_args(argv)
 
     frame = pd.read_parquet(sample_path())
@@ -147,13 +243,17 @@ def main(argv: list[str] | None = None) -> None:
     for size in args.sizes:
         products = None
         row: dict[str, object] = {"size": size}
-        if size != "sample":
-            products = args.work / f"catalogue-{size}.parquet"
-            t = time.perf_counter()
-            synthetic_catalogue(products, int(size))
-            row["generate_seconds"] = time.perf_counter() - t
         index = args.work / f"index-{size}"
-        row |= build(products, index, args.retriever, args.batch_rows)
+        if size != "sample" and args.increment:
+            row |= build_in_increments(args, int(size), index)
+            products = None  # the part files are removed below, with the progress record
+        else:
+            if size != "sample":
+                products = args.work / f"catalogue-{size}.parquet"
+                t = time.perf_counter()
+                synthetic_catalogue(products, int(size))
+                row["generate_seconds"] = time.perf_counter() - t
+            row |= build(products, index, args.retriever, args.batch_rows)
         manifest = json.loads((index / "manifest.json").read_text())
         row["products"] = manifest["counts"]["products"]
         row["index_mib"] = folder_bytes(index) / 2**20
@@ -171,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(index, ignore_errors=True)
             if products is not None:
                 products.unlink(missing_ok=True)
+            for file in args.work.glob(f"catalogue-{size}-part-*.parquet"):
+                file.unlink()
+            (args.work / f"index-{size}.progress.json").unlink(missing_ok=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
