@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -75,13 +75,31 @@ def cv_command(
         str,
         typer.Option(help="Baselines ranked on every fold: comma-separated random,bm25,bi-encoder or none."),
     ] = "bm25,bi-encoder",
+    bagging: Annotated[
+        bool,
+        typer.Option(
+            "--bagging",
+            help="Stacked configs: also compare the mean of the fold cross-encoders with one "
+            "cross-encoder as the stacker's first stage (nested CV; bagging.json).",
+        ),
+    ] = False,
+    oof: Annotated[
+        Path | None,
+        typer.Option(
+            "--oof",
+            help="With --bagging: the oof.parquet of an earlier stacked cv or pipeline of this "
+            "config (same data, folds and seeds), instead of training the fold models again.",
+        ),
+    ] = None,
 ) -> None:
     """Cross-validate a config over the train+val queries (the test split is never read).
 
     Every fold model scores its held-out queries (out-of-fold, ``oof.parquet``), which gives
     every Task 1/2/3 metric per ESCI query type as mean ± std over folds and seeds. A stacked
     config (``model.stacker: gbdt``) trains the fold cross-encoders to the end of their schedule
-    and cross-validates the stacker on their outputs beside the cross-encoder alone.
+    and cross-validates the stacker on their outputs beside the cross-encoder alone; with
+    ``--bagging`` it then measures bagged fold models against one model as the trees' first
+    stage (``stack.bagging``).
     """
     import pandas as pd
 
@@ -95,6 +113,10 @@ def cv_command(
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
         chosen = parse_baselines(baselines)
         cfg = load_config(config, _overrides(overrides, base_model))
+        if (bagging or oof is not None) and cfg.model.stacker != "gbdt":
+            raise ValueError("--bagging / --oof: the config has no stacker; set model.stacker: gbdt.")
+        if oof is not None and not bagging:
+            raise ValueError("--oof is read by --bagging only; add --bagging.")
         if cfg.model.stacker == "gbdt":
             from esci_reranker.stack.train import cross_validate_stacked
 
@@ -102,11 +124,14 @@ def cv_command(
                 [read_split(data / "train.parquet", "train"), read_split(data / "val.parquet", "val")],
                 ignore_index=True,
             )
-            stacked = cross_validate_stacked(
-                cfg, frame, out, folds, seed_list, baselines=chosen, progress=True, log=typer.echo
-            )
-            typer.echo(cv_tables(stacked.summary))
-            typer.echo(f"details: {out / 'stack_cv.json'}")
+            if oof is None:
+                stacked = cross_validate_stacked(
+                    cfg, frame, out, folds, seed_list, baselines=chosen, progress=True, log=typer.echo
+                )
+                typer.echo(cv_tables(stacked.summary))
+                typer.echo(f"details: {out / 'stack_cv.json'}")
+            if bagging:
+                _bagging(cfg, frame, oof or out / "oof.parquet", out, folds, seed_list)
             return
         result = cross_validate(cfg, data, out, folds=folds, seeds=seed_list, baselines=chosen, oof=True)
     except (ConfigError, FileNotFoundError, ValueError) as err:
@@ -124,6 +149,40 @@ def cv_command(
         f"details: {out / 'cv.json'}",
     ]
     typer.echo("\n".join(lines))
+
+
+def _bagging(
+    cfg: TrainConfig, frame: Any, oof_path: Path, out: Path, folds: int, seeds: tuple[int, ...]
+) -> None:
+    import pandas as pd
+
+    from esci_reranker.fsutil import write_json
+    from esci_reranker.stack.bagging import FIRST_STAGES, cross_validate_bagging
+    from esci_reranker.stack.cv import cv_summary, cv_tables
+
+    if not oof_path.is_file():
+        raise FileNotFoundError(f"--oof {oof_path}: no such file (an oof.parquet of cv or pipeline).")
+    oof = pd.read_parquet(oof_path)
+    entries = []
+    for seed in seeds:
+        entries += cross_validate_bagging(cfg, frame, oof, out / "bagging", folds, seed, log=typer.echo)
+    models = [f"{kind}_{stage}" for kind in ("stacker", "cross_encoder") for stage in FIRST_STAGES]
+    summary = cv_summary(entries, models)
+    # paired by (fold, seed): the same trees and queries, only the first stage differs
+    gains = [e["stacker_bagged"]["ndcg"] - e["stacker_one_model"]["ndcg"] for e in entries]
+    summary["bagged_minus_one_model_ndcg"] = {
+        "mean": float(sum(gains) / len(gains)),
+        "per_run": gains,
+    }
+    write_json(out / "bagging.json", {"oof": str(oof_path), "summary": summary, "entries": entries})
+    typer.echo("First stage of the stacker: bagged fold cross-encoders vs one cross-encoder (nested CV)")
+    typer.echo(cv_tables(summary))
+    typer.echo(
+        "stacker nDCG, bagged - one model, per fold: "
+        + ", ".join(f"{g:+.4f}" for g in gains)
+        + f" (mean {summary['bagged_minus_one_model_ndcg']['mean']:+.4f})"
+    )
+    typer.echo(f"details: {out / 'bagging.json'}")
 
 
 @app.command("pipeline")
