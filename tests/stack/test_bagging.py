@@ -95,7 +95,7 @@ def test_bagging_reuses_an_oof_table_and_checks_it(bagging_cv, tmp_path, small_s
     reuse[reuse.index("--out") + 1] = tmp_path / "again"
     result = run(*reuse, "--oof", out / "oof.parquet")
     assert result.exit_code == 0, result.output
-    assert not (tmp_path / "again" / "stack_cv.json").exists()  # the fold models were not trained again
+    assert not list((tmp_path / "again").glob("fold*"))  # the fold models were not trained again
     first = json.loads((out / "bagging.json").read_text())["entries"]
     again = json.loads((tmp_path / "again" / "bagging.json").read_text())["entries"]
     for a, b in zip(first, again, strict=True):
@@ -106,6 +106,29 @@ def test_bagging_reuses_an_oof_table_and_checks_it(bagging_cv, tmp_path, small_s
     shuffled = oof.assign(fold=np.roll(oof["fold"].to_numpy(), 7))
     shuffled.to_parquet(tmp_path / "other.parquet")
     assert_fails(run(*reuse, "--oof", tmp_path / "other.parquet"), "does not hold the queries")
-    assert_fails(run(*reuse, "--seeds", "5", "--oof", out / "oof.parquet"), "no rows for seed 5")
+    assert_fails(run(*reuse, "--seeds", "5", "--oof", out / "oof.parquet"), "oof table: seed 5 has no out-of-fold outputs")
     assert_fails(run(*reuse, "--set", "model.stacker=none"), "the config has no stacker")
     assert_fails(run(*reuse, "--oof", tmp_path / "missing.parquet"), "missing.parquet: no such file")
+
+
+def test_cv_of_the_trees_alone_on_an_earlier_oof_table(bagging_cv, tmp_path):
+    out, args, _ = bagging_cv
+    trees = [a for a in args if a != "--bagging"]
+    trees[trees.index("--out") + 1] = tmp_path / "trees"
+    result = run(*trees, "--oof", out / "oof.parquet")
+    assert result.exit_code == 0, result.output
+    assert not list((tmp_path / "trees").glob("fold*"))
+    assert not (tmp_path / "trees" / "bagging.json").exists()
+    first = json.loads((out / "stack_cv.json").read_text())["entries"]
+    again = json.loads((tmp_path / "trees" / "stack_cv.json").read_text())["entries"]
+    for a, b in zip(first, again, strict=True):  # the same out-of-fold rows and trees: the same numbers
+        assert b["cross_encoder"] == a["cross_encoder"]
+        assert b["stacker"]["ndcg"] == pytest.approx(a["stacker"]["ndcg"])
+    # a feature left out reaches the trees (the log names how many they read)
+    count = int(result.output.split("folds (")[1].split(" features")[0])
+    fewer = run(*trees, "--oof", out / "oof.parquet", "--set", "stack.exclude_features=[ce_score]")
+    assert fewer.exit_code == 0, fewer.output
+    assert f"on the 3 folds ({count - 1} features)" in fewer.output
+    broken = pd.read_parquet(out / "oof.parquet").drop(columns=["fold"])
+    broken.to_parquet(tmp_path / "broken.parquet")
+    assert_fails(run(*trees, "--oof", tmp_path / "broken.parquet"), "no column(s) ['fold']")

@@ -87,8 +87,9 @@ def cv_command(
         Path | None,
         typer.Option(
             "--oof",
-            help="With --bagging: the oof.parquet of an earlier stacked cv or pipeline of this "
-            "config (same data, folds and seeds), instead of training the fold models again.",
+            help="Stacked configs: the oof.parquet of an earlier cv or pipeline of this config "
+            "(same data, folds and seeds); the fold models are not trained again, so the trees' "
+            "settings and features (--set stack.*) are compared in minutes.",
         ),
     ] = None,
 ) -> None:
@@ -115,10 +116,10 @@ def cv_command(
         cfg = load_config(config, _overrides(overrides, base_model))
         if (bagging or oof is not None) and cfg.model.stacker != "gbdt":
             raise ValueError("--bagging / --oof: the config has no stacker; set model.stacker: gbdt.")
-        if oof is not None and not bagging:
-            raise ValueError("--oof is read by --bagging only; add --bagging.")
+        if oof is not None and not oof.is_file():
+            raise FileNotFoundError(f"--oof {oof}: no such file (an oof.parquet of cv or pipeline).")
         if cfg.model.stacker == "gbdt":
-            from esci_reranker.stack.train import cross_validate_stacked
+            from esci_reranker.stack.train import cross_validate_stacked, cross_validate_trees
 
             frame = pd.concat(
                 [read_split(data / "train.parquet", "train"), read_split(data / "val.parquet", "val")],
@@ -128,8 +129,13 @@ def cv_command(
                 stacked = cross_validate_stacked(
                     cfg, frame, out, folds, seed_list, baselines=chosen, progress=True, log=typer.echo
                 )
-                typer.echo(cv_tables(stacked.summary))
-                typer.echo(f"details: {out / 'stack_cv.json'}")
+            else:
+                out.mkdir(parents=True, exist_ok=True)
+                stacked = cross_validate_trees(
+                    cfg, frame, pd.read_parquet(oof), out, seed_list, baselines=chosen, log=typer.echo
+                )
+            typer.echo(cv_tables(stacked.summary))
+            typer.echo(f"details: {out / 'stack_cv.json'}")
             if bagging:
                 _bagging(cfg, frame, oof or out / "oof.parquet", out, folds, seed_list)
             return
@@ -160,8 +166,6 @@ def _bagging(
     from esci_reranker.stack.bagging import FIRST_STAGES, cross_validate_bagging
     from esci_reranker.stack.cv import cv_summary, cv_tables
 
-    if not oof_path.is_file():
-        raise FileNotFoundError(f"--oof {oof_path}: no such file (an oof.parquet of cv or pipeline).")
     oof = pd.read_parquet(oof_path)
     entries = []
     for seed in seeds:

@@ -88,9 +88,6 @@ def cross_validate_stacked(
     then ``stack.cv.cross_validate_stacker`` on the same folds, beside the cross-encoder alone
     and the ``baselines``. Writes ``out_dir/stack_cv.json`` (entries and summary).
     """
-    from esci_reranker.eval.baselines import run_baseline
-    from esci_reranker.fsutil import write_json
-    from esci_reranker.stack.cv import cross_validate_stacker, cv_summary, oof_stack_table
     from esci_reranker.train.cv import cross_validate
 
     cross_validate(
@@ -106,6 +103,35 @@ def cross_validate_stacked(
         log=lambda line: log(f"      cross-encoder {line}"),
     )
     oof = pd.read_parquet(out_dir / "oof.parquet")
+    return cross_validate_trees(cfg, frame, oof, out_dir, seeds, baselines, log)
+
+
+def cross_validate_trees(
+    cfg: TrainConfig,
+    frame: pd.DataFrame,
+    oof: pd.DataFrame,
+    out_dir: Path,
+    seeds: tuple[int, ...],
+    baselines: tuple[str, ...] = ("bm25", "bi-encoder"),
+    log: Callable[[str], None] = print,
+) -> StackedCV:
+    """The stacker half of ``cross_validate_stacked``, on out-of-fold outputs already made
+    (``oof``: an ``oof.parquet`` of this config's fold models, on ``frame``'s rows), so the
+    trees' settings and features can be compared in minutes. Writes ``out_dir/stack_cv.json``.
+
+    Raises:
+        ValueError: ``oof`` has no outputs for a row of ``frame`` and a seed of ``seeds``.
+    """
+    from esci_reranker.eval.baselines import run_baseline
+    from esci_reranker.fsutil import write_json
+    from esci_reranker.stack.cv import cross_validate_stacker, cv_summary, oof_stack_table
+
+    missing = [c for c in ("fold", "seed", "query_id", "product_id", "ce_score") if c not in oof.columns]
+    if missing:
+        raise ValueError(
+            f"oof table: no column(s) {missing}; expected an oof.parquet written by cv or pipeline."
+        )
+    folds = int(oof["fold"].nunique())
     runs = {name: run_baseline(name, frame, text_fields=cfg.model.text_fields).run for name in baselines}
     entries: list[dict[str, Any]] = []
     tables: dict[int, pd.DataFrame] = {}
