@@ -139,3 +139,55 @@ def test_skipping_the_final_validation_needs_select_last(small_splits, tiny_back
     cfg = load_config(None, [f"model.backbone={tiny_backbone}", f"data.dir={small_splits}"])
     with pytest.raises(ValueError, match=r"validate_at_end=False needs eval\.select='last'"):
         train(cfg, progress=False, validate_at_end=False)
+
+
+def test_resume_keeps_finished_runs_and_trains_only_the_rest(
+    tmp_path, small_splits, tiny_backbone, monkeypatch
+):
+    import pandas as pd
+
+    import esci_reranker.train.loop as loop
+
+    sets = [
+        f"model.backbone={tiny_backbone}",
+        "model.stacker=none",
+        "model.max_length=32",
+        "optim.max_steps=1",
+        "eval.every_steps=1",
+        "eval.select=last",
+    ]
+    cfg = load_config(None, sets)
+    out = tmp_path / "cv"
+    first = cross_validate(cfg, small_splits, out, folds=2, seeds=(0,), baselines=(), oof=True)
+    # an interrupted run: the second fold's result never reached cv.json
+    saved = json.loads((out / "cv.json").read_text())
+    saved["runs"] = saved["runs"][:1]
+    (out / "cv.json").write_text(json.dumps(saved))
+
+    trained: list[tuple[int, str]] = []
+    real_train = loop.train
+
+    def counting_train(run_cfg, **kwargs):
+        trained.append((run_cfg.seed, run_cfg.output.save_path.parent.parent.name))
+        return real_train(run_cfg, **kwargs)
+
+    monkeypatch.setattr(loop, "train", counting_train)
+    lines: list[str] = []
+    again = cross_validate(
+        cfg, small_splits, out, folds=2, seeds=(0, 1), baselines=(), oof=True, resume=True, log=lines.append
+    )
+    assert trained == [(1, "fold0"), (0, "fold1"), (1, "fold1")]  # fold 0 seed 0 was kept
+    assert "fold 1/2, seed 0: finished earlier, kept (--resume)" in lines
+    assert [(r.fold, r.seed) for r in again.runs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert again.runs[0].end_metric == first.runs[0].end_metric
+    oof = pd.read_parquet(out / "oof.parquet")
+    assert sorted(set(zip(oof["fold"], oof["seed"], strict=True))) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert not oof.duplicated(["seed", "query_id", "product_id"]).any()
+
+    other = load_config(None, [*sets[:-3], "optim.max_steps=2", *sets[-2:]])
+    with pytest.raises(
+        ValueError, match=r"--resume: .*cv\.json was written by a CV with another config_sha256"
+    ):
+        cross_validate(other, small_splits, out, folds=2, seeds=(0,), baselines=(), oof=True, resume=True)
+    with pytest.raises(ValueError, match="another folds"):
+        cross_validate(cfg, small_splits, out, folds=3, seeds=(0,), baselines=(), oof=True, resume=True)

@@ -75,6 +75,14 @@ def cv_command(
         str,
         typer.Option(help="Baselines ranked on every fold: comma-separated random,bm25,bi-encoder or none."),
     ] = "bm25,bi-encoder",
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Keep the fold runs an earlier run of this command finished in --out (same config, "
+            "data and folds) and train only the others.",
+        ),
+    ] = False,
     bagging: Annotated[
         bool,
         typer.Option(
@@ -127,7 +135,15 @@ def cv_command(
             )
             if oof is None:
                 stacked = cross_validate_stacked(
-                    cfg, frame, out, folds, seed_list, baselines=chosen, progress=True, log=typer.echo
+                    cfg,
+                    frame,
+                    out,
+                    folds,
+                    seed_list,
+                    baselines=chosen,
+                    progress=True,
+                    log=typer.echo,
+                    resume=resume,
                 )
             else:
                 out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +155,17 @@ def cv_command(
             if bagging:
                 _bagging(cfg, frame, oof or out / "oof.parquet", out, folds, seed_list)
             return
-        result = cross_validate(cfg, data, out, folds=folds, seeds=seed_list, baselines=chosen, oof=True)
+        result = cross_validate(
+            cfg,
+            data,
+            out,
+            folds=folds,
+            seeds=seed_list,
+            baselines=chosen,
+            oof=True,
+            resume=resume,
+            log=typer.echo,
+        )
     except (ConfigError, FileNotFoundError, ValueError) as err:
         fail(str(err))
         return

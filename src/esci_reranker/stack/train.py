@@ -81,12 +81,14 @@ def cross_validate_stacked(
     baselines: tuple[str, ...] = ("bm25", "bi-encoder"),
     progress: bool = False,
     log: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> StackedCV:
     """Cross-validate a stacked config over the query folds of ``frame`` (train+val).
 
     For each seed: out-of-fold cross-encoders on ``folds`` query folds (``out_dir/oof.parquet``),
     then ``stack.cv.cross_validate_stacker`` on the same folds, beside the cross-encoder alone
-    and the ``baselines``. Writes ``out_dir/stack_cv.json`` (entries and summary).
+    and the ``baselines``. Writes ``out_dir/stack_cv.json`` (entries and summary). ``resume``
+    keeps the fold models an earlier call finished (``train.cv.cross_validate``).
     """
     from esci_reranker.train.cv import cross_validate
 
@@ -101,6 +103,7 @@ def cross_validate_stacked(
         oof=True,
         frame=frame,
         log=lambda line: log(f"      cross-encoder {line}"),
+        resume=resume,
     )
     oof = pd.read_parquet(out_dir / "oof.parquet")
     return cross_validate_trees(cfg, frame, oof, out_dir, seeds, baselines, log)

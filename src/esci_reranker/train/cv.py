@@ -15,6 +15,7 @@ bi-encoder, ...), so a config can be compared with them on all ~110 queries inst
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ def cross_validate(
     oof: bool = False,
     frame: pd.DataFrame | None = None,
     log: Callable[[str], None] | None = None,
+    resume: bool = False,
 ) -> CVResult:
     """Train ``cfg`` on each fold x seed of the train+val queries in ``data_dir``; return the results.
 
@@ -122,6 +124,13 @@ def cross_validate(
 
     ``frame`` (optional) is the train+val table itself, read from ``data_dir`` when not given;
     ``log`` receives a line as each fold starts.
+
+    With ``resume``, the (fold, seed) runs that an earlier call with the same config, queries,
+    folds and ``oof`` finished in ``out_dir`` (in its ``cv.json``, ``oof.parquet`` and fold model)
+    are kept and only the others train: a slow family's CV can run over several sessions.
+
+    Raises:
+        ValueError: ``resume`` and ``out_dir`` holds a CV of another config, data or folds.
     """
     from esci_reranker.eval.baselines import parse_baselines, run_baseline
     from esci_reranker.eval.ranking import ranking_metrics
@@ -139,6 +148,8 @@ def cross_validate(
     result = CVResult(metric=cfg.eval.metric)
     key = "task1." + cfg.eval.metric
     oof_tables: list[pd.DataFrame] = []
+    identity = _identity(cfg, frame, folds, oof)
+    done = _finished_runs(out, identity, oof) if resume else {}
     for fold, fold_queries in enumerate(query_folds(frame["query_id"].to_numpy(), folds)):
         split_dir = write_fold_splits(frame, fold_queries, out / f"fold{fold}" / "data")
         val = frame[frame["query_id"].isin(fold_queries)]
@@ -146,6 +157,14 @@ def cross_validate(
             metrics = run_baseline(name, val, text_fields=cfg.model.text_fields).metrics
             result.baselines.setdefault(name, []).append(float(metrics["task1"][cfg.eval.metric]))
         for seed in seeds:
+            if (fold, seed) in done:
+                kept, rows = done[fold, seed]
+                if log is not None:
+                    log(f"fold {fold + 1}/{folds}, seed {seed}: finished earlier, kept (--resume)")
+                result.runs.append(kept)
+                if rows is not None:
+                    oof_tables.append(rows)
+                continue
             if log is not None:
                 log(
                     f"fold {fold + 1}/{folds}, seed {seed}: train on {frame['query_id'].nunique() - len(fold_queries)} "
@@ -182,11 +201,55 @@ def cross_validate(
                     curve=curve,
                 )
             )
-            _write(out / "cv.json", result)
+            # oof.parquet first: a run is finished (for --resume) once cv.json lists it
             if table is not None:
                 oof_tables.append(table)
                 pd.concat(oof_tables, ignore_index=True).to_parquet(out / "oof.parquet", index=False)
+            _write(out / "cv.json", result, identity)
     return result
+
+
+def _identity(cfg: TrainConfig, frame: pd.DataFrame, folds: int, oof: bool) -> dict[str, Any]:
+    """What must match for ``resume`` to keep earlier runs: config, queries, folds, oof."""
+    config = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
+    queries = ",".join(str(q) for q in sorted(frame["query_id"].unique()))
+    return {
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "queries_sha256": hashlib.sha256(queries.encode()).hexdigest(),
+        "folds": folds,
+        "oof": oof,
+    }
+
+
+def _finished_runs(
+    out: Path, identity: dict[str, Any], oof: bool
+) -> dict[tuple[int, int], tuple[FoldResult, pd.DataFrame | None]]:
+    """The runs an earlier ``cross_validate`` finished in ``out``, with their out-of-fold rows."""
+    path = out / "cv.json"
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    differs = [k for k, v in identity.items() if saved.get("identity", {}).get(k) != v]
+    if differs:
+        raise ValueError(
+            f"--resume: {path} was written by a CV with another {', '.join(differs)} "
+            "(or before runs could be resumed); use another --out, or run without --resume to start over."
+        )
+    table = pd.read_parquet(out / "oof.parquet") if oof and (out / "oof.parquet").is_file() else None
+    done: dict[tuple[int, int], tuple[FoldResult, pd.DataFrame | None]] = {}
+    for item in saved["runs"]:
+        run = FoldResult(**{**item, "curve": {int(k): float(v) for k, v in item["curve"].items()}})
+        model = out / f"fold{run.fold}" / f"seed{run.seed}" / "model" / "config.json"
+        rows = None
+        if table is not None:
+            rows = table[(table["fold"] == run.fold) & (table["seed"] == run.seed)]
+            if rows.empty:
+                continue
+        elif oof:
+            continue
+        if model.is_file():
+            done[run.fold, run.seed] = (run, None if rows is None else rows.reset_index(drop=True))
+    return done
 
 
 def fold_outputs(model_dir: Path, val: pd.DataFrame, fold: int, seed: int) -> pd.DataFrame:
@@ -200,9 +263,10 @@ def fold_outputs(model_dir: Path, val: pd.DataFrame, fold: int, seed: int) -> pd
     return table
 
 
-def _write(path: Path, result: CVResult) -> None:
+def _write(path: Path, result: CVResult, identity: dict[str, Any] | None = None) -> None:
     data: dict[str, Any] = {
         "metric": result.metric,
+        "identity": identity or {},
         "summary": result.summary(),
         "baselines_per_fold": result.baselines,
         "runs": [r.__dict__ for r in result.runs],
