@@ -106,7 +106,10 @@ def test_bagging_reuses_an_oof_table_and_checks_it(bagging_cv, tmp_path, small_s
     shuffled = oof.assign(fold=np.roll(oof["fold"].to_numpy(), 7))
     shuffled.to_parquet(tmp_path / "other.parquet")
     assert_fails(run(*reuse, "--oof", tmp_path / "other.parquet"), "does not hold the queries")
-    assert_fails(run(*reuse, "--seeds", "5", "--oof", out / "oof.parquet"), "oof table: seed 5 has no out-of-fold outputs")
+    assert_fails(
+        run(*reuse, "--seeds", "5", "--oof", out / "oof.parquet"),
+        "oof table: seed 5 has no out-of-fold outputs",
+    )
     assert_fails(run(*reuse, "--set", "model.stacker=none"), "the config has no stacker")
     assert_fails(run(*reuse, "--oof", tmp_path / "missing.parquet"), "missing.parquet: no such file")
 
