@@ -73,4 +73,16 @@ def test_fold_models_keep_the_end_of_training_not_a_chosen_step(oof_run):
         json.loads(x) for x in (cv_dir / "fold0" / "seed0" / "train" / "log.jsonl").read_text().splitlines()
     ]
     val_steps = [r["step"] for r in log if r["type"] == "val"]
-    assert val_steps == [2]  # no evaluation at the start, one at the end, and nothing chosen by it
+    # no evaluation at the start and none at the end: the out-of-fold pass scores the final
+    # model on the same queries, and nothing is chosen by it
+    assert val_steps == []
+    train_steps = [r["step"] for r in log if r["type"] == "train"]
+    assert train_steps[-1] == 2  # trained to the end of its schedule
+    from esci_reranker.eval.ranking import ranking_metrics
+    from esci_reranker.stack.cv import cross_encoder_run
+
+    run = json.loads((cv_dir / "cv.json").read_text())["runs"][0]
+    oof = pd.read_parquet(cv_dir / "oof.parquet")
+    fold0 = oof[oof["fold"] == 0].reset_index(drop=True)
+    assert run["best_step"] == run["steps"] == 2
+    assert run["end_metric"] == pytest.approx(ranking_metrics(cross_encoder_run(fold0))["ndcg"])
