@@ -165,6 +165,7 @@ def cv_command(
             oof=True,
             resume=resume,
             log=typer.echo,
+            progress=True,  # a slow family's fold takes long: show its steps, as the stacked path does
         )
     except (ConfigError, FileNotFoundError, ValueError) as err:
         fail(str(err))
