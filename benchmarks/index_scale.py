@@ -245,8 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         row: dict[str, object] = {"size": size}
         index = args.work / f"index-{size}"
         if size != "sample" and args.increment:
-            row |= build_in_increments(args, int(size), index)
-            products = None  # the part files are removed below, with the progress record
+            row |= build_in_increments(args, int(size), index)  # part files removed below
         else:
             if size != "sample":
                 products = args.work / f"catalogue-{size}.parquet"

@@ -32,7 +32,6 @@ import pandas as pd
 
 from esci_reranker.stack.cv import add_run, cross_encoder_run, oof_stack_table, stacker_run
 from esci_reranker.stack.outputs import CE_COLUMNS, frame_outputs
-from esci_reranker.stack.stacker import feature_columns, fit_stacker
 from esci_reranker.train.config import TrainConfig
 
 #: The two first stages compared, as named in the entries.
@@ -85,9 +84,8 @@ def cross_validate_bagging(
             ``cross_validate`` makes of them.
     """
     from esci_reranker.reranker import Reranker
-    from esci_reranker.stack.train import _fixed_schedule, gbdt_params
+    from esci_reranker.stack.train import fit_config_stacker, train_fixed
     from esci_reranker.train.cv import query_folds
-    from esci_reranker.train.loop import train
 
     fold_sets = query_folds(frame["query_id"].to_numpy(), folds)
     part = oof[oof["seed"] == seed]
@@ -108,20 +106,11 @@ def cross_validate_bagging(
                 continue
             log(f"      bagging: outer fold {f + 1}/{folds}, inner model without folds {f + 1} and {g + 1}")
             folder = out_dir / f"f{f}g{g}"
-            run = _fixed_schedule(cfg)
-            run.seed = seed
-            train_path = folder / "train.parquet"
-            train_path.parent.mkdir(parents=True, exist_ok=True)
-            frame[~frame["query_id"].isin(test_queries | held)].to_parquet(train_path, index=False)
-            run.data.dir = None
-            run.data.train = train_path
-            # absent: with select 'last' nothing is chosen on validation; no test split here
-            run.data.val = folder / "no_val.parquet"
-            run.data.test = folder / "no_test.parquet"
-            run.output.save_path = folder / "model"
-            run.output.run_dir = folder / "train"
-            train(run, progress=False, evaluate_test=False)
-            model = Reranker.from_pretrained(run.output.save_path)
+            train_rows = frame[~frame["query_id"].isin(test_queries | held)]
+            saved = train_fixed(
+                cfg, train_rows, folder / "train.parquet", seed, folder / "model", folder / "train"
+            )
+            model = Reranker.from_pretrained(saved)
             rows = frame_outputs(model, frame[frame["query_id"].isin(held)])
             rows.insert(0, "fold", g)
             inner_rows.append(rows)
@@ -129,13 +118,7 @@ def cross_validate_bagging(
         inner = pd.concat(inner_rows, ignore_index=True)
         inner.insert(0, "seed", seed)
         train_table = oof_stack_table(frame[~frame["query_id"].isin(test_queries)], inner, seed)
-        stacker, _ = fit_stacker(
-            train_table,
-            gbdt_params(cfg, seed),
-            features=feature_columns(train_table, exclude=cfg.stack.exclude_features),
-            task2_objective=cfg.stack.task2_objective,
-            task3_objective=cfg.stack.task3_objective,
-        )
+        stacker = fit_config_stacker(cfg, train_table, seed)
         bagged = mean_outputs(bag)
         bagged.insert(0, "fold", f)
         bagged.insert(0, "seed", seed)

@@ -29,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from esci_reranker.stack.stacker import STACKER_DIR, GBDTParams, feature_columns, fit_stacker
+from esci_reranker.stack.stacker import STACKER_DIR, GBDTParams, Stacker, feature_columns, fit_stacker
 from esci_reranker.train.config import TrainConfig
 
 #: Validation steps for the fold and final models: none but the last (cheap, and only logged).
@@ -63,6 +63,52 @@ def _fixed_schedule(cfg: TrainConfig) -> TrainConfig:
     run.eval.at_start = False
     run.eval.every_steps = _NO_MIDWAY_EVAL
     return run
+
+
+def train_fixed(
+    cfg: TrainConfig,
+    rows: pd.DataFrame,
+    train_path: Path,
+    seed: int | None = None,
+    save_path: Path | None = None,
+    run_dir: Path | None = None,
+    progress: bool = False,
+) -> Path:
+    """Train ``cfg``'s cross-encoder on ``rows`` alone (written to ``train_path``) to the end of its
+    schedule, as the fold and final models are trained; ``seed``, ``save_path`` and ``run_dir``
+    replace the config's when given. Returns where the model is."""
+    from esci_reranker.train.loop import train
+
+    run = _fixed_schedule(cfg)
+    if seed is not None:
+        run.seed = seed
+    if save_path is not None:
+        run.output.save_path = save_path
+    if run_dir is not None:
+        run.output.run_dir = run_dir
+    train_path.parent.mkdir(parents=True, exist_ok=True)
+    rows.to_parquet(train_path, index=False)
+    run.data.dir = None
+    run.data.train = train_path
+    # absent files: with select 'last' the model needs no validation split, and a test split is
+    # the caller's to evaluate (with the stacker)
+    run.data.val = train_path.with_name("no_val.parquet")
+    run.data.test = train_path.with_name("no_test.parquet")
+    train(run, progress=progress, evaluate_test=False)
+    return Path(run.output.save_path)
+
+
+def fit_config_stacker(cfg: TrainConfig, table: pd.DataFrame, seed: int) -> Stacker:
+    """The stacker of ``cfg``'s ``stack`` section fitted on a stack table (every feature column
+    but ``stack.exclude_features``; rounds and decision rules chosen by inner query folds)."""
+    stacker, _ = fit_stacker(
+        table,
+        gbdt_params(cfg, seed),
+        features=feature_columns(table, exclude=cfg.stack.exclude_features),
+        task2_objective=cfg.stack.task2_objective,
+        task3_objective=cfg.stack.task3_objective,
+    )
+    return stacker
 
 
 def gbdt_params(cfg: TrainConfig, seed: int) -> GBDTParams:
@@ -169,7 +215,7 @@ def train_stacked(
     ``baselines`` are ranked on every fold beside the stacker (``random`` is left out).
     """
     from esci_reranker.reranker import Reranker
-    from esci_reranker.train.loop import read_split, train
+    from esci_reranker.train.loop import read_split
 
     if cfg.model.stacker != "gbdt":
         raise ValueError(f"train_stacked: model.stacker is {cfg.model.stacker!r}; expected 'gbdt'.")
@@ -195,30 +241,12 @@ def train_stacked(
 
     t = time.perf_counter()
     log("      stacker: fit on every out-of-fold row")
-    table = cv.tables[cfg.seed]
-    stacker, _ = fit_stacker(
-        table,
-        gbdt_params(cfg, cfg.seed),
-        features=feature_columns(table, exclude=cfg.stack.exclude_features),
-        task2_objective=cfg.stack.task2_objective,
-        task3_objective=cfg.stack.task3_objective,
-    )
+    stacker = fit_config_stacker(cfg, cv.tables[cfg.seed], cfg.seed)
     seconds["stacker"] = time.perf_counter() - t
 
     t = time.perf_counter()
     log(f"      cross-encoder: final model on all {frame['query_id'].nunique()} train+val queries")
-    final = _fixed_schedule(cfg)
-    all_path = run_dir / "train_all.parquet"
-    all_path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(all_path, index=False)
-    final.data.train = all_path
-    # absent files: with select 'last' the final model needs no validation split, and the test
-    # split is the caller's to evaluate (with the stacker)
-    final.data.val = run_dir / "no_val.parquet"
-    final.data.test = run_dir / "no_test.parquet"
-    final.data.dir = None
-    train(final, progress=progress, evaluate_test=False)
-    save_path = Path(cfg.output.save_path)
+    save_path = train_fixed(cfg, frame, run_dir / "train_all.parquet", progress=progress)
     stacker.info["cv"] = cv.summary["overall"]
     stacker.save(save_path / STACKER_DIR)
     Reranker.from_pretrained(save_path)  # fail here, not in the user's hands, if it does not load
