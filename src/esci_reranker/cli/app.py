@@ -10,4 +10,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Markdown reflows the docstrings' wrapped lines into paragraphs (rich mode keeps every line break).
+    rich_markup_mode="markdown",
 )

@@ -297,15 +297,17 @@ def export_command(
     The stacked default and the cross-encoder with priors have no stock form: distil them first
     (`esci-reranker distill`), then export the student.
 
-    hf-classifier: transformers AutoModelForSequenceClassification with labels E, S, C, I.
-    st-cross-encoder: a sentence-transformers CrossEncoder giving the Task 1 score.
-    tei: the st-cross-encoder folder as text-embeddings-inference serves it on /rerank.
-    onnx: the whole model as one ONNX graph for ONNX Runtime (fp32, or int8 with --quantize int8);
-    Reranker.from_pretrained loads the folder (see docs/speed.md). A stacked checkpoint is refused
-    (its trees are not in ONNX) unless --cross-encoder-only asks for its first stage alone.
-    merged: an llm-family checkpoint with its LoRA adapter merged into the LM's weights (no base
-    model or peft needed to load it; Reranker.from_pretrained loads the folder). The llm and
-    listwise families have no other export: distil them into a stock student instead.
+    - hf-classifier: transformers AutoModelForSequenceClassification with labels E, S, C, I.
+    - st-cross-encoder: a sentence-transformers CrossEncoder giving the Task 1 score.
+    - tei: the st-cross-encoder folder as text-embeddings-inference serves it on /rerank.
+    - onnx: the whole model as one ONNX graph for ONNX Runtime (fp32, or int8 with --quantize
+      int8); Reranker.from_pretrained loads the folder (see docs/speed.md). A stacked checkpoint
+      is refused (its trees are not in ONNX) unless --cross-encoder-only asks for its first stage
+      alone.
+    - merged: an llm-family checkpoint with its LoRA adapter merged into the LM's weights (no base
+      model or peft needed to load it; Reranker.from_pretrained loads the folder).
+
+    The llm and listwise families have no other export: distil them into a stock student instead.
     """
     import importlib
 
