@@ -93,3 +93,28 @@ def test_distill_cv_command_prints_student_and_teacher(
     missing = run("distill-cv", "--teacher", stacked_teacher, "--config", "configs/distill_score.yaml",
                   "--oof", tmp_path / "none.parquet", "--out", out)  # fmt: skip
     assert_fails(missing, "no such file; `esci-reranker cv --out DIR` writes DIR/oof.parquet")
+
+
+def test_distill_cv_resume_trains_only_the_missing_runs(
+    stacked_teacher: Path, oof_parquet: Path, tiny_student_overrides: list[str], tmp_path: Path
+):
+    out = tmp_path / "cv"
+    args = [
+        "distill-cv", "--teacher", stacked_teacher, "--config", "configs/distill_score.yaml", "--oof", oof_parquet,
+        "--out", out, "--seeds", "0", "--baselines", "none", *_sets(tiny_student_overrides),
+    ]  # fmt: skip
+    assert run(*args).exit_code == 0
+    saved = json.loads((out / "distill_cv.json").read_text())
+    # An interrupted run: the second fold's entry never got written.
+    kept = saved["entries"][0]
+    (out / "distill_cv.json").write_text(json.dumps({**saved, "entries": [kept]}))
+    resumed = run(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "fold 1/2, seed 0: finished earlier, kept (--resume)" in resumed.output
+    assert "fold 2/2, seed 0: student-score on" in resumed.output
+    again = json.loads((out / "distill_cv.json").read_text())
+    assert again["entries"][0] == kept
+    assert [(e["fold"], e["seed"]) for e in again["entries"]] == [(0, 0), (1, 0)]
+    # Another config must not be mixed with these runs.
+    other = run(*args, "--set", "optim.lr=1e-3", "--resume")
+    assert_fails(other, "--resume:", "another config_sha256", "run without --resume")

@@ -94,6 +94,14 @@ def distill_cv_command(
         str, typer.Option(help="Baselines ranked on every fold: comma-separated bm25,bi-encoder or none.")
     ] = "bm25,bi-encoder",
     overrides: SetOption = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Keep the (fold, seed) runs an earlier run of this command finished in --out (same config, "
+            "teacher outputs and baselines) and train only the others.",
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = False,
 ) -> None:
     """Cross-validate a student against its teacher over the teacher's query folds.
@@ -107,6 +115,7 @@ def distill_cv_command(
     import pandas as pd
 
     from esci_reranker.distill import DISTILL_CV_MODELS, cross_validate_student, teacher_oof_table
+    from esci_reranker.distill.cv import cv_identity, finished_entries
     from esci_reranker.distill.data import read_labelled_and_test
     from esci_reranker.eval.baselines import parse_baselines, run_baseline
     from esci_reranker.fsutil import write_json
@@ -132,8 +141,24 @@ def distill_cv_command(
             f"teacher out-of-fold outputs ({'stacked' if stacker else 'cross-encoder'}, oof seed {oof_seed})"
         )
         table = teacher_oof_table(frame, pd.read_parquet(oof), stacker, seed=oof_seed)
+        identity = cv_identity(cfg, table, chosen)
+        result_path = out / "distill_cv.json"
+        done = finished_entries(result_path, identity) if resume else {}
         out.mkdir(parents=True, exist_ok=True)
         table.to_parquet(out / "teacher_oof.parquet", index=False)
+
+        def save(entries: list[dict]) -> None:
+            # After every (fold, seed): an interrupted run loses at most the student in training.
+            write_json(
+                result_path,
+                {
+                    "summary": cv_summary(entries, models=DISTILL_CV_MODELS),
+                    "entries": entries,
+                    "config": cfg.model_dump(mode="json"),
+                    "identity": identity,
+                },
+            )
+
         runs = {
             name: run_baseline(name, frame, text_fields=teacher_config.text_fields).run for name in chosen
         }
@@ -148,14 +173,12 @@ def distill_cv_command(
             long_field_chars=teacher_config.long_field_chars,
             progress=progress,
             log=typer.echo,
+            done=done,
+            on_entry=save,
         )
     except (ConfigError, FileNotFoundError, ValueError) as err:
         fail(str(err))
         return
-    summary = cv_summary(entries, models=DISTILL_CV_MODELS)
-    write_json(
-        out / "distill_cv.json",
-        {"summary": summary, "entries": entries, "config": cfg.model_dump(mode="json")},
-    )
-    typer.echo(cv_tables(summary))
-    typer.echo(f"details: {out / 'distill_cv.json'}")
+    save(entries)
+    typer.echo(cv_tables(cv_summary(entries, models=DISTILL_CV_MODELS)))
+    typer.echo(f"details: {result_path}")

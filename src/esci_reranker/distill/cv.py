@@ -22,7 +22,10 @@ queries, their products' text or their labels.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -149,6 +152,8 @@ def cross_validate_student(
     long_field_chars: int = DEFAULT_LONG_FIELD_CHARS,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    done: Mapping[tuple[int, int], dict[str, Any]] | None = None,
+    on_entry: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Per (fold, seed): the student's and the teacher's metrics on the fold's pairs.
 
@@ -161,6 +166,9 @@ def cross_validate_student(
         baseline_runs: name -> run frame over ``frame``'s rows, evaluated per fold as well.
         text_fields, long_field_chars: the teacher's product text settings (the student's
             unless ``cfg.model`` sets its own).
+        done: (fold, seed) -> an entry an earlier, interrupted call finished; kept, not retrained.
+        on_entry: called with the entries so far after each (fold, seed), e.g. to save them so
+            that an interrupted run can resume.
 
     Returns:
         Entries shaped like the stacker CV's (``stack.cv.cv_summary`` summarises them with
@@ -183,6 +191,12 @@ def cross_validate_student(
         held_out = data[data["fold"] == fold].reset_index(drop=True)
         pool = trainable[trainable["fold"] != fold]
         for seed in seeds:
+            if done and (fold, int(seed)) in done:
+                log(
+                    f"distill cv: fold {fold + 1}/{len(folds)}, seed {seed}: finished earlier, kept (--resume)"
+                )
+                entries.append(done[fold, int(seed)])
+                continue
             run_cfg = cfg.model_copy(update={"seed": seed}, deep=True)
             val_ids = validation_queries(pool["query_id"], cfg.data.val_share, cfg.data.seed + seed)
             is_val = pool["query_id"].isin(val_ids)
@@ -217,4 +231,36 @@ def cross_validate_student(
             for name, run in (baseline_runs or {}).items():
                 add_run(entry, name, run[run["query_id"].isin(fold_queries)].reset_index(drop=True))
             entries.append(entry)
+            if on_entry is not None:
+                on_entry(entries)
     return entries
+
+
+def cv_identity(cfg: DistillConfig, teacher_oof: pd.DataFrame, baselines: Sequence[str]) -> dict[str, Any]:
+    """What must match for a resumed ``distill-cv`` to keep earlier entries: the student's
+    config, the teacher's out-of-fold outputs (hence its folds) and the baselines ranked."""
+    config = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
+    table = pd.util.hash_pandas_object(teacher_oof.sort_values(list(PAIR_KEY)), index=False)
+    return {
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "teacher_oof_sha256": hashlib.sha256(table.to_numpy().tobytes()).hexdigest(),
+        "baselines": sorted(baselines),
+    }
+
+
+def finished_entries(path: Path, identity: Mapping[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
+    """(fold, seed) -> entry of the ``distill_cv.json`` at ``path`` (none when it does not exist).
+
+    Raises:
+        ValueError: the file was written for another config, teacher or baselines.
+    """
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    differs = [k for k, v in identity.items() if saved.get("identity", {}).get(k) != v]
+    if differs:
+        raise ValueError(
+            f"--resume: {path} was written by a distill-cv with another {', '.join(differs)}; "
+            "use another --out, or run without --resume to start over."
+        )
+    return {(int(e["fold"]), int(e["seed"])): e for e in saved.get("entries", [])}
