@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from esci_reranker.train.config import load_config
-from esci_reranker.train.cv import cross_validate, query_folds
+from esci_reranker.train.cv import CVResult, FoldResult, cross_validate, query_folds
 
 
 def test_query_folds_are_disjoint_cover_every_query_and_are_seeded():
@@ -61,6 +61,22 @@ def test_cross_validate_trains_each_fold_without_a_test_split(tmp_path, small_sp
     direct = run_baseline("bm25", fold0, text_fields=cfg.model.text_fields).metrics["task1"]["ndcg"]
     assert saved["baselines_per_fold"]["bm25"][0] == pytest.approx(direct)
     assert summary["baselines"]["bm25"] == pytest.approx(np.mean(saved["baselines_per_fold"]["bm25"]))
+
+
+def test_summary_has_no_untrained_figure_when_no_run_scored_step_0():
+    # eval.at_start: false -> the first evaluation is a trained model; it must not pass as the start
+    runs = [
+        FoldResult(f, 0, best, 10, 10, float("nan"), 1.0, end_metric=best, curve={10: best})
+        for f, best in enumerate((0.8, 0.9))
+    ]
+    summary = CVResult("ndcg", runs).summary()
+    assert summary["start_mean"] is None
+    assert summary["gain_mean"] is None
+    assert summary["mean"] == pytest.approx(0.85)
+    runs[0].start_metric, runs[0].curve[0] = 0.7, 0.7  # one run scored its start: only it counts
+    summary = CVResult("ndcg", runs).summary()
+    assert summary["start_mean"] == pytest.approx(0.7)
+    assert summary["gain_mean"] == pytest.approx(0.1)
 
 
 def test_cross_validate_rejects_an_unknown_baseline(tmp_path, small_splits):

@@ -173,10 +173,14 @@ def cv_command(
     typer.echo(cv_tables(cv_summary(oof_entries(pd.read_parquet(out / "oof.parquet")))))
     s = result.summary()
     curve = ", ".join(f"{step}: {value:.4f}" for step, value in s["mean_curve"].items())
+    start = (
+        "untrained not scored (eval.at_start: false)"
+        if s["start_mean"] is None
+        else f"untrained {s['start_mean']:.4f}; gain {s['gain_mean']:+.4f} ± {s['gain_std']:.4f}"
+    )
     lines = [
         f"{s['runs']} runs: best val {result.metric} {s['mean']:.4f} ± {s['std']:.4f} "
-        f"(untrained {s['start_mean']:.4f}; last eval {s['end_mean']:.4f}; "
-        f"gain {s['gain_mean']:+.4f} ± {s['gain_std']:.4f})",
+        f"(last eval {s['end_mean']:.4f}; {start})",
         f"mean over runs by step: {curve}",
         *(f"baseline {name}: {value:.4f}" for name, value in s["baselines"].items()),
         f"details: {out / 'cv.json'}",

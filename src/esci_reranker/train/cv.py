@@ -58,20 +58,23 @@ class CVResult:
 
     def summary(self) -> dict[str, Any]:
         """Over runs: mean and standard deviation of the best metric, the means of the starting
-        (untrained) and last metric, the gain of best over start, the mean curve (steps that
+        (untrained; None when no run scored it) and last metric, the gain of best over start, the mean curve (steps that
         every run evaluated), and each baseline's mean over folds."""
         best = np.array([r.best_metric for r in self.runs])
         start = np.array([r.start_metric for r in self.runs])
         gain = best - start
+        # Runs without a step-0 evaluation (eval.at_start: false) have no start: None, not a
+        # made-up number, when no run has one.
+        scored = ~np.isnan(start)
         steps = set.intersection(*(set(r.curve) for r in self.runs)) if self.runs else set()
         return {
             "runs": len(self.runs),
             "mean": float(best.mean()),
             "std": float(best.std(ddof=1)) if len(best) > 1 else 0.0,
-            "start_mean": float(start.mean()),
+            "start_mean": float(start[scored].mean()) if scored.any() else None,
             "end_mean": float(np.mean([r.end_metric for r in self.runs])),
-            "gain_mean": float(gain.mean()),
-            "gain_std": float(gain.std(ddof=1)) if len(gain) > 1 else 0.0,
+            "gain_mean": float(gain[scored].mean()) if scored.any() else None,
+            "gain_std": float(gain[scored].std(ddof=1)) if scored.sum() > 1 else 0.0,
             "mean_curve": {str(k): float(np.mean([r.curve[k] for r in self.runs])) for k in sorted(steps)},
             "baselines": {name: float(np.mean(values)) for name, values in self.baselines.items()},
         }
@@ -195,7 +198,8 @@ def cross_validate(
                     trained.best_metric,
                     trained.best_step,
                     trained.steps,
-                    curve.get(0, next(iter(curve.values()), nan)),
+                    # NaN when eval.at_start is off: the first evaluation is not the untrained model
+                    curve.get(0, nan),
                     trained.seconds,
                     end_metric=curve[max(curve)] if curve else nan,
                     curve=curve,
