@@ -267,3 +267,70 @@ def test_base_model_flag_sets_the_backbone(small_splits: Path, tmp_path: Path) -
     missing = tmp_path / "no-such-lm"
     result = run("train", "--config", config, "--base-model", missing, "--set", f"data.dir={small_splits}")
     assert_fails(result, f"model.llm.base_model='{missing}'", "no such folder")
+
+
+def test_resumable_checkpoint_holds_the_adapter_only_and_resumes_exactly(
+    small_splits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    from esci_reranker.train import loop as loop_module
+    from esci_reranker.train.config import load_config
+    from esci_reranker.train.loop import Trainer, train
+
+    base = save_tiny_base(tmp_path / "base", "llama")
+
+    def config(name: str, *extra: str):
+        return load_config(
+            Path(__file__).resolve().parents[2] / "configs/llm_lora.yaml",
+            [
+                f"data.dir={small_splits}",
+                f"model.backbone={base}",
+                "model.max_length=96",
+                "data.max_train_rows=64",
+                "optim.max_steps=4",
+                "optim.batch_size=8",
+                "optim.lr=1e-2",
+                "eval.every_steps=100",
+                "eval.at_start=false",
+                "output.checkpoint_every=2",
+                f"output.save_path={tmp_path / name / 'model'}",
+                f"output.run_dir={tmp_path / name / 'train'}",
+                *extra,
+            ],
+        )
+
+    train(config("full"), progress=False)
+    full = load_file(str(tmp_path / "full" / "train" / "last" / "model.safetensors"))
+    assert full, "the checkpoint holds the adapter"
+    # the LoRA matrices and the model's own buffers (its score vectors), no frozen base weight
+    assert {key for key in full if "lora_" not in key} == {"gain_vector", "weighted_vector"}
+    assert any("lora_B" in key for key in full)
+
+    # Crash during step 3, after the step-2 checkpoint; resume must end where the full run did.
+    real_clip = loop_module.Accelerator.clip_grad_norm_
+    calls = {"n": 0}
+
+    class CrashError(Exception):
+        pass
+
+    def clip_then_maybe_die(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise CrashError
+        return real_clip(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop_module.Accelerator, "clip_grad_norm_", clip_then_maybe_die)
+    with pytest.raises(CrashError):
+        Trainer(config("cut"), progress=False).train()
+    monkeypatch.setattr(loop_module.Accelerator, "clip_grad_norm_", real_clip)
+    assert Trainer(config("cut"), progress=False).train(resume=True).steps == 4
+    cut = load_file(str(tmp_path / "cut" / "train" / "last" / "model.safetensors"))
+    assert cut.keys() == full.keys()
+    for key in full:
+        torch.testing.assert_close(cut[key], full[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    # A checkpoint whose adapter does not fit this model (another rank, other targets) is refused.
+    for other in ("model.llm.lora_r=4", "model.llm.lora_targets=[q_proj]"):
+        with pytest.raises(CheckpointError, match="does not match this model's trainable parameters"):
+            Trainer(config("cut", other), progress=False).train(resume=True)

@@ -37,6 +37,7 @@ from esci_reranker.hardware import keep_freed_memory, resolve_precision
 from esci_reranker.labels import LABEL_TO_INDEX, check_labels
 from esci_reranker.model import (
     MODEL_CLASSES,
+    CheckpointError,
     LossConfig,
     ModelConfig,
     RerankerModel,
@@ -375,6 +376,7 @@ class Trainer:
             optimizer, int(cfg.optim.warmup_ratio * total_steps) * scale, total_steps * scale
         )
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        _checkpoint_trainable_only(accelerator)
         device = accelerator.device
 
         state: dict[str, Any] = {
@@ -549,6 +551,58 @@ class Trainer:
             metrics |= self.evaluate(best, tokenizer, self.test_frame, device)
         write_json(self.save_path / "metrics.json", metrics)
         return metrics if self.test_frame is not None else None
+
+
+_OTHER_RUN = "it was written by another config; start without --resume."
+
+
+def _frozen_keys(model: torch.nn.Module) -> set[str]:
+    # remove_duplicate=False: a tied weight (an LM's lm_head and embeddings) has two state keys
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _checkpoint_trainable_only(accelerator: Accelerator) -> None:
+    """Make ``save_state``/``load_state`` skip the frozen parameters of models that ask for it
+    (``checkpoint_trainable_only``: the LLM family's base LM under its LoRA adapter).
+
+    Those parameters never change and the model is rebuilt from the same base before
+    ``load_state``, so the resumable checkpoint holds the adapter, optimiser and RNG only. Loading
+    checks that every trainable parameter was in the file: a checkpoint of another run fails.
+    """
+
+    def wants(model: torch.nn.Module) -> bool:
+        return bool(getattr(accelerator.unwrap_model(model), "checkpoint_trainable_only", False))
+
+    def drop_frozen(models: list[torch.nn.Module], weights: list[dict[str, Any]], _dir: str) -> None:
+        for i, model in enumerate(models):
+            if wants(model):
+                frozen = _frozen_keys(model)
+                weights[i] = {k: v for k, v in weights[i].items() if k not in frozen}
+
+    def load_trainable(models: list[torch.nn.Module], input_dir: str) -> None:
+        from safetensors.torch import load_file
+
+        for i, model in enumerate(list(models)):
+            if not wants(model):
+                continue
+            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            mismatch = f"--resume: {path} does not match this model's trainable parameters"
+            try:
+                result = model.load_state_dict(load_file(str(path)), strict=False)
+            except RuntimeError as err:  # same names, other shapes (e.g. another LoRA rank)
+                raise CheckpointError(
+                    f"{mismatch} ({str(err).splitlines()[-1].strip()}); {_OTHER_RUN}"
+                ) from err
+            missing = sorted(set(result.missing_keys) - _frozen_keys(model))
+            if missing or result.unexpected_keys:
+                raise CheckpointError(
+                    f"{mismatch} (missing {missing[:3]}, unexpected {sorted(result.unexpected_keys)[:3]}); "
+                    f"{_OTHER_RUN}"
+                )
+            models.remove(model)  # loaded here: accelerate must not load it again, strictly
+
+    accelerator.register_save_state_pre_hook(drop_frozen)
+    accelerator.register_load_state_pre_hook(load_trainable)
 
 
 def _rng_state() -> dict[str, Any]:
