@@ -58,8 +58,8 @@ class CVResult:
 
     def summary(self) -> dict[str, Any]:
         """Over runs: mean and standard deviation of the best metric, the means of the starting
-        (untrained; None when no run scored it) and last metric, the gain of best over start, the mean curve (steps that
-        every run evaluated), and each baseline's mean over folds."""
+        (untrained; None when no run scored it) and last metric, the gain of best over start,
+        the mean curve (steps that every run evaluated), and each baseline's mean over folds."""
         best = np.array([r.best_metric for r in self.runs])
         start = np.array([r.start_metric for r in self.runs])
         gain = best - start
