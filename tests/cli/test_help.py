@@ -18,7 +18,7 @@ COMMANDS = sorted(typer.main.get_group(app).commands)
 def test_every_command_has_help(command: str):
     result = run(command, "--help")
     assert result.exit_code == 0, result.output
-    assert "Usage: esci-reranker" in result.output
+    assert f"Usage: esci-reranker {command} [OPTIONS]" in result.output
     assert "Traceback" not in result.output
 
 
