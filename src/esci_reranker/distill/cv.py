@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +35,7 @@ from esci_reranker.distill.config import DistillConfig
 from esci_reranker.distill.data import LABELLED, PAIR_KEY, drop_test_overlap, validation_queries
 from esci_reranker.distill.teacher import PROB_COLUMNS, rule_probs
 from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS, gain_vector
+from esci_reranker.train.cv import config_sha256, read_resumable
 
 if TYPE_CHECKING:
     from esci_reranker.stack.stacker import Stacker
@@ -239,10 +239,9 @@ def cross_validate_student(
 def cv_identity(cfg: DistillConfig, teacher_oof: pd.DataFrame, baselines: Sequence[str]) -> dict[str, Any]:
     """What must match for a resumed ``distill-cv`` to keep earlier entries: the student's
     config, the teacher's out-of-fold outputs (hence its folds) and the baselines ranked."""
-    config = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
     table = pd.util.hash_pandas_object(teacher_oof.sort_values(list(PAIR_KEY)), index=False)
     return {
-        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "config_sha256": config_sha256(cfg),
         "teacher_oof_sha256": hashlib.sha256(table.to_numpy().tobytes()).hexdigest(),
         "baselines": sorted(baselines),
     }
@@ -254,13 +253,7 @@ def finished_entries(path: Path, identity: Mapping[str, Any]) -> dict[tuple[int,
     Raises:
         ValueError: the file was written for another config, teacher or baselines.
     """
-    if not path.is_file():
+    saved = read_resumable(path, identity, "distill-cv")
+    if saved is None:
         return {}
-    saved = json.loads(path.read_text())
-    differs = [k for k, v in identity.items() if saved.get("identity", {}).get(k) != v]
-    if differs:
-        raise ValueError(
-            f"--resume: {path} was written by a distill-cv with another {', '.join(differs)}; "
-            "use another --out, or run without --resume to start over."
-        )
     return {(int(e["fold"]), int(e["seed"])): e for e in saved.get("entries", [])}

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel
 
 from esci_reranker.train.config import TrainConfig
 
@@ -215,30 +216,48 @@ def cross_validate(
 
 def _identity(cfg: TrainConfig, frame: pd.DataFrame, folds: int, oof: bool) -> dict[str, Any]:
     """What must match for ``resume`` to keep earlier runs: config, queries, folds, oof."""
-    config = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
     queries = ",".join(str(q) for q in sorted(frame["query_id"].unique()))
     return {
-        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "config_sha256": config_sha256(cfg),
         "queries_sha256": hashlib.sha256(queries.encode()).hexdigest(),
         "folds": folds,
         "oof": oof,
     }
 
 
-def _finished_runs(
-    out: Path, identity: dict[str, Any], oof: bool
-) -> dict[tuple[int, int], tuple[FoldResult, pd.DataFrame | None]]:
-    """The runs an earlier ``cross_validate`` finished in ``out``, with their out-of-fold rows."""
-    path = out / "cv.json"
+def config_sha256(cfg: BaseModel) -> str:
+    """sha256 of a config's JSON dump (keys sorted): the config a resumed run must match."""
+    config = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
+    return hashlib.sha256(config.encode()).hexdigest()
+
+
+def read_resumable(path: Path, identity: Mapping[str, Any], what: str) -> dict[str, Any] | None:
+    """The results file an earlier, resumable run (``what``: "CV", "distill-cv") wrote at
+    ``path``; None when there is none.
+
+    Raises:
+        ValueError: it was written under another identity (config, data, folds, ...), naming
+            the keys that differ.
+    """
     if not path.is_file():
-        return {}
+        return None
     saved = json.loads(path.read_text())
     differs = [k for k, v in identity.items() if saved.get("identity", {}).get(k) != v]
     if differs:
         raise ValueError(
-            f"--resume: {path} was written by a CV with another {', '.join(differs)} "
+            f"--resume: {path} was written by a {what} with another {', '.join(differs)} "
             "(or before runs could be resumed); use another --out, or run without --resume to start over."
         )
+    return saved
+
+
+def _finished_runs(
+    out: Path, identity: dict[str, Any], oof: bool
+) -> dict[tuple[int, int], tuple[FoldResult, pd.DataFrame | None]]:
+    """The runs an earlier ``cross_validate`` finished in ``out``, with their out-of-fold rows."""
+    saved = read_resumable(out / "cv.json", identity, "CV")
+    if saved is None:
+        return {}
     table = pd.read_parquet(out / "oof.parquet") if oof and (out / "oof.parquet").is_file() else None
     done: dict[tuple[int, int], tuple[FoldResult, pd.DataFrame | None]] = {}
     for item in saved["runs"]:
