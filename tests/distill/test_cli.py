@@ -118,3 +118,9 @@ def test_distill_cv_resume_trains_only_the_missing_runs(
     # Another config must not be mixed with these runs.
     other = run(*args, "--set", "optim.lr=1e-3", "--resume")
     assert_fails(other, "--resume:", "another config_sha256", "run without --resume")
+    # Resuming with seeds that leave out seed 0 would rewrite distill_cv.json without its entries.
+    fewer_args = list(args)
+    fewer_args[fewer_args.index("--seeds") + 1] = "1"
+    fewer = run(*fewer_args, "--resume")
+    assert_fails(fewer, "--resume:", "seed(s) 0 that --seeds 1 leaves out", "pass --seeds 0,1")
+    assert json.loads((out / "distill_cv.json").read_text())["entries"] == again["entries"]

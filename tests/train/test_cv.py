@@ -207,3 +207,9 @@ def test_resume_keeps_finished_runs_and_trains_only_the_rest(
         cross_validate(other, small_splits, out, folds=2, seeds=(0,), baselines=(), oof=True, resume=True)
     with pytest.raises(ValueError, match="another folds"):
         cross_validate(cfg, small_splits, out, folds=3, seeds=(0,), baselines=(), oof=True, resume=True)
+    # Fewer --seeds than were run would rewrite cv.json and oof.parquet without seed 1's results.
+    with pytest.raises(ValueError, match=r"seed\(s\) 1 that --seeds 0 leaves out.*--seeds 0,1"):
+        cross_validate(cfg, small_splits, out, folds=2, seeds=(0,), baselines=(), oof=True, resume=True)
+    assert [(r["fold"], r["seed"]) for r in json.loads((out / "cv.json").read_text())["runs"]] == [
+        (0, 0), (0, 1), (1, 0), (1, 1)
+    ]  # fmt: skip

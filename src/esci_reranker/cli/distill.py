@@ -143,7 +143,7 @@ def distill_cv_command(
         table = teacher_oof_table(frame, pd.read_parquet(oof), stacker, seed=oof_seed)
         identity = cv_identity(cfg, table, chosen)
         result_path = out / "distill_cv.json"
-        done = finished_entries(result_path, identity) if resume else {}
+        done = finished_entries(result_path, identity, seed_list) if resume else {}
         out.mkdir(parents=True, exist_ok=True)
         table.to_parquet(out / "teacher_oof.parquet", index=False)
 

@@ -247,13 +247,16 @@ def cv_identity(cfg: DistillConfig, teacher_oof: pd.DataFrame, baselines: Sequen
     }
 
 
-def finished_entries(path: Path, identity: Mapping[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
+def finished_entries(
+    path: Path, identity: Mapping[str, Any], seeds: Sequence[int]
+) -> dict[tuple[int, int], dict[str, Any]]:
     """(fold, seed) -> entry of the ``distill_cv.json`` at ``path`` (none when it does not exist).
 
     Raises:
-        ValueError: the file was written for another config, teacher or baselines.
+        ValueError: the file was written for another config, teacher or baselines, or holds
+            seeds that ``seeds`` leaves out (the resumed run would drop them).
     """
-    saved = read_resumable(path, identity, "distill-cv")
+    saved = read_resumable(path, identity, "distill-cv", seeds, "entries")
     if saved is None:
         return {}
     return {(int(e["fold"]), int(e["seed"])): e for e in saved.get("entries", [])}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,7 @@ def cross_validate(
     key = "task1." + cfg.eval.metric
     oof_tables: list[pd.DataFrame] = []
     identity = _identity(cfg, frame, folds, oof)
-    done = _finished_runs(out, identity, oof) if resume else {}
+    done = _finished_runs(out, identity, oof, seeds) if resume else {}
     for fold, fold_queries in enumerate(query_folds(frame["query_id"].to_numpy(), folds)):
         split_dir = write_fold_splits(frame, fold_queries, out / f"fold{fold}" / "data")
         val = frame[frame["query_id"].isin(fold_queries)]
@@ -231,13 +231,16 @@ def config_sha256(cfg: BaseModel) -> str:
     return hashlib.sha256(config.encode()).hexdigest()
 
 
-def read_resumable(path: Path, identity: Mapping[str, Any], what: str) -> dict[str, Any] | None:
+def read_resumable(
+    path: Path, identity: Mapping[str, Any], what: str, seeds: Sequence[int], items: str
+) -> dict[str, Any] | None:
     """The results file an earlier, resumable run (``what``: "CV", "distill-cv") wrote at
-    ``path``; None when there is none.
+    ``path``; None when there is none. ``items`` names its list of per-(fold, seed) results.
 
     Raises:
         ValueError: it was written under another identity (config, data, folds, ...), naming
-            the keys that differ.
+            the keys that differ; or it holds seeds that are not in ``seeds``: the resumed run
+            rewrites the file with the requested seeds only, so it would drop their results.
     """
     if not path.is_file():
         return None
@@ -248,14 +251,23 @@ def read_resumable(path: Path, identity: Mapping[str, Any], what: str) -> dict[s
             f"--resume: {path} was written by a {what} with another {', '.join(differs)} "
             "(or before runs could be resumed); use another --out, or run without --resume to start over."
         )
+    saved_seeds = sorted({int(item["seed"]) for item in saved.get(items, [])})
+    dropped = [seed for seed in saved_seeds if seed not in set(seeds)]
+    if dropped:
+        keep = ",".join(str(seed) for seed in sorted(set(saved_seeds) | set(seeds)))
+        raise ValueError(
+            f"--resume: {path} holds results for seed(s) {','.join(map(str, dropped))} that --seeds "
+            f"{','.join(map(str, seeds))} leaves out, and would lose them; pass --seeds {keep} "
+            "or use another --out."
+        )
     return saved
 
 
 def _finished_runs(
-    out: Path, identity: dict[str, Any], oof: bool
+    out: Path, identity: dict[str, Any], oof: bool, seeds: Sequence[int]
 ) -> dict[tuple[int, int], tuple[FoldResult, pd.DataFrame | None]]:
     """The runs an earlier ``cross_validate`` finished in ``out``, with their out-of-fold rows."""
-    saved = read_resumable(out / "cv.json", identity, "CV")
+    saved = read_resumable(out / "cv.json", identity, "CV", seeds, "runs")
     if saved is None:
         return {}
     table = pd.read_parquet(out / "oof.parquet") if oof and (out / "oof.parquet").is_file() else None
