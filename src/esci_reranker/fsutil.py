@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -69,11 +70,42 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON (numpy values and paths converted), atomically via a temp file."""
+def write_json(path: str | Path, data: Any, *, nan_as_null: bool = False) -> Path:
+    """Write ``data`` as indented JSON (numpy values and paths converted), atomically via a temp file.
+
+    With ``nan_as_null``, non-finite floats (a metric a run did not measure) are written as
+    ``null``: strict JSON, which jq and other parsers read (Python's ``NaN`` is not JSON).
+    ``nulls_to_nan`` turns them back for code that computes with them.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if nan_as_null:
+        data = _finite(data)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    tmp.write_text(
+        json.dumps(data, indent=2, default=_json_default, allow_nan=not nan_as_null) + "\n", encoding="utf-8"
+    )
     os.replace(tmp, path)
     return path
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.ndarray):
+        return _finite(value.tolist())
+    return value
+
+
+def nulls_to_nan(value: Any) -> Any:
+    """``value`` (read from JSON) with every ``null`` as NaN: the inverse of ``write_json``'s
+    ``nan_as_null`` for records whose leaves are all numbers (CV runs and entries)."""
+    if isinstance(value, dict):
+        return {k: nulls_to_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nulls_to_nan(v) for v in value]
+    return float("nan") if value is None else value

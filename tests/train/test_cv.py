@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from esci_reranker.train.config import load_config
-from esci_reranker.train.cv import CVResult, FoldResult, cross_validate, query_folds
+from esci_reranker.train.cv import CVResult, FoldResult, _write, cross_validate, query_folds, read_resumable
 
 
 def test_query_folds_are_disjoint_cover_every_query_and_are_seeded():
@@ -213,3 +213,25 @@ def test_resume_keeps_finished_runs_and_trains_only_the_rest(
     assert [(r["fold"], r["seed"]) for r in json.loads((out / "cv.json").read_text())["runs"]] == [
         (0, 0), (0, 1), (1, 0), (1, 1)
     ]  # fmt: skip
+
+
+def test_cv_json_is_strict_json_and_resume_reads_unmeasured_figures_back_as_nan(tmp_path):
+    # eval.at_start off: the start is not measured. cv.json must still parse under a strict
+    # reader (jq rejects NaN), and --resume must get NaN back, not None, to compute with it.
+    runs = [FoldResult(0, 0, 0.8, 10, 10, float("nan"), 1.0, end_metric=0.8, curve={10: 0.8})]
+    path = tmp_path / "cv.json"
+    _write(path, CVResult("ndcg", runs), {"k": 1})
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    strict = json.loads(path.read_text(), parse_constant=refuse)
+    assert strict["runs"][0]["start_metric"] is None
+    assert strict["summary"]["start_mean"] is None
+    saved = read_resumable(path, {"k": 1}, "CV", seeds=(0,), items="runs")
+    assert saved is not None
+    back = FoldResult(
+        **{**saved["runs"][0], "curve": {int(k): v for k, v in saved["runs"][0]["curve"].items()}}
+    )
+    assert np.isnan(back.start_metric)
+    assert (back.best_metric, back.end_metric, back.curve) == (0.8, 0.8, {10: 0.8})

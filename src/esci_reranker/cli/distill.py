@@ -157,6 +157,7 @@ def distill_cv_command(
                     "config": cfg.model_dump(mode="json"),
                     "identity": identity,
                 },
+                nan_as_null=True,
             )
 
         runs = {

@@ -209,7 +209,9 @@ def _bagging(
         "mean": float(sum(gains) / len(gains)),
         "per_run": gains,
     }
-    write_json(out / "bagging.json", {"oof": str(oof_path), "summary": summary, "entries": entries})
+    write_json(
+        out / "bagging.json", {"oof": str(oof_path), "summary": summary, "entries": entries}, nan_as_null=True
+    )
     typer.echo("First stage of the stacker: bagged fold cross-encoders vs one cross-encoder (nested CV)")
     typer.echo(cv_tables(summary))
     typer.echo(

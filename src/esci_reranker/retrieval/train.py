@@ -433,7 +433,7 @@ def train_retriever(cfg: RetrieverConfig, log_fn: Callable[[str], None] = print)
         cv = cross_validate_retriever(cfg, frame, log_fn)
         loss, fusion = choose(cfg, cv)
         cv["chosen"] = {"loss": loss, "fusion": fusion}
-        write_json(out / "cv.json", {"config": cfg.model_dump(mode="json"), **cv})
+        write_json(out / "cv.json", {"config": cfg.model_dump(mode="json"), **cv}, nan_as_null=True)
         metric = f"recall@{cfg.cv.candidates}"
         tuned, zero = cv["mean"][f"fine-tuned dense ({loss})"][metric], cv["mean"]["zero-shot dense"][metric]
         log_fn(

@@ -198,7 +198,7 @@ def cross_validate_trees(
         ):
             entries.append({"seed": seed, **entry})
     summary = cv_summary(entries)
-    write_json(out_dir / "stack_cv.json", {"summary": summary, "entries": entries})
+    write_json(out_dir / "stack_cv.json", {"summary": summary, "entries": entries}, nan_as_null=True)
     return StackedCV(entries, summary, tables)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from esci_reranker.fsutil import nulls_to_nan, write_json
 from esci_reranker.train.config import TrainConfig
 
 #: Baselines ranked on every fold's validation queries unless told otherwise.
@@ -260,6 +261,7 @@ def read_resumable(
             f"{','.join(map(str, seeds))} leaves out, and would lose them; pass --seeds {keep} "
             "or use another --out."
         )
+    saved[items] = nulls_to_nan(saved.get(items, []))
     return saved
 
 
@@ -306,5 +308,6 @@ def _write(path: Path, result: CVResult, identity: dict[str, Any] | None = None)
         "baselines_per_fold": result.baselines,
         "runs": [r.__dict__ for r in result.runs],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    # Atomic (a kill mid-write must not leave a cv.json that --resume cannot read) and strict
+    # JSON: an unmeasured start (eval.at_start off) is null.
+    write_json(path, data, nan_as_null=True)
