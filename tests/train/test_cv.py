@@ -235,3 +235,23 @@ def test_cv_json_is_strict_json_and_resume_reads_unmeasured_figures_back_as_nan(
     )
     assert np.isnan(back.start_metric)
     assert (back.best_metric, back.end_metric, back.curve) == (0.8, 0.8, {10: 0.8})
+
+
+@pytest.mark.parametrize("command", ["cv", "distill-cv"])
+@pytest.mark.parametrize("seeds", ["a,b", "", "0,0", "-1"])
+def test_bad_seeds_are_refused_by_name_before_any_work(tmp_path, command, seeds):
+    from tests.cli.helpers import assert_fails, run
+
+    extra = [
+        "--teacher",
+        tmp_path,
+        "--config",
+        "configs/distill_score.yaml",
+        "--oof",
+        tmp_path / "oof.parquet",
+    ]
+    result = run(
+        command, *(extra if command == "distill-cv" else []), "--seeds", seeds, "--out", tmp_path / "out"
+    )
+    assert_fails(result, f"--seeds {seeds!r}: expected distinct non-negative integers")
+    assert not (tmp_path / "out").exists()

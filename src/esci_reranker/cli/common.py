@@ -30,6 +30,18 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def parse_seeds(option: str, value: str) -> tuple[int, ...]:
+    """``value`` ("0,1,2") as distinct non-negative integers, in order; a clean error naming
+    ``option`` otherwise (an empty list, a word, a repeat that would train the same run twice)."""
+    try:
+        seeds = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        seeds = ()
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        fail(f"{option} {value!r}: expected distinct non-negative integers separated by commas, e.g. 0,1,2.")
+    return seeds
+
+
 def load_reranker(
     model: str, device: str, batch_size: int = 64, precision: str = "fp32"
 ):  # -> Reranker (imported lazily)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from esci_reranker.cli.app import app
-from esci_reranker.cli.common import MODEL_HELP, fail
+from esci_reranker.cli.common import MODEL_HELP, fail, parse_seeds
 
 ConfigOption = Annotated[
     Path,
@@ -124,9 +124,9 @@ def distill_cv_command(
     from esci_reranker.stack.stacker import MANIFEST_NAME, STACKER_DIR, Stacker
     from esci_reranker.train import ConfigError
 
+    seed_list = parse_seeds("--seeds", seeds)
     try:
         cfg = _config(config, overrides, data)
-        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
         chosen = parse_baselines(baselines)
         teacher_config = ModelConfig.load(teacher)
         stacker = (

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from esci_reranker.cli.app import app
-from esci_reranker.cli.common import BaseModelOption, fail
+from esci_reranker.cli.common import BaseModelOption, fail, parse_seeds
 
 if TYPE_CHECKING:
     from esci_reranker.train.config import TrainConfig
@@ -118,8 +118,8 @@ def cv_command(
     from esci_reranker.train.cv import cross_validate
     from esci_reranker.train.loop import read_split
 
+    seed_list = parse_seeds("--seeds", seeds)
     try:
-        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
         chosen = parse_baselines(baselines)
         cfg = load_config(config, _overrides(overrides, base_model))
         if (bagging or oof is not None) and cfg.model.stacker != "gbdt":
