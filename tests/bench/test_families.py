@@ -36,3 +36,30 @@ def test_bench_families_measures_each_model_on_the_same_pairs(tiny_checkpoint: P
 
 def test_bench_families_names_a_missing_model(tmp_path: Path) -> None:
     assert_fails(run("bench-families", "--model", tmp_path / "nope"), "nope", "no such checkpoint folder")
+
+
+def test_each_model_is_benchmarked_on_its_own_product_text(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # A model trained on bullets and description must pay for their tokens in the benchmark;
+    # scoring it on the default title+brand+colour text would understate its cost.
+    from esci_reranker.bench.families import run_family_bench
+    from esci_reranker.reranker import Reranker
+
+    model, tokenizer = build_tiny_model(text_fields=("title", "bullets", "description"))
+    long_text = save_checkpoint(model, tokenizer, tmp_path / "long-text")
+    seen: dict[tuple[str, ...], list[str]] = {}
+    real = Reranker.predict_texts
+
+    def spy(self, queries, texts, *args, **kwargs):
+        seen.setdefault(tuple(self.config.text_fields), []).extend(texts)
+        return real(self, queries, texts, *args, **kwargs)
+
+    monkeypatch.setattr(Reranker, "predict_texts", spy)
+    result = run_family_bench(
+        [tiny_checkpoint, long_text], pairs=16, repeats=1, requests=1, request_size=8, precision="fp32"
+    )
+    assert result["models"][str(long_text)]["text_fields"] == ["title", "bullets", "description"]
+    short, long = seen[("title", "brand", "color")], seen[("title", "bullets", "description")]
+    assert len(short) == len(long)  # the same pairs ...
+    assert sum(map(len, long)) > 2 * sum(map(len, short))  # ... each with its own text
