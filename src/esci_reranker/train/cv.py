@@ -252,10 +252,10 @@ def read_resumable(
             f"--resume: {path} was written by a {what} with another {', '.join(differs)} "
             "(or before runs could be resumed); use another --out, or run without --resume to start over."
         )
-    saved_seeds = sorted({int(item["seed"]) for item in saved.get(items, [])})
-    dropped = [seed for seed in saved_seeds if seed not in set(seeds)]
+    saved_seeds, requested = {int(item["seed"]) for item in saved.get(items, [])}, set(seeds)
+    dropped = sorted(saved_seeds - requested)
     if dropped:
-        keep = ",".join(str(seed) for seed in sorted(set(saved_seeds) | set(seeds)))
+        keep = ",".join(str(seed) for seed in sorted(saved_seeds | requested))
         raise ValueError(
             f"--resume: {path} holds results for seed(s) {','.join(map(str, dropped))} that --seeds "
             f"{','.join(map(str, seeds))} leaves out, and would lose them; pass --seeds {keep} "
