@@ -96,7 +96,12 @@ def test_bench_rejects_bad_options(tiny_checkpoint: Path, tmp_path: Path):
     assert_fails(run("bench", "--model", tiny_checkpoint, "--pairs", 0), "--pairs 0")
     assert_fails(run("bench", "--model", tmp_path / "nothing"), "no such checkpoint folder")
     assert_fails(
-        run("bench", "--model", tiny_checkpoint, "--server-concurrency", "0"), "--server-concurrency '0'"
+        run("bench", "--model", tiny_checkpoint, "--server-concurrency", "0"),
+        "--server-concurrency '0'",
+        "integers >= 1",
+    )
+    assert_fails(
+        run("bench", "--model", tiny_checkpoint, "--server-concurrency", "1,x"), "'1,x'", "e.g. 1,2,3"
     )
     assert_fails(
         run("bench", "--model", tiny_checkpoint, "--server-precision", "fp16"), "--server-precision", "'fp16'"

@@ -253,5 +253,5 @@ def test_bad_seeds_are_refused_by_name_before_any_work(tmp_path, command, seeds)
     result = run(
         command, *(extra if command == "distill-cv" else []), "--seeds", seeds, "--out", tmp_path / "out"
     )
-    assert_fails(result, f"--seeds {seeds!r}: expected distinct non-negative integers")
+    assert_fails(result, f"--seeds {seeds!r}: expected distinct integers >= 0")
     assert not (tmp_path / "out").exists()

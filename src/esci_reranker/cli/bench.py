@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from esci_reranker.cli.app import app
-from esci_reranker.cli.common import fail
+from esci_reranker.cli.common import fail, parse_int_list
 
 
 @app.command("bench")
@@ -77,12 +77,7 @@ def bench_command(
     if server:
         from esci_reranker.bench.server import ServerLatency
 
-        try:
-            levels = tuple(int(c) for c in server_concurrency.split(",") if c.strip())
-        except ValueError:
-            levels = ()
-        if not levels or min(levels) < 1:
-            fail(f"--server-concurrency {server_concurrency!r}: expected positive integers such as 1,8.")
+        levels = parse_int_list("--server-concurrency", server_concurrency, minimum=1)
         if server_requests < 1:
             fail(f"--server-requests {server_requests}: expected a positive integer.")
         if not server_seconds > 0:

@@ -30,16 +30,24 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def parse_seeds(option: str, value: str) -> tuple[int, ...]:
-    """``value`` ("0,1,2") as distinct non-negative integers, in order; a clean error naming
-    ``option`` otherwise (an empty list, a word, a repeat that would train the same run twice)."""
+def parse_int_list(option: str, value: str, minimum: int = 0, distinct: bool = False) -> tuple[int, ...]:
+    """``value`` ("0,1,2") as integers >= ``minimum``, in order (all different when ``distinct``);
+    a clean error naming ``option`` otherwise (an empty list, a word, a value below ``minimum``)."""
     try:
-        seeds = tuple(int(part) for part in value.split(",") if part.strip())
+        numbers = tuple(int(part) for part in value.split(",") if part.strip())
     except ValueError:
-        seeds = ()
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        fail(f"{option} {value!r}: expected distinct non-negative integers separated by commas, e.g. 0,1,2.")
-    return seeds
+        numbers = ()
+    if not numbers or min(numbers) < minimum or (distinct and len(set(numbers)) != len(numbers)):
+        what = f"{'distinct ' if distinct else ''}integers >= {minimum}"
+        example = ",".join(str(minimum + i) for i in range(3))
+        fail(f"{option} {value!r}: expected {what} separated by commas, e.g. {example}.")
+    return numbers
+
+
+def parse_seeds(option: str, value: str) -> tuple[int, ...]:
+    """``value`` ("0,1,2") as distinct non-negative integers: a repeated seed would train the same
+    run twice."""
+    return parse_int_list(option, value, minimum=0, distinct=True)
 
 
 def load_reranker(
