@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from esci_reranker.bench.server import Server
 from esci_reranker.data.sample import sample_path
+from esci_reranker.hardware import cpu_bf16_support, cpu_model
 from esci_reranker.model.lexical import word_tokens
 
 CHUNK = 50_000
@@ -106,7 +107,12 @@ def folder_bytes(folder: Path) -> int:
 
 
 def build(
-    products: Path | None, out: Path, retriever: str, batch_rows: int, update: bool = False
+    products: Path | None,
+    out: Path,
+    retriever: str,
+    batch_rows: int,
+    update: bool = False,
+    precision: str = "auto",
 ) -> dict[str, float]:
     """Build (or, with ``update``, add ``products`` to) an index in a subprocess; its wall time
     and its own peak RSS.
@@ -121,7 +127,7 @@ def build(
     else:
         source = ["--products", str(products)] if products is not None else ["--sample"]
     command = [str(script), "index", *source, "--out", str(out)]
-    command += ["--batch-rows", str(batch_rows)]
+    command += ["--batch-rows", str(batch_rows), "--precision", precision]
     if not update:  # an update embeds with the retriever the manifest names
         command += ["--retriever", retriever]
     t = time.perf_counter()
@@ -148,14 +154,20 @@ def build_in_increments(args: argparse.Namespace, size: int, index: Path) -> dic
     progress_file = args.work / f"index-{size}.progress.json"
     catalogue = args.work / f"catalogue-{size}.parquet"
     parts = [part_path(catalogue, i) for i in range(-(-size // args.increment))]
-    progress: dict[str, object] = {"size": size, "increment": args.increment, "increments": []}
+    progress: dict[str, object] = {
+        "size": size,
+        "increment": args.increment,
+        "precision": args.precision,
+        "increments": [],
+    }
     if progress_file.is_file():
         progress = json.loads(progress_file.read_text())
-        if (progress["size"], progress["increment"]) != (size, args.increment):
+        saved = (progress["size"], progress["increment"], progress.get("precision", "fp32"))
+        if saved != (size, args.increment, args.precision):
             raise SystemExit(
-                f"{progress_file} records a build of {progress['size']:,} in increments of "
-                f"{progress['increment']:,}, not {size:,} in {args.increment:,}; remove it and "
-                f"{index} to start again."
+                f"{progress_file} records a build of {saved[0]:,} in increments of {saved[1]:,} "
+                f"embedded in {saved[2]}, not {size:,} in {args.increment:,} in {args.precision}; "
+                f"remove it and {index} to start again."
             )
     elif index.exists():
         raise SystemExit(f"{index} exists without {progress_file}; remove it to start again.")
@@ -175,7 +187,9 @@ def build_in_increments(args: argparse.Namespace, size: int, index: Path) -> dic
         done.append({"part": len(done), "build_seconds": None, "peak_rss_mib": None})
     for part in range(len(done), len(parts)):
         print(f"increment {part + 1}/{len(parts)}: {parts[part].name}", flush=True)
-        timing = build(parts[part], index, args.retriever, args.batch_rows, update=part > 0)
+        timing = build(
+            parts[part], index, args.retriever, args.batch_rows, update=part > 0, precision=args.precision
+        )
         done.append({"part": part, **timing})
         progress_file.write_text(json.dumps(progress, indent=2) + "\n")
         print(f"  {timing['build_seconds']:.0f} s, peak RSS {timing['peak_rss_mib']:.0f} MiB", flush=True)
@@ -227,6 +241,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--batch-rows", type=int, default=4096)
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="what `index --precision` embeds the products in (auto: bf16 where it is native)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the catalogues and indexes")
     parser.add_argument(
         "--increment",
@@ -252,9 +272,10 @@ def main(argv: list[str] | None = None) -> None:
                 t = time.perf_counter()
                 synthetic_catalogue(products, int(size))
                 row["generate_seconds"] = time.perf_counter() - t
-            row |= build(products, index, args.retriever, args.batch_rows)
+            row |= build(products, index, args.retriever, args.batch_rows, precision=args.precision)
         manifest = json.loads((index / "manifest.json").read_text())
         row["products"] = manifest["counts"]["products"]
+        row["embedding_precisions"] = manifest["retriever"].get("precisions", ["fp32"])
         row["index_mib"] = folder_bytes(index) / 2**20
         row["build_ms_per_product"] = 1000 * float(row["build_seconds"]) / row["products"]  # type: ignore[arg-type]
         row |= search_latency(args.model, index, queries, args.requests)
@@ -276,7 +297,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
-            json.dumps({"benchmark": "index_scale", "cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n"
+            json.dumps(
+                {
+                    "benchmark": "index_scale",
+                    "cpus": os.cpu_count(),
+                    "cpu": cpu_model(),
+                    "bf16_native": cpu_bf16_support()[0],
+                    "rows": rows,
+                },
+                indent=2,
+            )
+            + "\n"
         )
 
 

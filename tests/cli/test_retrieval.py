@@ -90,6 +90,7 @@ def test_index_and_search_errors(tmp_path: Path, products: Path, retriever: Path
     assert_fails(run("index", "--out", tmp_path / "i", "--delete", "a"), "no catalogue index here")
     bad_device = ("index", "--out", tmp_path / "i", "--products", products, "--retriever", retriever)
     assert_fails(run(*bad_device, "--device", "gpu0"), "device 'gpu0'")
+    assert_fails(run(*bad_device, "--precision", "int8"), "--precision 'int8'", "auto, fp32, bf16")
     if not torch.cuda.is_available():
         assert_fails(run(*bad_device, "--device", "cuda"), "no CUDA GPU")
     assert not (tmp_path / "i").exists()

@@ -152,6 +152,36 @@ def test_delete_only_update_and_a_second_update(built: Path, tmp_path: Path) -> 
     ]
 
 
+def test_bf16_embedding_keeps_the_fp32_probe_and_records_precisions(
+    built: Path, tmp_path: Path, catalogue_file: Path, tiny_retriever: Path
+) -> None:
+    half = tmp_path / "bf16"
+    CatalogueIndex.build(catalogue_file, half, retriever=str(tiny_retriever), precision="bf16")
+    fp32_manifest = json.loads((built / "manifest.json").read_text())
+    manifest = json.loads((half / "manifest.json").read_text())
+    assert fp32_manifest["retriever"]["precisions"] == ["fp32"]
+    assert manifest["retriever"]["precisions"] == ["bf16"]
+    # The probe names the model, not the precision: both indexes carry the same fp32 probe, and
+    # an fp32 query encoder opens the bf16-built index.
+    assert manifest["retriever"]["probe"] == fp32_manifest["retriever"]["probe"]
+    index = CatalogueIndex.open(half)
+    assert index.encoder.precision == "fp32"
+    # Product vectors embedded in bf16 are close to fp32 ones, and not the same numbers.
+    encoder = DenseEncoder.load(str(tiny_retriever))
+    texts = ["Zebrawood cutting board | Woodly", "Quokkaphone wireless earbuds | Acme | Teal"]
+    full, reduced = encoder.encode(texts), encoder.encode(texts, precision="bf16")
+    cosine = np.einsum("nd,nd->n", full, reduced)
+    assert cosine.min() > 0.99
+    assert not np.array_equal(full, reduced)
+    assert index.retrieve(texts[0], 1, mode="dense")[0].product_id == "ZZ-2"
+    # An update in another precision is recorded beside the first.
+    pd.DataFrame({"product_id": ["ZZ-9"], "title": ["Wombat desk lamp"]}).to_parquet(tmp_path / "u.parquet")
+    CatalogueIndex.update(half, tmp_path / "u.parquet", precision="fp32")
+    assert CatalogueIndex.read_manifest(half)["retriever"]["precisions"] == ["bf16", "fp32"]
+    with pytest.raises(ValueError, match=r"embedding precision 'int8'.*reranker"):
+        DenseEncoder.load(str(tiny_retriever), precision="int8")
+
+
 def test_mismatched_retriever_is_refused(built: Path, other_retriever: Path, wide_retriever: Path) -> None:
     with pytest.raises(IndexMismatchError, match=r"embeds text differently \(probe cosine") as err:
         CatalogueIndex.open(built, retriever=str(other_retriever))

@@ -116,19 +116,28 @@ def index_command(
             help="Device that embeds the products: auto (a GPU when there is one), cpu, cuda, cuda:N."
         ),
     ] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="Precision that embeds the products: auto (bf16 where the device has native bf16, "
+            "else fp32), fp32 or bf16. Queries are embedded in fp32 either way."
+        ),
+    ] = "auto",
 ) -> None:
     """Build a catalogue index (BM25 + HNSW dense vectors), or update one with --update / --delete.
 
     Products are read in batches, so the catalogue never sits in memory whole. An update embeds
     only the new or changed products and must use the retriever the index was built with.
     """
-    from esci_reranker.retrieval.encoder import PACKAGED_RETRIEVER, IndexMismatchError
+    from esci_reranker.retrieval.encoder import EMBEDDING_PRECISIONS, PACKAGED_RETRIEVER, IndexMismatchError
     from esci_reranker.retrieval.index import CatalogueIndex, CatalogueIndexError
 
     _quiet_loading()
     updating = update is not None or bool(delete)
     if batch_rows < 1:
         fail(f"--batch-rows {batch_rows}: expected a positive integer.")
+    if precision not in EMBEDDING_PRECISIONS:
+        fail(f"--precision {precision!r}: expected one of {', '.join(EMBEDDING_PRECISIONS)}.")
     try:
         if updating:
             if products is not None or sample:
@@ -142,6 +151,7 @@ def index_command(
                 retriever=retriever,
                 batch_rows=batch_rows,
                 device=device,
+                precision=precision,
             )
             what = (
                 f"updated {out}: {stats.added:,} added, {stats.replaced:,} replaced, {stats.deleted:,} deleted"
@@ -165,6 +175,7 @@ def index_command(
                 source="bundled ESCI sample" if sample else str(products),
                 log=None,
                 device=device,
+                precision=precision,
             )
             what = f"built {out}: {stats.added:,} products"
     except (CatalogueIndexError, IndexMismatchError, FileNotFoundError, ValueError, ImportError) as err:

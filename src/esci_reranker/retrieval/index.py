@@ -353,12 +353,14 @@ class CatalogueIndex:
         retriever: str | Path | DenseEncoder | None = None,
         writable: bool = False,
         device: str | None = "cpu",
+        precision: str = "fp32",
     ) -> CatalogueIndex:
         """Open an index for retrieval (``writable=False``: files memory-mapped) or for ``update``.
 
         Args:
             retriever: a spec (folder / ``packaged:...``) or a loaded ``DenseEncoder``; None = the
                 one the manifest names.
+            precision: what a loaded retriever embeds in (fp32, bf16 or auto; see ``DenseEncoder``).
 
         Raises:
             CatalogueIndexError: no index in ``folder``, or another format version.
@@ -375,7 +377,9 @@ class CatalogueIndex:
         else:
             spec = retriever if retriever is not None else built["name"]
             try:
-                encoder = DenseEncoder.load(spec, device=device, max_seq_length=built["max_seq_length"])
+                encoder = DenseEncoder.load(
+                    spec, device=device, max_seq_length=built["max_seq_length"], precision=precision
+                )
             except FileNotFoundError as err:
                 raise IndexMismatchError(
                     f"{folder}: cannot load the retriever {str(spec)!r} "
@@ -527,13 +531,16 @@ class CatalogueIndex:
         source: str | None = None,
         log: Any = None,
         device: str | None = None,
+        precision: str = "fp32",
     ) -> BuildStats:
         """Build an index of ``products`` (a parquet path, or frames with ``product_id`` and fields).
 
         The first occurrence of a product id wins; later ones and products with no text are
         skipped (counted in the result). The fusion is ``fusion``, else the one the retriever
         folder's ``esci_retrieval.json`` names, else ``DEFAULT_FUSION``. ``device`` embeds the
-        products (None or ``auto``: a GPU when there is one; embedding is ~90 % of a build).
+        products (None or ``auto``: a GPU when there is one; embedding is ~90 % of a build), in
+        ``precision`` (fp32, bf16, or auto: bf16 where the device computes it natively; ignored when
+        ``retriever`` is a loaded ``DenseEncoder``, which has its own).
         """
         _require_usearch()
         fields = parse_text_fields(fields)
@@ -547,7 +554,7 @@ class CatalogueIndex:
         encoder = (
             retriever
             if isinstance(retriever, DenseEncoder)
-            else DenseEncoder.load(retriever, device=embedding_device(device))
+            else DenseEncoder.load(retriever, device=embedding_device(device), precision=precision)
         )
         spec = str(retriever.name if isinstance(retriever, DenseEncoder) else retriever)
         stats = BuildStats()
@@ -618,10 +625,12 @@ class CatalogueIndex:
         batch_rows: int = DEFAULT_BATCH_ROWS,
         log: Any = None,
         device: str | None = None,
+        precision: str = "fp32",
     ) -> BuildStats:
         """Add or replace ``products`` (same columns as for ``build``) and delete ``delete`` ids.
 
-        ``device`` embeds the new products (None or ``auto``: a GPU when there is one).
+        ``device`` embeds the new products (None or ``auto``: a GPU when there is one) in
+        ``precision`` (as for ``build``).
 
         A product whose id is already indexed is replaced (its old row is marked deleted and its
         new text embedded); ``delete`` ids that are not indexed are listed in ``not_found``.
@@ -634,7 +643,9 @@ class CatalogueIndex:
         folder = Path(folder)
         if isinstance(products, str | Path):  # check the file before the (slower) retriever loads
             open_products(products, cls.read_manifest(folder)["stored_fields"])
-        index = cls.open(folder, retriever=retriever, writable=True, device=embedding_device(device))
+        index = cls.open(
+            folder, retriever=retriever, writable=True, device=embedding_device(device), precision=precision
+        )
         manifest = index.manifest
         fields = tuple(manifest["fields"])
         stored = tuple(manifest["stored_fields"])
@@ -715,6 +726,8 @@ class CatalogueIndex:
             seconds["bm25"] = time.perf_counter() - t
             _save_state(tmp, ann, bm25, vocab, deleted_keys)
             manifest = dict(manifest)
+            if products is not None:
+                manifest["retriever"] = _with_precision(manifest["retriever"], index.encoder.precision)
             manifest.update(
                 updated=_now(),
                 esci_reranker_version=__version__,
@@ -822,7 +835,15 @@ def _retriever_entry(encoder: DenseEncoder, spec: str) -> dict[str, Any]:
         "max_seq_length": encoder.model.max_seq_length,
         "weights_sha256_16": digest,
         "probe": encoder.probe(),
+        "precisions": [encoder.precision],
     }
+
+
+def _with_precision(entry: dict[str, Any], precision: str) -> dict[str, Any]:
+    """The manifest's retriever entry with ``precision`` among the precisions that embedded products
+    (an index from before this field says nothing: fp32 was the only precision then)."""
+    known = list(entry.get("precisions", ["fp32"]))
+    return {**entry, "precisions": known if precision in known else [*known, precision]}
 
 
 def _retriever_fusion(spec: str) -> dict[str, Any] | None:
