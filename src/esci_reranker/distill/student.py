@@ -376,7 +376,10 @@ def train_student(
     if best_state is None:  # no validation ran (at_start off, no step reached): keep the last model
         best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.state_dict().items()}
         best.update(step=step)
-    student = unwrapped.to("cpu").eval()
+    # Under mixed precision accelerate patches the module's own forward with bf16 autocast; the
+    # student leaves here as a plain fp32 module (what save_stock compares with its stock copy,
+    # and what every other library will run), not one that silently keeps computing in bf16.
+    student = accelerator.unwrap_model(model, keep_fp32_wrapper=False).to("cpu").eval()
     student.load_state_dict(best_state)
     standardisation: dict[str, float] = {}
     if cfg.student == "score":
