@@ -181,3 +181,18 @@ def test_missing_split_and_overlapping_queries_are_clear_errors(tmp_path, small_
     cfg = make_config(tmp_path, small_splits, tiny_backbone, f"data.val={small_splits / 'train.parquet'}")
     with pytest.raises(ValueError, match="share 6 query_id"):
         train(cfg, progress=False)
+
+
+def test_trainings_with_different_mixed_precision_run_in_one_process(tmp_path, small_splits, tiny_backbone):
+    """accelerate keeps one precision per process; a bf16 training (``auto`` on a bf16 host)
+    followed by an fp32 one in the same process was refused ("cannot be changed")."""
+    from accelerate.state import AcceleratorState
+
+    steps = ["optim.max_steps=2", "eval.every_steps=2", "output.checkpoint_every=100"]
+    bf16 = make_config(tmp_path / "bf16", small_splits, tiny_backbone, "mixed_precision=bf16", *steps)
+    train(bf16, progress=False)
+    assert AcceleratorState().mixed_precision == "bf16"
+    fp32 = make_config(tmp_path / "fp32", small_splits, tiny_backbone, "mixed_precision=no", *steps)
+    train(fp32, progress=False)
+    assert AcceleratorState().mixed_precision == "no"
+    assert (tmp_path / "fp32" / "model" / "config.json").is_file()

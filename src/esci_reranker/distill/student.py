@@ -267,7 +267,12 @@ def train_student(
     from esci_reranker.hardware import keep_freed_memory
     from esci_reranker.model.features import pair_encoder_for
     from esci_reranker.train.batching import bucketed_batches, query_batches
-    from esci_reranker.train.loop import frame_texts, param_groups, resolve_mixed_precision
+    from esci_reranker.train.loop import (
+        frame_texts,
+        param_groups,
+        release_precision_state,
+        resolve_mixed_precision,
+    )
 
     overlap = set(train["query_id"]) & set(val["query_id"])
     if overlap:
@@ -279,8 +284,10 @@ def train_student(
         )
     started = time.perf_counter()
     set_seed(cfg.seed)
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    release_precision_state(mixed_precision)
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.optim.grad_accum_steps,
     )
     if accelerator.device.type == "cpu":

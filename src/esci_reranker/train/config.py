@@ -277,6 +277,11 @@ class TrainConfig(_Strict):
     stack: StackSection = StackSection()
     output: OutputSection = OutputSection()
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML (and --set) read a bare `no` as false
+
     @model_validator(mode="after")
     def _rank_needs_groups(self) -> TrainConfig:
         if self.loss.rank_weight > 0 and self.optim.batching != "query":

@@ -82,6 +82,22 @@ def resolve_mixed_precision(setting: str, cpu: bool = False) -> str:
     return "bf16" if resolve_precision("auto", PartialState(cpu=cpu).device) == "bf16" else "no"
 
 
+def release_precision_state(mixed_precision: str) -> None:
+    """Let this process build an ``Accelerator`` with another mixed precision than an earlier one.
+
+    accelerate keeps one ``AcceleratorState`` per process and refuses a second ``Accelerator``
+    with another ``mixed_precision`` ("has already been initialized and cannot be changed"), so a
+    bf16 training (``auto`` on a bf16 host) followed by an fp32 one in the same Python process (a
+    notebook, ``pipeline`` then ``distill``, a test session) failed. Only the precision part is
+    reset; the process group (``PartialState``) stays, so multi-process runs are unaffected.
+    """
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def distributed_cpu() -> bool:
     """Whether this process is one of several CPU-only training processes (gloo).
 
@@ -312,9 +328,11 @@ class Trainer:
         started = time.perf_counter()
         set_seed(cfg.seed)
         cpu = distributed_cpu()
+        mixed_precision = resolve_mixed_precision(cfg.mixed_precision, cpu)
+        release_precision_state(mixed_precision)
         accelerator = Accelerator(
             cpu=cpu,
-            mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cpu),
+            mixed_precision=mixed_precision,
             gradient_accumulation_steps=cfg.optim.grad_accum_steps,
             log_with="tensorboard" if cfg.output.tensorboard else None,
             project_dir=str(self.run_dir),
