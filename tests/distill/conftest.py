@@ -3,6 +3,7 @@ stacked tiny teacher (with non-zero decision-rule offsets) and tiny-student conf
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -62,10 +63,11 @@ def tiny_student_overrides(tiny_backbone: Path, distill_data: Path) -> list[str]
 @pytest.fixture(scope="session")
 def oof_parquet(tmp_path_factory: pytest.TempPathFactory, stacked_teacher: Path, distill_data: Path) -> Path:
     """An ``oof.parquet`` shaped like ``esci-reranker cv``'s: 2 query folds, seed 0, the teacher's
-    cross-encoder columns (from the one teacher: the mechanics, not an honest out-of-fold run)."""
+    cross-encoder columns (from the one teacher: the mechanics, not an honest out-of-fold run),
+    with that teacher as each fold's saved cross-encoder beside it."""
     from esci_reranker.reranker import Reranker
     from esci_reranker.stack.outputs import frame_outputs
-    from esci_reranker.train.cv import query_folds
+    from esci_reranker.train.cv import fold_model_dir, query_folds
 
     frame = pd.concat(
         [pd.read_parquet(distill_data / f"{s}.parquet") for s in ("train", "val")], ignore_index=True
@@ -78,4 +80,7 @@ def oof_parquet(tmp_path_factory: pytest.TempPathFactory, stacked_teacher: Path,
     outputs.insert(0, "fold", outputs["query_id"].map(fold_of))
     path = tmp_path_factory.mktemp("oof") / "oof.parquet"
     outputs.to_parquet(path, index=False)
+    # and beside it each fold's cross-encoder, where cv saves them (model.init=teacher reads them)
+    for fold in sorted(set(fold_of.values())):
+        shutil.copytree(stacked_teacher, fold_model_dir(path.parent, fold, 0))
     return path

@@ -95,6 +95,44 @@ def test_distill_cv_command_prints_student_and_teacher(
     assert_fails(missing, "no such file; `esci-reranker cv --out DIR` writes DIR/oof.parquet")
 
 
+def test_distill_cv_starts_each_folds_student_from_that_folds_cross_encoder(
+    stacked_teacher: Path,
+    oof_parquet: Path,
+    tiny_student_overrides: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    import shutil
+
+    import esci_reranker.distill.student as student_module
+
+    folds = tmp_path / "folds"  # as `esci-reranker cv --out folds` leaves it
+    folds.mkdir()
+    oof = Path(shutil.copy(oof_parquet, folds / "oof.parquet"))
+    args = [
+        "distill-cv", "--teacher", stacked_teacher, "--config", "configs/distill_esci.yaml", "--oof", oof,
+        "--out", tmp_path / "cv", "--baselines", "none", *_sets(tiny_student_overrides), "--set", "model.init=teacher",
+    ]  # fmt: skip
+    assert_fails(
+        run(*args), "model.init=teacher starts each fold's student", str(folds / "fold0" / "seed0" / "model")
+    )
+    for fold in (0, 1):
+        shutil.copytree(stacked_teacher, folds / f"fold{fold}" / "seed0" / "model")
+    started_from: list[Path] = []
+    real = student_module.build_student
+
+    def recording(cfg, text_fields, long_field_chars, teacher_encoder=None):
+        started_from.append(teacher_encoder)
+        return real(cfg, text_fields, long_field_chars, teacher_encoder)
+
+    monkeypatch.setattr(student_module, "build_student", recording)
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert started_from == [folds / "fold0" / "seed0" / "model", folds / "fold1" / "seed0" / "model"]
+    entries = json.loads((tmp_path / "cv" / "distill_cv.json").read_text())["entries"]
+    assert all(e["decision_rules"]["fitted"] for e in entries)  # the esci student's own rules
+
+
 def test_distill_cv_resume_trains_only_the_missing_runs(
     stacked_teacher: Path, oof_parquet: Path, tiny_student_overrides: list[str], tmp_path: Path
 ):

@@ -21,6 +21,7 @@ from esci_reranker.distill.teacher import PROB_COLUMNS, TEACHER_COLUMNS
 from esci_reranker.eval.evaluator import evaluate_run
 from esci_reranker.stack.cv import cv_summary
 from esci_reranker.stack.stacker import STACKER_DIR, Stacker
+from esci_reranker.train.cv import fold_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,14 @@ def test_cross_validation_trains_without_the_held_out_fold_and_scores_both(
 
     monkeypatch.setattr(student_module, "train_student", recording)
     cfg = load_distill_config("configs/distill_esci.yaml", tiny_student_overrides)
-    entries = cross_validate_student(table, frame, cfg, seeds=(0, 1), test=test, log=lambda _line: None)
+    with pytest.raises(
+        ValueError, match=r"model.init=teacher: no cross-encoder checkpoint for fold\(s\) \[0, 1\]"
+    ):
+        cross_validate_student(table, frame, cfg, seeds=(0,), test=test, log=lambda _line: None)
+    encoders = {f: fold_model_dir(oof_parquet.parent, f, 0) for f in (0, 1)}
+    entries = cross_validate_student(
+        table, frame, cfg, seeds=(0, 1), test=test, log=lambda _line: None, fold_encoders=encoders
+    )
     assert [(e["fold"], e["seed"]) for e in entries] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for entry, (trained, validated, products) in zip(entries, calls, strict=True):
         held_out = set(table.loc[table["fold"] == entry["fold"], "query_id"])

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from esci_reranker.distill.config import DistillConfig, load_distill_config
-from esci_reranker.distill.student import _targets, build_student, distill_loss
+from esci_reranker.distill.student import _targets, build_student, distill_loss, gain_standardisation
+from esci_reranker.distill.teacher import rule_probs
 from esci_reranker.model.modeling import RerankerOutput
 from esci_reranker.train.config import ConfigError
 
@@ -71,6 +72,25 @@ def test_esci_loss_is_the_kl_divergence_to_the_teacher_probabilities():
     assert float(total_t) == pytest.approx(4 * by_hand_t, rel=1e-5)
 
 
+def test_label_weight_mixes_the_human_label_into_labelled_pairs_targets_only():
+    teacher = [[0.7, 0.1, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1], [0.2, 0.2, 0.2, 0.4]]
+    frame = _frame([1.0, 3.0, 5.0], teacher, [1, 1, 2])
+    frame["esci_label"] = ["S", "I", None]
+    frame["source"] = ["labelled", "labelled", "unlabelled"]
+    assert gain_standardisation(frame) == pytest.approx((0.05, 0.05))  # gains 0.1 and 0
+    probs = _targets(frame, "esci", 0.0, 1.0, label_weight=0.25).log_probs.exp().numpy()
+    np.testing.assert_allclose(probs[0], [0.525, 0.325, 0.075, 0.075], rtol=1e-6)  # 0.75 p + 0.25 S
+    np.testing.assert_allclose(probs[1], [0.075, 0.45, 0.15, 0.325], rtol=1e-6)  # 0.75 p + 0.25 I
+    np.testing.assert_allclose(probs[2], teacher[2], rtol=1e-6)  # unlabelled: the teacher alone
+    z = _targets(frame, "score", 3.0, 2.0, label_weight=0.5, gain_stats=(0.05, 0.05)).score.numpy()
+    # teacher z = -1, 0, 1; label z = +1 (S), -1 (I); the unlabelled pair keeps its teacher z
+    np.testing.assert_allclose(z, [0.0, -0.5, 1.0], atol=1e-6)
+    # weight 0 is the teacher alone, whatever the labels
+    np.testing.assert_allclose(_targets(frame, "score", 3.0, 2.0).score.numpy(), [-1.0, 0.0, 1.0])
+    with pytest.raises(ConfigError, match="label_weight"):
+        load_distill_config(None, ["loss.label_weight=1.5"])
+
+
 @pytest.mark.parametrize(("kind", "labels"), [("score", 1), ("esci", 4)])
 def test_a_student_starts_as_a_stock_classifier_from_the_backbone(
     kind: str, labels: int, tiny_backbone: Path
@@ -93,6 +113,73 @@ def test_a_student_starts_as_a_stock_classifier_from_the_backbone(
     assert float(head.proj.weight.detach().std()) == pytest.approx(0.02, rel=0.5)
     assert not model.encoder.get_input_embeddings().weight.requires_grad
     assert set(model.heads) == ({"score"} if kind == "score" else {"esci"})
+
+
+def test_esci_student_decision_rules_are_fitted_on_labels_and_folded_into_its_bias(
+    tiny_backbone: Path, distill_data: Path
+):
+    from esci_reranker.distill.student import _fold_offsets, fit_student_offsets, student_reranker
+    from esci_reranker.labels import ESCI_LABELS
+    from esci_reranker.stack.rules import DecisionRules, fit_class_offsets
+    from esci_reranker.train.loop import frame_texts
+
+    cfg = DistillConfig(student="esci", model={"backbone": str(tiny_backbone), "max_length": 32})
+    torch.manual_seed(0)
+    model, tokenizer = build_student(cfg, ("title", "brand"), 300)
+    val = pd.read_parquet(distill_data / "val.parquet").assign(source="labelled")
+    unlabelled = val.head(5).assign(source="unlabelled", esci_label=None)
+
+    def predict(frame: pd.DataFrame):
+        reranker = student_reranker(model.eval(), tokenizer, batch_size=16)
+        return reranker.predict_texts(frame["query"].astype(str).tolist(), frame_texts(frame, model.config))
+
+    before = np.asarray(predict(val).esci_probs)
+    # fitted on the labelled pairs only, exactly as the teacher's rules are fitted
+    truth = np.array([ESCI_LABELS.index(label) for label in val["esci_label"]])
+    offsets = fit_student_offsets(model, tokenizer, pd.concat([unlabelled, val]), "macro_f1", 16)
+    assert offsets == fit_class_offsets(before, truth, "macro_f1")[0]
+    assert fit_student_offsets(model, tokenizer, unlabelled, "micro_f1", 16) is None  # nothing labelled
+    # folded into the bias: the student's own probabilities and argmax are the rules'
+    # (offsets chosen by hand, large enough to change classes: an untrained head barely varies)
+    chosen = [0.0, 1.5, -0.7, 2.5]
+    _fold_offsets(model, chosen)
+    after = predict(val)
+    np.testing.assert_allclose(after.esci_probs, rule_probs(before, np.asarray(chosen)), atol=1e-5)
+    rules_classes = DecisionRules(class_offsets=chosen).classes(before)
+    assert [ESCI_LABELS.index(c) for c in after.esci_classes] == rules_classes.tolist()
+    assert (rules_classes != before.argmax(1)).any()
+
+
+def test_a_student_can_start_from_the_teachers_fine_tuned_encoder(tiny_backbone: Path, tmp_path: Path):
+    from esci_reranker.model import MODEL_CLASSES, ModelConfig, save_checkpoint
+    from esci_reranker.model.io import load_checkpoint
+    from tests.conftest import build_tiny_model, tiny_bert_config
+
+    teacher_model, tokenizer = build_tiny_model(seed=3)  # not the backbone's weights (seed 0)
+    teacher = save_checkpoint(teacher_model, tokenizer, tmp_path / "teacher")
+    cfg = DistillConfig(
+        student="esci", model={"backbone": str(tiny_backbone), "max_length": 32, "init": "teacher"}
+    )
+    student, _ = build_student(cfg, ("title",), 300, teacher_encoder=teacher)
+    plain, _ = build_student(cfg, ("title",), 300)
+    loaded, _ = load_checkpoint(teacher)
+    for name, value in loaded.encoder.state_dict().items():
+        torch.testing.assert_close(student.encoder.state_dict()[name], value)
+    assert not torch.equal(
+        plain.encoder.embeddings.word_embeddings.weight, student.encoder.embeddings.word_embeddings.weight
+    )
+    # the stock head's tanh layer is the teacher encoder's pooler, as for a backbone
+    torch.testing.assert_close(student.esci_head.body[0].weight, loaded.encoder.pooler.dense.weight)
+
+    # another architecture, or a folder without our encoder weights: refused by name
+    other = ModelConfig(model_type="esci-multitask", backbone={**tiny_bert_config(), "intermediate_size": 40})
+    wide = save_checkpoint(MODEL_CLASSES["esci-multitask"](other), tokenizer, tmp_path / "wide")
+    with pytest.raises(ValueError, match=r"is not the student's backbone .*intermediate"):
+        build_student(cfg, ("title",), 300, teacher_encoder=wide)
+    from esci_reranker.distill.student import train_student
+
+    with pytest.raises(ValueError, match="no teacher checkpoint"):
+        train_student(cfg, pd.DataFrame(), pd.DataFrame(), ("title",), 300, progress=False)
 
 
 def test_configs_reject_unknown_keys_and_rank_loss_without_query_batches():

@@ -123,6 +123,7 @@ def distill_cv_command(
     from esci_reranker.stack.cv import cv_summary, cv_tables
     from esci_reranker.stack.stacker import MANIFEST_NAME, STACKER_DIR, Stacker
     from esci_reranker.train import ConfigError
+    from esci_reranker.train.cv import fold_model_dir
 
     seed_list = parse_seeds("--seeds", seeds)
     try:
@@ -163,6 +164,17 @@ def distill_cv_command(
         runs = {
             name: run_baseline(name, frame, text_fields=teacher_config.text_fields).run for name in chosen
         }
+        # the cross-encoders behind each fold's out-of-fold outputs, saved by cv beside oof.parquet
+        fold_encoders = {
+            int(f): fold_model_dir(oof.parent, int(f), oof_seed) for f in sorted(table["fold"].unique())
+        }
+        if cfg.model.init == "teacher":
+            missing = [str(path) for path in fold_encoders.values() if not (path / "config.json").is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"model.init=teacher starts each fold's student from the cross-encoder cv saved beside "
+                    f"--oof {oof}; missing: {', '.join(missing[:2])}"
+                )
         entries = cross_validate_student(
             table,
             frame,
@@ -176,6 +188,7 @@ def distill_cv_command(
             log=typer.echo,
             done=done,
             on_entry=save,
+            fold_encoders=fold_encoders,
         )
     except (ConfigError, FileNotFoundError, ValueError) as err:
         fail(str(err))

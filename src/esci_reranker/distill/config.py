@@ -68,6 +68,12 @@ class StudentModel(_Strict):
     backbone: str = Field(
         PACKAGED_BACKBONE, description="Encoder weights: packaged:..., a folder or a Hub id."
     )
+    init: Literal["backbone", "teacher"] = Field(
+        "backbone",
+        description="Where the encoder's weights start: the backbone's pretrained ones, or the "
+        "teacher's fine-tuned cross-encoder (same architecture as the backbone; in distill-cv each "
+        "fold's cross-encoder, which never saw the fold).",
+    )
     max_length: int = Field(96, ge=8, le=512)
     text_fields: tuple[str, ...] | None = Field(
         None, description="Product fields the student reads (default: the teacher's)."
@@ -84,7 +90,8 @@ class StudentModel(_Strict):
 
 class DistillLoss(_Strict):
     """``score``: MSE to the teacher's standardised score plus a within-query ListNet term;
-    ``esci``: KL divergence to the teacher's class probabilities (after its decision rules)."""
+    ``esci``: KL divergence to the teacher's class probabilities (after its decision rules).
+    ``label_weight`` mixes the human labels of the labelled pairs into both targets."""
 
     score_weight: float = Field(1.0, ge=0, description="score student: weight of the MSE term.")
     rank_weight: float = Field(
@@ -95,6 +102,26 @@ class DistillLoss(_Strict):
     )
     temperature: float = Field(
         1.0, gt=0, description="esci student: softmax temperature of the KL term (T^2-scaled)."
+    )
+    label_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of the human label in a labelled pair's target (unlabelled pairs: the "
+        "teacher alone). score: (1-w)·z_teacher + w·z_gain, the gain standardised like the teacher's "
+        "score; esci: (1-w)·p_teacher + w·one-hot(label).",
+    )
+
+
+class DistillRules(_Strict):
+    """The esci student's own Task 2 decision rules: per-class offsets on its log-probabilities
+    fitted after training on the validation queries' labelled pairs (held out from its training,
+    as the teacher's rules are fitted on out-of-fold outputs), then folded into its classifier
+    bias so that a stock classifier's argmax is the class our service reports."""
+
+    class_offsets: bool = Field(True, description="Fit the offsets (false: the plain argmax).")
+    objective: Literal["micro_f1", "macro_f1"] = Field(
+        "micro_f1", description="What the offsets maximise on the labels (the default teacher's)."
     )
 
 
@@ -121,6 +148,7 @@ class DistillConfig(_Strict):
     # query slices by default: the score student's ListNet term compares pairs of one query
     optim: OptimSection = OptimSection(batching="query")
     eval: DistillEval = DistillEval()
+    rules: DistillRules = DistillRules()
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -16,7 +16,9 @@ on unlabelled pairs, which the teacher's out-of-fold table does not score, so th
 learns from the labelled pairs only (a lower bound for that part). And as in the stacker's own
 CV, the teachers whose outputs are a fold's training targets did train on the held-out fold
 (only the held-out fold's own outputs are out of fold): the student never sees the held-out
-queries, their products' text or their labels.
+queries, their products' text or their labels. With ``model.init: teacher`` a fold's student
+starts from the encoder of the cross-encoder that produced the fold's out-of-fold outputs
+(trained on the other folds only), as the shipped student starts from the teacher's.
 """
 
 from __future__ import annotations
@@ -154,6 +156,7 @@ def cross_validate_student(
     log: Callable[[str], None] = print,
     done: Mapping[tuple[int, int], dict[str, Any]] | None = None,
     on_entry: Callable[[list[dict[str, Any]]], None] | None = None,
+    fold_encoders: Mapping[int, Path] | None = None,
 ) -> list[dict[str, Any]]:
     """Per (fold, seed): the student's and the teacher's metrics on the fold's pairs.
 
@@ -169,6 +172,9 @@ def cross_validate_student(
         done: (fold, seed) -> an entry an earlier, interrupted call finished; kept, not retrained.
         on_entry: called with the entries so far after each (fold, seed), e.g. to save them so
             that an interrupted run can resume.
+        fold_encoders: fold -> the checkpoint of the cross-encoder that fold's out-of-fold
+            outputs came from (it never saw the fold); the student starts from its encoder when
+            ``cfg.model.init`` is ``teacher`` (required then).
 
     Returns:
         Entries shaped like the stacker CV's (``stack.cv.cv_summary`` summarises them with
@@ -183,10 +189,18 @@ def cross_validate_student(
     if data["fold"].isna().any():
         missing = data.loc[data["fold"].isna(), "query_id"].unique()[:3].tolist()
         raise ValueError(f"teacher_oof: no out-of-fold teacher outputs for queries {missing}.")
+    folds_needed = sorted(int(f) for f in data["fold"].unique())
+    if cfg.model.init == "teacher":
+        missing_folds = [f for f in folds_needed if f not in (fold_encoders or {})]
+        if missing_folds:
+            raise ValueError(
+                f"model.init=teacher: no cross-encoder checkpoint for fold(s) {missing_folds} to start "
+                "the students from (distill-cv finds them beside --oof: FOLDS/fold<f>/seed<s>/model)."
+            )
     trainable = data if test is None else drop_test_overlap(data, test)[0]
     trainable = trainable.assign(source=LABELLED)
     entries: list[dict[str, Any]] = []
-    folds = sorted(int(f) for f in data["fold"].unique())
+    folds = folds_needed
     for fold in folds:
         held_out = data[data["fold"] == fold].reset_index(drop=True)
         pool = trainable[trainable["fold"] != fold]
@@ -212,6 +226,7 @@ def cross_validate_student(
                 text_fields=tuple(text_fields),
                 long_field_chars=long_field_chars,
                 progress=progress,
+                teacher_encoder=(fold_encoders or {}).get(fold) if cfg.model.init == "teacher" else None,
             )
             reranker = student_reranker(result.model, result.tokenizer, batch_size=cfg.eval.batch_size)
             entry: dict[str, Any] = {
@@ -219,6 +234,7 @@ def cross_validate_student(
                 "seed": int(seed),
                 "best_step": result.best_step,
                 "substitute_threshold": reranker.substitute_threshold,
+                "decision_rules": result.decision_rules,
             }
             add_run(
                 entry,

@@ -115,6 +115,7 @@ def distill(
         long_field_chars=long_chars,
         progress=progress,
         record=record,
+        teacher_encoder=teacher,
     )
     summary: dict[str, Any] = {
         "student": f"student-{cfg.student}",
@@ -131,6 +132,7 @@ def distill(
         "best_val": next((h for h in result.history if h["step"] == result.best_step), {}),
         "standardisation": result.standardisation,
         "substitute_threshold": result.model.config.substitute_threshold,
+        "decision_rules": result.decision_rules,
         "training_seconds": result.seconds,
         "config": cfg.model_dump(mode="json"),
     }

@@ -16,9 +16,12 @@ wide as the encoder, no prior: ``model.export``'s rule), i.e. exactly a transfor
   batch, so batches are query slices (``optim.batching: query``).
 - **esci** (``student-esci``, 4 labels E/S/C/I; ``ClassifierReranker``): loss =
   ``T² · KL(p_teacher,T ‖ softmax(logits / T))`` to the teacher's class probabilities after its
-  decision rules; ranking by the expected gain ``Σ p_c · gain_c`` (``labels.ESCI_GAINS``);
-  Task 3 = ``p_S`` with a threshold fitted (``stack.rules.fit_threshold``) to the teacher's
-  substitute decisions on the validation queries.
+  decision rules; ranking by the expected gain ``Σ p_c · gain_c`` (``labels.ESCI_GAINS``).
+  After training, its own decision rules: class offsets on its log-probabilities fitted on the
+  validation queries' labels (``rules``; ``stack.rules.fit_class_offsets``, as the teacher's)
+  and folded into the classifier bias; Task 3 = ``p_S`` with a threshold fitted
+  (``stack.rules.fit_threshold``) to the teacher's substitute decisions on those queries.
+- ``loss.label_weight`` mixes a labelled pair's human label into either target.
 
 Both start from the packaged all-MiniLM-L6-v2 as transformers would start a
 ``BertForSequenceClassification`` from it: the encoder and its pretrained pooler (our head's
@@ -37,6 +40,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +52,7 @@ from tqdm.auto import tqdm
 from esci_reranker.distill.config import DistillConfig
 from esci_reranker.distill.data import LABELLED
 from esci_reranker.distill.teacher import PROB_COLUMNS
+from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS
 from esci_reranker.model.config import CLASSIFIER, SINGLE_TASK, ModelConfig
 from esci_reranker.model.modeling import MODEL_CLASSES, RerankerModel, rank_loss
 
@@ -65,6 +70,7 @@ class StudentResult:
         best_val_loss: the kept model's distillation loss on the validation queries.
         history: every validation record (step, losses, label metrics).
         standardisation: the score student's ``mean``/``std`` of the teacher score (folded in).
+        decision_rules: the esci student's class offsets (folded into its bias) and objective.
         seconds: wall time of training.
     """
 
@@ -76,15 +82,54 @@ class StudentResult:
     best_val_loss: float
     history: list[dict[str, Any]] = field(default_factory=list)
     standardisation: dict[str, float] = field(default_factory=dict)
+    decision_rules: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
 
+def load_teacher_encoder(model: RerankerModel, teacher: str | Path, backbone: str) -> None:
+    """Copy the encoder weights of the checkpoint in ``teacher`` into ``model``'s encoder.
+
+    Raises:
+        CheckpointError: ``teacher`` is not a checkpoint folder.
+        ValueError: it has no encoder weights of the student's architecture (another backbone,
+            an ONNX, LLM or stock-student folder).
+    """
+    from safetensors.torch import load_file
+
+    from esci_reranker.model.io import WEIGHTS_NAME, existing_checkpoint_dir
+    from esci_reranker.model.stock import is_stock_folder
+
+    folder = existing_checkpoint_dir(teacher)
+    path = folder / WEIGHTS_NAME
+    if is_stock_folder(folder) or not path.is_file():
+        raise ValueError(
+            f"model.init=teacher: {folder} has no encoder weights of ours ({WEIGHTS_NAME} of an encoder "
+            "family); use model.init=backbone."
+        )
+    prefix = "encoder."
+    state = {k[len(prefix) :]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    own = model.encoder.state_dict()
+    bad = sorted(k for k, v in own.items() if k not in state or tuple(state[k].shape) != tuple(v.shape))
+    if bad:
+        raise ValueError(
+            f"model.init=teacher: the encoder in {path} is not the student's backbone {backbone} "
+            f"({len(bad)} weight(s) missing or of another shape, e.g. {bad[:3]}); distil from a teacher "
+            "on the same backbone or use model.init=backbone."
+        )
+    model.encoder.load_state_dict({k: state[k] for k in own})
+
+
 def build_student(
-    cfg: DistillConfig, text_fields: tuple[str, ...], long_field_chars: int
+    cfg: DistillConfig,
+    text_fields: tuple[str, ...],
+    long_field_chars: int,
+    teacher_encoder: str | Path | None = None,
 ) -> tuple[RerankerModel, Any]:
     """A new student on ``cfg.model.backbone`` and its tokenizer (see the module docstring).
 
-    ``text_fields``/``long_field_chars`` apply unless the config sets its own.
+    ``text_fields``/``long_field_chars`` apply unless the config sets its own. With
+    ``teacher_encoder`` (a checkpoint folder on the same backbone), the encoder starts from that
+    checkpoint's fine-tuned encoder instead of the backbone's weights (``model.init: teacher``).
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -107,6 +152,8 @@ def build_student(
     )
     model = MODEL_CLASSES[family].from_backbone(backbone, config)
     model.config.backbone_name = cfg.model.backbone
+    if teacher_encoder is not None:
+        load_teacher_encoder(model, teacher_encoder, cfg.model.backbone)
     head = model.heads["score" if family == SINGLE_TASK else "esci"]
     init_range = float(getattr(model.encoder.config, "initializer_range", 0.02))
     with torch.no_grad():
@@ -132,12 +179,52 @@ class _Targets:
     groups: torch.Tensor  # (N,) query codes 0..Q-1
 
 
-def _targets(frame: pd.DataFrame, kind: str, mean: float, std: float) -> _Targets:
+def _labelled_gains(frame: pd.DataFrame) -> np.ndarray:
+    """Each pair's label gain (``labels.ESCI_GAINS``); NaN for unlabelled pairs."""
+    if "esci_label" not in frame.columns:
+        return np.full(len(frame), np.nan)
+    labels = (
+        frame["esci_label"].where(frame["source"] == LABELLED) if "source" in frame else frame["esci_label"]
+    )
+    return labels.map(ESCI_GAINS).to_numpy(np.float64, na_value=np.nan)
+
+
+def gain_standardisation(frame: pd.DataFrame) -> tuple[float, float]:
+    """Mean and standard deviation of the label gains of ``frame``'s labelled pairs ((0, 1) if none)."""
+    gains = _labelled_gains(frame)
+    gains = gains[np.isfinite(gains)]
+    if not len(gains):
+        return 0.0, 1.0
+    return float(gains.mean()), float(gains.std()) or 1.0
+
+
+def _targets(
+    frame: pd.DataFrame,
+    kind: str,
+    mean: float,
+    std: float,
+    label_weight: float = 0.0,
+    gain_stats: tuple[float, float] = (0.0, 1.0),
+) -> _Targets:
+    """Per-pair targets; with ``label_weight`` w > 0 a labelled pair's target is
+    ``(1 - w)·teacher + w·label`` (the gain standardised by ``gain_stats`` for the score
+    student, the one-hot class for the esci student); unlabelled pairs keep the teacher's."""
     groups = torch.as_tensor(pd.factorize(frame["query_id"])[0], dtype=torch.long)
+    gains = _labelled_gains(frame) if label_weight > 0 else np.full(len(frame), np.nan)
+    has_label = np.isfinite(gains)
     if kind == "score":
         z = (frame["t_score"].to_numpy(np.float64) - mean) / std
+        z_label = (gains - gain_stats[0]) / gain_stats[1]
+        z = np.where(has_label, (1 - label_weight) * z + label_weight * z_label, z)
         return _Targets(torch.as_tensor(z, dtype=torch.float32), None, groups)
-    probs = np.clip(frame[list(PROB_COLUMNS)].to_numpy(np.float64), 1e-12, 1.0)
+    probs = frame[list(PROB_COLUMNS)].to_numpy(np.float64)
+    if has_label.any():
+        labels = frame["esci_label"].to_numpy()
+        onehot = np.zeros_like(probs)
+        rows = np.flatnonzero(has_label)
+        onehot[rows, [ESCI_LABELS.index(str(labels[i])) for i in rows]] = 1.0
+        probs = np.where(has_label[:, None], (1 - label_weight) * probs + label_weight * onehot, probs)
+    probs = np.clip(probs, 1e-12, 1.0)
     return _Targets(None, torch.as_tensor(np.log(probs), dtype=torch.float32), groups)
 
 
@@ -226,6 +313,37 @@ def _fold_standardisation(model: RerankerModel, mean: float, std: float) -> None
         head.proj.bias.mul_(std).add_(mean)
 
 
+def fit_student_offsets(
+    model: RerankerModel, tokenizer: Any, val: pd.DataFrame, objective: str, batch_size: int
+) -> list[float] | None:
+    """Class offsets (E fixed at 0) on the student's log-probabilities maximising ``objective``
+    of its argmax against the labels of ``val``'s labelled pairs (``stack.rules.fit_class_offsets``);
+    None when ``val`` has no labelled pair."""
+    from esci_reranker.stack.rules import fit_class_offsets
+    from esci_reranker.train.loop import frame_texts
+
+    labels = _labelled_gains(val)  # NaN where unlabelled: the same rows as the labels below
+    labelled = val[np.isfinite(labels)]
+    if labelled.empty:
+        return None
+    reranker = student_reranker(model.eval(), tokenizer, batch_size=batch_size)
+    preds = reranker.predict_texts(
+        labelled["query"].astype(str).tolist(), frame_texts(labelled, model.config)
+    )
+    truth = np.array([ESCI_LABELS.index(str(label)) for label in labelled["esci_label"]])
+    offsets, _ = fit_class_offsets(np.asarray(preds.esci_probs, dtype=np.float64), truth, objective)
+    return offsets
+
+
+def _fold_offsets(model: RerankerModel, offsets: list[float]) -> None:
+    """Add ``offsets`` to the class logits' bias: ``softmax(logits + o)`` is then the student's
+    probability and its argmax the rules' class, in every library that loads the classifier."""
+    head = model.esci_head
+    assert head is not None
+    with torch.no_grad():
+        head.proj.bias.add_(torch.as_tensor(offsets, dtype=head.proj.bias.dtype))
+
+
 def fit_student_threshold(model: RerankerModel, tokenizer: Any, val: pd.DataFrame, batch_size: int) -> float:
     """The Task 3 threshold on the student's P(S) that best matches the teacher's decisions
     (``t_is_sub``) on ``val`` (micro-F1, ``stack.rules.fit_threshold``)."""
@@ -246,6 +364,7 @@ def train_student(
     long_field_chars: int,
     progress: bool = True,
     record: Callable[[dict[str, Any]], None] | None = None,
+    teacher_encoder: str | Path | None = None,
 ) -> StudentResult:
     """Train one student on ``train`` (pairs with the teacher columns), early-stopped on ``val``.
 
@@ -255,6 +374,8 @@ def train_student(
             with ``distill.teacher.TEACHER_COLUMNS``; disjoint by query.
         text_fields, long_field_chars: the teacher's, used unless the config sets its own.
         record: called with every log record (training and validation).
+        teacher_encoder: the checkpoint whose encoder the student starts from when
+            ``cfg.model.init`` is ``teacher`` (required then; ignored otherwise).
 
     Returns:
         The kept (best) student on the CPU, with the score student's standardisation folded in
@@ -274,6 +395,8 @@ def train_student(
         resolve_mixed_precision,
     )
 
+    if cfg.model.init == "teacher" and teacher_encoder is None:
+        raise ValueError("model.init=teacher: no teacher checkpoint was given to start the student from.")
     overlap = set(train["query_id"]) & set(val["query_id"])
     if overlap:
         raise ValueError(f"train_student: train and val share {len(overlap)} query id(s); split by query.")
@@ -293,12 +416,17 @@ def train_student(
     if accelerator.device.type == "cpu":
         keep_freed_memory()
     train, val = train.reset_index(drop=True), val.reset_index(drop=True)
-    model, tokenizer = build_student(cfg, text_fields, long_field_chars)
+    model, tokenizer = build_student(
+        cfg, text_fields, long_field_chars, teacher_encoder if cfg.model.init == "teacher" else None
+    )
     mean = float(train["t_score"].mean())
     std = float(train["t_score"].std(ddof=0)) or 1.0
+    # the labels' gains are standardised once, on the training pairs, like the teacher's score
+    gain_stats = gain_standardisation(train)
+    weight = cfg.loss.label_weight
     train_targets, val_targets = (
-        _targets(train, cfg.student, mean, std),
-        _targets(val, cfg.student, mean, std),
+        _targets(train, cfg.student, mean, std, weight, gain_stats),
+        _targets(val, cfg.student, mean, std, weight, gain_stats),
     )
     encoder = pair_encoder_for(tokenizer, model.config)
     encoded = encoder.encode(train["query"].astype(str).tolist(), frame_texts(train, model.config))
@@ -392,7 +520,21 @@ def train_student(
     if cfg.student == "score":
         _fold_standardisation(student, mean, std)
         standardisation = {"mean": mean, "std": std}
+        decision: dict[str, Any] = {}
     else:
+        offsets = (
+            fit_student_offsets(student, tokenizer, val, cfg.rules.objective, cfg.eval.batch_size)
+            if cfg.rules.class_offsets
+            else None
+        )
+        if offsets is not None:
+            _fold_offsets(student, offsets)
+        decision = {
+            "class_offsets": dict(zip(ESCI_LABELS, offsets or [0.0] * len(ESCI_LABELS), strict=True)),
+            "fitted": offsets is not None,
+            "objective": cfg.rules.objective,
+        }
+        # after the offsets: the threshold is on the probabilities the saved student gives
         student.config.substitute_threshold = fit_student_threshold(
             student, tokenizer, val, cfg.eval.batch_size
         )
@@ -405,5 +547,6 @@ def train_student(
         best_val_loss=float(best["loss"]),
         history=history,
         standardisation=standardisation,
+        decision_rules=decision,
         seconds=time.perf_counter() - started,
     )

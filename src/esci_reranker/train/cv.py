@@ -93,6 +93,12 @@ def query_folds(query_ids: np.ndarray, folds: int, seed: int = 1234) -> list[set
     return [{int(q) for q in shuffled[i::folds]} for i in range(folds)]
 
 
+def fold_model_dir(out: str | Path, fold: int, seed: int) -> Path:
+    """Where ``cross_validate`` saves the model of (fold, seed) under its output folder ``out``
+    (beside ``oof.parquet``): trained on the other folds' queries only."""
+    return Path(out) / f"fold{fold}" / f"seed{seed}" / "model"
+
+
 def write_fold_splits(frame: pd.DataFrame, fold_queries: set[int], folder: Path) -> Path:
     """Write ``train.parquet`` (queries outside the fold) and ``val.parquet`` (the fold) to ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -179,8 +185,8 @@ def cross_validate(
             run.seed = seed
             run.data.dir = split_dir
             run.data.train = run.data.val = run.data.test = None
-            run.output.save_path = out / f"fold{fold}" / f"seed{seed}" / "model"
-            run.output.run_dir = out / f"fold{fold}" / f"seed{seed}" / "train"
+            run.output.save_path = fold_model_dir(out, fold, seed)
+            run.output.run_dir = run.output.save_path.parent / "train"
             # The out-of-fold pass scores the final model on the fold's queries anyway; with
             # 'last' (nothing chosen on them) the training's own final validation is the same
             # scoring, done twice, which costs minutes a fold for the LLM family.
@@ -276,7 +282,7 @@ def _finished_runs(
     done: dict[tuple[int, int], tuple[FoldResult, pd.DataFrame | None]] = {}
     for item in saved["runs"]:
         run = FoldResult(**{**item, "curve": {int(k): float(v) for k, v in item["curve"].items()}})
-        model = out / f"fold{run.fold}" / f"seed{run.seed}" / "model" / "config.json"
+        model = fold_model_dir(out, run.fold, run.seed) / "config.json"
         rows = None
         if table is not None:
             rows = table[(table["fold"] == run.fold) & (table["seed"] == run.seed)]
