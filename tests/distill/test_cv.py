@@ -108,3 +108,28 @@ def test_cross_validation_trains_without_the_held_out_fold_and_scores_both(
     assert summary["overall"]["student"]["ndcg"]["mean"] == pytest.approx(
         np.mean([e["student"]["ndcg"] for e in entries])
     )
+
+
+def test_the_untrained_student_is_never_the_kept_one(
+    splits, oof_parquet: Path, tiny_student_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+):
+    """Even when its validation loss is the lowest (an overfitting seed in CV did this)."""
+    frame, _test = splits
+    table = teacher_oof_table(frame, pd.read_parquet(oof_parquet), stacker=None, seed=0)
+    data = frame.merge(table, on=["query_id", "product_id"]).assign(source="labelled")
+    val_ids = set(data["query_id"].unique()[:2])
+    calls: list[int] = []
+
+    def worse_after_training(*_args, **_kwargs):
+        calls.append(len(calls))
+        return {"val_loss": 0.0 if len(calls) == 1 else 1.0 + len(calls)}  # step 0 lowest, then rising
+
+    monkeypatch.setattr(student_module, "_validate", worse_after_training)
+    cfg = load_distill_config("configs/distill_score.yaml", [*tiny_student_overrides, "model.init=backbone"])
+    result = student_module.train_student(
+        cfg, data[~data["query_id"].isin(val_ids)], data[data["query_id"].isin(val_ids)],
+        ("title",), 300, progress=False,
+    )  # fmt: skip
+    assert result.history[0]["step"] == 0
+    assert result.best_step == 2  # the first trained validation, not the untrained student
+    assert result.best_val_loss == pytest.approx(3.0)

@@ -129,7 +129,9 @@ class DistillEval(_Strict):
     """Validation on the held-out distillation queries; early stopping on its distillation loss."""
 
     every_steps: int = Field(100, ge=1)
-    at_start: bool = Field(True, description="Evaluate the untrained student first.")
+    at_start: bool = Field(
+        True, description="Evaluate the untrained student first (logged; never the kept model)."
+    )
     patience: int = Field(4, ge=1, description="Evaluations without improvement before stopping.")
     batch_size: int = Field(64, ge=1)
 

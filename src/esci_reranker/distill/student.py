@@ -461,10 +461,13 @@ def train_student(
         model.train()
         history.append(rec)
         emit(rec)
-        if rec["val_loss"] < best["loss"]:
+        # The untrained student (step 0) is a reference only, never kept: its output layer is
+        # random. Seen in CV: a seed whose trained validation losses all stayed above step 0's
+        # kept the untrained head and ranked near random (nDCG 0.78 against ~0.84).
+        if step > 0 and rec["val_loss"] < best["loss"]:
             best.update(loss=rec["val_loss"], step=step, bad=0)
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.state_dict().items()}
-        else:
+        elif step > 0:
             best["bad"] += 1
         bar.set_postfix(
             loss=f"{np.mean(losses[-50:]) if losses else 0:.4f}", val_loss=f"{rec['val_loss']:.4f}"
@@ -508,7 +511,7 @@ def train_student(
                 break
         epoch += 1
     bar.close()
-    if best_state is None:  # no validation ran (at_start off, no step reached): keep the last model
+    if best_state is None:  # no trained step was validated: keep the last model
         best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.state_dict().items()}
         best.update(step=step)
     # Under mixed precision accelerate patches the module's own forward with bf16 autocast; the
