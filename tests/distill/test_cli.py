@@ -30,6 +30,18 @@ def test_distill_command_writes_a_student_that_exports(
     exported = run("export", "--model", out / "model", "--format", "tei", "--out", tmp_path / "tei")
     assert exported.exit_code == 0, exported.output
     assert CrossEncoder(str(tmp_path / "tei")).predict([("shoes", "red shoes")]).shape == (1,)
+    # a stock student as the teacher: there is no encoder of ours to start a student from
+    again = run(
+        "distill", "--teacher", out / "model", "--config", "configs/distill_score.yaml", "--out", tmp_path / "s2",
+        "--no-progress", *_sets(tiny_student_overrides),
+    )  # fmt: skip
+    # (the teacher's outputs were scored first: its weight-loading progress precedes the error line)
+    assert again.exit_code == 2, again.output
+    error = again.stderr[again.stderr.index("error: ") :]
+    assert "model.init=teacher:" in error
+    assert "has no encoder weights of ours" in error
+    assert "use model.init=backbone" in error
+    assert "Traceback" not in again.stderr
 
 
 def test_distill_command_names_a_bad_key_and_a_missing_teacher(

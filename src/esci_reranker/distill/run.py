@@ -67,6 +67,7 @@ def distill(
     """
     from esci_reranker.fsutil import write_json
     from esci_reranker.model.stock import save_stock
+    from esci_reranker.reranker import resolve_checkpoint
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,6 @@ def distill(
     long_chars = int(info.get("long_field_chars") or 500)
     if not text_fields:  # a cache from a teacher whose info lacks them: read the teacher's config
         from esci_reranker.model.config import ModelConfig
-        from esci_reranker.reranker import resolve_checkpoint
 
         teacher_config = ModelConfig.load(resolve_checkpoint(teacher))
         text_fields, long_chars = teacher_config.text_fields, teacher_config.long_field_chars
@@ -115,7 +115,7 @@ def distill(
         long_field_chars=long_chars,
         progress=progress,
         record=record,
-        teacher_encoder=teacher,
+        teacher_encoder=resolve_checkpoint(teacher) if cfg.model.init == "teacher" else None,
     )
     summary: dict[str, Any] = {
         "student": f"student-{cfg.student}",
