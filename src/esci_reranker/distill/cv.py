@@ -189,9 +189,9 @@ def cross_validate_student(
     if data["fold"].isna().any():
         missing = data.loc[data["fold"].isna(), "query_id"].unique()[:3].tolist()
         raise ValueError(f"teacher_oof: no out-of-fold teacher outputs for queries {missing}.")
-    folds_needed = sorted(int(f) for f in data["fold"].unique())
+    folds = sorted(int(f) for f in data["fold"].unique())
     if cfg.model.init == "teacher":
-        missing_folds = [f for f in folds_needed if f not in (fold_encoders or {})]
+        missing_folds = [f for f in folds if f not in (fold_encoders or {})]
         if missing_folds:
             raise ValueError(
                 f"model.init=teacher: no cross-encoder checkpoint for fold(s) {missing_folds} to start "
@@ -200,7 +200,6 @@ def cross_validate_student(
     trainable = data if test is None else drop_test_overlap(data, test)[0]
     trainable = trainable.assign(source=LABELLED)
     entries: list[dict[str, Any]] = []
-    folds = folds_needed
     for fold in folds:
         held_out = data[data["fold"] == fold].reset_index(drop=True)
         pool = trainable[trainable["fold"] != fold]
