@@ -126,7 +126,11 @@ def test_distill_cv_starts_each_folds_student_from_that_folds_cross_encoder(
         "--out", tmp_path / "cv", "--baselines", "none", *_sets(tiny_student_overrides), "--set", "model.init=teacher",
     ]  # fmt: skip
     assert_fails(
-        run(*args), "model.init=teacher starts each fold's student", str(folds / "fold0" / "seed0" / "model")
+        run(*args),
+        "each fold's cross-encoder, which cv saves beside --oof",
+        "model.init=teacher starts each fold's student from it",
+        "data.unlabelled_per_query > 0 scores each fold's unlabelled pairs with it",
+        str(folds / "fold0" / "seed0" / "model"),
     )
     for fold in (0, 1):
         shutil.copytree(stacked_teacher, folds / f"fold{fold}" / "seed0" / "model")

@@ -133,3 +133,94 @@ def test_the_untrained_student_is_never_the_kept_one(
     assert result.history[0]["step"] == 0
     assert result.best_step == 2  # the first trained validation, not the untrained student
     assert result.best_val_loss == pytest.approx(3.0)
+
+
+def test_each_folds_unlabelled_pairs_come_from_the_other_folds_scored_by_that_folds_teacher(
+    splits, oof_parquet: Path, stacked_teacher: Path, tiny_student_overrides: list[str], tmp_path: Path
+):
+    from esci_reranker.distill.cv import fold_unlabelled_outputs, teacher_oof_and_stackers
+    from esci_reranker.model import save_checkpoint
+    from tests.conftest import build_tiny_model
+
+    frame, test = splits
+    stacker = Stacker.load(stacked_teacher / STACKER_DIR)
+    table, stackers = teacher_oof_and_stackers(frame, pd.read_parquet(oof_parquet), stacker, seed=0)
+    assert sorted(stackers) == [0, 1]
+    cfg = load_distill_config("configs/distill_score.yaml", tiny_student_overrides)
+    models = {f: fold_model_dir(oof_parquet.parent, f, 0) for f in (0, 1)}
+    lines: list[str] = []
+    first = fold_unlabelled_outputs(
+        table, frame, cfg, models, stackers, tmp_path, "k", test, log=lines.append
+    )
+    for fold, rows in first.items():
+        others = frame[frame["query_id"].isin(set(table.loc[table["fold"] != fold, "query_id"]))]
+        assert len(rows)
+        assert (rows["source"] == "unlabelled").all()
+        assert rows["esci_label"].isna().all()
+        assert set(rows["query_id"]) <= set(others["query_id"])  # nothing of the fold itself
+        assert set(rows["product_id"]) <= set(others["product_id"])
+        assert not set(rows["product_id"]) & set(test["product_id"])
+        assert not rows.merge(others, on=["query_id", "product_id"]).size  # never a labelled pair
+        assert np.isfinite(rows[["t_score", *PROB_COLUMNS]].to_numpy(float)).all()
+        assert (rows["t_threshold"] == stackers[fold].rules.substitute_threshold).all()
+    # cached: the same call reads the scores back
+    again = fold_unlabelled_outputs(
+        table, frame, cfg, models, stackers, tmp_path, "k", test, log=lines.append
+    )
+    assert sum("read from" in line for line in lines) == 2
+    for fold in (0, 1):
+        pd.testing.assert_frame_equal(first[fold], again[fold])
+    # the proof that fold f's own teacher scores them: another cross-encoder for fold 1 changes
+    # fold 1's outputs (and is scored afresh), fold 0's stay
+    other, tokenizer = build_tiny_model(prior="cosine", lexical=True, seed=11)
+    models[1] = save_checkpoint(other, tokenizer, tmp_path / "other")
+    swapped = fold_unlabelled_outputs(
+        table, frame, cfg, models, stackers, tmp_path, "k", test, log=lines.append
+    )
+    pd.testing.assert_frame_equal(first[0], swapped[0])
+    assert not np.allclose(first[1]["t_score"], swapped[1]["t_score"])
+    with pytest.raises(FileNotFoundError, match="fold 0: no cross-encoder checkpoint"):
+        fold_unlabelled_outputs(table, frame, cfg, {1: models[1]}, stackers, tmp_path, "k", test)
+
+
+def test_cross_validation_adds_each_folds_unlabelled_pairs_to_its_students_training(
+    splits,
+    oof_parquet: Path,
+    tiny_student_overrides: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from esci_reranker.distill.cv import fold_unlabelled_outputs
+
+    frame, test = splits
+    table = teacher_oof_table(frame, pd.read_parquet(oof_parquet), stacker=None, seed=0)
+    cfg = load_distill_config("configs/distill_score.yaml", [*tiny_student_overrides, "model.init=backbone"])
+    models = {f: fold_model_dir(oof_parquet.parent, f, 0) for f in (0, 1)}
+    unlabelled = fold_unlabelled_outputs(
+        table, frame, cfg, models, {}, tmp_path, "k", test, log=lambda _l: None
+    )
+    seen: list[pd.DataFrame] = []
+    real = student_module.train_student
+
+    def recording(cfg, train, val, **kwargs):
+        seen.append(pd.concat([train, val]))
+        return real(cfg, train, val, **kwargs)
+
+    monkeypatch.setattr(student_module, "train_student", recording)
+    entries = cross_validate_student(
+        table, frame, cfg, seeds=(0,), test=test, log=lambda _line: None, unlabelled=unlabelled
+    )
+    for entry, pairs in zip(entries, seen, strict=True):
+        fold = entry["fold"]
+        extra = pairs[pairs["source"] == "unlabelled"]
+        assert len(extra) == len(unlabelled[fold])
+        assert set(zip(extra["query_id"], extra["product_id"], strict=True)) == set(
+            zip(unlabelled[fold]["query_id"], unlabelled[fold]["product_id"], strict=True)
+        )
+        assert not set(pairs["query_id"]) & set(table.loc[table["fold"] == fold, "query_id"])
+    # a fold's unlabelled pairs holding that fold's queries are refused, not trained on
+    wrong = {0: unlabelled[1], 1: unlabelled[0]}
+    with pytest.raises(ValueError, match="fold 0: its unlabelled pairs hold the fold's own queries"):
+        cross_validate_student(
+            table, frame, cfg, seeds=(0,), test=test, log=lambda _line: None, unlabelled=wrong
+        )

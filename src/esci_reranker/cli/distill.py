@@ -108,14 +108,22 @@ def distill_cv_command(
 
     For each fold and seed, a student learns the teacher's out-of-fold outputs on the other
     folds' pairs and is scored on the fold, beside the teacher's own out-of-fold outputs there
-    (Task 1 nDCG, Task 2 micro/macro F1, Task 3, per query type). The test split is never read
-    beyond keeping its products and queries out of training. See distill/cv.py for what this
-    measures and what it does not.
+    (Task 1 nDCG, Task 2 micro/macro F1, Task 3, per query type). As in `distill`, each fold's
+    student also learns from unlabelled pairs made from the other folds' queries and products
+    (`data.unlabelled_per_query`; 0 = labelled pairs only), scored by that fold's teacher: the
+    cross-encoder cv saved beside --oof (it never saw the fold) and the fold's stacker; the
+    scores are cached in --out. The test split is never read beyond keeping its products and
+    queries out of training. See distill/cv.py for what this measures and what it does not.
     """
     import pandas as pd
 
-    from esci_reranker.distill import DISTILL_CV_MODELS, cross_validate_student, teacher_oof_table
-    from esci_reranker.distill.cv import cv_identity, finished_entries
+    from esci_reranker.distill import DISTILL_CV_MODELS, cross_validate_student
+    from esci_reranker.distill.cv import (
+        cv_identity,
+        finished_entries,
+        fold_unlabelled_outputs,
+        teacher_oof_and_stackers,
+    )
     from esci_reranker.distill.data import read_labelled_and_test
     from esci_reranker.eval.baselines import parse_baselines, run_baseline
     from esci_reranker.fsutil import write_json
@@ -141,7 +149,7 @@ def distill_cv_command(
         typer.echo(
             f"teacher out-of-fold outputs ({'stacked' if stacker else 'cross-encoder'}, oof seed {oof_seed})"
         )
-        table = teacher_oof_table(frame, pd.read_parquet(oof), stacker, seed=oof_seed)
+        table, fold_stackers = teacher_oof_and_stackers(frame, pd.read_parquet(oof), stacker, seed=oof_seed)
         identity = cv_identity(cfg, table, chosen)
         result_path = out / "distill_cv.json"
         done = finished_entries(result_path, identity, seed_list) if resume else {}
@@ -168,13 +176,40 @@ def distill_cv_command(
         fold_encoders = {
             int(f): fold_model_dir(oof.parent, int(f), oof_seed) for f in sorted(table["fold"].unique())
         }
-        if cfg.model.init == "teacher":
+        needs = [
+            why
+            for why, needed in (
+                ("model.init=teacher starts each fold's student from it", cfg.model.init == "teacher"),
+                (
+                    "data.unlabelled_per_query > 0 scores each fold's unlabelled pairs with it",
+                    cfg.data.unlabelled_per_query > 0,
+                ),
+            )
+            if needed
+        ]
+        if needs:
             missing = [str(path) for path in fold_encoders.values() if not (path / "config.json").is_file()]
             if missing:
                 raise FileNotFoundError(
-                    f"model.init=teacher starts each fold's student from the cross-encoder cv saved beside "
-                    f"--oof {oof}; missing: {', '.join(missing[:2])}"
+                    f"each fold's cross-encoder, which cv saves beside --oof {oof}, is needed "
+                    f"({'; '.join(needs)}); missing: {', '.join(missing[:2])}"
                 )
+        unlabelled = (
+            fold_unlabelled_outputs(
+                table,
+                frame,
+                cfg,
+                fold_encoders,
+                fold_stackers,
+                out,
+                teacher_key=identity["teacher_oof_sha256"],
+                test=test,
+                progress=progress,
+                log=typer.echo,
+            )
+            if cfg.data.unlabelled_per_query > 0
+            else None
+        )
         entries = cross_validate_student(
             table,
             frame,
@@ -189,6 +224,7 @@ def distill_cv_command(
             done=done,
             on_entry=save,
             fold_encoders=fold_encoders,
+            unlabelled=unlabelled,
         )
     except (ConfigError, FileNotFoundError, ValueError) as err:
         fail(str(err))

@@ -11,20 +11,26 @@ other folds with their out-of-fold teacher outputs as targets (early stopping on
 those queries), and scores fold f's pairs with it; the teacher's own out-of-fold outputs on
 fold f are scored beside it, so every comparison is paired by fold. Neither ever reads the test
 split; train+val rows whose product or query is in the test split are left out of training
-(``distill.data.drop_test_overlap``). What this does not show: the real distillation also trains
-on unlabelled pairs, which the teacher's out-of-fold table does not score, so the CV student
-learns from the labelled pairs only (a lower bound for that part). And as in the stacker's own
-CV, the teachers whose outputs are a fold's training targets did train on the held-out fold
-(only the held-out fold's own outputs are out of fold): the student never sees the held-out
-queries, their products' text or their labels. With ``model.init: teacher`` a fold's student
-starts from the encoder of the cross-encoder that produced the fold's out-of-fold outputs
-(trained on the other folds only), as the shipped student starts from the teacher's.
+(``distill.data.drop_test_overlap``).
+
+**Unlabelled pairs**, as in the shipped recipe (``distill.data``): with
+``data.unlabelled_per_query`` > 0, each fold's student also learns from unlabelled pairs made
+from the other folds' queries and products only (``fold_unlabelled_outputs``), scored by that
+fold's teacher: the cross-encoder cv trained without the fold (saved beside ``oof.parquet``)
+with, for a stacked teacher, the fold's stacker (fitted on the other folds' out-of-fold rows),
+their candidate lists laid out as ``distill.teacher`` does. The scores are cached in the output
+folder. As in the stacker's own CV, the models whose outputs are a fold's *labelled* training
+targets did train on the held-out fold (only the held-out fold's own outputs are out of fold);
+the unlabelled pairs' teacher never did. Either way the student never sees the held-out queries,
+their products' text or their labels. With ``model.init: teacher`` a fold's student starts
+from the encoder of that fold's cross-encoder, as the shipped student starts from the teacher's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +68,15 @@ def teacher_oof_table(
         ``fold``, ``query_id``, ``product_id``, the teacher columns and ``t_threshold`` (the Task
         3 threshold of the fold's teacher), one row per row of ``frame``.
     """
+    return teacher_oof_and_stackers(frame, oof, stacker, seed)[0]
+
+
+def teacher_oof_and_stackers(
+    frame: pd.DataFrame, oof: pd.DataFrame, stacker: Stacker | None = None, seed: int = 0
+) -> tuple[pd.DataFrame, dict[int, Stacker]]:
+    """``teacher_oof_table`` and, for a stacked teacher, each fold's stacker (fold -> the trees
+    fitted on the other folds' rows, whose outputs on the fold are the table's); ``{}`` for a
+    cross-encoder teacher."""
     from esci_reranker.stack.cv import fold_stackers, oof_stack_table
 
     part = oof[oof["seed"] == seed]
@@ -81,13 +96,15 @@ def teacher_oof_table(
         sub = rows["ce_sub"].to_numpy(np.float64) if "ce_sub" in rows.columns else np.full(len(rows), np.nan)
         return _teacher_frame(
             rows, rows["fold"], rows["ce_score"], probs, np.zeros(len(ESCI_LABELS)), sub, 0.5
-        )
+        ), {}
     table = oof_stack_table(frame, oof, seed)
     params = dataclasses.replace(stacker.params, seed=seed)
     parts = []
-    for _fold, fold_stacker, rows in fold_stackers(
+    stackers: dict[int, Stacker] = {}
+    for fold, fold_stacker, rows in fold_stackers(
         table, params, stacker.feature_names, stacker.rules.task2_objective, stacker.rules.task3_objective
     ):
+        stackers[fold] = fold_stacker
         out = fold_stacker.predict(rows)
         rules = fold_stacker.rules
         parts.append(
@@ -101,7 +118,7 @@ def teacher_oof_table(
                 rules.substitute_threshold,
             )
         )
-    return pd.concat(parts, ignore_index=True)
+    return pd.concat(parts, ignore_index=True), stackers
 
 
 def _teacher_frame(
@@ -143,6 +160,116 @@ def teacher_run(rows: pd.DataFrame) -> pd.DataFrame:
     return run
 
 
+def fold_unlabelled_outputs(
+    teacher_oof: pd.DataFrame,
+    frame: pd.DataFrame,
+    cfg: DistillConfig,
+    fold_models: Mapping[int, Path],
+    stackers: Mapping[int, Stacker],
+    out_dir: str | Path,
+    teacher_key: str = "",
+    test: pd.DataFrame | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[int, pd.DataFrame]:
+    """Per fold f: unlabelled pairs for fold f's student, with fold f's teacher's outputs.
+
+    The pairs are ``distill.data.sample_unlabelled`` over the other folds' rows (their queries
+    with their products: nothing of fold f), scored by fold f's cross-encoder (``fold_models``,
+    trained without fold f) and, for a stacked teacher, fold f's stacker (``stackers``), in lists
+    laid out as ``distill.teacher.score_pairs`` does (beside the query's labelled candidates).
+
+    Args:
+        teacher_oof: a ``teacher_oof_table`` (its ``fold`` column defines the folds).
+        frame: the train+val rows it covers (prepared splits); those whose product or query is
+            in ``test`` are left out (``distill.data.drop_test_overlap``).
+        cfg: the student's config (``data`` for the sampling, ``teacher`` for the scoring).
+        fold_models: fold -> the checkpoint of the cross-encoder trained without that fold.
+        stackers: fold -> that fold's stacker (``teacher_oof_and_stackers``); empty for a
+            cross-encoder teacher.
+        out_dir: where the scores are cached (``fold<f>_unlabelled.parquet`` and ``.json``, read
+            back when the fold model's files, the pairs, the settings and ``teacher_key`` match).
+        teacher_key: what else identifies the teacher (the out-of-fold table's hash, which fixes
+            the fold stackers).
+        test: the test split; every set is checked against it (``check_no_test_leak``).
+
+    Returns:
+        fold -> rows with the query and product columns, ``source`` ``unlabelled``, no label,
+        the teacher columns (``distill.teacher.TEACHER_COLUMNS``) and ``t_threshold``.
+
+    Raises:
+        FileNotFoundError: a fold's cross-encoder checkpoint is missing.
+        TestLeakError: a set would hold test data (a last check, never expected).
+    """
+    from esci_reranker.distill.data import UNLABELLED, check_no_test_leak, sample_unlabelled
+    from esci_reranker.distill.teacher import cache_key, score_pairs
+    from esci_reranker.fsutil import write_json
+    from esci_reranker.hardware import resolve_precision
+    from esci_reranker.reranker import Reranker, select_device
+
+    out = Path(out_dir)
+    result: dict[int, pd.DataFrame] = {}
+    trainable = frame.merge(teacher_oof[["fold", *PAIR_KEY]], on=list(PAIR_KEY), how="inner")
+    if test is not None:
+        trainable = drop_test_overlap(trainable, test)[0]
+    teacher_cols = [c for c in trainable.columns if c.startswith("t_") or c == "fold"]
+    for fold in sorted(int(f) for f in trainable["fold"].unique()):
+        folder = Path(fold_models[fold]) if fold in fold_models else None
+        if folder is None or not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"fold {fold}: no cross-encoder checkpoint ({folder}) to score the fold's unlabelled pairs "
+                "with (distill-cv finds them beside --oof: FOLDS/fold<f>/seed<s>/model); or set "
+                "data.unlabelled_per_query=0 to cross-validate on the labelled pairs only."
+            )
+        pool = trainable[trainable["fold"] != fold].drop(columns=teacher_cols).assign(source=LABELLED)
+        unlabelled = sample_unlabelled(pool, cfg.data)
+        if unlabelled.empty:
+            continue
+        pairs = pd.concat(
+            [pool, unlabelled[[c for c in unlabelled.columns if c in pool.columns]]], ignore_index=True
+        )
+        if test is not None:
+            check_no_test_leak(pairs, test)
+        stacker = stackers.get(fold)
+        key = hashlib.sha256(
+            f"{cache_key(folder, pairs, cfg.teacher)}|{teacher_key}|{stacker is not None}".encode()
+        ).hexdigest()
+        cache, meta = out / f"fold{fold}_unlabelled.parquet", out / f"fold{fold}_unlabelled.json"
+        scored: pd.DataFrame | None = None
+        if cache.is_file() and meta.is_file() and json.loads(meta.read_text()).get("key") == key:
+            scored = pd.read_parquet(cache)
+            log(f"distill cv: fold {fold}: {len(scored)} unlabelled pairs' teacher outputs read from {cache}")
+        else:
+            device = select_device(cfg.teacher.device)
+            teacher = Reranker.from_pretrained(
+                folder,
+                device=cfg.teacher.device,
+                batch_size=cfg.teacher.batch_size,
+                precision=resolve_precision(cfg.teacher.precision, device),
+                stacked=False,
+            )
+            teacher.stacker = stacker  # the fold's trees: the fold's teacher is never the shipped one
+            log(
+                f"distill cv: fold {fold}: scoring {len(unlabelled)} unlabelled pairs (in lists with "
+                f"{len(pool)} labelled ones) with the fold's teacher ({folder}"
+                f"{' + its stacker' if stacker is not None else ''})"
+            )
+            outputs = score_pairs(teacher, pairs, cfg.teacher.list_size, progress=progress)
+            scored = outputs[(pairs["source"] == UNLABELLED).to_numpy()].reset_index(drop=True)
+            scored["t_threshold"] = float(
+                stacker.rules.substitute_threshold if stacker is not None else teacher.substitute_threshold
+            )
+            out.mkdir(parents=True, exist_ok=True)
+            scored.to_parquet(cache, index=False)
+            write_json(meta, {"key": key, "fold": fold, "model": str(folder), "pairs": len(scored)})
+            del teacher
+        rows = unlabelled.merge(scored, on=list(PAIR_KEY), how="left", validate="one_to_one")
+        if rows["t_score"].isna().any():
+            raise RuntimeError(f"fold {fold}: unlabelled pairs without teacher outputs (this is a bug).")
+        result[fold] = rows.assign(fold=-1, source=UNLABELLED)
+    return result
+
+
 def cross_validate_student(
     teacher_oof: pd.DataFrame,
     frame: pd.DataFrame,
@@ -157,6 +284,7 @@ def cross_validate_student(
     done: Mapping[tuple[int, int], dict[str, Any]] | None = None,
     on_entry: Callable[[list[dict[str, Any]]], None] | None = None,
     fold_encoders: Mapping[int, Path] | None = None,
+    unlabelled: Mapping[int, pd.DataFrame] | None = None,
 ) -> list[dict[str, Any]]:
     """Per (fold, seed): the student's and the teacher's metrics on the fold's pairs.
 
@@ -175,6 +303,9 @@ def cross_validate_student(
         fold_encoders: fold -> the checkpoint of the cross-encoder that fold's out-of-fold
             outputs came from (it never saw the fold); the student starts from its encoder when
             ``cfg.model.init`` is ``teacher`` (required then).
+        unlabelled: fold -> unlabelled pairs with that fold's teacher's outputs
+            (``fold_unlabelled_outputs``), added to the fold's student's training and early
+            stopping pairs (by query, as the labelled ones); none = labelled pairs only.
 
     Returns:
         Entries shaped like the stacker CV's (``stack.cv.cv_summary`` summarises them with
@@ -203,6 +334,13 @@ def cross_validate_student(
     for fold in folds:
         held_out = data[data["fold"] == fold].reset_index(drop=True)
         pool = trainable[trainable["fold"] != fold]
+        extra = (unlabelled or {}).get(fold)
+        if extra is not None and len(extra):
+            if extra["query_id"].isin(set(held_out["query_id"])).any():  # never expected: a last check
+                raise ValueError(f"fold {fold}: its unlabelled pairs hold the fold's own queries.")
+            pool = pd.concat(
+                [pool, extra[[c for c in extra.columns if c in pool.columns]]], ignore_index=True
+            )
         for seed in seeds:
             if done and (fold, int(seed)) in done:
                 log(
@@ -215,7 +353,8 @@ def cross_validate_student(
             is_val = pool["query_id"].isin(val_ids)
             log(
                 f"distill cv: fold {fold + 1}/{len(folds)}, seed {seed}: student-{cfg.student} on "
-                f"{int((~is_val).sum())} pairs (+{int(is_val.sum())} for early stopping), "
+                f"{int((~is_val).sum())} pairs ({int((pool['source'] != LABELLED).sum())} unlabelled in "
+                f"all; +{int(is_val.sum())} for early stopping), "
                 f"scored on {len(held_out)}"
             )
             result = train_student(
@@ -257,6 +396,8 @@ def cv_identity(cfg: DistillConfig, teacher_oof: pd.DataFrame, baselines: Sequen
     table = pd.util.hash_pandas_object(teacher_oof.sort_values(list(PAIR_KEY)), index=False)
     return {
         "config_sha256": config_sha256(cfg),
+        # how the unlabelled pairs reach the students (earlier runs trained on labelled pairs only)
+        "unlabelled_pairs": "fold teachers" if cfg.data.unlabelled_per_query else "none",
         "teacher_oof_sha256": hashlib.sha256(table.to_numpy().tobytes()).hexdigest(),
         "baselines": sorted(baselines),
     }
