@@ -197,3 +197,69 @@ def test_shipped_configs_load(name: str):
     assert cfg.model.max_length == 96
     assert cfg.model.backbone == "packaged:all-MiniLM-L6-v2"
     assert cfg.student in name
+
+
+def test_weight_average_follows_the_warmed_up_decay_and_swaps_back():
+    from esci_reranker.distill.student import WeightAverage
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Linear(1, 1))
+    model[1].weight.requires_grad_(False)  # frozen: not averaged, never touched
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    average = WeightAverage(model, decay=0.9)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    average.update()  # decay min(0.9, 2/11): the start barely counts
+    expected = 1.0 - 2 / 11
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+    average.update()  # decay min(0.9, 3/12)
+    expected = 0.25 * expected + 0.75 * 3.0
+    with average.swapped_in():
+        torch.testing.assert_close(model[0].weight, torch.full((1, 2), expected))
+        torch.testing.assert_close(model[1].weight, torch.zeros(1, 1))
+    torch.testing.assert_close(model[0].weight, torch.full((1, 2), 3.0))  # the live weights are back
+    with pytest.raises(ValueError, match=r"eval.ema_decay=1.5; expected a value in \(0, 1\)"):
+        WeightAverage(model, 1.5)
+
+
+def test_with_ema_the_validated_and_kept_student_is_the_weight_average(
+    distill_data: Path, oof_parquet: Path, tiny_student_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+):
+    import esci_reranker.distill.student as student_module
+    from esci_reranker.distill import teacher_oof_table
+    from esci_reranker.distill.data import read_labelled_and_test
+
+    frame, _ = read_labelled_and_test(distill_data)
+    table = teacher_oof_table(frame, pd.read_parquet(oof_parquet), stacker=None, seed=0)
+    data = frame.merge(table, on=["query_id", "product_id"]).assign(source="labelled")
+    is_val = data["query_id"].isin(set(data["query_id"].unique()[:2]))
+    seen: dict[int, list[torch.Tensor]] = {}
+
+    def validate(model, *_args, **_kwargs):
+        weights = seen.setdefault(id(seen), [])
+        weights.append(model.score_head.proj.weight.detach().clone())
+        return {"val_loss": [9.0, 2.0, 1.0, 3.0, 4.0][len(weights) - 1]}  # best at step 4 of 8
+
+    monkeypatch.setattr(student_module, "_validate", validate)
+
+    def run(decay: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+        seen.clear()
+        cfg = load_distill_config(
+            "configs/distill_score.yaml",
+            [*tiny_student_overrides, "model.init=backbone", "optim.max_steps=8", f"eval.ema_decay={decay}"],
+        )
+        result = student_module.train_student(
+            cfg, data[~is_val], data[is_val], ("title",), 300, progress=False
+        )
+        assert result.best_step == 4
+        std = result.standardisation["std"]  # folded into the kept head after training
+        return seen[id(seen)], result.model.score_head.proj.weight.detach() / std
+
+    averaged, kept = run(0.9)
+    torch.testing.assert_close(kept, averaged[2])  # the kept student is the validated average
+    plain, plain_kept = run(0.0)
+    torch.testing.assert_close(plain_kept, plain[2])
+    torch.testing.assert_close(averaged[0], plain[0])  # step 0: the same untrained student
+    assert not torch.allclose(averaged[2], plain[2])  # same seed, same steps: the average differs

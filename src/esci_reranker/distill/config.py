@@ -134,6 +134,14 @@ class DistillEval(_Strict):
     )
     patience: int = Field(4, ge=1, description="Evaluations without improvement before stopping.")
     batch_size: int = Field(64, ge=1)
+    ema_decay: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Validate (and keep) an exponential moving average of the weights, updated "
+        "every step with this decay; 0 = the weights themselves. The average is still one stock "
+        "model.",
+    )
 
 
 class DistillConfig(_Strict):
