@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -187,8 +186,9 @@ def fold_unlabelled_outputs(
         fold_models: fold -> the checkpoint of the cross-encoder trained without that fold.
         stackers: fold -> that fold's stacker (``teacher_oof_and_stackers``); empty for a
             cross-encoder teacher.
-        out_dir: where the scores are cached (``fold<f>_unlabelled.parquet`` and ``.json``, read
-            back when the fold model's files, the pairs, the settings and ``teacher_key`` match).
+        out_dir: where the scores are cached (``distill.teacher.teacher_outputs``'s cache, as
+            ``fold<f>_teacher_outputs.parquet`` and ``.json``: read back when the fold model's
+            files, the pairs, the settings and ``teacher_key`` match).
         teacher_key: what else identifies the teacher (the out-of-fold table's hash, which fixes
             the fold stackers).
         test: the test split; every set is checked against it (``check_no_test_leak``).
@@ -202,10 +202,7 @@ def fold_unlabelled_outputs(
         TestLeakError: a set would hold test data (a last check, never expected).
     """
     from esci_reranker.distill.data import UNLABELLED, check_no_test_leak, sample_unlabelled
-    from esci_reranker.distill.teacher import cache_key, score_pairs
-    from esci_reranker.fsutil import write_json
-    from esci_reranker.hardware import resolve_precision
-    from esci_reranker.reranker import Reranker, select_device
+    from esci_reranker.distill.teacher import teacher_outputs
 
     out = Path(out_dir)
     result: dict[int, pd.DataFrame] = {}
@@ -231,38 +228,24 @@ def fold_unlabelled_outputs(
         if test is not None:
             check_no_test_leak(pairs, test)
         stacker = stackers.get(fold)
-        key = hashlib.sha256(
-            f"{cache_key(folder, pairs, cfg.teacher)}|{teacher_key}|{stacker is not None}".encode()
-        ).hexdigest()
-        cache, meta = out / f"fold{fold}_unlabelled.parquet", out / f"fold{fold}_unlabelled.json"
-        scored: pd.DataFrame | None = None
-        if cache.is_file() and meta.is_file() and json.loads(meta.read_text()).get("key") == key:
-            scored = pd.read_parquet(cache)
-            log(f"distill cv: fold {fold}: {len(scored)} unlabelled pairs' teacher outputs read from {cache}")
-        else:
-            device = select_device(cfg.teacher.device)
-            teacher = Reranker.from_pretrained(
-                folder,
-                device=cfg.teacher.device,
-                batch_size=cfg.teacher.batch_size,
-                precision=resolve_precision(cfg.teacher.precision, device),
-                stacked=False,
-            )
-            teacher.stacker = stacker  # the fold's trees: the fold's teacher is never the shipped one
-            log(
-                f"distill cv: fold {fold}: scoring {len(unlabelled)} unlabelled pairs (in lists with "
-                f"{len(pool)} labelled ones) with the fold's teacher ({folder}"
-                f"{' + its stacker' if stacker is not None else ''})"
-            )
-            outputs = score_pairs(teacher, pairs, cfg.teacher.list_size, progress=progress)
-            scored = outputs[(pairs["source"] == UNLABELLED).to_numpy()].reset_index(drop=True)
-            scored["t_threshold"] = float(
-                stacker.rules.substitute_threshold if stacker is not None else teacher.substitute_threshold
-            )
-            out.mkdir(parents=True, exist_ok=True)
-            scored.to_parquet(cache, index=False)
-            write_json(meta, {"key": key, "fold": fold, "model": str(folder), "pairs": len(scored)})
-            del teacher
+        log(
+            f"distill cv: fold {fold}: {len(unlabelled)} unlabelled pairs (in lists with {len(pool)} labelled "
+            f"ones) for the fold's teacher ({folder}{' + its stacker' if stacker is not None else ''})"
+        )
+        outputs = teacher_outputs(
+            folder,
+            pairs,
+            cfg.teacher,
+            out,
+            progress=progress,
+            log=log,
+            stacker=stacker,  # the fold's trees: the fold's teacher is never the shipped one
+            cache_stem=f"fold{fold}_teacher_outputs",
+            key_extra=f"{teacher_key}|{stacker is not None}",
+        )
+        scored = outputs.frame[(pairs["source"] == UNLABELLED).to_numpy()].assign(
+            t_threshold=float(outputs.info["substitute_threshold"])
+        )
         rows = unlabelled.merge(scored, on=list(PAIR_KEY), how="left", validate="one_to_one")
         if rows["t_score"].isna().any():
             raise RuntimeError(f"fold {fold}: unlabelled pairs without teacher outputs (this is a bug).")

@@ -305,6 +305,11 @@ def _validate(
     return record
 
 
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of ``model``'s state dict (the kept student, independent of training)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 class WeightAverage:
     """An exponential moving average of a model's trainable weights (``eval.ema_decay``).
 
@@ -506,15 +511,16 @@ def train_student(
                 "step": step,
                 **_validate(unwrapped, tokenizer, device, val, val_targets, cfg),
             }
-            if step > 0 and rec["val_loss"] < best["loss"]:  # the validated weights are the kept ones
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.state_dict().items()}
+            # The untrained student (step 0) is a reference only, never kept: its output layer is
+            # random. Seen in CV: a seed whose trained validation losses all stayed above step 0's
+            # kept the untrained head and ranked near random (nDCG 0.78 against ~0.84).
+            improved = step > 0 and rec["val_loss"] < best["loss"]
+            if improved:  # the validated weights (the average, with ema) are the kept ones
+                best_state = _cpu_state(unwrapped)
         model.train()
         history.append(rec)
         emit(rec)
-        # The untrained student (step 0) is a reference only, never kept: its output layer is
-        # random. Seen in CV: a seed whose trained validation losses all stayed above step 0's
-        # kept the untrained head and ranked near random (nDCG 0.78 against ~0.84).
-        if step > 0 and rec["val_loss"] < best["loss"]:
+        if improved:
             best.update(loss=rec["val_loss"], step=step, bad=0)
         elif step > 0:
             best["bad"] += 1
@@ -564,7 +570,7 @@ def train_student(
     bar.close()
     if best_state is None:  # no trained step was validated: keep the last model (its average)
         with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.state_dict().items()}
+            best_state = _cpu_state(unwrapped)
         best.update(step=step)
     # Under mixed precision accelerate patches the module's own forward with bf16 autocast; the
     # student leaves here as a plain fp32 module (what save_stock compares with its stock copy,

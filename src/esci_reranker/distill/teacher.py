@@ -40,11 +40,13 @@ from esci_reranker.labels import ESCI_LABELS
 
 if TYPE_CHECKING:
     from esci_reranker.reranker import Reranker
+    from esci_reranker.stack.stacker import Stacker
 
 PROB_COLUMNS: Final[tuple[str, ...]] = tuple(f"t_prob_{label}" for label in ESCI_LABELS)
 TEACHER_COLUMNS: Final[tuple[str, ...]] = ("t_score", *PROB_COLUMNS, "t_sub", "t_is_sub", "t_class")
-CACHE_NAME: Final[str] = "teacher_outputs.parquet"
-CACHE_META_NAME: Final[str] = "teacher_outputs.json"
+CACHE_STEM: Final[str] = "teacher_outputs"
+CACHE_NAME: Final[str] = f"{CACHE_STEM}.parquet"
+CACHE_META_NAME: Final[str] = f"{CACHE_STEM}.json"
 #: Bumped when the meaning of the cached columns changes, so old caches are not reused.
 CACHE_VERSION: Final[int] = 1
 
@@ -203,6 +205,10 @@ def cache_key(teacher_folder: Path, pairs: pd.DataFrame, cfg: TeacherSection) ->
     return digest.hexdigest()
 
 
+#: ``teacher_outputs``' default for ``stacker``: the checkpoint's own (when it has one).
+CHECKPOINT_STACKER: Final[str] = "checkpoint"
+
+
 def teacher_outputs(
     teacher: str | Path,
     pairs: pd.DataFrame,
@@ -210,9 +216,20 @@ def teacher_outputs(
     out_dir: str | Path,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    *,
+    stacker: Stacker | str | None = CHECKPOINT_STACKER,
+    cache_stem: str = CACHE_STEM,
+    key_extra: str = "",
 ) -> TeacherOutputs:
     """The teacher's outputs on ``pairs``: read from ``out_dir``'s cache when its key matches,
     else scored (grouped per candidate list) and cached there.
+
+    Args:
+        stacker: the trees over the cross-encoder: the checkpoint's own by default, else this
+            one (None = the cross-encoder's own heads), e.g. a CV fold's stacker.
+        cache_stem: the cache's file names (``<stem>.parquet``, ``<stem>.json``) in ``out_dir``.
+        key_extra: what else identifies the teacher beyond its files (e.g. what fixed a given
+            ``stacker``), mixed into the cache key.
 
     Raises:
         CheckpointError: the teacher does not load.
@@ -224,7 +241,9 @@ def teacher_outputs(
     folder = resolve_checkpoint(teacher)
     out = Path(out_dir)
     key = cache_key(folder, pairs, cfg)
-    meta_path, cache_path = out / CACHE_META_NAME, out / CACHE_NAME
+    if key_extra:
+        key = hashlib.sha256(f"{key}|{key_extra}".encode()).hexdigest()
+    meta_path, cache_path = out / f"{cache_stem}.json", out / f"{cache_stem}.parquet"
     if meta_path.is_file() and cache_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key:
@@ -241,7 +260,10 @@ def teacher_outputs(
         device=cfg.device,
         batch_size=cfg.batch_size,
         precision=resolve_precision(cfg.precision, device),
+        stacked=stacker == CHECKPOINT_STACKER,
     )
+    if stacker != CHECKPOINT_STACKER:
+        reranker.stacker = stacker  # type: ignore[assignment]
     info = teacher_info(reranker, str(teacher))
     log(
         f"teacher outputs: scoring {len(pairs)} pairs with {teacher} "
