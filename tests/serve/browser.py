@@ -4,7 +4,7 @@ tests/serve/conftest.py).
 
 The browser is Debian's Chromium (``apt-get install chromium``; .ci/run installs it) driven by
 Playwright's Python API: ``playwright install`` downloads its own browser builds, which this
-project never needs.
+project never needs. Without it the browser tests are skipped, or fail under ``CI=true``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -92,22 +93,49 @@ def live_url(live_server: Callable[[Any], str], tiny_reranker: Reranker) -> str:
     return live_server(create_app(load_settings(), tiny_reranker))
 
 
+def _chromium_missing() -> str | None:
+    """Why the browser tests cannot run here (no Chromium binary), or None when they can."""
+    from tests.serve.browser import CHROMIUM_PATH
+
+    return None if Path(CHROMIUM_PATH).is_file() else f"no Chromium at {CHROMIUM_PATH}"
+
+
+ENABLE_BROWSER_TESTS = "`apt-get install chromium`, or set CHROMIUM to a Chromium/Chrome binary"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip the tests that need Chromium when it is missing, except under ``CI=true``.
+
+    The skip is raised here rather than in the fixture so that every browser test shares one
+    location and one reason, which ``-ra`` folds into one summary line saying how to enable them.
+    CI must run them (its .ci/run installs Chromium), so there the ``chromium`` fixture fails instead.
+    """
+    if "chromium" not in getattr(item, "fixturenames", ()) or os.environ.get("CI", "").lower() == "true":
+        return
+    missing = _chromium_missing()
+    if missing:
+        browser_tests = [i for i in item.session.items if "chromium" in getattr(i, "fixturenames", ())]
+        files = ", ".join(sorted({i.path.name for i in browser_tests}))
+        pytest.skip(
+            f"{len(browser_tests)} browser tests ({files}) skipped, {missing}; "
+            f"to run them: {ENABLE_BROWSER_TESTS}"
+        )
+
+
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     """Debian's Chromium under Playwright, headless; one per test module (a launch takes ~1 s).
 
-    Fails (never skips) without the browser: the browser tests must run in CI, whose .ci/run
-    installs it.
+    Outside CI a missing browser skips its tests (``pytest_runtest_setup`` above); under
+    ``CI=true`` it fails here.
     """
     from playwright.sync_api import sync_playwright
 
     from tests.serve.browser import CHROMIUM_ARGS, CHROMIUM_PATH
 
-    if not Path(CHROMIUM_PATH).is_file():
-        pytest.fail(
-            f"no Chromium at {CHROMIUM_PATH}: install it with `apt-get install chromium` "
-            "(.ci/run does) or point CHROMIUM at a Chromium/Chrome binary"
-        )
+    missing = _chromium_missing()
+    if missing:
+        pytest.fail(f"{missing} (CI=true needs the browser tests): install it with {ENABLE_BROWSER_TESTS}")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM_PATH, args=list(CHROMIUM_ARGS))
         try:
