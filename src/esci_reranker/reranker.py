@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from esci_reranker import __version__
@@ -26,6 +25,7 @@ from esci_reranker.model.features import PROBE_PAIRS, EncodedPairs, PairEncoder,
 from esci_reranker.model.modeling import RerankerModel
 from esci_reranker.model.tower_cache import TowerCache
 from esci_reranker.model.unpadded import Sequences
+from esci_reranker.progress import progress_bar
 
 if TYPE_CHECKING:
     from esci_reranker.stack.stacker import Stacker
@@ -556,7 +556,7 @@ class Reranker:
         prior: np.ndarray | None = None
         has_classes = False
         batches = list(self.batches(encoded))
-        for index in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
+        for index in progress_bar(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
             out = self.runner(self.pair_encoder.collate(encoded, index))
             score[index] = out["score"]
             if "esci_logits" in out:
@@ -802,7 +802,7 @@ def score_parquet(
     rows = 0
     try:
         total = parquet.metadata.num_rows
-        with tqdm(total=total, desc="scoring", unit="row", disable=not progress) as bar:
+        with progress_bar(total=total, desc="scoring", unit="row", disable=not progress) as bar:
             for batch in parquet.iter_batches(batch_size=chunk_rows):
                 preds = reranker.predict_frame(batch.select(read).to_pandas(), progress=False)
                 if writer is None:

@@ -25,10 +25,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from esci_reranker.data.text import FIELD_COLUMNS, clean_column
 from esci_reranker.labels import check_labels
+from esci_reranker.progress import progress_bar
 
 #: The file names Amazon publishes (``amazon-science/esci-data``, ``shopping_queries_dataset/``).
 EXAMPLES_FILE_NAME: Final[str] = "shopping_queries_dataset_examples.parquet"
@@ -315,7 +315,7 @@ def _batches(
     # progress=None lets tqdm decide (shown on a terminal only).
     disable = None if progress is None else not progress
     total = parquet.metadata.num_rows
-    with tqdm(total=total, desc=f"read {path.name}", unit="row", disable=disable) as bar:
+    with progress_bar(total=total, desc=f"read {path.name}", unit="row", disable=disable) as bar:
         try:
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=list(columns)):
                 yield batch

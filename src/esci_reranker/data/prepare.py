@@ -26,7 +26,6 @@ from typing import Any, Final
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from esci_reranker import __version__
 from esci_reranker.data.io import (
@@ -48,6 +47,7 @@ from esci_reranker.data.text import (
     parse_text_fields,
 )
 from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS
+from esci_reranker.progress import progress_bar
 
 #: Columns of every split file, in order, with their Arrow types; optional ones follow when present.
 OUTPUT_TYPES: Final[Mapping[str, pa.DataType]] = {
@@ -316,7 +316,7 @@ def _write_parquet(frame: pd.DataFrame, path: Path, *, progress: bool | None, de
     disable = None if progress is None else not progress
     # Chunks bound the Arrow copy of the text to one row group at a time.
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-        for start in tqdm(
+        for start in progress_bar(
             range(0, n_chunks * WRITE_CHUNK_ROWS, WRITE_CHUNK_ROWS), desc=desc, disable=disable
         ):
             chunk = frame.iloc[start : start + WRITE_CHUNK_ROWS]

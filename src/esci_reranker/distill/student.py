@@ -48,7 +48,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from esci_reranker.distill.config import DistillConfig
 from esci_reranker.distill.data import LABELLED
@@ -56,6 +55,7 @@ from esci_reranker.distill.teacher import PROB_COLUMNS
 from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS
 from esci_reranker.model.config import CLASSIFIER, SINGLE_TASK, ModelConfig
 from esci_reranker.model.modeling import MODEL_CLASSES, RerankerModel, rank_loss
+from esci_reranker.progress import progress_bar
 
 #: Student kind -> model family.
 STUDENT_FAMILIES: dict[str, str] = {"score": SINGLE_TASK, "esci": CLASSIFIER}
@@ -528,7 +528,7 @@ def train_student(
             loss=f"{np.mean(losses[-50:]) if losses else 0:.4f}", val_loss=f"{rec['val_loss']:.4f}"
         )
 
-    bar = tqdm(total=total_steps, desc=f"student-{cfg.student}", unit="step", disable=not progress)
+    bar = progress_bar(total=total_steps, desc=f"student-{cfg.student}", unit="step", disable=not progress)
     step, epoch, stopped = 0, 0, False
     if cfg.eval.at_start:
         validate(0)

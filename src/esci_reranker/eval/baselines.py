@@ -148,15 +148,15 @@ def encode(
     """
     import torch
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
     from esci_reranker.model.modeling import mean_pool
+    from esci_reranker.progress import progress_bar
 
     order = np.argsort([-len(t) for t in texts], kind="stable")
     out: np.ndarray | None = None
     starts = range(0, len(order), batch_size)
     with torch.inference_mode():
-        for start in tqdm(starts, desc="encoding", unit="batch", disable=not progress, leave=False):
+        for start in progress_bar(starts, desc="encoding", unit="batch", disable=not progress, leave=False):
             index = order[start : start + batch_size]
             batch = tokenizer(
                 [texts[i] for i in index],

@@ -28,7 +28,6 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast, gather_object, set_seed
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from esci_reranker.data.text import FIELD_COLUMNS, product_texts
@@ -45,6 +44,7 @@ from esci_reranker.model import (
 )
 from esci_reranker.model.config import LISTWISE, LLM, MULTI_TASK, SINGLE_TASK, ListwiseSettings, LLMSettings
 from esci_reranker.model.features import pair_encoder_for
+from esci_reranker.progress import progress_bar
 from esci_reranker.train.batching import bucketed_batches, query_batches
 from esci_reranker.train.config import PACKAGED_BACKBONE, OptimSection, TrainConfig
 from esci_reranker.train.prior_init import fit_prior_heads, prior_features
@@ -465,7 +465,7 @@ class Trainer:
         def running_loss() -> float:
             return float(np.mean(losses[-50:])) if losses else 0.0
 
-        bar = tqdm(
+        bar = progress_bar(
             total=total_steps,
             initial=state["step"],
             desc="training",
