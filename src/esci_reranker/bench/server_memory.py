@@ -28,7 +28,7 @@ import numpy as np
 from esci_reranker.bench.server import Server, build_requests, fixed_width
 
 MIB: Final[int] = 1024 * 1024
-#: The service goal of issue 18: steady-state RSS at or below 1 GB under 16 clients (cache off).
+#: The service's memory goal: steady-state RSS at or below 1 GB under 16 clients (cache off).
 RSS_GOAL_MB: Final[float] = 1024.0
 
 

@@ -138,7 +138,7 @@ def cross_validate(
 
     With ``resume``, the (fold, seed) runs that an earlier call with the same config, queries,
     folds and ``oof`` finished in ``out_dir`` (in its ``cv.json``, ``oof.parquet`` and fold model)
-    are kept and only the others train: a slow family's CV can run over several sessions.
+    are kept and only the others train: a slow family's CV can run over several invocations.
 
     Raises:
         ValueError: ``resume`` and ``out_dir`` holds a CV of another config, data or folds.
