@@ -67,7 +67,7 @@ HNSW_EXPANSION_ADD: Final[int] = 128
 HNSW_EXPANSION_SEARCH: Final[int] = 128
 #: Vector storage: half precision halves the memory of 1.2M x 384 vectors (1.8 -> 0.9 GB).
 VECTOR_DTYPE: Final[str] = "f16"
-#: The fusion used when the retriever folder does not name one (what CV chose; README "Search").
+#: The fusion used when the retriever folder does not name one (what CV chose; docs/search.md).
 DEFAULT_FUSION: Final[dict[str, Any]] = {"method": "rrf", "rrf_k": DEFAULT_RRF_K, "dense_weight": 0.5}
 RETRIEVAL_MODES: Final[tuple[str, ...]] = ("hybrid", "bm25", "dense")
 
