@@ -35,6 +35,8 @@ class PipelineResult:
     cv_table: str | None = None
     #: The sample's search index (``OUT/index``); None when it was not built.
     index_dir: Path | None = None
+    #: The test queries in the search flow (``retrieval.flow.evaluate_flow``); None without an index.
+    flow_metrics: dict[str, Any] | None = None
 
 
 def pipeline_config(config: str | Path, out_dir: Path, overrides: tuple[str, ...] = ()) -> TrainConfig:
@@ -96,6 +98,10 @@ def run_pipeline(
         t = time.perf_counter()
         result.index_dir = _build_sample_index(out / "index", index_retriever, stages, log)
         seconds["index"] = time.perf_counter() - t
+        if result.index_dir is not None and cfg.model.type == "multi_task":
+            t = time.perf_counter()
+            result.flow_metrics = _evaluate_search_flow(cfg, out, result.index_dir, log)
+            seconds["evaluate_flow"] = time.perf_counter() - t
     _write_results(cfg, out, result.test_metrics, training, seconds)
     return result
 
@@ -122,6 +128,30 @@ def _build_sample_index(index_dir: Path, retriever: str | Path | None, stages: i
         )
         return None
     return index_dir
+
+
+def _evaluate_search_flow(cfg: TrainConfig, out: Path, index_dir: Path, log: Any) -> dict[str, Any]:
+    """The test queries through the search flow on the sample index (``OUT/eval/report.md``'s
+    "Search flow" section); logs the headline numbers."""
+    import pandas as pd
+
+    from esci_reranker.reranker import Reranker
+    from esci_reranker.retrieval.flow import evaluate_flow
+    from esci_reranker.retrieval.index import CatalogueIndex
+
+    splits = {name: pd.read_parquet(out / "data" / f"{name}.parquet") for name in ("train", "val", "test")}
+    reranker = Reranker.from_pretrained(cfg.output.save_path)
+    metrics = evaluate_flow(
+        reranker, CatalogueIndex.open(index_dir), splits["test"], pd.concat(splits.values()), out / "eval"
+    )
+    m = metrics["overall"]
+    log(
+        f"      search flow ({m['num_queries']} test queries, top 100 reranked): E share {m['share_E_all']:.2f} "
+        f"(top 20: {m['share_E_top20']:.2f}); judged-I recall {m['judged_I_recall']:.2f}; E precision "
+        f"{m['E_precision']:.2f}; foreign labelled E {m['foreign']['share_E']:.2f}, I {m['foreign']['share_I']:.2f}; "
+        f"e2e nDCG@10 {m['ndcg@10_e2e']:.4f} -> {out / 'eval' / 'report.md'}"
+    )
+    return metrics
 
 
 def _cross_encoder_pipeline(
@@ -209,7 +239,22 @@ def _stacked_pipeline(
         f"[2/{stages}] train {config}: {cfg.stack.folds} out-of-fold cross-encoders, the stacker, the final "
         f"model -> {cfg.output.save_path}"
     )
-    result = train_stacked(cfg, progress=progress, log=log, baselines=baselines)
+    from esci_reranker.retrieval.flow import catalogue_flow
+    from esci_reranker.train.loop import read_split
+
+    frame = pd.concat(
+        [read_split(cfg.data.resolve("train"), "train"), read_split(cfg.data.resolve("val"), "val")],
+        ignore_index=True,
+    )
+    catalogue = catalogue_flow(cfg, frame, True, log)
+    result = train_stacked(
+        cfg,
+        progress=progress,
+        log=log,
+        baselines=baselines,
+        negatives=None if catalogue is None else catalogue.negatives,
+        on_fold=None if catalogue is None else catalogue.on_fold,
+    )
     seconds["train"] = time.perf_counter() - t
     t = time.perf_counter()
     log(f"[3/{stages}] cross-validation over the train+val queries (out of fold; mean ± std over folds)")

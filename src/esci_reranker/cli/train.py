@@ -100,6 +100,15 @@ def cv_command(
             "settings and features (--set stack.*) are compared in minutes.",
         ),
     ] = None,
+    flow: Annotated[
+        bool,
+        typer.Option(
+            "--flow/--no-flow",
+            help="Stacked configs: also measure each fold's held-out queries in the search flow "
+            "(retrieve 100 from a catalogue of the train+val products, rerank, label) and with a "
+            "title only.",
+        ),
+    ] = True,
 ) -> None:
     """Cross-validate a config over the train+val queries (the test split is never read).
 
@@ -108,7 +117,7 @@ def cv_command(
     config (``model.stacker: gbdt``) trains the fold cross-encoders to the end of their schedule
     and cross-validates the stacker on their outputs beside the cross-encoder alone; with
     ``--bagging`` it then measures bagged fold models against one model as the trees' first
-    stage (``stack.bagging``).
+    stage (``stack.bagging``). Stacked configs are also measured in the search flow (``--flow``).
     """
     import pandas as pd
 
@@ -133,6 +142,9 @@ def cv_command(
                 [read_split(data / "train.parquet", "train"), read_split(data / "val.parquet", "val")],
                 ignore_index=True,
             )
+            from esci_reranker.retrieval.flow import catalogue_flow
+
+            catalogue = catalogue_flow(cfg, frame, flow, typer.echo)
             if oof is None:
                 stacked = cross_validate_stacked(
                     cfg,
@@ -144,11 +156,22 @@ def cv_command(
                     progress=True,
                     log=typer.echo,
                     resume=resume,
+                    negatives=None if catalogue is None else catalogue.negatives,
+                    on_fold=None if catalogue is None else catalogue.on_fold,
                 )
             else:
                 out.mkdir(parents=True, exist_ok=True)
+                negatives = None if catalogue is None else catalogue.negatives(oof.parent, seed_list)
                 stacked = cross_validate_trees(
-                    cfg, frame, pd.read_parquet(oof), out, seed_list, baselines=chosen, log=typer.echo
+                    cfg,
+                    frame,
+                    pd.read_parquet(oof),
+                    out,
+                    seed_list,
+                    baselines=chosen,
+                    log=typer.echo,
+                    negatives=negatives,
+                    on_fold=None if catalogue is None else catalogue.on_fold,
                 )
             typer.echo(cv_tables(stacked.summary))
             typer.echo(f"details: {out / 'stack_cv.json'}")
@@ -292,15 +315,30 @@ def pipeline_command(
 
 def _train_stacked(cfg: TrainConfig, resume: bool, progress: bool) -> None:
     """``train`` for ``model.stacker: gbdt``: fold models, stacker, final model; CV tables printed."""
+    import pandas as pd
+
+    from esci_reranker.retrieval.flow import catalogue_flow
     from esci_reranker.stack.cv import cv_tables
     from esci_reranker.stack.train import train_stacked
+    from esci_reranker.train.loop import read_split
 
     if resume:
         raise ValueError(
             "--resume continues one training run; a stacked model (model.stacker: gbdt) trains "
             "several: run it again without --resume."
         )
-    result = train_stacked(cfg, progress=progress, log=typer.echo)
+    frame = pd.concat(
+        [read_split(cfg.data.resolve("train"), "train"), read_split(cfg.data.resolve("val"), "val")],
+        ignore_index=True,
+    )
+    catalogue = catalogue_flow(cfg, frame, True, typer.echo)
+    result = train_stacked(
+        cfg,
+        progress=progress,
+        log=typer.echo,
+        negatives=None if catalogue is None else catalogue.negatives,
+        on_fold=None if catalogue is None else catalogue.on_fold,
+    )
     typer.echo(cv_tables(result.cv))
     typer.echo(f"model: {result.save_path} (cross-encoder + stacker/)")
 

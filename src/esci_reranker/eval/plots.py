@@ -110,3 +110,30 @@ def plot_score_distribution(
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_reliability(
+    bins: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | Path,
+    title: str = "Calibration (judged pairs)",
+) -> Path:
+    """Reliability diagram: observed rate against mean predicted probability per bin, one line per
+    class (``eval.calibration.reliability`` output by label), the diagonal for reference."""
+    fig = Figure(figsize=(4.6, 4.2))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1, label="calibrated")
+    for label, table in bins.items():
+        ax.plot(
+            table["predicted"],
+            table["observed"],
+            marker="o",
+            color=_LABEL_COLORS.get(label),
+            label=f"P({label}) {LABEL_NAMES.get(label, label)}",
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean predicted probability (bin)")
+    ax.set_ylabel("observed share of the class")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)

@@ -231,3 +231,89 @@ def render_report(
         lines += ["## Plots", ""]
         lines += [f"![{caption}]({path})\n" for caption, path in plots.items()]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def render_flow_section(
+    metrics: Metrics, audit: Sequence[Mapping[str, Any]], top_k: int, retrieved: int, plot: str | None = None
+) -> str:
+    """The "Search flow" section of ``report.md``: ``eval.flow.flow_metrics`` of a run, the
+    confusion matrix of the judged products that came back, and the foreign-rule audit sample."""
+    overall = metrics["overall"]
+    rows = [("all queries", overall), *metrics.get("by_type", {}).items()]
+    header = [
+        "queries",
+        "results",
+        "e2e nDCG@10",
+        "E share (all)",
+        f"E share (top {top_k})",
+        "judged returned",
+        "judged-I recall",
+        "E precision",
+        "foreign",
+        "foreign E",
+        "foreign I",
+        "ECE P(E)",
+        "ECE P(S)",
+    ]
+    table = [
+        [
+            name,
+            m["results"],
+            m["ndcg@10_e2e"],
+            m["share_E_all"],
+            m[f"share_E_top{top_k}"],
+            m["judged_returned"],
+            m["judged_I_recall"],
+            m["E_precision"],
+            m["foreign_returned"],
+            m["foreign"]["share_E"],
+            m["foreign"]["share_I"],
+            m["ece_E"],
+            m["ece_S"],
+        ]
+        for name, m in rows
+    ]
+    lines = [
+        "## Search flow: retrieve, rerank, label",
+        "",
+        f"Each query retrieves the top {retrieved} products of the catalogue index; the model reranks and "
+        "labels them. *Judged*: judged for this query. *Foreign*: judged only for other queries that share "
+        "no content word with it (`eval.flow.is_foreign`); they should be labelled I. End-to-end nDCG@10 "
+        "counts every product not judged for the query as irrelevant; its ideal is the whole judged list.",
+        "",
+        markdown_table(["", *header], table),
+        "",
+    ]
+    judged = overall.get("judged")
+    if judged:
+        matrix = judged["confusion_matrix"]
+        lines += [
+            "Judged products that came back (rows: true label, columns: predicted):",
+            "",
+            markdown_table(
+                ["true \\ predicted", *ESCI_LABELS], [[c, *matrix[i]] for i, c in enumerate(ESCI_LABELS)]
+            ),
+            "",
+        ]
+    if plot:
+        lines += [f"![calibration]({plot})", ""]
+    if audit:
+        lines += [
+            f"### {len(audit)} random foreign results, to check the rule",
+            "",
+            markdown_table(
+                ["query", "product", "judged for", "label"],
+                [
+                    [_cell_text(a[k], 80) for k in ("query", "product", "judged for")] + [a["label"]]
+                    for a in audit
+                ],
+            ),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _cell_text(value: object, limit: int) -> str:
+    """Text for a markdown table cell: no pipes or line breaks, cut to ``limit`` characters."""
+    text = " ".join(str(value).replace("|", "/").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -20,6 +20,7 @@ def build_sample_index(out_dir: str | Path, retriever: str | Path | None = None,
             None = the packaged zero-shot all-MiniLM-L6-v2.
     """
     from esci_reranker.data.sample import sample_path
+    from esci_reranker.retrieval.flow import CATALOGUE_FIELDS
     from esci_reranker.retrieval.index import CatalogueIndex
 
     CatalogueIndex.build(
@@ -27,6 +28,8 @@ def build_sample_index(out_dir: str | Path, retriever: str | Path | None = None,
         out_dir,
         retriever=str(retriever) if retriever is not None else PACKAGED_RETRIEVER,
         source="bundled ESCI sample (esci_us_sample.parquet)",
+        # every field the stacker reads, so search results carry what the model saw in training
+        store_fields=CATALOGUE_FIELDS,
         log=log,
     )
     return Path(out_dir)

@@ -10,7 +10,7 @@ The test split is never read.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ import pandas as pd
 
 from esci_reranker.data.text import FIELD_COLUMNS
 from esci_reranker.eval.evaluator import QUERY_SOURCE_COLUMN, evaluate_run
+from esci_reranker.eval.flow import judged_label_quality
 from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.stack.features import PRODUCT_FIELDS, feature_table
 from esci_reranker.stack.outputs import CE_COLUMNS
@@ -43,8 +44,16 @@ def stack_table(frame: pd.DataFrame, model_columns: Mapping[str, np.ndarray] | N
     return pd.concat([frame[ids].reset_index(drop=True), features], axis=1)
 
 
-def oof_stack_table(frame: pd.DataFrame, oof: pd.DataFrame, seed: int) -> pd.DataFrame:
+def oof_stack_table(
+    frame: pd.DataFrame, oof: pd.DataFrame, seed: int, negatives: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """The stack table of the train+val rows with one seed's out-of-fold cross-encoder columns.
+
+    ``negatives`` (optional) are catalogue negatives with their own out-of-fold cross-encoder
+    columns (``NEGATIVE_COLUMNS``: each scored by the fold model of its query, which never saw
+    that query); their rows follow the judged ones, marked ``is_negative`` and labelled I, with
+    features computed within each query's list of negatives, so the judged rows' list features
+    are the same with or without them.
 
     Raises:
         ValueError: a row of ``frame`` has no out-of-fold output for ``seed``.
@@ -58,7 +67,50 @@ def oof_stack_table(frame: pd.DataFrame, oof: pd.DataFrame, seed: int) -> pd.Dat
     model_columns = {c: merged[c].to_numpy(np.float64) for c in CE_COLUMNS if c in merged.columns}
     table = stack_table(merged, model_columns)
     table.insert(0, "fold", merged["fold"].astype(int).to_numpy())
-    return table
+    if negatives is None or not len(negatives):
+        return table
+    table["is_negative"] = 0
+    table["weight"] = 1.0
+    return pd.concat([table, negative_stack_table(negatives, seed)], ignore_index=True)
+
+
+#: Columns of a catalogue-negatives table besides the product fields and cross-encoder columns.
+NEGATIVE_COLUMNS: tuple[str, ...] = ("seed", "fold", "query_id", "query", "product_id", "weight")
+
+
+def negative_stack_table(negatives: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Stack rows of one seed's catalogue negatives (see ``oof_stack_table``)."""
+    missing = [c for c in (*NEGATIVE_COLUMNS, "ce_score") if c not in negatives.columns]
+    if missing:
+        raise ValueError(f"negatives table: no column(s) {missing}; expected {list(NEGATIVE_COLUMNS)}.")
+    part = negatives[negatives["seed"] == seed].reset_index(drop=True).copy()
+    if not len(part):
+        raise ValueError(f"negatives table: no rows for seed {seed}.")
+    part["esci_label"] = "I"
+    model_columns = {c: part[c].to_numpy(np.float64) for c in CE_COLUMNS if c in part.columns}
+    rows = stack_table(part, model_columns)
+    rows.insert(0, "fold", part["fold"].astype(int).to_numpy())
+    rows["is_negative"] = 1
+    rows["weight"] = part["weight"].to_numpy(np.float64)
+    return rows
+
+
+def outer_split(table: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The training and held-out rows of outer ``fold`` of a stack table.
+
+    Held out: the fold's judged rows. Training: the other folds' rows, less every catalogue
+    negative whose product is judged for a held-out query (a held-out product never teaches
+    the trees anything).
+    """
+    negative = (
+        table["is_negative"].to_numpy(bool) if "is_negative" in table.columns else np.zeros(len(table), bool)
+    )
+    in_fold = table["fold"].to_numpy() == fold
+    held_products = set(table.loc[in_fold & ~negative, "product_id"])
+    leaks = negative & table["product_id"].isin(held_products).to_numpy()
+    train = table[~in_fold & ~leaks].reset_index(drop=True)
+    test = table[in_fold & ~negative].reset_index(drop=True)
+    return train, test
 
 
 def stacker_run(stacker: Stacker, table: pd.DataFrame) -> pd.DataFrame:
@@ -120,18 +172,21 @@ def fold_stackers(
     features: Sequence[str] | None = None,
     task2_objective: str = "micro_f1",
     task3_objective: str = "micro_f1",
+    **fit_options: Any,
 ) -> Iterator[tuple[int, Stacker, pd.DataFrame]]:
     """Per outer fold of an ``oof_stack_table``: the stacker fitted on the other folds' rows and
-    the fold's own rows (which it never saw), as ``(fold, stacker, rows)``."""
+    the fold's own judged rows (which it never saw), as ``(fold, stacker, rows)``; the split is
+    ``outer_split``'s. ``fit_options`` go to ``fit_stacker`` (``class_features``, ...)."""
     names = list(features) if features is not None else feature_columns(table)
     for fold in sorted(table["fold"].unique()):
-        train, test = table[table["fold"] != fold], table[table["fold"] == fold]
+        train, test = outer_split(table, int(fold))
         stacker, _ = fit_stacker(
-            train.reset_index(drop=True),
+            train,
             params,
             features=names,
             task2_objective=task2_objective,
             task3_objective=task3_objective,
+            **fit_options,
         )
         yield int(fold), stacker, test
 
@@ -143,10 +198,17 @@ def run_summary(run: pd.DataFrame, threshold: float = 0.5) -> dict[str, Any]:
     ``esci_query_source``); ``threshold`` is the Task 3 decision threshold.
     """
     metrics = evaluate_run(run, threshold=threshold)
+    classes = "esci_probs" in run.columns
+
+    def summary(rows: pd.DataFrame, m: Mapping[str, Any]) -> dict[str, float]:
+        # the label quality the search flow is judged by, on the judged lists too
+        quality = judged_label_quality(rows) if classes else {}
+        return summary_metrics(m, rows["esci_label"].tolist()) | quality
+
     return {
-        "overall": summary_metrics(metrics, run["esci_label"].tolist()),
+        "overall": summary(run, metrics),
         "by_type": {
-            t: summary_metrics(m, run.loc[run[QUERY_SOURCE_COLUMN] == t, "esci_label"].tolist())
+            t: summary(run[run[QUERY_SOURCE_COLUMN] == t], m)
             for t, m in metrics.get("by_query_type", {}).items()
         },
     }
@@ -165,6 +227,8 @@ def cross_validate_stacker(
     task2_objective: str = "micro_f1",
     task3_objective: str = "micro_f1",
     baseline_runs: Mapping[str, pd.DataFrame] | None = None,
+    on_fold: Callable[[int, Stacker, pd.DataFrame], Mapping[str, Any]] | None = None,
+    **fit_options: Any,
 ) -> list[dict[str, Any]]:
     """Per outer fold: the stacker's and the cross-encoder's metrics on the fold's queries.
 
@@ -172,10 +236,14 @@ def cross_validate_stacker(
     ``fold``, ``stacker`` and ``cross_encoder`` (``summary_metrics``), their per-query-type
     breakdowns (``*_by_type``) and the stacker's chosen ``rounds`` and ``rules``.
     ``baseline_runs`` (name -> run frame over the same rows, e.g. ``bm25``, ``bi-encoder``)
-    are evaluated on each fold's queries too.
+    are evaluated on each fold's queries too. ``on_fold(fold, stacker, rows)`` (e.g. the search
+    flow of the fold's queries, given by a caller that can retrieve) adds its keys to the entry.
+    ``fit_options`` go to ``fit_stacker``.
     """
     results = []
-    for fold, stacker, test in fold_stackers(table, params, features, task2_objective, task3_objective):
+    for fold, stacker, test in fold_stackers(
+        table, params, features, task2_objective, task3_objective, **fit_options
+    ):
         fold_queries = set(test["query_id"])
         baselines = {
             name: run[run["query_id"].isin(fold_queries)].reset_index(drop=True)
@@ -193,12 +261,26 @@ def cross_validate_stacker(
         ):
             if run is not None:
                 add_run(entry, name, run, threshold)
+        if on_fold is not None:
+            entry |= dict(on_fold(fold, stacker, test))
         results.append(entry)
     return results
 
 
 #: Models of a stack CV entry, in table order (baselines follow when present).
-CV_MODELS: tuple[str, ...] = ("stacker", "cross_encoder", "bm25", "bi-encoder")
+CV_MODELS: tuple[str, ...] = ("stacker", "cross_encoder", "title_only", "bm25", "bi-encoder", "flow")
+#: The search-flow table's columns (``retrieval.flow.FoldFlow``'s keys): (key, header).
+FLOW_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("ndcg@10_e2e", "e2e nDCG@10"),
+    ("share_E_all", "E share (all)"),
+    ("share_E_top20", "E share (top 20)"),
+    ("judged_I_recall", "judged-I recall"),
+    ("E_precision", "E precision"),
+    ("foreign_share_E", "foreign E"),
+    ("foreign_share_I", "foreign I"),
+    ("judged_task2_micro_f1", "judged T2 micro-F1"),
+    ("judged_ndcg", "judged nDCG"),
+)
 #: The columns of the CV tables: (key of ``summary_metrics``, header).
 CV_COLUMNS: tuple[tuple[str, str], ...] = (
     ("ndcg", "nDCG"),
@@ -207,6 +289,8 @@ CV_COLUMNS: tuple[tuple[str, str], ...] = (
     ("task2_macro_f1", "T2 macro-F1"),
     ("task3_micro_f1", "T3 micro-F1"),
     ("task3_auc", "T3 AUC"),
+    ("judged_I_recall", "I recall"),
+    ("ece_E", "ECE P(E)"),
 )
 
 
@@ -252,7 +336,8 @@ def cv_tables(summary: Mapping[str, Any]) -> str:
     rule = "|:---|" + "---:|" * len(CV_COLUMNS)
     lines = [header, rule]
     for model, stat in summary["overall"].items():
-        lines.append(f"| {model} | " + " | ".join(_cell(stat, k) for k, _ in CV_COLUMNS) + " |")
+        if model != "flow":
+            lines.append(f"| {model} | " + " | ".join(_cell(stat, k) for k, _ in CV_COLUMNS) + " |")
     lines += [
         "",
         "By ESCI query type:",
@@ -262,7 +347,24 @@ def cv_tables(summary: Mapping[str, Any]) -> str:
     ]
     for qtype, models in summary["by_type"].items():
         for model, stat in models.items():
-            lines.append(f"| {qtype} | {model} | " + " | ".join(_cell(stat, k) for k, _ in CV_COLUMNS) + " |")
+            if model != "flow":
+                lines.append(
+                    f"| {qtype} | {model} | " + " | ".join(_cell(stat, k) for k, _ in CV_COLUMNS) + " |"
+                )
+    if "flow" in summary["overall"]:
+        lines += ["", flow_table(summary)]
+    return "\n".join(lines)
+
+
+def flow_table(summary: Mapping[str, Any]) -> str:
+    """Markdown table of the search flow (each fold's held-out queries retrieving from the train+val
+    catalogue, top 100 reranked): overall, then per query type."""
+    header = "| search flow | " + " | ".join(h for _, h in FLOW_COLUMNS) + " |"
+    lines = [header, "|:---|" + "---:|" * len(FLOW_COLUMNS)]
+    rows = [("all queries", summary["overall"]["flow"])]
+    rows += [(t, m["flow"]) for t, m in summary["by_type"].items() if "flow" in m]
+    for name, stat in rows:
+        lines.append(f"| {name} | " + " | ".join(_cell(stat, k) for k, _ in FLOW_COLUMNS) + " |")
     return "\n".join(lines)
 
 

@@ -476,3 +476,15 @@ def record_fields(product: str | Mapping[str, object]) -> dict[str, str]:
     if not any(fields.values()) and "text" in product:
         fields["title"] = clean_text(product["text"])
     return fields
+
+
+def is_list_relative(name: str) -> bool:
+    """Whether feature ``name`` depends on the other candidates of the list, not only on the pair.
+
+    These are the list features (rank, z-score and gap of ``LIST_SCORES``), the list length,
+    BM25 within the list (its term statistics come from the list) and "another candidate's brand
+    named". A model that reads none of them gives a pair the same output in any list.
+    """
+    if name in ("list_size", "other_brand_named") or name.startswith("bm25_"):
+        return True
+    return any(name == f"{score}_{kind}" for score in LIST_SCORES for kind in ("rank", "z", "gap"))

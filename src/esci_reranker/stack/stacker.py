@@ -8,9 +8,20 @@ best round of the mean curve is kept; the final model is refitted on all queries
 rounds. The same inner folds give out-of-fold predictions of every training query at the chosen
 round: the decision rules (``stack.rules``) are fitted on those.
 
+**Catalogue negatives.** A stack table may hold rows marked ``is_negative``: products retrieved
+for a training query from the training catalogue but judged only for other queries, labelled I
+and given a ``weight``. The class and substitute trees learn from them what a search page shows
+them (judged lists hold almost only products retrieved for their query); the ranker reads them
+only when asked (``rank_negatives``). Each task may read its own feature subset, so the class
+trees can leave out the list-relative features that make a label depend on the other candidates.
+
+**Calibration.** The class probabilities are calibrated (``stack.calibration``) on the inner
+out-of-fold predictions of the judged rows, and the decision rules are fitted on the calibrated
+probabilities; ``predict`` returns calibrated probabilities.
+
 Saved as plain files in a ``stacker/`` folder of the checkpoint: each booster in LightGBM's own
-text format and ``stacker.json`` (feature names, parameters, chosen rounds, decision rules). No
-pickle.
+text format and ``stacker.json`` (feature names per task, parameters, chosen rounds, calibration,
+decision rules). No pickle.
 """
 
 from __future__ import annotations
@@ -25,11 +36,14 @@ import numpy as np
 import pandas as pd
 
 from esci_reranker.labels import ESCI_LABELS, LABEL_TO_INDEX
+from esci_reranker.stack.calibration import ClassCalibration, fit_calibration
 from esci_reranker.stack.rules import DecisionRules, fit_class_offsets, fit_threshold
 
 STACKER_DIR: Final[str] = "stacker"
 MANIFEST_NAME: Final[str] = "stacker.json"
-FORMAT_VERSION: Final[int] = 1
+#: 2 adds per-task feature lists and the class calibration; version 1 folders still load.
+FORMAT_VERSION: Final[int] = 2
+READABLE_VERSIONS: Final[tuple[int, ...]] = (1, 2)
 #: Relevance grade of each label for lambdarank, and LightGBM's ``label_gain`` per grade, so
 #: LightGBM's nDCG uses the ESCI gains (I=0, C=0.01, S=0.1, E=1).
 RANK_GRADE: Final[Mapping[str, int]] = {"I": 0, "C": 1, "S": 2, "E": 3}
@@ -110,10 +124,17 @@ def inner_query_folds(groups: np.ndarray, folds: int, seed: int) -> list[np.ndar
     return [np.flatnonzero(np.isin(groups, order[i::folds])) for i in range(folds)]
 
 
-def _dataset(x: np.ndarray, y: np.ndarray, groups: np.ndarray, task: str, names: list[str]) -> Any:
+def _dataset(
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    task: str,
+    names: list[str],
+    weights: np.ndarray | None = None,
+) -> Any:
     import lightgbm as lgb
 
-    ds = lgb.Dataset(x, label=y, feature_name=names, free_raw_data=False)
+    ds = lgb.Dataset(x, label=y, weight=weights, feature_name=names, free_raw_data=False)
     if task == "ranker":
         # rows sorted by query code (``fit_task``), so np.unique's order is the rows' order
         ds.set_group(np.unique(groups, return_counts=True)[1])
@@ -142,19 +163,25 @@ def fit_task(
     names: list[str],
     params: GBDTParams,
     gains: Sequence[float],
+    weights: np.ndarray | None = None,
 ) -> TaskFit:
-    """Choose the rounds by inner query-grouped CV, refit on all rows; see the module docstring."""
+    """Choose the rounds by inner query-grouped CV, refit on all rows; see the module docstring.
+
+    ``weights`` (N,) weigh rows in training and in the inner validation curves (default 1).
+    """
     import lightgbm as lgb
 
     order = _sorted_by_group(groups)
     x, groups = x[order], groups[order]
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)[order]
     y = _targets([labels[i] for i in order], task)
     lgb_params = params.lgb_params(task, gains)
     curves, boosters, folds = [], [], inner_query_folds(groups, params.inner_folds, params.seed)
     for val_rows in folds:
         train_rows = np.setdiff1d(np.arange(len(y)), val_rows)
-        dtrain = _dataset(x[train_rows], y[train_rows], groups[train_rows], task, names)
-        dval = _dataset(x[val_rows], y[val_rows], groups[val_rows], task, names)
+        w_train, w_val = (None, None) if w is None else (w[train_rows], w[val_rows])
+        dtrain = _dataset(x[train_rows], y[train_rows], groups[train_rows], task, names, w_train)
+        dval = _dataset(x[val_rows], y[val_rows], groups[val_rows], task, names, w_val)
         record: dict[str, Any] = {}
         booster = lgb.train(
             lgb_params,
@@ -172,7 +199,7 @@ def fit_task(
     oof_sorted = np.zeros((len(y), len(ESCI_LABELS))) if task == "classifier" else np.zeros(len(y))
     for val_rows, booster in zip(folds, boosters, strict=True):
         oof_sorted[val_rows] = booster.predict(x[val_rows], num_iteration=rounds)
-    final = lgb.train(lgb_params, _dataset(x, y, groups, task, names), num_boost_round=rounds)
+    final = lgb.train(lgb_params, _dataset(x, y, groups, task, names, w), num_boost_round=rounds)
     oof = np.empty_like(oof_sorted)
     oof[order] = oof_sorted  # back to the caller's row order
     return TaskFit(final, rounds, mean.tolist(), oof)
@@ -184,7 +211,11 @@ _ONE_THREAD_ROWS: Final = 2048
 
 @dataclass
 class Stacker:
-    """The three tree models, their feature list and the decision rules."""
+    """The three tree models, their features, the class calibration and the decision rules.
+
+    ``feature_names`` are the columns of ``matrix`` (every feature any task reads);
+    ``task_features`` maps a task to the subset its booster reads (a task absent reads all).
+    """
 
     feature_names: list[str]
     boosters: dict[str, Any]
@@ -192,6 +223,19 @@ class Stacker:
     params: GBDTParams = field(default_factory=GBDTParams)
     rounds: dict[str, int] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    task_features: dict[str, list[str]] = field(default_factory=dict)
+    calibration: ClassCalibration | None = None
+
+    def features_of(self, task: str) -> list[str]:
+        """The features ``task``'s booster reads, in its training order."""
+        return self.task_features.get(task, self.feature_names)
+
+    def _task_matrix(self, x: np.ndarray, task: str) -> np.ndarray:
+        names = self.features_of(task)
+        if names == self.feature_names:
+            return x
+        position = {name: j for j, name in enumerate(self.feature_names)}
+        return x[:, [position[name] for name in names]]
 
     def matrix(self, table: pd.DataFrame | Mapping[str, np.ndarray]) -> np.ndarray:
         """The (N, F) feature matrix in training order; a feature the table lacks is NaN (missing).
@@ -210,15 +254,18 @@ class Stacker:
         return x
 
     def predict(self, table: pd.DataFrame | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``score`` (N,), ``probs`` (N, 4, E/S/C/I), ``classes`` (N,) after the rules, ``substitute_prob`` (N,)."""
+        """``score`` (N,), ``probs`` (N, 4, E/S/C/I; calibrated), ``classes`` (N,) after the rules,
+        ``substitute_prob`` (N,)."""
         x = self.matrix(table)
         # one thread: a request's few dozen rows cost less than waking an OpenMP team
         threads = {"num_threads": 1} if len(x) <= _ONE_THREAD_ROWS else {}
-        score = self.boosters["ranker"].predict(x, **threads)
-        probs = np.asarray(self.boosters["classifier"].predict(x, **threads)).reshape(
-            len(x), len(ESCI_LABELS)
-        )
-        sub = np.asarray(self.boosters["substitute"].predict(x, **threads))
+        score = self.boosters["ranker"].predict(self._task_matrix(x, "ranker"), **threads)
+        probs = np.asarray(
+            self.boosters["classifier"].predict(self._task_matrix(x, "classifier"), **threads)
+        ).reshape(len(x), len(ESCI_LABELS))
+        if self.calibration is not None:
+            probs = self.calibration.apply(probs)
+        sub = np.asarray(self.boosters["substitute"].predict(self._task_matrix(x, "substitute"), **threads))
         return {
             "score": score,
             "probs": probs,
@@ -236,6 +283,8 @@ class Stacker:
         manifest = {
             "format_version": FORMAT_VERSION,
             "feature_names": self.feature_names,
+            "task_features": {t: self.features_of(t) for t in TASKS},
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "rules": self.rules.to_dict(),
             "params": self.params.__dict__,
             "rounds": self.rounds,
@@ -259,10 +308,10 @@ class Stacker:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"{manifest_path}: cannot read the stacker manifest ({err}).") from None
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(
                 f"{manifest_path}: format_version {manifest.get('format_version')!r}; this version of "
-                f"esci-reranker reads {FORMAT_VERSION}."
+                f"esci-reranker reads {list(READABLE_VERSIONS)}."
             )
         boosters = {}
         for task in TASKS:
@@ -271,11 +320,15 @@ class Stacker:
                 raise ValueError(f"{path}: missing; a stacker folder holds {[t + '.txt' for t in TASKS]}.")
             boosters[task] = lgb.Booster(model_file=str(path))
         names = list(manifest["feature_names"])
+        task_features = {t: list(v) for t, v in (manifest.get("task_features") or {}).items()}
         for task, booster in boosters.items():
-            if booster.feature_name() != names:
+            expected = task_features.get(task, names)
+            if booster.feature_name() != expected or not set(expected) <= set(names):
                 raise ValueError(
-                    f"{folder / (task + '.txt')}: its features differ from {manifest_path}'s feature_names."
+                    f"{folder / (task + '.txt')}: its features differ from {manifest_path}'s "
+                    f"{'task_features.' + task if task in task_features else 'feature_names'}."
                 )
+        calibration = manifest.get("calibration")
         return cls(
             feature_names=names,
             boosters=boosters,
@@ -283,12 +336,24 @@ class Stacker:
             params=GBDTParams(**manifest.get("params", {})),
             rounds=dict(manifest.get("rounds", {})),
             info=dict(manifest.get("info", {})),
+            task_features=task_features,
+            calibration=None if calibration is None else ClassCalibration.from_dict(calibration),
         )
 
 
 #: Columns of a stack table that are not features.
 NON_FEATURES: Final[frozenset[str]] = frozenset(
-    {"fold", "seed", "query_id", "product_id", "esci_label", "esci_query_source", "query"}
+    {
+        "fold",
+        "seed",
+        "query_id",
+        "product_id",
+        "esci_label",
+        "esci_query_source",
+        "query",
+        "weight",
+        "is_negative",
+    }
 )
 
 
@@ -308,30 +373,69 @@ def fit_stacker(
     features: Sequence[str] | None = None,
     task2_objective: str = "micro_f1",
     task3_objective: str = "micro_f1",
+    *,
+    class_features: Sequence[str] | None = None,
+    calibrate: bool = False,
+    rank_negatives: bool = False,
 ) -> tuple[Stacker, dict[str, np.ndarray]]:
-    """Fit the three models and the decision rules on a stack table.
+    """Fit the three models, the class calibration and the decision rules on a stack table.
 
     Args:
         table: one row per (query, product) with ``query_id``, ``esci_label`` and the features
-            (``stack.features.feature_table`` plus out-of-fold cross-encoder columns).
+            (``stack.features.feature_table`` plus out-of-fold cross-encoder columns); optional
+            ``is_negative`` (1 for a catalogue negative) and ``weight`` (row weight, default 1).
         gains: E, S, C, I gains (lambdarank's ``label_gain``).
-        features: feature columns to use (default: ``feature_columns(table)``).
+        features: feature columns of the ranker (default: ``feature_columns(table)``).
+        class_features: feature columns of the class and substitute trees (default: ``features``).
+        calibrate: fit ``ClassCalibration`` on the judged rows' inner out-of-fold probabilities.
+        rank_negatives: the ranker learns from the catalogue negatives too.
 
     Returns:
-        The stacker, and the inner out-of-fold predictions (``score``, ``probs``,
-        ``substitute_prob``) the rules were fitted on.
+        The stacker, and the inner out-of-fold predictions (``score``, ``probs`` calibrated,
+        ``substitute_prob``) of every row (``score`` is NaN on negatives the ranker did not read).
     """
     params = params or GBDTParams()
     names = list(features) if features is not None else feature_columns(table)
-    x = table[names].to_numpy(dtype=np.float64)
+    class_names = list(class_features) if class_features is not None else names
+    union = list(dict.fromkeys([*names, *class_names]))
+    missing = [c for c in union if c not in table.columns]
+    if missing:
+        raise ValueError(f"stacker: the stack table has no feature column(s) {missing}.")
     labels = table["esci_label"].astype(str).tolist()
     groups = pd.factorize(table["query_id"])[0]
-    fits = {task: fit_task(x, labels, groups, task, names, params, gains) for task in TASKS}
+    negative = (
+        table["is_negative"].to_numpy(dtype=bool)
+        if "is_negative" in table.columns
+        else np.zeros(len(table), bool)
+    )
+    weights = table["weight"].to_numpy(dtype=np.float64) if "weight" in table.columns else None
+    rank_rows = np.arange(len(table)) if rank_negatives else np.flatnonzero(~negative)
+
+    def fit(task: str, rows: np.ndarray, columns: list[str]) -> TaskFit:
+        x = table[columns].to_numpy(dtype=np.float64)[rows]
+        w = None if weights is None else weights[rows]
+        return fit_task(x, [labels[i] for i in rows], groups[rows], task, columns, params, gains, w)
+
+    all_rows = np.arange(len(table))
+    fits = {
+        "ranker": fit("ranker", rank_rows, names),
+        "classifier": fit("classifier", all_rows, class_names),
+        "substitute": fit("substitute", all_rows, class_names),
+    }
     label_index = np.array([LABEL_TO_INDEX[x] for x in labels])
-    offsets, _ = fit_class_offsets(fits["classifier"].oof, label_index, task2_objective)
-    threshold, _ = fit_threshold(fits["substitute"].oof, label_index == SUBSTITUTE, task3_objective)
+    probs = fits["classifier"].oof
+    judged = ~negative
+    calibration = fit_calibration(probs[judged], label_index[judged]) if calibrate else None
+    if calibration is not None:
+        probs = calibration.apply(probs)
+    # the rules are chosen on the judged rows: the official metrics are measured there, and the
+    # negatives are already told apart by the trees (their offsets would only follow the weight)
+    offsets, _ = fit_class_offsets(probs[judged], label_index[judged], task2_objective)
+    threshold, _ = fit_threshold(
+        fits["substitute"].oof[judged], label_index[judged] == SUBSTITUTE, task3_objective
+    )
     stacker = Stacker(
-        feature_names=names,
+        feature_names=union,
         boosters={t: f.booster for t, f in fits.items()},
         rules=DecisionRules(offsets, threshold, task2_objective, task3_objective),
         params=params,
@@ -339,12 +443,13 @@ def fit_stacker(
         info={
             "queries": len(np.unique(groups)),
             "rows": len(table),
+            "negative_rows": int(negative.sum()),
             "inner_curves": {t: f.curve for t, f in fits.items()},
         },
+        task_features={"ranker": names, "classifier": class_names, "substitute": class_names},
+        calibration=calibration,
     )
-    oof = {
-        "score": fits["ranker"].oof,
-        "probs": fits["classifier"].oof,
-        "substitute_prob": fits["substitute"].oof,
-    }
+    score = np.full(len(table), np.nan)
+    score[rank_rows] = fits["ranker"].oof
+    oof = {"score": score, "probs": probs, "substitute_prob": fits["substitute"].oof}
     return stacker, oof

@@ -20,15 +20,17 @@ The test split is never read here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from esci_reranker.stack.features import is_list_relative
 from esci_reranker.stack.stacker import STACKER_DIR, GBDTParams, Stacker, feature_columns, fit_stacker
 from esci_reranker.train.config import TrainConfig
 
@@ -101,14 +103,35 @@ def train_fixed(
 def fit_config_stacker(cfg: TrainConfig, table: pd.DataFrame, seed: int) -> Stacker:
     """The stacker of ``cfg``'s ``stack`` section fitted on a stack table (every feature column
     but ``stack.exclude_features``; rounds and decision rules chosen by inner query folds)."""
+    names = feature_columns(table, exclude=cfg.stack.exclude_features)
     stacker, _ = fit_stacker(
         table,
         gbdt_params(cfg, seed),
-        features=feature_columns(table, exclude=cfg.stack.exclude_features),
+        features=names,
         task2_objective=cfg.stack.task2_objective,
         task3_objective=cfg.stack.task3_objective,
+        **fit_options(cfg, names),
     )
     return stacker
+
+
+def fit_options(cfg: TrainConfig, names: Sequence[str]) -> dict[str, Any]:
+    """``fit_stacker``'s keyword options from a config's ``stack`` section, for features ``names``."""
+    pointwise = cfg.stack.class_features == "pointwise"
+    return {
+        "class_features": [n for n in names if not is_list_relative(n)] if pointwise else list(names),
+        "calibrate": cfg.stack.calibrate,
+        "rank_negatives": cfg.stack.rank_negatives,
+    }
+
+
+#: Called after the out-of-fold cross-encoders are trained: (their folder, the seeds) -> the
+#: catalogue negatives with their out-of-fold cross-encoder columns (``stack.cv.NEGATIVE_COLUMNS``),
+#: or None. Retrieval lives above this layer, so the caller passes it in.
+NegativesFn = Callable[[Path, tuple[int, ...]], "pd.DataFrame | None"]
+#: (seed, fold, the fold's stacker, the fold's held-out judged rows) -> extra keys for the CV
+#: entry (e.g. the search flow of the fold's queries, which needs a catalogue to retrieve from).
+OnFoldFn = Callable[[int, int, Stacker, pd.DataFrame], Mapping[str, Any]]
 
 
 def gbdt_params(cfg: TrainConfig, seed: int) -> GBDTParams:
@@ -128,13 +151,16 @@ def cross_validate_stacked(
     progress: bool = False,
     log: Callable[[str], None] = print,
     resume: bool = False,
+    negatives: NegativesFn | None = None,
+    on_fold: OnFoldFn | None = None,
 ) -> StackedCV:
     """Cross-validate a stacked config over the query folds of ``frame`` (train+val).
 
     For each seed: out-of-fold cross-encoders on ``folds`` query folds (``out_dir/oof.parquet``),
     then ``stack.cv.cross_validate_stacker`` on the same folds, beside the cross-encoder alone
     and the ``baselines``. Writes ``out_dir/stack_cv.json`` (entries and summary). ``resume``
-    keeps the fold models an earlier call finished (``train.cv.cross_validate``).
+    keeps the fold models an earlier call finished (``train.cv.cross_validate``). ``negatives``
+    and ``on_fold``: see ``NegativesFn`` and ``OnFoldFn``.
     """
     from esci_reranker.train.cv import cross_validate
 
@@ -152,7 +178,10 @@ def cross_validate_stacked(
         resume=resume,
     )
     oof = pd.read_parquet(out_dir / "oof.parquet")
-    return cross_validate_trees(cfg, frame, oof, out_dir, seeds, baselines, log)
+    negative_rows = negatives(out_dir, seeds) if negatives is not None else None
+    return cross_validate_trees(
+        cfg, frame, oof, out_dir, seeds, baselines, log, negatives=negative_rows, on_fold=on_fold
+    )
 
 
 def cross_validate_trees(
@@ -163,6 +192,8 @@ def cross_validate_trees(
     seeds: tuple[int, ...],
     baselines: tuple[str, ...] = ("bm25", "bi-encoder"),
     log: Callable[[str], None] = print,
+    negatives: pd.DataFrame | None = None,
+    on_fold: OnFoldFn | None = None,
 ) -> StackedCV:
     """The stacker half of ``cross_validate_stacked``, on out-of-fold outputs already made
     (``oof``: an ``oof.parquet`` of this config's fold models, on ``frame``'s rows), so the
@@ -185,9 +216,10 @@ def cross_validate_trees(
     entries: list[dict[str, Any]] = []
     tables: dict[int, pd.DataFrame] = {}
     for seed in seeds:
-        tables[seed] = table = oof_stack_table(frame, oof, seed)
+        tables[seed] = table = oof_stack_table(frame, oof, seed, negatives)
         names = feature_columns(table, exclude=cfg.stack.exclude_features)
-        log(f"      stacker, seed {seed}: cross-validate on the {folds} folds ({len(names)} features)")
+        extra = f", {int(table['is_negative'].sum())} catalogue negatives" if "is_negative" in table else ""
+        log(f"      stacker, seed {seed}: cross-validate on the {folds} folds ({len(names)} features{extra})")
         for entry in cross_validate_stacker(
             table,
             gbdt_params(cfg, seed),
@@ -195,6 +227,8 @@ def cross_validate_trees(
             cfg.stack.task2_objective,
             cfg.stack.task3_objective,
             baseline_runs=runs,
+            on_fold=None if on_fold is None else functools.partial(on_fold, seed),
+            **fit_options(cfg, names),
         ):
             entries.append({"seed": seed, **entry})
     summary = cv_summary(entries)
@@ -207,12 +241,16 @@ def train_stacked(
     progress: bool = True,
     log: Callable[[str], None] = print,
     baselines: tuple[str, ...] = ("bm25", "bi-encoder"),
+    negatives: NegativesFn | None = None,
+    on_fold: OnFoldFn | None = None,
 ) -> StackedTrainResult:
     """Run the three stages of the module docstring for ``cfg`` (``model.stacker: gbdt``).
 
     Writes the model to ``cfg.output.save_path`` (cross-encoder + ``stacker/``) and the fold
     models, ``oof.parquet`` and ``stack_cv.json`` under the run directory's ``folds/``.
-    ``baselines`` are ranked on every fold beside the stacker (``random`` is left out).
+    ``baselines`` are ranked on every fold beside the stacker (``random`` is left out);
+    ``negatives`` and ``on_fold`` as in ``cross_validate_stacked`` (the final stacker learns from
+    the same negatives as the CV's).
     """
     from esci_reranker.reranker import Reranker
     from esci_reranker.train.loop import read_split
@@ -236,6 +274,8 @@ def train_stacked(
         baselines=tuple(b for b in baselines if b != "random"),
         progress=progress,
         log=log,
+        negatives=negatives,
+        on_fold=on_fold,
     )
     seconds["cross_validation"] = time.perf_counter() - t
 

@@ -247,6 +247,34 @@ class StackSection(_Strict):
         "micro_f1", description="What the substitute threshold maximises (micro-F1 is the official metric)."
     )
     exclude_features: tuple[str, ...] = Field((), description="Feature columns the trees must not read.")
+    class_features: Literal["all", "pointwise"] = Field(
+        "all",
+        description="Features of the Task 2/3 trees: 'all' as the ranker, or 'pointwise': none of the "
+        "list-relative ones (rank, z-score, gap, list BM25, list size), so a product gets the same "
+        "label in any candidate list.",
+    )
+    calibrate: bool = Field(
+        False,
+        description="Calibrate the class probabilities (temperature + class biases) on the trees' inner "
+        "out-of-fold predictions of the judged rows; the decision rules are fitted on them.",
+    )
+    negatives_per_query: int = Field(
+        0,
+        ge=0,
+        description="Catalogue negatives per training query (0: none): products retrieved for it from "
+        "the training queries' catalogue, judged only for other queries, labelled I for the Task 2/3 "
+        "trees. A held-out query's product never is one.",
+    )
+    negatives_retrieve: int = Field(
+        100, ge=1, description="Candidates retrieved per training query to mine negatives from."
+    )
+    negative_rule: Literal["foreign", "unjudged"] = Field(
+        "foreign",
+        description="Which retrieved products may be negatives: 'foreign' (every query they are judged "
+        "for shares no word with this one: eval.flow.is_foreign) or 'unjudged' (not judged for it).",
+    )
+    negative_weight: float = Field(0.3, gt=0, description="Row weight of a catalogue negative.")
+    rank_negatives: bool = Field(False, description="The ranker learns from the catalogue negatives too.")
 
 
 class OutputSection(_Strict):

@@ -1,0 +1,51 @@
+"""Calibration of predicted probabilities: reliability bins and the expected calibration error.
+
+With the predictions of one class cut into ``bins`` equal-width bins of the predicted probability,
+
+    ECE = sum_b (n_b / N) * | mean(y in b) - mean(p in b) |
+
+where ``y`` is 1 when the class is the true one. Pure functions: they return numbers and never
+write or log.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+
+#: Equal-width bins of the reliability diagram and the ECE.
+DEFAULT_BINS: Final[int] = 10
+
+
+def reliability(probs: np.ndarray, truth: np.ndarray, bins: int = DEFAULT_BINS) -> dict[str, list[float]]:
+    """Per equal-width bin of ``probs``: its share of rows, mean prediction and observed rate.
+
+    Empty bins are left out. ``truth`` is 0/1 (is the class right). Pure: feeds the ECE and the
+    reliability plot.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    index = np.minimum((probs * bins).astype(np.int64), bins - 1)
+    out: dict[str, list[float]] = {"bin": [], "share": [], "predicted": [], "observed": []}
+    for b in range(bins):
+        mask = index == b
+        if mask.any():
+            out["bin"].append(float(b))
+            out["share"].append(float(mask.mean()))
+            out["predicted"].append(float(probs[mask].mean()))
+            out["observed"].append(float(truth[mask].mean()))
+    return out
+
+
+def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int = DEFAULT_BINS) -> float:
+    """ECE of the module docstring (NaN for no rows)."""
+    if len(probs) == 0:
+        return float("nan")
+    table = reliability(probs, truth, bins)
+    return float(
+        sum(
+            s * abs(o - p)
+            for s, o, p in zip(table["share"], table["observed"], table["predicted"], strict=True)
+        )
+    )

@@ -1,0 +1,449 @@
+"""The search flow, evaluated and learnt from: retrieve from a catalogue, rerank, label.
+
+Judged lists (ESCI's own candidate lists) hold almost only products retrieved for their query,
+so a model trained and measured on them alone never meets the clearly unrelated products a
+catalogue search brings back. This module puts a model in the flow a user sees:
+
+- ``build_catalogue`` indexes the products of labelled rows (in cross-validation: the train+val
+  queries' products only, so no test product or label takes part in any choice);
+- ``retrieve_lists`` retrieves the top N of that catalogue for each query, as ``/search`` does;
+- ``mine_negatives`` picks, for each training query, retrieved products judged only for other
+  training queries (by ``eval.flow.is_foreign`` or merely not judged for it) as catalogue
+  negatives; ``score_negatives`` gives them the out-of-fold cross-encoder columns of their
+  query's fold model, so the trees learn from them as from the judged rows;
+- ``flow_run`` reranks each query's retrieved list with a ``Reranker`` (its stacker included)
+  and marks every result judged / foreign / unjudged; ``eval.flow.flow_metrics`` measures it;
+- ``FoldFlow`` does that inside ``cv`` for each fold's held-out queries with the fold's
+  cross-encoder and stacker, and adds the title-only figures (candidates with a title only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import pandas as pd
+
+from esci_reranker.data.text import FIELD_COLUMNS
+from esci_reranker.eval.flow import (
+    DEFAULT_TOP_K,
+    flow_metrics,
+    ideal_gains,
+    is_foreign,
+    judged_index,
+    product_kinds,
+)
+from esci_reranker.retrieval.index import CatalogueIndex, Retrieved
+
+if TYPE_CHECKING:
+    from esci_reranker.reranker import Reranker
+    from esci_reranker.stack.stacker import Stacker
+
+#: Candidates retrieved per query in the flow (what ``/search`` reranks by default).
+DEFAULT_RETRIEVE: Final[int] = 100
+#: Product fields a catalogue stores for the reranker: every field the stack features read.
+CATALOGUE_FIELDS: Final[tuple[str, ...]] = ("title", "brand", "color", "bullets", "description")
+
+
+def catalogue_products(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per distinct product of a labelled frame: ``product_id`` and its ``product_*`` columns."""
+    columns = ["product_id", *[c for c in FIELD_COLUMNS.values() if c in frame.columns]]
+    return frame[columns].drop_duplicates("product_id").reset_index(drop=True)
+
+
+def build_catalogue(
+    frame: pd.DataFrame, out_dir: str | Path, retriever: str | Path | None = None, log: Any = None
+) -> CatalogueIndex:
+    """Index the products of ``frame`` (BM25 + dense) into ``out_dir`` and open it.
+
+    Every field the stacker reads is stored, so a reranked result carries what the model saw
+    in training. ``retriever``: a sentence-transformers folder; None = the packaged zero-shot one.
+    """
+    from esci_reranker.retrieval.encoder import PACKAGED_RETRIEVER
+
+    products = catalogue_products(frame)
+    CatalogueIndex.build(
+        [products],
+        out_dir,
+        retriever=str(retriever) if retriever is not None else PACKAGED_RETRIEVER,
+        store_fields=CATALOGUE_FIELDS,
+        source=f"{len(products)} products of {frame['query_id'].nunique()} labelled queries",
+        log=log,
+    )
+    return CatalogueIndex.open(out_dir)
+
+
+def retrieve_lists(
+    index: CatalogueIndex, queries: pd.DataFrame, n: int = DEFAULT_RETRIEVE
+) -> dict[object, list[Retrieved]]:
+    """query id -> the top ``n`` retrieved products of each distinct query of ``queries``
+    (columns ``query_id``, ``query``), hybrid retrieval as ``/search``."""
+    distinct = queries.drop_duplicates("query_id")
+    return {
+        qid: index.retrieve(str(q), n) for qid, q in zip(distinct["query_id"], distinct["query"], strict=True)
+    }
+
+
+def _fields_frame(items: Sequence[Retrieved]) -> pd.DataFrame:
+    """``product_id`` and ``product_*`` columns of retrieved products ("" where not stored)."""
+    return pd.DataFrame(
+        {"product_id": [r.product_id for r in items]}
+        | {column: [r.fields.get(name, "") for r in items] for name, column in FIELD_COLUMNS.items()}
+    )
+
+
+def mine_negatives(
+    frame: pd.DataFrame,
+    lists: Mapping[object, Sequence[Retrieved]],
+    per_query: int,
+    rule: str = "foreign",
+    weight: float = 0.3,
+) -> pd.DataFrame:
+    """Catalogue negatives of the labelled queries of ``frame`` (train+val, with a ``fold`` column).
+
+    For each query: its retrieved products (``lists``) in retrieval order that are not judged
+    for it and, with ``rule="foreign"``, are foreign to it (``eval.flow.is_foreign``); the first
+    ``per_query`` of them, labelled I with ``weight``. Product text comes from ``frame`` (the
+    judged rows of the other queries), never from outside it.
+
+    Returns:
+        Columns ``fold, query_id, query, product_id, weight``, the ``product_*`` columns and
+        ``esci_query_source`` when ``frame`` has it.
+    """
+    if rule not in ("foreign", "unjudged"):
+        raise ValueError(f"negative_rule={rule!r}; expected 'foreign' or 'unjudged'.")
+    if "fold" not in frame.columns:
+        raise ValueError("mine_negatives: the frame needs a 'fold' column (each query's outer fold).")
+    judged = judged_index(frame)
+    products = catalogue_products(frame).set_index("product_id")
+    queries = frame.drop_duplicates("query_id").set_index("query_id")
+    rows = []
+    for qid, items in lists.items():
+        query = str(queries.at[qid, "query"])
+        taken = 0
+        for item in items:
+            if taken >= per_query:
+                break
+            seen_for = judged.get(item.product_id, {})
+            if qid in seen_for or item.product_id not in products.index:
+                continue
+            if rule == "foreign" and not is_foreign(query, seen_for.values()):
+                continue
+            rows.append((int(queries.at[qid, "fold"]), qid, query, item.product_id))
+            taken += 1
+    out = pd.DataFrame(rows, columns=["fold", "query_id", "query", "product_id"])
+    out["weight"] = float(weight)
+    out = out.join(products, on="product_id")
+    if "esci_query_source" in queries.columns:
+        out["esci_query_source"] = queries.loc[out["query_id"], "esci_query_source"].to_numpy()
+    return out
+
+
+def score_negatives(negatives: pd.DataFrame, fold_dir: Path, seeds: Iterable[int]) -> pd.DataFrame:
+    """The negatives with the cross-encoder columns of their query's fold model, one block per seed.
+
+    Each query's negatives are scored by the model of its fold (``train.cv.fold_model_dir``),
+    which never trained on that query, as its judged rows were (``oof.parquet``).
+    """
+    from esci_reranker.reranker import Reranker
+    from esci_reranker.stack.outputs import CE_COLUMNS, frame_outputs
+    from esci_reranker.train.cv import fold_model_dir
+
+    blocks = []
+    for seed in seeds:
+        for fold, rows in negatives.groupby("fold", sort=True):
+            model = Reranker.from_pretrained(fold_model_dir(fold_dir, int(fold), seed))
+            rows = rows.reset_index(drop=True)
+            outputs = frame_outputs(model, rows)
+            block = rows.copy()
+            for column in CE_COLUMNS:
+                if column in outputs.columns:
+                    block[column] = outputs[column].to_numpy()
+            block.insert(0, "seed", seed)
+            blocks.append(block)
+    return pd.concat(blocks, ignore_index=True)
+
+
+def flow_run(
+    reranker: Reranker,
+    queries: pd.DataFrame,
+    lists: Mapping[object, Sequence[Retrieved]],
+    judged: Mapping[str, Mapping[object, str]],
+    labels: pd.DataFrame,
+) -> pd.DataFrame:
+    """Rerank each query's retrieved list and mark every result (``eval.flow.FLOW_COLUMNS``).
+
+    Args:
+        reranker: the model as a user runs it (its stacker and decision rules included).
+        queries: ``query_id``, ``query`` (and ``esci_query_source``) of the queries to run.
+        lists: query id -> its retrieved products.
+        judged: ``eval.flow.judged_index`` of every labelled row (the foreign rule's input).
+        labels: labelled rows (``query_id``, ``product_id``, ``esci_label``) of ``queries``.
+    """
+    distinct = queries.drop_duplicates("query_id")
+    parts = []
+    for row in distinct.itertuples(index=False):
+        items = lists.get(row.query_id, [])
+        if not items:
+            continue
+        part = _fields_frame(items)
+        part.insert(0, "query", str(row.query))
+        part.insert(0, "query_id", row.query_id)
+        part["kind"] = product_kinds(row.query_id, str(row.query), part["product_id"].tolist(), judged)
+        part["retrieval_rank"] = np.arange(1, len(part) + 1)
+        if "esci_query_source" in distinct.columns:
+            part["esci_query_source"] = row.esci_query_source
+        parts.append(part)
+    frame = pd.concat(parts, ignore_index=True)
+    preds = reranker.predict_frame(frame, progress=False)
+    label_of = labels.set_index(["query_id", "product_id"])["esci_label"]
+    keys = list(zip(frame["query_id"], frame["product_id"], strict=True))
+    frame["esci_label"] = [
+        label_of.get(k) if kind == "judged" else None for k, kind in zip(keys, frame["kind"], strict=True)
+    ]
+    frame["score"] = np.asarray(preds.scores, dtype=np.float64)
+    frame["esci_pred"] = np.asarray(preds.esci_classes).astype(str)
+    frame["esci_probs"] = list(np.asarray(preds.esci_probs, dtype=np.float64))
+    frame["substitute_prob"] = np.asarray(preds.substitute_probs, dtype=np.float64)
+    frame["title"] = frame["product_title"]
+    return frame.drop(columns=[c for c in FIELD_COLUMNS.values() if c in frame.columns])
+
+
+def title_only(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every product field but the title emptied (a catalogue without them)."""
+    out = frame.copy()
+    for name, column in FIELD_COLUMNS.items():
+        if name != "title" and column in out.columns:
+            out[column] = ""
+    return out
+
+
+def foreign_audit(
+    run: pd.DataFrame, judged: Mapping[str, Mapping[object, str]], n: int = 50, seed: int = 0
+) -> pd.DataFrame:
+    """``n`` random foreign results of a flow run with the query, the product's judged queries and
+    the label given: for a person to check the foreign rule (``report.md`` prints it)."""
+    foreign = run[run["kind"] == "foreign"]
+    sample = foreign.sample(min(n, len(foreign)), random_state=seed) if len(foreign) else foreign
+    return pd.DataFrame(
+        {
+            "query": sample["query"].to_numpy(),
+            "product": sample["title"].to_numpy()
+            if "title" in sample.columns
+            else sample["product_id"].to_numpy(),
+            "judged for": [" | ".join(judged.get(p, {}).values()) for p in sample["product_id"]],
+            "label": sample["esci_pred"].to_numpy(),
+        }
+    )
+
+
+@dataclass
+class FoldFlow:
+    """The search flow of each CV fold's held-out queries (``stack.train.OnFoldFn``).
+
+    Built once per CV over a catalogue of the train+val products; for (seed, fold) it loads the
+    fold's cross-encoder (``train.cv.fold_model_dir``), puts the fold's stacker on it and runs
+    ``flow_run`` on the fold's queries, then the same model on the fold's judged lists with a
+    title only. Adds ``flow`` / ``flow_by_type`` and ``title_only`` / ``title_only_by_type``.
+    """
+
+    frame: pd.DataFrame
+    fold_dir: Path
+    lists: Mapping[object, Sequence[Retrieved]]
+    top_k: int = DEFAULT_TOP_K
+    judged: dict[str, dict[object, str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.judged = judged_index(self.frame)
+
+    def __call__(self, seed: int, fold: int, stacker: Stacker, rows: pd.DataFrame) -> dict[str, Any]:
+        from esci_reranker.reranker import Reranker
+        from esci_reranker.stack.cv import run_summary
+        from esci_reranker.train.cv import fold_model_dir
+
+        reranker = Reranker.from_pretrained(fold_model_dir(self.fold_dir, fold, seed))
+        reranker.stacker = stacker
+        fold_rows = self.frame[self.frame["query_id"].isin(set(rows["query_id"]))].reset_index(drop=True)
+        run = flow_run(reranker, fold_rows, self.lists, self.judged, fold_rows)
+        threshold = stacker.rules.substitute_threshold
+        metrics = flow_metrics(run, ideal_gains(fold_rows), self.top_k, threshold)
+        preds = reranker.predict_frame(title_only(fold_rows), progress=False)
+        plain = fold_rows[
+            [c for c in ("query_id", "product_id", "esci_label", "esci_query_source") if c in fold_rows]
+        ]
+        plain = plain.assign(
+            score=np.asarray(preds.scores, dtype=np.float64),
+            esci_pred=np.asarray(preds.esci_classes).astype(str),
+            esci_probs=list(np.asarray(preds.esci_probs, dtype=np.float64)),
+            substitute_prob=np.asarray(preds.substitute_probs, dtype=np.float64),
+        )
+        title = run_summary(plain, threshold)
+        return {
+            "flow": _flat(metrics["overall"]),
+            "flow_by_type": {t: _flat(m) for t, m in metrics["by_type"].items()},
+            "title_only": title["overall"],
+            "title_only_by_type": title["by_type"],
+        }
+
+
+def _flat(summary: Mapping[str, Any]) -> dict[str, float]:
+    """A ``flow_summary`` as one level of numbers (what ``stack.cv.cv_summary`` averages)."""
+    out: dict[str, float] = {}
+    for key, value in summary.items():
+        if isinstance(value, Mapping):
+            for inner, v in value.items():
+                if isinstance(v, int | float):
+                    out[f"{key}_{inner}"] = float(v)
+        elif isinstance(value, int | float):
+            out[key] = float(value)
+    return out
+
+
+class CatalogueFlow:
+    """The search flow inside a stacked config's cross-validation and training.
+
+    ``negatives`` (a ``stack.train.NegativesFn``) indexes the train+val products once
+    (``FOLD_DIR/catalogue``), retrieves every train+val query's list, and, when the config asks
+    for them (``stack.negatives_per_query``), mines the catalogue negatives and scores them with
+    the fold models (cached in ``FOLD_DIR/negatives_*.parquet``). ``on_fold`` (a
+    ``stack.train.OnFoldFn``) then measures each fold's held-out queries in the flow
+    (``FoldFlow``). No test product is in the catalogue: ``frame`` is train+val.
+    """
+
+    def __init__(self, cfg: Any, frame: pd.DataFrame, log: Any = print, flow: bool = True) -> None:
+        self.cfg = cfg
+        self.frame = frame
+        self.log = log
+        self.flow = flow
+        self.fold_flow: FoldFlow | None = None
+
+    def lists(self, fold_dir: Path) -> dict[object, list[Retrieved]]:
+        """Every train+val query's retrieved list from the train+val catalogue (built once)."""
+        folder = Path(fold_dir) / "catalogue"
+        if (folder / "manifest.json").is_file():
+            index = CatalogueIndex.open(folder)
+        else:
+            self.log(
+                f"      catalogue: index the {self.frame['product_id'].nunique()} train+val products -> {folder}"
+            )
+            index = build_catalogue(self.frame, folder)
+        retrieve = max(self.cfg.stack.negatives_retrieve, DEFAULT_RETRIEVE)
+        return retrieve_lists(index, self.frame, retrieve)
+
+    def negatives(self, fold_dir: Path, seeds: tuple[int, ...]) -> pd.DataFrame | None:
+        """``stack.train.NegativesFn``: see the class docstring."""
+        stack = self.cfg.stack
+        if not self.flow and not stack.negatives_per_query:
+            return None
+        fold_dir = Path(fold_dir)
+        lists = self.lists(fold_dir)
+        folds = pd.read_parquet(fold_dir / "oof.parquet", columns=["query_id", "fold"]).drop_duplicates(
+            "query_id"
+        )
+        frame = self.frame.merge(folds, on="query_id", how="left", validate="many_to_one")
+        if self.flow:
+            self.fold_flow = FoldFlow(frame, fold_dir, {q: v[:DEFAULT_RETRIEVE] for q, v in lists.items()})
+        if not stack.negatives_per_query:
+            return None
+        cache = (
+            fold_dir
+            / f"negatives_{stack.negative_rule}_{stack.negatives_per_query}_{stack.negatives_retrieve}.parquet"
+        )
+        if cache.is_file():
+            cached = pd.read_parquet(cache)
+            if set(seeds) <= set(cached["seed"].unique()):
+                self.log(f"      catalogue negatives: {cache} (cached)")
+                return cached.assign(weight=stack.negative_weight)
+        top = {q: v[: stack.negatives_retrieve] for q, v in lists.items()}
+        mined = mine_negatives(
+            frame, top, stack.negatives_per_query, stack.negative_rule, stack.negative_weight
+        )
+        self.log(
+            f"      catalogue negatives: {len(mined)} ({stack.negative_rule}, up to {stack.negatives_per_query} "
+            f"a query), scored by each query's fold model -> {cache}"
+        )
+        scored = score_negatives(mined, fold_dir, seeds)
+        scored.to_parquet(cache, index=False)
+        return scored
+
+    def on_fold(self, seed: int, fold: int, stacker: Stacker, rows: pd.DataFrame) -> Mapping[str, Any]:
+        """``stack.train.OnFoldFn``: the fold's search flow and title-only figures."""
+        if self.fold_flow is None:
+            return {}
+        return self.fold_flow(seed, fold, stacker, rows)
+
+
+def catalogue_flow(
+    cfg: Any, frame: pd.DataFrame, flow: bool = True, log: Any = print
+) -> CatalogueFlow | None:
+    """The search flow of a stacked config's CV (``CatalogueFlow``), or None when it
+    is turned off, or cannot run without the retrieval extra and the config needs no negatives.
+
+    Raises:
+        ValueError: the config asks for catalogue negatives and the retrieval extra is missing.
+    """
+    if not flow and not cfg.stack.negatives_per_query:
+        return None
+    try:
+        import usearch  # noqa: F401  (the catalogue index)
+    except ImportError as err:
+        if cfg.stack.negatives_per_query:
+            raise ValueError(
+                f"stack.negatives_per_query={cfg.stack.negatives_per_query} retrieves from a catalogue: "
+                f"install the retrieval extra (pip install 'esci-reranker[retrieval]'): {err}"
+            ) from None
+        log(f"      search flow not measured: the retrieval extra is missing ({err})")
+        return None
+    return CatalogueFlow(cfg, frame, log=log, flow=flow)
+
+
+def evaluate_flow(
+    reranker: Reranker,
+    index: CatalogueIndex,
+    frame: pd.DataFrame,
+    labelled: pd.DataFrame,
+    out_dir: str | Path,
+    retrieve: int = DEFAULT_RETRIEVE,
+    top_k: int = DEFAULT_TOP_K,
+) -> dict[str, Any]:
+    """Run ``frame``'s queries (a labelled split) through the search flow on ``index`` and write it.
+
+    Writes into ``out_dir``: ``flow/predictions.parquet`` (every returned product with its kind),
+    ``flow/metrics.json`` (``eval.flow.flow_metrics``), ``plots/calibration.png`` and a "Search
+    flow" section appended to ``report.md`` (with 50 random foreign results to check the rule).
+
+    Args:
+        labelled: every labelled row known (all splits): which products are judged for which
+            queries, the foreign rule's input. It is only read to mark results, never to choose.
+    """
+    from esci_reranker.eval.plots import plot_reliability
+    from esci_reranker.eval.report import render_flow_section
+    from esci_reranker.fsutil import write_json
+
+    out = Path(out_dir)
+    lists = retrieve_lists(index, frame, retrieve)
+    judged = judged_index(labelled)
+    run = flow_run(reranker, frame, lists, judged, frame)
+    metrics = flow_metrics(run, ideal_gains(frame), top_k, reranker.substitute_threshold)
+    (out / "flow").mkdir(parents=True, exist_ok=True)
+    run.to_parquet(out / "flow" / "predictions.parquet", index=False)
+    write_json(out / "flow" / "metrics.json", metrics, nan_as_null=True)
+    plot = None
+    if "reliability" in metrics:
+        plot = (
+            plot_reliability(metrics["reliability"], out / "plots" / "calibration.png")
+            .relative_to(out)
+            .as_posix()
+        )
+    audit = foreign_audit(run, judged).to_dict("records")
+    report = out / "report.md"
+    section = render_flow_section(metrics, audit, top_k, retrieve, plot)
+    previous = report.read_text(encoding="utf-8") if report.is_file() else ""
+    marker = "## Search flow: retrieve, rerank, label"
+    if marker in previous:  # evaluated again: replace the old section
+        previous = previous[: previous.index(marker)].rstrip() + "\n"
+    report.write_text((previous + "\n" + section).lstrip() + "\n", encoding="utf-8")
+    return metrics
