@@ -100,7 +100,8 @@ def _ideal() -> dict[object, np.ndarray]:
 
 def test_flow_summary_hand_computed():
     out = flow_summary(_run(), _ideal(), top_k=2)
-    assert out["num_queries"] == 2 and out["results"] == 8
+    assert out["num_queries"] == 2
+    assert out["results"] == 8
     assert (out["judged_returned"], out["foreign_returned"], out["unjudged_returned"]) == (4, 3, 1)
     assert out["share_E_all"] == pytest.approx(4 / 8)  # a, b, d, e
     assert out["share_E_top2"] == pytest.approx(3 / 4)  # top 2: a, b (E, E); e, f (E, S)
@@ -116,7 +117,10 @@ def test_flow_summary_hand_computed():
     q2 = (0.1 / math.log2(3)) / 0.1
     assert out["ndcg@10_e2e"] == pytest.approx((q1 + q2) / 2)
     matrix = np.asarray(out["judged"]["confusion_matrix"])
-    assert matrix[0, 0] == 1 and matrix[3, 0] == 1 and matrix[1, 1] == 1 and matrix[3, 3] == 1
+    assert matrix[0, 0] == 1
+    assert matrix[3, 0] == 1
+    assert matrix[1, 1] == 1
+    assert matrix[3, 3] == 1
     assert matrix.sum() == 4
 
 
@@ -139,7 +143,8 @@ def test_flow_summary_names_a_missing_column():
 def test_ideal_gains_per_query():
     frame = pd.DataFrame({"query_id": [1, 1, 2], "esci_label": ["E", "C", "S"]})
     ideal = ideal_gains(frame)
-    assert ideal[1].tolist() == [1.0, 0.01] and ideal[2].tolist() == [0.1]
+    assert ideal[1].tolist() == [1.0, 0.01]
+    assert ideal[2].tolist() == [0.1]
 
 
 def test_expected_calibration_error_hand_computed():

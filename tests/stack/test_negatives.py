@@ -49,7 +49,8 @@ def test_no_held_out_product_is_ever_a_training_negative():
         held_products = set(table.loc[(table["fold"] == fold) & (table["is_negative"] == 0), "product_id"])
         train_negatives = set(train.loc[train["is_negative"] == 1, "product_id"])
         assert not train_negatives & held_products
-        assert (test["is_negative"] == 0).all() and (test["fold"] == fold).all()
+        assert (test["is_negative"] == 0).all()
+        assert (test["fold"] == fold).all()
         assert not set(train["query_id"]) & set(test["query_id"])
         # only the leaking negatives were dropped: every other negative of the training folds stays
         kept = table[(table["fold"] != fold) & (table["is_negative"] == 1)]
@@ -70,11 +71,12 @@ def test_negatives_teach_the_classes_but_not_the_ranker_by_default():
     table = with_negatives(synthetic_table(queries=12, per_query=8))
     stacker, oof = fit_stacker(table, SMALL, features=["signal", "noise"])
     negative = table["is_negative"].to_numpy(bool)
-    assert np.isnan(oof["score"][negative]).all() and np.isfinite(oof["score"][~negative]).all()
+    assert np.isnan(oof["score"][negative]).all()
+    assert np.isfinite(oof["score"][~negative]).all()
     # the negatives sit far below every judged row on 'signal': the classifier calls them I
     probs = stacker.predict(table[negative])["probs"]
     assert (probs.argmax(axis=1) == 3).mean() > 0.9
-    ranked, oof_ranked = fit_stacker(table, SMALL, features=["signal", "noise"], rank_negatives=True)
+    _ranked, oof_ranked = fit_stacker(table, SMALL, features=["signal", "noise"], rank_negatives=True)
     assert np.isfinite(oof_ranked["score"]).all()
 
 
@@ -97,7 +99,8 @@ def test_calibration_is_fitted_saved_and_applied(tmp_path):
     table = synthetic_table(queries=12, per_query=8)
     plain, _ = fit_stacker(table, SMALL, features=["signal", "noise"])
     calibrated, oof = fit_stacker(table, SMALL, features=["signal", "noise"], calibrate=True)
-    assert plain.calibration is None and calibrated.calibration is not None
+    assert plain.calibration is None
+    assert calibrated.calibration is not None
     raw = plain.predict(table)["probs"]
     np.testing.assert_allclose(
         calibrated.predict(table)["probs"], calibrated.calibration.apply(raw), rtol=1e-6
