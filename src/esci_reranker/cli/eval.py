@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from esci_reranker.cli.app import app
 from esci_reranker.cli.common import DEVICE_HELP, MODEL_HELP, fail, fmt_prob, load_reranker, print_table
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _GAINS_HELP = "nDCG gains: esci (E=1,S=.1,C=.01,I=0) or official-script (S and C swapped)."
 _RELEVANT_HELP = "Labels relevant for MRR, MAP, Recall@10, P@10: E or E,S."
@@ -47,16 +50,42 @@ def evaluate_command(
     ] = "random,bm25,bi-encoder",
     seeds: Annotated[int, typer.Option(help="Seeds averaged by the random baseline.")] = 10,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    index: Annotated[
+        Path | None,
+        typer.Option(
+            "--index",
+            help="A catalogue index (esci-reranker index): also run the split's queries through the "
+            "search flow (retrieve --retrieve, rerank, label) and add it to report.md.",
+        ),
+    ] = None,
+    judged: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--judged",
+            help="With --index: every labelled split that says which products are judged for which "
+            "queries (the foreign rule's input; repeatable). Default: the train, val and test "
+            "parquets beside --data.",
+        ),
+    ] = None,
+    retrieve: Annotated[int, typer.Option(help="With --index: candidates retrieved per query.")] = 100,
 ) -> None:
-    """Score a split with a model and the baselines; write predictions, metrics, report and plots."""
+    """Score a split with a model and the baselines; write predictions, metrics, report and plots.
+
+    With ``--index`` the split's queries also go through the search flow: each retrieves the top
+    ``--retrieve`` products of the catalogue, which the model reranks and labels; report.md gets
+    the labels of judged, foreign and unjudged results, the end-to-end nDCG@10 and calibration.
+    """
     from esci_reranker.eval.baselines import parse_baselines
     from esci_reranker.eval.runner import read_split, run_evaluation
     from esci_reranker.reranker import Reranker
 
     _check_eval_options(gains, relevant, batch_size, seeds)
+    if retrieve < 1:
+        fail(f"--retrieve {retrieve}: expected a positive integer.")
     try:
         parse_baselines(baselines)
         frame = read_split(data)
+        labelled = _judged_splits(data, judged) if index is not None else None
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
         return
@@ -78,7 +107,43 @@ def evaluate_command(
         progress=progress,
     )
     typer.echo(result.table)
+    if index is not None and labelled is not None:
+        _evaluate_flow(reranker, index, frame, labelled, out, retrieve)
     typer.echo(f"wrote predictions.parquet, metrics.json, report.md and plots/ to {out}")
+
+
+def _judged_splits(data: Path, judged: list[Path] | None) -> pd.DataFrame:
+    """Every labelled row of ``--judged`` (default: the prepared splits beside ``--data``)."""
+    import pandas as pd
+
+    from esci_reranker.eval.runner import read_split
+
+    paths = judged or [
+        p for p in (data.parent / f"{n}.parquet" for n in ("train", "val", "test")) if p.is_file()
+    ]
+    if data not in paths and data.resolve() not in [p.resolve() for p in paths]:
+        paths = [*paths, data]
+    return pd.concat([read_split(p) for p in paths], ignore_index=True)
+
+
+def _evaluate_flow(reranker: Any, index: Path, frame: Any, labelled: Any, out: Path, retrieve: int) -> None:
+    """``evaluate --index``: the search flow's metrics and report section."""
+    try:
+        from esci_reranker.retrieval.flow import evaluate_flow
+        from esci_reranker.retrieval.index import CatalogueIndex
+
+        opened = CatalogueIndex.open(index)
+    except (ImportError, OSError, ValueError) as error:
+        fail(f"--index {index}: {error}")
+        return
+    metrics = evaluate_flow(reranker, opened, frame, labelled, out, retrieve=retrieve)
+    m = metrics["overall"]
+    typer.echo(
+        f"search flow: E share {fmt_prob(m['share_E_all'])} of all results, {fmt_prob(m['share_E_top20'])} of "
+        f"the top 20; judged-I recall {fmt_prob(m['judged_I_recall'])}, E precision {fmt_prob(m['E_precision'])}; "
+        f"foreign results labelled E {fmt_prob(m['foreign']['share_E'])}, I {fmt_prob(m['foreign']['share_I'])}; "
+        f"end-to-end nDCG@10 {m['ndcg@10_e2e']:.4f}"
+    )
 
 
 @app.command("baseline")

@@ -100,8 +100,16 @@ def teacher_oof_and_stackers(
     params = dataclasses.replace(stacker.params, seed=seed)
     parts = []
     stackers: dict[int, Stacker] = {}
+    # the teacher's own recipe: each task's features and the calibration (its catalogue negatives
+    # need a catalogue and the fold models' scores of them, which this table does not hold)
     for fold, fold_stacker, rows in fold_stackers(
-        table, params, stacker.feature_names, stacker.rules.task2_objective, stacker.rules.task3_objective
+        table,
+        params,
+        stacker.features_of("ranker"),
+        stacker.rules.task2_objective,
+        stacker.rules.task3_objective,
+        class_features=stacker.features_of("classifier"),
+        calibrate=stacker.calibration is not None,
     ):
         stackers[fold] = fold_stacker
         out = fold_stacker.predict(rows)

@@ -65,8 +65,10 @@ def build_catalogue(
     from esci_reranker.retrieval.encoder import PACKAGED_RETRIEVER
 
     products = catalogue_products(frame)
+    # frames given to the index name their fields by the short names (``title``, ...)
+    short = products.rename(columns={column: name for name, column in FIELD_COLUMNS.items()})
     CatalogueIndex.build(
-        [products],
+        [short],
         out_dir,
         retriever=str(retriever) if retriever is not None else PACKAGED_RETRIEVER,
         store_fields=CATALOGUE_FIELDS,
@@ -313,11 +315,20 @@ class CatalogueFlow:
     (``FoldFlow``). No test product is in the catalogue: ``frame`` is train+val.
     """
 
-    def __init__(self, cfg: Any, frame: pd.DataFrame, log: Any = print, flow: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        frame: pd.DataFrame,
+        log: Any = print,
+        flow: bool = True,
+        retriever: str | Path | None = None,
+    ) -> None:
         self.cfg = cfg
         self.frame = frame
         self.log = log
         self.flow = flow
+        #: the catalogue's dense retriever (None: the packaged zero-shot one, as ``make run``'s index)
+        self.retriever = retriever
         self.fold_flow: FoldFlow | None = None
 
     def lists(self, fold_dir: Path) -> dict[object, list[Retrieved]]:
@@ -329,7 +340,7 @@ class CatalogueFlow:
             self.log(
                 f"      catalogue: index the {self.frame['product_id'].nunique()} train+val products -> {folder}"
             )
-            index = build_catalogue(self.frame, folder)
+            index = build_catalogue(self.frame, folder, retriever=self.retriever)
         retrieve = max(self.cfg.stack.negatives_retrieve, DEFAULT_RETRIEVE)
         return retrieve_lists(index, self.frame, retrieve)
 

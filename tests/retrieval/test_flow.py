@@ -1,0 +1,120 @@
+"""The search flow end to end on a tiny catalogue: retrieval, reranking, kinds, the written report,
+and catalogue negatives inside a stacked training."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from esci_reranker.eval.flow import judged_index, product_kinds
+from esci_reranker.reranker import Reranker
+from esci_reranker.retrieval.flow import (
+    CatalogueFlow,
+    build_catalogue,
+    evaluate_flow,
+    flow_run,
+    retrieve_lists,
+)
+
+
+@pytest.fixture(scope="module")
+def splits(small_splits) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_parquet(small_splits / f"{name}.parquet") for name in ("train", "val", "test")}
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory, splits, tiny_retriever):
+    frame = pd.concat(splits.values(), ignore_index=True)
+    return build_catalogue(frame, tmp_path_factory.mktemp("flow") / "index", retriever=tiny_retriever)
+
+
+def test_flow_run_marks_every_result_and_scores_it_as_the_reranker_does(
+    catalogue, splits, tiny_stacked_checkpoint
+):
+    reranker = Reranker.from_pretrained(tiny_stacked_checkpoint)
+    test = splits["test"]
+    labelled = pd.concat(splits.values(), ignore_index=True)
+    lists = retrieve_lists(catalogue, test, n=15)
+    judged = judged_index(labelled)
+    run = flow_run(reranker, test, lists, judged, test)
+    assert len(run) == sum(len(v) for v in lists.values())
+    label_of = test.set_index(["query_id", "product_id"])["esci_label"]
+    for qid, rows in run.groupby("query_id"):
+        query = test.loc[test["query_id"] == qid, "query"].iloc[0]
+        assert rows["kind"].tolist() == product_kinds(qid, query, rows["product_id"].tolist(), judged)
+        for row in rows[rows["kind"] == "judged"].itertuples():
+            assert row.esci_label == label_of[(qid, row.product_id)]
+        assert rows.loc[rows["kind"] != "judged", "esci_label"].isna().all()
+        # the same labels as ranking the retrieved list through Reranker.rerank
+        fields = [{"product_id": r.product_id, **r.fields} for r in lists[qid]]
+        ranked = {c.product_id: c.esci_class for c in reranker.rerank(query, fields)}
+        assert dict(zip(rows["product_id"], rows["esci_pred"], strict=True)) == ranked
+
+
+def test_evaluate_flow_writes_metrics_plot_and_one_report_section(
+    tmp_path, catalogue, splits, tiny_stacked_checkpoint
+):
+    reranker = Reranker.from_pretrained(tiny_stacked_checkpoint)
+    labelled = pd.concat(splits.values(), ignore_index=True)
+    (tmp_path / "report.md").write_text("# Evaluation\n\nearlier sections\n")
+    for _ in range(2):  # evaluated twice: the section is replaced, not repeated
+        metrics = evaluate_flow(reranker, catalogue, splits["test"], labelled, tmp_path, retrieve=12)
+    saved = json.loads((tmp_path / "flow" / "metrics.json").read_text())
+    assert (
+        saved["overall"]["results"]
+        == metrics["overall"]["results"]
+        == len(pd.read_parquet(tmp_path / "flow" / "predictions.parquet"))
+    )
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# Evaluation")
+    assert "earlier sections" in report
+    assert report.count("## Search flow") == 1
+    assert (tmp_path / "plots" / "calibration.png").is_file()
+
+
+def test_stacked_training_learns_from_catalogue_negatives_and_measures_the_flow(
+    tmp_path, small_splits, tiny_backbone, tiny_retriever
+):
+    from esci_reranker.stack.stacker import Stacker
+    from esci_reranker.stack.train import train_stacked
+    from esci_reranker.train.config import load_config
+    from tests.stack.test_train import STACKED
+
+    cfg = load_config(
+        None,
+        [
+            f"model.backbone={tiny_backbone}",
+            *STACKED,
+            "stack.negatives_per_query=4",
+            "stack.negative_rule=unjudged",
+            "stack.class_features=pointwise",
+            "stack.calibrate=true",
+            f"data.dir={small_splits}",
+            f"output.save_path={tmp_path / 'model'}",
+        ],
+    )
+    frame = pd.concat(
+        [pd.read_parquet(small_splits / f"{n}.parquet") for n in ("train", "val")], ignore_index=True
+    )
+    catalogue = CatalogueFlow(cfg, frame, log=lambda _: None, retriever=tiny_retriever)
+    result = train_stacked(
+        cfg, progress=False, log=lambda _: None, negatives=catalogue.negatives, on_fold=catalogue.on_fold
+    )
+    folds = tmp_path / "train" / "folds"
+    (cache,) = folds.glob("negatives_*.parquet")
+    negatives = pd.read_parquet(cache)
+    test_products = set(pd.read_parquet(small_splits / "test.parquet")["product_id"])
+    assert len(negatives) > 0
+    assert not set(negatives["product_id"]) & test_products
+    assert not set(zip(negatives["query_id"], negatives["product_id"], strict=True)) & set(
+        zip(frame["query_id"], frame["product_id"], strict=True)
+    )
+    entries = json.loads((folds / "stack_cv.json").read_text())["entries"]
+    assert all("flow" in e and "title_only" in e for e in entries)
+    assert "flow" in result.cv["overall"]
+    stacker = Stacker.load(tmp_path / "model" / "stacker")
+    assert stacker.info["negative_rows"] == len(negatives)
+    assert stacker.calibration is not None
+    assert not any(n.endswith(("_rank", "_z", "_gap")) for n in stacker.features_of("classifier"))
