@@ -240,8 +240,10 @@ class StackSection(_Strict):
     inner_folds: int = Field(
         _GBDT.inner_folds, ge=2, description="Query folds that choose each tree model's rounds."
     )
-    task2_objective: Literal["micro_f1", "macro_f1"] = Field(
-        "micro_f1", description="What the Task 2 class offsets maximise (micro-F1 is the official metric)."
+    task2_objective: Literal["micro_f1", "macro_f1", "micro_macro"] = Field(
+        "micro_f1",
+        description="What the Task 2 class offsets maximise: micro-F1 (the official metric), macro-F1, or "
+        "their mean (micro_macro).",
     )
     task3_objective: Literal["micro_f1", "f1"] = Field(
         "micro_f1", description="What the substitute threshold maximises (micro-F1 is the official metric)."
