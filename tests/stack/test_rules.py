@@ -61,3 +61,15 @@ def test_rules_round_trip_and_reject_bad_fields():
         DecisionRules.from_dict(
             {"class_offsets": {"E": 0, "S": 0, "C": 0, "I": 0}, "substitute_threshold": 1.5}
         )
+
+
+def test_micro_macro_objective_is_the_mean_of_both_hand_computed():
+    true = np.array([0, 0, 0, 3])
+    pred = np.array([0, 0, 3, 3])
+    # micro = accuracy 3/4; F1: E 2*2/(3+2) = 0.8, I 2*1/(1+2) = 2/3, S and C absent (0)
+    macro = (0.8 + 2 / 3) / 4
+    assert task2_metric(true, pred, "micro_f1") == pytest.approx(0.75)
+    assert task2_metric(true, pred, "macro_f1") == pytest.approx(macro)
+    assert task2_metric(true, pred, "micro_macro") == pytest.approx((0.75 + macro) / 2)
+    with pytest.raises(ValueError, match="micro_macro"):
+        task2_metric(true, pred, "accuracy")
