@@ -73,39 +73,50 @@ def _apply_offsets(logp: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.argmax(logp + offsets[None, :], axis=1)
 
 
-def _f1_scores(true: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
-    """F1 of each class 0..k-1 (0 where a class is neither true nor predicted)."""
-    tp = np.bincount(true[true == pred], minlength=k).astype(np.float64)
-    n_true = np.bincount(true, minlength=k).astype(np.float64)
-    n_pred = np.bincount(pred, minlength=k).astype(np.float64)
+def _f1_scores(true: np.ndarray, pred: np.ndarray, k: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """F1 of each class 0..k-1 (0 where a class is neither true nor predicted); rows weighted."""
+    hit = true == pred
+    tp = np.bincount(true[hit], weights=None if weights is None else weights[hit], minlength=k).astype(
+        np.float64
+    )
+    n_true = np.bincount(true, weights=weights, minlength=k).astype(np.float64)
+    n_pred = np.bincount(pred, weights=weights, minlength=k).astype(np.float64)
     denom = n_true + n_pred
     return np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)
 
 
-def task2_metric(true: np.ndarray, pred: np.ndarray, objective: str) -> float:
-    """Micro-F1 (= accuracy for single-label classes), macro-F1 over the four classes, or their mean."""
+def task2_metric(
+    true: np.ndarray, pred: np.ndarray, objective: str, weights: np.ndarray | None = None
+) -> float:
+    """Micro-F1 (= accuracy for single-label classes), macro-F1 over the four classes, or their
+    mean; ``weights`` (N,) weigh the rows (default 1)."""
     if objective == "micro_f1":
-        return float(np.mean(true == pred))
+        return float(np.average(true == pred, weights=weights))
     if objective == "macro_f1":
-        return float(_f1_scores(true, pred, len(ESCI_LABELS)).mean())
+        return float(_f1_scores(true, pred, len(ESCI_LABELS), weights).mean())
     if objective == "micro_macro":  # both at once: the official metric and every class's F1
-        micro = float(np.mean(true == pred))
-        return (micro + float(_f1_scores(true, pred, len(ESCI_LABELS)).mean())) / 2.0
+        micro = float(np.average(true == pred, weights=weights))
+        return (micro + float(_f1_scores(true, pred, len(ESCI_LABELS), weights).mean())) / 2.0
     raise ValueError(f"task2 objective {objective!r}; expected 'micro_f1', 'macro_f1' or 'micro_macro'.")
 
 
 def fit_class_offsets(
-    probs: np.ndarray, labels: np.ndarray, objective: str = "micro_f1", sweeps: int = 3
+    probs: np.ndarray,
+    labels: np.ndarray,
+    objective: str = "micro_f1",
+    sweeps: int = 3,
+    weights: np.ndarray | None = None,
 ) -> tuple[list[float], float]:
     """Offsets (E fixed at 0) maximising ``objective`` of ``argmax(log p + o)``; and the value reached.
 
     Args:
         probs: (N, 4) out-of-fold class probabilities, E/S/C/I order.
         labels: (N,) true class indices.
+        weights: (N,) row weights (default 1).
     """
     logp = np.log(np.clip(probs, 1e-12, 1.0))
     offsets = np.zeros(len(ESCI_LABELS))
-    best = task2_metric(labels, _apply_offsets(logp, offsets), objective)
+    best = task2_metric(labels, _apply_offsets(logp, offsets), objective, weights)
     for _ in range(sweeps):
         changed = False
         for c in range(1, len(ESCI_LABELS)):
@@ -113,7 +124,7 @@ def fit_class_offsets(
             for value in OFFSET_GRID:
                 trial = offsets.copy()
                 trial[c] = value
-                values.append(task2_metric(labels, _apply_offsets(logp, trial), objective))
+                values.append(task2_metric(labels, _apply_offsets(logp, trial), objective, weights))
             scores = np.asarray(values)
             top = scores.max()
             # among the best, the offset nearest 0: the smallest change that reaches it

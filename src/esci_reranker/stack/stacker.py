@@ -377,6 +377,7 @@ def fit_stacker(
     class_features: Sequence[str] | None = None,
     calibrate: bool = False,
     rank_negatives: bool = False,
+    rules_on: str = "judged",
 ) -> tuple[Stacker, dict[str, np.ndarray]]:
     """Fit the three models, the class calibration and the decision rules on a stack table.
 
@@ -389,6 +390,9 @@ def fit_stacker(
         class_features: feature columns of the class and substitute trees (default: ``features``).
         calibrate: fit ``ClassCalibration`` on the judged rows' inner out-of-fold probabilities.
         rank_negatives: the ranker learns from the catalogue negatives too.
+        rules_on: the rows the calibration and the Task 2 offsets are fitted on: ``judged`` (the
+            official metrics' rows) or ``all`` (the negatives too, at their weight: the search
+            flow's mix). The Task 3 threshold is always fitted on the judged rows.
 
     Returns:
         The stacker, and the inner out-of-fold predictions (``score``, ``probs`` calibrated,
@@ -425,12 +429,14 @@ def fit_stacker(
     label_index = np.array([LABEL_TO_INDEX[x] for x in labels])
     probs = fits["classifier"].oof
     judged = ~negative
-    calibration = fit_calibration(probs[judged], label_index[judged]) if calibrate else None
+    if rules_on not in ("judged", "all"):
+        raise ValueError(f"rules_on={rules_on!r}; expected 'judged' or 'all'.")
+    rows = judged if rules_on == "judged" else np.ones(len(table), bool)
+    w = None if weights is None else weights[rows]
+    calibration = fit_calibration(probs[rows], label_index[rows], w) if calibrate else None
     if calibration is not None:
         probs = calibration.apply(probs)
-    # the rules are chosen on the judged rows: the official metrics are measured there, and the
-    # negatives are already told apart by the trees (their offsets would only follow the weight)
-    offsets, _ = fit_class_offsets(probs[judged], label_index[judged], task2_objective)
+    offsets, _ = fit_class_offsets(probs[rows], label_index[rows], task2_objective, weights=w)
     threshold, _ = fit_threshold(
         fits["substitute"].oof[judged], label_index[judged] == SUBSTITUTE, task3_objective
     )

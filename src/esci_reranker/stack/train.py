@@ -122,6 +122,7 @@ def fit_options(cfg: TrainConfig, names: Sequence[str]) -> dict[str, Any]:
         "class_features": [n for n in names if not is_list_relative(n)] if pointwise else list(names),
         "calibrate": cfg.stack.calibrate,
         "rank_negatives": cfg.stack.rank_negatives,
+        "rules_on": cfg.stack.rules_on,
     }
 
 

@@ -277,6 +277,11 @@ class StackSection(_Strict):
     )
     negative_weight: float = Field(0.3, gt=0, description="Row weight of a catalogue negative.")
     rank_negatives: bool = Field(False, description="The ranker learns from the catalogue negatives too.")
+    rules_on: Literal["judged", "all"] = Field(
+        "judged",
+        description="Rows the calibration and the Task 2 class offsets are fitted on: 'judged' or 'all' "
+        "(the catalogue negatives too, at their weight: the search flow's mix).",
+    )
 
 
 class OutputSection(_Strict):
