@@ -390,9 +390,9 @@ def fit_stacker(
         class_features: feature columns of the class and substitute trees (default: ``features``).
         calibrate: fit ``ClassCalibration`` on the judged rows' inner out-of-fold probabilities.
         rank_negatives: the ranker learns from the catalogue negatives too.
-        rules_on: the rows the calibration and the Task 2 offsets are fitted on: ``judged`` (the
-            official metrics' rows) or ``all`` (the negatives too, at their weight: the search
-            flow's mix). The Task 3 threshold is always fitted on the judged rows.
+        rules_on: the rows the Task 2 offsets are fitted on: ``judged`` (the official metrics'
+            rows) or ``all`` (the negatives too, at their weight: the search flow's mix). The
+            calibration and the Task 3 threshold are always fitted on the judged rows.
 
     Returns:
         The stacker, and the inner out-of-fold predictions (``score``, ``probs`` calibrated,
@@ -431,11 +431,13 @@ def fit_stacker(
     judged = ~negative
     if rules_on not in ("judged", "all"):
         raise ValueError(f"rules_on={rules_on!r}; expected 'judged' or 'all'.")
-    rows = judged if rules_on == "judged" else np.ones(len(table), bool)
-    w = None if weights is None else weights[rows]
-    calibration = fit_calibration(probs[rows], label_index[rows], w) if calibrate else None
+    # probabilities are calibrated on the judged pairs (where a P(E) can be checked against a
+    # label); the offsets then decide for the rows the rules serve (the flow's mix with ``all``)
+    calibration = fit_calibration(probs[judged], label_index[judged]) if calibrate else None
     if calibration is not None:
         probs = calibration.apply(probs)
+    rows = judged if rules_on == "judged" else np.ones(len(table), bool)
+    w = None if weights is None else weights[rows]
     offsets, _ = fit_class_offsets(probs[rows], label_index[rows], task2_objective, weights=w)
     threshold, _ = fit_threshold(
         fits["substitute"].oof[judged], label_index[judged] == SUBSTITUTE, task3_objective

@@ -279,8 +279,8 @@ class StackSection(_Strict):
     rank_negatives: bool = Field(False, description="The ranker learns from the catalogue negatives too.")
     rules_on: Literal["judged", "all"] = Field(
         "judged",
-        description="Rows the calibration and the Task 2 class offsets are fitted on: 'judged' or 'all' "
-        "(the catalogue negatives too, at their weight: the search flow's mix).",
+        description="Rows the Task 2 class offsets are fitted on: 'judged' or 'all' (the catalogue "
+        "negatives too, at their weight: the search flow's mix). The calibration is fitted on the judged rows.",
     )
 
 
