@@ -134,19 +134,13 @@ class PairEncoder:
 
 
 def pair_encoder_for(tokenizer: PreTrainedTokenizerBase, config: ModelConfig) -> PairEncoder:
-    """The input builder of ``config``'s model family: the chat prompt of the LLM family, the
-    pair encoder with candidate-list ids of the listwise family, else ``PairEncoder``."""
-    from esci_reranker.model.config import LISTWISE, LLM
+    """The input builder of ``config``'s model family (``model.registry``): e.g. the chat prompt
+    of the LLM family, the pair encoder with candidate-list ids of the listwise family, else
+    ``PairEncoder``."""
+    from esci_reranker.model.registry import family
 
-    if config.model_type == LLM:
-        from esci_reranker.model.llm import PromptEncoder
-
-        return PromptEncoder(tokenizer, config)
-    if config.model_type == LISTWISE:
-        from esci_reranker.model.listwise import ListPairEncoder
-
-        return ListPairEncoder(tokenizer, config)
-    return PairEncoder(tokenizer, config)
+    encoder = family(config.model_type).pair_encoder or PairEncoder
+    return encoder(tokenizer, config)
 
 
 def unique_rows(seqs: list[list[int]]) -> tuple[list[list[int]], list[int]]:
