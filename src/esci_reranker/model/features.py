@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from esci_reranker.model.config import ModelConfig
 from esci_reranker.model.lexical import query_coverages
+from esci_reranker.model.registry import family
 
 #: Fixed pairs of varied lengths (one a single character) for checking fast paths against the
 #: model's own forward: ONNX export, unpadded inference.
@@ -137,8 +138,6 @@ def pair_encoder_for(tokenizer: PreTrainedTokenizerBase, config: ModelConfig) ->
     """The input builder of ``config``'s model family (``model.registry``): e.g. the chat prompt
     of the LLM family, the pair encoder with candidate-list ids of the listwise family, else
     ``PairEncoder``."""
-    from esci_reranker.model.registry import family
-
     encoder = family(config.model_type).pair_encoder or PairEncoder
     return encoder(tokenizer, config)
 

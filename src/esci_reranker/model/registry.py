@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from esci_reranker.model.config import ModelConfig
-    from esci_reranker.model.features import PairEncoder
 
 #: How a checkpoint keeps its weights (``model.io.CheckpointFiles.weights``).
 WeightsKind = Literal["safetensors", "stock", "lora-adapter", "merged-lm"]
@@ -70,7 +69,8 @@ class Family:
     load: Loader | None = None
     save: Saver | None = None
     weights: Callable[[Path, ModelConfig], WeightsKind] | None = None
-    pair_encoder: type[PairEncoder] | None = None
+    # a ``model.features.PairEncoder`` subclass (not named here: features builds on this table)
+    pair_encoder: type | None = None
     export_refusal: Callable[[Path, str, ModelConfig, WeightsKind], str] | None = None
 
 
