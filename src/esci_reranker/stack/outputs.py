@@ -8,7 +8,7 @@ both.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -16,21 +16,7 @@ import pandas as pd
 from esci_reranker.labels import ESCI_LABELS
 
 if TYPE_CHECKING:
-    from esci_reranker.model.config import ModelConfig
-    from esci_reranker.model.features import EncodedPairs, PairEncoder
-
-
-class CrossEncoderRunner(Protocol):
-    """What ``frame_outputs`` needs of a reranker (``reranker.Reranker`` is one): its config,
-    its input builder and its raw outputs. Named here so that stack/ never imports the reranker
-    that builds on it."""
-
-    config: ModelConfig
-    pair_encoder: PairEncoder
-
-    def run_encoded(self, encoded: EncodedPairs, progress: bool = False) -> dict[str, np.ndarray]:
-        """Raw model outputs (``score``, ``esci_logits``, ...) of every encoded pair."""
-        ...
+    from esci_reranker.model.scorer import Scorer  # a Reranker, which builds on stack/
 
 
 #: Columns ``cross_encoder_columns`` returns for a multi-task model with both priors, in order.
@@ -85,7 +71,7 @@ def cross_encoder_columns(
 ID_COLUMNS: tuple[str, ...] = ("query_id", "product_id", "esci_label", "esci_query_source")
 
 
-def frame_outputs(reranker: CrossEncoderRunner, frame: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
+def frame_outputs(reranker: Scorer, frame: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
     """The cross-encoder columns of every row of a prepared split, beside its id columns.
 
     Product text is built from the split's ``product_*`` columns with the model's own text
