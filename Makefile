@@ -27,10 +27,11 @@ setup: $(VENV)/.installed
 run: setup
 	$(BIN)/esci-reranker pipeline --config $(CONFIG) --out $(OUT)
 
-## All tests (plus lint), offline.
+## All tests (plus lint and the import layering), offline.
 test: setup
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/lint-imports
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/pytest -q
 
 bench: setup

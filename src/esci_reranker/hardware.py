@@ -143,3 +143,25 @@ def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
 def freed_memory_kept() -> bool:
     """Whether ``keep_freed_memory`` is in effect in this process."""
     return _kept
+
+
+def select_device(device: str | None = None) -> torch.device:
+    """``device`` if given (``auto`` or None picks cuda > mps > cpu).
+
+    Raises:
+        ValueError: ``device`` is not a torch device name, or names CUDA on a machine without it
+            (which would otherwise fail deep inside the first forward pass).
+    """
+    if device not in (None, "auto"):
+        try:
+            chosen = torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(f"device {device!r}: {err}; expected cpu, cuda, cuda:N, mps or auto.") from None
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this machine has no CUDA GPU; expected cpu, mps or auto.")
+        return chosen
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

@@ -16,9 +16,9 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from esci_reranker import __version__
 from esci_reranker.data.text import FIELD_COLUMNS, clean_text, product_text, product_texts
 from esci_reranker.hardware import PRECISIONS, autocast, freed_memory_kept
+from esci_reranker.hardware import select_device as select_device  # its home before hardware.py
 from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.model.config import CheckpointError, ModelConfig
 from esci_reranker.model.features import PROBE_PAIRS, EncodedPairs, PairEncoder, pair_encoder_for
@@ -26,6 +26,7 @@ from esci_reranker.model.modeling import RerankerModel
 from esci_reranker.model.tower_cache import TowerCache
 from esci_reranker.model.unpadded import Sequences
 from esci_reranker.progress import progress_bar
+from esci_reranker.version import __version__
 
 if TYPE_CHECKING:
     from esci_reranker.stack.stacker import Stacker
@@ -95,28 +96,6 @@ class BatchRunner(Protocol):
     """Runs the model on one padded batch and returns numpy outputs (a backend: torch, ONNX)."""
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]: ...
-
-
-def select_device(device: str | None = None) -> torch.device:
-    """``device`` if given (``auto`` or None picks cuda > mps > cpu).
-
-    Raises:
-        ValueError: ``device`` is not a torch device name, or names CUDA on a machine without it
-            (which would otherwise fail deep inside the first forward pass).
-    """
-    if device not in (None, "auto"):
-        try:
-            chosen = torch.device(device)
-        except RuntimeError as err:
-            raise ValueError(f"device {device!r}: {err}; expected cpu, cuda, cuda:N, mps or auto.") from None
-        if chosen.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: this machine has no CUDA GPU; expected cpu, mps or auto.")
-        return chosen
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def resolve_checkpoint(

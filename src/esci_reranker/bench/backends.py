@@ -86,6 +86,9 @@ TEST_SPLIT: Final[str] = "holdout"
 #: and 8, with and without dynamic batching, e.g.
 #: ``{"concurrency_1": {"batching_off": {"p50_ms": ..., "p99_ms": ...}, "batching_on": {...}}, ...}``.
 ServerLatencyBench = Callable[[Path], Mapping[str, Any]]
+#: Renders a measured ``server_latency`` block as text under the backend table
+#: (``bench.server.format_server_table``, which builds on this module, so it comes in as an argument).
+ServerTable = Callable[[Mapping[str, Any]], str]
 
 
 @dataclass
@@ -369,6 +372,7 @@ def run_backend_bench(
     roofline_size: int = 2048,
     server_latency: ServerLatencyBench | None = None,
     echo: Callable[[str], None] | None = print,
+    server_table: ServerTable | None = None,
 ) -> dict[str, Any]:
     """Benchmark every backend on one checkpoint; write the result to ``out_json`` and return it.
 
@@ -386,6 +390,7 @@ def run_backend_bench(
         server_latency: the server-latency hook (``ServerLatencyBench``); None records it as not
             measured.
         echo: where progress lines and the final table go (None: silent).
+        server_table: renders the measured ``server_latency`` block under the table (None: left out).
 
     Returns:
         The JSON-ready result: ``machine``, ``settings``, ``model``, ``roofline_fp32_gflops``,
@@ -424,7 +429,7 @@ def run_backend_bench(
         out = Path(out_json)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-    say(format_table(result))
+    say(format_table(result, server_table))
     return result
 
 
@@ -604,8 +609,9 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def format_table(result: Mapping[str, Any]) -> str:
-    """The benchmark result as a fixed-width text table."""
+def format_table(result: Mapping[str, Any], server_table: ServerTable | None = None) -> str:
+    """The benchmark result as a fixed-width text table; a measured ``server_latency`` block
+    follows it when ``server_table`` renders it."""
     header = ("backend", "pairs/s", "x anchor", "GFLOP/s", "% fp32 peak", "nDCG", "note")
     lines = []
     for name, e in result["backends"].items():
@@ -638,10 +644,8 @@ def format_table(result: Mapping[str, Any]) -> str:
     if loss.get("torch_int8_vs_torch_fp32") is not None:
         footer.append(f"torch int8 nDCG loss vs torch fp32: {loss['torch_int8_vs_torch_fp32']:+.4f}")
     server = result.get("server_latency", {})
-    if server.get("status") not in (None, "not measured"):
-        from esci_reranker.bench.server import format_server_table
-
-        footer += ["", format_server_table(server)]
+    if server_table is not None and server.get("status") not in (None, "not measured"):
+        footer += ["", server_table(server)]
     return "\n".join([fmt.format(*header), *(fmt.format(*row) for row in lines), *footer])
 
 

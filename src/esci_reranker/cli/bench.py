@@ -67,7 +67,7 @@ def bench_command(
         fail(f"--threads {threads}: expected a positive integer.")
     if not model.is_dir():
         fail(f"--model {model}: no such checkpoint folder.")
-    from esci_reranker.bench import BACKENDS, run_backend_bench
+    from esci_reranker.bench import BACKENDS, format_server_table, run_backend_bench
 
     chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else list(BACKENDS)
     unknown = [b for b in chosen if b not in BACKENDS]
@@ -106,6 +106,7 @@ def bench_command(
             roofline_size=roofline_size,
             server_latency=hook,
             echo=typer.echo,
+            server_table=format_server_table,
         )
     except (OSError, ValueError) as error:  # CheckpointError is a ValueError
         fail(f"--model {model}: {error}")

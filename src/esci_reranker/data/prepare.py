@@ -27,7 +27,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from esci_reranker import __version__
 from esci_reranker.data.io import (
     PRODUCT_COLUMNS,
     PRODUCT_KEY,
@@ -48,6 +47,7 @@ from esci_reranker.data.text import (
 )
 from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS
 from esci_reranker.progress import progress_bar
+from esci_reranker.version import __version__
 
 #: Columns of every split file, in order, with their Arrow types; optional ones follow when present.
 OUTPUT_TYPES: Final[Mapping[str, pa.DataType]] = {

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from esci_reranker.data.text import parse_text_fields
-from esci_reranker.train.config import PACKAGED_BACKBONE, OptimSection, load_yaml_config
+from esci_reranker.train.config import PACKAGED_BACKBONE, MixedPrecision, OptimSection, load_yaml_config
 
 #: The two student kinds: one logit (Task 1 score) or four (E/S/C/I).
 StudentKind = Literal["score", "esci"]
@@ -149,7 +149,7 @@ class DistillConfig(_Strict):
 
     student: StudentKind = "score"
     seed: int = 0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: MixedPrecision = "auto"
     data: DistillData = DistillData()
     teacher: TeacherSection = TeacherSection()
     model: StudentModel = StudentModel()
@@ -159,11 +159,6 @@ class DistillConfig(_Strict):
     optim: OptimSection = OptimSection(batching="query")
     eval: DistillEval = DistillEval()
     rules: DistillRules = DistillRules()
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no(cls, value: Any) -> Any:
-        return "no" if value is False else value  # YAML reads a bare `no` as false
 
     @model_validator(mode="after")
     def _rank_needs_groups(self) -> DistillConfig:

@@ -195,7 +195,7 @@ def bi_encoder_run(
         return _run_frame(frame, np.zeros(0))
     from transformers import AutoModel, AutoTokenizer
 
-    from esci_reranker.reranker import select_device
+    from esci_reranker.hardware import select_device
 
     path = Path(model_path) if model_path is not None else default_bi_encoder_path()
     dev = select_device(device)

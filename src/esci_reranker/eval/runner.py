@@ -33,7 +33,7 @@ from esci_reranker.eval.report import comparison_table, render_report
 from esci_reranker.fsutil import write_json
 
 if TYPE_CHECKING:
-    from esci_reranker.reranker import Reranker
+    from esci_reranker.model.scorer import Scorer as Reranker  # the Reranker builds on eval/
 
 #: Columns of predictions.parquet. The last four exist only for multi-task models;
 #: ``esci_query_source`` only when the split has it.

@@ -26,6 +26,10 @@ MODEL_TYPES: Final[tuple[str, ...]] = (MULTI_TASK, SINGLE_TASK, LLM, LISTWISE, C
 FORMAT_VERSION: Final[int] = 1
 CONFIG_NAME: Final[str] = "config.json"
 WEIGHTS_NAME: Final[str] = "model.safetensors"
+#: A stacked checkpoint keeps its trees and decision rules in this folder, described by its
+#: manifest (written and read by ``stack.stacker``; named here so ``model/`` can tell one apart).
+STACKER_DIR: Final[str] = "stacker"
+STACKER_MANIFEST: Final[str] = "stacker.json"
 #: Key of our settings inside the ``config.json`` of a stock transformers classifier folder (the
 #: distilled students, ``model.stock``): the rest of that file is the transformers config.
 STOCK_KEY: Final[str] = "esci_reranker"
@@ -36,6 +40,11 @@ STOCK_HEAD_KEYS: Final[frozenset[str]] = frozenset(
 )
 
 _HUB_ID: Final[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def has_stacker(checkpoint: str | Path) -> bool:
+    """Whether a checkpoint folder is stacked: it holds a ``stacker/`` with its manifest."""
+    return (Path(checkpoint) / STACKER_DIR / STACKER_MANIFEST).is_file()
 
 
 def is_hub_id(name: str) -> bool:

@@ -38,10 +38,11 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 
 from esci_reranker.fsutil import staged_dir
 from esci_reranker.labels import ESCI_LABELS
-from esci_reranker.model.config import LISTWISE, LLM, STOCK_KEY, ModelConfig
+from esci_reranker.model.config import STACKER_DIR, STOCK_KEY, ModelConfig
 from esci_reranker.model.features import PairEncoder
 from esci_reranker.model.io import CheckpointFiles, checkpoint_files, load_checkpoint
 from esci_reranker.model.modeling import RerankerModel
+from esci_reranker.model.registry import family
 
 HF_CLASSIFIER: Final[str] = "hf-classifier"
 ONNX: Final[str] = "onnx"
@@ -250,42 +251,10 @@ def check_export_source(source: Path, fmt: str, cross_encoder_only: bool = False
         ExportError: the checkpoint is one of the above (the message says what to do instead).
         CheckpointError: ``source`` is missing, not a checkpoint, or lacks its weights.
     """
-    from esci_reranker.stack.stacker import STACKER_DIR  # stack/ builds on model/
-
     files = checkpoint_files(source)
-    config = files.config
-    if config.model_type == LLM:
-        assert config.llm is not None
-        if files.weights == "merged-lm":
-            what = "the causal LM in merged/ (a LoRA adapter merged into its weights)"
-            standalone = (
-                "It is already the standalone form: transformers' AutoModelForCausalLM loads its "
-                "merged/ folder, and Reranker.from_pretrained and `esci-reranker serve` the checkpoint."
-            )
-        else:
-            what = f"the causal LM {config.llm.base_model!r} with a LoRA adapter"
-            standalone = (
-                "For a standalone model, write the adapter merged into the LM's weights: "
-                f"`esci-reranker export --model {source} --format merged --out DIR` (a plain "
-                "transformers causal LM; Reranker.from_pretrained and `esci-reranker serve` load it "
-                "with no base model or peft)."
-            )
-        raise ExportError(
-            f"export --format {fmt}: {source} is an llm-family checkpoint (model_type {LLM!r}: {what}, "
-            "scored by the logits of four label words at the end of a chat prompt). Neither a stock "
-            f"sequence classifier nor our pairwise ONNX graph computes that. {standalone} For a stock "
-            f"cross-encoder, distil it: `esci-reranker distill --teacher {source} --config "
-            "configs/distill_score.yaml --out runs/student-score`, then export "
-            "runs/student-score/model (docs/deploy.md)."
-        )
-    if config.model_type == LISTWISE:
-        raise ExportError(
-            f"export --format {fmt}: {source} is a listwise checkpoint (model_type {LISTWISE!r}): each "
-            "candidate's score depends on the other candidates of its query through the list "
-            "transformer, which neither a stock sequence classifier nor our pairwise ONNX graph (one "
-            "pair in, one score out) can see; there is no stock equivalent. "
-            + DISTILL_HINT.format(model=source)
-        )
+    refusal = family(files.config.model_type).export_refusal
+    if refusal is not None:
+        raise ExportError(refusal(source, fmt, files.config, files.weights))
     if files.stacked and not (fmt == ONNX and cross_encoder_only):
         what = (
             "the ONNX graph would hold the cross-encoder alone and score differently from the model"

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from esci_reranker.model.config import ModelConfig
 from esci_reranker.model.lexical import query_coverages
+from esci_reranker.model.registry import family
 
 #: Fixed pairs of varied lengths (one a single character) for checking fast paths against the
 #: model's own forward: ONNX export, unpadded inference.
@@ -134,19 +135,11 @@ class PairEncoder:
 
 
 def pair_encoder_for(tokenizer: PreTrainedTokenizerBase, config: ModelConfig) -> PairEncoder:
-    """The input builder of ``config``'s model family: the chat prompt of the LLM family, the
-    pair encoder with candidate-list ids of the listwise family, else ``PairEncoder``."""
-    from esci_reranker.model.config import LISTWISE, LLM
-
-    if config.model_type == LLM:
-        from esci_reranker.model.llm import PromptEncoder
-
-        return PromptEncoder(tokenizer, config)
-    if config.model_type == LISTWISE:
-        from esci_reranker.model.listwise import ListPairEncoder
-
-        return ListPairEncoder(tokenizer, config)
-    return PairEncoder(tokenizer, config)
+    """The input builder of ``config``'s model family (``model.registry``): e.g. the chat prompt
+    of the LLM family, the pair encoder with candidate-list ids of the listwise family, else
+    ``PairEncoder``."""
+    encoder = family(config.model_type).pair_encoder or PairEncoder
+    return encoder(tokenizer, config)
 
 
 def unique_rows(seqs: list[list[int]]) -> tuple[list[list[int]], list[int]]:

@@ -1,7 +1,8 @@
 """Checkpoint folders: ``config.json`` + ``model.safetensors`` + tokenizer files.
 
-The LLM family keeps the same layout with its weights in peft's adapter files (or a merged LM
-folder) instead of ``model.safetensors``; ``model.llm`` reads and writes those.
+A family that keeps its weights otherwise (the LLM family: peft's adapter files or a merged LM
+folder instead of ``model.safetensors``) registers its own load and save in ``model.registry``;
+this module consults that table and imports no family by name.
 
 Loading needs nothing but the folder. Saving is atomic: files go to a temporary sibling folder
 that is renamed over the target only when complete, so a kill never leaves a half-written model.
@@ -9,9 +10,10 @@ that is renamed over the target only when complete, so a kill never leaves a hal
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_model
@@ -19,8 +21,18 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from esci_reranker.fsutil import recover_dir, staged_dir
-from esci_reranker.model.config import CONFIG_NAME, LLM, WEIGHTS_NAME, CheckpointError, ModelConfig
-from esci_reranker.model.modeling import MODEL_CLASSES, LossConfig
+from esci_reranker.model.config import (
+    CONFIG_NAME,
+    STOCK_KEY,
+    WEIGHTS_NAME,
+    CheckpointError,
+    ModelConfig,
+    has_stacker,
+)
+from esci_reranker.model.registry import WeightsKind, family, stock_layout
+
+if TYPE_CHECKING:
+    from esci_reranker.model.modeling import LossConfig
 
 
 def save_checkpoint(
@@ -41,11 +53,10 @@ def save_checkpoint(
             "cannot save an int8 model (quantize_int8): its fp32 weights are gone; save the "
             "model before quantising, or export int8 with `esci-reranker export --format onnx --quantize int8`."
         )
-    if model.config.model_type == LLM:
-        from esci_reranker.model.llm import save_llm
-
-        return save_llm(model, tokenizer, folder, extra_files)
     folder = Path(folder)
+    save = family(model.config.model_type).save
+    if save is not None:
+        return save(model, tokenizer, folder, extra_files)
     with staged_dir(folder) as tmp:
         model.config.save(tmp)
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -68,8 +79,15 @@ def existing_checkpoint_dir(folder: str | Path) -> Path:
     return folder
 
 
-#: How a checkpoint keeps its weights (``CheckpointFiles.weights``).
-WeightsKind = Literal["safetensors", "stock", "lora-adapter", "merged-lm"]
+def is_stock_folder(folder: str | Path) -> bool:
+    """Whether ``folder``'s ``config.json`` is a transformers config carrying our settings (a
+    stock classifier folder, ``model.stock``)."""
+    path = Path(folder) / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get(STOCK_KEY), dict)
 
 
 @dataclass(frozen=True)
@@ -97,23 +115,17 @@ def checkpoint_files(folder: str | Path) -> CheckpointFiles:
     Raises:
         CheckpointError: no such folder, not our checkpoint, or its weight files are missing.
     """
-    from esci_reranker.model.stock import is_stock_folder  # it builds on this module
-    from esci_reranker.stack.stacker import has_stacker  # stack/ builds on model/
-
     folder = existing_checkpoint_dir(folder)
     config = ModelConfig.load(folder)
-    weights: WeightsKind
-    if config.model_type == LLM:
-        from esci_reranker.model.llm import check_llm_files
+    check = family(config.model_type).weights or _native_weights
+    return CheckpointFiles(config=config, weights=check(folder, config), stacked=has_stacker(folder))
 
-        check_llm_files(folder, config)
-        assert config.llm is not None
-        weights = "merged-lm" if config.llm.merged else "lora-adapter"
-    elif not (folder / WEIGHTS_NAME).is_file():
+
+def _native_weights(folder: Path, config: ModelConfig) -> WeightsKind:
+    """``model.safetensors`` (ours, or a stock classifier's) must be there."""
+    if not (folder / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{folder}: {CONFIG_NAME} is present but {WEIGHTS_NAME} is missing.")
-    else:
-        weights = "stock" if is_stock_folder(folder) else "safetensors"
-    return CheckpointFiles(config=config, weights=weights, stacked=has_stacker(folder))
+    return "stock" if is_stock_folder(folder) else "safetensors"
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
@@ -149,20 +161,17 @@ def load_checkpoint(
             match its config.
     """
     folder = existing_checkpoint_dir(folder)
-    from esci_reranker.model.stock import is_stock_folder, load_stock  # it builds on this module
-
-    if is_stock_folder(folder):
-        return load_stock(folder, device=device, loss_config=loss_config)
     config = ModelConfig.load(folder)
-    if config.model_type == LLM:
-        from esci_reranker.model.llm import load_llm
-
-        tokenizer = load_tokenizer(folder)
-        return load_llm(folder, config, tokenizer, device=device, loss_config=loss_config), tokenizer
+    if is_stock_folder(folder):
+        return stock_layout()(folder, config, device, loss_config)
+    fam = family(config.model_type)
+    if fam.load is not None:
+        return fam.load(folder, config, device, loss_config)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{folder}: {CONFIG_NAME} is present but {WEIGHTS_NAME} is missing.")
-    model = MODEL_CLASSES[config.model_type](config, loss_config=loss_config)
+    assert fam.model_class is not None, f"family {fam.model_type} registers neither load nor model_class"
+    model = fam.model_class(config, loss_config=loss_config)
     state = load_file(str(weights))
     for key, value in state.items():
         # Checkpoints from before the lexical prior stored one cosine weight per output, (out,).

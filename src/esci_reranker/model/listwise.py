@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from esci_reranker.model.config import LISTWISE, ModelConfig
+from esci_reranker.model.export import DISTILL_HINT
 from esci_reranker.model.features import EncodedPairs, PairEncoder, unique_rows
 from esci_reranker.model.modeling import (
     MODEL_CLASSES,
@@ -42,6 +44,7 @@ from esci_reranker.model.modeling import (
     _pair_cosine,
     _RerankerBase,
 )
+from esci_reranker.model.registry import Family, WeightsKind, register
 from esci_reranker.model.unpadded import Sequences
 
 #: Index of "E" in the E/S/C/I order: the Circle loss's positive class.
@@ -373,4 +376,22 @@ def _rows_like(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
+def _export_refusal(source: Path, fmt: str, config: ModelConfig, weights: WeightsKind) -> str:
+    """Why no stock classifier or pairwise ONNX graph expresses a listwise checkpoint."""
+    return (
+        f"export --format {fmt}: {source} is a listwise checkpoint (model_type {LISTWISE!r}): each "
+        "candidate's score depends on the other candidates of its query through the list "
+        "transformer, which neither a stock sequence classifier nor our pairwise ONNX graph (one "
+        "pair in, one score out) can see; there is no stock equivalent. " + DISTILL_HINT.format(model=source)
+    )
+
+
 MODEL_CLASSES[LISTWISE] = ListwiseReranker
+register(
+    Family(
+        model_type=LISTWISE,
+        model_class=ListwiseReranker,
+        pair_encoder=ListPairEncoder,
+        export_refusal=_export_refusal,
+    )
+)

@@ -44,7 +44,9 @@ from esci_reranker.fsutil import staged_dir
 from esci_reranker.labels import gain_vector
 from esci_reranker.model.config import LLM, CheckpointError, LLMSettings, ModelConfig, is_hub_id
 from esci_reranker.model.features import EncodedPairs, PairEncoder
+from esci_reranker.model.io import load_checkpoint, load_tokenizer
 from esci_reranker.model.modeling import SUBSTITUTE_INDEX, LossConfig, RerankerOutput, rank_loss
+from esci_reranker.model.registry import Family, WeightsKind, register
 from esci_reranker.model.unpadded import Sequences
 
 logger = logging.getLogger(__name__)
@@ -427,18 +429,20 @@ def save_llm(
     return folder
 
 
-def check_llm_files(folder: Path, config: ModelConfig) -> None:
+def check_llm_files(folder: Path, config: ModelConfig) -> WeightsKind:
     """Raise ``CheckpointError`` unless ``folder`` holds the weights its ``llm.merged`` says:
-    the merged LM in ``merged/``, or the LoRA adapter in peft's files."""
+    the merged LM in ``merged/``, or the LoRA adapter in peft's files; returns which."""
     assert config.llm is not None
     if config.llm.merged:
         if not (folder / MERGED_DIR / "config.json").is_file():
             raise CheckpointError(f"{folder}: llm.merged is true but {MERGED_DIR}/ holds no model.")
-    elif not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        return "merged-lm"
+    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(
             f"{folder}: an llm checkpoint needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (the LoRA "
             f"adapter) or a merged LM in {MERGED_DIR}/."
         )
+    return "lora-adapter"
 
 
 #: ``base_source`` values: where ``llm.base_model`` is found, as seen from another machine.
@@ -506,8 +510,6 @@ def merge_checkpoint(model_dir: str | Path, out_dir: str | Path, overwrite: bool
         CheckpointError: ``model_dir`` is not an LLM checkpoint with an adapter.
         ValueError: ``out_dir`` exists and is not empty (without ``overwrite``), or is ``model_dir``.
     """
-    from esci_reranker.model.io import load_checkpoint
-
     src, dst = Path(model_dir), Path(out_dir)
     if dst.resolve() == src.resolve():
         raise ValueError(f"export --format merged: --out {dst} is the source checkpoint; write elsewhere.")
@@ -527,3 +529,49 @@ def merge_checkpoint(model_dir: str | Path, out_dir: str | Path, overwrite: bool
     if dst.exists():
         shutil.rmtree(dst)
     return save_llm(model, tokenizer, dst, extra)
+
+
+def _load(
+    folder: Path, config: ModelConfig, device: str | torch.device, loss_config: LossConfig | None
+) -> tuple[LLMReranker, PreTrainedTokenizerBase]:
+    tokenizer = load_tokenizer(folder)
+    return load_llm(folder, config, tokenizer, device=device, loss_config=loss_config), tokenizer
+
+
+def _export_refusal(source: Path, fmt: str, config: ModelConfig, weights: WeightsKind) -> str:
+    """Why no stock classifier or pairwise ONNX graph expresses an llm checkpoint, and what to do."""
+    assert config.llm is not None
+    if weights == "merged-lm":
+        what = "the causal LM in merged/ (a LoRA adapter merged into its weights)"
+        standalone = (
+            "It is already the standalone form: transformers' AutoModelForCausalLM loads its "
+            "merged/ folder, and Reranker.from_pretrained and `esci-reranker serve` the checkpoint."
+        )
+    else:
+        what = f"the causal LM {config.llm.base_model!r} with a LoRA adapter"
+        standalone = (
+            "For a standalone model, write the adapter merged into the LM's weights: "
+            f"`esci-reranker export --model {source} --format merged --out DIR` (a plain "
+            "transformers causal LM; Reranker.from_pretrained and `esci-reranker serve` load it "
+            "with no base model or peft)."
+        )
+    return (
+        f"export --format {fmt}: {source} is an llm-family checkpoint (model_type {LLM!r}: {what}, "
+        "scored by the logits of four label words at the end of a chat prompt). Neither a stock "
+        f"sequence classifier nor our pairwise ONNX graph computes that. {standalone} For a stock "
+        f"cross-encoder, distil it: `esci-reranker distill --teacher {source} --config "
+        "configs/distill_score.yaml --out runs/student-score`, then export "
+        "runs/student-score/model (docs/deploy.md)."
+    )
+
+
+register(
+    Family(
+        model_type=LLM,
+        load=_load,
+        save=save_llm,
+        weights=check_llm_files,
+        pair_encoder=PromptEncoder,
+        export_refusal=_export_refusal,
+    )
+)

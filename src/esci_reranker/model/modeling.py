@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from esci_reranker.labels import gain_vector
 from esci_reranker.model.config import CLASSIFIER, MULTI_TASK, SINGLE_TASK, ModelConfig
+from esci_reranker.model.registry import Family, register
 from esci_reranker.model.tower_cache import TowerCache, TowerPlan
 from esci_reranker.model.unpadded import Sequences, UnpaddedEncoder, encoder_states
 
@@ -592,3 +593,5 @@ MODEL_CLASSES: dict[str, type[_RerankerBase]] = {
     CLASSIFIER: ClassifierReranker,
 }
 RerankerModel = _RerankerBase
+for _model_type, _model_class in MODEL_CLASSES.items():
+    register(Family(model_type=_model_type, model_class=_model_class))

@@ -56,7 +56,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from esci_reranker import __version__
 from esci_reranker.fsutil import staged_dir
 from esci_reranker.model.config import WEIGHTS_NAME, CheckpointError, ModelConfig
 from esci_reranker.model.export import (
@@ -69,6 +68,7 @@ from esci_reranker.model.export import (
 from esci_reranker.model.features import PROBE_PAIRS, PairEncoder
 from esci_reranker.model.io import existing_checkpoint_dir, load_checkpoint, load_tokenizer
 from esci_reranker.model.modeling import RerankerModel
+from esci_reranker.version import __version__
 
 ONNX_NAME: Final[str] = "model.onnx"
 ONNX_INT8_NAME: Final[str] = "model_int8.onnx"

@@ -20,7 +20,6 @@ oneDNN) apply to a stock folder as to any checkpoint.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -47,22 +46,15 @@ from esci_reranker.model.export import (
     check_exportable,
     write_classifier,
 )
+from esci_reranker.model.io import is_stock_folder as is_stock_folder  # where callers found it
+from esci_reranker.model.io import load_tokenizer
 from esci_reranker.model.modeling import MODEL_CLASSES, LossConfig, RerankerModel
+from esci_reranker.model.registry import register_stock_layout
 
 #: Families a stock classifier holds whole, and the head it is made of.
 STOCK_HEADS: Final[Mapping[str, str]] = {SINGLE_TASK: "score", CLASSIFIER: "esci"}
 #: The format name used in messages about stock folders.
 STOCK_FORMAT: Final[str] = "stock classifier"
-
-
-def is_stock_folder(folder: str | Path) -> bool:
-    """Whether ``folder``'s ``config.json`` is a transformers config carrying our settings."""
-    path = Path(folder) / CONFIG_NAME
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get(STOCK_KEY), dict)
 
 
 def save_stock(
@@ -110,8 +102,6 @@ def load_stock(
     Raises:
         CheckpointError: no weights, a family without a stock form, or weights that do not fit.
     """
-    from esci_reranker.model.io import load_tokenizer
-
     folder = Path(folder)
     config = ModelConfig.load(folder)  # reads our settings from the stock config.json
     head = STOCK_HEADS.get(config.model_type)
@@ -153,3 +143,8 @@ def load_stock(
     target.proj.load_state_dict(hf_model.get_submodule(layout.out).state_dict())
     del hf_model
     return model.to(device).eval(), load_tokenizer(folder)
+
+
+register_stock_layout(
+    lambda folder, config, device, loss_config: load_stock(folder, device=device, loss_config=loss_config)
+)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from esci_reranker.data.text import DEFAULT_TEXT_FIELDS, parse_text_fields
 from esci_reranker.retrieval.encoder import PACKAGED_RETRIEVER
@@ -101,17 +101,6 @@ class RetrieverConfig(_Strict):
     optim: RetrieverOptim = RetrieverOptim()
     cv: RetrieverCV = RetrieverCV()
     output: RetrieverOutput = RetrieverOutput()
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check the spelling; see configs/retriever.yaml)")
-        else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r:.60})")
-    return f"{source}: invalid retriever config:\n" + "\n".join(lines)
 
 
 def load_retriever_config(

@@ -16,7 +16,8 @@ import pandas as pd
 from esci_reranker.labels import ESCI_LABELS
 
 if TYPE_CHECKING:
-    from esci_reranker.reranker import Reranker
+    from esci_reranker.model.scorer import Scorer  # a Reranker, which builds on stack/
+
 
 #: Columns ``cross_encoder_columns`` returns for a multi-task model with both priors, in order.
 CE_COLUMNS: tuple[str, ...] = (
@@ -70,7 +71,7 @@ def cross_encoder_columns(
 ID_COLUMNS: tuple[str, ...] = ("query_id", "product_id", "esci_label", "esci_query_source")
 
 
-def frame_outputs(reranker: Reranker, frame: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
+def frame_outputs(reranker: Scorer, frame: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
     """The cross-encoder columns of every row of a prepared split, beside its id columns.
 
     Product text is built from the split's ``product_*`` columns with the model's own text

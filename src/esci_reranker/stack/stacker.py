@@ -36,11 +36,12 @@ import numpy as np
 import pandas as pd
 
 from esci_reranker.labels import ESCI_LABELS, LABEL_TO_INDEX
+from esci_reranker.model.config import STACKER_DIR as STACKER_DIR  # the checkpoint layout is model/'s
+from esci_reranker.model.config import STACKER_MANIFEST as MANIFEST_NAME
+from esci_reranker.model.config import has_stacker as has_stacker
 from esci_reranker.stack.calibration import ClassCalibration, fit_calibration
 from esci_reranker.stack.rules import DecisionRules, fit_class_offsets, fit_threshold
 
-STACKER_DIR: Final[str] = "stacker"
-MANIFEST_NAME: Final[str] = "stacker.json"
 #: 2 adds per-task feature lists and the class calibration; version 1 folders still load.
 FORMAT_VERSION: Final[int] = 2
 READABLE_VERSIONS: Final[tuple[int, ...]] = (1, 2)
@@ -49,11 +50,6 @@ READABLE_VERSIONS: Final[tuple[int, ...]] = (1, 2)
 RANK_GRADE: Final[Mapping[str, int]] = {"I": 0, "C": 1, "S": 2, "E": 3}
 TASKS: Final[tuple[str, ...]] = ("ranker", "classifier", "substitute")
 SUBSTITUTE: Final[int] = LABEL_TO_INDEX["S"]
-
-
-def has_stacker(checkpoint: str | Path) -> bool:
-    """Whether a checkpoint folder is stacked: it holds a ``stacker/`` with its manifest."""
-    return (Path(checkpoint) / STACKER_DIR / MANIFEST_NAME).is_file()
 
 
 @dataclass

@@ -7,10 +7,18 @@ to a default. ``--set section.key=value`` overrides are parsed as YAML scalars.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from esci_reranker.data.text import DEFAULT_LONG_FIELD_CHARS, DEFAULT_TEXT_FIELDS, parse_text_fields
 from esci_reranker.model.config import LLM_SYSTEM_PROMPT
@@ -297,13 +305,19 @@ class OutputSection(_Strict):
         return Path(self.run_dir) if self.run_dir is not None else Path(self.save_path).parent / "train"
 
 
+#: ``mixed_precision`` of a run. ``auto``: bf16 autocast where the device computes bf16 natively
+#: (CPUs with AVX-512 BF16 or AMX, Ampere+ GPUs; ~2.3x faster steps on such a CPU), else full fp32.
+#: YAML (and ``--set``) read a bare ``no`` as false: that is taken as ``no``.
+MixedPrecision = Annotated[
+    Literal["auto", "no", "bf16", "fp16"], BeforeValidator(lambda value: "no" if value is False else value)
+]
+
+
 class TrainConfig(_Strict):
     """A whole training run."""
 
     seed: int = 0
-    #: ``auto``: bf16 autocast where the device computes bf16 natively (CPUs with AVX-512 BF16
-    #: or AMX, Ampere+ GPUs; ~2.3x faster steps on such a CPU), else full fp32.
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: MixedPrecision = "auto"
     data: DataConfig = DataConfig()
     model: ModelSection = ModelSection()
     loss: LossSection = LossSection()
@@ -311,11 +325,6 @@ class TrainConfig(_Strict):
     eval: EvalSection = EvalSection()
     stack: StackSection = StackSection()
     output: OutputSection = OutputSection()
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no(cls, value: Any) -> Any:
-        return "no" if value is False else value  # YAML (and --set) read a bare `no` as false
 
     @model_validator(mode="after")
     def _rank_needs_groups(self) -> TrainConfig:
