@@ -26,6 +26,10 @@ ACCELERATOR_BATCH_TOKENS: Final[int] = 16384
 #: forward, which is what kept the default model under 1 GB without trimming after most forwards
 #: (docs/serving.md, "Memory").
 MEMORY_POLICY_BATCH_TOKENS: Final[int] = 2048
+#: Default ``MAX_QUEUED_REQUESTS``: above the 16 clients a 2-core host serves with no 429, and
+#: small enough that an admitted request waits at most ~1.25x as long as under those 16
+#: (a CPU serves the admitted requests one forward at a time; docs/serving.md, "Load shedding").
+DEFAULT_MAX_QUEUED_REQUESTS: Final[int] = 20
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -114,6 +118,13 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(10_000, ge=1, description="Longer query or product field -> 422.")
     max_body_bytes: int = Field(
         20_000_000, ge=1024, description="Larger Content-Length -> 413 before the body is read."
+    )
+    max_queued_requests: int = Field(
+        DEFAULT_MAX_QUEUED_REQUESTS,
+        ge=0,
+        le=100_000,
+        description="Load shedding: model requests (scoring, /v1 and /v2 rerank, /search) in progress at "
+        "once; one more is answered 429 with Retry-After at once instead of queueing; 0 = no bound.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "text"

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Literal
 
 from esci_reranker.hardware import resolve_precision
 from esci_reranker.reranker import Reranker, select_device
+from esci_reranker.serve.admission import QueueBound
 from esci_reranker.serve.batching import DynamicBatcher
 from esci_reranker.serve.cache import PredictionCache
 from esci_reranker.serve.memory import MemoryGuard, StartupPolicy, apply_startup_policy
@@ -60,6 +61,7 @@ class ServiceState:
         self.metrics = metrics
         self.loader = loader
         self.cache = PredictionCache(settings.cache_size) if settings.cache_size > 0 else None
+        self.queue = QueueBound(settings.max_queued_requests, metrics)
         # The arena cap and oneDNN's cache size must be set before the service's threads allocate
         # and before the model's first forward: here, at app creation.
         self.startup: StartupPolicy = apply_startup_policy(
