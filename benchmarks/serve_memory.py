@@ -20,8 +20,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from esci_reranker.bench.server import write_report
-from esci_reranker.bench.server_memory import ServerMemory, format_memory_table
+
+def _bare_rss() -> int:
+    """This process's RSS in bytes, read before the benchmark imports anything heavy."""
+    import os
+
+    with open("/proc/self/statm", "rb") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# The breakdown's baseline: the interpreter alone (the imports below are lazy, for that reason).
+BARE_RSS = _bare_rss()
 
 DEFAULT_CONFIGS = {"default": {}, "memory-limit": {"MEMORY_LIMIT_MB": "1024"}}
 
@@ -38,6 +47,28 @@ def parse_config(text: str) -> tuple[str, dict[str, str]]:
             raise argparse.ArgumentTypeError(f"--config {text!r}: {item!r} is not VAR=VALUE")
         env[key] = value
     return name, env
+
+
+def run_breakdown(args: argparse.Namespace) -> None:
+    """``--breakdown``: ``esci_reranker.bench.memory_breakdown`` on ``--model``, table and JSON."""
+    from esci_reranker.bench.memory_breakdown import format_breakdown, memory_breakdown
+    from esci_reranker.bench.server import build_requests, write_report
+    from esci_reranker.data.sample import sample_path
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    block = memory_breakdown(
+        args.model,
+        lambda: build_requests(args.data or sample_path(), args.candidates, args.distinct),
+        baseline_rss=BARE_RSS,
+        echo=lambda line: print(line, flush=True),
+    )
+    print(format_breakdown(block))
+    if args.out:
+        write_report(args.out, "serve_memory_breakdown", args.model, block)
+        print(f"wrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,7 +92,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for /ready")
     parser.add_argument("--data", type=Path, default=None, help="ESCI parquet (default: the bundled sample)")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="account for the memory part by part in this process (the settings from the environment, "
+        "as the service reads them) instead of running servers under load",
+    )
     args = parser.parse_args(argv)
+    if args.breakdown:
+        run_breakdown(args)
+        return
+    from esci_reranker.bench.server import write_report
+    from esci_reranker.bench.server_memory import ServerMemory, format_memory_table
+
     configs = dict(args.config) if args.config else DEFAULT_CONFIGS
     try:
         bench = ServerMemory(
