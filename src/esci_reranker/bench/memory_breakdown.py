@@ -134,7 +134,12 @@ def memory_breakdown(
 
     from esci_reranker.reranker import Reranker, _load_stacker, select_device
     from esci_reranker.serve import create_app  # noqa: F401 (fastapi, pydantic, prometheus, ...)
-    from esci_reranker.serve.memory import apply_startup_policy, malloc_stats, malloc_trim
+    from esci_reranker.serve.memory import (
+        apply_startup_policy,
+        container_memory_limit,
+        malloc_stats,
+        malloc_trim,
+    )
     from esci_reranker.serve.settings import load_settings
 
     step("libraries", "torch, transformers, LightGBM, pandas, the service's imports (code, import-time data)")
@@ -145,7 +150,8 @@ def memory_breakdown(
         bench_only=True,
     )
     settings = load_settings()
-    policy = apply_startup_policy(settings.memory_limit_mb, settings.malloc_arena_max)
+    limit_mb, limit_source = settings.memory_limit(container_memory_limit())
+    policy = apply_startup_policy(limit_mb, settings.malloc_arena_max)
     device = select_device(settings.inference_device)
     budget = settings.batch_token_budget(device)
 
@@ -310,7 +316,8 @@ def memory_breakdown(
         "status": "ok",
         "model": str(model_dir),
         "settings": {
-            "memory_limit_mb": settings.memory_limit_mb,
+            "memory_limit_mb": limit_mb,
+            "memory_limit_source": limit_source,
             "malloc_arena_max": policy.malloc_arena_max,
             "malloc_arena_source": policy.malloc_arena_source,
             "onednn_cache_capacity": policy.onednn_cache_capacity,
