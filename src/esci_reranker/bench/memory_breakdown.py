@@ -255,7 +255,8 @@ def memory_breakdown(
     if reranker.stacker is not None:
         from esci_reranker.stack import features as stack_features
 
-        products = stack_features.product_side.cache_info().currsize
+        product_cache = stack_features.product_cache_stats()
+        products = product_cache["entries"]
         queries = stack_features.query_side.cache_info().currsize
         sides = [stack_features._product_side(c) for b in bodies for c in b["candidates"]]
         seen: set[int] = set()
@@ -264,6 +265,8 @@ def memory_breakdown(
             "product_entries": products,
             "query_entries": queries,
             "bytes_per_product": round(product_bytes),
+            "estimated_bytes": product_cache["bytes"],
+            "max_bytes": product_cache["max_bytes"],
         }
         say(f"  feature cache: {products} products, ~{product_bytes / 1024:.1f} KiB each (deep size)")
 
