@@ -173,16 +173,15 @@ def memory_breakdown(
         tower_cache=settings.tower_cache_size,
         stacked=False,
     )
-    model = getattr(getattr(reranker.runner, "model", None), "model", None) or getattr(
-        reranker.runner, "model", None
-    )
+    model = getattr(reranker.runner, "model", None)  # the torch backend's module (None for ONNX)
     weights = 0
     if isinstance(model, torch.nn.Module):
         weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     delta = step(
         "model (weights + load)",
-        f"precision {precision}; parameters and buffers hold {weights / MIB:.1f} MiB, the rest is oneDNN's "
-        "prepacked copies, a second tokenizer and the unpadded path's check",
+        f"precision {precision}; parameters and buffers hold {weights / MIB:.1f} MiB; the rest: the model's "
+        "second tokenizer, building the module, the unpadded path's check (in fp32 also oneDNN's "
+        "prepacked copies of the linear layers)",
         weights_mb=round(weights / MIB, 1),
     )
     del delta
