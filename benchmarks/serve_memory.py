@@ -1,18 +1,25 @@
-"""Resident memory (RSS) of the HTTP service under sustained load, per 30 s round (a benchmark, not a test).
+"""Resident memory (RSS) of the HTTP service under sustained load, per 30 s round, or where it goes
+part by part (a benchmark, not a test).
 
 For each configuration, starts ``esci-reranker serve`` on a free loopback port (a fresh process),
-reads its idle RSS, then keeps 16 clients sending /rerank requests of real ESCI queries with 40
-candidates each (the response cache off, so every request runs the model) for 4 rounds of 30 s,
-printing the server's RSS at the end of each round (and its highest sample), the requests served
-and their p50/p95 latency. The plateau is the highest RSS of the second half of the rounds.
+reads its idle RSS, then keeps 16 clients (``--concurrency``) sending /rerank requests of real ESCI
+queries with 40 candidates each (the response cache off, so every request runs the model) for 4
+rounds of 30 s, printing the server's RSS at the end of each round (and its highest sample), the
+requests served and their p50/p95/p99 latency, how many were answered 429 (a client then waits the
+``Retry-After`` it was given) and how fast, any 5xx, and ``/health`` probed twice a second. The
+plateau is the highest RSS of the second half of the rounds.
 
-    python benchmarks/serve_memory.py --model runs/default/model --out runs/default/serve_memory.json
+    python benchmarks/serve_memory.py --model runs/default/model --out runs/serve_memory/default16.json
+    python benchmarks/serve_memory.py --model runs/default/model --config default --concurrency 64
     python benchmarks/serve_memory.py --model runs/default/model \\
-        --config default --config limit=MEMORY_LIMIT_MB=1024 --config arenas2=MALLOC_ARENA_MAX=2
+        --config default --config limit768=MEMORY_LIMIT_MB=768 --config off=MEMORY_LIMIT_MB=0
+    python benchmarks/serve_memory.py --breakdown --model runs/default/model --out breakdown.json
 
 ``--config NAME[=VAR=VALUE[,VAR=VALUE...]]`` adds a configuration with those server environment
-variables (default: ``default`` and ``memory-limit`` = ``MEMORY_LIMIT_MB=1024``). The code is
-``esci_reranker.bench.server_memory``. It keeps both cores busy: run it on an otherwise idle machine.
+variables (default: ``default`` and ``no-policy`` = ``MEMORY_LIMIT_MB=0``). ``--breakdown``
+accounts for the memory part by part in this process instead (``esci_reranker.bench.memory_breakdown``;
+the settings from the environment). The load code is ``esci_reranker.bench.server_memory``. Both
+keep the cores busy: run them on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ def _bare_rss() -> int:
 # The breakdown's baseline: the interpreter alone (the imports below are lazy, for that reason).
 BARE_RSS = _bare_rss()
 
-DEFAULT_CONFIGS = {"default": {}, "memory-limit": {"MEMORY_LIMIT_MB": "1024"}}
+DEFAULT_CONFIGS = {"default": {}, "no-policy": {"MEMORY_LIMIT_MB": "0"}}
 
 
 def parse_config(text: str) -> tuple[str, dict[str, str]]:
