@@ -1,18 +1,25 @@
-"""Resident memory (RSS) of the HTTP service under sustained load, per 30 s round (a benchmark, not a test).
+"""Resident memory (RSS) of the HTTP service under sustained load, per 30 s round, or where it goes
+part by part (a benchmark, not a test).
 
 For each configuration, starts ``esci-reranker serve`` on a free loopback port (a fresh process),
-reads its idle RSS, then keeps 16 clients sending /rerank requests of real ESCI queries with 40
-candidates each (the response cache off, so every request runs the model) for 4 rounds of 30 s,
-printing the server's RSS at the end of each round (and its highest sample), the requests served
-and their p50/p95 latency. The plateau is the highest RSS of the second half of the rounds.
+reads its idle RSS, then keeps 16 clients (``--concurrency``) sending /rerank requests of real ESCI
+queries with 40 candidates each (the response cache off, so every request runs the model) for 4
+rounds of 30 s, printing the server's RSS at the end of each round (and its highest sample), the
+requests served and their p50/p95/p99 latency, how many were answered 429 (a client then waits the
+``Retry-After`` it was given) and how fast, any 5xx, and ``/health`` probed twice a second. The
+plateau is the highest RSS of the second half of the rounds.
 
-    python benchmarks/serve_memory.py --model runs/default/model --out runs/default/serve_memory.json
+    python benchmarks/serve_memory.py --model runs/default/model --out runs/serve_memory/default16.json
+    python benchmarks/serve_memory.py --model runs/default/model --config default --concurrency 64
     python benchmarks/serve_memory.py --model runs/default/model \\
-        --config default --config limit=MEMORY_LIMIT_MB=1024 --config arenas2=MALLOC_ARENA_MAX=2
+        --config default --config limit768=MEMORY_LIMIT_MB=768 --config off=MEMORY_LIMIT_MB=0
+    python benchmarks/serve_memory.py --breakdown --model runs/default/model --out breakdown.json
 
 ``--config NAME[=VAR=VALUE[,VAR=VALUE...]]`` adds a configuration with those server environment
-variables (default: ``default`` and ``memory-limit`` = ``MEMORY_LIMIT_MB=1024``). The code is
-``esci_reranker.bench.server_memory``. It keeps both cores busy: run it on an otherwise idle machine.
+variables (default: ``default`` and ``no-policy`` = ``MEMORY_LIMIT_MB=0``). ``--breakdown``
+accounts for the memory part by part in this process instead (``esci_reranker.bench.memory_breakdown``;
+the settings from the environment). The load code is ``esci_reranker.bench.server_memory``. Both
+keep the cores busy: run them on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -20,10 +27,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from esci_reranker.bench.server import write_report
-from esci_reranker.bench.server_memory import ServerMemory, format_memory_table
 
-DEFAULT_CONFIGS = {"default": {}, "memory-limit": {"MEMORY_LIMIT_MB": "1024"}}
+def _bare_rss() -> int:
+    """This process's RSS in bytes, read before the benchmark imports anything heavy."""
+    import os
+
+    with open("/proc/self/statm", "rb") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# The breakdown's baseline: the interpreter alone (the imports below are lazy, for that reason).
+BARE_RSS = _bare_rss()
+
+DEFAULT_CONFIGS = {"default": {}, "no-policy": {"MEMORY_LIMIT_MB": "0"}}
 
 
 def parse_config(text: str) -> tuple[str, dict[str, str]]:
@@ -38,6 +54,28 @@ def parse_config(text: str) -> tuple[str, dict[str, str]]:
             raise argparse.ArgumentTypeError(f"--config {text!r}: {item!r} is not VAR=VALUE")
         env[key] = value
     return name, env
+
+
+def run_breakdown(args: argparse.Namespace) -> None:
+    """``--breakdown``: ``esci_reranker.bench.memory_breakdown`` on ``--model``, table and JSON."""
+    from esci_reranker.bench.memory_breakdown import format_breakdown, memory_breakdown
+    from esci_reranker.bench.server import build_requests, write_report
+    from esci_reranker.data.sample import sample_path
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    block = memory_breakdown(
+        args.model,
+        lambda: build_requests(args.data or sample_path(), args.candidates, args.distinct),
+        baseline_rss=BARE_RSS,
+        echo=lambda line: print(line, flush=True),
+    )
+    print(format_breakdown(block))
+    if args.out:
+        write_report(args.out, "serve_memory_breakdown", args.model, block)
+        print(f"wrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,7 +99,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for /ready")
     parser.add_argument("--data", type=Path, default=None, help="ESCI parquet (default: the bundled sample)")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="account for the memory part by part in this process (the settings from the environment, "
+        "as the service reads them) instead of running servers under load",
+    )
     args = parser.parse_args(argv)
+    if args.breakdown:
+        run_breakdown(args)
+        return
+    from esci_reranker.bench.server import write_report
+    from esci_reranker.bench.server_memory import ServerMemory, format_memory_table
+
     configs = dict(args.config) if args.config else DEFAULT_CONFIGS
     try:
         bench = ServerMemory(

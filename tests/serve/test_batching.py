@@ -304,8 +304,8 @@ def test_the_service_batches_by_default_and_reports_batch_metrics(make_client, r
     client = make_client(cache_size=0)
     state = client.app.state.service
     assert state.scorer.batcher is not None
-    assert state.scorer.batcher.max_batch_tokens == 4096  # the CPU default (MAX_BATCH_TOKENS unset)
-    assert client.get("/info").json()["service"]["max_batch_tokens"] == 4096
+    assert state.scorer.batcher.max_batch_tokens == 2048  # the CPU default under the memory policy
+    assert client.get("/info").json()["service"]["max_batch_tokens"] == 2048
     for n in (3, 5):
         assert client.post("/rerank", json=body(n)).status_code == 200
     text = client.get("/metrics").text

@@ -15,10 +15,17 @@ import pytest
 
 from esci_reranker.serve import load_settings
 from esci_reranker.serve import memory as memory_module
+from esci_reranker.serve import state as state_module
 from esci_reranker.serve.batching import DynamicBatcher
-from esci_reranker.serve.memory import MIB, MemoryGuard, apply_startup_policy, process_rss
+from esci_reranker.serve.memory import (
+    MIB,
+    MemoryGuard,
+    apply_startup_policy,
+    container_memory_limit,
+    process_rss,
+)
 from esci_reranker.serve.scoring import Scorer
-from esci_reranker.serve.settings import SettingsError
+from esci_reranker.serve.settings import CONTAINER_LIMIT_SHARE, DEFAULT_MEMORY_LIMIT_MB, SettingsError
 from tests.serve.helpers import body
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -79,7 +86,12 @@ def test_memory_settings_parse_and_name_the_variable(monkeypatch):
     [
         ("MEMORY_LIMIT_MB", "lots", "MEMORY_LIMIT_MB='lots': Input should be a valid integer"),
         ("MEMORY_LIMIT_MB", "1.5GB", "MEMORY_LIMIT_MB='1.5GB': Input should be a valid integer"),
-        ("MEMORY_LIMIT_MB", "100", "MEMORY_LIMIT_MB='100': Input should be greater than or equal to 256"),
+        (
+            "MEMORY_LIMIT_MB",
+            "100",
+            "MEMORY_LIMIT_MB='100': expected 0 (no memory policy) or at least 256 MiB",
+        ),
+        ("MEMORY_LIMIT_MB", "-1", "MEMORY_LIMIT_MB='-1': Input should be greater than or equal to 0"),
         ("MALLOC_ARENA_MAX", "0", "MALLOC_ARENA_MAX='0': Input should be greater than or equal to 1"),
     ],
 )
@@ -90,14 +102,37 @@ def test_invalid_memory_settings_stop_start_up(monkeypatch, name, value, expecte
     assert expected in str(error.value)
 
 
-def test_memory_limit_halves_the_cpu_token_budget_unless_it_is_set():
+def test_the_policy_halves_the_cpu_token_budget_unless_it_is_set_or_off():
     import torch
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert load_settings().batch_token_budget(cpu) == 2048  # the policy is on by default
     assert load_settings(memory_limit_mb=1024).batch_token_budget(cpu) == 2048
     assert load_settings(memory_limit_mb=1024).batch_token_budget(gpu) == 16384  # RSS is host memory
     assert load_settings(memory_limit_mb=1024, max_batch_tokens=4096).batch_token_budget(cpu) == 4096
-    assert load_settings().batch_token_budget(cpu) == 4096
+    assert load_settings(memory_limit_mb=0).batch_token_budget(cpu) == 4096
+
+
+def test_memory_limit_comes_from_the_setting_the_container_or_the_default():
+    gib = 1024 * MIB
+    assert load_settings().memory_limit(None) == (DEFAULT_MEMORY_LIMIT_MB, "default")
+    # 90 % of the container's limit: room for the page cache and the overshoot between checks.
+    assert load_settings().memory_limit(2 * gib) == (int(2048 * CONTAINER_LIMIT_SHARE), "container")
+    assert load_settings().memory_limit(100 * MIB) == (256, "container")  # never below the model's need
+    assert load_settings(memory_limit_mb=768).memory_limit(2 * gib) == (768, "MEMORY_LIMIT_MB")
+    assert load_settings(memory_limit_mb=0).memory_limit(2 * gib) == (None, "off")
+
+
+@pytest.mark.parametrize(
+    ("contents", "expected"),
+    [("1073741824\n", 1024 * MIB), ("max\n", None), ("9223372036854771712\n", None)],
+    ids=["limit", "v2-none", "v1-none"],
+)
+def test_container_memory_limit_reads_the_cgroup(tmp_path, contents, expected):
+    limit = tmp_path / "memory.max"
+    limit.write_text(contents)
+    assert container_memory_limit((str(tmp_path / "missing"), str(limit))) == expected
+    assert container_memory_limit((str(tmp_path / "missing"),)) is None
 
 
 # --- the policy ---------------------------------------------------------------------------------
@@ -221,15 +256,44 @@ def test_service_reports_rss_limit_and_trims(make_client, monkeypatch):
         assert samples["process_resident_memory_bytes"] > 0
 
 
-def test_no_policy_without_a_limit(make_client, monkeypatch):
+def test_the_policy_is_on_by_default(make_client, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(memory_module, "set_arena_max", lambda n: calls.append(n) or True)
+    monkeypatch.setattr(state_module, "container_memory_limit", lambda: None)  # as on a bare host
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    client = make_client()
+    state = client.app.state.service
+    assert state.memory is not None
+    assert state.memory.limit_bytes == DEFAULT_MEMORY_LIMIT_MB * MIB
+    assert calls == [memory_module.POLICY_ARENAS]
+    info = client.get("/info").json()["service"]
+    assert info["max_batch_tokens"] == 2048
+    assert (info["memory"]["limit_mb"], info["memory"]["limit_source"]) == (
+        DEFAULT_MEMORY_LIMIT_MB,
+        "default",
+    )
+    assert info["memory"]["malloc_arena_source"] == "policy"
+    assert info["memory"]["onednn_cache_capacity"] == memory_module.POLICY_ONEDNN_CACHE
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(memory_module.POLICY_ONEDNN_CACHE)
+
+
+def test_the_default_follows_the_container_limit(make_client, monkeypatch):
+    monkeypatch.setattr(state_module, "container_memory_limit", lambda: 2048 * MIB)
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    info = make_client().get("/info").json()["service"]["memory"]
+    assert (info["limit_mb"], info["limit_source"]) == (int(2048 * CONTAINER_LIMIT_SHARE), "container")
+
+
+def test_no_policy_with_zero(make_client, monkeypatch):
     calls: list[int] = []
     monkeypatch.setattr(memory_module, "set_arena_max", lambda n: calls.append(n) or True)
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    client = make_client()
+    client = make_client(memory_limit_mb=0)
     assert client.app.state.service.memory is None
     assert calls == []
     info = client.get("/info").json()["service"]["memory"]
     assert info["limit_mb"] is None
+    assert info["limit_source"] == "off"
     assert info["malloc_arena_source"] == "glibc default"
     assert info["onednn_cache_source"] == "oneDNN default"
     assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ

@@ -130,7 +130,8 @@ def test_max_batch_tokens_defaults_per_device_unless_set(monkeypatch):
 
     settings = load_settings()
     assert settings.max_batch_tokens is None
-    assert settings.batch_token_budget(torch.device("cpu")) == 4096
+    assert settings.batch_token_budget(torch.device("cpu")) == 2048  # under the default memory policy
     assert settings.batch_token_budget(torch.device("cuda")) == 16384
+    assert load_settings(memory_limit_mb=0).batch_token_budget(torch.device("cpu")) == 4096
     monkeypatch.setenv("MAX_BATCH_TOKENS", "1000")
     assert load_settings().batch_token_budget(torch.device("cpu")) == 1000

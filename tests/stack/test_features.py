@@ -176,3 +176,28 @@ def test_feature_table_columns_are_the_pair_features_then_the_list_ones():
         "ce_score",
         *(f"{s}_{k}" for s in ("ce_score", "bm25_all", "cov_all") for k in ("rank", "z", "gap")),
     ]
+
+
+def test_product_sides_cache_is_bounded_by_what_it_holds(monkeypatch):
+    from cachetools import LRUCache
+
+    from esci_reranker.stack import features
+
+    bound = 200_000
+    monkeypatch.setattr(features, "_PRODUCT_CACHE", LRUCache(maxsize=bound, getsizeof=features._side_bytes))
+    short = features.product_side("red mug", "Acme", "red", "", "")
+    assert features.product_side("red mug", "Acme", "red", "", "") is short  # a hit: the same object
+    long_text = "stainless steel insulated travel mug keeps coffee hot " * 60  # ~3,300 characters
+    for i in range(10):
+        features.product_side(f"travel mug {i}", "Acme", "black", long_text, long_text)
+    stats = features.product_cache_stats()
+    # Each long product is estimated at ~170 KB (10 KB + 24 B per character), so the bound keeps one
+    # of them, not the 11 products a count bound would keep.
+    assert stats["max_bytes"] == bound
+    assert 0 < stats["bytes"] <= bound
+    assert stats["entries"] == 1
+    assert features.product_side("red mug", "Acme", "red", "", "") is not short  # evicted, rebuilt
+    huge = "word " * 100_000  # one product over the bound on its own: served, not kept
+    side = features.product_side("huge", "", "", huge, "")
+    assert side.long_text.startswith("word")
+    assert features.product_cache_stats()["bytes"] <= bound

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,10 +97,37 @@ class Round:
     errors: int
     p50_ms: float
     p95_ms: float
+    p99_ms: float
+    shed: int
     rss_end_mb: float
     rss_max_mb: float
     anon_end_mb: float
     file_end_mb: float
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    """How every request of the load was answered, and the health probe during it.
+
+    Attributes:
+        statuses: HTTP status -> count (``"error"``: no answer, a transport error or timeout).
+        shed: 429 answers; a client then waits ``Retry-After`` seconds before its next request.
+        shed_without_retry_after: 429 answers that lacked a usable ``Retry-After``.
+        shed_p50_ms / shed_p99_ms / shed_max_ms: how fast the 429s came.
+        server_errors: 5xx answers.
+        health_checks / health_failures: ``GET /health`` every ``health_seconds`` during the load,
+            and how many did not answer 200 within 5 s.
+    """
+
+    statuses: dict[str, int]
+    shed: int
+    shed_without_retry_after: int
+    shed_p50_ms: float
+    shed_p99_ms: float
+    shed_max_ms: float
+    server_errors: int
+    health_checks: int
+    health_failures: int
 
 
 @dataclass(frozen=True)
@@ -120,6 +148,9 @@ class MemoryResult:
     p95_ms: float
     steady_p50_ms: float
     steady_p95_ms: float
+    p99_ms: float
+    steady_p99_ms: float
+    load: LoadOutcome
     server_memory: dict[str, Any] | None = field(default=None)
 
 
@@ -135,18 +166,24 @@ async def _load_rounds(
     round_seconds: float,
     sampler: RssSampler,
     on_round: Callable[[Round], None],
-) -> tuple[list[Round], list[tuple[float, float]], int]:
-    """Keep ``concurrency`` clients busy for ``rounds`` × ``round_seconds``; returns the rounds,
-    every ``(finish time, latency ms)`` and the error count."""
+    health_seconds: float = 0.5,
+) -> tuple[list[Round], list[tuple[float, float]], LoadOutcome]:
+    """Keep ``concurrency`` clients busy for ``rounds`` × ``round_seconds`` (a client told 429 waits
+    its ``Retry-After``, as a well-behaved client does) while probing ``/health``; returns the
+    rounds, every 200's ``(finish time, latency ms)`` and how every request was answered."""
     import httpx
 
     done: list[tuple[float, float]] = []
     errors: list[float] = []
+    shed: list[tuple[float, float]] = []  # (finish time, latency ms) of the 429s
+    statuses: Counter[str] = Counter()
+    no_retry_after = 0
+    health = [0, 0]  # checks, failures
     next_index = 0
     stop = time.monotonic() + rounds * round_seconds
 
     async def client_loop(client: httpx.AsyncClient) -> None:
-        nonlocal next_index
+        nonlocal next_index, no_retry_after
         while time.monotonic() < stop:
             body = bodies[next_index % len(bodies)]
             next_index += 1
@@ -154,12 +191,33 @@ async def _load_rounds(
             try:
                 response = await client.post("/rerank", json=body)
             except httpx.HTTPError:
+                statuses["error"] += 1
                 errors.append(time.monotonic())
                 continue
-            if response.status_code != 200:
-                errors.append(time.monotonic())
+            ms = (time.perf_counter() - start) * 1000.0
+            statuses[str(response.status_code)] += 1
+            if response.status_code == 200:
+                done.append((time.monotonic(), ms))
                 continue
-            done.append((time.monotonic(), (time.perf_counter() - start) * 1000.0))
+            errors.append(time.monotonic())
+            if response.status_code == 429:
+                shed.append((time.monotonic(), ms))
+                retry = response.headers.get("Retry-After", "")
+                if not retry.isdigit():
+                    no_retry_after += 1
+                await asyncio.sleep(
+                    min(float(retry) if retry.isdigit() else 1.0, max(0.0, stop - time.monotonic()))
+                )
+
+    async def health_loop(client: httpx.AsyncClient) -> None:
+        while time.monotonic() < stop:
+            health[0] += 1
+            try:
+                response = await client.get("/health", timeout=5.0)
+                health[1] += response.status_code != 200
+            except httpx.HTTPError:
+                health[1] += 1
+            await asyncio.sleep(health_seconds)
 
     async def rounds_loop(start: float) -> list[Round]:
         out = []
@@ -177,6 +235,8 @@ async def _load_rounds(
                 errors=sum(begin <= t < end for t in errors),
                 p50_ms=_pct(lat, 50),
                 p95_ms=_pct(lat, 95),
+                p99_ms=_pct(lat, 99),
+                shed=sum(begin <= t < end for t, _ in shed),
                 rss_end_mb=round(last[1] / MIB, 1) if last else float("nan"),
                 rss_max_mb=round(max(s[1] for s in samples) / MIB, 1) if samples else float("nan"),
                 anon_end_mb=round(last[2] / MIB, 1) if last else float("nan"),
@@ -187,11 +247,28 @@ async def _load_rounds(
         return out
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0), limits=limits) as client:
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0), limits=limits) as client,
+        httpx.AsyncClient(base_url=url) as probe,
+    ):
         start = time.monotonic()
         stop = start + rounds * round_seconds
-        results = await asyncio.gather(rounds_loop(start), *(client_loop(client) for _ in range(concurrency)))
-    return results[0], done, len(errors)
+        results = await asyncio.gather(
+            rounds_loop(start), health_loop(probe), *(client_loop(client) for _ in range(concurrency))
+        )
+    shed_ms = [ms for _, ms in shed]
+    outcome = LoadOutcome(
+        statuses=dict(sorted(statuses.items())),
+        shed=len(shed),
+        shed_without_retry_after=no_retry_after,
+        shed_p50_ms=_pct(shed_ms, 50),
+        shed_p99_ms=_pct(shed_ms, 99),
+        shed_max_ms=round(max(shed_ms), 2) if shed_ms else float("nan"),
+        server_errors=sum(n for code, n in statuses.items() if code.startswith("5")),
+        health_checks=health[0],
+        health_failures=health[1],
+    )
+    return results[0], done, outcome
 
 
 @dataclass
@@ -267,11 +344,12 @@ class ServerMemory:
                 say(
                     f"[{name}] round {row.round}: RSS end {row.rss_end_mb:.0f} MiB, max {row.rss_max_mb:.0f} "
                     f"(anon {row.anon_end_mb:.0f}, file {row.file_end_mb:.0f}); {row.requests} requests, "
-                    f"p50 {row.p50_ms:.0f} ms, p95 {row.p95_ms:.0f} ms, {row.errors} errors"
+                    f"p50 {row.p50_ms:.0f} ms, p95 {row.p95_ms:.0f} ms, p99 {row.p99_ms:.0f} ms, "
+                    f"{row.shed} answered 429, {row.errors} not 200"
                 )
 
             with RssSampler(pid, self.sample_seconds) as sampler:
-                rounds, done, errors = asyncio.run(
+                rounds, done, outcome = asyncio.run(
                     _load_rounds(
                         server.url, bodies, self.concurrency, self.rounds, self.round_seconds, sampler, report
                     )
@@ -295,12 +373,15 @@ class ServerMemory:
             plateau_rss_mb=round(max(steady) / MIB, 1) if steady else float("nan"),
             peak_rss_mb=round(peak / MIB, 1),
             requests=len(latencies),
-            errors=errors,
+            errors=sum(outcome.statuses.values()) - len(latencies),
             requests_per_s=round(len(latencies) / total_s, 2),
             p50_ms=_pct(latencies, 50),
             p95_ms=_pct(latencies, 95),
             steady_p50_ms=_pct(steady_lat, 50),
             steady_p95_ms=_pct(steady_lat, 95),
+            p99_ms=_pct(latencies, 99),
+            steady_p99_ms=_pct(steady_lat, 99),
+            load=outcome,
             server_memory=server_memory,
         )
 
@@ -345,24 +426,34 @@ def format_memory_table(block: Mapping[str, Any]) -> str:
         "config",
         "idle MiB",
         "plateau MiB",
-        "peak MiB",
+        "r3 MiB",
+        "r4 MiB",
         "req/s",
         "p50 ms",
-        "p95 ms",
+        "p99 ms",
         "steady p50",
-        "steady p95",
+        "steady p99",
+        "429s",
+        "429 max ms",
+        "5xx",
+        "health fails",
     )
     rows = [
         (
             r["name"],
             f"{r['idle_rss_mb']:.0f}",
             f"{r['plateau_rss_mb']:.0f}",
-            f"{r['peak_rss_mb']:.0f}",
+            f"{r['rounds'][2]['rss_end_mb']:.0f}" if len(r["rounds"]) > 2 else "-",
+            f"{r['rounds'][3]['rss_end_mb']:.0f}" if len(r["rounds"]) > 3 else "-",
             f"{r['requests_per_s']:.2f}",
             f"{r['p50_ms']:.0f}",
-            f"{r['p95_ms']:.0f}",
+            f"{r['p99_ms']:.0f}",
             f"{r['steady_p50_ms']:.0f}",
-            f"{r['steady_p95_ms']:.0f}",
+            f"{r['steady_p99_ms']:.0f}",
+            str(r["load"]["shed"]),
+            f"{r['load']['shed_max_ms']:.0f}" if r["load"]["shed"] else "-",
+            str(r["load"]["server_errors"]),
+            f"{r['load']['health_failures']}/{r['load']['health_checks']}",
         )
         for r in block["results"]
     ]

@@ -16,6 +16,7 @@ from slowapi.errors import RateLimitExceeded
 from starlette.concurrency import run_in_threadpool
 
 from esci_reranker import __version__
+from esci_reranker.serve.admission import AdmissionMiddleware
 from esci_reranker.serve.auth import require_api_key
 from esci_reranker.serve.errors import install_error_handlers
 from esci_reranker.serve.metrics import Metrics
@@ -90,6 +91,14 @@ def create_app(
     app.include_router(search.router, dependencies=protected)
 
     install_error_handlers(app)
+    # Inside the rate limit (a client over its own limit is told so first) and the request
+    # context (a 429 is counted and logged like any answer).
+    model_paths = {
+        getattr(route, "path", "")
+        for router in (scoring.router, compat.router, search.router)
+        for route in router.routes
+    }
+    app.add_middleware(AdmissionMiddleware, bound=state.queue, paths=model_paths)
     if settings.rate_limit:
         app.state.limiter = build_limiter(settings.rate_limit)
         app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded)

@@ -24,7 +24,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "model": ErrorResponse,
         "description": "Invalid body: bad JSON, missing field, wrong type, text over MAX_TEXT_CHARS, ...",
     },
-    429: {"model": ErrorResponse, "description": "RATE_LIMIT exceeded for this client; see Retry-After."},
+    429: {
+        "model": ErrorResponse,
+        "description": "RATE_LIMIT exceeded for this client (error rate_limited), or MAX_QUEUED_REQUESTS "
+        "requests already in progress (error overloaded); see Retry-After.",
+    },
     503: {"model": ErrorResponse, "description": "The model is still loading (or failed to load)."},
 }
 

@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
@@ -140,6 +141,30 @@ def malloc_stats() -> MallocStats | None:
         free_bytes=totals.get("fast", 0) + totals.get("rest", 0),
         mmap_bytes=totals.get("mmap", 0),
     )
+
+
+#: cgroup files that state the container's memory limit (v2, then v1); "max" or a huge v1 value
+#: means none.
+CGROUP_LIMIT_FILES: Final[tuple[str, ...]] = (
+    "/sys/fs/cgroup/memory.max",
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+)
+#: A v1 cgroup without a limit reports a page-rounded 2**63 - 1; anything this large is "none".
+_NO_LIMIT: Final[int] = 1 << 60
+
+
+def container_memory_limit(files: tuple[str, ...] = CGROUP_LIMIT_FILES) -> int | None:
+    """The memory limit (bytes) of the container (cgroup) this process runs in; None when there is
+    none or it cannot be read (not Linux, no cgroup file)."""
+    for name in files:
+        try:
+            text = Path(name).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < _NO_LIMIT:
+            return int(text)
+        return None
+    return None
 
 
 def set_arena_max(arenas: int) -> bool:

@@ -129,6 +129,22 @@ class Metrics:
         # process_resident_memory_bytes, process_virtual_memory_bytes, process_cpu_seconds_total,
         # process_open_fds, ...: the standard process series, on this app's registry (Linux /proc).
         ProcessCollector(registry=r)
+        self.queue_limit = Gauge(
+            "esci_max_queued_requests",
+            "MAX_QUEUED_REQUESTS: model requests admitted at once before new ones get 429 (0: no bound).",
+            registry=r,
+        )
+        self.queue_admitted = Gauge(
+            "esci_queued_requests",
+            "Model requests admitted now (waiting for or running in a forward pass, or being answered).",
+            registry=r,
+        )
+        self.queue_shed = Counter(
+            "esci_requests_shed",
+            "Requests answered 429 at once because MAX_QUEUED_REQUESTS requests were in progress, by path.",
+            ["endpoint"],
+            registry=r,
+        )
         self.memory_limit = Gauge(
             "esci_memory_limit_bytes", "MEMORY_LIMIT_MB in bytes (0: no memory policy).", registry=r
         )

@@ -453,7 +453,12 @@ class MemoryStatus(BaseModel):
 
     rss_mb: float | None = Field(description="Resident memory now, MiB (null where /proc is missing).")
     peak_rss_mb: float = Field(description="Highest resident memory since start, MiB.")
-    limit_mb: int | None = Field(description="MEMORY_LIMIT_MB (null: no policy).")
+    limit_mb: int | None = Field(description="The memory policy's limit, MiB (null: no policy).")
+    limit_source: str = Field(
+        "default",
+        description="Where the limit came from: MEMORY_LIMIT_MB, container (90 % of the cgroup's limit), "
+        "default (960 MiB) or off (MEMORY_LIMIT_MB=0).",
+    )
     malloc_arena_max: int | None = Field(description="glibc malloc arena cap (null: glibc's default).")
     malloc_arena_source: str = Field(description="MALLOC_ARENA_MAX, policy, or glibc default.")
     onednn_cache_capacity: int | None = Field(

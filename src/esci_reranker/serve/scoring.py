@@ -136,7 +136,9 @@ class Scorer:
             return prepared
         with _shutdown_is_503():
             output = await asyncio.wrap_future(self._submit(prepared[1]))
-        return self._finish(*prepared, output, query, texts, records)
+        # The heads' post-processing (a stacker's features and trees) runs in a worker thread too:
+        # on the event loop it would hold up every other answer, a load-shedding 429 included.
+        return await run_in_threadpool(self._finish, *prepared, output, query, texts, records)
 
     def truncate_tokens(self, texts: Sequence[str], max_tokens: int) -> list[str]:
         """Each text cut to its first ``max_tokens`` tokens of the model's tokenizer (whole tokens,

@@ -22,10 +22,25 @@ DEFAULT_MODEL_PATH: Final[str] = "runs/default/model"
 #: Default ``MAX_BATCH_TOKENS`` on a CPU and on an accelerator (see ``Settings.batch_token_budget``).
 CPU_BATCH_TOKENS: Final[int] = 4096
 ACCELERATOR_BATCH_TOKENS: Final[int] = 16384
-#: Default ``MAX_BATCH_TOKENS`` on a CPU with ``MEMORY_LIMIT_MB`` set: half the activations of one
-#: forward, which is what kept the default model under 1 GB without trimming after most forwards
-#: (docs/serving.md, "Memory").
+#: Default ``MAX_BATCH_TOKENS`` on a CPU under the memory policy (on by default): half the
+#: activations of one forward, which is what kept the default model under 1 GiB without trimming
+#: after most forwards (docs/serving.md, "Memory").
 MEMORY_POLICY_BATCH_TOKENS: Final[int] = 2048
+#: The memory limit when ``MEMORY_LIMIT_MB`` is unset and the container states none: what a
+#: 1 GiB container leaves the process once the allocator's overshoot between two checks (one
+#: forward's activations) is allowed for.
+DEFAULT_MEMORY_LIMIT_MB: Final[int] = 960
+#: Share of the container's own memory limit (cgroup) taken as the default when there is one: the
+#: rest is for the kernel's page cache of the library files and the overshoot between checks.
+CONTAINER_LIMIT_SHARE: Final[float] = 0.9
+#: Smallest ``MEMORY_LIMIT_MB`` accepted (below it the model cannot load); 0 turns the policy off.
+MIN_MEMORY_LIMIT_MB: Final[int] = 256
+
+MemoryLimitSource = Literal["MEMORY_LIMIT_MB", "container", "default", "off"]
+#: Default ``MAX_QUEUED_REQUESTS``: above the 16 clients a 2-core host serves with no 429, and
+#: small enough that an admitted request waits at most ~1.25x as long as under those 16
+#: (a CPU serves the admitted requests one forward at a time; docs/serving.md, "Load shedding").
+DEFAULT_MAX_QUEUED_REQUESTS: Final[int] = 20
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -70,8 +85,8 @@ class Settings(BaseSettings):
         ge=1,
         le=1_048_576,
         description="Dynamic batching: padded tokens (rows x longest row) per forward pass; unset = "
-        "4096 on a CPU (larger forwards spill the CPU caches and ran slower; 2048 with MEMORY_LIMIT_MB) "
-        "and 16384 on a GPU.",
+        "2048 on a CPU under the memory policy (the default; 4096 with MEMORY_LIMIT_MB=0: larger "
+        "forwards spill the CPU caches and ran slower) and 16384 on a GPU.",
     )
     tower_cache_size: int = Field(
         20_000,
@@ -82,19 +97,22 @@ class Settings(BaseSettings):
     )
     memory_limit_mb: int | None = Field(
         None,
-        ge=256,
+        ge=0,
         le=1_048_576,
         description="Bounded memory (MiB of resident memory): caps glibc malloc's arenas and oneDNN's "
-        "kernel cache at start-up (unless MALLOC_ARENA_MAX / ONEDNN_PRIMITIVE_CACHE_CAPACITY are set) "
-        "and, after a forward pass that leaves the RSS above the "
-        "limit, hands malloc's free memory back to the OS; unset = no policy. See docs/serving.md.",
+        "kernel cache at start-up (unless MALLOC_ARENA_MAX / ONEDNN_PRIMITIVE_CACHE_CAPACITY are set), "
+        "bounds a CPU forward at 2048 padded tokens (unless MAX_BATCH_TOKENS is set) and, after a forward "
+        "pass that leaves the RSS above the limit, hands malloc's free memory back to the OS. Unset = "
+        "90 % of the container's memory limit (cgroup) when it has one, else 960; 0 = no policy. "
+        "See docs/serving.md.",
     )
     malloc_arena_max: int | None = Field(
         None,
         ge=1,
         le=1024,
         description="glibc malloc arenas (the variable glibc reads at process start; applied again at "
-        "start-up); unset = glibc's default (8 per core), or 2 with MEMORY_LIMIT_MB.",
+        "start-up); unset = 2 under the memory policy (the default), glibc's 8 per core with "
+        "MEMORY_LIMIT_MB=0.",
     )
     index_path: str | None = Field(
         None,
@@ -114,6 +132,13 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(10_000, ge=1, description="Longer query or product field -> 422.")
     max_body_bytes: int = Field(
         20_000_000, ge=1024, description="Larger Content-Length -> 413 before the body is read."
+    )
+    max_queued_requests: int = Field(
+        DEFAULT_MAX_QUEUED_REQUESTS,
+        ge=0,
+        le=100_000,
+        description="Load shedding: model requests (scoring, /v1 and /v2 rerank, /search) in progress at "
+        "once; one more is answered 429 with Retry-After at once instead of queueing; 0 = no bound.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "text"
@@ -165,14 +190,36 @@ class Settings(BaseSettings):
                 ) from None
         return value
 
+    @field_validator("memory_limit_mb")
+    @classmethod
+    def _check_memory_limit(cls, value: int | None) -> int | None:
+        if value is not None and 0 < value < MIN_MEMORY_LIMIT_MB:
+            raise ValueError(
+                f"expected 0 (no memory policy) or at least {MIN_MEMORY_LIMIT_MB} MiB (the model needs more)"
+            )
+        return value
+
+    def memory_limit(self, container_bytes: int | None = None) -> tuple[int | None, MemoryLimitSource]:
+        """The memory policy's limit in MiB and where it came from: ``MEMORY_LIMIT_MB``; else
+        ``CONTAINER_LIMIT_SHARE`` of ``container_bytes`` (the cgroup's limit, read by
+        ``serve.memory.container_memory_limit``) when given; else ``DEFAULT_MEMORY_LIMIT_MB``.
+        ``MEMORY_LIMIT_MB=0`` gives ``(None, "off")``: no policy."""
+        if self.memory_limit_mb is not None:
+            return (self.memory_limit_mb, "MEMORY_LIMIT_MB") if self.memory_limit_mb else (None, "off")
+        if container_bytes is not None:
+            share = int(container_bytes * CONTAINER_LIMIT_SHARE) // (1024 * 1024)
+            return max(MIN_MEMORY_LIMIT_MB, share), "container"
+        return DEFAULT_MEMORY_LIMIT_MB, "default"
+
     def batch_token_budget(self, device: torch.device) -> int:
-        """``MAX_BATCH_TOKENS``, or when unset the default for ``device``: CPU 4096 (2048 with
-        ``MEMORY_LIMIT_MB``, whose RSS holds a forward's activations), GPU 16384."""
+        """``MAX_BATCH_TOKENS``, or when unset the default for ``device``: CPU 2048 under the memory
+        policy (the default: the RSS holds a forward's activations) and 4096 with
+        ``MEMORY_LIMIT_MB=0``; GPU 16384."""
         if self.max_batch_tokens is not None:
             return self.max_batch_tokens
         if device.type != "cpu":
             return ACCELERATOR_BATCH_TOKENS
-        return CPU_BATCH_TOKENS if self.memory_limit_mb is None else MEMORY_POLICY_BATCH_TOKENS
+        return CPU_BATCH_TOKENS if self.memory_limit_mb == 0 else MEMORY_POLICY_BATCH_TOKENS
 
     def model_source(self) -> tuple[str, ModelOrigin]:
         """The checkpoint to serve and where that choice came from (``MODEL_PATH`` > ``HF_MODEL_REPO_ID`` > default)."""

@@ -10,9 +10,16 @@ from typing import TYPE_CHECKING, Literal
 
 from esci_reranker.hardware import resolve_precision
 from esci_reranker.reranker import Reranker, select_device
+from esci_reranker.serve.admission import QueueBound
 from esci_reranker.serve.batching import DynamicBatcher
 from esci_reranker.serve.cache import PredictionCache
-from esci_reranker.serve.memory import MemoryGuard, StartupPolicy, apply_startup_policy
+from esci_reranker.serve.memory import (
+    MemoryGuard,
+    StartupPolicy,
+    apply_startup_policy,
+    container_memory_limit,
+    malloc_trim,
+)
 from esci_reranker.serve.metrics import Metrics
 from esci_reranker.serve.scoring import Scorer
 from esci_reranker.serve.settings import Settings
@@ -60,14 +67,15 @@ class ServiceState:
         self.metrics = metrics
         self.loader = loader
         self.cache = PredictionCache(settings.cache_size) if settings.cache_size > 0 else None
+        self.queue = QueueBound(settings.max_queued_requests, metrics)
         # The arena cap and oneDNN's cache size must be set before the service's threads allocate
         # and before the model's first forward: here, at app creation.
-        self.startup: StartupPolicy = apply_startup_policy(
-            settings.memory_limit_mb, settings.malloc_arena_max
-        )
+        #: The memory policy's limit (MiB; None: off) and where it came from (``Settings.memory_limit``).
+        self.memory_limit_mb, self.memory_limit_source = settings.memory_limit(container_memory_limit())
+        self.startup: StartupPolicy = apply_startup_policy(self.memory_limit_mb, settings.malloc_arena_max)
         self.memory = (
-            MemoryGuard(settings.memory_limit_mb * 1024 * 1024, metrics=metrics)
-            if settings.memory_limit_mb is not None
+            MemoryGuard(self.memory_limit_mb * 1024 * 1024, metrics=metrics)
+            if self.memory_limit_mb is not None
             else None
         )
         self.scorer: Scorer | None = None
@@ -181,6 +189,10 @@ class ServiceState:
                 "ServiceState.warm_up: no model attached; call attach() or load_and_warm_up()."
             )
         self.scorer.warm_up()
+        if self.memory is not None:
+            # Loading leaves its temporary buffers (safetensors reads, tokenizer and tree parsing)
+            # free in malloc's arenas: give them back once, so the idle RSS is what serving needs.
+            malloc_trim()
         self.status = "ready"
         self.metrics.model_loaded.set(1)
         log.info("model ready", extra={"model": self.scorer.model_id, "device": self.scorer.device})

@@ -23,8 +23,10 @@ Groups of features (``feature_table`` builds them all):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from typing import Final
 
 import numpy as np
 import pandas as pd
+from cachetools import LRUCache
 
 from esci_reranker.data.text import FIELD_COLUMNS, clean_text
 from esci_reranker.model.lexical import PREFIX_CHARS, stopwords, word_tokens
@@ -169,9 +172,51 @@ class ProductSide:
         return Counter(self.long_tokens)
 
 
-@functools.lru_cache(maxsize=50_000)
+#: Bytes the cache of products' sides may hold (``product_side``): sized by what the entries hold,
+#: not by their count, since a product with a long description holds ~100 KiB and a bare title ~10.
+PRODUCT_CACHE_BYTES: Final[int] = 64 * 1024 * 1024
+#: The estimate of one entry's bytes: a fixed part and a part per character of its fields (fitted
+#: to the deep size, objects and all, of 1,000 products of the bundled sample: ~37 KiB on average),
+#: plus a byte per character for the key's own copy of the fields.
+_SIDE_FIXED_BYTES: Final[int] = 10_000
+_SIDE_BYTES_PER_CHAR: Final[int] = 24
+
+
+def _side_bytes(side: ProductSide) -> int:
+    chars = len(side.title) + len(side.brand) + len(side.color) + len(side.long_text)
+    return _SIDE_FIXED_BYTES + _SIDE_BYTES_PER_CHAR * chars
+
+
+_PRODUCT_CACHE: LRUCache[tuple[str, ...], ProductSide] = LRUCache(
+    maxsize=PRODUCT_CACHE_BYTES, getsizeof=_side_bytes
+)
+_PRODUCT_CACHE_LOCK = threading.Lock()
+
+
+def product_cache_stats() -> dict[str, int]:
+    """Entries of the products' sides cache, the bytes they are estimated to hold and the bound."""
+    with _PRODUCT_CACHE_LOCK:
+        return {
+            "entries": len(_PRODUCT_CACHE),
+            "bytes": int(_PRODUCT_CACHE.currsize),
+            "max_bytes": int(_PRODUCT_CACHE.maxsize),
+        }
+
+
 def product_side(title: str, brand: str, color: str, bullets: str, description: str) -> ProductSide:
-    """Tokenise a product's fields once; cached, since the same products recur across queries."""
+    """A product's fields tokenised, cached (least recently used first out, within
+    ``PRODUCT_CACHE_BYTES``), since the same products recur across queries."""
+    key = (title, brand, color, bullets, description)
+    with _PRODUCT_CACHE_LOCK:
+        side = _PRODUCT_CACHE.get(key)
+    if side is None:
+        side = _build_product_side(*key)
+        with _PRODUCT_CACHE_LOCK, contextlib.suppress(ValueError):  # one larger than the bound: not kept
+            _PRODUCT_CACHE[key] = side
+    return side
+
+
+def _build_product_side(title: str, brand: str, color: str, bullets: str, description: str) -> ProductSide:
     long_text = " ".join(t for t in (bullets, description) if t)
     title_tokens = tuple(word_tokens(title))
     bc_tokens = tuple(word_tokens(f"{brand} {color}"))

@@ -54,7 +54,8 @@ def memory_status(state: ServiceState) -> MemoryStatus:
     return MemoryStatus(
         rss_mb=round(rss / MIB, 1) if rss is not None else None,
         peak_rss_mb=round(peak_rss() / MIB, 1),
-        limit_mb=state.settings.memory_limit_mb,
+        limit_mb=state.memory_limit_mb,
+        limit_source=state.memory_limit_source,
         malloc_arena_max=state.startup.malloc_arena_max,
         malloc_arena_source=state.startup.malloc_arena_source,
         onednn_cache_capacity=state.startup.onednn_cache_capacity,

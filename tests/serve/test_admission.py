@@ -1,0 +1,188 @@
+"""Load shedding: MAX_QUEUED_REQUESTS bounds the model requests in progress; one more gets 429 with
+Retry-After at once (counted in /metrics), for the scoring routes, /search and any loaded model."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from esci_reranker.reranker import Reranker
+from esci_reranker.serve import create_app, load_settings
+from esci_reranker.serve.admission import MAX_RETRY_AFTER, QueueBound
+from esci_reranker.serve.metrics import Metrics
+from esci_reranker.serve.settings import DEFAULT_MAX_QUEUED_REQUESTS, SettingsError
+from tests.serve.helpers import body
+
+
+class HeldRunner:
+    """Wraps ``Reranker.runner`` (the model's forward pass, a dependency of the unit under test) so
+    every forward waits for ``release``: requests stay in progress until the test lets them go."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, batch: Any) -> Any:
+        self.entered.set()
+        self.release.wait(timeout=60)
+        return self.fn(batch)
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Wait for ``condition`` (a state the test needs before its next step, not a timing check)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
+    assert match is not None, f"{name}{labels} not in /metrics"
+    return float(match.group(1))
+
+
+@pytest.fixture
+def held(monkeypatch: pytest.MonkeyPatch) -> Callable[[Reranker], HeldRunner]:
+    def hold(reranker: Reranker) -> HeldRunner:
+        runner = HeldRunner(reranker.runner)
+        monkeypatch.setattr(reranker, "runner", runner)
+        return runner
+
+    return hold
+
+
+@pytest.mark.parametrize("batch_wait_ms", [2.0, 0.0], ids=["batched", "direct"])
+@pytest.mark.parametrize("model", ["tiny_reranker", "tiny_single_reranker"])
+def test_a_full_queue_answers_429_with_retry_after_and_counts_it(request, held, model, batch_wait_ms):
+    reranker: Reranker = request.getfixturevalue(model)
+    app = create_app(
+        load_settings(cache_size=0, max_queued_requests=2, batch_wait_ms=batch_wait_ms), reranker
+    )
+    queue = app.state.service.queue
+    runner = held(reranker)
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            admitted = [
+                asyncio.create_task(client.post("/rerank", json=body(3, query=f"q{i}"))) for i in range(2)
+            ]
+            await _until(lambda: queue.admitted == 2 and runner.entered.is_set(), "two requests in progress")
+
+            shed = await client.post("/rerank", json=body(3))
+            assert shed.status_code == 429
+            assert shed.json()["error"] == "overloaded"
+            assert "MAX_QUEUED_REQUESTS=2" in shed.json()["message"]
+            assert int(shed.headers["Retry-After"]) >= 1
+            assert shed.headers["X-Request-ID"]  # answered inside the request context
+            for path, payload in [
+                ("/predict", body(2)),
+                ("/v1/rerank", {"query": "q", "documents": ["a", "b"]}),
+                ("/search", {"query": "q"}),
+            ]:
+                other = await client.post(path, json=payload)
+                assert other.status_code == 429, path
+                assert "Retry-After" in other.headers
+            # Probes and scrapes are never shed.
+            assert (await client.get("/health")).status_code == 200
+            metrics = (await client.get("/metrics")).text
+            assert _metric(metrics, "esci_requests_shed_total", '{endpoint="/rerank"}') == 1.0
+            assert _metric(metrics, "esci_requests_shed_total", '{endpoint="/search"}') == 1.0
+            assert _metric(metrics, "esci_queued_requests") == 2.0
+            assert _metric(metrics, "esci_max_queued_requests") == 2.0
+            assert 'esci_http_requests_total{endpoint="/rerank",method="POST",status="429"} 1.0' in metrics
+
+            runner.release.set()
+            assert [(await task).status_code for task in admitted] == [200, 200]
+            assert queue.admitted == 0
+            assert (await client.post("/rerank", json=body(3))).status_code == 200  # room again
+
+    asyncio.run(scenario())
+
+
+def test_search_holds_a_slot_through_retrieval_and_rerank(make_client, tiny_reranker, tiny_index: Path, held):
+    client = make_client(index_path=str(tiny_index), cache_size=0, max_queued_requests=1)
+    deadline = time.monotonic() + 60
+    while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    app = client.app
+    queue = app.state.service.queue  # type: ignore[attr-defined]
+    runner = held(tiny_reranker)
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            searching = asyncio.create_task(
+                http.post("/search", json={"query": "wireless earbuds", "top_k": 3})
+            )
+            await _until(lambda: runner.entered.is_set(), "the search's rerank forward")
+            assert queue.admitted == 1
+            shed = await http.post("/search", json={"query": "earbuds"})
+            assert shed.status_code == 429
+            assert "Retry-After" in shed.headers
+            assert (await http.post("/rerank", json=body(2))).status_code == 429
+            runner.release.set()
+            response = await searching
+            assert response.status_code == 200, response.text
+            assert response.json()["stats"]["reranked"] is True
+            assert queue.admitted == 0
+
+    asyncio.run(scenario())
+
+
+def test_no_bound_with_zero(held, tiny_reranker):
+    app = create_app(load_settings(cache_size=0, max_queued_requests=0), tiny_reranker)
+    queue = app.state.service.queue
+    runner = held(tiny_reranker)
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            tasks = [
+                asyncio.create_task(client.post("/rerank", json=body(2, query=f"q{i}"))) for i in range(5)
+            ]
+            await _until(lambda: queue.admitted == 5, "five requests in progress")
+            runner.release.set()
+            assert [(await task).status_code for task in tasks] == [200] * 5
+            assert queue.shed == 0
+
+    asyncio.run(scenario())
+
+
+def test_queue_bound_counts_and_estimates_retry_after():
+    metrics = Metrics()
+    bound = QueueBound(2, metrics)
+    assert bound.retry_after() == 1  # nothing measured yet
+    assert bound.try_enter()
+    assert bound.try_enter()
+    assert not bound.try_enter()
+    assert (bound.admitted, bound.shed) == (2, 1)
+    bound.leave(4.2)
+    assert bound.retry_after() == 5  # rounded up: an admitted request took 4.2 s
+    assert bound.try_enter()
+    bound.leave(1000.0)
+    bound.leave(1000.0)
+    assert bound.retry_after() == MAX_RETRY_AFTER
+    assert bound.admitted == 0
+    with pytest.raises(ValueError, match="limit=-1"):
+        QueueBound(-1)
+
+
+def test_max_queued_requests_setting(monkeypatch):
+    assert load_settings().max_queued_requests == DEFAULT_MAX_QUEUED_REQUESTS
+    monkeypatch.setenv("MAX_QUEUED_REQUESTS", "7")
+    assert load_settings().max_queued_requests == 7
+    monkeypatch.setenv("MAX_QUEUED_REQUESTS", "-1")
+    with pytest.raises(SettingsError, match="MAX_QUEUED_REQUESTS='-1'"):
+        load_settings()
