@@ -14,6 +14,10 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "multi_task.yaml"
 
 @pytest.mark.slow
 def test_stacked_pipeline_trains_folds_stacker_and_final_model(tmp_path, tiny_backbone):
+    pytest.importorskip("usearch", reason="the retrieval extra is not installed")
+    from tests.retrieval.conftest import build_tiny_retriever
+
+    retriever = build_tiny_retriever(tmp_path / "retriever")
     lines: list[str] = []
     result = run_pipeline(
         CONFIG,  # the default: model.stacker gbdt
@@ -28,6 +32,7 @@ def test_stacked_pipeline_trains_folds_stacker_and_final_model(tmp_path, tiny_ba
         progress=False,
         log=lines.append,
         build_index=False,  # the index stage is the same for both paths; tested below
+        index_retriever=retriever,  # the train+val catalogue of the search flow and the negatives
     )
     out = tmp_path / "run"
     assert {p.name for p in out.iterdir()} >= {"data", "model", "train", "eval", "timings.json"}
@@ -45,7 +50,14 @@ def test_stacked_pipeline_trains_folds_stacker_and_final_model(tmp_path, tiny_ba
     assert sum("cross-encoder fold" in line for line in lines) == 4
     model_metrics = json.loads((out / "model" / "metrics.json").read_text())
     assert model_metrics["task1"]["ndcg"] == pytest.approx(result.test_metrics["task1"]["ndcg"])
-    assert set(model_metrics["training"]["cv"]) == {"stacker", "cross_encoder", "bm25"}
+    assert set(model_metrics["training"]["cv"]) == {"stacker", "cross_encoder", "title_only", "bm25", "flow"}
+    # the default learns its classes from catalogue negatives, none of them a test product
+    (negatives,) = (out / "train" / "folds").glob("negatives_*.parquet")
+    import pandas as pd
+
+    test_products = set(pd.read_parquet(out / "data" / "test.parquet")["product_id"])
+    assert not set(pd.read_parquet(negatives)["product_id"]) & test_products
+    assert "search flow" in result.cv_table
     # the substitute threshold in the test metrics is the model's decision rule
     rules = json.loads((out / "model" / "stacker" / "stacker.json").read_text())["rules"]
     assert result.test_metrics["task3"]["threshold"] == pytest.approx(rules["substitute_threshold"])
@@ -103,7 +115,11 @@ def test_pipeline_writes_model_evaluation_and_tables_in_fixed_places(tmp_path, t
     from esci_reranker.retrieval import CatalogueIndex
 
     assert result.index_dir == out / "index"
-    assert lines[-1].startswith("[5/5] index the sample's products")
+    assert lines[-2].startswith("[5/5] index the sample's products")
+    # then the test queries go through the search flow on that index
+    assert lines[-1].strip().startswith("search flow (41 test queries")
+    assert "## Search flow" in (out / "eval" / "report.md").read_text()
+    assert json.loads((out / "eval" / "flow" / "metrics.json").read_text())["overall"]["num_queries"] == 41
     index = CatalogueIndex.open(out / "index")
     assert len(index) == 6613
     assert index.retrieve("wireless earbuds", 5)

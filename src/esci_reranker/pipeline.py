@@ -67,8 +67,10 @@ def run_pipeline(
     Args:
         build_index: also index the bundled sample's products into ``OUT/index`` (BM25 + dense
             vectors; ~1 min on 2 cores), what ``esci-reranker search`` and ``/search`` read.
-        index_retriever: the index's dense retriever (a sentence-transformers folder); None =
-            the packaged zero-shot all-MiniLM-L6-v2 (``make run`` trains no retriever).
+        index_retriever: the dense retriever (a sentence-transformers folder) of the index and of
+            the train+val catalogue that measures the search flow in cross-validation and mines
+            the catalogue negatives; None = the packaged zero-shot all-MiniLM-L6-v2 (``make run``
+            trains no retriever).
     """
     from esci_reranker.data import PrepareOptions, prepare, sample_path, write_splits
 
@@ -93,7 +95,8 @@ def run_pipeline(
 
     stacked = cfg.model.stacker == "gbdt"
     run_stages = _stacked_pipeline if stacked else _cross_encoder_pipeline
-    result, training = run_stages(cfg, config, out, baselines, progress, log, seconds, stages)
+    job = _Stages(cfg, config, out, baselines, progress, log, seconds, stages, index_retriever)
+    result, training = run_stages(job)
     if build_index:
         t = time.perf_counter()
         result.index_dir = _build_sample_index(out / "index", index_retriever, stages, log)
@@ -154,19 +157,30 @@ def _evaluate_search_flow(cfg: TrainConfig, out: Path, index_dir: Path, log: Any
     return metrics
 
 
-def _cross_encoder_pipeline(
-    cfg: TrainConfig,
-    config: str | Path,
-    out: Path,
-    baselines: tuple[str, ...],
-    progress: bool,
-    log: Any,
-    seconds: dict[str, float],
-    stages: int,
-) -> tuple[PipelineResult, dict[str, Any]]:
+@dataclass
+class _Stages:
+    """What the training and evaluation stages of the job share (``run_pipeline``'s state)."""
+
+    cfg: TrainConfig
+    config: str | Path
+    out: Path
+    baselines: tuple[str, ...]
+    progress: bool
+    log: Any
+    seconds: dict[str, float]
+    stages: int
+    #: the dense retriever of the catalogues (the train+val one of the search flow in CV)
+    retriever: str | Path | None = None
+
+
+def _cross_encoder_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
     """Stages 2-4 for a single cross-encoder: train with early stopping on val, then evaluate on
     the val and test splits against the baselines. Returns the result and how training went."""
     import pandas as pd
+
+    cfg, config, out, baselines, progress, log, seconds, stages = (
+        job.cfg, job.config, job.out, job.baselines, job.progress, job.log, job.seconds, job.stages,
+    )  # fmt: skip
 
     from esci_reranker.eval.runner import run_evaluation
     from esci_reranker.reranker import Reranker
@@ -214,20 +228,15 @@ def _cross_encoder_pipeline(
     return pipeline_result, training
 
 
-def _stacked_pipeline(
-    cfg: TrainConfig,
-    config: str | Path,
-    out: Path,
-    baselines: tuple[str, ...],
-    progress: bool,
-    log: Any,
-    seconds: dict[str, float],
-    stages: int,
-) -> tuple[PipelineResult, dict[str, Any]]:
+def _stacked_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
     """Stages 2-4 for a stacked model: out-of-fold cross-encoders, cross-validation and the
     stacker, the final cross-encoder; then the test split against the baselines. Returns the
     result and how training went."""
     import pandas as pd
+
+    cfg, config, out, baselines, progress, log, seconds, stages = (
+        job.cfg, job.config, job.out, job.baselines, job.progress, job.log, job.seconds, job.stages,
+    )  # fmt: skip
 
     from esci_reranker.eval.runner import run_evaluation
     from esci_reranker.reranker import Reranker
@@ -246,7 +255,7 @@ def _stacked_pipeline(
         [read_split(cfg.data.resolve("train"), "train"), read_split(cfg.data.resolve("val"), "val")],
         ignore_index=True,
     )
-    catalogue = catalogue_flow(cfg, frame, True, log)
+    catalogue = catalogue_flow(cfg, frame, True, log, retriever=job.retriever)
     result = train_stacked(
         cfg,
         progress=progress,

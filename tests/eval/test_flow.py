@@ -10,6 +10,7 @@ import pytest
 
 from esci_reranker.eval.calibration import expected_calibration_error, reliability
 from esci_reranker.eval.flow import (
+    FLOW_COLUMNS,
     flow_metrics,
     flow_summary,
     ideal_gains,
@@ -77,16 +78,7 @@ def _run() -> pd.DataFrame:
     ]
     run = pd.DataFrame(
         rows,
-        columns=[
-            "query_id",
-            "product_id",
-            "kind",
-            "esci_label",
-            "score",
-            "esci_pred",
-            "esci_probs",
-            "substitute_prob",
-        ],
+        columns=list(FLOW_COLUMNS),
     )
     run["esci_probs"] = [np.array(v) for v in run["esci_probs"]]
     run["esci_query_source"] = ["other"] * 4 + ["negations"] * 4

@@ -304,6 +304,7 @@ def _flat(summary: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+@dataclass
 class CatalogueFlow:
     """The search flow inside a stacked config's cross-validation and training.
 
@@ -315,21 +316,13 @@ class CatalogueFlow:
     (``FoldFlow``). No test product is in the catalogue: ``frame`` is train+val.
     """
 
-    def __init__(
-        self,
-        cfg: Any,
-        frame: pd.DataFrame,
-        log: Any = print,
-        flow: bool = True,
-        retriever: str | Path | None = None,
-    ) -> None:
-        self.cfg = cfg
-        self.frame = frame
-        self.log = log
-        self.flow = flow
-        #: the catalogue's dense retriever (None: the packaged zero-shot one, as ``make run``'s index)
-        self.retriever = retriever
-        self.fold_flow: FoldFlow | None = None
+    cfg: Any
+    frame: pd.DataFrame
+    log: Any = print
+    flow: bool = True
+    #: the catalogue's dense retriever (None: the packaged zero-shot one, as ``make run``'s index)
+    retriever: str | Path | None = None
+    fold_flow: FoldFlow | None = field(default=None, init=False)
 
     def lists(self, fold_dir: Path) -> dict[object, list[Retrieved]]:
         """Every train+val query's retrieved list from the train+val catalogue (built once)."""
@@ -388,7 +381,7 @@ class CatalogueFlow:
 
 
 def catalogue_flow(
-    cfg: Any, frame: pd.DataFrame, flow: bool = True, log: Any = print
+    cfg: Any, frame: pd.DataFrame, flow: bool = True, log: Any = print, retriever: str | Path | None = None
 ) -> CatalogueFlow | None:
     """The search flow of a stacked config's CV (``CatalogueFlow``), or None when it
     is turned off, or cannot run without the retrieval extra and the config needs no negatives.
@@ -408,7 +401,7 @@ def catalogue_flow(
             ) from None
         log(f"      search flow not measured: the retrieval extra is missing ({err})")
         return None
-    return CatalogueFlow(cfg, frame, log=log, flow=flow)
+    return CatalogueFlow(cfg, frame, log=log, flow=flow, retriever=retriever)
 
 
 def evaluate_flow(
