@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -20,7 +21,15 @@ from esci_reranker.labels import gain_vector
 from esci_reranker.model.config import CLASSIFIER, MULTI_TASK, SINGLE_TASK, ModelConfig
 from esci_reranker.model.registry import Family, register
 from esci_reranker.model.tower_cache import TowerCache, TowerPlan
-from esci_reranker.model.unpadded import Sequences, UnpaddedEncoder, encoder_states
+from esci_reranker.model.unpadded import (
+    Sequences,
+    UnpaddedEncoder,
+    encoder_states,
+    packed_states,
+    unsupported_reason,
+)
+
+logger = logging.getLogger(__name__)
 
 #: Index of "S" in the E/S/C/I order: the Task 3 positive class.
 SUBSTITUTE_INDEX = 1
@@ -165,6 +174,8 @@ class _RerankerBase(nn.Module):
         self.train_prior = True
         #: Padding-free inference path (``enable_unpadded``); used only in eval mode without grad.
         self.unpadded: UnpaddedEncoder | None = None
+        #: Whether forward passes with autograd run padding-free (``enable_packed_training``).
+        self.packed_training = False
         #: Tower embeddings of texts seen before (``Reranker.from_pretrained(tower_cache=N)``);
         #: read only in eval mode without grad, cleared by ``train()``.
         self.tower_cache: TowerCache | None = None
@@ -240,6 +251,18 @@ class _RerankerBase(nn.Module):
         self.unpadded = UnpaddedEncoder.attach(self.encoder, probes)
         return self.unpadded is not None
 
+    def enable_packed_training(self, on: bool = True) -> bool:
+        """Run forward passes that need gradients (training) padding-free: the pair and both towers
+        packed into one pass over their real tokens (``model.unpadded.packed_states``), with the
+        same loss and gradients as the padded passes. Returns whether it is on: off when asked,
+        or when the encoder is not of the BERT layout (then a message is logged).
+        """
+        reason = unsupported_reason(self.encoder) if on else None
+        if reason is not None:
+            logger.info("padding-free training off: %s", reason)
+        self.packed_training = on and reason is None
+        return self.packed_training
+
     def quantize_int8(self) -> int:
         """Run the encoder's linear layers in dynamic int8 on the CPU (``model.cpu.int8_linear``),
         in the unpadded path too; the heads and priors stay fp32. Inference only: afterwards the
@@ -277,6 +300,8 @@ class _RerankerBase(nn.Module):
         """Last hidden states (B, T, H) of each padded batch, in one unpadded pass when enabled."""
         if self.unpadded is not None and self._inferring():
             return self.unpadded(batches)
+        if self.packed_training and not self._inferring():
+            return packed_states(self.encoder, batches)
         return [encoder_states(self.encoder, seqs) for seqs in batches]
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

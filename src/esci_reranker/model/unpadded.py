@@ -321,3 +321,82 @@ def _attention_chunks(masks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list
         start, stop = stop, stop + sum(sizes)
         chunks.append(_Chunk(start, stop, slots, bias.to(device)))
     return torch.cat(runs).to(device), chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# training: the same packing, differentiable, on the encoder's live weights
+# ---------------------------------------------------------------------------------------------
+
+
+def packed_states(encoder: nn.Module, batches: Sequence[Sequences]) -> list[torch.Tensor]:
+    """Last hidden states (B_i, T_i, H) of each padded batch, zeros at padding, computed on the
+    real tokens only and differentiable: the training counterpart of ``UnpaddedEncoder``.
+
+    ``UnpaddedEncoder`` fuses and casts the weights once, which training cannot do (they change
+    every step) and which autograd cannot see through. This runs the encoder's own modules at
+    every call instead: query/key/value concatenated into one matrix product (the concatenation
+    is part of the graph, so each weight gets its gradient), the embeddings, dropouts, dense
+    layers and layer norms called as modules (their ``training`` flag, dropout rates and autocast
+    behaviour are the encoder's). Attention runs per ``_attention_chunks`` chunk, as at inference.
+    With dropout off it computes what ``encoder_states`` computes, to float rounding, and so do
+    the gradients (``tests/model/test_unpadded.py``). The caller checks ``unsupported_reason``.
+    """
+    heads = int(encoder.config.num_attention_heads)
+    masks = [b.attention_mask for b in batches]
+    shapes = [tuple(m.shape) for m in masks]
+    where = [m.reshape(-1).nonzero().squeeze(1) for m in masks]
+    packed = []
+    for seqs, idx in zip(batches, where, strict=True):
+        extra = {"token_type_ids": seqs.token_type_ids} if seqs.token_type_ids is not None else {}
+        states = encoder.embeddings(input_ids=seqs.input_ids, **extra)  # (B, T, H)
+        packed.append(states.reshape(-1, states.shape[-1]).index_select(0, idx))
+    x = torch.cat(packed)  # (N, H): every real token of every batch
+    order, chunks = _attention_chunks(masks)
+    x = x.index_select(0, order)
+    for layer in encoder.encoder.layer:
+        x = _train_layer(layer, x, chunks, heads)
+    x = x.index_select(0, torch.argsort(order))  # back to batch-after-batch order
+    out = []
+    for (b, t), idx, part in zip(shapes, where, x.split([len(i) for i in where]), strict=True):
+        out.append(part.new_zeros((b * t, part.shape[-1])).index_copy(0, idx, part).view(b, t, -1))
+    return out
+
+
+def _train_layer(layer: nn.Module, x: torch.Tensor, chunks: list[_Chunk], heads: int) -> torch.Tensor:
+    """One BERT layer on packed tokens (N, H), as ``BertLayer`` computes it, with autograd."""
+    attn = layer.attention
+    q, k, v = attn.self.query, attn.self.key, attn.self.value
+    # The 1/sqrt(head width) goes into the query rows, as at inference: an (H, H) product per
+    # step instead of a pass over every (T, T) score tensor, forward and backward.
+    scale = (q.out_features // heads) ** -0.5
+    weight = torch.cat([q.weight * scale, k.weight, v.weight])  # (3H, H)
+    bias = torch.cat([q.bias * scale, k.bias, v.bias])
+    qkv = F.linear(x, weight, bias)  # (N, 3H)
+    drop = getattr(attn.self, "dropout", None)
+    p = float(drop.p) if isinstance(drop, nn.Dropout) and attn.self.training else 0.0
+    ctx = torch.cat([_train_attend(qkv[c.start : c.stop], c, heads, p) for c in chunks])  # (N, H)
+    out = attn.output
+    hidden = out.LayerNorm(_dropped(out, out.dense(ctx)) + x)
+    inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))
+    mlp = layer.output
+    return mlp.LayerNorm(_dropped(mlp, mlp.dense(inner)) + hidden)
+
+
+def _dropped(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    drop = getattr(module, "dropout", None)
+    return drop(x) if isinstance(drop, nn.Module) else x
+
+
+def _train_attend(qkv: torch.Tensor, chunk: _Chunk, heads: int, dropout: float) -> torch.Tensor:
+    """Self-attention of one chunk: packed (n, 3H) in, packed (n, H) out, differentiable."""
+    rows, t = chunk.bias.shape[0], chunk.bias.shape[-1]
+    h = qkv.shape[-1] // 3
+    d = h // heads
+    padded = qkv if chunk.slots is None else qkv.new_zeros((rows * t, 3 * h)).index_copy(0, chunk.slots, qkv)
+    q, k, v = (
+        part.reshape(rows, t, heads, d).transpose(1, 2) for part in padded.view(rows, t, 3 * h).split(h, -1)
+    )  # (rows, heads, T, d) each
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() + chunk.bias  # (rows, heads, T, T)
+    probs = F.dropout(scores.softmax(-1), p=dropout, training=dropout > 0).to(v.dtype)
+    ctx = torch.matmul(probs, v).transpose(1, 2).reshape(rows * t, h)
+    return ctx if chunk.slots is None else ctx.index_select(0, chunk.slots)

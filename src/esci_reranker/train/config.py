@@ -318,6 +318,12 @@ class TrainConfig(_Strict):
 
     seed: int = 0
     mixed_precision: MixedPrecision = "auto"
+    padding_free: bool = Field(
+        True,
+        description="Train on the real tokens only: pair and towers packed into one pass "
+        "(model.unpadded.packed_states; same loss and gradients as padded batches). false: the "
+        "encoder's own padded forward.",
+    )
     data: DataConfig = DataConfig()
     model: ModelSection = ModelSection()
     loss: LossSection = LossSection()

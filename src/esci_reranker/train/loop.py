@@ -353,6 +353,8 @@ class Trainer:
             keep_freed_memory()  # activations and gradients are not page-faulted in every step
         self._load_data()
         model, tokenizer = build_model(cfg)
+        if cfg.padding_free and hasattr(model, "enable_packed_training"):
+            model.enable_packed_training()
         encoder = pair_encoder_for(tokenizer, model.config)
         train_texts = frame_texts(self.train_frame, model.config)
         encoded = encoder.encode(self.train_frame["query"].astype(str).tolist(), train_texts)
