@@ -65,7 +65,8 @@ def test_packed_step_gives_the_padded_loss_and_gradients_in_fp32():
     packed = copy.deepcopy(padded)
     assert packed.enable_packed_training()
     batch = _batch(padded, tokenizer)
-    assert batch["attention_mask"].min() == 0 and batch["product_attention_mask"].min() == 0  # really padded
+    assert batch["attention_mask"].min() == 0
+    assert batch["product_attention_mask"].min() == 0
     loss_padded, grads_padded = _step(padded, batch)
     loss_packed, grads_packed = _step(packed, batch)
     assert loss_packed == pytest.approx(loss_padded, abs=1e-5)
@@ -88,7 +89,8 @@ def test_packed_step_is_close_to_the_padded_one_under_bf16_autocast():
     batch = _batch(padded, tokenizer)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_padded, out_packed = padded(**batch), packed(**batch)
-    assert out_padded.loss is not None and out_packed.loss is not None
+    assert out_padded.loss is not None
+    assert out_packed.loss is not None
     assert float(out_packed.loss) == pytest.approx(float(out_padded.loss), rel=2e-2)
     out_packed.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in packed.parameters() if p.grad is not None)
