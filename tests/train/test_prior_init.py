@@ -66,3 +66,28 @@ def test_mismatched_rows_are_an_error():
     model, _ = build_tiny_model(lexical=True)
     with pytest.raises(ValueError, match="3 feature rows but 2 labels"):
         fit_prior_heads(model, np.zeros((3, 1)), np.array([0, 1]))
+
+
+def test_a_shared_tower_cache_gives_the_same_features_and_embeds_each_text_once():
+    from esci_reranker.model.tower_cache import TowerCache, shared_tower_cache, weights_fingerprint
+
+    model, tokenizer = build_tiny_model(prior="cosine", lexical=True)
+    encoder, encoded, _ = _data(model, tokenizer)
+    plain = prior_features(model, encoder, encoded, batch_size=4)
+    cache = TowerCache(100)
+    first = prior_features(model, encoder, encoded, batch_size=4, tower_cache=cache)
+    texts = {r[1] for r in ROWS} | {r[0] for r in ROWS}
+    assert cache.stats()["entries"] == len(texts)
+    misses = cache.stats()["misses"]
+    second = prior_features(model.train(), encoder, encoded, batch_size=3, tower_cache=cache)
+    assert cache.stats()["misses"] == misses  # all looked up, none encoded again
+    assert cache.stats()["entries"] == len(texts)  # the model's train() did not clear it
+    assert model.training
+    assert model.tower_cache is None
+    assert model.unpadded is None
+    np.testing.assert_allclose(first, plain, atol=1e-5)
+    np.testing.assert_allclose(second, plain, atol=1e-5)
+    key = weights_fingerprint(model.encoder)
+    assert shared_tower_cache(key) is shared_tower_cache(key)
+    other, _ = build_tiny_model(prior="cosine", seed=1)
+    assert weights_fingerprint(other.encoder) != key

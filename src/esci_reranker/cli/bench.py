@@ -154,3 +154,67 @@ def bench_families_command(
     out.write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(format_family_table(result))
     typer.echo(f"wrote {out}")
+
+
+@app.command("bench-train")
+def bench_train_command(
+    config: Annotated[Path, typer.Option("--config", help="Training config (YAML).")] = Path(
+        "configs/multi_task.yaml"
+    ),
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Config override section.key=value (repeatable).")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the JSON result.")] = Path(
+        "bench_train.json"
+    ),
+    batches: Annotated[int, typer.Option(help="Training batches per timed round (bundled sample).")] = 6,
+    repeats: Annotated[int, typer.Option(help="Timed rounds per variant, interleaved.")] = 3,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's count).")] = None,
+    precisions: Annotated[
+        str, typer.Option(help="Comma-separated subset of fp32, bf16 (bf16 only where native).")
+    ] = "fp32,bf16",
+    roofline_size: Annotated[
+        int, typer.Option(help="Side of the fp32 matmul that measures the roofline.")
+    ] = 2048,
+    memory: Annotated[
+        bool, typer.Option("--memory/--no-memory", help="Measure each variant's peak RSS in a fresh process.")
+    ] = True,
+) -> None:
+    """Benchmark training speed: pairs/s and tokens/s of the training step (forward, backward, AdamW)
+    of the config's model on real batches of the bundled sample, padded and padding-free, in fp32 and
+    bf16, with the share of the fp32 matmul roofline and peak RSS. Prints a table, writes JSON.
+
+    Run it on an otherwise idle machine; see docs/speed.md ("Training speed").
+    """
+    for name, value in (("--batches", batches), ("--repeats", repeats), ("--roofline-size", roofline_size)):
+        if value < 1:
+            fail(f"{name} {value}: expected a positive integer.")
+    if threads is not None and threads < 1:
+        fail(f"--threads {threads}: expected a positive integer.")
+    if not config.is_file():
+        fail(f"--config {config}: no such file.")
+    from esci_reranker.bench.training import run_train_bench
+    from esci_reranker.train.config import ConfigError
+
+    chosen = [p.strip() for p in precisions.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in ("fp32", "bf16")]
+    if unknown or not chosen:
+        fail(f"--precisions {precisions!r}: unknown {unknown}; expected fp32 and/or bf16.")
+    try:
+        run_train_bench(
+            config,
+            out,
+            overrides=overrides or [],
+            n_batches=batches,
+            repeats=repeats,
+            threads=threads,
+            precisions=chosen,
+            roofline_size=roofline_size,
+            memory=memory,
+            echo=typer.echo,
+        )
+    except ConfigError as error:
+        fail(str(error))
+    except ValueError as error:  # a model the benchmark cannot train padding-free
+        fail(f"--config {config}: {error}")
+    typer.echo(f"wrote {out}")

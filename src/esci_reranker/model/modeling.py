@@ -298,6 +298,8 @@ class _RerankerBase(nn.Module):
 
     def _hidden_states(self, batches: list[Sequences]) -> list[torch.Tensor]:
         """Last hidden states (B, T, H) of each padded batch, in one unpadded pass when enabled."""
+        if not batches:  # every tower text was in the tower cache
+            return []
         if self.unpadded is not None and self._inferring():
             return self.unpadded(batches)
         if self.packed_training and not self._inferring():

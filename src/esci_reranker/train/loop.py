@@ -44,8 +44,10 @@ from esci_reranker.model import (
 )
 from esci_reranker.model.config import LISTWISE, LLM, MULTI_TASK, SINGLE_TASK, ListwiseSettings, LLMSettings
 from esci_reranker.model.features import pair_encoder_for
+from esci_reranker.model.tower_cache import shared_tower_cache, weights_fingerprint
 from esci_reranker.progress import progress_bar
 from esci_reranker.train.batching import bucketed_batches, query_batches
+from esci_reranker.train.token_cache import encode_pairs
 from esci_reranker.train.config import PACKAGED_BACKBONE, OptimSection, TrainConfig
 from esci_reranker.train.prior_init import fit_prior_heads, prior_features
 
@@ -357,15 +359,18 @@ class Trainer:
             model.enable_packed_training()
         encoder = pair_encoder_for(tokenizer, model.config)
         train_texts = frame_texts(self.train_frame, model.config)
-        encoded = encoder.encode(self.train_frame["query"].astype(str).tolist(), train_texts)
+        encoded = encode_pairs(encoder, self.train_frame["query"].astype(str).tolist(), train_texts)
         labels = torch.tensor([LABEL_TO_INDEX[x] for x in self.train_frame["esci_label"]], dtype=torch.long)
         lengths = encoded.lengths()
         # query ids as 0..Q-1, whatever their type: the ranking loss compares pairs within a query
         groups = torch.as_tensor(pd.factorize(self.train_frame["query_id"])[0], dtype=torch.long)
         if model.config.prior_features and cfg.model.prior_init == "fit" and not resume:
             autocast = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+            # Every training of this process starts from the same pretrained weights: their tower
+            # embeddings are computed once for all folds and the final model.
+            towers = shared_tower_cache(f"{weights_fingerprint(model.encoder)}:{autocast}")
             features = prior_features(
-                model.to(accelerator.device), encoder, encoded, cfg.eval.batch_size, autocast
+                model.to(accelerator.device), encoder, encoded, cfg.eval.batch_size, autocast, towers
             )
             fitted = fit_prior_heads(model, features, labels.numpy())
             logger.info(

@@ -22,6 +22,8 @@ from esci_reranker.hardware import autocast
 from esci_reranker.model import PairEncoder, RerankerModel
 from esci_reranker.model.features import EncodedPairs
 from esci_reranker.model.modeling import SUBSTITUTE_INDEX
+from esci_reranker.model.tower_cache import TowerCache
+from esci_reranker.model.unpadded import Sequences
 
 
 @torch.inference_mode()
@@ -31,18 +33,41 @@ def prior_features(
     encoded: EncodedPairs,
     batch_size: int = 64,
     autocast_dtype: torch.dtype | None = None,
+    tower_cache: TowerCache | None = None,
 ) -> np.ndarray:
-    """The (N, F) prior features (``model.config.prior_features``) of every encoded pair."""
+    """The (N, F) prior features (``model.config.prior_features``) of every encoded pair.
+
+    The towers run padding-free where the encoder allows (``enable_unpadded``). With
+    ``tower_cache``, a text whose embedding is in it skips its tower, and new ones are added:
+    pass ``model.tower_cache.shared_tower_cache`` of the model's weights and ``autocast_dtype``,
+    and the trainings of one process (a cross-validation's folds, the final model) embed each
+    text once between them, as they all start from the same pretrained weights.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    previous_cache, previous_unpadded = model.tower_cache, model.unpadded
+    model.tower_cache = tower_cache
+    if model.config.prior == "cosine" and model.unpadded is None and len(encoded):
+        probe = encoder.collate(encoded, list(range(min(len(encoded), 8))))
+        model.enable_unpadded(
+            [
+                Sequences(probe[f"{side}_input_ids"].to(device), probe[f"{side}_attention_mask"].to(device))
+                for side in ("query", "product")
+            ]
+        )
     rows = []
-    for start in range(0, len(encoded), batch_size):
-        index = list(range(start, min(start + batch_size, len(encoded))))
-        batch = {k: v.to(device) for k, v in encoder.collate(encoded, index).items()}
-        with autocast(device, autocast_dtype):
-            rows.append(model.prior_features(batch).float().cpu().numpy())
-    model.train(was_training)
+    try:
+        for start in range(0, len(encoded), batch_size):
+            index = list(range(start, min(start + batch_size, len(encoded))))
+            batch = {k: v.to(device) for k, v in encoder.collate(encoded, index).items()}
+            with autocast(device, autocast_dtype):
+                rows.append(model.prior_features(batch).float().cpu().numpy())
+    finally:
+        # detached before train(): entering training mode clears the model's tower cache
+        model.tower_cache = previous_cache
+        model.train(was_training)
+        model.unpadded = None if was_training else previous_unpadded
     return np.concatenate(rows) if rows else np.zeros((0, len(model.config.prior_features)), np.float32)
 
 
