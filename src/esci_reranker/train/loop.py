@@ -47,9 +47,9 @@ from esci_reranker.model.features import pair_encoder_for
 from esci_reranker.model.tower_cache import shared_tower_cache, weights_fingerprint
 from esci_reranker.progress import progress_bar
 from esci_reranker.train.batching import bucketed_batches, query_batches
-from esci_reranker.train.token_cache import encode_pairs
 from esci_reranker.train.config import PACKAGED_BACKBONE, OptimSection, TrainConfig
 from esci_reranker.train.prior_init import fit_prior_heads, prior_features
+from esci_reranker.train.token_cache import encode_pairs
 
 logger = logging.getLogger(__name__)
 
