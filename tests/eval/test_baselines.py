@@ -104,3 +104,25 @@ def test_bi_encoder_on_the_packaged_model(split: pd.DataFrame) -> None:
     scores = run["score"].to_numpy()
     np.testing.assert_allclose(scores[: len(split)], scores[len(split) :], atol=1e-6)
     assert len(np.unique(np.round(scores[: len(split)], 6))) == len(split)
+
+
+def test_bi_encoder_runs_share_the_embeddings_of_their_weights(split: pd.DataFrame, tiny_backbone) -> None:
+    from transformers import AutoModel
+
+    from esci_reranker.model.tower_cache import weights_cache
+
+    plain = bi_encoder_run(split, model_path=tiny_backbone, batch_size=3, device="cpu", shared_cache=False)
+    cache = weights_cache(AutoModel.from_pretrained(tiny_backbone))
+    before = cache.stats()
+    first = bi_encoder_run(split, model_path=tiny_backbone, batch_size=3, device="cpu")
+    texts = split["query"].nunique() + baseline_texts(split).nunique()
+    assert cache.stats()["misses"] - before["misses"] <= texts  # each text encoded at most once
+    after_first = cache.stats()
+    # another split with the same texts (e.g. the test split's products seen by an earlier run)
+    second = bi_encoder_run(
+        split.assign(query_id=split["query_id"] + 7), model_path=tiny_backbone, device="cpu"
+    )
+    assert cache.stats()["misses"] == after_first["misses"]
+    assert cache.stats()["hits"] - after_first["hits"] == texts
+    np.testing.assert_allclose(first["score"], plain["score"], atol=1e-6)
+    np.testing.assert_allclose(second["score"], plain["score"], atol=1e-6)

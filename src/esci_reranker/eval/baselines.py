@@ -26,6 +26,8 @@ from esci_reranker.model.lexical import word_tokens
 if TYPE_CHECKING:
     import torch
 
+    from esci_reranker.model.tower_cache import TowerCache
+
 #: Baseline names, in report order.
 BASELINES: Final[tuple[str, ...]] = ("random", "bm25", "bi-encoder")
 DEFAULT_SEEDS: Final[int] = 10
@@ -141,10 +143,13 @@ def encode(
     batch_size: int = 64,
     max_length: int = BI_ENCODER_MAX_LENGTH,
     progress: bool = False,
+    cache: TowerCache | None = None,
 ) -> np.ndarray:
     """Mean-pooled, L2-normalised embeddings of ``texts``, shape (N, H), float32, in input order.
 
     Texts are batched longest first to keep padding small; one batch is on the device at a time.
+    With ``cache`` (a ``TowerCache`` of ``model``'s weights), texts whose token ids it holds are
+    not encoded again, and the others are added to it.
     """
     import torch
     import torch.nn.functional as F
@@ -165,8 +170,15 @@ def encode(
                 max_length=max_length,
                 return_tensors="pt",
             ).to(device)
-            hidden = model(**batch).last_hidden_state  # (B, T, H)
-            pooled = F.normalize(mean_pool(hidden, batch["attention_mask"]).float(), dim=-1)  # (B, H)
+            plan = cache.plan(batch["input_ids"], batch["attention_mask"]) if cache is not None else None
+            if plan is not None and len(plan.missing) < len(index):
+                batch = {k: v[plan.missing] for k, v in batch.items()}
+            computed = None
+            if plan is None or len(plan.missing):
+                hidden = model(**batch).last_hidden_state  # (B, T, H)
+                computed = F.normalize(mean_pool(hidden, batch["attention_mask"]).float(), dim=-1)
+            pooled = computed if plan is None else plan.fill(computed)  # (B, H)
+            assert pooled is not None  # computed when there is no plan
             if out is None:
                 out = np.zeros((len(texts), pooled.shape[-1]), dtype=np.float32)
             out[index] = pooled.cpu().numpy()
@@ -180,11 +192,16 @@ def bi_encoder_run(
     device: str | None = None,
     text_fields: Sequence[str] | None = None,
     progress: bool = False,
+    shared_cache: bool = True,
 ) -> pd.DataFrame:
     """Cosine of the query and product-text embeddings of a sentence encoder, zero-shot.
 
     Each distinct query and distinct product text is encoded once. ``model_path`` is a local
     folder (default: the packaged all-MiniLM-L6-v2); ``device`` is cpu/cuda/mps/auto/None.
+    With ``shared_cache`` (default) the embeddings are kept in the process-wide cache of these
+    weights (``model.tower_cache.weights_cache``): a later run on texts already seen (another
+    split, the cross-validation's folds, a fp32 prior fit on the same backbone) encodes none
+    of them again.
     """
     check_split(frame, "bi-encoder baseline")
     if batch_size < 1:
@@ -196,6 +213,7 @@ def bi_encoder_run(
     from transformers import AutoModel, AutoTokenizer
 
     from esci_reranker.hardware import select_device
+    from esci_reranker.model.tower_cache import weights_cache
 
     path = Path(model_path) if model_path is not None else default_bi_encoder_path()
     dev = select_device(device)
@@ -203,7 +221,8 @@ def bi_encoder_run(
     model = AutoModel.from_pretrained(path).to(dev).eval()
     unique_queries = pd.Index(queries.unique())
     unique_texts = pd.Index(texts.unique())
-    args = (tokenizer, model, dev, batch_size, BI_ENCODER_MAX_LENGTH, progress)
+    cache = weights_cache(model) if shared_cache else None
+    args = (tokenizer, model, dev, batch_size, BI_ENCODER_MAX_LENGTH, progress, cache)
     q_emb = encode(list(unique_queries), *args)  # (Q, H)
     p_emb = encode(list(unique_texts), *args)  # (P, H)
     qi = unique_queries.get_indexer(queries)

@@ -128,3 +128,13 @@ def shared_tower_cache(key: str, size: int = 200_000) -> TowerCache:
         if cache is None:
             cache = _SHARED[key] = TowerCache(size)
         return cache
+
+
+def weights_cache(module: torch.nn.Module, dtype: torch.dtype | None = None) -> TowerCache:
+    """The process-wide tower cache of ``module``'s current weights run in ``dtype`` (None: fp32).
+
+    One key for every caller that embeds texts with the same encoder weights and arithmetic:
+    the prior fit of each fold (``train.prior_init``) and the zero-shot bi-encoder baseline
+    (``eval.baselines``) share entries when their token ids agree.
+    """
+    return shared_tower_cache(f"{weights_fingerprint(module)}:{dtype or torch.float32}")

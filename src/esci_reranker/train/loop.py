@@ -44,7 +44,7 @@ from esci_reranker.model import (
 )
 from esci_reranker.model.config import LISTWISE, LLM, MULTI_TASK, SINGLE_TASK, ListwiseSettings, LLMSettings
 from esci_reranker.model.features import pair_encoder_for
-from esci_reranker.model.tower_cache import shared_tower_cache, weights_fingerprint
+from esci_reranker.model.tower_cache import weights_cache
 from esci_reranker.progress import progress_bar
 from esci_reranker.train.batching import bucketed_batches, query_batches
 from esci_reranker.train.config import PACKAGED_BACKBONE, OptimSection, TrainConfig
@@ -368,7 +368,7 @@ class Trainer:
             autocast = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
             # Every training of this process starts from the same pretrained weights: their tower
             # embeddings are computed once for all folds and the final model.
-            towers = shared_tower_cache(f"{weights_fingerprint(model.encoder)}:{autocast}")
+            towers = weights_cache(model.encoder, autocast)
             features = prior_features(
                 model.to(accelerator.device), encoder, encoded, cfg.eval.batch_size, autocast, towers
             )
