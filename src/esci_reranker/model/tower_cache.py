@@ -116,12 +116,13 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def shared_tower_cache(key: str, size: int = 200_000) -> TowerCache:
+def shared_tower_cache(key: str, size: int = 100_000) -> TowerCache:
     """The process-wide tower cache for ``key`` (made on first use), for outputs of fixed weights
     that several jobs of one process compute again: the zero-shot tower embeddings that every fold's
     prior fit reads (``train.prior_init``). ``key`` must name the weights
     (``weights_fingerprint``) and whatever else changes the embeddings (the autocast dtype).
-    Up to four keys are kept, least recently used dropped first.
+    Up to four keys are kept, least recently used dropped first; each holds ``size`` embeddings
+    (~150 MB at 384 dimensions for the default).
     """
     with _SHARED_LOCK:
         cache = _SHARED.get(key)
