@@ -31,6 +31,7 @@ model and runs the warm-up and two steps), so one variant's memory never counts 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import json
 import multiprocessing
@@ -175,6 +176,9 @@ def _memory_probe(
     config: str, overrides: list[str], layout: str, precision: str, n_batches: int, threads: int
 ) -> float:
     """In a fresh process: peak RSS (MB) of building the model and running warm-up + 2 steps."""
+    # A forked and exec'd child starts with its parent's high-water mark (Linux keeps it across
+    # exec), so it is reset first; without /proc (not Linux) the number is the process peak.
+    _reset_peak_rss()
     torch.set_num_threads(threads)
     keep_freed_memory()
     cfg = _load_cfg(config, overrides)
@@ -183,6 +187,21 @@ def _memory_probe(
     variant = _variant(f"{layout}_{precision}", model, cfg, layout, precision)
     del model
     _train_steps(variant, work.batches, cfg.optim.max_grad_norm)
+    return _peak_rss_mb()
+
+
+def _reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
