@@ -27,6 +27,7 @@ def test_stacked_pipeline_trains_folds_stacker_and_final_model(tmp_path, tiny_ba
             "optim.max_steps=2",
             "model.max_length=32",
             "stack.max_rounds=20",
+            "stack.negatives_per_query=3",  # the catalogue negatives' path, end to end
         ),
         baselines=("random", "bm25"),
         progress=False,
@@ -50,14 +51,15 @@ def test_stacked_pipeline_trains_folds_stacker_and_final_model(tmp_path, tiny_ba
     assert sum("cross-encoder fold" in line for line in lines) == 4
     model_metrics = json.loads((out / "model" / "metrics.json").read_text())
     assert model_metrics["task1"]["ndcg"] == pytest.approx(result.test_metrics["task1"]["ndcg"])
-    assert set(model_metrics["training"]["cv"]) == {"stacker", "cross_encoder", "title_only", "bm25", "flow"}
-    # the default learns its classes from catalogue negatives, none of them a test product
+    assert set(model_metrics["training"]["cv"]) == {"stacker", "cross_encoder", "bm25"}
+    # the class trees learnt from catalogue negatives, none of them a test product
     (negatives,) = (out / "train" / "folds").glob("negatives_*.parquet")
     import pandas as pd
 
     test_products = set(pd.read_parquet(out / "data" / "test.parquet")["product_id"])
     assert not set(pd.read_parquet(negatives)["product_id"]) & test_products
-    assert "search flow" in result.cv_table
+    stacker = json.loads((out / "model" / "stacker" / "stacker.json").read_text())
+    assert stacker["info"]["negative_rows"] == len(pd.read_parquet(negatives))
     # the substitute threshold in the test metrics is the model's decision rule
     rules = json.loads((out / "model" / "stacker" / "stacker.json").read_text())["rules"]
     assert result.test_metrics["task3"]["threshold"] == pytest.approx(rules["substitute_threshold"])

@@ -255,7 +255,9 @@ def _stacked_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
         [read_split(cfg.data.resolve("train"), "train"), read_split(cfg.data.resolve("val"), "val")],
         ignore_index=True,
     )
-    catalogue = catalogue_flow(cfg, frame, True, log, retriever=job.retriever)
+    # the search flow of each CV fold costs a catalogue and a scoring pass per fold: `cv` measures
+    # it; the job builds the catalogue only when the config learns from catalogue negatives
+    catalogue = catalogue_flow(cfg, frame, False, log, retriever=job.retriever)
     result = train_stacked(
         cfg,
         progress=progress,
