@@ -11,42 +11,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from esci_reranker.reranker import Reranker
 from tests.serve.conftest import MakeClient
+from tests.serve.helpers import stacked_with_mixed_labels
 
 QUERY = "quokkaphone wireless earbuds"
 #: The whole tiny catalogue would do as well; 30 keeps the test quick and still mixes classes.
 LIST_SIZE = 30
 
 
-def _split(values: np.ndarray) -> float:
-    """A cut through the middle third of ``values`` at its widest gap (far from every value, so
-    float noise between scoring paths cannot move a product across it)."""
-    v = np.sort(values)
-    lo, hi = len(v) // 3, 2 * len(v) // 3
-    k = lo + int(np.argmax(np.diff(v[lo : hi + 1])))
-    return float((v[k] + v[k + 1]) / 2)
-
-
 @pytest.fixture(scope="module")
 def stacked_reranker(tiny_stacked_checkpoint: Path, tiny_index: Path) -> Reranker:
-    """The tiny stacked model, its decision rules moved so that this test's list gets both E and I
-    labels and both substitute flags (the fitted tiny stacker calls every product E)."""
-    from esci_reranker.retrieval.index import CatalogueIndex
-
-    reranker = Reranker.from_pretrained(tiny_stacked_checkpoint, device="cpu")
-    if reranker.stacker is None:
-        raise RuntimeError("the tiny stacked checkpoint has no stacker")
-    retrieved = CatalogueIndex.open(tiny_index).retrieve(QUERY, LIST_SIZE)
-    preds = reranker.predict([(QUERY, r.fields) for r in retrieved])
-    log_p = np.log(np.clip(preds.esci_probs.astype(np.float64), 1e-12, 1.0))
-    rules = reranker.stacker.rules
-    rules.class_offsets = [0.0, -50.0, -50.0, _split(log_p[:, 0] - log_p[:, 3])]  # E or I only
-    rules.substitute_threshold = _split(preds.substitute_probs.astype(np.float64))
-    return reranker
+    return stacked_with_mixed_labels(tiny_stacked_checkpoint, tiny_index, QUERY, LIST_SIZE)
 
 
 def _ready(client: Any, timeout: float = 60.0) -> None:
