@@ -235,6 +235,22 @@ def test_dict_candidates_are_read_as_in_training(reranker: Reranker):
     )
 
 
+def test_a_text_product_is_read_alike_in_every_form(reranker: Reranker):
+    # HTML and spacing as a catalogue or a client may send them; training text is cleaned.
+    raw = "Silicone  baking mat &amp; liner <b>non-stick</b>\n"
+    assert reranker.text_of(raw) == "Silicone baking mat & liner non-stick"
+    assert reranker.text_of(raw) == reranker.text_of({"text": raw})
+    as_tuple = reranker.rerank("silicone", [("a", raw), ("b", "oven mitt")])
+    as_dict = reranker.rerank(
+        "silicone", [{"product_id": "a", "text": raw}, {"product_id": "b", "text": "oven mitt"}]
+    )
+    assert as_tuple == as_dict
+    assert (
+        reranker.predict([("silicone", raw)]).scores[0]
+        == reranker.predict([("silicone", {"text": raw})]).scores[0]
+    )
+
+
 def test_empty_candidate_list_gives_empty_result(reranker: Reranker):
     assert reranker.rerank(QUERY, []) == []
 

@@ -357,9 +357,15 @@ class Reranker:
 
     # ------------------------------------------------------------------------------------------
     def text_of(self, product: Product) -> str:
-        """The text the model reads for ``product`` (a string as is, or a dict built as in training)."""
+        """The text the model reads for ``product``: a string cleaned as a dict's ``text`` is (HTML
+        and spacing folded, as in training), or a dict's fields built into text as in training.
+
+        A string is cleaned too so that a product given as text reads the same everywhere
+        (``rerank``'s ``(id, text)`` and ``{"text": ...}``, the service's ``text`` candidates
+        and Cohere documents).
+        """
         if isinstance(product, str):
-            return product
+            return clean_text(product)
         if isinstance(product, Mapping):
             return product_text(product, self.config.text_fields, self.config.long_field_chars)
         raise TypeError(f"product must be a str or a mapping of fields, got {type(product).__name__}.")

@@ -64,6 +64,9 @@ def test_index_build_update_delete_and_search(
     hits = [json.loads(line) for line in found.stdout.splitlines()]
     assert len(hits) == 10
     assert all(h["esci_class"] in {"E", "S", "C", "I"} for h in hits)
+    # the four class probabilities (E, S, C, I order) the (unstacked) class is the most likely of
+    assert all(sum(h["esci_probs"]) == pytest.approx(1.0, abs=1e-4) for h in hits)
+    assert all("ESCI"[h["esci_probs"].index(max(h["esci_probs"]))] == h["esci_class"] for h in hits)
     scores = [h["score"] for h in hits]
     assert scores == sorted(scores, reverse=True)
     assert {"ZZ-2"}.isdisjoint(h["product_id"] for h in hits)
@@ -78,6 +81,7 @@ def test_index_build_update_delete_and_search(
     assert table.exit_code == 0, table.output
     assert "reranked" in table.output
     assert "ZZ-1" in table.output
+    assert "P(E S C I)" in table.output
 
 
 def test_index_and_search_errors(tmp_path: Path, products: Path, retriever: Path, tiny_checkpoint: Path):

@@ -34,7 +34,8 @@ def _predictions(scores: list[float], classes: list[str], subs: list[float]) -> 
         regression_scores=s,
         expected_gains=s,
         esci_classes=np.asarray(classes),
-        esci_probs=np.full((n, 4), 0.25, dtype=np.float32),
+        # row i: (0.4 + i/100, 0.3, 0.2, 0.1 - i/100), so each hit's probabilities are its own
+        esci_probs=np.asarray([[0.4 + i / 100, 0.3, 0.2, 0.1 - i / 100] for i in range(n)], dtype=np.float32),
         substitute_probs=np.asarray(subs, dtype=np.float32),
         truncated=np.zeros(n, bool),
     )
@@ -49,6 +50,7 @@ def test_rank_hits_orders_by_the_model_and_flags_substitutes() -> None:
     assert [h.rank for h in hits] == [1, 2, 3]
     assert [h.esci_class for h in hits] == ["E", "C", "S"]
     assert [h.is_substitute for h in hits] == [True, None, True]  # NaN probability: no decision
+    assert hits[1].esci_probs == pytest.approx((0.43, 0.3, 0.2, 0.07))  # p3's row
     assert hits[0].score == pytest.approx(0.9)
     assert hits[0].retrieval_score == pytest.approx(0.9)
     assert hits[0].sources == ("bm25",)
@@ -56,6 +58,7 @@ def test_rank_hits_orders_by_the_model_and_flags_substitutes() -> None:
     plain = rank_hits(items, top_k=2)
     assert [h.product_id for h in plain] == ["p0", "p1"]
     assert plain[0].esci_class is None
+    assert plain[0].esci_probs is None
     assert plain[0].score == pytest.approx(1.0)
     with pytest.raises(ValueError, match="3 predictions for 4 candidates"):
         rank_hits(items, 2, _predictions([1, 2, 3], ["E"] * 3, [0, 0, 0]))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from esci_reranker.reranker import Reranker
 
 
 class CountingRunner:
@@ -35,3 +38,38 @@ def body(n: int = 3, query: str = "red running shoes", **extra: Any) -> dict[str
     ]
     candidates = [{"product_id": f"p{i}", "text": texts[i % len(texts)] + f" #{i}"} for i in range(n)]
     return {"query": query, "candidates": candidates, **extra}
+
+
+def _split(values: Any) -> float:
+    """A cut through the middle third of ``values`` at its widest gap (far from every value, so
+    float noise between scoring paths cannot move a product across it)."""
+    import numpy as np
+
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    lo, hi = len(v) // 3, 2 * len(v) // 3
+    k = lo + int(np.argmax(np.diff(v[lo : hi + 1])))
+    return float((v[k] + v[k + 1]) / 2)
+
+
+def stacked_with_mixed_labels(
+    checkpoint: Path, index: Path, query: str, size: int, top: int | None = None
+) -> Reranker:
+    """The tiny stacked model at ``checkpoint``, its decision rules moved so that the best ``top``
+    (default: all) of the ``size`` products ``index`` retrieves for ``query`` get both E and I
+    labels and both substitute flags (the fitted tiny stacker calls every product E and none a
+    substitute)."""
+    import numpy as np
+
+    from esci_reranker.retrieval.index import CatalogueIndex
+
+    reranker = Reranker.from_pretrained(checkpoint, device="cpu")
+    if reranker.stacker is None:
+        raise RuntimeError(f"{checkpoint} has no stacker")
+    retrieved = CatalogueIndex.open(index).retrieve(query, size)
+    preds = reranker.predict([(query, r.fields) for r in retrieved])
+    best = np.argsort(-preds.scores, kind="stable")[:top]  # rules do not move the scores
+    log_p = np.log(np.clip(preds.esci_probs[best].astype(np.float64), 1e-12, 1.0))
+    rules = reranker.stacker.rules
+    rules.class_offsets = [0.0, -50.0, -50.0, _split(log_p[:, 0] - log_p[:, 3])]  # E or I only
+    rules.substitute_threshold = _split(preds.substitute_probs[best])
+    return reranker

@@ -136,7 +136,11 @@ def test_v2_shape_matches_v1_and_shares_the_cache(client, tiny_reranker):
     assert data["meta"] == {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}
     assert data["model"] == tiny_reranker.name
     assert [r["index"] for r in data["results"]] == order[:4]
-    assert all(set(r) == {"index", "relevance_score"} for r in data["results"])
+    # Cohere's keys, plus this service's label and substitute flag of each document.
+    assert all(set(r) == {"index", "relevance_score", "esci_class", "is_substitute"} for r in data["results"])
+    assert [(r["esci_class"], r["is_substitute"]) for r in data["results"]] == [
+        (r["esci_class"], r["is_substitute"]) for r in v1["results"][:4]
+    ]
     assert [r["relevance_score"] for r in data["results"]] == [
         r["relevance_score"] for r in v1["results"][:4]
     ]

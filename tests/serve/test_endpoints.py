@@ -50,8 +50,10 @@ def test_rerank_sorts_by_score_and_cuts_to_top_k(client, tiny_reranker):
     best = sorted(expected, key=lambda pid: -expected[pid]["score"])[:3]
     assert [r["product_id"] for r in data["ranked"]] == best
     for item in data["ranked"]:
-        assert set(item) == {"product_id", "score"}
+        assert set(item) == {"product_id", "score", "esci_class", "is_substitute"}
         assert item["score"] == pytest.approx(expected[item["product_id"]]["score"], abs=1e-5)
+        assert item["esci_class"] == expected[item["product_id"]]["esci_class"]
+        assert item["is_substitute"] == (expected[item["product_id"]]["sub"] >= 0.5)
     stats = data["stats"]
     assert set(stats) == STATS_KEYS
     assert stats["num_candidates"] == 5
@@ -154,7 +156,9 @@ def test_single_task_model_answers_409_for_task_2_and_3(make_client, tiny_single
         assert response.status_code == 409
         assert response.json()["error"] == "task_not_supported"
         assert "single-task" in response.json()["message"]
-    assert client.post("/rerank", json=body(2)).status_code == 200
+    reranked = client.post("/rerank", json=body(2))
+    assert reranked.status_code == 200
+    assert all(r["esci_class"] is None and r["is_substitute"] is None for r in reranked.json()["ranked"])
     ranked = client.post("/predict", json=body(2)).json()["ranked"]
     assert all(
         r["esci_class"] is None and r["is_substitute"] is None and r["substitute_prob"] is None
@@ -165,7 +169,8 @@ def test_single_task_model_answers_409_for_task_2_and_3(make_client, tiny_single
 def test_v1_rerank_indices_top_n_and_documents(client, tiny_reranker):
     docs = ["red running shoes | Nike", {"text": "blue hat"}, "running shoe laces", "coffee mug"]
     texts = [d if isinstance(d, str) else d["text"] for d in docs]
-    scores = tiny_reranker.predict_texts(["running shoes"] * 4, texts).scores
+    preds = tiny_reranker.predict_texts(["running shoes"] * 4, texts)
+    scores = preds.scores
     response = client.post(
         "/v1/rerank", json={"query": "running shoes", "documents": docs, "top_n": 2, "model": "rerank-v3"}
     )
@@ -176,8 +181,10 @@ def test_v1_rerank_indices_top_n_and_documents(client, tiny_reranker):
     assert data["model"] == tiny_reranker.name
     assert [r["index"] for r in data["results"]] == list(np.argsort(-scores, kind="stable")[:2])
     for r in data["results"]:
-        assert set(r) == {"index", "relevance_score"}
+        assert set(r) == {"index", "relevance_score", "esci_class", "is_substitute"}
         assert r["relevance_score"] == pytest.approx(float(scores[r["index"]]), abs=1e-5)
+        assert r["esci_class"] == preds.esci_classes[r["index"]]
+        assert r["is_substitute"] == bool(preds.is_substitute[r["index"]])
 
     with_docs = client.post(
         "/v1/rerank", json={"query": "running shoes", "documents": docs, "return_documents": True}

@@ -53,6 +53,10 @@ def test_search_retrieves_reranks_and_labels(search_client, tiny_index: Path):
     assert [r["rank"] for r in results] == [1, 2, 3, 4, 5]
     assert all(r["esci_class"] in {"E", "S", "C", "I"} for r in results)
     assert all(r["is_substitute"] == (r["substitute_prob"] >= 0.5) for r in results)
+    for r in results:  # the four probabilities the (unstacked) class is the most likely of
+        probs = r["probabilities"]
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
+        assert r["esci_class"] == max(probs, key=probs.get)
     assert all(r["sources"] and set(r["sources"]) <= {"bm25", "dense"} for r in results)
     scores = [r["score"] for r in results]
     assert scores == sorted(scores, reverse=True)  # ordered by the reranker's score

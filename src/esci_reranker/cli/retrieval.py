@@ -211,7 +211,8 @@ def search_command(
     """Search a catalogue index: retrieve, rerank, show the top k.
 
     Retrieves --candidates products (BM25 + dense, fused), reranks them with --model and shows the
-    best --top-k with score, E/S/C/I class, substitute flag and the retrievers that found each.
+    best --top-k with score, E/S/C/I class and its four probabilities, substitute flag and the
+    retrievers that found each.
     """
     from dataclasses import asdict
 
@@ -240,6 +241,7 @@ def search_command(
         [
             str(h.rank),
             h.esci_class or "-",
+            " ".join(f"{p:.2f}" for p in h.esci_probs) if h.esci_probs is not None else "-",
             "yes" if h.is_substitute else ("no" if h.is_substitute is not None else "-"),
             fmt_prob(h.score),
             "+".join(h.sources),
@@ -254,6 +256,6 @@ def search_command(
         f"{query!r}: {len(results.hits)} of {results.num_candidates} candidates, {order} "
         f"({t['total']:.0f} ms: retrieval {t['retrieve']:.0f} ms"
         + (f", rerank {t['rerank']:.0f} ms)" if "rerank" in t else ")"),
-        ["rank", "class", "subst.", "score", "found by", "product", "title | brand | colour"],
+        ["rank", "class", "P(E S C I)", "subst.", "score", "found by", "product", "title | brand | colour"],
         rows,
     )

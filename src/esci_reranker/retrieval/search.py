@@ -11,6 +11,7 @@ SearchHit(rank=1, product_id='B0...', title='...', score=0.91, esci_class='E', .
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ from esci_reranker.retrieval.index import CatalogueIndex, Retrieved
 if TYPE_CHECKING:
     from esci_reranker.reranker import Predictions, Reranker
 
+log = logging.getLogger(__name__)
+
 #: Candidates retrieved per query unless told otherwise (then reranked).
 DEFAULT_CANDIDATES: Final[int] = 100
 DEFAULT_TOP_K: Final[int] = 10
@@ -38,7 +41,9 @@ class SearchHit:
     """One search result. Without reranking (or with a single-task model) the class fields are None.
 
     ``score`` is the reranker's score when reranked, else the retrieval (fusion) score;
-    ``retrieval_score`` is always the fusion score; ``sources`` names the retrievers that found it.
+    ``retrieval_score`` is always the fusion score; ``esci_probs`` are the four class
+    probabilities in E, S, C, I order (what ``esci_class`` was decided from); ``sources`` names
+    the retrievers that found it.
     """
 
     rank: int
@@ -54,6 +59,7 @@ class SearchHit:
     sources: tuple[str, ...]
     bm25_rank: int | None
     dense_rank: int | None
+    esci_probs: tuple[float, float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,11 @@ def rank_hits(
     threshold: float = SUBSTITUTE_THRESHOLD,
 ) -> list[SearchHit]:
     """The top ``top_k`` of ``retrieved``: in retrieval order, or by the reranker's ``predictions``
-    (in ``retrieved`` order; ties keep the retrieval order) with class and substitute flag (the
-    predictions' ``is_substitute`` decision, or ``substitute_prob >= threshold``)."""
+    (in ``retrieved`` order; ties keep the retrieval order) with class, class probabilities and
+    substitute flag (the predictions' ``is_substitute`` decision, or ``substitute_prob >= threshold``).
+
+    ``predictions`` must be of the whole retrieved list (a stacked model's list features read it
+    whole), never of the top ``top_k`` alone."""
     if predictions is not None and len(predictions) != len(retrieved):
         raise ValueError(f"rank_hits: {len(predictions)} predictions for {len(retrieved)} candidates.")
     if predictions is None:
@@ -95,12 +104,13 @@ def rank_hits(
     hits = []
     for rank, i in enumerate(order[:top_k], start=1):
         item = retrieved[i]
-        esci_class = sub = flag = None
+        esci_class = sub = flag = probs = None
         score = item.score
         if predictions is not None:
             score = float(predictions.scores[i])
             if multi_task:
                 esci_class = str(predictions.esci_classes[i])
+                probs = tuple(float(p) for p in predictions.esci_probs[i])
                 sub = _finite(predictions.substitute_probs[i])
                 flag = bool(decisions[i]) if sub is not None else None
         hits.append(
@@ -118,6 +128,7 @@ def rank_hits(
                 sources=item.sources,
                 bm25_rank=item.bm25_rank,
                 dense_rank=item.dense_rank,
+                esci_probs=probs,  # type: ignore[arg-type]
             )
         )
     return hits
@@ -134,12 +145,32 @@ def check_reranker_fields(index: CatalogueIndex, text_fields: Sequence[str], mod
         )
 
 
+def unstored_feature_fields(index: CatalogueIndex, reranker: Reranker) -> list[str]:
+    """The product fields a stacked ``reranker``'s features read that ``index`` does not store
+    (empty for a model without a stacker). Search then scores products without those fields and
+    may label them differently from ``rerank`` given the whole product: rebuild the index with
+    ``--store-fields`` naming them."""
+    if reranker.stacker is None:
+        return []
+    from esci_reranker.stack.features import PRODUCT_FIELDS
+
+    return [f for f in PRODUCT_FIELDS if f not in index.stored_fields]
+
+
 class Searcher:
     """Retrieve from a ``CatalogueIndex`` and rerank with a ``Reranker`` (None: retrieval only)."""
 
     def __init__(self, index: CatalogueIndex, reranker: Reranker | None = None) -> None:
         if reranker is not None:
             check_reranker_fields(index, reranker.config.text_fields, reranker.name)
+            if missing := unstored_feature_fields(index, reranker):
+                log.warning(
+                    "the index at %s does not store %s, which %s's stacker reads: search labels may "
+                    "differ from rerank's on whole products (rebuild with --store-fields)",
+                    index.folder,
+                    ",".join(missing),
+                    reranker.name,
+                )
         self.index = index
         self.reranker = reranker
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 
+from esci_reranker.reranker import Predictions
 from esci_reranker.serve.errors import ApiError
 from esci_reranker.serve.schemas import Candidate, Stats
 from esci_reranker.serve.scoring import Scorer, ScoreResult
@@ -73,6 +74,19 @@ def ranking(scores: np.ndarray, top_k: int | None) -> np.ndarray:
     """Indices by descending score (ties keep request order), cut to ``top_k``."""
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     return order[: min(top_k, len(order))] if top_k is not None else order
+
+
+def label(predictions: Predictions, i: int, multi_task: bool) -> tuple[str | None, bool | None]:
+    """Candidate ``i``'s E/S/C/I class and substitute decision, as every endpoint reports them
+    (``(None, None)`` for a single-task model; no decision where the probability is not finite).
+
+    One function, so a product gets the same label from ``/rerank``, ``/predict``, ``/search`` and
+    the Cohere routes as from ``/classify`` and ``/substitute`` for the same list.
+    """
+    if not multi_task:
+        return None, None
+    flag = bool(predictions.is_substitute[i]) if finite(predictions.substitute_probs[i]) is not None else None
+    return str(predictions.esci_classes[i]), flag
 
 
 def finite(value: float) -> float | None:

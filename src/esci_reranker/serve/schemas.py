@@ -265,22 +265,30 @@ class Stats(BaseModel):
     timestamp: datetime = Field(description="When the response was built (UTC, ISO 8601).")
 
 
+class EsciProbabilities(BaseModel):
+    E: float
+    S: float
+    C: float
+    I: float  # noqa: E741  (the ESCI class name)
+
+
+_LABEL_DOC = "The E/S/C/I class, as /classify gives it for the same list; null for a single-task model."
+_FLAG_DOC = (
+    "The substitute decision, as /substitute gives it for the same list; null for a single-task model."
+)
+
+
 class RankedProduct(BaseModel):
     product_id: str
     score: float
+    esci_class: EsciClass | None = Field(None, description=_LABEL_DOC)
+    is_substitute: bool | None = Field(None, description=_FLAG_DOC)
 
 
 class RerankResponse(BaseModel):
     request_id: str
     ranked: list[RankedProduct] = Field(description="Sorted by score, best first; ties keep request order.")
     stats: Stats
-
-
-class EsciProbabilities(BaseModel):
-    E: float
-    S: float
-    C: float
-    I: float  # noqa: E741  (the ESCI class name)
 
 
 class ClassifiedProduct(BaseModel):
@@ -334,6 +342,9 @@ class SearchResult(BaseModel):
     score: float = Field(description="The model's ranking score when reranked, else the retrieval score.")
     retrieval_score: float = Field(description="The retrieval (fusion) score.")
     esci_class: EsciClass | None = Field(description="Null without reranking or for a single-task model.")
+    probabilities: EsciProbabilities | None = Field(
+        None, description="The four class probabilities esci_class was decided from; null likewise."
+    )
     is_substitute: bool | None = Field(description="substitute_prob >= the model's threshold; null likewise.")
     substitute_prob: float | None
     sources: list[Literal["bm25", "dense"]] = Field(description="The retrievers that found the product.")
@@ -369,6 +380,8 @@ class V1Result(BaseModel):
         description="The model's ranking score (as in /rerank; not calibrated to 0..1)."
     )
     document: V1Document | None = Field(None, description="Present when return_documents is true.")
+    esci_class: EsciClass | None = Field(None, description=_LABEL_DOC + " (An addition to Cohere's shape.)")
+    is_substitute: bool | None = Field(None, description=_FLAG_DOC + " (An addition to Cohere's shape.)")
 
 
 class V1Usage(BaseModel):
@@ -389,6 +402,8 @@ class V2Result(BaseModel):
     relevance_score: float = Field(
         description="The model's ranking score (as in /rerank and /v1/rerank; not calibrated to 0..1)."
     )
+    esci_class: EsciClass | None = Field(None, description=_LABEL_DOC + " (An addition to Cohere's shape.)")
+    is_substitute: bool | None = Field(None, description=_FLAG_DOC + " (An addition to Cohere's shape.)")
 
 
 class V2ApiVersion(BaseModel):

@@ -155,10 +155,19 @@ class ServiceState:
 
     def attach_index(self, index: CatalogueIndex) -> None:
         """Serve ``index`` for /search (after checking the model can read its stored fields)."""
-        from esci_reranker.retrieval.search import check_reranker_fields
+        from esci_reranker.retrieval.search import check_reranker_fields, unstored_feature_fields
 
         if self.scorer is not None:
             check_reranker_fields(index, self.scorer.reranker.config.text_fields, self.scorer.model_id)
+            if missing := unstored_feature_fields(index, self.scorer.reranker):
+                # Served anyway (titles alone still rank), but /search then reads less of each
+                # product than /rerank given the whole product: say so once, at start-up.
+                log.warning(
+                    "the catalogue index does not store fields the model's stacker reads; /search "
+                    "labels may differ from /rerank's on whole products (rebuild the index with "
+                    "--store-fields)",
+                    extra={"index": str(index.folder), "missing_fields": missing},
+                )
         self._retrieval_thread().submit(index.retrieve, "warm up", 1).result()
         self.index = index
         self.index_status = "ready"

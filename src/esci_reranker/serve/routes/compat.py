@@ -31,19 +31,24 @@ async def v1_rerank(
     body: V1RerankRequest, request: Request, scorer: ScorerDep, settings: SettingsDep
 ) -> JSONResponse:
     """Documents (strings or ``{"text": ...}``) ranked by ``relevance_score``, each with its
-    request ``index``; ``document`` is included only with ``return_documents: true``."""
+    request ``index`` (and this service's ``esci_class`` and ``is_substitute``); ``document`` is
+    included only with ``return_documents: true``."""
     texts = body.texts()
     _check_documents(request, settings, body.query, texts)
     result = await _score_documents(scorer, body.query, texts)
-    scores = result.predictions.scores
-    results = [
-        V1Result(
-            index=int(i),
-            relevance_score=float(scores[i]),
-            document=V1Document(text=texts[i]) if body.return_documents else None,
+    preds = result.predictions
+    results = []
+    for i in pipeline.ranking(preds.scores, body.top_n):
+        esci_class, flag = pipeline.label(preds, i, scorer.multi_task)
+        results.append(
+            V1Result(
+                index=int(i),
+                relevance_score=float(preds.scores[i]),
+                document=V1Document(text=texts[i]) if body.return_documents else None,
+                esci_class=esci_class,  # type: ignore[arg-type]
+                is_substitute=flag,
+            )
         )
-        for i in pipeline.ranking(scores, body.top_n)
-    ]
     rid = pipeline.request_id(request)
     response = V1RerankResponse(
         id=rid,
@@ -62,16 +67,25 @@ async def v2_rerank(
     body: V2RerankRequest, request: Request, scorer: ScorerDep, settings: SettingsDep
 ) -> V2RerankResponse:
     """Cohere's v2 rerank: ``documents`` (strings) ranked by ``relevance_score``, each with its
-    request ``index``, and Cohere's ``meta``; ``max_tokens_per_doc`` cuts each document first."""
+    request ``index`` (and this service's ``esci_class`` and ``is_substitute``), and Cohere's
+    ``meta``; ``max_tokens_per_doc`` cuts each document first."""
     texts = list(body.documents)
     _check_documents(request, settings, body.query, texts)  # on what the client sent, before any cut
     if body.max_tokens_per_doc is not None:
         texts = await run_in_threadpool(scorer.truncate_tokens, texts, body.max_tokens_per_doc)
     result = await _score_documents(scorer, body.query, texts)
-    scores = result.predictions.scores
-    results = [
-        V2Result(index=int(i), relevance_score=float(scores[i])) for i in pipeline.ranking(scores, body.top_n)
-    ]
+    preds = result.predictions
+    results = []
+    for i in pipeline.ranking(preds.scores, body.top_n):
+        esci_class, flag = pipeline.label(preds, i, scorer.multi_task)
+        results.append(
+            V2Result(
+                index=int(i),
+                relevance_score=float(preds.scores[i]),
+                esci_class=esci_class,  # type: ignore[arg-type]
+                is_substitute=flag,
+            )
+        )
     rid = pipeline.request_id(request)
     return V2RerankResponse(
         id=rid,
@@ -92,5 +106,10 @@ def _check_documents(request: Request, settings: Settings, query: str, texts: li
 
 
 async def _score_documents(scorer: Scorer, query: str, texts: list[str]) -> ScoreResult:
-    """Model outputs for plain-text documents (read as given: no field building)."""
-    return await pipeline.score(scorer, query, [scorer.text_of(t) for t in texts])
+    """Model outputs for plain-text documents (read as given: no field building).
+
+    A document is the product ``{"text": ...}`` of ``/rerank``: the same record reaches a stacked
+    model's features (and the response cache), so both routes label it alike.
+    """
+    records = [{"text": t} for t in texts]
+    return await pipeline.score(scorer, query, [scorer.text_of(r) for r in records], records)

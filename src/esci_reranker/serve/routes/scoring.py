@@ -56,13 +56,21 @@ async def _score(
 async def rerank(
     body: ScoringRequest, request: Request, scorer: ScorerDep, settings: SettingsDep
 ) -> RerankResponse:
-    """Candidates sorted by the model's ranking score, best first, cut to ``top_k``."""
+    """Candidates sorted by the model's ranking score, best first, cut to ``top_k``, each with its
+    E/S/C/I class and substitute decision (null for a single-task model)."""
     result = await _score(request, body, scorer, settings)
-    scores = result.predictions.scores
-    ranked = [
-        RankedProduct(product_id=body.candidates[i].product_id, score=float(scores[i]))
-        for i in pipeline.ranking(scores, body.top_k)
-    ]
+    preds = result.predictions
+    ranked = []
+    for i in pipeline.ranking(preds.scores, body.top_k):
+        esci_class, flag = pipeline.label(preds, i, scorer.multi_task)
+        ranked.append(
+            RankedProduct(
+                product_id=body.candidates[i].product_id,
+                score=float(preds.scores[i]),
+                esci_class=esci_class,  # type: ignore[arg-type]
+                is_substitute=flag,
+            )
+        )
     return RerankResponse(
         request_id=pipeline.request_id(request),
         ranked=ranked,
@@ -130,14 +138,14 @@ async def predict(
     multi = scorer.multi_task
     ranked = []
     for i in pipeline.ranking(preds.scores, body.top_k):
-        prob = pipeline.finite(preds.substitute_probs[i]) if multi else None
+        esci_class, flag = pipeline.label(preds, i, multi)
         ranked.append(
             PredictedProduct(
                 product_id=body.candidates[i].product_id,
                 score=float(preds.scores[i]),
-                esci_class=str(preds.esci_classes[i]) if multi else None,  # type: ignore[arg-type]
-                is_substitute=bool(preds.is_substitute[i]) if prob is not None else None,
-                substitute_prob=prob,
+                esci_class=esci_class,  # type: ignore[arg-type]
+                is_substitute=flag,
+                substitute_prob=pipeline.finite(preds.substitute_probs[i]) if multi else None,
             )
         )
     return PredictResponse(

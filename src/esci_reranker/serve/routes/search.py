@@ -12,11 +12,18 @@ from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 
+from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.retrieval.search import rank_hits
 from esci_reranker.serve import pipeline
 from esci_reranker.serve.deps import IndexDep, ScorerDep, SettingsDep, StateDep
 from esci_reranker.serve.errors import ERROR_RESPONSES, ApiError
-from esci_reranker.serve.schemas import SearchRequest, SearchResponse, SearchResult, SearchStats
+from esci_reranker.serve.schemas import (
+    EsciProbabilities,
+    SearchRequest,
+    SearchResponse,
+    SearchResult,
+    SearchStats,
+)
 
 router = APIRouter(tags=["search"], responses=ERROR_RESPONSES)
 
@@ -31,7 +38,9 @@ async def search(
     state: StateDep,
 ) -> SearchResponse:
     """The best ``top_k`` of ``candidates`` products retrieved by BM25 and the dense retriever
-    (fused), reranked by the model, each with its E/S/C/I class, substitute flag and sources."""
+    (fused), reranked by the model, each with its E/S/C/I class and class probabilities,
+    substitute flag and sources. The whole retrieved list is scored as one list (the labels are
+    those ``/classify`` gives for the same products in the same list)."""
     request.state.num_candidates = body.candidates  # for the access log, also when rejected
     pipeline.check_length(body.query, settings, "query")
     if body.candidates > settings.max_candidates:
@@ -66,6 +75,11 @@ async def search(
             score=h.score,
             retrieval_score=h.retrieval_score,
             esci_class=h.esci_class,  # type: ignore[arg-type]
+            probabilities=(
+                EsciProbabilities(**dict(zip(ESCI_LABELS, h.esci_probs, strict=True)))
+                if h.esci_probs is not None
+                else None
+            ),
             is_substitute=h.is_substitute,
             substitute_prob=h.substitute_prob,
             sources=list(h.sources),  # type: ignore[arg-type]
