@@ -161,11 +161,14 @@ def cv_command(
                 )
             else:
                 out.mkdir(parents=True, exist_ok=True)
-                negatives = None if catalogue is None else catalogue.negatives(oof.parent, seed_list)
+                oof_table = pd.read_parquet(oof)
+                negatives = (
+                    None if catalogue is None else catalogue.negatives(oof.parent, seed_list, oof_table)
+                )
                 stacked = cross_validate_trees(
                     cfg,
                     frame,
-                    pd.read_parquet(oof),
+                    oof_table,
                     out,
                     seed_list,
                     baselines=chosen,

@@ -337,16 +337,39 @@ class CatalogueFlow:
         retrieve = max(self.cfg.stack.negatives_retrieve, DEFAULT_RETRIEVE)
         return retrieve_lists(index, self.frame, retrieve)
 
-    def negatives(self, fold_dir: Path, seeds: tuple[int, ...]) -> pd.DataFrame | None:
-        """``stack.train.NegativesFn``: see the class docstring."""
+    def negatives(
+        self, fold_dir: Path, seeds: tuple[int, ...], oof: pd.DataFrame | None = None
+    ) -> pd.DataFrame | None:
+        """``stack.train.NegativesFn``: see the class docstring. ``oof`` is the out-of-fold table
+        that says each query's fold (default: ``fold_dir/oof.parquet``)."""
+        from esci_reranker.train.cv import fold_model_dir
+
         stack = self.cfg.stack
         if not self.flow and not stack.negatives_per_query:
             return None
         fold_dir = Path(fold_dir)
-        lists = self.lists(fold_dir)
-        folds = pd.read_parquet(fold_dir / "oof.parquet", columns=["query_id", "fold"]).drop_duplicates(
-            "query_id"
+        table = (
+            oof
+            if oof is not None
+            else pd.read_parquet(fold_dir / "oof.parquet", columns=["query_id", "fold"])
         )
+        folds = table[["query_id", "fold"]].drop_duplicates("query_id")
+        # every (fold, seed) model must be there: they score the flow and the negatives
+        missing = [
+            fold_model_dir(fold_dir, int(f), s)
+            for f in sorted(folds["fold"].unique())
+            for s in seeds
+            if not (fold_model_dir(fold_dir, int(f), s) / "config.json").is_file()
+        ]
+        if missing:
+            if stack.negatives_per_query:
+                raise ValueError(
+                    f"stack.negatives_per_query={stack.negatives_per_query}: the catalogue negatives are scored "
+                    f"by the fold models, and {missing[0]} is missing (cv writes them beside oof.parquet)."
+                )
+            self.log(f"      search flow not measured: no fold model at {missing[0]}")
+            return None
+        lists = self.lists(fold_dir)
         frame = self.frame.merge(folds, on="query_id", how="left", validate="many_to_one")
         if self.flow:
             self.fold_flow = FoldFlow(frame, fold_dir, {q: v[:DEFAULT_RETRIEVE] for q, v in lists.items()})
