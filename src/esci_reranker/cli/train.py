@@ -144,7 +144,9 @@ def cv_command(
             )
             from esci_reranker.retrieval.flow import catalogue_flow
 
-            catalogue = catalogue_flow(cfg, frame, flow, typer.echo)
+            test = data / "test.parquet"
+            held_out = pd.read_parquet(test, columns=["product_id"])["product_id"] if test.is_file() else ()
+            catalogue = catalogue_flow(cfg, frame, flow, typer.echo, exclude_products=held_out)
             if oof is None:
                 stacked = cross_validate_stacked(
                     cfg,
@@ -334,7 +336,9 @@ def _train_stacked(cfg: TrainConfig, resume: bool, progress: bool) -> None:
         [read_split(cfg.data.resolve("train"), "train"), read_split(cfg.data.resolve("val"), "val")],
         ignore_index=True,
     )
-    catalogue = catalogue_flow(cfg, frame, True, typer.echo)
+    test = cfg.data.resolve("test")
+    held_out = pd.read_parquet(test, columns=["product_id"])["product_id"] if Path(test).is_file() else ()
+    catalogue = catalogue_flow(cfg, frame, True, typer.echo, exclude_products=held_out)
     result = train_stacked(
         cfg,
         progress=progress,

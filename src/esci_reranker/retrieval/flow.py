@@ -322,6 +322,9 @@ class CatalogueFlow:
     flow: bool = True
     #: the catalogue's dense retriever (None: the packaged zero-shot one, as ``make run``'s index)
     retriever: str | Path | None = None
+    #: products left out of the catalogue: those judged for a test query (a product can be judged
+    #: for a train query and a test query), so no test product is ever a negative or a result
+    exclude_products: frozenset[str] = frozenset()
     fold_flow: FoldFlow | None = field(default=None, init=False)
 
     def lists(self, fold_dir: Path) -> dict[object, list[Retrieved]]:
@@ -330,10 +333,11 @@ class CatalogueFlow:
         if (folder / "manifest.json").is_file():
             index = CatalogueIndex.open(folder)
         else:
+            products = self.frame[~self.frame["product_id"].isin(self.exclude_products)]
             self.log(
-                f"      catalogue: index the {self.frame['product_id'].nunique()} train+val products -> {folder}"
+                f"      catalogue: index the {products['product_id'].nunique()} train+val products -> {folder}"
             )
-            index = build_catalogue(self.frame, folder, retriever=self.retriever)
+            index = build_catalogue(products, folder, retriever=self.retriever)
         retrieve = max(self.cfg.stack.negatives_retrieve, DEFAULT_RETRIEVE)
         return retrieve_lists(index, self.frame, retrieve)
 
@@ -353,6 +357,11 @@ class CatalogueFlow:
             if oof is not None
             else pd.read_parquet(fold_dir / "oof.parquet", columns=["query_id", "fold"])
         )
+        absent = [c for c in ("query_id", "fold") if c not in table.columns]
+        if absent:
+            raise ValueError(
+                f"oof table: no column(s) {absent}; expected an oof.parquet written by cv or pipeline."
+            )
         folds = table[["query_id", "fold"]].drop_duplicates("query_id")
         # every (fold, seed) model must be there: they score the flow and the negatives
         missing = [
@@ -404,7 +413,12 @@ class CatalogueFlow:
 
 
 def catalogue_flow(
-    cfg: Any, frame: pd.DataFrame, flow: bool = True, log: Any = print, retriever: str | Path | None = None
+    cfg: Any,
+    frame: pd.DataFrame,
+    flow: bool = True,
+    log: Any = print,
+    retriever: str | Path | None = None,
+    exclude_products: Iterable[str] = (),
 ) -> CatalogueFlow | None:
     """The search flow of a stacked config's CV (``CatalogueFlow``), or None when it
     is turned off, or cannot run without the retrieval extra and the config needs no negatives.
@@ -424,7 +438,14 @@ def catalogue_flow(
             ) from None
         log(f"      search flow not measured: the retrieval extra is missing ({err})")
         return None
-    return CatalogueFlow(cfg, frame, log=log, flow=flow, retriever=retriever)
+    return CatalogueFlow(
+        cfg,
+        frame,
+        log=log,
+        flow=flow,
+        retriever=retriever,
+        exclude_products=frozenset(map(str, exclude_products)),
+    )
 
 
 def evaluate_flow(
