@@ -34,9 +34,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeVar
 
 import numpy as np
 
@@ -716,3 +716,25 @@ def write_report(path: str | Path, benchmark: str, model: str, block: Mapping[st
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def finish_report(
+    table: str, path: str | Path | None, benchmark: str, model: str, block: Mapping[str, Any]
+) -> None:
+    """Print a server benchmark's ``table`` and, with a ``path``, write its ``block`` there (``write_report``)."""
+    print(table)
+    if path:
+        write_report(path, benchmark, model, block)
+        print(f"wrote {path}")
+
+
+_Bench = TypeVar("_Bench")
+
+
+def bench_from_args(cls: type[_Bench], args: Any, **given: Any) -> _Bench:
+    """A benchmark dataclass ``cls`` from a command's parsed ``args``: each field named like an
+    argument takes its value, ``given`` the rest (and any whose name differs); progress lines print.
+    """
+    values = vars(args)
+    settings = {f.name: values[f.name] for f in fields(cls) if f.init and f.name in values}  # type: ignore[arg-type]
+    return cls(**{**settings, "echo": lambda line: print(line, flush=True), **given})
