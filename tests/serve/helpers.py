@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any
+
+import httpx
 
 
 class CountingRunner:
@@ -35,3 +38,16 @@ def body(n: int = 3, query: str = "red running shoes", **extra: Any) -> dict[str
     ]
     candidates = [{"product_id": f"p{i}", "text": texts[i % len(texts)] + f" #{i}"} for i in range(n)]
     return {"query": query, "candidates": candidates, **extra}
+
+
+def asgi_client(app: Any) -> httpx.AsyncClient:
+    """An async client calling ``app`` in this process (``async with asgi_client(app) as client``)."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def rerank_tasks(client: httpx.AsyncClient, requests: int, candidates: int) -> list[asyncio.Task[Any]]:
+    """``requests`` concurrent /rerank calls of ``candidates`` each, queries q0, q1, ... (running tasks)."""
+    return [
+        asyncio.create_task(client.post("/rerank", json=body(candidates, query=f"q{i}")))
+        for i in range(requests)
+    ]
