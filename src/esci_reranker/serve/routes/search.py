@@ -56,24 +56,8 @@ async def search(
         result = await pipeline.score(scorer, body.query, texts, records)
         predictions, forward_ms, cache_hit = result.predictions, result.forward_ms, result.cache_hit
     hits = rank_hits(retrieved, body.top_k, predictions, scorer.multi_task)
-    results = [
-        SearchResult(
-            rank=h.rank,
-            product_id=h.product_id,
-            title=h.title,
-            brand=h.brand,
-            color=h.color,
-            score=h.score,
-            retrieval_score=h.retrieval_score,
-            esci_class=h.esci_class,  # type: ignore[arg-type]
-            is_substitute=h.is_substitute,
-            substitute_prob=h.substitute_prob,
-            sources=list(h.sources),  # type: ignore[arg-type]
-            bm25_rank=h.bm25_rank,
-            dense_rank=h.dense_rank,
-        )
-        for h in hits
-    ]
+    # The response schema is the hit's own fields (sources as a list), validated as they are read.
+    results = [SearchResult.model_validate(h, from_attributes=True) for h in hits]
     started = getattr(request.state, "started", start)
     return SearchResponse(
         request_id=pipeline.request_id(request),
