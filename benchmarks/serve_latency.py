@@ -23,8 +23,9 @@ from esci_reranker.bench.server import (
     BATCHING,
     PRECISIONS,
     ServerLatency,
+    bench_from_args,
+    finish_report,
     format_server_table,
-    write_report,
 )
 
 
@@ -74,23 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=None, help="ESCI parquet (default: the bundled sample)")
     args = parser.parse_args(argv)
     try:
-        bench = ServerLatency(
-            concurrency=args.concurrency,
-            batching=args.batching,
-            cache=args.cache,
-            requests=args.requests,
-            max_seconds=args.max_seconds,
-            candidates=args.candidates,
-            distinct=args.distinct,
-            threads=args.threads,
-            precision=args.precision,
-            max_batch_tokens=args.max_batch_tokens,
-            tower_cache_size=args.tower_cache,
-            cache_size=args.cache_size,
-            startup_timeout=args.startup_timeout,
-            data=args.data,
-            echo=lambda line: print(line, flush=True),
-        )
+        bench = bench_from_args(ServerLatency, args, tower_cache_size=args.tower_cache)
     except ValueError as err:
         parser.error(str(err))
     print(
@@ -100,10 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         block = bench(args.model)
     except ValueError as err:  # e.g. --data has no query with --candidates products
         parser.error(str(err))
-    print(format_server_table(block))
-    if args.out:
-        write_report(args.out, "serve_latency", args.model, block)
-        print(f"wrote {args.out}")
+    finish_report(format_server_table(block), args.out, "serve_latency", args.model, block)
 
 
 if __name__ == "__main__":

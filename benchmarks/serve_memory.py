@@ -59,7 +59,7 @@ def parse_config(text: str) -> tuple[str, dict[str, str]]:
 def run_breakdown(args: argparse.Namespace) -> None:
     """``--breakdown``: ``esci_reranker.bench.memory_breakdown`` on ``--model``, table and JSON."""
     from esci_reranker.bench.memory_breakdown import format_breakdown, memory_breakdown
-    from esci_reranker.bench.server import build_requests, write_report
+    from esci_reranker.bench.server import build_requests, finish_report
     from esci_reranker.data.sample import sample_path
 
     if args.threads is not None:
@@ -72,10 +72,7 @@ def run_breakdown(args: argparse.Namespace) -> None:
         baseline_rss=BARE_RSS,
         echo=lambda line: print(line, flush=True),
     )
-    print(format_breakdown(block))
-    if args.out:
-        write_report(args.out, "serve_memory_breakdown", args.model, block)
-        print(f"wrote {args.out}")
+    finish_report(format_breakdown(block), args.out, "serve_memory_breakdown", args.model, block)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,30 +106,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.breakdown:
         run_breakdown(args)
         return
-    from esci_reranker.bench.server import write_report
+    from esci_reranker.bench.server import bench_from_args, finish_report
     from esci_reranker.bench.server_memory import ServerMemory, format_memory_table
 
     configs = dict(args.config) if args.config else DEFAULT_CONFIGS
     try:
-        bench = ServerMemory(
-            configs=configs,
-            concurrency=args.concurrency,
-            rounds=args.rounds,
-            round_seconds=args.round_seconds,
-            candidates=args.candidates,
-            distinct=args.distinct,
-            threads=args.threads,
-            startup_timeout=args.startup_timeout,
-            data=args.data,
-            echo=lambda line: print(line, flush=True),
-        )
+        bench = bench_from_args(ServerMemory, args, configs=configs)
         block = bench(args.model)
     except ValueError as err:
         parser.error(str(err))
-    print(format_memory_table(block))
-    if args.out:
-        write_report(args.out, "serve_memory", args.model, block)
-        print(f"wrote {args.out}")
+    finish_report(format_memory_table(block), args.out, "serve_memory", args.model, block)
 
 
 if __name__ == "__main__":

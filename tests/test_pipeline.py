@@ -12,6 +12,20 @@ from esci_reranker.pipeline import run_pipeline
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "multi_task.yaml"
 
 
+def run_tiny(tmp_path: Path, backbone: Path, overrides: tuple[str, ...], lines: list[str], **options):
+    """``run_pipeline`` of the default config into ``tmp_path / "run"`` with the tiny ``backbone``,
+    2 steps, short pairs, the random and BM25 baselines and ``overrides``; log lines go to ``lines``."""
+    return run_pipeline(
+        CONFIG,
+        tmp_path / "run",
+        overrides=(f"model.backbone={backbone}", "optim.max_steps=2", "model.max_length=32", *overrides),
+        baselines=("random", "bm25"),
+        progress=False,
+        log=lines.append,
+        **options,
+    )
+
+
 @pytest.mark.slow
 def test_stacked_pipeline_trains_folds_stacker_and_final_model(tmp_path, tiny_backbone):
     pytest.importorskip("usearch", reason="the retrieval extra is not installed")
@@ -74,21 +88,8 @@ def test_pipeline_writes_model_evaluation_and_tables_in_fixed_places(tmp_path, t
 
     retriever = build_tiny_retriever(tmp_path / "tiny-st")
     lines: list[str] = []
-    result = run_pipeline(
-        CONFIG,
-        tmp_path / "run",
-        overrides=(
-            f"model.backbone={tiny_backbone}",
-            "model.stacker=none",
-            "optim.max_steps=2",
-            "eval.every_steps=1",
-            "model.max_length=32",
-        ),
-        baselines=("random", "bm25"),
-        progress=False,
-        log=lines.append,
-        index_retriever=retriever,
-    )
+    overrides = ("model.stacker=none", "eval.every_steps=1")
+    result = run_tiny(tmp_path, tiny_backbone, overrides, lines, index_retriever=retriever)
     out = tmp_path / "run"
     assert {p.name for p in out.iterdir()} >= {
         "data",

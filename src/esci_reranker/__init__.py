@@ -10,8 +10,9 @@ relevance score, Task 2 E/S/C/I classification and Task 3 "is substitute" detect
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from esci_reranker.lazy import lazy_exports
 from esci_reranker.version import __version__
 
 __all__ = ["Predictions", "RankedCandidate", "Reranker", "__version__"]
@@ -19,11 +20,7 @@ __all__ = ["Predictions", "RankedCandidate", "Reranker", "__version__"]
 if TYPE_CHECKING:
     from esci_reranker.reranker import Predictions, RankedCandidate, Reranker
 
-
-def __getattr__(name: str) -> Any:
-    # Lazy so that `import esci_reranker` (and the CLI's --help) does not import torch.
-    if name in {"Predictions", "RankedCandidate", "Reranker"}:
-        from esci_reranker import reranker
-
-        return getattr(reranker, name)
-    raise AttributeError(f"module 'esci_reranker' has no attribute {name!r}")
+# Lazy so that `import esci_reranker` (and the CLI's --help) does not import torch.
+__getattr__ = lazy_exports(
+    __name__, dict.fromkeys(["Predictions", "RankedCandidate", "Reranker"], "esci_reranker.reranker")
+)

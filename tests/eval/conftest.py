@@ -8,39 +8,24 @@ import pytest
 from esci_reranker.data.text import product_texts
 from esci_reranker.labels import ESCI_GAINS
 
-# (query_id, query, source, [(product_id, label, title, brand, color)]): one obvious match each.
-QUERIES = [
-    (
-        101,
-        "red running shoes",
-        "other",
-        [
-            ("B001", "E", "Red Running Shoes for Men", "Nike", "red"),
-            ("B002", "I", "Stainless Steel Water Bottle 1L", "Hydro", "silver"),
-            ("B003", "C", "Shoe Laces, 5 pairs", "Generic", "white"),
-            ("B004", "S", "Trail Sneakers", "Adidas", "blue"),
-        ],
-    ),
-    (
-        102,
-        "stainless steel water bottle",
-        "parse_pattern",
-        [
-            ("B010", "I", "Wireless Mouse", "Logi", "black"),
-            ("B011", "E", "Insulated Stainless Steel Water Bottle", "Hydro", "silver"),
-            ("B012", "S", "Plastic Sports Bottle", "Nalgene", ""),
-        ],
-    ),
-    (
-        103,
-        "usb c charging cable",
-        "parse_pattern",
-        [
-            ("B020", "E", "USB C Charging Cable 2m", "Anker", "black"),
-            ("B021", "I", "Garden Hose 15m", "Gardena", "green"),
-            ("B022", "C", "USB Wall Charger", "Anker", "white"),
-        ],
-    ),
+# query_id -> (query, source); then the judged products, (query_id, product_id, label, title,
+# brand, color) in split order: one obvious match each.
+QUERIES = {
+    101: ("red running shoes", "other"),
+    102: ("stainless steel water bottle", "parse_pattern"),
+    103: ("usb c charging cable", "parse_pattern"),
+}
+PRODUCTS = [
+    (101, "B001", "E", "Red Running Shoes for Men", "Nike", "red"),
+    (101, "B002", "I", "Stainless Steel Water Bottle 1L", "Hydro", "silver"),
+    (101, "B003", "C", "Shoe Laces, 5 pairs", "Generic", "white"),
+    (101, "B004", "S", "Trail Sneakers", "Adidas", "blue"),
+    (102, "B010", "I", "Wireless Mouse", "Logi", "black"),
+    (102, "B011", "E", "Insulated Stainless Steel Water Bottle", "Hydro", "silver"),
+    (102, "B012", "S", "Plastic Sports Bottle", "Nalgene", ""),
+    (103, "B020", "E", "USB C Charging Cable 2m", "Anker", "black"),
+    (103, "B021", "I", "Garden Hose 15m", "Gardena", "green"),
+    (103, "B022", "C", "USB Wall Charger", "Anker", "white"),
 ]
 
 
@@ -49,7 +34,7 @@ def make_split() -> pd.DataFrame:
     rows = [
         {
             "query_id": qid,
-            "query": query,
+            "query": QUERIES[qid][0],
             "product_id": pid,
             "product_locale": "us",
             "esci_label": label,
@@ -58,10 +43,9 @@ def make_split() -> pd.DataFrame:
             "product_color": color,
             "product_description": "",
             "product_bullet_point": "",
-            "esci_query_source": source,
+            "esci_query_source": QUERIES[qid][1],
         }
-        for qid, query, source, products in QUERIES
-        for pid, label, title, brand, color in products
+        for qid, pid, label, title, brand, color in PRODUCTS
     ]
     frame = pd.DataFrame(rows)
     frame["query_id"] = frame["query_id"].astype("int64")

@@ -12,12 +12,18 @@ from esci_reranker.cli import app
 runner = CliRunner()
 
 
-def test_evaluate_writes_every_file(tiny_checkpoint, split_path, tmp_path) -> None:
-    out = tmp_path / "eval"
-    args = ["evaluate", "--model", str(tiny_checkpoint), "--data", str(split_path), "--out", str(out)]
-    args += ["--device", "cpu", "--baselines", "random,bm25,bi-encoder", "--seeds", "3", "--no-progress"]
+def evaluate(model, data, out, *options: str):
+    """``esci-reranker evaluate --model model --data data --out out`` with ``options``; it must succeed."""
+    args = ["evaluate", "--model", str(model), "--data", str(data), "--out", str(out), *options]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    return result
+
+
+def test_evaluate_writes_every_file(tiny_checkpoint, split_path, tmp_path) -> None:
+    out = tmp_path / "eval"
+    options = ["--device", "cpu", "--baselines", "random,bm25,bi-encoder", "--seeds", "3", "--no-progress"]
+    result = evaluate(tiny_checkpoint, split_path, out, *options)
     assert "| model (score) |" in result.output
     assert "| random (mean of 3 seeds) |" in result.output
     assert "| bi-encoder |" in result.output
@@ -32,10 +38,8 @@ def test_evaluate_writes_every_file(tiny_checkpoint, split_path, tmp_path) -> No
 
 def test_evaluate_options_reach_the_metrics(tiny_checkpoint, split_path, tmp_path) -> None:
     out = tmp_path / "eval"
-    args = ["evaluate", "--model", str(tiny_checkpoint), "--data", str(split_path), "--out", str(out)]
-    args += ["--gains", "official-script", "--relevant", "E,S", "--baselines", "none", "--no-progress"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
+    options = ["--gains", "official-script", "--relevant", "E,S", "--baselines", "none", "--no-progress"]
+    evaluate(tiny_checkpoint, split_path, out, *options)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["gains"] == "official-script"
     assert metrics["relevant_labels"] == ["E", "S"]

@@ -13,6 +13,7 @@ from esci_reranker.model import ListwiseReranker, load_checkpoint, save_checkpoi
 from esci_reranker.model.features import pair_encoder_for
 from esci_reranker.model.listwise import ListPairEncoder, circle_loss, list_chunks
 from tests.conftest import build_tiny_model
+from tests.model.helpers import small_train_config
 
 QUERIES = ["red running shoes"] * 6 + ["usb c cable"] * 4
 TEXTS = [
@@ -217,23 +218,20 @@ def test_listwise_trains_end_to_end_and_serves(
 
     from esci_reranker.reranker import Reranker
     from esci_reranker.serve import create_app, load_settings
-    from esci_reranker.train.config import load_config
     from esci_reranker.train.loop import train
 
-    cfg = load_config(
-        Path(__file__).resolve().parents[2] / "configs/listwise.yaml",
-        [
-            f"data.dir={small_splits}",
-            f"model.backbone={tiny_backbone}",
-            "model.max_length=48",
-            "optim.max_steps=4",
-            "optim.batch_size=32",
-            "optim.group_size=32",
-            "eval.every_steps=2",
-            "eval.batch_size=16",
-            f"output.save_path={tmp_path / 'model'}",
-            "output.checkpoint_every=2",
-        ],
+    cfg = small_train_config(
+        "listwise",
+        small_splits,
+        tiny_backbone,
+        "model.max_length=48",
+        "optim.max_steps=4",
+        "optim.batch_size=32",
+        "optim.group_size=32",
+        "eval.every_steps=2",
+        "eval.batch_size=16",
+        f"output.save_path={tmp_path / 'model'}",
+        "output.checkpoint_every=2",
     )
     result = train(cfg, progress=False)
     assert result.steps == 4

@@ -18,6 +18,7 @@ from esci_reranker.model.config import LLMSettings
 from esci_reranker.model.features import pair_encoder_for
 from esci_reranker.model.llm import LLMReranker, PromptEncoder, build_llm, label_token_ids, merge_checkpoint
 from tests.cli.helpers import assert_fails, run
+from tests.model.helpers import small_train_config
 from tests.model.tiny_llm import save_tiny_base, tiny_tokenizer
 
 QUERIES = ["red running shoes", "red running shoes", "usb c cable"]
@@ -220,23 +221,20 @@ def test_llm_trains_end_to_end_and_serves(small_splits: Path, tmp_path: Path) ->
 
     from esci_reranker.reranker import Reranker
     from esci_reranker.serve import create_app, load_settings
-    from esci_reranker.train.config import load_config
     from esci_reranker.train.loop import train
 
     base = save_tiny_base(tmp_path / "base", "llama")
-    cfg = load_config(
-        Path(__file__).resolve().parents[2] / "configs/llm_lora.yaml",
-        [
-            f"data.dir={small_splits}",
-            f"model.backbone={base}",
-            "model.max_length=128",
-            "data.max_train_rows=48",
-            "optim.max_steps=3",
-            "optim.batch_size=16",
-            "eval.every_steps=3",
-            "eval.batch_size=32",
-            f"output.save_path={tmp_path / 'model'}",
-        ],
+    cfg = small_train_config(
+        "llm_lora",
+        small_splits,
+        base,
+        "model.max_length=128",
+        "data.max_train_rows=48",
+        "optim.max_steps=3",
+        "optim.batch_size=16",
+        "eval.every_steps=3",
+        "eval.batch_size=32",
+        f"output.save_path={tmp_path / 'model'}",
     )
     result = train(cfg, progress=False)
     assert result.steps == 3
@@ -275,29 +273,26 @@ def test_resumable_checkpoint_holds_the_adapter_only_and_resumes_exactly(
     from safetensors.torch import load_file
 
     from esci_reranker.train import loop as loop_module
-    from esci_reranker.train.config import load_config
     from esci_reranker.train.loop import Trainer, train
 
     base = save_tiny_base(tmp_path / "base", "llama")
 
     def config(name: str, *extra: str):
-        return load_config(
-            Path(__file__).resolve().parents[2] / "configs/llm_lora.yaml",
-            [
-                f"data.dir={small_splits}",
-                f"model.backbone={base}",
-                "model.max_length=96",
-                "data.max_train_rows=64",
-                "optim.max_steps=4",
-                "optim.batch_size=8",
-                "optim.lr=1e-2",
-                "eval.every_steps=100",
-                "eval.at_start=false",
-                "output.checkpoint_every=2",
-                f"output.save_path={tmp_path / name / 'model'}",
-                f"output.run_dir={tmp_path / name / 'train'}",
-                *extra,
-            ],
+        return small_train_config(
+            "llm_lora",
+            small_splits,
+            base,
+            "model.max_length=96",
+            "data.max_train_rows=64",
+            "optim.max_steps=4",
+            "optim.batch_size=8",
+            "optim.lr=1e-2",
+            "eval.every_steps=100",
+            "eval.at_start=false",
+            "output.checkpoint_every=2",
+            f"output.save_path={tmp_path / name / 'model'}",
+            f"output.run_dir={tmp_path / name / 'train'}",
+            *extra,
         )
 
     train(config("full"), progress=False)

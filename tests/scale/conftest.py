@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
+
+from esci_reranker.reranker import Reranker, score_parquet
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +21,21 @@ def ray_cluster() -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def score_in_one_process(tiny_checkpoint: Path, tmp_path: Path) -> Callable[[pd.DataFrame], Path]:
+    """``score_in_one_process(rows)``: the reference the distributed paths must match, the tiny
+    checkpoint's ``score_parquet`` output for ``rows`` (a parquet file under ``tmp_path``)."""
+
+    def score(rows: pd.DataFrame) -> Path:
+        rows.to_parquet(tmp_path / "good.parquet", index=False)
+        score_parquet(
+            Reranker.from_pretrained(tiny_checkpoint, device="cpu"),
+            tmp_path / "good.parquet",
+            tmp_path / "single.parquet",
+            progress=False,
+        )
+        return tmp_path / "single.parquet"
+
+    return score

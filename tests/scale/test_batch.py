@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from esci_reranker.reranker import SCORE_COLUMNS, Reranker, score_parquet
+from esci_reranker.reranker import SCORE_COLUMNS
 from esci_reranker.scale.batch import (
     MISSING_PRODUCT_TEXT,
     MISSING_QUERY,
@@ -60,17 +60,10 @@ def test_reject_reasons_with_product_text_input():
 
 
 def test_batch_scorer_gives_the_single_process_rows_and_columns(
-    rows: pd.DataFrame, tiny_checkpoint: Path, tmp_path: Path
+    rows: pd.DataFrame, tiny_checkpoint: Path, score_in_one_process
 ):
     good = rows.drop(index=[1, 2, 3, 4]).reset_index(drop=True)
-    good.to_parquet(tmp_path / "good.parquet", index=False)
-    score_parquet(
-        Reranker.from_pretrained(tiny_checkpoint, device="cpu"),
-        tmp_path / "good.parquet",
-        tmp_path / "single.parquet",
-        progress=False,
-    )
-    single = pq.read_table(tmp_path / "single.parquet")
+    single = pq.read_table(score_in_one_process(good))
 
     scorer = BatchScorer(str(tiny_checkpoint), ["query", *PRODUCT_COLUMNS], device="cpu", threads=1)
     out = scorer(pa.Table.from_pandas(rows, preserve_index=False))

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from esci_reranker.reranker import SCORE_COLUMNS, Reranker, score_parquet
+from esci_reranker.reranker import SCORE_COLUMNS
 from esci_reranker.scale.batch import REJECT_COLUMN
 from esci_reranker.scale.ray_scoring import (
     RAY_EXTRA,
@@ -27,6 +27,11 @@ from tests.cli.helpers import assert_fails, run
 from tests.conftest import SAMPLE_PARQUET
 
 KEY = ["query_id", "product_id"]
+
+
+def score_ray(model: Path, pairs: Path, out: Path, *options: str):
+    """``esci-reranker score --engine ray`` of ``pairs`` into ``out``, with ``options`` after."""
+    return run("score", "--engine", "ray", "--model", model, "--input", pairs, "--output", out, *options)
 
 
 def test_resolve_inputs_file_folder_glob(tmp_path: Path):
@@ -78,7 +83,7 @@ def sample_with_rejects(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_ray_scores_equal_single_process_and_rejects_are_kept(
-    ray_cluster, sample_with_rejects: Path, tiny_checkpoint: Path, tmp_path: Path
+    ray_cluster, sample_with_rejects: Path, tiny_checkpoint: Path, tmp_path: Path, score_in_one_process
 ):
     out = tmp_path / "out"
     result = score_with_ray(
@@ -96,14 +101,7 @@ def test_ray_scores_equal_single_process_and_rejects_are_kept(
 
     scores = pd.read_parquet(out / SCORES_DIR)
     good = frame.drop(index=[10, 20, 30])
-    good.to_parquet(tmp_path / "good.parquet", index=False)
-    score_parquet(
-        Reranker.from_pretrained(tiny_checkpoint, device="cpu"),
-        tmp_path / "good.parquet",
-        tmp_path / "single.parquet",
-        progress=False,
-    )
-    single = pd.read_parquet(tmp_path / "single.parquet")
+    single = pd.read_parquet(score_in_one_process(good))
     assert list(scores.columns) == list(single.columns)
     assert scores.dtypes.equals(single.dtypes)
     both = single.merge(scores, on=KEY, suffixes=("_one", "_ray"), validate="one_to_one")
@@ -118,27 +116,23 @@ def test_score_command_with_engine_ray(ray_cluster, tiny_checkpoint: Path, tmp_p
     rows = pd.read_parquet(SAMPLE_PARQUET).iloc[:50]
     rows.to_parquet(tmp_path / "pairs.parquet", index=False)
     out = tmp_path / "scored"
-    result = run(
-        "score", "--engine", "ray", "--model", tiny_checkpoint, "--input", tmp_path / "pairs.parquet",
-        "--output", out, "--num-actors", "1", "--device", "cpu", "--no-progress",
-    )  # fmt: skip
+    result = score_ray(
+        tiny_checkpoint,
+        tmp_path / "pairs.parquet",
+        out,
+        "--num-actors",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     assert "scored 50 rows, rejected 0 of 50 with 1 Ray actor(s)" in result.output
     table = pq.read_table(out / SCORES_DIR)
     assert table.num_rows == 50
     assert table.schema.names[-len(SCORE_COLUMNS) :] == list(SCORE_COLUMNS)
     # a second run into the same folder would append: refused before anything starts
-    again = run(
-        "score",
-        "--engine",
-        "ray",
-        "--model",
-        tiny_checkpoint,
-        "--input",
-        tmp_path / "pairs.parquet",
-        "--output",
-        out,
-    )
+    again = score_ray(tiny_checkpoint, tmp_path / "pairs.parquet", out)
     assert_fails(again, f"--output {out}", "not an empty folder")
 
 
@@ -178,15 +172,5 @@ def test_engine_ray_without_ray_names_the_extra(tiny_checkpoint: Path, tmp_path:
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
-    result = run(
-        "score",
-        "--engine",
-        "ray",
-        "--model",
-        tiny_checkpoint,
-        "--input",
-        SAMPLE_PARQUET,
-        "--output",
-        tmp_path / "o",
-    )
+    result = score_ray(tiny_checkpoint, SAMPLE_PARQUET, tmp_path / "o")
     assert_fails(result, "--engine ray needs the 'ray' extra", RAY_EXTRA)

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -41,16 +41,26 @@ def tiny_single_reranker(tiny_single_task_checkpoint: Path) -> Reranker:
     return Reranker.from_pretrained(tiny_single_task_checkpoint, device="cpu")
 
 
-@pytest.fixture
-def count_calls(monkeypatch: pytest.MonkeyPatch) -> Callable[[Reranker], CountingRunner]:
-    """``count_calls(reranker)`` counts its forward passes (wraps ``reranker.runner``) for this test only."""
+Wrapper = TypeVar("Wrapper")
 
-    def wrap(reranker: Reranker) -> CountingRunner:
-        counter = CountingRunner(reranker.runner)
-        monkeypatch.setattr(reranker, "runner", counter)
-        return counter
+
+@pytest.fixture
+def wrap_runner(monkeypatch: pytest.MonkeyPatch) -> Callable[[Reranker, Callable[[Any], Wrapper]], Wrapper]:
+    """``wrap_runner(reranker, Wrapper)`` puts ``Wrapper(reranker.runner)`` (the model's forward
+    pass, a dependency of the service) in its place for this test only, and returns it."""
+
+    def wrap(reranker: Reranker, wrapper: Callable[[Any], Wrapper]) -> Wrapper:
+        wrapped = wrapper(reranker.runner)
+        monkeypatch.setattr(reranker, "runner", wrapped)
+        return wrapped
 
     return wrap
+
+
+@pytest.fixture
+def count_calls(wrap_runner) -> Callable[[Reranker], CountingRunner]:
+    """``count_calls(reranker)`` counts its forward passes (wraps ``reranker.runner``) for this test only."""
+    return lambda reranker: wrap_runner(reranker, CountingRunner)
 
 
 MakeClient = Callable[..., TestClient]

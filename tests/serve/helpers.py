@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from esci_reranker.reranker import Reranker
 
@@ -73,3 +76,16 @@ def stacked_with_mixed_labels(
     rules.class_offsets = [0.0, -50.0, -50.0, _split(log_p[:, 0] - log_p[:, 3])]  # E or I only
     rules.substitute_threshold = _split(preds.substitute_probs[best])
     return reranker
+
+
+def asgi_client(app: Any) -> httpx.AsyncClient:
+    """An async client calling ``app`` in this process (``async with asgi_client(app) as client``)."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def rerank_tasks(client: httpx.AsyncClient, requests: int, candidates: int) -> list[asyncio.Task[Any]]:
+    """``requests`` concurrent /rerank calls of ``candidates`` each, queries q0, q1, ... (running tasks)."""
+    return [
+        asyncio.create_task(client.post("/rerank", json=body(candidates, query=f"q{i}")))
+        for i in range(requests)
+    ]

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from esci_reranker.reranker import Reranker
@@ -19,7 +18,7 @@ from esci_reranker.serve import create_app, load_settings
 from esci_reranker.serve.admission import MAX_RETRY_AFTER, QueueBound
 from esci_reranker.serve.metrics import Metrics
 from esci_reranker.serve.settings import DEFAULT_MAX_QUEUED_REQUESTS, SettingsError
-from tests.serve.helpers import body
+from tests.serve.helpers import asgi_client, body, rerank_tasks
 
 
 class HeldRunner:
@@ -53,13 +52,9 @@ def _metric(text: str, name: str, labels: str = "") -> float:
 
 
 @pytest.fixture
-def held(monkeypatch: pytest.MonkeyPatch) -> Callable[[Reranker], HeldRunner]:
-    def hold(reranker: Reranker) -> HeldRunner:
-        runner = HeldRunner(reranker.runner)
-        monkeypatch.setattr(reranker, "runner", runner)
-        return runner
-
-    return hold
+def held(wrap_runner) -> Callable[[Reranker], HeldRunner]:
+    """``held(reranker)``: its forward passes wait for ``release`` (for this test only)."""
+    return lambda reranker: wrap_runner(reranker, HeldRunner)
 
 
 @pytest.mark.parametrize("batch_wait_ms", [2.0, 0.0], ids=["batched", "direct"])
@@ -73,11 +68,8 @@ def test_a_full_queue_answers_429_with_retry_after_and_counts_it(request, held, 
     runner = held(reranker)
 
     async def scenario() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            admitted = [
-                asyncio.create_task(client.post("/rerank", json=body(3, query=f"q{i}"))) for i in range(2)
-            ]
+        async with asgi_client(app) as client:
+            admitted = rerank_tasks(client, 2, 3)
             await _until(lambda: queue.admitted == 2 and runner.entered.is_set(), "two requests in progress")
 
             shed = await client.post("/rerank", json=body(3))
@@ -121,8 +113,7 @@ def test_search_holds_a_slot_through_retrieval_and_rerank(make_client, tiny_rera
     runner = held(tiny_reranker)
 
     async def scenario() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with asgi_client(app) as http:
             searching = asyncio.create_task(
                 http.post("/search", json={"query": "wireless earbuds", "top_k": 3})
             )
@@ -147,11 +138,8 @@ def test_no_bound_with_zero(held, tiny_reranker):
     runner = held(tiny_reranker)
 
     async def scenario() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            tasks = [
-                asyncio.create_task(client.post("/rerank", json=body(2, query=f"q{i}"))) for i in range(5)
-            ]
+        async with asgi_client(app) as client:
+            tasks = rerank_tasks(client, 5, 2)
             await _until(lambda: queue.admitted == 5, "five requests in progress")
             runner.release.set()
             assert [(await task).status_code for task in tasks] == [200] * 5

@@ -213,12 +213,19 @@ def test_a_big_request_is_split_into_length_sorted_batches(tiny_reranker, record
     assert_same(result.predictions, tiny_reranker.predict_texts(["wireless earbuds"] * 120, texts))
 
 
+def _busy_worker(batcher, recorded, encode, query: str, text: str):
+    """Submit one pair and wait until its forward has started and is held (``recorded.hold``):
+    what is submitted next queues up. Returns the held request's future."""
+    recorded.hold.clear()
+    future = batcher.submit(encode([query], [text]))
+    assert recorded.entered.wait(timeout=30)
+    return future
+
+
 def test_concurrent_requests_share_a_forward_pass(tiny_reranker, recorded, make_batcher):
     batcher, infos = make_batcher(tiny_reranker, max_wait_ms=20.0)
     encode = tiny_reranker.pair_encoder.encode
-    recorded.hold.clear()
-    first = batcher.submit(encode(["held"], ["the worker is busy with this one"]))
-    assert recorded.entered.wait(timeout=30)
+    first = _busy_worker(batcher, recorded, encode, "held", "the worker is busy with this one")
     # While the worker is busy, three requests queue up; the next forward takes all of them.
     queued = [(f"query {i}", texts_for(300 + i, 4)) for i in range(3)]
     futures = [batcher.submit(encode([q] * len(t), t)) for q, t in queued]
@@ -240,9 +247,7 @@ def test_a_failed_forward_fails_only_its_requests_and_the_worker_survives(
 ):
     batcher, infos = make_batcher(tiny_reranker, max_wait_ms=20.0)
     encode = tiny_reranker.pair_encoder.encode
-    recorded.hold.clear()
-    ok = batcher.submit(encode(["held"], ["first batch"]))
-    assert recorded.entered.wait(timeout=30)
+    ok = _busy_worker(batcher, recorded, encode, "held", "first batch")
     doomed = [batcher.submit(encode([f"q{i}"] * 2, ["x", "y"])) for i in range(2)]
     recorded.fail_calls = {2}  # the next forward (the two queued requests) raises
     recorded.hold.set()
@@ -259,9 +264,7 @@ def test_a_failed_forward_fails_only_its_requests_and_the_worker_survives(
 def test_close_fails_waiting_requests_and_finishes_the_running_forward(tiny_reranker, recorded, make_batcher):
     batcher, _ = make_batcher(tiny_reranker, max_wait_ms=20.0)
     encode = tiny_reranker.pair_encoder.encode
-    recorded.hold.clear()
-    running = batcher.submit(encode(["running"], ["in the forward pass at shutdown"]))
-    assert recorded.entered.wait(timeout=30)
+    running = _busy_worker(batcher, recorded, encode, "running", "in the forward pass at shutdown")
     waiting = [batcher.submit(encode([f"w{i}"] * 3, ["a", "b", "c"])) for i in range(3)]
 
     closer = threading.Thread(target=batcher.close, kwargs={"timeout": 30})

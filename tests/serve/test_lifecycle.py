@@ -7,12 +7,11 @@ import asyncio
 import threading
 import time
 
-import httpx
 import pytest
 
 from esci_reranker.serve import create_app, load_settings
 from esci_reranker.serve.app import create_app_from_env
-from tests.serve.helpers import body
+from tests.serve.helpers import asgi_client, body
 
 
 def _wait_for(client, path: str, status: int, timeout: float = 20.0):
@@ -107,8 +106,7 @@ def test_health_and_metrics_answer_while_a_request_is_scored(tiny_reranker, monk
     monkeypatch.setattr(tiny_reranker, "runner", slow_forward)
 
     async def scenario() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with asgi_client(app) as client:
             scoring = asyncio.create_task(client.post("/rerank", json=body(3)))
             assert await asyncio.to_thread(started.wait, 30)
             health = await asyncio.wait_for(client.get("/health"), timeout=5)

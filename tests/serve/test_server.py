@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from esci_reranker.bench.server import answers_ready
 from tests.serve.conftest import SETTINGS_ENV
 from tests.serve.helpers import body
 
@@ -71,11 +72,8 @@ def _wait_ready(url: str, proc: subprocess.Popen) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"server exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+        if answers_ready(url):
+            return
         time.sleep(0.2)
     pytest.fail(f"server not ready within {READY_TIMEOUT} s")
 
@@ -109,33 +107,25 @@ def test_cli_serves_over_http(server):
     assert predict[0]["client"] == "127.0.0.1"
 
 
-@pytest.mark.slow
-def test_cli_fails_clearly_without_a_model(tmp_path):
+def _serve_fails(cwd: Path, *args: str, **env: str) -> str:
+    """Run ``esci-reranker serve`` with ``args`` and ``env``; it must exit 2. Its stderr."""
     result = subprocess.run(
-        [*_cli(), "serve", "--port", str(_free_port())],
-        env=_env(),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [*_cli(), "serve", *args], env=_env(**env), cwd=cwd, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2
-    assert "runs/default/model" in result.stderr
-    assert "run `make run` first or pass --model" in result.stderr
+    return result.stderr
+
+
+@pytest.mark.slow
+def test_cli_fails_clearly_without_a_model(tmp_path):
+    stderr = _serve_fails(tmp_path, "--port", str(_free_port()))
+    assert "runs/default/model" in stderr
+    assert "run `make run` first or pass --model" in stderr
 
 
 @pytest.mark.slow
 def test_cli_names_the_invalid_variable(tmp_path, tiny_checkpoint):
-    result = subprocess.run(
-        [*_cli(), "serve", "--model", str(tiny_checkpoint)],
-        env=_env(CACHE_SIZE="many"),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert "CACHE_SIZE='many'" in result.stderr
+    assert "CACHE_SIZE='many'" in _serve_fails(tmp_path, "--model", str(tiny_checkpoint), CACHE_SIZE="many")
 
 
 @pytest.mark.slow

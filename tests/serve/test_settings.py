@@ -85,6 +85,16 @@ def test_empty_strings_mean_unset(monkeypatch):
         ("LOG_FORMAT", "xml", "'json' or 'text'"),
         ("LOG_LEVEL", "loud", "'DEBUG'"),
         ("BATCH_SIZE", "0", "greater than or equal to 1"),
+        # the memory policy's settings stop start-up the same way
+        ("MEMORY_LIMIT_MB", "lots", "MEMORY_LIMIT_MB='lots': Input should be a valid integer"),
+        ("MEMORY_LIMIT_MB", "1.5GB", "MEMORY_LIMIT_MB='1.5GB': Input should be a valid integer"),
+        (
+            "MEMORY_LIMIT_MB",
+            "100",
+            "MEMORY_LIMIT_MB='100': expected 0 (no memory policy) or at least 256 MiB",
+        ),
+        ("MEMORY_LIMIT_MB", "-1", "MEMORY_LIMIT_MB='-1': Input should be greater than or equal to 0"),
+        ("MALLOC_ARENA_MAX", "0", "MALLOC_ARENA_MAX='0': Input should be greater than or equal to 1"),
     ],
 )
 def test_invalid_values_name_the_variable(monkeypatch, name, value, fragment):

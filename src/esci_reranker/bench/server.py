@@ -34,9 +34,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeVar
 
 import numpy as np
 
@@ -159,7 +159,6 @@ class Server:
             RuntimeError: the server exited, or was not ready within ``startup_timeout`` seconds
                 (the message has the end of its log).
         """
-        import httpx
 
         script = Path(sys.executable).with_name("esci-reranker")
         command = [str(script)] if script.exists() else [sys.executable, "-m", "esci_reranker.cli"]
@@ -182,11 +181,8 @@ class Server:
                 raise RuntimeError(
                     f"the server exited with status {self.proc.returncode}:\n{self.log_tail()}"
                 )
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
+            if answers_ready(self.url):
+                return
             time.sleep(0.25)
         raise RuntimeError(
             f"the server was not ready within {self.startup_timeout:.0f} s:\n{self.log_tail()}"
@@ -716,3 +712,35 @@ def write_report(path: str | Path, benchmark: str, model: str, block: Mapping[st
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def finish_report(
+    table: str, path: str | Path | None, benchmark: str, model: str, block: Mapping[str, Any]
+) -> None:
+    """Print a server benchmark's ``table`` and, with a ``path``, write its ``block`` there (``write_report``)."""
+    print(table)
+    if path:
+        write_report(path, benchmark, model, block)
+        print(f"wrote {path}")
+
+
+_Bench = TypeVar("_Bench")
+
+
+def bench_from_args(cls: type[_Bench], args: Any, **given: Any) -> _Bench:
+    """A benchmark dataclass ``cls`` from a command's parsed ``args``: each field named like an
+    argument takes its value, ``given`` the rest (and any whose name differs); progress lines print.
+    """
+    values = vars(args)
+    settings = {f.name: values[f.name] for f in fields(cls) if f.init and f.name in values}  # type: ignore[arg-type]
+    return cls(**{**settings, "echo": lambda line: print(line, flush=True), **given})
+
+
+def answers_ready(url: str) -> bool:
+    """Whether the service at ``url`` answers ``/ready`` with 200 now (False while it cannot be reached)."""
+    import httpx  # the client: part of the serve extra
+
+    try:
+        return httpx.get(f"{url}/ready", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -13,11 +13,12 @@ See docs/evaluation.md for definitions and file formats.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from esci_reranker.eval.classification import esci_classification_metrics, substitute_metrics
 from esci_reranker.eval.evaluator import evaluate_run
 from esci_reranker.eval.ranking import per_query_ranking_metrics, ranking_metrics
+from esci_reranker.lazy import lazy_exports
 
 __all__ = [
     "EvaluationResult",
@@ -35,18 +36,13 @@ if TYPE_CHECKING:
     from esci_reranker.eval.baselines import run_baseline
     from esci_reranker.eval.runner import EvaluationResult, predictions_frame, run_evaluation
 
-_LAZY = {
-    "EvaluationResult": "runner",
-    "predictions_frame": "runner",
-    "run_evaluation": "runner",
-    "run_baseline": "baselines",
-}
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy: the runner pulls in matplotlib; importing the metrics should stay light.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"esci_reranker.eval.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'esci_reranker.eval' has no attribute {name!r}")
+# Lazy: the runner pulls in matplotlib; importing the metrics should stay light.
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "EvaluationResult": "esci_reranker.eval.runner",
+        "predictions_frame": "esci_reranker.eval.runner",
+        "run_evaluation": "esci_reranker.eval.runner",
+        "run_baseline": "esci_reranker.eval.baselines",
+    },
+)

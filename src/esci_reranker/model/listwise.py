@@ -24,7 +24,7 @@ encoder frozen, list transformer and heads trained; stage 2: everything).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
 
 from esci_reranker.model.config import LISTWISE, ModelConfig
 from esci_reranker.model.export import DISTILL_HINT
 from esci_reranker.model.features import EncodedPairs, PairEncoder, unique_rows
 from esci_reranker.model.modeling import (
     MODEL_CLASSES,
-    LossConfig,
     RerankerOutput,
     _pair_cosine,
     _RerankerBase,
@@ -176,13 +174,8 @@ class ListwiseReranker(_RerankerBase):
 
     model_type = LISTWISE
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        encoder: PreTrainedModel | None = None,
-        loss_config: LossConfig | None = None,
-    ) -> None:
-        super().__init__(config, encoder=encoder, loss_config=loss_config)
+    def _init_family(self) -> None:
+        config = self.config
         settings = config.listwise
         assert settings is not None  # ModelConfig fills it in for this model type
         hidden = self.encoder.config.hidden_size
@@ -218,34 +211,29 @@ class ListwiseReranker(_RerankerBase):
         """The two-stage schedule: encoder frozen before ``stage1_steps``, trained from then on."""
         self.freeze_encoder = step < self.stage1_steps
 
-    def forward(  # type: ignore[override]
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None = None,
-        query_input_ids: torch.Tensor | None = None,
-        query_attention_mask: torch.Tensor | None = None,
-        product_input_ids: torch.Tensor | None = None,
-        product_attention_mask: torch.Tensor | None = None,
-        lexical: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        query_index: torch.Tensor | None = None,
-        product_index: torch.Tensor | None = None,
-        groups: torch.Tensor | None = None,
-    ) -> RerankerOutput:
-        """Score the candidate lists in a batch of pairs.
+    def _score_batch(self, batch: Mapping[str, torch.Tensor | None]) -> RerankerOutput:
+        """Score the candidate lists in a batch of pairs (``forward``'s inputs by name).
 
-        Args are those of ``MultiTaskReranker.forward``, plus: ``groups`` (B,) the candidate list
-        of each pair (required; pairs of one list may come in any order), and the query tower
+        The inputs are those of ``MultiTaskReranker.forward``, plus: ``groups`` (B,) the candidate
+        list of each pair (required; pairs of one list may come in any order), and the query tower
         inputs ``query_*`` are required (the list's query token), which ``ListPairEncoder.collate``
         provides. With ``labels``, the losses include ListNet and Circle terms per list.
         """
+        groups, query_index = batch["groups"], batch["query_index"]
+        query_input_ids, query_attention_mask = batch["query_input_ids"], batch["query_attention_mask"]
         if groups is None or query_input_ids is None or query_attention_mask is None:
             raise ValueError(
                 "the listwise model needs groups (B,), the list of each pair, and the query tower "
                 "inputs (query_input_ids, query_attention_mask, query_index); ListPairEncoder.collate "
                 "builds them."
             )
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        assert input_ids is not None  # required by forward
+        assert attention_mask is not None
+        product_input_ids, product_attention_mask = (
+            batch["product_input_ids"],
+            batch["product_attention_mask"],
+        )
         towers = self.config.prior == "cosine"
         sides = [(query_input_ids, query_attention_mask)]
         if towers:
@@ -258,7 +246,7 @@ class ListwiseReranker(_RerankerBase):
         frozen = self.freeze_encoder and self.training
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             # One encoder call for the pairs and the towers (one unpadded pass at inference).
-            pair = Sequences(input_ids, attention_mask, token_type_ids)
+            pair = Sequences(input_ids, attention_mask, batch["token_type_ids"])
             tower_batches, plans = self._tower_batches(sides)
             hidden = self._hidden_states([pair, *tower_batches])
             pooled = self._pool(hidden[0], attention_mask).float()  # (B, H)
@@ -266,10 +254,10 @@ class ListwiseReranker(_RerankerBase):
         queries = embeddings[0].float()  # (Uq, H), normalised
         cosine = None
         if towers:
-            cosine = _pair_cosine(queries, embeddings[1], query_index, product_index)
+            cosine = _pair_cosine(queries, embeddings[1], query_index, batch["product_index"])
             if not self.train_prior:
                 cosine = cosine.detach()
-        prior = self.prior_features({"lexical": lexical}, cosine=cosine)
+        prior = self.prior_features({"lexical": batch["lexical"]}, cosine=cosine)
         query_rows = queries[query_index] if query_index is not None else queries  # (B, H)
         lists = _Lists.of(groups)
         active = torch.ones_like(groups, dtype=torch.bool)
@@ -277,6 +265,7 @@ class ListwiseReranker(_RerankerBase):
         rounds = self.config.listwise.iterative_rounds if self.config.listwise is not None else 0
         if rounds and not self.training:
             out = self._iterate(out, pooled, prior, query_rows, lists, rounds)
+        labels = batch["labels"]
         if labels is not None:
             self._add_losses(out, labels, groups)
         return out
@@ -302,14 +291,7 @@ class ListwiseReranker(_RerankerBase):
         pad[lists.list_id, lists.slot + 1] = ~active
         context = self.list_transformer(seq, src_key_padding_mask=pad)  # (L, 1 + N, H)
         mixed = self.list_norm(context[lists.list_id, lists.slot + 1].float())  # (B, H)
-        vectors = pooled + self.list_out(mixed)
-        out = RerankerOutput(score=self.score_head(vectors, prior).squeeze(-1), prior=prior)
-        assert self.esci_head is not None
-        assert self.substitute_head is not None
-        out.esci_logits = self.esci_head(vectors, prior)  # (B, 4)
-        out.substitute_logit = self.substitute_head(vectors, prior).squeeze(-1)
-        out.expected_gain = (out.esci_logits.float().softmax(-1) * self.gain_vector).sum(-1)
-        return out
+        return self._head_outputs(pooled + self.list_out(mixed), prior)
 
     def _iterate(
         self,

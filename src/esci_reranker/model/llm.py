@@ -45,7 +45,14 @@ from esci_reranker.labels import gain_vector
 from esci_reranker.model.config import LLM, CheckpointError, LLMSettings, ModelConfig, is_hub_id
 from esci_reranker.model.features import EncodedPairs, PairEncoder
 from esci_reranker.model.io import load_checkpoint, load_tokenizer
-from esci_reranker.model.modeling import SUBSTITUTE_INDEX, LossConfig, RerankerOutput, rank_loss
+from esci_reranker.model.modeling import (
+    SUBSTITUTE_INDEX,
+    LossConfig,
+    RerankerOutput,
+    add_rank_loss,
+    class_weight,
+    substitute_logit,
+)
 from esci_reranker.model.registry import Family, WeightsKind, register
 from esci_reranker.model.unpadded import Sequences
 
@@ -324,10 +331,8 @@ class LLMReranker(nn.Module):
         score = (
             expected if self.config.llm.score == "expected_gain" else (probs * self.weighted_vector).sum(-1)
         )
-        others = torch.cat([logits[:, :SUBSTITUTE_INDEX], logits[:, SUBSTITUTE_INDEX + 1 :]], dim=-1)
-        substitute = logits[:, SUBSTITUTE_INDEX] - torch.logsumexp(others, -1)  # log P(S) / (1 - P(S))
         out = RerankerOutput(
-            score=score, esci_logits=logits, substitute_logit=substitute, expected_gain=expected
+            score=score, esci_logits=logits, substitute_logit=substitute_logit(logits), expected_gain=expected
         )
         if labels is not None:
             self._add_losses(out, labels, groups)
@@ -337,26 +342,18 @@ class LLMReranker(nn.Module):
         cfg = self.loss_config
         assert out.esci_logits is not None
         assert out.substitute_logit is not None
-        weight = (
-            torch.tensor(cfg.class_weights, device=labels.device, dtype=torch.float32)
-            if cfg.class_weights is not None
-            else None
-        )
         out.losses["esci"] = F.cross_entropy(
-            out.esci_logits, labels, weight=weight, label_smoothing=cfg.label_smoothing
+            out.esci_logits,
+            labels,
+            weight=class_weight(cfg, labels.device),
+            label_smoothing=cfg.label_smoothing,
         )
         total = cfg.esci_weight * out.losses["esci"]
         target_gain = self.gain_vector[labels]
         if cfg.score_weight > 0:
             out.losses["score"] = F.mse_loss(out.score, target_gain)
             total = total + cfg.score_weight * out.losses["score"]
-        if cfg.rank_weight > 0:
-            if groups is None:
-                raise ValueError("loss.rank_weight > 0 needs the pairs' query ids: pass groups.")
-            out.losses["rank"] = rank_loss(
-                out.score, target_gain, groups, cfg.rank_loss, cfg.rank_temperature
-            )
-            total = total + cfg.rank_weight * out.losses["rank"]
+        total = add_rank_loss(out, cfg, target_gain, groups, total)
         if cfg.substitute_weight > 0:
             out.losses["substitute"] = F.binary_cross_entropy_with_logits(
                 out.substitute_logit, (labels == SUBSTITUTE_INDEX).float()

@@ -125,6 +125,39 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-6)
 
 
+def class_weight(cfg: LossConfig, device: torch.device) -> torch.Tensor | None:
+    """``cfg.class_weights`` as the (4,) fp32 weight of the E/S/C/I cross-entropy, or None."""
+    if cfg.class_weights is None:
+        return None
+    return torch.tensor(cfg.class_weights, device=device, dtype=torch.float32)
+
+
+def add_rank_loss(
+    out: RerankerOutput,
+    cfg: LossConfig,
+    target_gain: torch.Tensor,
+    groups: torch.Tensor | None,
+    total: torch.Tensor,
+) -> torch.Tensor:
+    """``total`` plus the weighted within-query ranking loss of ``out.score`` (kept in
+    ``out.losses["rank"]``) when ``cfg.rank_weight`` > 0; ``total`` itself otherwise."""
+    if cfg.rank_weight <= 0:
+        return total
+    if groups is None:
+        raise ValueError("loss.rank_weight > 0 needs the pairs' query ids: pass groups.")
+    out.losses["rank"] = rank_loss(out.score, target_gain, groups, cfg.rank_loss, cfg.rank_temperature)
+    return total + cfg.rank_weight * out.losses["rank"]
+
+
+def substitute_logit(class_logits: torch.Tensor) -> torch.Tensor:
+    """Task 3 logit ``log(p_S / (1 - p_S))`` from E/S/C/I logits or log-probabilities. (B, 4) -> (B,).
+
+    ``1 - p_S`` is summed in log space, so the result is exact where ``p_S`` is near 1.
+    """
+    others = torch.cat([class_logits[:, :SUBSTITUTE_INDEX], class_logits[:, SUBSTITUTE_INDEX + 1 :]], -1)
+    return class_logits[:, SUBSTITUTE_INDEX] - torch.logsumexp(others, -1)
+
+
 class _Head(nn.Module):
     """Pooled vector (+ optional prior features) -> ``out`` values; linear or one tanh hidden layer."""
 
@@ -198,6 +231,10 @@ class _RerankerBase(nn.Module):
         self.register_buffer("gain_vector", torch.tensor(gain_vector(config.gains), dtype=torch.float32))
         if config.prior_features:
             self._init_prior_residual()
+        self._init_family()
+
+    def _init_family(self) -> None:
+        """Where a family adds (or removes) its own layers, once the shared ones are built."""
 
     @property
     def heads(self) -> dict[str, _Head]:
@@ -446,61 +483,76 @@ class _RerankerBase(nn.Module):
             labels: (B,) class indices in E, S, C, I order; when given, losses are computed.
             groups: (B,) query ids of the pairs, for the ranking loss (``loss_config.rank_weight``).
         """
-        inputs = {
-            "query_input_ids": query_input_ids,
-            "query_attention_mask": query_attention_mask,
-            "product_input_ids": product_input_ids,
-            "product_attention_mask": product_attention_mask,
-            "query_index": query_index,
-            "product_index": product_index,
-            "lexical": lexical,
-        }
-        batches = [Sequences(input_ids, attention_mask, token_type_ids)]
+        return self._score_batch(
+            {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "token_type_ids": token_type_ids,
+                "query_input_ids": query_input_ids,
+                "query_attention_mask": query_attention_mask,
+                "product_input_ids": product_input_ids,
+                "product_attention_mask": product_attention_mask,
+                "lexical": lexical,
+                "labels": labels,
+                "query_index": query_index,
+                "product_index": product_index,
+                "groups": groups,
+            }
+        )
+
+    def _score_batch(self, batch: Mapping[str, torch.Tensor | None]) -> RerankerOutput:
+        """``forward`` with its inputs by name: the one method a pair family overrides, so every
+        family keeps ``forward``'s named inputs (the ONNX export and the training loop pass them)."""
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        assert input_ids is not None  # required by forward
+        assert attention_mask is not None
+        query_index, product_index = batch["query_index"], batch["product_index"]
+        batches = [Sequences(input_ids, attention_mask, batch["token_type_ids"])]
         cosine = None
         towers = self.config.prior == "cosine" and self.train_prior
         plans: list[TowerPlan] = []
         if towers:
             # One encoder call for the pair and both towers (a single unpadded pass at inference);
             # with the tower cache, only texts it has not seen go through their tower.
-            self._check_towers(inputs)
-            sides = [(query_input_ids, query_attention_mask), (product_input_ids, product_attention_mask)]
+            self._check_towers(batch)
+            sides = [
+                (batch["query_input_ids"], batch["query_attention_mask"]),
+                (batch["product_input_ids"], batch["product_attention_mask"]),
+            ]
             tower_batches, plans = self._tower_batches(sides)  # type: ignore[arg-type]
             batches += tower_batches
         hidden = self._hidden_states(batches)
         pooled = self._pool(hidden[0], attention_mask)  # (B, H)
         if towers:
             cosine = self._tower_cosine(hidden[1:], batches[1:], plans, query_index, product_index)
-        prior = self.prior_features(inputs, cosine=cosine)
-        out = RerankerOutput(score=self.score_head(pooled, prior).squeeze(-1), prior=prior)
+        out = self._head_outputs(pooled, self.prior_features(batch, cosine=cosine))
+        labels = batch["labels"]
+        if labels is not None:
+            self._add_losses(out, labels, batch["groups"])
+        return out
+
+    def _head_outputs(self, vectors: torch.Tensor, prior: torch.Tensor | None) -> RerankerOutput:
+        """The heads on the (B, H) pair ``vectors``: the score and, with the class heads, the class
+        logits, the substitute logit and the expected gain."""
+        out = RerankerOutput(score=self.score_head(vectors, prior).squeeze(-1), prior=prior)
         if self.esci_head is not None and self.substitute_head is not None:
-            out.esci_logits = self.esci_head(pooled, prior)  # (B, 4)
-            out.substitute_logit = self.substitute_head(pooled, prior).squeeze(-1)
+            out.esci_logits = self.esci_head(vectors, prior)  # (B, 4)
+            out.substitute_logit = self.substitute_head(vectors, prior).squeeze(-1)
             # an elementwise sum, not @: autocast would run a matmul in bf16
             out.expected_gain = (out.esci_logits.float().softmax(-1) * self.gain_vector).sum(-1)
-        if labels is not None:
-            self._add_losses(out, labels, groups)
         return out
 
     def _add_losses(self, out: RerankerOutput, labels: torch.Tensor, groups: torch.Tensor | None) -> None:
         cfg = self.loss_config
         target_gain = self.gain_vector[labels]  # (B,)
         out.losses["score"] = F.mse_loss(out.score.float(), target_gain)
-        total = cfg.score_weight * out.losses["score"]
-        if cfg.rank_weight > 0:
-            if groups is None:
-                raise ValueError("loss.rank_weight > 0 needs the pairs' query ids: pass groups.")
-            out.losses["rank"] = rank_loss(
-                out.score, target_gain, groups, cfg.rank_loss, cfg.rank_temperature
-            )
-            total = total + cfg.rank_weight * out.losses["rank"]
+        total = add_rank_loss(out, cfg, target_gain, groups, cfg.score_weight * out.losses["score"])
         if out.esci_logits is not None and out.substitute_logit is not None:
-            weight = (
-                torch.tensor(cfg.class_weights, device=labels.device, dtype=torch.float32)
-                if cfg.class_weights is not None
-                else None
-            )
             out.losses["esci"] = F.cross_entropy(
-                out.esci_logits.float(), labels, weight=weight, label_smoothing=cfg.label_smoothing
+                out.esci_logits.float(),
+                labels,
+                weight=class_weight(cfg, labels.device),
+                label_smoothing=cfg.label_smoothing,
             )
             pos_weight = (
                 torch.tensor(cfg.substitute_pos_weight, device=labels.device)
@@ -570,13 +622,7 @@ class ClassifierReranker(_RerankerBase):
 
     model_type = CLASSIFIER
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        encoder: PreTrainedModel | None = None,
-        loss_config: LossConfig | None = None,
-    ) -> None:
-        super().__init__(config, encoder=encoder, loss_config=loss_config)
+    def _init_family(self) -> None:
         # The base builds every head of a family with classes; this one derives score and
         # substitute from the class probabilities, so those heads must not exist (nor be saved).
         self.score_head = None  # type: ignore[assignment]
@@ -599,11 +645,8 @@ class ClassifierReranker(_RerankerBase):
         logits = self.esci_head(self._pool(hidden, attention_mask), None)  # (B, 4), fp32
         log_probs = logits.float().log_softmax(-1)
         gain = (log_probs.exp() * self.gain_vector).sum(-1)  # elementwise: autocast-safe
-        others = torch.cat([log_probs[:, :SUBSTITUTE_INDEX], log_probs[:, SUBSTITUTE_INDEX + 1 :]], -1)
-        # log(p_S / (1 - p_S)) with 1 - p_S summed in log space: exact where p_S is near 1
-        substitute_logit = log_probs[:, SUBSTITUTE_INDEX] - torch.logsumexp(others, -1)
         out = RerankerOutput(
-            score=gain, esci_logits=logits, substitute_logit=substitute_logit, expected_gain=gain
+            score=gain, esci_logits=logits, substitute_logit=substitute_logit(log_probs), expected_gain=gain
         )
         if labels is not None:
             cfg = self.loss_config

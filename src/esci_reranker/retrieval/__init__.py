@@ -9,7 +9,9 @@ Needs the ``retrieval`` extra (sentence-transformers, usearch): ``pip install 'e
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from esci_reranker.lazy import lazy_exports
 
 __all__ = [
     "CatalogueIndex",
@@ -39,11 +41,5 @@ _EXPORTS = {
     "build_sample_index": "esci_reranker.retrieval.sample",
 }
 
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so importing the package (the CLI's --help) loads neither torch nor usearch.
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'esci_reranker.retrieval' has no attribute {name!r}")
+# Lazy, so importing the package (the CLI's --help) loads neither torch nor usearch.
+__getattr__ = lazy_exports(__name__, _EXPORTS)

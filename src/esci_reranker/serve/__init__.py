@@ -8,7 +8,9 @@ Needs the ``serve`` extra: ``pip install 'esci-reranker[serve]'``. See docs/serv
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from esci_reranker.lazy import lazy_exports
 
 __all__ = ["Settings", "SettingsError", "create_app", "create_app_from_env", "load_settings"]
 
@@ -24,11 +26,5 @@ _EXPORTS = {
     "load_settings": "esci_reranker.serve.settings",
 }
 
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so the CLI can validate settings and configure logging without importing torch.
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'esci_reranker.serve' has no attribute {name!r}")
+# Lazy, so the CLI can validate settings and configure logging without importing torch.
+__getattr__ = lazy_exports(__name__, _EXPORTS)

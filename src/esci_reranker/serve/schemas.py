@@ -96,26 +96,23 @@ class Candidate(BaseModel):
         return {"text": self.text} if self.text is not None else self.fields()
 
 
+def _request_config(extra: Literal["forbid", "ignore"], example: dict[str, Any]) -> ConfigDict:
+    """A request model's config: what to do with unknown keys, and the example the API docs show."""
+    return ConfigDict(extra=extra, json_schema_extra={"examples": [example]})
+
+
 class ScoringRequest(BaseModel):
     """One query and the candidates to score for it (``/rerank``, ``/classify``, ``/substitute``, ``/predict``)."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "query": "wireless earbuds",
-                    "candidates": [
-                        {
-                            "product_id": "B01",
-                            "title": "Soundcore Life P2 Wireless Earbuds",
-                            "brand": "Anker",
-                        },
-                        {"product_id": "B02", "text": "USB-C charging cable 2 m | Amazon Basics"},
-                    ],
-                    "top_k": 10,
-                }
-            ]
+    model_config = _request_config(
+        "forbid",
+        {
+            "query": "wireless earbuds",
+            "candidates": [
+                {"product_id": "B01", "title": "Soundcore Life P2 Wireless Earbuds", "brand": "Anker"},
+                {"product_id": "B02", "text": "USB-C charging cable 2 m | Amazon Basics"},
+            ],
+            "top_k": 10,
         },
     )
 
@@ -146,10 +143,7 @@ class ScoringRequest(BaseModel):
 class SearchRequest(BaseModel):
     """A query to run against the catalogue index (``POST /search``)."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"query": "wireless earbuds", "top_k": 10, "rerank": True}]},
-    )
+    model_config = _request_config("forbid", {"query": "wireless earbuds", "top_k": 10, "rerank": True})
 
     query: Query = Field(description="The search query.")
     top_k: int = Field(
@@ -181,17 +175,13 @@ class V1Document(BaseModel):
 class V1RerankRequest(BaseModel):
     """The Cohere/Jina ``/v1/rerank`` request; ``model`` and other vendor keys are accepted and ignored."""
 
-    model_config = ConfigDict(
-        extra="ignore",
-        json_schema_extra={
-            "examples": [
-                {
-                    "query": "wireless earbuds",
-                    "documents": ["Soundcore Life P2 Wireless Earbuds | Anker", {"text": "USB-C cable 2 m"}],
-                    "top_n": 1,
-                    "return_documents": True,
-                }
-            ]
+    model_config = _request_config(
+        "ignore",
+        {
+            "query": "wireless earbuds",
+            "documents": ["Soundcore Life P2 Wireless Earbuds | Anker", {"text": "USB-C cable 2 m"}],
+            "top_n": 1,
+            "return_documents": True,
         },
     )
 

@@ -21,7 +21,7 @@ from esci_reranker.serve.memory import (
     malloc_trim,
 )
 from esci_reranker.serve.metrics import Metrics
-from esci_reranker.serve.scoring import Scorer
+from esci_reranker.serve.scoring import Scorer, SingleThread
 from esci_reranker.serve.settings import Settings
 
 if TYPE_CHECKING:
@@ -86,8 +86,7 @@ class ServiceState:
         self.index: CatalogueIndex | None = None
         self.index_status: IndexStatus = "loading" if settings.index_path else "not_configured"
         self.index_error: str | None = None
-        self._retrieval: ThreadPoolExecutor | None = None
-        self._retrieval_lock = threading.Lock()
+        self._retrieval = SingleThread("esci-retrieval")
 
     @property
     def ready(self) -> bool:
@@ -133,19 +132,13 @@ class ServiceState:
         self._closed = True
         if self.scorer is not None:
             self.scorer.close()
-        with self._retrieval_lock:
-            executor, self._retrieval = self._retrieval, None
-        if executor is not None:
-            executor.shutdown(wait=False)
+        self._retrieval.close()
 
     # -- the catalogue index (POST /search) --------------------------------------------------------
     def _retrieval_thread(self) -> ThreadPoolExecutor:
         """The one thread that runs retrievals: the query encoder's torch OpenMP pool belongs to
         the thread that calls it, so one thread keeps one pool (as the scorer's model thread does)."""
-        with self._retrieval_lock:
-            if self._retrieval is None:
-                self._retrieval = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esci-retrieval")
-            return self._retrieval
+        return self._retrieval.get()
 
     def retrieve(self, query: str, n: int, mode: str) -> Future[list[Retrieved]]:
         """Run ``CatalogueIndex.retrieve`` on the retrieval thread."""

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 
@@ -28,6 +28,8 @@ from esci_reranker.serve.scoring import Scorer, ScoreResult
 
 router = APIRouter(tags=["scoring"], responses=ERROR_RESPONSES)
 
+_Response = TypeVar("_Response", ClassifyResponse, SubstituteResponse)
+
 _SINGLE_TASK: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorResponse, "description": "The loaded model is single-task (no Task 2/3 heads)."}
 }
@@ -50,6 +52,17 @@ async def _score(
     texts = pipeline.candidate_texts(body.candidates, scorer, settings)
     records = [c.record() for c in body.candidates] if scorer.stacked else None
     return await pipeline.score(scorer, body.query, texts, records)
+
+
+def _in_request_order(
+    response: type[_Response], request: Request, scorer: Scorer, result: ScoreResult, results: list[Any]
+) -> _Response:
+    """A Task 2 or Task 3 response: one result per candidate in request order, the request id, the stats."""
+    return response(
+        request_id=pipeline.request_id(request),
+        results=results,
+        stats=pipeline.build_stats(request, scorer, result, len(results)),
+    )
 
 
 @router.post("/rerank", summary="Task 1: order candidates by relevance")
@@ -96,11 +109,7 @@ async def classify(
         )
         for i, candidate in enumerate(body.candidates)
     ]
-    return ClassifyResponse(
-        request_id=pipeline.request_id(request),
-        results=results,
-        stats=pipeline.build_stats(request, scorer, result, len(results)),
-    )
+    return _in_request_order(ClassifyResponse, request, scorer, result, results)
 
 
 @router.post("/substitute", summary="Task 3: is each candidate a substitute?", responses=_SINGLE_TASK)
@@ -120,11 +129,7 @@ async def substitute(
         )
         for i, candidate in enumerate(body.candidates)
     ]
-    return SubstituteResponse(
-        request_id=pipeline.request_id(request),
-        results=results,
-        stats=pipeline.build_stats(request, scorer, result, len(results)),
-    )
+    return _in_request_order(SubstituteResponse, request, scorer, result, results)
 
 
 @router.post("/predict", summary="All three tasks, ranked")
