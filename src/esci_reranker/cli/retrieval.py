@@ -163,6 +163,7 @@ def index_command(
                     "give exactly one of --products F.parquet or --sample (or --update/--delete to change an index)."
                 )
             from esci_reranker.data.sample import sample_path
+            from esci_reranker.retrieval.flow import CATALOGUE_FIELDS
 
             source = products if products is not None else sample_path()
             stats = CatalogueIndex.build(
@@ -170,7 +171,8 @@ def index_command(
                 out,
                 retriever=retriever or PACKAGED_RETRIEVER,
                 fields=fields,
-                store_fields=store_fields or (),
+                # the sample is indexed as `make run` indexes it: with every field the stacker reads
+                store_fields=store_fields or (CATALOGUE_FIELDS if sample else ()),
                 batch_rows=batch_rows,
                 source="bundled ESCI sample" if sample else str(products),
                 log=None,
