@@ -119,6 +119,37 @@ def _best_seconds(run: Callable[[], object], reps: int) -> float:
     return best
 
 
+def interleaved_rounds(
+    runs: Mapping[str, Callable[[], object]],
+    seconds: Mapping[str, list[float]],
+    repeats: int,
+    roofline_size: int,
+    threads: int,
+    say: Callable[[str], None],
+    rate: Callable[[str, float], str],
+) -> tuple[list[float], list[float]]:
+    """Run every variant once a round, each round starting one variant later (so no variant always
+    runs first or last), time each run into ``seconds[name]``, measure the matmul roofline (torch
+    and, where installed, ONNX Runtime) after each round and say one line a round. Returns the
+    rounds' torch and ONNX Runtime matmul rates (GFLOP/s); the best of them is the anchor each
+    variant's share is measured against."""
+    names = list(runs)
+    roofline: list[float] = []
+    roofline_ort: list[float] = []
+    for round_ in range(repeats):
+        shift = round_ % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            runs[name]()
+            seconds[name].append(time.perf_counter() - start)
+        roofline.append(matmul_gflops(roofline_size))
+        ort_rate = ort_matmul_gflops(roofline_size, threads=threads)
+        if ort_rate is not None:
+            roofline_ort.append(ort_rate)
+        say(f"round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {rate(n, seconds[n][-1])}" for n in names))
+    return roofline, roofline_ort
+
+
 def matmul_gflops(n: int = 2048, reps: int = 2) -> float:
     """Best fp32 ``torch.mm`` rate of two n×n matrices in GFLOP/s (``2·n³`` FLOPs per product)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -458,22 +489,15 @@ def _measure(
         variant.predict(queries[:warm], texts[:warm])
 
     names = list(variants)
-    roofline: list[float] = []
-    roofline_ort: list[float] = []
-    for round_ in range(repeats):
-        shift = round_ % max(len(names), 1)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            variants[name].predict(queries, texts)
-            variants[name].seconds.append(time.perf_counter() - start)
-        roofline.append(matmul_gflops(roofline_size))
-        ort_rate = ort_matmul_gflops(roofline_size, threads=threads)
-        if ort_rate is not None:
-            roofline_ort.append(ort_rate)
-        say(
-            f"round {round_ + 1}/{repeats}: "
-            + ", ".join(f"{n} {len(queries) / variants[n].seconds[-1]:.1f}/s" for n in names)
-        )
+    roofline, roofline_ort = interleaved_rounds(
+        {n: (lambda n=n: variants[n].predict(queries, texts)) for n in names},
+        {n: variants[n].seconds for n in names},
+        repeats,
+        roofline_size,
+        threads,
+        say,
+        lambda n, seconds: f"{len(queries) / seconds:.1f}/s",
+    )
     peak = max(roofline + roofline_ort)
 
     test = sample[sample["split"] == TEST_SPLIT]

@@ -38,7 +38,6 @@ import multiprocessing
 import os
 import resource
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +50,7 @@ from esci_reranker.bench.backends import (
     _encoder_shape,
     _versions,
     encoder_flops,
-    matmul_gflops,
-    ort_matmul_gflops,
+    interleaved_rounds,
 )
 from esci_reranker.data.sample import sample_path
 from esci_reranker.data.text import product_texts
@@ -311,22 +309,15 @@ def _measure(
     for variant in variants.values():  # warm-up: thread pool, allocator, autocast's casts
         _train_steps(variant, work.batches[:1], max_norm)
     names = list(variants)
-    roofline: list[float] = []
-    roofline_ort: list[float] = []
-    for round_ in range(repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            _train_steps(variants[name], work.batches, max_norm)
-            variants[name].seconds.append(time.perf_counter() - start)
-        roofline.append(matmul_gflops(roofline_size))
-        ort_rate = ort_matmul_gflops(roofline_size, threads=threads)
-        if ort_rate is not None:
-            roofline_ort.append(ort_rate)
-        say(
-            f"round {round_ + 1}/{repeats}: "
-            + ", ".join(f"{n} {work.pairs / variants[n].seconds[-1]:.1f} pairs/s" for n in names)
-        )
+    roofline, roofline_ort = interleaved_rounds(
+        {n: (lambda n=n: _train_steps(variants[n], work.batches, max_norm)) for n in names},
+        {n: variants[n].seconds for n in names},
+        repeats,
+        roofline_size,
+        threads,
+        say,
+        lambda n, seconds: f"{work.pairs / seconds:.1f} pairs/s",
+    )
     peak = max(roofline + roofline_ort)
     flops = TRAINING_FLOPS_FACTOR * work.forward_flops
     entries: dict[str, dict[str, Any]] = {}
