@@ -118,3 +118,10 @@ def test_stacked_training_learns_from_catalogue_negatives_and_measures_the_flow(
     assert stacker.info["negative_rows"] == len(negatives)
     assert stacker.calibration is not None
     assert not any(n.endswith(("_rank", "_z", "_gap")) for n in stacker.features_of("classifier"))
+
+
+def test_flow_run_names_an_empty_retrieval(splits, tiny_stacked_checkpoint):
+    reranker = Reranker.from_pretrained(tiny_stacked_checkpoint)
+    test = splits["test"]
+    with pytest.raises(ValueError, match="none of the 3 queries retrieved"):
+        flow_run(reranker, test, {}, judged_index(test), test)

@@ -199,6 +199,11 @@ def flow_run(
         if "esci_query_source" in distinct.columns:
             part["esci_query_source"] = row.esci_query_source
         parts.append(part)
+    if not parts:
+        raise ValueError(
+            f"search flow: none of the {len(distinct)} queries retrieved a product; is the index empty "
+            "or built from another catalogue?"
+        )
     frame = pd.concat(parts, ignore_index=True)
     preds = reranker.predict_frame(frame, progress=False)
     label_of = labels.set_index(["query_id", "product_id"])["esci_label"]
