@@ -8,7 +8,7 @@ ESCI labels every (query, product) pair as one of:
 - ``I`` irrelevant.
 
 Task 1 (ranking) uses the gains E=1.0, S=0.1, C=0.01, I=0.0 (the ESCI paper). The official KDD Cup
-scorer script swaps S and C (S=0.01, C=0.1; esci-data issue #18); that table is kept here as
+scorer script swaps S and C (S=0.01, C=0.1; reported in the esci-data repository); that table is kept here as
 ``OFFICIAL_SCRIPT_GAINS`` so evaluation can reproduce the leaderboard numbers when asked.
 """
 
@@ -33,7 +33,7 @@ LABEL_NAMES: Final[Mapping[str, str]] = {
 
 #: Task 1 gains from the ESCI paper; the regression target and the default nDCG gains.
 ESCI_GAINS: Final[Mapping[str, float]] = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
-#: Gains as the official KDD Cup scorer script applies them (S and C swapped, esci-data issue #18).
+#: Gains as the official KDD Cup scorer script applies them (S and C swapped, reported in the esci-data repository).
 OFFICIAL_SCRIPT_GAINS: Final[Mapping[str, float]] = {"E": 1.0, "S": 0.01, "C": 0.1, "I": 0.0}
 GAIN_TABLES: Final[Mapping[str, Mapping[str, float]]] = {
     "esci": ESCI_GAINS,

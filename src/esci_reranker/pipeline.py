@@ -257,9 +257,8 @@ def _stacked_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
     )
     # the search flow of each CV fold costs a catalogue and a scoring pass per fold: `cv` measures
     # it; the job builds the catalogue only when the config learns from catalogue negatives
-    test_products = pd.read_parquet(cfg.data.resolve("test"), columns=["product_id"])["product_id"]
     catalogue = catalogue_flow(
-        cfg, frame, False, log, retriever=job.retriever, exclude_products=test_products
+        cfg, frame, False, log, retriever=job.retriever, test_split=cfg.data.resolve("test")
     )
     result = train_stacked(
         cfg,

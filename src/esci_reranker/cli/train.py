@@ -144,9 +144,7 @@ def cv_command(
             )
             from esci_reranker.retrieval.flow import catalogue_flow
 
-            test = data / "test.parquet"
-            held_out = pd.read_parquet(test, columns=["product_id"])["product_id"] if test.is_file() else ()
-            catalogue = catalogue_flow(cfg, frame, flow, typer.echo, exclude_products=held_out)
+            catalogue = catalogue_flow(cfg, frame, flow, typer.echo, test_split=data / "test.parquet")
             if oof is None:
                 stacked = cross_validate_stacked(
                     cfg,
@@ -336,9 +334,7 @@ def _train_stacked(cfg: TrainConfig, resume: bool, progress: bool) -> None:
         [read_split(cfg.data.resolve("train"), "train"), read_split(cfg.data.resolve("val"), "val")],
         ignore_index=True,
     )
-    test = cfg.data.resolve("test")
-    held_out = pd.read_parquet(test, columns=["product_id"])["product_id"] if Path(test).is_file() else ()
-    catalogue = catalogue_flow(cfg, frame, True, typer.echo, exclude_products=held_out)
+    catalogue = catalogue_flow(cfg, frame, True, typer.echo, test_split=cfg.data.resolve("test"))
     result = train_stacked(
         cfg,
         progress=progress,

@@ -267,6 +267,7 @@ class FoldFlow:
         self.judged = judged_index(self.frame)
 
     def __call__(self, seed: int, fold: int, stacker: Stacker, rows: pd.DataFrame) -> dict[str, Any]:
+        from esci_reranker.eval.runner import predictions_frame
         from esci_reranker.reranker import Reranker
         from esci_reranker.stack.cv import run_summary
         from esci_reranker.train.cv import fold_model_dir
@@ -277,17 +278,7 @@ class FoldFlow:
         run = flow_run(reranker, fold_rows, self.lists, self.judged, fold_rows)
         threshold = stacker.rules.substitute_threshold
         metrics = flow_metrics(run, ideal_gains(fold_rows), self.top_k, threshold)
-        preds = reranker.predict_frame(title_only(fold_rows), progress=False)
-        plain = fold_rows[
-            [c for c in ("query_id", "product_id", "esci_label", "esci_query_source") if c in fold_rows]
-        ]
-        plain = plain.assign(
-            score=np.asarray(preds.scores, dtype=np.float64),
-            esci_pred=np.asarray(preds.esci_classes).astype(str),
-            esci_probs=list(np.asarray(preds.esci_probs, dtype=np.float64)),
-            substitute_prob=np.asarray(preds.substitute_probs, dtype=np.float64),
-        )
-        title = run_summary(plain, threshold)
+        title = run_summary(predictions_frame(reranker, title_only(fold_rows), progress=False), threshold)
         return {
             "flow": _flat(metrics["overall"]),
             "flow_by_type": {t: _flat(m) for t, m in metrics["by_type"].items()},
@@ -423,10 +414,12 @@ def catalogue_flow(
     flow: bool = True,
     log: Any = print,
     retriever: str | Path | None = None,
-    exclude_products: Iterable[str] = (),
+    test_split: str | Path | None = None,
 ) -> CatalogueFlow | None:
     """The search flow of a stacked config's CV (``CatalogueFlow``), or None when it
     is turned off, or cannot run without the retrieval extra and the config needs no negatives.
+    ``test_split``: the test split's parquet; when it exists, its products are kept out of the
+    catalogue (a product can be judged for a train query and a test query).
 
     Raises:
         ValueError: the config asks for catalogue negatives and the retrieval extra is missing.
@@ -449,7 +442,7 @@ def catalogue_flow(
         log=log,
         flow=flow,
         retriever=retriever,
-        exclude_products=frozenset(map(str, exclude_products)),
+        exclude_products=_split_products(test_split),
     )
 
 
@@ -500,3 +493,10 @@ def evaluate_flow(
         previous = previous[: previous.index(marker)].rstrip() + "\n"
     report.write_text((previous + "\n" + section).lstrip() + "\n", encoding="utf-8")
     return metrics
+
+
+def _split_products(path: str | Path | None) -> frozenset[str]:
+    """The product ids of a prepared split (none when there is no such file)."""
+    if path is None or not Path(path).is_file():
+        return frozenset()
+    return frozenset(pd.read_parquet(path, columns=["product_id"])["product_id"].astype(str))
