@@ -267,6 +267,7 @@ def _stacked_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
         baselines=baselines,
         negatives=None if catalogue is None else catalogue.negatives,
         on_fold=None if catalogue is None else catalogue.on_fold,
+        train_rows=None if catalogue is None else catalogue.encoder_negatives,
     )
     seconds["train"] = time.perf_counter() - t
     t = time.perf_counter()

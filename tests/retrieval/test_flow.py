@@ -88,6 +88,7 @@ def test_stacked_training_learns_from_catalogue_negatives_and_measures_the_flow(
             f"model.backbone={tiny_backbone}",
             *STACKED,
             "stack.negatives_per_query=4",
+            "stack.encoder_negatives=3",
             "stack.negative_rule=unjudged",
             "stack.class_features=pointwise",
             "stack.calibrate=true",
@@ -100,7 +101,12 @@ def test_stacked_training_learns_from_catalogue_negatives_and_measures_the_flow(
     )
     catalogue = CatalogueFlow(cfg, frame, log=lambda _: None, retriever=tiny_retriever)
     result = train_stacked(
-        cfg, progress=False, log=lambda _: None, negatives=catalogue.negatives, on_fold=catalogue.on_fold
+        cfg,
+        progress=False,
+        log=lambda _: None,
+        negatives=catalogue.negatives,
+        on_fold=catalogue.on_fold,
+        train_rows=catalogue.encoder_negatives,
     )
     folds = tmp_path / "train" / "folds"
     (cache,) = folds.glob("negatives_*.parquet")
@@ -111,6 +117,19 @@ def test_stacked_training_learns_from_catalogue_negatives_and_measures_the_flow(
     assert not set(zip(negatives["query_id"], negatives["product_id"], strict=True)) & set(
         zip(frame["query_id"], frame["product_id"], strict=True)
     )
+    # the cross-encoders learnt from catalogue negatives too: never a held-out query's product
+    judged = set(zip(frame["query_id"], frame["product_id"], strict=True))
+    for fold_data in sorted(folds.glob("fold*/data")):
+        train, val = (pd.read_parquet(fold_data / f"{n}.parquet") for n in ("train", "val"))
+        extra = train[
+            [pair not in judged for pair in zip(train["query_id"], train["product_id"], strict=True)]
+        ]
+        assert len(extra) > 0
+        assert (extra["esci_label"] == "I").all()
+        assert not set(extra["product_id"]) & (set(val["product_id"]) | test_products)
+        assert not set(extra["query_id"]) & set(val["query_id"])
+    final_rows = pd.read_parquet(tmp_path / "train" / "train_all.parquet")
+    assert len(final_rows) > len(frame)
     entries = json.loads((folds / "stack_cv.json").read_text())["entries"]
     assert all("flow" in e and "title_only" in e for e in entries)
     assert "flow" in result.cv["overall"]

@@ -178,3 +178,62 @@ def test_mine_negatives_takes_foreign_products_only():
     assert unjudged[unjudged["query_id"] == 1]["product_id"].tolist() == ["d"]
     with pytest.raises(ValueError, match="negative_rule"):
         mine_negatives(frame, lists, per_query=1, rule="nearby")
+
+
+def test_encoder_negatives_never_hold_a_held_out_query_or_its_products(tmp_path):
+    from pathlib import Path
+
+    from esci_reranker.retrieval.flow import CatalogueFlow
+    from esci_reranker.train.config import load_config
+    from esci_reranker.train.cv import write_fold_splits
+
+    frame = pd.DataFrame(
+        {
+            "query_id": [1, 2, 3, 3, 4],
+            "query": ["usb lunch box", "android tv streaming", "garden hose", "garden hose", "desk lamp"],
+            "product_id": ["a", "c", "h", "k", "l"],
+            "esci_label": ["E", "E", "E", "S", "E"],
+            "gain": [1.0, 1.0, 1.0, 0.1, 1.0],
+            "product_title": ["lunch box", "tv stick", "hose", "hose reel", "lamp"],
+            "product_brand": ["x", "y", "z", "z", "w"],
+            "esci_query_source": ["negations", "other", "other", "other", "other"],
+        }
+    )
+
+    def hit(pid: str) -> Retrieved:
+        return Retrieved(key=0, product_id=pid, fields={}, score=1.0, bm25_rank=1, dense_rank=None)
+
+    cfg = load_config(None, ["stack.encoder_negatives=2"])
+    flow = CatalogueFlow(cfg, frame, log=lambda _: None)
+    # the retrieved lists, as the catalogue would give them (in retrieval order)
+    flow._lists[Path(tmp_path) / "catalogue"] = {
+        1: [hit(p) for p in ("a", "h", "c", "l", "k")],
+        2: [hit(p) for p in ("k", "l", "a")],
+        3: [hit(p) for p in ("c", "a")],
+        4: [hit(p) for p in ("h", "c")],
+    }
+    held = frozenset({3})
+    rows = flow.encoder_negatives(tmp_path, held)
+    assert rows is not None
+    # query 3 is held out; its products h and k are never negatives; two per query, in order
+    pairs = list(zip(rows["query_id"], rows["product_id"], strict=True))
+    assert pairs == [(1, "c"), (1, "l"), (2, "l"), (2, "a"), (4, "c")]
+    assert (rows["esci_label"] == "I").all()
+    assert (rows["gain"] == 0.0).all()
+    assert rows.set_index("product_id").loc["l", "product_title"].tolist() == ["lamp", "lamp"]
+    assert rows.loc[rows["query_id"] == 1, "esci_query_source"].eq("negations").all()
+    assert list(rows.columns) == list(frame.columns)
+    # the final model (nothing held out) may take the held-out fold's products
+    final = flow.encoder_negatives(tmp_path, frozenset())
+    assert final is not None
+    assert {"h", "k"} & set(final["product_id"])
+    # the fold's training split holds them; its validation split only the judged rows
+    folder = write_fold_splits(frame, {3}, tmp_path / "fold", rows)
+    train = pd.read_parquet(folder / "train.parquet")
+    assert len(train) == 3 + len(rows)  # three judged rows outside the fold
+    assert pd.read_parquet(folder / "val.parquet")["product_id"].tolist() == ["h", "k"]
+    with pytest.raises(ValueError, match="held-out query"):
+        write_fold_splits(frame, {1}, tmp_path / "bad", rows)
+    # none asked: none made
+    off = CatalogueFlow(load_config(None, []), frame, log=lambda _: None)
+    assert off.encoder_negatives(tmp_path, held) is None

@@ -158,6 +158,7 @@ def cv_command(
                     resume=resume,
                     negatives=None if catalogue is None else catalogue.negatives,
                     on_fold=None if catalogue is None else catalogue.on_fold,
+                    train_rows=None if catalogue is None else catalogue.encoder_negatives,
                 )
             else:
                 out.mkdir(parents=True, exist_ok=True)
@@ -341,6 +342,7 @@ def _train_stacked(cfg: TrainConfig, resume: bool, progress: bool) -> None:
         log=typer.echo,
         negatives=None if catalogue is None else catalogue.negatives,
         on_fold=None if catalogue is None else catalogue.on_fold,
+        train_rows=None if catalogue is None else catalogue.encoder_negatives,
     )
     typer.echo(cv_tables(result.cv))
     typer.echo(f"model: {result.save_path} (cross-encoder + stacker/)")

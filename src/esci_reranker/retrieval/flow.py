@@ -36,6 +36,7 @@ from esci_reranker.eval.flow import (
     judged_index,
     product_kinds,
 )
+from esci_reranker.labels import ESCI_GAINS
 from esci_reranker.retrieval.index import CatalogueIndex, Retrieved
 
 if TYPE_CHECKING:
@@ -142,6 +143,21 @@ def mine_negatives(
     if "esci_query_source" in queries.columns:
         out["esci_query_source"] = queries.loc[out["query_id"], "esci_query_source"].to_numpy()
     return out
+
+
+def labelled_negatives(frame: pd.DataFrame, negatives: pd.DataFrame) -> pd.DataFrame:
+    """``negatives`` (``query_id``, ``product_id``) as training rows shaped like ``frame``'s:
+    labelled I with gain 0, their query's columns and their product's columns from ``frame``."""
+    products = frame.drop_duplicates("product_id").set_index("product_id")
+    queries = frame.drop_duplicates("query_id").set_index("query_id")
+    product_columns = [c for c in frame.columns if c.startswith("product_") and c != "product_id"]
+    query_columns = [c for c in ("query", "esci_query_source") if c in frame.columns]
+    rows = negatives[["query_id", "product_id"]].reset_index(drop=True)
+    rows = rows.join(queries[query_columns], on="query_id").join(products[product_columns], on="product_id")
+    rows["esci_label"] = "I"
+    if "gain" in frame.columns:
+        rows["gain"] = ESCI_GAINS["I"]
+    return rows[[c for c in frame.columns if c in rows.columns]]
 
 
 def score_negatives(negatives: pd.DataFrame, fold_dir: Path, seeds: Iterable[int]) -> pd.DataFrame:
@@ -322,10 +338,14 @@ class CatalogueFlow:
     #: for a train query and a test query), so no test product is ever a negative or a result
     exclude_products: frozenset[str] = frozenset()
     fold_flow: FoldFlow | None = field(default=None, init=False)
+    _lists: dict[Path, dict[object, list[Retrieved]]] = field(default_factory=dict, init=False, repr=False)
+    _eligible: pd.DataFrame | None = field(default=None, init=False, repr=False)
 
     def lists(self, fold_dir: Path) -> dict[object, list[Retrieved]]:
         """Every train+val query's retrieved list from the train+val catalogue (built once)."""
         folder = Path(fold_dir) / "catalogue"
+        if folder in self._lists:
+            return self._lists[folder]
         if (folder / "manifest.json").is_file():
             index = CatalogueIndex.open(folder)
         else:
@@ -335,7 +355,31 @@ class CatalogueFlow:
             )
             index = build_catalogue(products, folder, retriever=self.retriever)
         retrieve = max(self.cfg.stack.negatives_retrieve, DEFAULT_RETRIEVE)
-        return retrieve_lists(index, self.frame, retrieve)
+        self._lists[folder] = lists = retrieve_lists(index, self.frame, retrieve)
+        return lists
+
+    def encoder_negatives(self, fold_dir: Path, held_out: frozenset[int]) -> pd.DataFrame | None:
+        """``stack.train.TrainRowsFn``: catalogue negatives for a cross-encoder that holds out the
+        queries ``held_out`` (none: the final model), ``stack.encoder_negatives`` a training query.
+
+        Each is a row labelled I (gain 0) of a query outside ``held_out``, in its retrieval order,
+        by ``stack.negative_rule``; a product judged for a held-out query never is one. None when
+        the config asks for none.
+        """
+        stack = self.cfg.stack
+        if not stack.encoder_negatives:
+            return None
+        if self._eligible is None:
+            top = {q: v[: stack.negatives_retrieve] for q, v in self.lists(fold_dir).items()}
+            # every eligible product in retrieval order; each fold then takes its first ones
+            self._eligible = mine_negatives(
+                self.frame.assign(fold=-1), top, stack.negatives_retrieve, stack.negative_rule
+            )
+        eligible = self._eligible
+        held_products = set(self.frame.loc[self.frame["query_id"].isin(held_out), "product_id"])
+        keep = ~eligible["query_id"].isin(held_out) & ~eligible["product_id"].isin(held_products)
+        chosen = eligible[keep].groupby("query_id", sort=False).head(stack.encoder_negatives)
+        return labelled_negatives(self.frame, chosen)
 
     def negatives(
         self, fold_dir: Path, seeds: tuple[int, ...], oof: pd.DataFrame | None = None
@@ -424,14 +468,20 @@ def catalogue_flow(
     Raises:
         ValueError: the config asks for catalogue negatives and the retrieval extra is missing.
     """
-    if not flow and not cfg.stack.negatives_per_query:
+    asked = {
+        name: value
+        for name in ("negatives_per_query", "encoder_negatives")
+        if (value := getattr(cfg.stack, name))
+    }
+    if not flow and not asked:
         return None
     try:
         import usearch  # noqa: F401  (the catalogue index)
     except ImportError as err:
-        if cfg.stack.negatives_per_query:
+        if asked:
+            name, value = next(iter(asked.items()))
             raise ValueError(
-                f"stack.negatives_per_query={cfg.stack.negatives_per_query} retrieves from a catalogue: "
+                f"stack.{name}={value} retrieves from a catalogue: "
                 f"install the retrieval extra (pip install 'esci-reranker[retrieval]'): {err}"
             ) from None
         log(f"      search flow not measured: the retrieval extra is missing ({err})")

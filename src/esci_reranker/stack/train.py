@@ -133,6 +133,9 @@ NegativesFn = Callable[[Path, tuple[int, ...]], "pd.DataFrame | None"]
 #: (seed, fold, the fold's stacker, the fold's held-out judged rows) -> extra keys for the CV
 #: entry (e.g. the search flow of the fold's queries, which needs a catalogue to retrieve from).
 OnFoldFn = Callable[[int, int, Stacker, pd.DataFrame], Mapping[str, Any]]
+#: (the folder the fold models are trained in, the queries a cross-encoder holds out) -> extra
+#: training rows for that cross-encoder (catalogue negatives labelled I), or None.
+TrainRowsFn = Callable[[Path, frozenset[int]], "pd.DataFrame | None"]
 
 
 def gbdt_params(cfg: TrainConfig, seed: int) -> GBDTParams:
@@ -154,14 +157,15 @@ def cross_validate_stacked(
     resume: bool = False,
     negatives: NegativesFn | None = None,
     on_fold: OnFoldFn | None = None,
+    train_rows: TrainRowsFn | None = None,
 ) -> StackedCV:
     """Cross-validate a stacked config over the query folds of ``frame`` (train+val).
 
     For each seed: out-of-fold cross-encoders on ``folds`` query folds (``out_dir/oof.parquet``),
     then ``stack.cv.cross_validate_stacker`` on the same folds, beside the cross-encoder alone
     and the ``baselines``. Writes ``out_dir/stack_cv.json`` (entries and summary). ``resume``
-    keeps the fold models an earlier call finished (``train.cv.cross_validate``). ``negatives``
-    and ``on_fold``: see ``NegativesFn`` and ``OnFoldFn``.
+    keeps the fold models an earlier call finished (``train.cv.cross_validate``). ``negatives``,
+    ``on_fold`` and ``train_rows``: see ``NegativesFn``, ``OnFoldFn`` and ``TrainRowsFn``.
     """
     from esci_reranker.train.cv import cross_validate
 
@@ -177,6 +181,7 @@ def cross_validate_stacked(
         frame=frame,
         log=lambda line: log(f"      cross-encoder {line}"),
         resume=resume,
+        extra_rows=None if train_rows is None else functools.partial(train_rows, out_dir),
     )
     oof = pd.read_parquet(out_dir / "oof.parquet")
     negative_rows = negatives(out_dir, seeds) if negatives is not None else None
@@ -244,14 +249,15 @@ def train_stacked(
     baselines: tuple[str, ...] = ("bm25", "bi-encoder"),
     negatives: NegativesFn | None = None,
     on_fold: OnFoldFn | None = None,
+    train_rows: TrainRowsFn | None = None,
 ) -> StackedTrainResult:
     """Run the three stages of the module docstring for ``cfg`` (``model.stacker: gbdt``).
 
     Writes the model to ``cfg.output.save_path`` (cross-encoder + ``stacker/``) and the fold
     models, ``oof.parquet`` and ``stack_cv.json`` under the run directory's ``folds/``.
     ``baselines`` are ranked on every fold beside the stacker (``random`` is left out);
-    ``negatives`` and ``on_fold`` as in ``cross_validate_stacked`` (the final stacker learns from
-    the same negatives as the CV's).
+    ``negatives``, ``on_fold`` and ``train_rows`` as in ``cross_validate_stacked`` (the final
+    stacker and cross-encoder learn from the same kinds of negatives as the CV's).
     """
     from esci_reranker.reranker import Reranker
     from esci_reranker.train.loop import read_split
@@ -277,6 +283,7 @@ def train_stacked(
         log=log,
         negatives=negatives,
         on_fold=on_fold,
+        train_rows=train_rows,
     )
     seconds["cross_validation"] = time.perf_counter() - t
 
@@ -287,7 +294,9 @@ def train_stacked(
 
     t = time.perf_counter()
     log(f"      cross-encoder: final model on all {frame['query_id'].nunique()} train+val queries")
-    save_path = train_fixed(cfg, frame, run_dir / "train_all.parquet", progress=progress)
+    extra = train_rows(run_dir / "folds", frozenset()) if train_rows is not None else None
+    rows = frame if extra is None else pd.concat([frame, extra], ignore_index=True)
+    save_path = train_fixed(cfg, rows, run_dir / "train_all.parquet", progress=progress)
     stacker.info["cv"] = cv.summary["overall"]
     stacker.save(save_path / STACKER_DIR)
     Reranker.from_pretrained(save_path)  # fail here, not in the user's hands, if it does not load

@@ -275,6 +275,14 @@ class StackSection(_Strict):
         "the training queries' catalogue, judged only for other queries, labelled I for the Task 2/3 "
         "trees. A held-out query's product never is one.",
     )
+    encoder_negatives: int = Field(
+        0,
+        ge=0,
+        description="Catalogue negatives per training query added to each cross-encoder's training rows "
+        "(0: none), labelled I, so its class heads and score meet the unrelated products a catalogue "
+        "search brings back; mined by negative_rule from the top negatives_retrieve, never a product "
+        "judged for a query the cross-encoder holds out.",
+    )
     negatives_retrieve: int = Field(
         100, ge=1, description="Candidates retrieved per training query to mine negatives from."
     )

@@ -32,6 +32,10 @@ from esci_reranker.train.config import TrainConfig
 #: Baselines ranked on every fold's validation queries unless told otherwise.
 CV_BASELINES: tuple[str, ...] = ("bm25", "bi-encoder")
 
+#: The queries a fold's cross-encoder holds out -> extra training rows for it (e.g. catalogue
+#: negatives, which are mined by retrieval, a layer above this one), or None for none.
+ExtraRowsFn = Callable[[frozenset[int]], "pd.DataFrame | None"]
+
 
 @dataclass
 class FoldResult:
@@ -99,11 +103,24 @@ def fold_model_dir(out: str | Path, fold: int, seed: int) -> Path:
     return Path(out) / f"fold{fold}" / f"seed{seed}" / "model"
 
 
-def write_fold_splits(frame: pd.DataFrame, fold_queries: set[int], folder: Path) -> Path:
-    """Write ``train.parquet`` (queries outside the fold) and ``val.parquet`` (the fold) to ``folder``."""
+def write_fold_splits(
+    frame: pd.DataFrame, fold_queries: set[int], folder: Path, extra: pd.DataFrame | None = None
+) -> Path:
+    """Write ``train.parquet`` (queries outside the fold, plus ``extra`` training rows) and
+    ``val.parquet`` (the fold) to ``folder``.
+
+    Raises:
+        ValueError: an ``extra`` row belongs to a held-out query.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     in_fold = frame["query_id"].isin(fold_queries)
-    frame[~in_fold].to_parquet(folder / "train.parquet", index=False)
+    train = frame[~in_fold]
+    if extra is not None and len(extra):
+        leaked = sorted(set(extra["query_id"]) & set(fold_queries))
+        if leaked:
+            raise ValueError(f"extra training rows for held-out query id(s) {leaked[:5]}.")
+        train = pd.concat([train, extra], ignore_index=True)
+    train.to_parquet(folder / "train.parquet", index=False)
     frame[in_fold].to_parquet(folder / "val.parquet", index=False)
     return folder
 
@@ -120,6 +137,7 @@ def cross_validate(
     frame: pd.DataFrame | None = None,
     log: Callable[[str], None] | None = None,
     resume: bool = False,
+    extra_rows: ExtraRowsFn | None = None,
 ) -> CVResult:
     """Train ``cfg`` on each fold x seed of the train+val queries in ``data_dir``; return the results.
 
@@ -139,6 +157,9 @@ def cross_validate(
     With ``resume``, the (fold, seed) runs that an earlier call with the same config, queries,
     folds and ``oof`` finished in ``out_dir`` (in its ``cv.json``, ``oof.parquet`` and fold model)
     are kept and only the others train: a slow family's CV can run over several invocations.
+
+    ``extra_rows`` (optional) gives each fold's cross-encoder more training rows (``ExtraRowsFn``);
+    the fold's validation and out-of-fold rows stay the judged ones.
 
     Raises:
         ValueError: ``resume`` and ``out_dir`` holds a CV of another config, data or folds.
@@ -162,7 +183,8 @@ def cross_validate(
     identity = _identity(cfg, frame, folds, oof)
     done = _finished_runs(out, identity, oof, seeds) if resume else {}
     for fold, fold_queries in enumerate(query_folds(frame["query_id"].to_numpy(), folds)):
-        split_dir = write_fold_splits(frame, fold_queries, out / f"fold{fold}" / "data")
+        extra = extra_rows(frozenset(fold_queries)) if extra_rows is not None else None
+        split_dir = write_fold_splits(frame, fold_queries, out / f"fold{fold}" / "data", extra)
         val = frame[frame["query_id"].isin(fold_queries)]
         for name in chosen:
             metrics = run_baseline(name, val, text_fields=cfg.model.text_fields).metrics
