@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from esci_reranker.cli.app import app
-from esci_reranker.cli.common import fail, parse_int_list
+from esci_reranker.cli.common import SetOption, fail, parse_int_list
 
 
 @app.command("bench")
@@ -161,9 +161,7 @@ def bench_train_command(
     config: Annotated[Path, typer.Option("--config", help="Training config (YAML).")] = Path(
         "configs/multi_task.yaml"
     ),
-    overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Config override section.key=value (repeatable).")
-    ] = None,
+    overrides: SetOption = None,
     out: Annotated[Path, typer.Option("--out", help="Where to write the JSON result.")] = Path(
         "bench_train.json"
     ),
