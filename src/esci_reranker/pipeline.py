@@ -182,7 +182,7 @@ def _cross_encoder_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any
         job.cfg, job.config, job.out, job.baselines, job.progress, job.log, job.seconds, job.stages,
     )  # fmt: skip
 
-    from esci_reranker.eval.runner import run_evaluation
+    from esci_reranker.eval.runner import EvaluationOptions, run_evaluation
     from esci_reranker.reranker import Reranker
     from esci_reranker.train.loop import train
 
@@ -207,7 +207,7 @@ def _cross_encoder_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any
         )
         frame = pd.read_parquet(out / "data" / f"{split}.parquet")
         evaluations[split] = run_evaluation(
-            reranker, frame, out / folder, baselines=baselines, progress=progress
+            reranker, frame, out / folder, EvaluationOptions(baselines=baselines, progress=progress)
         )
         seconds[f"evaluate_{split}"] = time.perf_counter() - t
     training = {
@@ -238,7 +238,7 @@ def _stacked_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
         job.cfg, job.config, job.out, job.baselines, job.progress, job.log, job.seconds, job.stages,
     )  # fmt: skip
 
-    from esci_reranker.eval.runner import run_evaluation
+    from esci_reranker.eval.runner import EvaluationOptions, run_evaluation
     from esci_reranker.reranker import Reranker
     from esci_reranker.stack.cv import cv_tables
     from esci_reranker.stack.train import train_stacked
@@ -282,7 +282,9 @@ def _stacked_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
     reranker = Reranker.from_pretrained(cfg.output.save_path)
     reranker.name = "esci-reranker (stacked)"
     frame = pd.read_parquet(out / "data" / "test.parquet")
-    evaluation = run_evaluation(reranker, frame, out / "eval", baselines=baselines, progress=progress)
+    evaluation = run_evaluation(
+        reranker, frame, out / "eval", EvaluationOptions(baselines=baselines, progress=progress)
+    )
     seconds["evaluate_test"] = time.perf_counter() - t
     training = {"cv": result.cv["overall"], "seconds": result.seconds, "rounds": result.rounds}
     return PipelineResult(

@@ -10,7 +10,7 @@ import pytest
 
 from esci_reranker.eval.evaluator import evaluate_run
 from esci_reranker.eval.report import comparison_table, describe_gains, markdown_table, render_report
-from esci_reranker.eval.runner import evaluate_predictions
+from esci_reranker.eval.runner import EvaluationOptions, evaluate_predictions
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -81,7 +81,9 @@ def test_report_without_class_heads_or_query_types(split: pd.DataFrame) -> None:
 
 def test_evaluate_predictions_writes_every_file(tmp_path, split: pd.DataFrame) -> None:
     preds = model_run(split)
-    result = evaluate_predictions(preds, split, tmp_path, name="fake", baselines="random,bm25", seeds=2)
+    result = evaluate_predictions(
+        preds, split, tmp_path, name="fake", options=EvaluationOptions(baselines="random,bm25", seeds=2)
+    )
     names = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert names == [
         "baselines/bm25/metrics.json",
@@ -109,7 +111,9 @@ def test_evaluate_predictions_writes_every_file(tmp_path, split: pd.DataFrame) -
 
 
 def test_evaluate_predictions_without_baselines(tmp_path, split: pd.DataFrame) -> None:
-    result = evaluate_predictions(model_run(split, False), split, tmp_path, baselines="none")
+    result = evaluate_predictions(
+        model_run(split, False), split, tmp_path, options=EvaluationOptions(baselines="none")
+    )
     assert result.baseline_metrics == {}
     assert not (tmp_path / "baselines").exists()
     assert not (tmp_path / "plots/confusion_matrix.png").exists()
@@ -117,5 +121,5 @@ def test_evaluate_predictions_without_baselines(tmp_path, split: pd.DataFrame) -
 
 def test_bad_options_fail_before_writing(tmp_path, split: pd.DataFrame) -> None:
     with pytest.raises(ValueError, match="subset of E, S, C, I"):
-        evaluate_predictions(model_run(split), split, tmp_path / "x", relevant="X")
+        evaluate_predictions(model_run(split), split, tmp_path / "x", options=EvaluationOptions(relevant="X"))
     assert not (tmp_path / "x").exists()

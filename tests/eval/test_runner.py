@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esci_reranker.eval.runner import predictions_frame, read_split, run_evaluation
+from esci_reranker.eval.runner import EvaluationOptions, predictions_frame, read_split, run_evaluation
 from esci_reranker.reranker import Reranker
 
 
@@ -51,7 +51,9 @@ def test_single_task_model_has_no_class_columns(tiny_single_task_checkpoint, spl
 
 
 def test_run_evaluation_writes_and_returns(reranker: Reranker, split: pd.DataFrame, tmp_path) -> None:
-    result = run_evaluation(reranker, split, tmp_path, baselines=("bm25",), gains="esci", progress=False)
+    result = run_evaluation(
+        reranker, split, tmp_path, EvaluationOptions(baselines=("bm25",), gains="esci", progress=False)
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics == result.metrics
     assert metrics["name"] == reranker.name
@@ -71,7 +73,7 @@ def test_run_evaluation_rejects_bad_input_before_scoring(
     with pytest.raises(ValueError, match=r"missing column\(s\) \['query'\]"):
         run_evaluation(reranker, split.drop(columns="query"), tmp_path / "a")
     with pytest.raises(ValueError, match="baselines: unknown"):
-        run_evaluation(reranker, split, tmp_path / "b", baselines="bm26")
+        run_evaluation(reranker, split, tmp_path / "b", EvaluationOptions(baselines="bm26"))
     assert not any(tmp_path.iterdir())
 
 

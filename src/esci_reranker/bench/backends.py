@@ -45,7 +45,6 @@ not measured.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -54,7 +53,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -63,6 +62,7 @@ import torch
 from esci_reranker import __version__
 from esci_reranker.data.sample import sample_path
 from esci_reranker.data.text import product_texts
+from esci_reranker.fsutil import write_json
 from esci_reranker.hardware import cpu_bf16_support, cpu_flags, cpu_model
 from esci_reranker.model.config import ModelConfig
 from esci_reranker.model.cpu import int8_available
@@ -119,35 +119,84 @@ def _best_seconds(run: Callable[[], object], reps: int) -> float:
     return best
 
 
+class Timed(Protocol):
+    """A measured variant: the seconds of each of its timed rounds."""
+
+    seconds: list[float]
+
+
+TimedT = TypeVar("TimedT", bound=Timed)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """The fp32 matmul rates measured after each round (GFLOP/s): ``torch.mm`` and, where
+    installed, ONNX Runtime ``MatMul`` of two ``size``-square matrices."""
+
+    torch_mm: list[float]
+    onnxruntime_matmul: list[float]
+    size: int
+
+    @property
+    def peak(self) -> float:
+        """The best rate of any round: the anchor each variant's share is measured against."""
+        return max(self.torch_mm + self.onnxruntime_matmul)
+
+    def record(self) -> dict[str, Any]:
+        """The roofline keys of a benchmark's JSON result."""
+        return {
+            "roofline_fp32_gflops": self.peak,
+            "roofline_rounds_gflops": {
+                "torch_mm": self.torch_mm,
+                "onnxruntime_matmul": self.onnxruntime_matmul,
+            },
+            "roofline_matrix_size": self.size,
+        }
+
+
 def interleaved_rounds(
-    runs: Mapping[str, Callable[[], object]],
-    seconds: Mapping[str, list[float]],
+    variants: Mapping[str, TimedT],
+    run: Callable[[TimedT], object],
     repeats: int,
     roofline_size: int,
     threads: int,
     say: Callable[[str], None],
     rate: Callable[[str, float], str],
-) -> tuple[list[float], list[float]]:
+) -> Roofline:
     """Run every variant once a round, each round starting one variant later (so no variant always
-    runs first or last), time each run into ``seconds[name]``, measure the matmul roofline (torch
-    and, where installed, ONNX Runtime) after each round and say one line a round. Returns the
-    rounds' torch and ONNX Runtime matmul rates (GFLOP/s); the best of them is the anchor each
-    variant's share is measured against."""
-    names = list(runs)
-    roofline: list[float] = []
-    roofline_ort: list[float] = []
+    runs first or last), time each run into its ``seconds``, measure the matmul roofline (torch
+    and, where installed, ONNX Runtime) after each round and say one line a round."""
+    names = list(variants)
+    roofline = Roofline([], [], roofline_size)
     for round_ in range(repeats):
         shift = round_ % max(len(names), 1)
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            runs[name]()
-            seconds[name].append(time.perf_counter() - start)
-        roofline.append(matmul_gflops(roofline_size))
+            run(variants[name])
+            variants[name].seconds.append(time.perf_counter() - start)
+        roofline.torch_mm.append(matmul_gflops(roofline_size))
         ort_rate = ort_matmul_gflops(roofline_size, threads=threads)
         if ort_rate is not None:
-            roofline_ort.append(ort_rate)
-        say(f"round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {rate(n, seconds[n][-1])}" for n in names))
-    return roofline, roofline_ort
+            roofline.onnxruntime_matmul.append(ort_rate)
+        say(
+            f"round {round_ + 1}/{repeats}: "
+            + ", ".join(f"{n} {rate(n, variants[n].seconds[-1])}" for n in names)
+        )
+    return roofline
+
+
+def machine_record(bf16: tuple[bool, str], **extra: Any) -> dict[str, Any]:
+    """The ``machine`` block of a benchmark's JSON result: the CPU, its native bf16 support
+    (``cpu_bf16_support()``), ``extra`` facts and the library versions."""
+    return {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": bf16[0],
+        "bf16_evidence": bf16[1],
+        **extra,
+        "versions": _versions(),
+    }
 
 
 def matmul_gflops(n: int = 2048, reps: int = 2) -> float:
@@ -457,9 +506,7 @@ def run_backend_bench(
         say("server latency ...")
         result["server_latency"] = dict(server_latency(model_dir))
     if out_json is not None:
-        out = Path(out_json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out_json, result)
     say(format_table(result, server_table))
     return result
 
@@ -488,17 +535,15 @@ def _measure(
     for variant in variants.values():
         variant.predict(queries[:warm], texts[:warm])
 
-    names = list(variants)
-    roofline, roofline_ort = interleaved_rounds(
-        {n: (lambda n=n: variants[n].predict(queries, texts)) for n in names},
-        {n: variants[n].seconds for n in names},
+    roofline = interleaved_rounds(
+        variants,
+        lambda v: v.predict(queries, texts),
         repeats,
         roofline_size,
         threads,
         say,
         lambda n, seconds: f"{len(queries) / seconds:.1f}/s",
     )
-    peak = max(roofline + roofline_ort)
 
     test = sample[sample["split"] == TEST_SPLIT]
     if test_queries is not None:
@@ -520,7 +565,7 @@ def _measure(
             "pairs_per_second_median": len(queries) / median,
             "seconds": v.seconds,
             "gflops": gflops,
-            "roofline_share": gflops / peak,
+            "roofline_share": gflops / roofline.peak,
             "note": v.note,
             "stage": v.stage,
         }
@@ -541,7 +586,6 @@ def _measure(
             entry["vs_anchor"] = entry["pairs_per_second"] / anchor_rate if anchor_rate else None
 
     layers, hidden, intermediate = _encoder_shape(config)
-    bf16_ok, bf16_why = cpu_bf16_support()
     return {
         "model_dir": str(model_dir),
         "model": {
@@ -554,15 +598,7 @@ def _measure(
             "max_length": config.max_length,
             "rank_score": config.rank_score,
         },
-        "machine": {
-            "cpu": cpu_model(),
-            "logical_cpus": os.cpu_count(),
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_native": bf16_ok,
-            "bf16_evidence": bf16_why,
-            "vnni": _vnni(),
-            "versions": _versions(),
-        },
+        "machine": machine_record(cpu_bf16_support(), vnni=_vnni()),
         "settings": {
             "threads": threads,
             "batch_size": batch_size,
@@ -582,9 +618,7 @@ def _measure(
             "pair_only": work["pair_only"] / len(queries),
             "with_towers": work["with_towers"] / len(queries),
         },
-        "roofline_fp32_gflops": peak,
-        "roofline_rounds_gflops": {"torch_mm": roofline, "onnxruntime_matmul": roofline_ort},
-        "roofline_matrix_size": roofline_size,
+        **roofline.record(),
         "backends": entries,
         "int8_ndcg_loss": _int8_loss(entries),
         "server_latency": {
@@ -633,28 +667,42 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def text_table(
+    header: Sequence[str],
+    entries: Mapping[str, Mapping[str, Any]],
+    row: Callable[[str, Mapping[str, Any]], Sequence[str]],
+    footer: Sequence[str],
+) -> str:
+    """A benchmark's entries as a fixed-width text table under ``header``: ``row(name, entry)`` for
+    a measured entry, dashes and the reason for a skipped one; the last column is not padded and
+    the ``footer`` lines follow."""
+    rows = [
+        row(name, e)
+        if e.get("status") == "ok"
+        else (name, *["-"] * (len(header) - 2), f"skipped: {e.get('reason', '')}")
+        for name, e in entries.items()
+    ]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in rows), *footer])
+
+
+def _backend_row(name: str, e: Mapping[str, Any]) -> tuple[str, ...]:
+    return (
+        name,
+        f"{e['pairs_per_second']:.1f}",
+        f"{e['vs_anchor']:.2f}" if e.get("vs_anchor") else "-",
+        f"{e['gflops']:.1f}",
+        f"{100 * e['roofline_share']:.1f}",
+        f"{e['ndcg']:.4f}" if e.get("ndcg") is not None else "-",
+        e.get("note", ""),
+    )
+
+
 def format_table(result: Mapping[str, Any], server_table: ServerTable | None = None) -> str:
     """The benchmark result as a fixed-width text table; a measured ``server_latency`` block
     follows it when ``server_table`` renders it."""
     header = ("backend", "pairs/s", "x anchor", "GFLOP/s", "% fp32 peak", "nDCG", "note")
-    lines = []
-    for name, e in result["backends"].items():
-        if e.get("status") != "ok":
-            lines.append((name, "-", "-", "-", "-", "-", f"skipped: {e.get('reason', '')}"))
-            continue
-        lines.append(
-            (
-                name,
-                f"{e['pairs_per_second']:.1f}",
-                f"{e['vs_anchor']:.2f}" if e.get("vs_anchor") else "-",
-                f"{e['gflops']:.1f}",
-                f"{100 * e['roofline_share']:.1f}",
-                f"{e['ndcg']:.4f}" if e.get("ndcg") is not None else "-",
-                e.get("note", ""),
-            )
-        )
-    widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header) - 1)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
     s = result["settings"]
     loss = result["int8_ndcg_loss"]
     footer = [
@@ -670,7 +718,7 @@ def format_table(result: Mapping[str, Any], server_table: ServerTable | None = N
     server = result.get("server_latency", {})
     if server_table is not None and server.get("status") not in (None, "not measured"):
         footer += ["", server_table(server)]
-    return "\n".join([fmt.format(*header), *(fmt.format(*row) for row in lines), *footer])
+    return text_table(header, result["backends"], _backend_row, footer)
 
 
 def main(argv: list[str] | None = None) -> None:

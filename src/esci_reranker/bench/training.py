@@ -33,12 +33,11 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
-import json
 import multiprocessing
 import os
 import resource
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -48,13 +47,15 @@ import torch
 
 from esci_reranker.bench.backends import (
     _encoder_shape,
-    _versions,
     encoder_flops,
     interleaved_rounds,
+    machine_record,
+    text_table,
 )
 from esci_reranker.data.sample import sample_path
 from esci_reranker.data.text import product_texts
-from esci_reranker.hardware import autocast, cpu_bf16_support, cpu_model, keep_freed_memory
+from esci_reranker.fsutil import write_json
+from esci_reranker.hardware import autocast, cpu_bf16_support, keep_freed_memory
 from esci_reranker.labels import LABEL_TO_INDEX
 from esci_reranker.model.features import unique_rows
 
@@ -273,9 +274,7 @@ def run_train_bench(
     result["machine"]["load_average_before"] = load_before
     result["machine"]["load_average_after"] = os.getloadavg()
     if out_json is not None:
-        out = Path(out_json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out_json, result)
     say(format_train_table(result))
     return result
 
@@ -308,17 +307,15 @@ def _measure(
     max_norm = cfg.optim.max_grad_norm
     for variant in variants.values():  # warm-up: thread pool, allocator, autocast's casts
         _train_steps(variant, work.batches[:1], max_norm)
-    names = list(variants)
-    roofline, roofline_ort = interleaved_rounds(
-        {n: (lambda n=n: _train_steps(variants[n], work.batches, max_norm)) for n in names},
-        {n: variants[n].seconds for n in names},
+    roofline = interleaved_rounds(
+        variants,
+        lambda v: _train_steps(v, work.batches, max_norm),
         repeats,
         roofline_size,
         threads,
         say,
         lambda n, seconds: f"{work.pairs / seconds:.1f} pairs/s",
     )
-    peak = max(roofline + roofline_ort)
     flops = TRAINING_FLOPS_FACTOR * work.forward_flops
     entries: dict[str, dict[str, Any]] = {}
     for name, v in variants.items():
@@ -333,7 +330,7 @@ def _measure(
             "step_ms": 1000 * best / len(work.batches),
             "seconds": v.seconds,
             "gflops": flops / best / 1e9,
-            "roofline_share": flops / best / 1e9 / peak,
+            "roofline_share": flops / best / 1e9 / roofline.peak,
             "peak_rss_mb": None,
         }
     if memory:
@@ -364,14 +361,7 @@ def _measure(
             "heads": list(model.heads),
             "max_length": model.config.max_length,
         },
-        "machine": {
-            "cpu": cpu_model(),
-            "logical_cpus": os.cpu_count(),
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_native": bf16_ok,
-            "bf16_evidence": bf16_why,
-            "versions": _versions(),
-        },
+        "machine": machine_record((bf16_ok, bf16_why)),
         "settings": {
             "threads": threads,
             "batches_per_round": len(work.batches),
@@ -391,36 +381,28 @@ def _measure(
             "training_flops_per_pair": flops / work.pairs,
             "training_flops_factor": TRAINING_FLOPS_FACTOR,
         },
-        "roofline_fp32_gflops": peak,
-        "roofline_rounds_gflops": {"torch_mm": roofline, "onnxruntime_matmul": roofline_ort},
-        "roofline_matrix_size": roofline_size,
+        **roofline.record(),
         "variants": entries,
         "speedup": speedup,
     }
 
 
+def _variant_row(name: str, e: Mapping[str, Any]) -> tuple[str, ...]:
+    rss = e.get("peak_rss_mb")
+    return (
+        name,
+        f"{e['pairs_per_second']:.1f}",
+        f"{e['tokens_per_second']:.0f}",
+        f"{e['step_ms']:.0f}",
+        f"{e['gflops']:.1f}",
+        f"{100 * e['roofline_share']:.1f}",
+        f"{rss:.0f}" if rss is not None else "-",
+    )
+
+
 def format_train_table(result: dict[str, Any]) -> str:
     """The training benchmark result as a fixed-width text table."""
     header = ("variant", "pairs/s", "tokens/s", "ms/step", "GFLOP/s", "% fp32 peak", "peak RSS MB")
-    rows = []
-    for name, e in result["variants"].items():
-        if e.get("status") != "ok":
-            rows.append((name, "-", "-", "-", "-", "-", f"skipped: {e.get('reason', '')}"))
-            continue
-        rss = e.get("peak_rss_mb")
-        rows.append(
-            (
-                name,
-                f"{e['pairs_per_second']:.1f}",
-                f"{e['tokens_per_second']:.0f}",
-                f"{e['step_ms']:.0f}",
-                f"{e['gflops']:.1f}",
-                f"{100 * e['roofline_share']:.1f}",
-                f"{rss:.0f}" if rss is not None else "-",
-            )
-        )
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
     s, w = result["settings"], result["work"]
     footer = [
         f"fp32 roofline {result['roofline_fp32_gflops']:.1f} GFLOP/s ({s['threads']} threads); "
@@ -429,4 +411,4 @@ def format_train_table(result: dict[str, Any]) -> str:
         "speed-up of the padding-free step: "
         + (", ".join(f"{p} {x:.2f}x" for p, x in result["speedup"].items()) or "-"),
     ]
-    return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in rows), *footer])
+    return text_table(header, result["variants"], _variant_row, footer)

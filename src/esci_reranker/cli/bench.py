@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from esci_reranker.cli.app import app
-from esci_reranker.cli.common import fail, parse_int_list
+from esci_reranker.cli.common import SetOption, fail, parse_int_list
 
 
 @app.command("bench")
@@ -133,7 +133,7 @@ def bench_families_command(
     """Compare model families (multi-task, single-task, listwise, llm) on the same pairs: pairs/s and
     ms per 40-candidate rerank request, each through Reranker's one scoring path. Prints a table,
     writes JSON. Run it on an otherwise idle machine."""
-    import json
+    from esci_reranker.fsutil import write_json
 
     for name, value in (("--pairs", pairs), ("--repeats", repeats), ("--requests", requests)):
         if value < 1:
@@ -150,8 +150,7 @@ def bench_families_command(
     except (OSError, ValueError) as error:
         fail(str(error))
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     typer.echo(format_family_table(result))
     typer.echo(f"wrote {out}")
 
@@ -161,9 +160,7 @@ def bench_train_command(
     config: Annotated[Path, typer.Option("--config", help="Training config (YAML).")] = Path(
         "configs/multi_task.yaml"
     ),
-    overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Config override section.key=value (repeatable).")
-    ] = None,
+    overrides: SetOption = None,
     out: Annotated[Path, typer.Option("--out", help="Where to write the JSON result.")] = Path(
         "bench_train.json"
     ),

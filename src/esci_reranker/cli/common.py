@@ -24,6 +24,14 @@ BaseModelOption = Annotated[
 ]
 
 
+# Every command that reads a YAML config (training, retriever, distillation, training benchmark)
+# takes its overrides the same way; `optim.epochs` is a key of all three config kinds.
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value, e.g. --set optim.epochs=2 (repeatable)."),
+]
+
+
 def fail(message: str) -> None:
     """Print ``message`` as an error and exit with status 2 (bad input), without a traceback."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from esci_reranker.cli.app import app
-from esci_reranker.cli.common import MODEL_HELP, fail, parse_seeds
+from esci_reranker.cli.common import MODEL_HELP, SetOption, fail, parse_seeds
 
 ConfigOption = Annotated[
     Path,
@@ -17,10 +17,6 @@ ConfigOption = Annotated[
         "-c",
         help="YAML distillation config: configs/distill_score.yaml or configs/distill_esci.yaml.",
     ),
-]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a config value, e.g. --set optim.epochs=2 (repeatable)."),
 ]
 DataOption = Annotated[
     Path | None,

@@ -13,24 +13,44 @@ from esci_reranker.cli.common import DEVICE_HELP, MODEL_HELP, fail, fmt_prob, lo
 if TYPE_CHECKING:
     import pandas as pd
 
+    from esci_reranker.eval.runner import EvaluationOptions
+
 _GAINS_HELP = "nDCG gains: esci (E=1,S=.1,C=.01,I=0) or official-script (S and C swapped)."
 _RELEVANT_HELP = "Labels relevant for MRR, MAP, Recall@10, P@10: E or E,S."
 
 
-def _check_eval_options(gains: str, relevant: str, batch_size: int, seeds: int) -> None:
-    """Validate the options shared by `evaluate` and `baseline` before any slow work."""
-    from esci_reranker.eval.ranking import parse_relevant
+def _eval_options(
+    gains: str,
+    relevant: str,
+    batch_size: int,
+    seeds: int,
+    device: str,
+    progress: bool,
+    baselines: str = "none",
+) -> EvaluationOptions:
+    """The options shared by `evaluate` and `baseline`, validated before any slow work."""
+    from esci_reranker.eval.runner import EvaluationOptions
     from esci_reranker.labels import gain_table
 
     if batch_size < 1:
         fail(f"--batch-size {batch_size}: expected a positive integer.")
     if seeds < 1:
         fail(f"--seeds {seeds}: expected a positive integer.")
+    options = EvaluationOptions(
+        baselines=baselines,
+        gains=gains,
+        relevant=relevant,
+        seeds=seeds,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
     try:
         gain_table(gains)
-        parse_relevant(relevant)
+        options.check()
     except ValueError as error:
         fail(str(error))
+    return options
 
 
 @app.command("evaluate")
@@ -75,15 +95,13 @@ def evaluate_command(
     ``--retrieve`` products of the catalogue, which the model reranks and labels; report.md gets
     the labels of judged, foreign and unjudged results, the end-to-end nDCG@10 and calibration.
     """
-    from esci_reranker.eval.baselines import parse_baselines
     from esci_reranker.eval.runner import read_split, run_evaluation
     from esci_reranker.reranker import Reranker
 
-    _check_eval_options(gains, relevant, batch_size, seeds)
+    options = _eval_options(gains, relevant, batch_size, seeds, device, progress, baselines)
     if retrieve < 1:
         fail(f"--retrieve {retrieve}: expected a positive integer.")
     try:
-        parse_baselines(baselines)
         frame = read_split(data)
         labelled = _judged_splits(data, judged) if index is not None else None
     except (FileNotFoundError, ValueError) as error:
@@ -94,18 +112,7 @@ def evaluate_command(
     except (OSError, ValueError) as error:  # CheckpointError is a ValueError
         fail(f"--model {model}: {error}")
         return
-    result = run_evaluation(
-        reranker,
-        frame,
-        out,
-        baselines=baselines,
-        gains=gains,
-        relevant=relevant,
-        seeds=seeds,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-    )
+    result = run_evaluation(reranker, frame, out, options)
     typer.echo(result.table)
     if index is not None and labelled is not None:
         _evaluate_flow(reranker, index, frame, labelled, out, retrieve)
@@ -159,25 +166,16 @@ def baseline_command(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Rank a split with a training-free baseline and write predictions.parquet + metrics.json."""
-    from esci_reranker.eval.baselines import BASELINES, run_baseline
+    from esci_reranker.eval.baselines import BASELINES
     from esci_reranker.eval.report import comparison_table
     from esci_reranker.eval.runner import read_split, save_run
 
     if name not in BASELINES:
         fail(f"baseline {name!r}: unknown; expected one of {', '.join(BASELINES)}.")
-    _check_eval_options(gains, relevant, batch_size, seeds)
+    options = _eval_options(gains, relevant, batch_size, seeds, device, progress)
     try:
         frame = read_split(data)
-        result = run_baseline(
-            name,
-            frame,
-            gains=gains,
-            relevant=relevant,
-            seeds=seeds,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-        )
+        result = options.run_baseline(name, frame)
     except (FileNotFoundError, ValueError) as error:
         fail(f"--data {data}: {error}")
         return

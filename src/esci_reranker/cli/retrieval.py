@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from esci_reranker.cli.app import app
-from esci_reranker.cli.common import DEVICE_HELP, PRECISION_HELP, fail, fmt_prob, print_table
+from esci_reranker.cli.common import DEVICE_HELP, PRECISION_HELP, SetOption, fail, fmt_prob, print_table
 
 RETRIEVER_HELP = (
     "The dense retriever: a sentence-transformers folder (train-retriever's OUT/model) or "
@@ -22,10 +22,7 @@ def train_retriever_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML retriever config.")] = Path(
         "configs/retriever.yaml"
     ),
-    overrides: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a config value, e.g. --set cv.folds=3 (repeatable)."),
-    ] = None,
+    overrides: SetOption = None,
 ) -> None:
     """Fine-tune the dense retriever (a sentence-transformers bi-encoder) on train+val queries.
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from esci_reranker.cli.app import app
-from esci_reranker.cli.common import BaseModelOption, fail, parse_seeds
+from esci_reranker.cli.common import BaseModelOption, SetOption, fail, parse_seeds
 
 if TYPE_CHECKING:
     from esci_reranker.train.config import TrainConfig
@@ -19,10 +19,7 @@ def train_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML training config.")] = Path(
         "configs/multi_task.yaml"
     ),
-    overrides: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a config value, e.g. --set optim.lr=5e-5 (repeatable)."),
-    ] = None,
+    overrides: SetOption = None,
     base_model: BaseModelOption = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the last periodic checkpoint.")
@@ -67,9 +64,7 @@ def cv_command(
     ),
     folds: Annotated[int, typer.Option(help="Number of query folds.")] = 4,
     seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0",
-    overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Config override (repeatable).")
-    ] = None,
+    overrides: SetOption = None,
     base_model: BaseModelOption = None,
     baselines: Annotated[
         str,
@@ -255,9 +250,7 @@ def pipeline_command(
         "configs/multi_task.yaml"
     ),
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/default"),
-    overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Config override (repeatable).")
-    ] = None,
+    overrides: SetOption = None,
     base_model: BaseModelOption = None,
     baselines: Annotated[str, typer.Option(help="Comma-separated: random,bm25,bi-encoder or none.")] = (
         "random,bm25,bi-encoder"

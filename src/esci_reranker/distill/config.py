@@ -8,22 +8,24 @@ overrides any value. The optimiser section is the training config's own (``Optim
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from esci_reranker.data.text import parse_text_fields
-from esci_reranker.train.config import PACKAGED_BACKBONE, MixedPrecision, OptimSection, load_yaml_config
+from esci_reranker.train.config import (
+    PACKAGED_BACKBONE,
+    MixedPrecision,
+    OptimSection,
+    StrictModel,
+    YamlConfig,
+)
 
 #: The two student kinds: one logit (Task 1 score) or four (E/S/C/I).
 StudentKind = Literal["score", "esci"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DistillData(_Strict):
+class DistillData(StrictModel):
     """The distillation pairs: labelled train+val pairs plus unlabelled pairs made from them.
 
     Test-split rows are never read into the set, and neither are train/val rows whose product
@@ -48,7 +50,7 @@ class DistillData(_Strict):
     seed: int = Field(0, description="Seed of the sampling and of the validation queries.")
 
 
-class TeacherSection(_Strict):
+class TeacherSection(StrictModel):
     """How the teacher scores the pairs (its outputs are cached in the output folder)."""
 
     batch_size: int = Field(64, ge=1)
@@ -62,7 +64,7 @@ class TeacherSection(_Strict):
     )
 
 
-class StudentModel(_Strict):
+class StudentModel(StrictModel):
     """The student: a stock BertForSequenceClassification-style model on pretrained weights."""
 
     backbone: str = Field(
@@ -88,7 +90,7 @@ class StudentModel(_Strict):
         return None if value is None else parse_text_fields(value)
 
 
-class DistillLoss(_Strict):
+class DistillLoss(StrictModel):
     """``score``: MSE to the teacher's standardised score plus a within-query ListNet term;
     ``esci``: KL divergence to the teacher's class probabilities (after its decision rules).
     ``label_weight`` mixes the human labels of the labelled pairs into both targets."""
@@ -113,7 +115,7 @@ class DistillLoss(_Strict):
     )
 
 
-class DistillRules(_Strict):
+class DistillRules(StrictModel):
     """The esci student's own Task 2 decision rules: per-class offsets on its log-probabilities
     fitted after training on the validation queries' labelled pairs (held out from its training,
     as the teacher's rules are fitted on out-of-fold outputs), then folded into its classifier
@@ -125,7 +127,7 @@ class DistillRules(_Strict):
     )
 
 
-class DistillEval(_Strict):
+class DistillEval(StrictModel):
     """Validation on the held-out distillation queries; early stopping on its distillation loss."""
 
     every_steps: int = Field(100, ge=1)
@@ -144,8 +146,11 @@ class DistillEval(_Strict):
     )
 
 
-class DistillConfig(_Strict):
+class DistillConfig(YamlConfig):
     """A whole distillation run (``esci-reranker distill``)."""
+
+    KIND: ClassVar[str] = "distillation"
+    EXAMPLE: ClassVar[str] = "configs/distill_score.yaml"
 
     student: StudentKind = "score"
     seed: int = 0
@@ -170,12 +175,5 @@ class DistillConfig(_Strict):
         return self
 
 
-def load_distill_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> DistillConfig:
-    """Read a YAML distillation config, apply ``--set`` overrides and validate.
-
-    Raises:
-        ConfigError: missing file, bad YAML, unknown key or bad value; the message names the key.
-    """
-    return load_yaml_config(path, overrides, DistillConfig, "distillation", "configs/distill_score.yaml")
+#: Read a YAML distillation config, apply ``--set`` overrides and validate (``YamlConfig.load``).
+load_distill_config = DistillConfig.load

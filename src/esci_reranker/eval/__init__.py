@@ -5,7 +5,7 @@
 - ``evaluator``: ``evaluate_run(run) -> metrics.json`` dict (computes only).
 - ``baselines``: random, BM25, zero-shot bi-encoder run frames.
 - ``report`` / ``plots``: report.md text, the comparison table, PNG plots.
-- ``runner``: ``run_evaluation(reranker, frame, out_dir)`` scores, evaluates and writes files.
+- ``runner``: ``run_evaluation(reranker, frame, out_dir, options)`` scores, evaluates and writes files.
 - ``trec``: TREC run + qrels files to re-score with trec_eval.
 
 See docs/evaluation.md for definitions and file formats.
@@ -21,6 +21,7 @@ from esci_reranker.eval.ranking import per_query_ranking_metrics, ranking_metric
 from esci_reranker.lazy import lazy_exports
 
 __all__ = [
+    "EvaluationOptions",
     "EvaluationResult",
     "esci_classification_metrics",
     "evaluate_run",
@@ -34,12 +35,18 @@ __all__ = [
 
 if TYPE_CHECKING:
     from esci_reranker.eval.baselines import run_baseline
-    from esci_reranker.eval.runner import EvaluationResult, predictions_frame, run_evaluation
+    from esci_reranker.eval.runner import (
+        EvaluationOptions,
+        EvaluationResult,
+        predictions_frame,
+        run_evaluation,
+    )
 
 # Lazy: the runner pulls in matplotlib; importing the metrics should stay light.
 __getattr__ = lazy_exports(
     __name__,
     {
+        "EvaluationOptions": "esci_reranker.eval.runner",
         "EvaluationResult": "esci_reranker.eval.runner",
         "predictions_frame": "esci_reranker.eval.runner",
         "run_evaluation": "esci_reranker.eval.runner",

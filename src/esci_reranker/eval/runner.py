@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import pandas as pd
 
-from esci_reranker.eval.baselines import BASELINES, DEFAULT_SEEDS, parse_baselines, run_baseline
+from esci_reranker.eval.baselines import (
+    BASELINES,
+    DEFAULT_SEEDS,
+    BaselineResult,
+    parse_baselines,
+    run_baseline,
+)
 from esci_reranker.eval.classification import DEFAULT_THRESHOLD
 from esci_reranker.eval.evaluator import check_split, evaluate_run
 from esci_reranker.eval.plots import plot_confusion_matrix, plot_ndcg_histogram, plot_score_distribution
@@ -65,6 +71,52 @@ class EvaluationResult:
     baseline_metrics: dict[str, dict[str, Any]]
     table: str
     files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """What an evaluation compares the model with and how it counts the runs.
+
+    Attributes:
+        baselines: names from ``BASELINES`` (or ``"none"`` / an empty list for none).
+        gains: nDCG gain table, ``"esci"`` or ``"official-script"``.
+        relevant: labels relevant for MRR/MAP/Recall/Precision, ``("E",)`` or ``("E", "S")``.
+        seeds: random-baseline seeds averaged.
+        batch_size, device: for the bi-encoder baseline (the model keeps its own).
+        bi_encoder_path: a local sentence-encoder folder (default: the packaged all-MiniLM-L6-v2).
+        progress: show progress bars.
+    """
+
+    baselines: str | Iterable[str] = BASELINES
+    gains: str = "esci"
+    relevant: str | Iterable[str] = DEFAULT_RELEVANT
+    seeds: int = DEFAULT_SEEDS
+    batch_size: int = 64
+    device: str | None = None
+    bi_encoder_path: str | Path | None = None
+    progress: bool = True
+
+    def check(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The relevant labels and the baseline names, parsed.
+
+        Raises:
+            ValueError: an unknown label or baseline name.
+        """
+        return parse_relevant(self.relevant), parse_baselines(self.baselines)
+
+    def run_baseline(self, name: str, frame: pd.DataFrame) -> BaselineResult:
+        """``run_baseline`` of ``name`` on ``frame`` with these options."""
+        return run_baseline(
+            name,
+            frame,
+            gains=self.gains,
+            relevant=self.relevant,
+            seeds=self.seeds,
+            batch_size=self.batch_size,
+            device=self.device,
+            model_path=self.bi_encoder_path,
+            progress=self.progress,
+        )
 
 
 def read_split(path: str | Path) -> pd.DataFrame:
@@ -126,24 +178,19 @@ def evaluate_predictions(
     frame: pd.DataFrame,
     out_dir: str | Path,
     name: str = "model",
-    baselines: str | Iterable[str] = BASELINES,
-    gains: str = "esci",
-    relevant: str | Iterable[str] = DEFAULT_RELEVANT,
-    seeds: int = DEFAULT_SEEDS,
-    batch_size: int = 64,
-    device: str | None = None,
-    bi_encoder_path: str | Path | None = None,
-    progress: bool = True,
+    options: EvaluationOptions | None = None,
     threshold: float = DEFAULT_THRESHOLD,
 ) -> EvaluationResult:
     """Evaluate an existing run frame against the baselines on ``frame`` and write all files.
 
     ``predictions`` is a run frame for the rows of ``frame`` (e.g. from ``predictions_frame``);
-    ``frame`` is the prepared split the baselines score; ``threshold`` is the model's Task 3
-    decision threshold. Other arguments as in ``run_evaluation``.
+    ``frame`` is the prepared split the baselines score; ``name`` heads ``metrics.json`` and the
+    report; ``threshold`` is the model's Task 3 decision threshold; ``options`` as in
+    ``run_evaluation``.
     """
-    relevant_labels = parse_relevant(relevant)
-    baseline_names = parse_baselines(baselines)
+    options = options or EvaluationOptions()
+    relevant_labels, baseline_names = options.check()
+    gains = options.gains
     out = Path(out_dir)
     metrics = {"name": name} | evaluate_run(predictions, gains, relevant_labels, threshold=threshold)
     files = save_run(out, predictions, metrics)
@@ -151,17 +198,7 @@ def evaluate_predictions(
     baseline_metrics: dict[str, dict[str, Any]] = {}
     per_query = {"model": per_query_ranking_metrics(predictions, "score", gains, relevant_labels)["ndcg"]}
     for baseline in baseline_names:
-        result = run_baseline(
-            baseline,
-            frame,
-            gains=gains,
-            relevant=relevant_labels,
-            seeds=seeds,
-            batch_size=batch_size,
-            device=device,
-            model_path=bi_encoder_path,
-            progress=progress,
-        )
+        result = options.run_baseline(baseline, frame)
         baseline_metrics[baseline] = result.metrics
         for role, path in save_run(out / "baselines" / baseline, result.run, result.metrics).items():
             files[f"baseline:{baseline}:{role}"] = path
@@ -193,17 +230,7 @@ def evaluate_predictions(
 
 
 def run_evaluation(
-    reranker: Reranker,
-    frame: pd.DataFrame,
-    out_dir: str | Path,
-    baselines: str | Iterable[str] = BASELINES,
-    gains: str = "esci",
-    relevant: str | Iterable[str] = DEFAULT_RELEVANT,
-    seeds: int = DEFAULT_SEEDS,
-    batch_size: int = 64,
-    device: str | None = None,
-    bi_encoder_path: str | Path | None = None,
-    progress: bool = True,
+    reranker: Reranker, frame: pd.DataFrame, out_dir: str | Path, options: EvaluationOptions | None = None
 ) -> EvaluationResult:
     """Score ``frame`` with ``reranker``, evaluate it and the baselines, and write every file.
 
@@ -211,13 +238,7 @@ def run_evaluation(
         reranker: a loaded ``Reranker``; its own batch size and device are used for the model.
         frame: a prepared split (``query_id, query, product_id, esci_label`` and product columns).
         out_dir: folder for the files listed in this module's docstring (created if needed).
-        baselines: names from ``BASELINES`` (or ``"none"`` / an empty list for none).
-        gains: nDCG gain table, ``"esci"`` or ``"official-script"``.
-        relevant: labels relevant for MRR/MAP/Recall/Precision, ``("E",)`` or ``("E", "S")``.
-        seeds: random-baseline seeds averaged.
-        batch_size, device: for the bi-encoder baseline.
-        bi_encoder_path: a local sentence-encoder folder (default: the packaged all-MiniLM-L6-v2).
-        progress: show progress bars.
+        options: the baselines and how the runs are counted (default: ``EvaluationOptions()``).
 
     Returns:
         ``EvaluationResult`` with the model's and the baselines' metrics and the text table.
@@ -225,22 +246,10 @@ def run_evaluation(
     Raises:
         ValueError: bad option or a split without the needed columns (checked before scoring).
     """
+    options = options or EvaluationOptions()
     check_split(frame, "evaluate")
-    parse_relevant(relevant)  # fail before the (slow) scoring, not after
-    parse_baselines(baselines)
-    predictions = predictions_frame(reranker, frame, progress=progress)
+    options.check()  # fail before the (slow) scoring, not after
+    predictions = predictions_frame(reranker, frame, progress=options.progress)
     return evaluate_predictions(
-        predictions,
-        frame,
-        out_dir,
-        name=reranker.name,
-        baselines=baselines,
-        gains=gains,
-        relevant=relevant,
-        seeds=seeds,
-        batch_size=batch_size,
-        device=device,
-        bi_encoder_path=bi_encoder_path,
-        progress=progress,
-        threshold=reranker.substitute_threshold,
+        predictions, frame, out_dir, reranker.name, options, threshold=reranker.substitute_threshold
     )

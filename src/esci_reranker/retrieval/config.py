@@ -7,29 +7,25 @@ overrides any value.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from esci_reranker.data.text import DEFAULT_TEXT_FIELDS, parse_text_fields
 from esci_reranker.retrieval.encoder import PACKAGED_RETRIEVER
 from esci_reranker.retrieval.fusion import DEFAULT_RRF_K
-from esci_reranker.train.config import load_yaml_config
+from esci_reranker.train.config import StrictModel, YamlConfig
 
 RetrieverLoss = Literal["mnrl", "cosent"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class RetrieverData(_Strict):
+class RetrieverData(StrictModel):
     """Prepared splits (``esci-reranker prepare --out DIR``): train and val are read, test never."""
 
     dir: Path = Field(Path("runs/default/data"), description="Folder with train.parquet and val.parquet.")
 
 
-class RetrieverModel(_Strict):
+class RetrieverModel(StrictModel):
     """The bi-encoder to fine-tune and the product text it reads."""
 
     base: str = Field(PACKAGED_RETRIEVER, description="A sentence-transformers folder or packaged:...")
@@ -42,7 +38,7 @@ class RetrieverModel(_Strict):
         return parse_text_fields(value)
 
 
-class RetrieverLossSection(_Strict):
+class RetrieverLossSection(StrictModel):
     """``mnrl``: MultipleNegativesRankingLoss on (query, E product, hard negative) triplets, the hard
     negative an I or C product of the same query; ``cosent``: CoSENTLoss on (query, product, gain)."""
 
@@ -51,7 +47,7 @@ class RetrieverLossSection(_Strict):
     scale: float = Field(20.0, gt=0, description="Similarity scale of both losses.")
 
 
-class RetrieverOptim(_Strict):
+class RetrieverOptim(StrictModel):
     """One short epoch: the retriever trains on 2 shared CPU cores."""
 
     epochs: float = Field(1.0, gt=0)
@@ -62,7 +58,7 @@ class RetrieverOptim(_Strict):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (smoke runs).")
 
 
-class RetrieverCV(_Strict):
+class RetrieverCV(StrictModel):
     """Query-grouped k-fold CV over train+val: the losses compared and the fusions tried."""
 
     folds: int = Field(4, ge=2)
@@ -84,14 +80,17 @@ class RetrieverCV(_Strict):
         return self
 
 
-class RetrieverOutput(_Strict):
+class RetrieverOutput(StrictModel):
     """``dir/model`` gets the final sentence-transformers folder; ``dir/cv.json`` the CV results."""
 
     dir: Path = Path("runs/retriever")
 
 
-class RetrieverConfig(_Strict):
+class RetrieverConfig(YamlConfig):
     """A whole retriever-training run."""
+
+    KIND: ClassVar[str] = "retriever"
+    EXAMPLE: ClassVar[str] = "configs/retriever.yaml"
 
     seed: int = 0
     cv_enabled: bool = Field(True, description="Run CV first and train the final model with its best loss.")
@@ -103,12 +102,5 @@ class RetrieverConfig(_Strict):
     output: RetrieverOutput = RetrieverOutput()
 
 
-def load_retriever_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> RetrieverConfig:
-    """Read a YAML retriever config, apply ``--set`` overrides and validate.
-
-    Raises:
-        ConfigError: missing file, bad YAML, unknown key or bad value; the message names the key.
-    """
-    return load_yaml_config(path, overrides, RetrieverConfig, "retriever", "configs/retriever.yaml")
+#: Read a YAML retriever config, apply ``--set`` overrides and validate (``YamlConfig.load``).
+load_retriever_config = RetrieverConfig.load

@@ -7,6 +7,7 @@ the same process (tests, several workers' imports) from sharing or double-regist
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import Final
 
 from prometheus_client import (
@@ -63,98 +64,86 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        # Every series goes to this app's registry, never prometheus_client's process-wide one.
+        counter = partial(Counter, registry=r)
+        gauge = partial(Gauge, registry=r)
+        histogram = partial(Histogram, registry=r)
+        self.requests = counter(
             "esci_http_requests_total",
             "HTTP requests by route template, method and status code.",
             ["endpoint", "method", "status"],
-            registry=r,
         )
-        self.latency = Histogram(
+        self.latency = histogram(
             "esci_http_request_duration_seconds",
             "Time from receiving a request to sending its last byte, by route template.",
             ["endpoint", "method"],
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.in_flight = Gauge("esci_http_requests_in_flight", "Requests being handled now.", registry=r)
-        self.model_forward = Histogram(
+        self.in_flight = gauge("esci_http_requests_in_flight", "Requests being handled now.")
+        self.model_forward = histogram(
             "esci_model_forward_seconds",
             "Model time of one request: its forward passes (shared with other requests when "
             "dynamic batching merges them), cache hits excluded.",
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.batch_size = Histogram(
+        self.batch_size = histogram(
             "esci_model_batch_candidates",
             "Candidates of one request scored by the model (see esci_batch_pairs for forward passes).",
             buckets=BATCH_BUCKETS,
-            registry=r,
         )
-        self.batch_queue = Gauge(
+        self.batch_queue = gauge(
             "esci_batch_queue_pairs",
             "Pairs waiting in the dynamic-batching queue for a forward pass (0 when batching is off).",
-            registry=r,
         )
-        self.batch_pairs = Histogram(
+        self.batch_pairs = histogram(
             "esci_batch_pairs",
             "Pairs in one forward pass of the dynamic batcher (from one or more requests).",
             buckets=BATCH_BUCKETS,
-            registry=r,
         )
-        self.batch_tokens = Histogram(
+        self.batch_tokens = histogram(
             "esci_batch_padded_tokens",
             "Padded tokens (rows x widest row) in one forward pass of the dynamic batcher; "
             "bounded by MAX_BATCH_TOKENS.",
             buckets=TOKEN_BUCKETS,
-            registry=r,
         )
-        self.retrieval = Histogram(
+        self.retrieval = histogram(
             "esci_retrieval_seconds",
             "Time of one /search retrieval (BM25, query embedding, HNSW search, fusion), by mode.",
             ["mode"],
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.cache_hits = Counter(
-            "esci_cache_hits_total", "Requests answered from the response cache.", registry=r
-        )
-        self.cache_misses = Counter(
-            "esci_cache_misses_total", "Requests the response cache could not answer.", registry=r
+        self.cache_hits = counter("esci_cache_hits_total", "Requests answered from the response cache.")
+        self.cache_misses = counter(
+            "esci_cache_misses_total", "Requests the response cache could not answer."
         )
         self._tower_cache = _TowerCacheCollector()
         r.register(self._tower_cache)  # type: ignore[arg-type]
-        self.model_loaded = Gauge(
-            "esci_model_loaded", "1 once the model is loaded and warmed up, else 0.", registry=r
-        )
+        self.model_loaded = gauge("esci_model_loaded", "1 once the model is loaded and warmed up, else 0.")
         # process_resident_memory_bytes, process_virtual_memory_bytes, process_cpu_seconds_total,
         # process_open_fds, ...: the standard process series, on this app's registry (Linux /proc).
         ProcessCollector(registry=r)
-        self.queue_limit = Gauge(
+        self.queue_limit = gauge(
             "esci_max_queued_requests",
             "MAX_QUEUED_REQUESTS: model requests admitted at once before new ones get 429 (0: no bound).",
-            registry=r,
         )
-        self.queue_admitted = Gauge(
+        self.queue_admitted = gauge(
             "esci_queued_requests",
             "Model requests admitted now (waiting for or running in a forward pass, or being answered).",
-            registry=r,
         )
-        self.queue_shed = Counter(
+        self.queue_shed = counter(
             "esci_requests_shed",
             "Requests answered 429 at once because MAX_QUEUED_REQUESTS requests were in progress, by path.",
             ["endpoint"],
-            registry=r,
         )
-        self.memory_limit = Gauge(
-            "esci_memory_limit_bytes", "MEMORY_LIMIT_MB in bytes (0: no memory policy).", registry=r
+        self.memory_limit = gauge(
+            "esci_memory_limit_bytes", "MEMORY_LIMIT_MB in bytes (0: no memory policy)."
         )
-        self.memory_trims = Counter(
+        self.memory_trims = counter(
             "esci_memory_trims_total",
             "Times the memory policy handed malloc's free memory back to the OS (RSS over MEMORY_LIMIT_MB).",
-            registry=r,
         )
-        self.memory_trimmed = Counter(
-            "esci_memory_trimmed_bytes_total", "Resident memory those trims released.", registry=r
+        self.memory_trimmed = counter(
+            "esci_memory_trimmed_bytes_total", "Resident memory those trims released."
         )
 
     def watch_tower_cache(self, source: Callable[[], Mapping[str, int] | None]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -87,6 +88,33 @@ def label(predictions: Predictions, i: int, multi_task: bool) -> tuple[str | Non
         return None, None
     flag = bool(predictions.is_substitute[i]) if finite(predictions.substitute_probs[i]) is not None else None
     return str(predictions.esci_classes[i]), flag
+
+
+@dataclass(frozen=True)
+class RankedCandidate:
+    """One candidate of a ranked response: its position in the request, its ranking score and the
+    labels every endpoint reports for it (``substitute_prob`` is None for a single-task model or a
+    probability that is not finite)."""
+
+    index: int
+    score: float
+    esci_class: str | None
+    is_substitute: bool | None
+    substitute_prob: float | None
+
+
+def ranked(predictions: Predictions, top_k: int | None, multi_task: bool) -> list[RankedCandidate]:
+    """The candidates in ``ranking`` order, each with ``label``'s class and decision: what
+    ``/rerank``, ``/predict`` and the Cohere routes list, so all of them rank and label alike."""
+    return [
+        RankedCandidate(
+            int(i),
+            float(predictions.scores[i]),
+            *label(predictions, i, multi_task),
+            finite(predictions.substitute_probs[i]) if multi_task else None,
+        )
+        for i in ranking(predictions.scores, top_k)
+    ]
 
 
 def finite(value: float) -> float | None:

@@ -7,7 +7,7 @@ to a default. ``--set section.key=value`` overrides are parsed as YAML scalars.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 import yaml
 from pydantic import (
@@ -34,11 +34,34 @@ class ConfigError(ValueError):
     """A training config file or override is invalid; the message names the key."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A config section that rejects unknown keys by name and validates every assignment; the
+    base of every config model (training, retriever, distillation)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
-class DataConfig(_Strict):
+class YamlConfig(StrictModel):
+    """A whole config that ``load`` reads from a YAML file (``load_yaml_config``).
+
+    A subclass names what it is (``KIND``, for messages) and a config file to point to when a key
+    is unknown (``EXAMPLE``).
+    """
+
+    KIND: ClassVar[str]
+    EXAMPLE: ClassVar[str]
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Self:
+        """Read a YAML config (``None``: the defaults), apply ``--set`` overrides and validate.
+
+        Raises:
+            ConfigError: missing file, bad YAML, unknown key or bad value; the message names the key.
+        """
+        return load_yaml_config(path, overrides, cls, cls.KIND, cls.EXAMPLE)
+
+
+class DataConfig(StrictModel):
     """Where the prepared splits are (``esci-reranker prepare`` output)."""
 
     dir: Path | None = Field(None, description="Folder with train/val/test.parquet (prepare --out).")
@@ -57,7 +80,7 @@ class DataConfig(_Strict):
         return Path(self.dir) / f"{name}.parquet"
 
 
-class LLMSection(_Strict):
+class LLMSection(StrictModel):
     """``model.type: llm``: prompt, label words, score and LoRA (see ``model.config.LLMSettings``)."""
 
     gguf_file: str | None = Field(
@@ -79,7 +102,7 @@ class LLMSection(_Strict):
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class ListwiseSection(_Strict):
+class ListwiseSection(StrictModel):
     """``model.type: listwise``: the list transformer, inference and the two-stage schedule."""
 
     layers: int = Field(2, ge=1)
@@ -94,7 +117,7 @@ class ListwiseSection(_Strict):
     )
 
 
-class ModelSection(_Strict):
+class ModelSection(StrictModel):
     """Architecture choices; copied into the checkpoint's config.json."""
 
     type: Literal["multi_task", "single_task", "llm", "listwise"] = "multi_task"
@@ -156,7 +179,7 @@ class ModelSection(_Strict):
         return self
 
 
-class LossSection(_Strict):
+class LossSection(StrictModel):
     """Per-task loss weights (total = Σ weight · loss) and options."""
 
     score_weight: float = Field(1.0, ge=0)
@@ -179,7 +202,7 @@ class LossSection(_Strict):
     circle_gamma: float = Field(32.0, gt=0)
 
 
-class OptimSection(_Strict):
+class OptimSection(StrictModel):
     """AdamW with linear warmup and decay."""
 
     lr: float = Field(3e-5, gt=0)
@@ -210,7 +233,7 @@ class OptimSection(_Strict):
         return self
 
 
-class EvalSection(_Strict):
+class EvalSection(StrictModel):
     """Validation during training and early stopping."""
 
     every_steps: int = Field(50, ge=1)
@@ -232,7 +255,7 @@ class EvalSection(_Strict):
 _GBDT = GBDTParams()
 
 
-class StackSection(_Strict):
+class StackSection(StrictModel):
     """The stacker (``model.stacker: gbdt``): out-of-fold folds, LightGBM settings, decision rules."""
 
     folds: int = Field(4, ge=2, description="Query folds of train+val for the out-of-fold cross-encoders.")
@@ -300,7 +323,7 @@ class StackSection(_Strict):
     )
 
 
-class OutputSection(_Strict):
+class OutputSection(StrictModel):
     """Where the best model, periodic checkpoints and logs go."""
 
     save_path: Path = Path("runs/default/model")
@@ -321,8 +344,11 @@ MixedPrecision = Annotated[
 ]
 
 
-class TrainConfig(_Strict):
+class TrainConfig(YamlConfig):
     """A whole training run."""
+
+    KIND: ClassVar[str] = "training"
+    EXAMPLE: ClassVar[str] = "configs/multi_task.yaml"
 
     seed: int = 0
     mixed_precision: MixedPrecision = "auto"
@@ -433,10 +459,5 @@ def load_yaml_config(
         raise ConfigError(_format_errors(err, source, kind, example)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML training config, apply ``--set`` overrides and validate.
-
-    Raises:
-        ConfigError: missing file, bad YAML, unknown key or bad value; the message names the key.
-    """
-    return load_yaml_config(path, overrides, TrainConfig, "training", "configs/multi_task.yaml")
+#: Read a YAML training config, apply ``--set`` overrides and validate (``YamlConfig.load``).
+load_config = TrainConfig.load

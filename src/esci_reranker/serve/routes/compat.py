@@ -35,20 +35,13 @@ async def v1_rerank(
     included only with ``return_documents: true``."""
     texts = body.texts()
     _check_documents(request, settings, body.query, texts)
-    result = await _score_documents(scorer, body.query, texts)
-    preds = result.predictions
-    results = []
-    for i in pipeline.ranking(preds.scores, body.top_n):
-        esci_class, flag = pipeline.label(preds, i, scorer.multi_task)
-        results.append(
-            V1Result(
-                index=int(i),
-                relevance_score=float(preds.scores[i]),
-                document=V1Document(text=texts[i]) if body.return_documents else None,
-                esci_class=esci_class,  # type: ignore[arg-type]
-                is_substitute=flag,
-            )
+    result, ranked = await _rank_documents(scorer, body.query, texts, body.top_n)
+    results = [
+        V1Result(
+            **r.model_dump(), document=V1Document(text=texts[r.index]) if body.return_documents else None
         )
+        for r in ranked
+    ]
     rid = pipeline.request_id(request)
     response = V1RerankResponse(
         id=rid,
@@ -73,19 +66,7 @@ async def v2_rerank(
     _check_documents(request, settings, body.query, texts)  # on what the client sent, before any cut
     if body.max_tokens_per_doc is not None:
         texts = await run_in_threadpool(scorer.truncate_tokens, texts, body.max_tokens_per_doc)
-    result = await _score_documents(scorer, body.query, texts)
-    preds = result.predictions
-    results = []
-    for i in pipeline.ranking(preds.scores, body.top_n):
-        esci_class, flag = pipeline.label(preds, i, scorer.multi_task)
-        results.append(
-            V2Result(
-                index=int(i),
-                relevance_score=float(preds.scores[i]),
-                esci_class=esci_class,  # type: ignore[arg-type]
-                is_substitute=flag,
-            )
-        )
+    result, results = await _rank_documents(scorer, body.query, texts, body.top_n)
     rid = pipeline.request_id(request)
     return V2RerankResponse(
         id=rid,
@@ -105,11 +86,24 @@ def _check_documents(request: Request, settings: Settings, query: str, texts: li
         pipeline.check_length(text, settings, f"documents[{index}]")
 
 
-async def _score_documents(scorer: Scorer, query: str, texts: list[str]) -> ScoreResult:
-    """Model outputs for plain-text documents (read as given: no field building).
+async def _rank_documents(
+    scorer: Scorer, query: str, texts: list[str], top_n: int | None
+) -> tuple[ScoreResult, list[V2Result]]:
+    """Model outputs for plain-text documents (read as given: no field building) and the best
+    ``top_n`` as ``/v2/rerank`` lists them; ``/v1/rerank`` adds the ``document`` to each.
 
     A document is the product ``{"text": ...}`` of ``/rerank``: the same record reaches a stacked
     model's features (and the response cache), so both routes label it alike.
     """
     records = [{"text": t} for t in texts]
-    return await pipeline.score(scorer, query, [scorer.text_of(r) for r in records], records)
+    result = await pipeline.score(scorer, query, [scorer.text_of(r) for r in records], records)
+    ranked = [
+        V2Result(
+            index=c.index,
+            relevance_score=c.score,
+            esci_class=c.esci_class,  # type: ignore[arg-type]
+            is_substitute=c.is_substitute,
+        )
+        for c in pipeline.ranked(result.predictions, top_n, scorer.multi_task)
+    ]
+    return result, ranked

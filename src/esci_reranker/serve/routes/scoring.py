@@ -65,6 +65,21 @@ def _in_request_order(
     )
 
 
+def _ranked_products(body: ScoringRequest, result: ScoreResult, scorer: Scorer) -> list[PredictedProduct]:
+    """The candidates by score, best first, cut to ``top_k``, as ``/predict`` lists them; ``/rerank``
+    lists the same products without ``substitute_prob``."""
+    return [
+        PredictedProduct(
+            product_id=body.candidates[c.index].product_id,
+            score=c.score,
+            esci_class=c.esci_class,  # type: ignore[arg-type]
+            is_substitute=c.is_substitute,
+            substitute_prob=c.substitute_prob,
+        )
+        for c in pipeline.ranked(result.predictions, body.top_k, scorer.multi_task)
+    ]
+
+
 @router.post("/rerank", summary="Task 1: order candidates by relevance")
 async def rerank(
     body: ScoringRequest, request: Request, scorer: ScorerDep, settings: SettingsDep
@@ -72,18 +87,10 @@ async def rerank(
     """Candidates sorted by the model's ranking score, best first, cut to ``top_k``, each with its
     E/S/C/I class and substitute decision (null for a single-task model)."""
     result = await _score(request, body, scorer, settings)
-    preds = result.predictions
-    ranked = []
-    for i in pipeline.ranking(preds.scores, body.top_k):
-        esci_class, flag = pipeline.label(preds, i, scorer.multi_task)
-        ranked.append(
-            RankedProduct(
-                product_id=body.candidates[i].product_id,
-                score=float(preds.scores[i]),
-                esci_class=esci_class,  # type: ignore[arg-type]
-                is_substitute=flag,
-            )
-        )
+    ranked = [
+        RankedProduct(**product.model_dump(exclude={"substitute_prob"}))
+        for product in _ranked_products(body, result, scorer)
+    ]
     return RerankResponse(
         request_id=pipeline.request_id(request),
         ranked=ranked,
@@ -139,20 +146,7 @@ async def predict(
     """Candidates sorted as in ``/rerank``, each with its class and substitute decision
     (null for a single-task model)."""
     result = await _score(request, body, scorer, settings)
-    preds = result.predictions
-    multi = scorer.multi_task
-    ranked = []
-    for i in pipeline.ranking(preds.scores, body.top_k):
-        esci_class, flag = pipeline.label(preds, i, multi)
-        ranked.append(
-            PredictedProduct(
-                product_id=body.candidates[i].product_id,
-                score=float(preds.scores[i]),
-                esci_class=esci_class,  # type: ignore[arg-type]
-                is_substitute=flag,
-                substitute_prob=pipeline.finite(preds.substitute_probs[i]) if multi else None,
-            )
-        )
+    ranked = _ranked_products(body, result, scorer)
     return PredictResponse(
         request_id=pipeline.request_id(request),
         ranked=ranked,
