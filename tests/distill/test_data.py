@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -116,3 +117,25 @@ def test_missing_test_split_is_an_error(tmp_path: Path, distill_data: Path):
         FileNotFoundError, match="the test split is needed to keep its queries and products out"
     ):
         distillation_pairs(tmp_path, DistillData())
+
+
+def test_drawing_from_every_product_by_position_draws_what_drawing_from_the_pool_did():
+    # sample_unlabelled draws a query's uniform share from every product by position among the
+    # allowed ones (no pass over all products per query): the same products, in the same order,
+    # with the random stream left in the same state, as drawing from the explicit pool
+    from esci_reranker.distill.data import _draw, _draw_range
+
+    cases = np.random.default_rng(5)
+    for _ in range(300):
+        size = int(cases.integers(1, 200))
+        n = int(cases.integers(0, 30))
+        own = set(cases.choice(size, size=int(cases.integers(0, size + 1)), replace=False).tolist())
+        seed = int(cases.integers(2**31))
+        old_rng, new_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        old_exclude, new_exclude = set(own), set(own)
+        old, new = [], []
+        _draw(old_rng, np.arange(size), n, old_exclude, old)
+        _draw_range(new_rng, size, n, new_exclude, new)
+        assert new == old
+        assert new_exclude == old_exclude
+        assert new_rng.random() == old_rng.random()

@@ -202,3 +202,41 @@ def test_parity_with_trec_eval(gains: str, relevant: tuple[str, ...]) -> None:
         np.testing.assert_allclose(ours[name].to_numpy(), expected, atol=1e-6, err_msg=name)
     means = ranking_metrics(run, gains=gains, relevant=relevant)
     assert means["ndcg"] == pytest.approx(np.mean([v["ndcg"] for v in ref_graded.values()]), abs=1e-6)
+
+
+def _one_query_at_a_time(run: pd.DataFrame, cutoff: int, relevant: tuple[str, ...]) -> pd.DataFrame:
+    """The per-query metrics from the one-query functions, a query at a time (the reference)."""
+    table = gain_table("esci")
+    rows = []
+    for qid, part in sorted(run.groupby("query_id"), key=lambda item: item[0]):
+        ranked = rank_order(part["score"].to_numpy(), part["product_id"].astype(str).to_numpy())
+        labels = part["esci_label"].to_numpy()[ranked]
+        g = np.array([table[label] for label in labels])
+        r = np.isin(labels, relevant)
+        rows.append(
+            (qid, len(part), ndcg(g), ndcg(g, cutoff), reciprocal_rank(r), average_precision(r),
+             recall_at_k(r, cutoff), precision_at_k(r, cutoff))
+        )  # fmt: skip
+    columns = ["query_id", "num_candidates", "ndcg", f"ndcg@{cutoff}", "mrr", "map", f"recall@{cutoff}",
+               f"precision@{cutoff}"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+@pytest.mark.parametrize(("cutoff", "relevant"), [(10, ("E",)), (3, ("E", "S")), (1, ("E",))])
+def test_all_queries_at_once_equal_the_one_query_functions_to_the_last_bit(cutoff, relevant):
+    # per_query_ranking_metrics scores all queries together (blocks of equal list length); on
+    # random runs with tied scores, lists of 1..40 and queries without a relevant candidate, it
+    # gives the one-query functions' numbers exactly, whatever the row order
+    rng = np.random.default_rng(11)
+    sizes = rng.integers(1, 41, size=60)
+    n = int(sizes.sum())
+    run = pd.DataFrame(
+        {
+            "query_id": np.repeat(rng.permutation(1000)[:60], sizes),
+            "product_id": [f"P{i:04d}" for i in rng.permutation(n)],
+            "esci_label": rng.choice(list(ESCI_LABELS), size=n, p=[0.5, 0.2, 0.05, 0.25]),
+            "score": np.round(rng.normal(size=n), 1),  # many ties: the product id decides
+        }
+    ).sample(frac=1.0, random_state=0)
+    got = per_query_ranking_metrics(run, cutoff=cutoff, relevant=relevant)
+    pd.testing.assert_frame_equal(got, _one_query_at_a_time(run, cutoff, relevant), check_exact=True)

@@ -201,3 +201,33 @@ def test_product_sides_cache_is_bounded_by_what_it_holds(monkeypatch):
     side = features.product_side("huge", "", "", huge, "")
     assert side.long_text.startswith("word")
     assert features.product_cache_stats()["bytes"] <= bound
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 37, 20_000])
+def test_lists_in_chunks_give_each_list_its_own_features(monkeypatch, chunk_rows):
+    # feature_arrays holds one chunk of lists' product sides at a time: on the sample's rows,
+    # shuffled so lists interleave, every value is the one the list gets when scored alone,
+    # whatever the chunk size (one list at a time, a few, all)
+    import pandas as pd
+
+    from esci_reranker.data import sample_path
+    from esci_reranker.stack import features
+    from esci_reranker.stack.cv import split_fields
+
+    frame = pd.read_parquet(sample_path())
+    frame = frame[frame["query_id"].isin(frame["query_id"].unique()[:12])]
+    frame = frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    scores = np.random.default_rng(0).normal(size=len(frame))
+    monkeypatch.setattr(features, "CHUNK_ROWS", chunk_rows)
+    together = features.feature_table(
+        frame["query"].tolist(), split_fields(frame), frame["query_id"].tolist(), {"ce_score": scores}
+    )
+    for _, rows in frame.groupby("query_id").groups.items():
+        part = frame.loc[rows]
+        alone = features.feature_table(
+            part["query"].tolist(), split_fields(part), part["query_id"].tolist(), {"ce_score": scores[rows]}
+        )
+        expected = alone.set_axis(rows)
+        # to rounding only: a list alone takes list_features' one-list path (numpy's mean and
+        # std for the z-score, pandas' groupby for several lists)
+        pd.testing.assert_frame_equal(together.loc[rows], expected, check_exact=False, rtol=1e-12, atol=1e-12)

@@ -73,3 +73,29 @@ def test_micro_macro_objective_is_the_mean_of_both_hand_computed():
     assert task2_metric(true, pred, "micro_macro") == pytest.approx((0.75 + macro) / 2)
     with pytest.raises(ValueError, match="micro_macro"):
         task2_metric(true, pred, "accuracy")
+
+
+@pytest.mark.parametrize("objective", ["micro_f1", "f1"])
+def test_fit_threshold_counts_give_the_scores_of_scoring_every_threshold(objective):
+    # the threshold search counts rows by binary search instead of scoring each candidate over
+    # every row: on random inputs with ties, the chosen threshold and value are those of the
+    # row-by-row scoring, exactly
+    from esci_reranker.stack.rules import task3_metric
+
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        n = int(rng.integers(1, 300))
+        probs = np.round(rng.random(n), int(rng.integers(1, 4)))
+        is_sub = rng.random(n) < rng.random()
+        distinct = np.unique(probs)
+        candidates = np.concatenate([[0.5], (distinct[1:] + distinct[:-1]) / 2, [distinct[-1] + 1e-9]])
+        scores = np.array([task3_metric(is_sub, probs >= t, objective) for t in candidates])
+        top = scores.max()
+        good = candidates[scores >= top - 1e-12]
+        expected = (float(good[np.argmin(np.abs(good - 0.5))]), float(top))
+        assert fit_threshold(probs, is_sub, objective) == expected
+
+
+def test_fit_threshold_rejects_an_unknown_objective():
+    with pytest.raises(ValueError, match="task3 objective 'auc'"):
+        fit_threshold(np.array([0.2, 0.7]), np.array([False, True]), "auc")

@@ -164,6 +164,29 @@ def _draw(rng: np.random.Generator, pool: np.ndarray, n: int, exclude: set[int],
         exclude.update(picked)
 
 
+def _draw_range(rng: np.random.Generator, size: int, n: int, exclude: set[int], chosen: list[int]) -> None:
+    """``_draw`` from the pool ``0 .. size-1`` (every product) without building the pool.
+
+    Drawing from every product while leaving out a query's own candidates cost a pass over
+    all products per query (~1.2M on the full data, for each of ~75k queries). Here the draw
+    is made on positions among the allowed products, with the same random stream as ``_draw``'s
+    (``Generator.choice`` of n items from L draws the same positions whether given L or an
+    array of length L), and each position is mapped to its product by counting the excluded
+    products before it: the same products as ``_draw``.
+    """
+    excluded = np.sort(np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
+    allowed = size - len(excluded)
+    take = min(n, allowed)
+    if take:
+        positions = rng.choice(allowed, size=take, replace=False)
+        # excluded[j] - j allowed products lie before the j-th excluded one
+        picked = (
+            positions + np.searchsorted(excluded - np.arange(len(excluded)), positions, side="right")
+        ).tolist()
+        chosen.extend(picked)
+        exclude.update(picked)
+
+
 def sample_unlabelled(labelled: pd.DataFrame, cfg: DistillData) -> pd.DataFrame:
     """Unlabelled pairs: each query of ``labelled`` with ``cfg.unlabelled_per_query`` products of
     other queries of ``labelled`` (never its own candidates); seeded by ``cfg.seed``.
@@ -188,7 +211,6 @@ def sample_unlabelled(labelled: pd.DataFrame, cfg: DistillData) -> pd.DataFrame:
     }
     neighbours = similar_queries(queries["query"], cfg.similar_queries)
     rng = np.random.default_rng([cfg.seed, 20_251_127])
-    everything = np.arange(len(products))
     n_similar = round(per_query * cfg.similar_share)
     query_rows: list[int] = []
     product_rows: list[int] = []
@@ -198,7 +220,7 @@ def sample_unlabelled(labelled: pd.DataFrame, cfg: DistillData) -> pd.DataFrame:
         if n_similar and neighbours.shape[1]:
             near = np.unique(np.concatenate([rows_of_query[queries["query_id"][j]] for j in neighbours[qi]]))
             _draw(rng, near, n_similar, own, chosen)
-        _draw(rng, everything, per_query - len(chosen), own, chosen)
+        _draw_range(rng, len(products), per_query - len(chosen), own, chosen)
         query_rows += [qi] * len(chosen)
         product_rows += chosen
     frame = pd.concat(

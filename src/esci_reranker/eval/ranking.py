@@ -186,33 +186,65 @@ def per_query_ranking_metrics(
         return pd.DataFrame(empty | {n: pd.Series(dtype="float64") for n in names})
 
     query_ids = run["query_id"].to_numpy()
-    order = np.argsort(query_ids, kind="stable")
-    query_sorted = query_ids[order]
+    scores = run[score_column].to_numpy(dtype=np.float64)
+    if np.isnan(scores).any():
+        raise ValueError("rank_order: a score is NaN; scores must be numbers (check the model output).")
+    unique_queries, query_code = np.unique(query_ids, return_inverse=True)
+    # one code-point order of every product id: within a query it is rank_order's own tie-break
+    _, doc_code = np.unique(run["product_id"].astype(str).to_numpy().astype(str), return_inverse=True)
+    order = np.lexsort((-doc_code.reshape(-1), -scores, query_code.reshape(-1)))
+    query_sorted = query_code.reshape(-1)[order]
     starts = np.flatnonzero(np.r_[True, query_sorted[1:] != query_sorted[:-1]])
-    ends = np.r_[starts[1:], len(order)]
-    doc_ids = run["product_id"].astype(str).to_numpy()[order]
-    scores = run[score_column].to_numpy(dtype=np.float64)[order]
-    gain_values = _label_values(labels[order], table)
-    is_relevant = np.isin(labels[order], list(relevant_set))
+    sizes = np.diff(np.r_[starts, len(order)])
+    values = _ranked_metrics(
+        _label_values(labels[order], table), np.isin(labels[order], list(relevant_set)), starts, sizes, cutoff
+    )
+    frame = pd.DataFrame({"query_id": unique_queries, "num_candidates": sizes.astype(np.int64)})
+    for name, column in zip(names, values, strict=True):
+        frame[name] = column
+    return frame
 
-    rows = []
-    for start, end in zip(starts, ends, strict=True):
-        ranked = rank_order(scores[start:end], doc_ids[start:end])
-        g = gain_values[start:end][ranked]
-        r = is_relevant[start:end][ranked]
-        rows.append(
-            (
-                query_sorted[start],
-                end - start,
-                ndcg(g),
-                ndcg(g, cutoff),
-                reciprocal_rank(r),
-                average_precision(r),
-                recall_at_k(r, cutoff),
-                precision_at_k(r, cutoff),
-            )
-        )
-    return pd.DataFrame(rows, columns=["query_id", "num_candidates", *names])
+
+def _ranked_metrics(
+    gains: np.ndarray, relevant: np.ndarray, starts: np.ndarray, sizes: np.ndarray, cutoff: int
+) -> tuple[np.ndarray, ...]:
+    """Every query's ``ndcg, ndcg@k, mrr, map, recall@k, precision@k`` from its ranked rows.
+
+    ``gains`` and ``relevant`` (N,) are in ranked order, query after query; query q holds rows
+    ``starts[q] : starts[q] + sizes[q]``. The queries are taken in blocks of equal list length,
+    each block one (queries, length) matrix, so every sum runs over exactly the elements, in
+    exactly the order, that the one-query functions above sum (``np.sum`` of a row is
+    ``np.sum`` of that row alone): the numbers are theirs to the last bit.
+    """
+    q = len(starts)
+    ndcg_all, ndcg_k, rr, ap, recall, precision = (np.zeros(q) for _ in range(6))
+    n_rel = np.add.reduceat(relevant.astype(np.int64), starts) if q else np.zeros(0, np.int64)
+    for n in np.unique(sizes):
+        block = np.flatnonzero(sizes == n)
+        rows = starts[block][:, None] + np.arange(n)[None, :]  # (m, n)
+        g, r = gains[rows], relevant[rows]
+        discount = np.log2(np.arange(2, n + 2))
+        ideal = np.sort(g, axis=1)[:, ::-1]
+        k = min(cutoff, n)
+        for out, top in ((ndcg_all, n), (ndcg_k, k)):
+            dcg = np.sum(g[:, :top] / discount[:top], axis=1)
+            best = np.sum(ideal[:, :top] / discount[:top], axis=1)
+            out[block] = np.divide(dcg, best, out=np.zeros(len(block)), where=best > 0)
+        hit = r.any(axis=1)
+        rr[block] = np.where(hit, 1.0 / (r.argmax(axis=1) + 1), 0.0)
+        found = r[:, :k].sum(axis=1)
+        total = n_rel[block]
+        recall[block] = np.divide(found, total, out=np.zeros(len(block)), where=total > 0)
+        precision[block] = found / cutoff
+    # average precision over each query's relevant rows only, in blocks of equal count
+    position = np.arange(len(gains)) - np.repeat(starts, sizes)
+    rel_rank = position[relevant] + 1  # 1-based ranks of the relevant rows, query after query
+    rel_start = np.r_[0, np.cumsum(n_rel)[:-1]] if q else np.zeros(0, np.int64)
+    for m in np.unique(n_rel[n_rel > 0]):
+        block = np.flatnonzero(n_rel == m)
+        ranks = rel_rank[rel_start[block][:, None] + np.arange(m)[None, :]]
+        ap[block] = np.sum(np.arange(1, m + 1) / ranks, axis=1) / m
+    return ndcg_all, ndcg_k, rr, ap, recall, precision
 
 
 def mean_over_queries(per_query: pd.DataFrame) -> dict[str, float]:

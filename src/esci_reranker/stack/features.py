@@ -454,37 +454,23 @@ def feature_arrays(
     for name, values in cols.items():
         if len(values) != n:
             raise ValueError(f"feature_table: field {name!r} has {len(values)} values for {n} pairs.")
-    sides = [product_side(*(cols[name][i] for name in PRODUCT_FIELDS)) for i in range(n)]
-    rows_of_features = [_pair_features(query_side(queries[i]), sides[i]) for i in range(n)]
-    # columns gathered in a dict and framed once: inserting ~60 columns one by one costs more
-    # than the features themselves for a 40-candidate request
-    columns: dict[str, np.ndarray] = {
-        name: np.array([r[name] for r in rows_of_features], dtype=np.float64) for name in FEATURE_NAMES
-    }
     group_codes = _group_codes(groups)
+    columns: dict[str, np.ndarray] = {name: np.zeros(n) for name in FEATURE_NAMES}
     bm25 = {k: np.zeros(n) for k in ("bm25_title", "bm25_all", "bm25_long")}
-    # the brands of the other candidates: a query naming one of them asks for that brand
-    brand_norm = [side.brand_norm for side in sides]
     other_brand = np.full(n, np.nan)
-    for code in np.unique(group_codes):
-        rows = np.flatnonzero(group_codes == code)
-        query = queries[rows[0]]
-        q_words = sorted(query_side(query).tokens)
-        bm25["bm25_title"][rows] = _bm25_counts(
-            q_words, [sides[i].title_counts for i in rows], [len(sides[i].title_tokens) for i in rows]
-        )
-        bm25["bm25_all"][rows] = _bm25_counts(
-            q_words,
-            [sides[i].all_counts for i in rows],
-            [len(sides[i].title_tokens) + len(sides[i].brand_color_tokens) for i in rows],
-        )
-        bm25["bm25_long"][rows] = _bm25_counts(
-            q_words, [sides[i].long_counts for i in rows], [len(sides[i].long_tokens) for i in rows]
-        )
-        q_norm = query_side(query).norm
-        named = {brand_norm[i] for i in rows if brand_norm[i] and _contains_phrase(q_norm, brand_norm[i])}
-        if named:
-            other_brand[rows] = [float(bool(brand_norm[i]) and brand_norm[i] not in named) for i in rows]
+    # Lists in chunks of about CHUNK_ROWS pairs, so only one chunk's products' sides are held
+    # (~37 KiB each: all of them would be ~40 GiB for the full ESCI train+val pairs); every
+    # feature reads its own pair or its own list only, so chunking changes no value. A list's
+    # rows come from one stable sort, in input order: no pass over every pair per list.
+    order = np.argsort(group_codes, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, group_codes[order][1:] != group_codes[order][:-1], True])
+    first = 0
+    while n and first < len(bounds) - 1:
+        last = int(np.searchsorted(bounds, bounds[first] + CHUNK_ROWS, side="right")) - 1
+        last = max(last, first + 1)  # a list longer than a chunk is a chunk of its own
+        lists = [order[a:b] for a, b in zip(bounds[first:last], bounds[first + 1 : last + 1], strict=True)]
+        _chunk_features(queries, cols, lists, columns, bm25, other_brand)
+        first = last
     columns |= bm25
     columns["other_brand_named"] = other_brand
     columns["list_size"] = np.bincount(group_codes)[group_codes].astype(np.float64)
@@ -495,6 +481,48 @@ def feature_arrays(
             for kind, values in list_features(columns[name], group_codes).items():
                 columns[f"{name}_{kind}"] = values
     return columns
+
+
+#: Pairs whose products' sides ``feature_arrays`` holds at once (whole lists; see there).
+CHUNK_ROWS: Final[int] = 20_000
+
+
+def _chunk_features(
+    queries: Sequence[str],
+    cols: Mapping[str, Sequence[str]],
+    lists: Sequence[np.ndarray],
+    columns: Mapping[str, np.ndarray],
+    bm25: Mapping[str, np.ndarray],
+    other_brand: np.ndarray,
+) -> None:
+    """Fill the pair features, BM25 and "another brand named" of the rows of ``lists`` (each the
+    rows of one candidate list, in input order) into the (N,) arrays given."""
+    rows = np.concatenate(lists)
+    sides = {int(i): product_side(*(cols[name][i] for name in PRODUCT_FIELDS)) for i in rows}
+    features = [_pair_features(query_side(queries[i]), sides[int(i)]) for i in rows]
+    for name in FEATURE_NAMES:
+        columns[name][rows] = np.array([r[name] for r in features], dtype=np.float64)
+    for members in lists:
+        member_sides = [sides[int(i)] for i in members]
+        query = queries[members[0]]
+        q_words = sorted(query_side(query).tokens)
+        bm25["bm25_title"][members] = _bm25_counts(
+            q_words, [s.title_counts for s in member_sides], [len(s.title_tokens) for s in member_sides]
+        )
+        bm25["bm25_all"][members] = _bm25_counts(
+            q_words,
+            [s.all_counts for s in member_sides],
+            [len(s.title_tokens) + len(s.brand_color_tokens) for s in member_sides],
+        )
+        bm25["bm25_long"][members] = _bm25_counts(
+            q_words, [s.long_counts for s in member_sides], [len(s.long_tokens) for s in member_sides]
+        )
+        # the brands of the other candidates: a query naming one of them asks for that brand
+        q_norm = query_side(query).norm
+        brands = [s.brand_norm for s in member_sides]
+        named = {b for b in brands if b and _contains_phrase(q_norm, b)}
+        if named:
+            other_brand[members] = [float(bool(b) and b not in named) for b in brands]
 
 
 def _group_codes(groups: Sequence[object]) -> np.ndarray:
