@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from esci_reranker.model.features import EncodedPairs
-from esci_reranker.serve.priority import lower_this_thread
 
 if TYPE_CHECKING:
     from esci_reranker.reranker import Reranker
@@ -137,8 +136,6 @@ class DynamicBatcher:
         on_batch: called by the worker after every forward pass (tests, logging).
         after_batch: called by the worker once a forward pass's requests have their results
             (the memory policy's check, ``MemoryGuard.check``), so it never delays those answers.
-        niceness: how far below the event loop the worker (and its torch OpenMP pool) runs
-            (``serve.priority.lower_this_thread``; 0: the same priority).
     """
 
     def __init__(
@@ -149,7 +146,6 @@ class DynamicBatcher:
         metrics: Metrics | None = None,
         on_batch: Callable[[BatchInfo], None] | None = None,
         after_batch: Callable[[], object] | None = None,
-        niceness: int = 0,
     ) -> None:
         if not max_wait_ms > 0:
             raise ValueError(
@@ -162,7 +158,6 @@ class DynamicBatcher:
         self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics
         self.on_batch = on_batch
-        self.niceness = niceness
         self.after_batch = after_batch
         self._pending: list[_Request] = []
         self._cond = threading.Condition()
@@ -227,7 +222,6 @@ class DynamicBatcher:
     # -- the worker ------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        lower_this_thread(self.niceness)
         batch: _Batch | None = None
         try:
             while True:

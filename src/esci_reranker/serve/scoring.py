@@ -32,7 +32,6 @@ from esci_reranker.serve.cache import PredictionCache, cache_key
 from esci_reranker.serve.errors import ApiError
 from esci_reranker.serve.memory import MemoryGuard
 from esci_reranker.serve.metrics import Metrics
-from esci_reranker.serve.priority import lower_this_thread
 
 #: Candidates' field mappings for a stacked model (None: the texts alone).
 Records = Sequence[Mapping[str, Any]] | None
@@ -53,11 +52,8 @@ class SingleThread:
     For work whose torch OpenMP pool belongs to the thread that runs it: one thread keeps one pool.
     """
 
-    def __init__(self, name: str, niceness: int = 0, workers: int = 1) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        #: how far below the event loop its thread runs (``serve.priority.lower_this_thread``)
-        self.niceness = niceness
-        self.workers = workers
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
 
@@ -65,12 +61,7 @@ class SingleThread:
         """The thread's executor (started now if there is none)."""
         with self._lock:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(
-                    max_workers=self.workers,
-                    thread_name_prefix=self.name,
-                    initializer=lower_this_thread,
-                    initargs=(self.niceness,),
-                )
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
             return self._executor
 
     def close(self) -> None:
@@ -96,7 +87,6 @@ class Scorer:
         metrics: Metrics | None = None,
         batcher: DynamicBatcher | None = None,
         memory: MemoryGuard | None = None,
-        niceness: int = 0,
     ) -> None:
         self.reranker = reranker
         self.cache = cache
@@ -110,12 +100,7 @@ class Scorer:
         self._encode_lock = threading.Lock()
         # Its own lock, not self._lock: that one is held for a whole forward pass, and the event
         # loop asks for the thread.
-        self._model_thread = SingleThread("esci-model", niceness)
-        # Tokenising, and the stacker's features and trees after a forward, run on two threads of
-        # their own below the event loop: every admitted request's Python work on the shared
-        # worker threads would contend with the event loop for the GIL and the cores, and a 429
-        # or /health would wait behind it.
-        self._cpu_threads = SingleThread("esci-post", niceness, workers=2)
+        self._model_thread = SingleThread("esci-model")
 
     @property
     def model_id(self) -> str:
@@ -172,15 +157,14 @@ class Scorer:
             if answer is not None:
                 return answer
             return await asyncio.wrap_future(self._submit_direct(key, query, texts, records))
-        cpu = self._cpu_threads.get()
-        prepared = await asyncio.wrap_future(cpu.submit(self._prepare, query, texts, records))
+        prepared = await run_in_threadpool(self._prepare, query, texts, records)
         if isinstance(prepared, ScoreResult):
             return prepared
         with _shutdown_is_503():
             output = await asyncio.wrap_future(self._submit(prepared[1]))
-        # The heads' post-processing (a stacker's features and trees) runs off the event loop too:
-        # there it would hold up every other answer, a load-shedding 429 included.
-        return await asyncio.wrap_future(cpu.submit(self._finish, *prepared, output, query, texts, records))
+        # The heads' post-processing (a stacker's features and trees) runs in a worker thread too:
+        # on the event loop it would hold up every other answer, a load-shedding 429 included.
+        return await run_in_threadpool(self._finish, *prepared, output, query, texts, records)
 
     def truncate_tokens(self, texts: Sequence[str], max_tokens: int) -> list[str]:
         """Each text cut to its first ``max_tokens`` tokens of the model's tokenizer (whole tokens,
@@ -223,7 +207,6 @@ class Scorer:
         if self.batcher is not None:
             self.batcher.close()
         self._model_thread.close()
-        self._cpu_threads.close()
 
     def _submit_direct(
         self, key: bytes, query: str, texts: Sequence[str], records: Records

@@ -140,14 +140,6 @@ class Settings(BaseSettings):
         description="Load shedding: model requests (scoring, /v1 and /v2 rerank, /search) in progress at "
         "once; one more is answered 429 with Retry-After at once instead of queueing; 0 = no bound.",
     )
-    worker_niceness: int = Field(
-        5,
-        ge=0,
-        le=19,
-        description="How many nice steps below the thread that answers HTTP the model, tokenising, "
-        "stacker and retrieval threads run (Linux), so a 429, /health or /metrics is answered at once "
-        "while the cores run forwards; 0 = the same priority.",
-    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "text"
 

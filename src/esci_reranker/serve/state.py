@@ -86,7 +86,7 @@ class ServiceState:
         self.index: CatalogueIndex | None = None
         self.index_status: IndexStatus = "loading" if settings.index_path else "not_configured"
         self.index_error: str | None = None
-        self._retrieval = SingleThread("esci-retrieval", settings.worker_niceness)
+        self._retrieval = SingleThread("esci-retrieval")
 
     @property
     def ready(self) -> bool:
@@ -113,18 +113,10 @@ class ServiceState:
                 self.settings.batch_token_budget(reranker.device),
                 self.metrics,
                 after_batch=self.memory.check if self.memory is not None else None,
-                niceness=self.settings.worker_niceness,
             )
             if self._closed:  # shutting down before the background load finished
                 batcher.close()
-        self.scorer = Scorer(
-            reranker,
-            self.cache,
-            self.metrics,
-            batcher,
-            memory=self.memory,
-            niceness=self.settings.worker_niceness,
-        )
+        self.scorer = Scorer(reranker, self.cache, self.metrics, batcher, memory=self.memory)
         self.metrics.watch_tower_cache(getattr(reranker, "tower_cache_stats", lambda: None))
 
     def open(self) -> None:
