@@ -7,6 +7,9 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 CONFIG ?= configs/multi_task.yaml
 OUT    ?= runs/default
+# More pipeline options, e.g. ARGS="--set mixed_precision=no" (fp32 training, as a host without
+# native bf16 trains)
+ARGS   ?=
 
 .PHONY: setup run test lint bench clean
 
@@ -25,7 +28,7 @@ setup: $(VENV)/.installed
 
 ## Main job: prepare the bundled sample, train the default model, evaluate it against baselines.
 run: setup
-	$(BIN)/esci-reranker pipeline --config $(CONFIG) --out $(OUT)
+	$(BIN)/esci-reranker pipeline --config $(CONFIG) --out $(OUT) $(ARGS)
 
 ## All tests (plus lint and the import layering), offline.
 test: setup
