@@ -135,3 +135,39 @@ def test_cv_of_the_trees_alone_on_an_earlier_oof_table(bagging_cv, tmp_path):
     broken = pd.read_parquet(out / "oof.parquet").drop(columns=["fold"])
     broken.to_parquet(tmp_path / "broken.parquet")
     assert_fails(run(*trees, "--oof", tmp_path / "broken.parquet"), "no column(s) ['fold']")
+
+
+def test_inner_models_get_the_extra_training_rows_of_their_held_out_queries(
+    bagging_cv, tmp_path, small_splits, tiny_backbone
+):
+    from esci_reranker.stack.bagging import cross_validate_bagging
+    from esci_reranker.train.config import load_config
+
+    out, _, _ = bagging_cv
+    cfg = load_config(None, [f"model.backbone={tiny_backbone}", *STACKED])
+    frame = pd.concat(
+        [pd.read_parquet(small_splits / f"{n}.parquet") for n in ("train", "val")], ignore_index=True
+    )
+    asked: list[frozenset[int]] = []
+
+    def negatives(held_out: frozenset[int]) -> pd.DataFrame:
+        # one catalogue-negative-like row for the first query the inner model trains on
+        asked.append(held_out)
+        row = frame[~frame["query_id"].isin(held_out)].head(1).copy()
+        return row.assign(product_id="negative-product", esci_label="I", gain=0.0)
+
+    oof = pd.read_parquet(out / "oof.parquet")
+    seed = int(oof["seed"].iloc[0])
+    cross_validate_bagging(
+        cfg, frame, oof, tmp_path / "bag", 3, seed, log=lambda _: None, train_rows=negatives
+    )
+    folds = oof.groupby("fold")["query_id"].apply(lambda q: frozenset(q.tolist())).to_dict()
+    assert sorted(asked, key=sorted) == sorted(
+        (folds[f] | folds[g] for f in folds for g in folds if f != g), key=sorted
+    )
+    for folder in sorted((tmp_path / "bag").glob("f*g*")):
+        trained = pd.read_parquet(folder / "train.parquet")
+        extra = trained[trained["product_id"] == "negative-product"]
+        assert len(extra) == 1
+        f, g = (int(x) for x in folder.name[1:].split("g"))
+        assert extra["query_id"].iloc[0] not in folds[f] | folds[g]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -175,7 +176,7 @@ def cv_command(
             typer.echo(cv_tables(stacked.summary))
             typer.echo(f"details: {out / 'stack_cv.json'}")
             if bagging:
-                _bagging(cfg, frame, oof or out / "oof.parquet", out, folds, seed_list)
+                _bagging(cfg, frame, oof or out / "oof.parquet", out, folds, seed_list, catalogue)
             return
         result = cross_validate(
             cfg,
@@ -211,7 +212,13 @@ def cv_command(
 
 
 def _bagging(
-    cfg: TrainConfig, frame: Any, oof_path: Path, out: Path, folds: int, seeds: tuple[int, ...]
+    cfg: TrainConfig,
+    frame: Any,
+    oof_path: Path,
+    out: Path,
+    folds: int,
+    seeds: tuple[int, ...],
+    catalogue: Any = None,
 ) -> None:
     import pandas as pd
 
@@ -222,7 +229,17 @@ def _bagging(
     oof = pd.read_parquet(oof_path)
     entries = []
     for seed in seeds:
-        entries += cross_validate_bagging(cfg, frame, oof, out / "bagging", folds, seed, log=typer.echo)
+        entries += cross_validate_bagging(
+            cfg,
+            frame,
+            oof,
+            out / "bagging",
+            folds,
+            seed,
+            log=typer.echo,
+            # the inner cross-encoders get catalogue negatives as the fold models did
+            train_rows=None if catalogue is None else functools.partial(catalogue.encoder_negatives, out),
+        )
     models = [f"{kind}_{stage}" for kind in ("stacker", "cross_encoder") for stage in FIRST_STAGES]
     summary = cv_summary(entries, models)
     # paired by (fold, seed): the same trees and queries, only the first stage differs

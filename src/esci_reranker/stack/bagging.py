@@ -65,6 +65,7 @@ def cross_validate_bagging(
     folds: int,
     seed: int,
     log: Callable[[str], None] = print,
+    train_rows: Callable[[frozenset[int]], pd.DataFrame | None] | None = None,
 ) -> list[dict[str, Any]]:
     """The nested comparison of the module docstring for one training seed.
 
@@ -74,6 +75,9 @@ def cross_validate_bagging(
         oof: the out-of-fold outputs of ``cfg``'s fold models for ``seed`` (``oof.parquet``,
             with ``fold`` and ``seed`` columns): the one-model first stage.
         out_dir: where the inner fold models go (``f{f}g{g}/``).
+        train_rows: the queries an inner cross-encoder holds out -> its extra training rows
+            (the catalogue negatives of a config with ``stack.encoder_negatives``), as the
+            one-model first stage's cross-encoders got them; None for none.
 
     Returns:
         One entry per outer fold: ``fold``, and per first stage ``stacker_<stage>`` and
@@ -106,10 +110,11 @@ def cross_validate_bagging(
                 continue
             log(f"      bagging: outer fold {f + 1}/{folds}, inner model without folds {f + 1} and {g + 1}")
             folder = out_dir / f"f{f}g{g}"
-            train_rows = frame[~frame["query_id"].isin(test_queries | held)]
-            saved = train_fixed(
-                cfg, train_rows, folder / "train.parquet", seed, folder / "model", folder / "train"
-            )
+            rows = frame[~frame["query_id"].isin(test_queries | held)]
+            extra = train_rows(frozenset(test_queries | held)) if train_rows is not None else None
+            if extra is not None:
+                rows = pd.concat([rows, extra], ignore_index=True)
+            saved = train_fixed(cfg, rows, folder / "train.parquet", seed, folder / "model", folder / "train")
             model = Reranker.from_pretrained(saved)
             rows = frame_outputs(model, frame[frame["query_id"].isin(held)])
             rows.insert(0, "fold", g)
