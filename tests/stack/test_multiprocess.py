@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 
 def _pipeline(out: Path, backbone: Path, processes: int, *extra: str, env: dict[str, str] | None = None):
     """``esci-reranker pipeline`` of the default (stacked) config into ``out`` with the tiny
-    backbone in ``processes`` processes, global batch 16; returns the finished process."""
+    backbone in ``processes`` (1 or 2) processes, global batch 32; returns the finished process."""
     sets = (
         f"model.backbone={backbone}",
         "model.max_length=32",
@@ -44,8 +44,9 @@ def _pipeline(out: Path, backbone: Path, processes: int, *extra: str, env: dict[
         "model.prior_init=fixed",
         "optim.max_steps=3",
         "optim.group_size=8",
-        f"optim.batch_size={16 // processes}",
-        f"optim.grad_accum_steps={3 - processes}",  # 2 steps of 8 pairs in one process, 1 in two
+        "optim.batch_size=16",
+        # global batch 32: 2 accumulated batches in one process, one batch on each of two
+        f"optim.grad_accum_steps={3 - processes}",
         f"stack.folds={FOLDS}",
         "stack.max_rounds=20",
         "stack.inner_folds=2",
@@ -95,7 +96,7 @@ def _assert_same_models_and_trees(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, dropout_free_backbone: Path) -> dict[str, Path]:
-    """The same stacked pipeline in one process (2 accumulation steps) and in two (batch halved);
+    """The same stacked pipeline in one process (2 accumulation steps) and in two;
     each folder's printed output is in ``<folder>-record/stdout.txt``."""
     root = tmp_path_factory.mktemp("stacked-ddp")
     outs = {"one": root / "one", "two": root / "two"}
