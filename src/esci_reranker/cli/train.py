@@ -23,7 +23,12 @@ def train_command(
     overrides: SetOption = None,
     base_model: BaseModelOption = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the last periodic checkpoint.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue from the last periodic checkpoint (a stacked config: keep the fold "
+            "models an interrupted run finished).",
+        ),
     ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
@@ -281,9 +286,22 @@ def pipeline_command(
             "service's page (~1 min; needs the retrieval extra).",
         ),
     ] = True,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted job in --out (same config): keep the prepared splits and "
+            "the fold models it finished, continue a training from its last checkpoint, run the "
+            "later stages again.",
+        ),
+    ] = False,
 ) -> None:
     """The main job: prepare the bundled sample, train, evaluate against baselines, print the table,
-    then index the sample's catalogue for search (OUT/index; --no-index skips it)."""
+    then index the sample's catalogue for search (OUT/index; --no-index skips it).
+
+    Runs on CPU, one GPU, or many with `torchrun --nproc_per_node N -m esci_reranker.cli pipeline
+    ...` (or `accelerate launch`): every training runs data-parallel, the rest on one process.
+    """
     from esci_reranker.data import DataError
     from esci_reranker.pipeline import run_pipeline
     from esci_reranker.train import ConfigError
@@ -298,10 +316,15 @@ def pipeline_command(
             progress=progress,
             log=typer.echo,
             build_index=index,
+            resume=resume,
         )
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         fail(str(err))
         return
+    from esci_reranker.train.distributed import is_main_process
+
+    if not is_main_process():
+        return  # the main process prints the job's tables
     if result.cv_table is not None:
         typer.echo(
             "\nCross-validation over the train+val queries (each fold scored by models that never "
@@ -328,32 +351,33 @@ def pipeline_command(
 
 
 def _train_stacked(cfg: TrainConfig, resume: bool, progress: bool) -> None:
-    """``train`` for ``model.stacker: gbdt``: fold models, stacker, final model; CV tables printed."""
+    """``train`` for ``model.stacker: gbdt``: fold models, stacker, final model; CV tables printed.
+    ``resume`` keeps the fold models an interrupted run finished and continues the rest."""
     import pandas as pd
 
     from esci_reranker.retrieval.flow import catalogue_flow
     from esci_reranker.stack.cv import cv_tables
     from esci_reranker.stack.train import train_stacked
+    from esci_reranker.train.distributed import is_main_process
     from esci_reranker.train.loop import read_split
 
-    if resume:
-        raise ValueError(
-            "--resume continues one training run; a stacked model (model.stacker: gbdt) trains "
-            "several: run it again without --resume."
-        )
     frame = pd.concat(
         [read_split(cfg.data.resolve("train"), "train"), read_split(cfg.data.resolve("val"), "val")],
         ignore_index=True,
     )
-    catalogue = catalogue_flow(cfg, frame, True, typer.echo, test_split=cfg.data.resolve("test"))
+    say = typer.echo if is_main_process() else (lambda line: None)  # one process speaks for the job
+    catalogue = catalogue_flow(cfg, frame, True, say, test_split=cfg.data.resolve("test"))
     result = train_stacked(
         cfg,
         progress=progress,
-        log=typer.echo,
+        log=say,
         negatives=None if catalogue is None else catalogue.negatives,
         on_fold=None if catalogue is None else catalogue.on_fold,
         train_rows=None if catalogue is None else catalogue.encoder_negatives,
+        resume=resume,
     )
+    if not is_main_process():
+        return  # the main process prints the tables
     typer.echo(cv_tables(result.cv))
     typer.echo(f"model: {result.save_path} (cross-encoder + stacker/)")
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -50,6 +51,14 @@ class EncodedPairs:
                 a + len(q) + len(p) for a, q, p in zip(lens, self.query_ids, self.product_ids, strict=True)
             ]
         return lens
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Index arrays of the inference passes over pairs of these token ``lengths``: longest first
+    (ties keep input order), ``batch_size`` each; only the last pass may be shorter."""
+    # Longest first, so the first pass shows the worst-case memory and padding is minimal.
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 class PairEncoder:

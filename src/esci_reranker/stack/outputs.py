@@ -7,7 +7,7 @@ both.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -71,17 +71,28 @@ def cross_encoder_columns(
 ID_COLUMNS: tuple[str, ...] = ("query_id", "product_id", "esci_label", "esci_query_source")
 
 
-def frame_outputs(reranker: Scorer, frame: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
+#: Raw outputs (``Scorer.run_encoded``'s) of parallel query and product-text lists.
+RunFn = Callable[[list[str], list[str]], Mapping[str, np.ndarray]]
+
+
+def frame_outputs(
+    reranker: Scorer, frame: pd.DataFrame, progress: bool = False, run: RunFn | None = None
+) -> pd.DataFrame:
     """The cross-encoder columns of every row of a prepared split, beside its id columns.
 
     Product text is built from the split's ``product_*`` columns with the model's own text
-    fields, exactly as in training and ``Reranker.predict_frame``.
+    fields, exactly as in training and ``Reranker.predict_frame``. ``run`` scores the pairs
+    (default: tokenised and run here, in this process); a multi-process caller passes one that
+    shares the passes out over its processes (``train.distributed.sharded_outputs``).
     """
     from esci_reranker.data.text import product_texts
 
     texts = product_texts(frame, reranker.config.text_fields, reranker.config.long_field_chars)
-    encoded = reranker.pair_encoder.encode(frame["query"].astype(str).tolist(), texts.astype(str).tolist())
-    out = reranker.run_encoded(encoded, progress=progress)
+    queries, texts_list = frame["query"].astype(str).tolist(), texts.astype(str).tolist()
+    if run is None:
+        out = reranker.run_encoded(reranker.pair_encoder.encode(queries, texts_list), progress=progress)
+    else:
+        out = run(queries, texts_list)
     cols = cross_encoder_columns(out, reranker.config.prior_features, reranker.config.gains)
     table = frame[[c for c in ID_COLUMNS if c in frame.columns]].reset_index(drop=True).copy()
     for name, values in cols.items():

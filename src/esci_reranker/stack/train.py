@@ -15,6 +15,11 @@ this instead of a single cross-encoder training:
    stacker is saved inside its checkpoint (``stacker/``), so it loads as one model.
 
 The test split is never read here.
+
+Under ``torchrun`` / ``accelerate launch`` every process runs this: each cross-encoder trains
+data-parallel and the out-of-fold scoring is shared out (``train.cv``); the trees, the CV tables
+and every file write happen on the main process while the others wait
+(``train.distributed.on_main``).
 """
 
 from __future__ import annotations
@@ -75,11 +80,15 @@ def train_fixed(
     save_path: Path | None = None,
     run_dir: Path | None = None,
     progress: bool = False,
+    resume: bool = False,
 ) -> Path:
     """Train ``cfg``'s cross-encoder on ``rows`` alone (written to ``train_path``) to the end of its
     schedule, as the fold and final models are trained; ``seed``, ``save_path`` and ``run_dir``
-    replace the config's when given. Returns where the model is."""
-    from esci_reranker.train.loop import train
+    replace the config's when given. With ``resume``, a run interrupted after a periodic
+    checkpoint continues from it (one that finished only saves its model again). Returns where
+    the model is."""
+    from esci_reranker.train.distributed import on_main
+    from esci_reranker.train.loop import STATE_NAME, train
 
     run = _fixed_schedule(cfg)
     if seed is not None:
@@ -88,15 +97,20 @@ def train_fixed(
         run.output.save_path = save_path
     if run_dir is not None:
         run.output.run_dir = run_dir
-    train_path.parent.mkdir(parents=True, exist_ok=True)
-    rows.to_parquet(train_path, index=False)
+
+    def write_rows() -> None:
+        train_path.parent.mkdir(parents=True, exist_ok=True)
+        rows.to_parquet(train_path, index=False)
+
+    on_main(write_rows)
     run.data.dir = None
     run.data.train = train_path
     # absent files: with select 'last' the model needs no validation split, and a test split is
     # the caller's to evaluate (with the stacker)
     run.data.val = train_path.with_name("no_val.parquet")
     run.data.test = train_path.with_name("no_test.parquet")
-    train(run, progress=progress, evaluate_test=False)
+    checkpoint = run.output.resolved_run_dir() / "last" / STATE_NAME
+    train(run, progress=progress, evaluate_test=False, resume=resume and checkpoint.is_file())
     return Path(run.output.save_path)
 
 
@@ -166,8 +180,12 @@ def cross_validate_stacked(
     and the ``baselines``. Writes ``out_dir/stack_cv.json`` (entries and summary). ``resume``
     keeps the fold models an earlier call finished (``train.cv.cross_validate``). ``negatives``,
     ``on_fold`` and ``train_rows``: see ``NegativesFn``, ``OnFoldFn`` and ``TrainRowsFn``.
+
+    With several processes the trees run on the main process; the others get the entries and
+    the summary but no ``tables``.
     """
     from esci_reranker.train.cv import cross_validate
+    from esci_reranker.train.distributed import is_main_process, on_main
 
     cross_validate(
         _fixed_schedule(cfg),
@@ -183,11 +201,18 @@ def cross_validate_stacked(
         resume=resume,
         extra_rows=None if train_rows is None else functools.partial(train_rows, out_dir),
     )
-    oof = pd.read_parquet(out_dir / "oof.parquet")
-    negative_rows = negatives(out_dir, seeds) if negatives is not None else None
-    return cross_validate_trees(
-        cfg, frame, oof, out_dir, seeds, baselines, log, negatives=negative_rows, on_fold=on_fold
-    )
+
+    def trees() -> StackedCV:
+        oof = pd.read_parquet(out_dir / "oof.parquet")
+        negative_rows = negatives(out_dir, seeds) if negatives is not None else None
+        return cross_validate_trees(
+            cfg, frame, oof, out_dir, seeds, baselines, log, negatives=negative_rows, on_fold=on_fold
+        )
+
+    cv = trees() if is_main_process() else None
+    # the stack tables stay on the main process, the only one that fits trees
+    entries, summary = on_main(lambda: (cv.entries, cv.summary) if cv is not None else ([], {}))
+    return cv if cv is not None else StackedCV(entries, summary)
 
 
 def cross_validate_trees(
@@ -250,6 +275,7 @@ def train_stacked(
     negatives: NegativesFn | None = None,
     on_fold: OnFoldFn | None = None,
     train_rows: TrainRowsFn | None = None,
+    resume: bool = False,
 ) -> StackedTrainResult:
     """Run the three stages of the module docstring for ``cfg`` (``model.stacker: gbdt``).
 
@@ -257,13 +283,19 @@ def train_stacked(
     models, ``oof.parquet`` and ``stack_cv.json`` under the run directory's ``folds/``.
     ``baselines`` are ranked on every fold beside the stacker (``random`` is left out);
     ``negatives``, ``on_fold`` and ``train_rows`` as in ``cross_validate_stacked`` (the final
-    stacker and cross-encoder learn from the same kinds of negatives as the CV's).
+    stacker and cross-encoder learn from the same kinds of negatives as the CV's). ``resume``
+    continues an interrupted run of the same config and data: the fold models it finished (model
+    and out-of-fold rows) are kept, the trees are fitted again (minutes), and the final
+    cross-encoder continues from its last checkpoint. Every process returns the same result.
     """
     from esci_reranker.reranker import Reranker
+    from esci_reranker.train.distributed import is_main_process, on_main
     from esci_reranker.train.loop import read_split
 
     if cfg.model.stacker != "gbdt":
         raise ValueError(f"train_stacked: model.stacker is {cfg.model.stacker!r}; expected 'gbdt'.")
+    if not is_main_process():
+        log = _quiet  # one process speaks for the job
     seconds: dict[str, float] = {}
     run_dir = cfg.output.resolved_run_dir()
     frame = pd.concat(
@@ -281,6 +313,7 @@ def train_stacked(
         baselines=tuple(b for b in baselines if b != "random"),
         progress=progress,
         log=log,
+        resume=resume,
         negatives=negatives,
         on_fold=on_fold,
         train_rows=train_rows,
@@ -289,17 +322,30 @@ def train_stacked(
 
     t = time.perf_counter()
     log("      stacker: fit on every out-of-fold row")
-    stacker = fit_config_stacker(cfg, cv.tables[cfg.seed], cfg.seed)
+    # the main process fits it; the others go on to the final model and wait for it there
+    stacker = fit_config_stacker(cfg, cv.tables[cfg.seed], cfg.seed) if is_main_process() else None
     seconds["stacker"] = time.perf_counter() - t
 
     t = time.perf_counter()
     log(f"      cross-encoder: final model on all {frame['query_id'].nunique()} train+val queries")
-    extra = train_rows(run_dir / "folds", frozenset()) if train_rows is not None else None
-    rows = frame if extra is None else pd.concat([frame, extra], ignore_index=True)
-    save_path = train_fixed(cfg, rows, run_dir / "train_all.parquet", progress=progress)
-    stacker.info["cv"] = cv.summary["overall"]
-    stacker.save(save_path / STACKER_DIR)
-    Reranker.from_pretrained(save_path)  # fail here, not in the user's hands, if it does not load
-    seconds["final_model"] = time.perf_counter() - t
-    (run_dir / "stack_timings.json").write_text(json.dumps(seconds, indent=2) + "\n")
-    return StackedTrainResult(save_path, cv.summary, seconds, stacker.rounds, stacker.rules.to_dict())
+    rows = frame
+    if train_rows is not None and is_main_process():  # the main process writes the rows
+        extra = train_rows(run_dir / "folds", frozenset())
+        rows = frame if extra is None else pd.concat([frame, extra], ignore_index=True)
+    save_path = train_fixed(cfg, rows, run_dir / "train_all.parquet", progress=progress, resume=resume)
+
+    def finish() -> StackedTrainResult:
+        if stacker is None:
+            raise RuntimeError("train_stacked: the stacker is fitted on the main process only.")
+        stacker.info["cv"] = cv.summary["overall"]
+        stacker.save(save_path / STACKER_DIR)
+        Reranker.from_pretrained(save_path)  # fail here, not in the user's hands, if it does not load
+        seconds["final_model"] = time.perf_counter() - t
+        (run_dir / "stack_timings.json").write_text(json.dumps(seconds, indent=2) + "\n")
+        return StackedTrainResult(save_path, cv.summary, seconds, stacker.rounds, stacker.rules.to_dict())
+
+    return on_main(finish)
+
+
+def _quiet(line: str) -> None:
+    """A log that drops its lines (the processes other than the main one)."""

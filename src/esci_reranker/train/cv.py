@@ -19,6 +19,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,10 @@ def cross_validate(
     ``frame`` (optional) is the train+val table itself, read from ``data_dir`` when not given;
     ``log`` receives a line as each fold starts.
 
+    Under ``torchrun`` / ``accelerate launch`` every process calls it: each fold model trains
+    data-parallel, its out-of-fold scoring is shared out over the processes, and the main
+    process alone writes the splits, ``oof.parquet`` and ``cv.json`` (and logs).
+
     With ``resume``, the (fold, seed) runs that an earlier call with the same config, queries,
     folds and ``oof`` finished in ``out_dir`` (in its ``cv.json``, ``oof.parquet`` and fold model)
     are kept and only the others train: a slow family's CV can run over several invocations.
@@ -164,12 +169,15 @@ def cross_validate(
     Raises:
         ValueError: ``resume`` and ``out_dir`` holds a CV of another config, data or folds.
     """
-    from esci_reranker.eval.baselines import parse_baselines, run_baseline
+    from esci_reranker.eval.baselines import parse_baselines
     from esci_reranker.eval.ranking import ranking_metrics
     from esci_reranker.stack.cv import cross_encoder_run
+    from esci_reranker.train.distributed import is_main_process, on_main
     from esci_reranker.train.loop import read_split, train
 
     chosen = parse_baselines(list(baselines))
+    if not is_main_process():
+        log = None  # one process speaks for the job
 
     data_dir, out = Path(data_dir), Path(out_dir)
     if frame is None:
@@ -183,12 +191,16 @@ def cross_validate(
     identity = _identity(cfg, frame, folds, oof)
     done = _finished_runs(out, identity, oof, seeds) if resume else {}
     for fold, fold_queries in enumerate(query_folds(frame["query_id"].to_numpy(), folds)):
-        extra = extra_rows(frozenset(fold_queries)) if extra_rows is not None else None
-        split_dir = write_fold_splits(frame, fold_queries, out / f"fold{fold}" / "data", extra)
+
+        def fold_splits(fold: int = fold, fold_queries: set[int] = fold_queries) -> Path:
+            # extra rows (catalogue negatives) are mined where the split is written: rank 0
+            extra = extra_rows(frozenset(fold_queries)) if extra_rows is not None else None
+            return write_fold_splits(frame, fold_queries, out / f"fold{fold}" / "data", extra)
+
+        split_dir = on_main(fold_splits)
         val = frame[frame["query_id"].isin(fold_queries)]
         for name in chosen:
-            metrics = run_baseline(name, val, text_fields=cfg.model.text_fields).metrics
-            result.baselines.setdefault(name, []).append(float(metrics["task1"][cfg.eval.metric]))
+            result.baselines.setdefault(name, []).append(on_main(partial(_baseline_metric, name, val, cfg)))
         for seed in seeds:
             if (fold, seed) in done:
                 kept, rows = done[fold, seed]
@@ -235,12 +247,18 @@ def cross_validate(
                     curve=curve,
                 )
             )
-            # oof.parquet first: a run is finished (for --resume) once cv.json lists it
             if table is not None:
                 oof_tables.append(table)
-                pd.concat(oof_tables, ignore_index=True).to_parquet(out / "oof.parquet", index=False)
-            _write(out / "cv.json", result, identity)
+            on_main(lambda: _write_progress(out, oof_tables, result, identity))
     return result
+
+
+def _baseline_metric(name: str, val: pd.DataFrame, cfg: TrainConfig) -> float:
+    """Baseline ``name``'s ``eval.metric`` (Task 1) on a fold's validation queries."""
+    from esci_reranker.eval.baselines import run_baseline
+
+    metrics = run_baseline(name, val, text_fields=cfg.model.text_fields).metrics
+    return float(metrics["task1"][cfg.eval.metric])
 
 
 def _identity(cfg: TrainConfig, frame: pd.DataFrame, folds: int, oof: bool) -> dict[str, Any]:
@@ -317,12 +335,31 @@ def _finished_runs(
     return done
 
 
+def _write_progress(
+    out: Path, oof_tables: list[pd.DataFrame], result: CVResult, identity: dict[str, Any]
+) -> None:
+    # oof.parquet first: a run is finished (for --resume) once cv.json lists it
+    if oof_tables:
+        pd.concat(oof_tables, ignore_index=True).to_parquet(out / "oof.parquet", index=False)
+    _write(out / "cv.json", result, identity)
+
+
 def fold_outputs(model_dir: Path, val: pd.DataFrame, fold: int, seed: int) -> pd.DataFrame:
-    """The out-of-fold cross-encoder outputs of a fold model on its held-out queries."""
+    """The out-of-fold cross-encoder outputs of a fold model on its held-out queries.
+
+    With several processes each scores a share of the passes and every one gets the whole table
+    (``train.distributed.sharded_outputs``): the same values as one process scoring them all.
+    """
     from esci_reranker.reranker import Reranker
     from esci_reranker.stack.outputs import frame_outputs
+    from esci_reranker.train.distributed import model_device, sharded_outputs
 
-    table = frame_outputs(Reranker.from_pretrained(model_dir), val)
+    reranker = Reranker.from_pretrained(model_dir, device=model_device())
+    table = frame_outputs(
+        reranker,
+        val,
+        run=lambda queries, texts: sharded_outputs(reranker, queries, texts, reranker.batch_size),
+    )
     table.insert(0, "seed", seed)
     table.insert(0, "fold", fold)
     return table

@@ -43,11 +43,12 @@ from esci_reranker.model import (
     save_checkpoint,
 )
 from esci_reranker.model.config import LISTWISE, LLM, MULTI_TASK, SINGLE_TASK, ListwiseSettings, LLMSettings
-from esci_reranker.model.features import pair_encoder_for
+from esci_reranker.model.features import EncodedPairs, pair_encoder_for
 from esci_reranker.model.tower_cache import weights_cache
 from esci_reranker.progress import progress_bar
 from esci_reranker.train.batching import bucketed_batches, query_batches
 from esci_reranker.train.config import PACKAGED_BACKBONE, OptimSection, TrainConfig
+from esci_reranker.train.distributed import aligned_share, distributed_cpu, gather_arrays
 from esci_reranker.train.prior_init import fit_prior_heads, prior_features
 from esci_reranker.train.token_cache import encode_pairs
 
@@ -98,18 +99,6 @@ def release_precision_state(mixed_precision: str) -> None:
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") not in (None, mixed_precision):
         AcceleratorState._reset_state(reset_partial_state=False)
-
-
-def distributed_cpu() -> bool:
-    """Whether this process is one of several CPU-only training processes (gloo).
-
-    accelerate only forms a CPU process group when asked (``cpu=True``, or ``ACCELERATE_USE_CPU``
-    as ``accelerate launch --cpu`` sets); a plain ``torchrun --nproc_per_node N`` on a machine
-    without GPUs would otherwise run N independent copies that all write the same files.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return forced or (world_size > 1 and not torch.cuda.is_available())
 
 
 def even_share(batches: list[np.ndarray], num_processes: int) -> list[np.ndarray]:
@@ -358,20 +347,46 @@ class Trainer:
         if cfg.padding_free and hasattr(model, "enable_packed_training"):
             model.enable_packed_training()
         encoder = pair_encoder_for(tokenizer, model.config)
+        queries = self.train_frame["query"].astype(str).tolist()
         train_texts = frame_texts(self.train_frame, model.config)
-        encoded = encode_pairs(encoder, self.train_frame["query"].astype(str).tolist(), train_texts)
+        processes, rank = accelerator.num_processes, accelerator.process_index
+
+        def encode(index: np.ndarray) -> EncodedPairs:
+            """Token ids of the training pairs at ``index`` (this process's share of them)."""
+            chosen = ([queries[i] for i in index], [train_texts[i] for i in index])
+            # The process-wide token cache keeps every pair it is given, across epochs and the
+            # trainings of a CV: one process tokenises each pair once; with several, each keeps
+            # only the share it trains on, so host memory shrinks with the number of processes.
+            return encode_pairs(encoder, *chosen) if processes == 1 else encoder.encode(*chosen)
+
         labels = torch.tensor([LABEL_TO_INDEX[x] for x in self.train_frame["esci_label"]], dtype=torch.long)
-        lengths = encoded.lengths()
         # query ids as 0..Q-1, whatever their type: the ranking loss compares pairs within a query
         groups = torch.as_tensor(pd.factorize(self.train_frame["query_id"])[0], dtype=torch.long)
-        if model.config.prior_features and cfg.model.prior_init == "fit" and not resume:
-            autocast = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
-            # Every training of this process starts from the same pretrained weights: their tower
-            # embeddings are computed once for all folds and the final model.
-            towers = weights_cache(model.encoder, autocast)
-            features = prior_features(
-                model.to(accelerator.device), encoder, encoded, cfg.eval.batch_size, autocast, towers
-            )
+        fit_priors = bool(model.config.prior_features) and cfg.model.prior_init == "fit" and not resume
+        lengths: list[int] | None = None
+        if fit_priors or cfg.optim.batching != "query":
+            # What needs every pair (the prior fit's features; the length buckets) is computed on
+            # a contiguous share per process and gathered. The shares are cut at the prior pass's
+            # batches, so each feature comes from the batch one process would put it in.
+            index = aligned_share(len(queries), cfg.eval.batch_size, rank, processes)
+            share = encode(index) if len(index) else None  # a tiny split may leave a process none
+            if cfg.optim.batching != "query":
+                mine = np.asarray([] if share is None else share.lengths(), dtype=np.int64)
+                lengths = gather_arrays(mine).tolist()
+            if fit_priors:
+                autocast = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+                # Every training of this process starts from the same pretrained weights: their
+                # tower embeddings are computed once for all folds and the final model.
+                towers = weights_cache(model.encoder, autocast)
+                model.to(accelerator.device)
+                features = gather_arrays(
+                    np.zeros((0, len(model.config.prior_features)), np.float32)
+                    if share is None
+                    else prior_features(model, encoder, share, cfg.eval.batch_size, autocast, towers)
+                )
+            del share
+        if fit_priors:
+            # the same features on every process: the same fitted heads
             fitted = fit_prior_heads(model, features, labels.numpy())
             logger.info(
                 "prior heads fitted: %s", {k: np.round(w, 3).tolist() for k, (w, _) in fitted.items()}
@@ -383,6 +398,7 @@ class Trainer:
                 return query_batches(
                     groups.numpy(), cfg.optim.batch_size, cfg.optim.group_size, cfg.seed, epoch
                 )
+            assert lengths is not None  # computed above for every batching but 'query'
             return bucketed_batches(lengths, cfg.optim.batch_size, cfg.seed, epoch, cfg.optim.bucket_size)
 
         # counted, not computed from the batch size: query slices leave some batches short
@@ -483,11 +499,19 @@ class Trainer:
             validate()
         model.train()
         done = state["step"] >= total_steps or state["stopped_early"]
+        position = np.zeros(len(queries), dtype=np.int64)
+        encoded: EncodedPairs | None = None
         while not done:
-            shared = even_share(epoch_batches(state["epoch"]), accelerator.num_processes)
-            batches = shared[accelerator.process_index :: accelerator.num_processes]
-            for index in batches[state["batch_in_epoch"] :]:
-                batch = {k: v.to(device) for k, v in encoder.collate(encoded, index).items()}
+            shared = even_share(epoch_batches(state["epoch"]), processes)
+            batches = shared[rank::processes][state["batch_in_epoch"] :]
+            # Only the pairs this process trains on this epoch are tokenised (rows of `encoded`;
+            # `position` maps a pair's index in the split to its row).
+            needed = np.unique(np.concatenate(batches)) if batches else np.zeros(0, dtype=np.int64)
+            encoded = None  # the last epoch's share is freed before the next is built
+            encoded = encode(needed)
+            position[needed] = np.arange(len(needed))
+            for index in batches:
+                batch = {k: v.to(device) for k, v in encoder.collate(encoded, position[index]).items()}
                 if cfg.loss.rank_weight > 0 or unwrapped.config.list_level:
                     batch["groups"] = groups[index].to(device)
                 if on_train_step is not None:
@@ -545,6 +569,9 @@ class Trainer:
             self._save_state(accelerator, state)
         if cfg.output.tensorboard:
             accelerator.end_training()
+        # Every process returns once the main one has written the model and the resume state,
+        # so a caller may read them on any process (the CV's out-of-fold scoring does).
+        accelerator.wait_for_everyone()
 
         result = TrainResult(
             save_path=self.save_path,
