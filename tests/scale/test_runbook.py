@@ -116,7 +116,7 @@ def test_runbook_commands_run_at_tiny_scale(tmp_path: Path, tiny_backbone: Path)
     assert '"scored_rows"' in done.stdout  # the documented `cat` of the summary
     # the stacked default: two fold models, the trees, the final model with its stacker
     folds = run / "stacked_train" / "folds"
-    assert sorted(p.parent.parent.name for p in folds.glob("fold*/seed0/model/config.json")) == [
+    assert sorted(p.parents[2].name for p in folds.glob("fold*/seed0/model/config.json")) == [
         "fold0",
         "fold1",
     ]

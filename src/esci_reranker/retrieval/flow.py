@@ -75,6 +75,9 @@ def build_catalogue(
         store_fields=CATALOGUE_FIELDS,
         source=f"{len(products)} products of {frame['query_id'].nunique()} labelled queries",
         log=log,
+        # one thread: the same graph in every run, so a training query gets the same catalogue
+        # negatives each time (the catalogue is small; this costs well under a second)
+        threads=1,
     )
     return CatalogueIndex.open(out_dir)
 

@@ -532,6 +532,7 @@ class CatalogueIndex:
         log: Any = None,
         device: str | None = None,
         precision: str = "fp32",
+        threads: int = 0,
     ) -> BuildStats:
         """Build an index of ``products`` (a parquet path, or frames with ``product_id`` and fields).
 
@@ -540,7 +541,9 @@ class CatalogueIndex:
         folder's ``esci_retrieval.json`` names, else ``DEFAULT_FUSION``. ``device`` embeds the
         products (None or ``auto``: a GPU when there is one; embedding is ~90 % of a build), in
         ``precision`` (fp32, bf16, or auto: bf16 where the device computes it natively; ignored when
-        ``retriever`` is a loaded ``DenseEncoder``, which has its own).
+        ``retriever`` is a loaded ``DenseEncoder``, which has its own). ``threads`` add vectors to
+        the HNSW graph (0: every core); with several the graph, and so what a query retrieves,
+        can differ from one build of the same products to the next; 1 builds it the same each time.
         """
         _require_usearch()
         fields = parse_text_fields(fields)
@@ -580,7 +583,7 @@ class CatalogueIndex:
                 vectors = encoder.encode(texts)
                 seconds["embed"] += time.perf_counter() - t
                 t = time.perf_counter()
-                ann.add(keys, vectors)
+                ann.add(keys, vectors, threads=threads)
                 seconds["ann_add"] += time.perf_counter() - t
                 stats.added += len(ids)
                 if log is not None:
