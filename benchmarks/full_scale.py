@@ -385,7 +385,7 @@ def stage_rules(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def stage_evaluate(work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from esci_reranker.eval.runner import evaluate_predictions, predictions_frame
+    from esci_reranker.eval.runner import EvaluationOptions, evaluate_predictions, predictions_frame
 
     reranker = _tiny_reranker(work)
     test = pd.read_parquet(work / "data" / "test.parquet")
@@ -398,8 +398,7 @@ def stage_evaluate(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         test,
         work / "eval",
         name="tiny",
-        baselines=("random", "bm25"),
-        progress=False,
+        options=EvaluationOptions(baselines=("random", "bm25"), progress=False),
         threshold=reranker.substitute_threshold,
     )
     return {
