@@ -11,6 +11,8 @@ catalogue search brings back. This module puts a model in the flow a user sees:
   training queries (by ``eval.flow.is_foreign`` or merely not judged for it) as catalogue
   negatives; ``score_negatives`` gives them the out-of-fold cross-encoder columns of their
   query's fold model, so the trees learn from them as from the judged rows;
+- ``CatalogueFlow.encoder_negatives`` gives each cross-encoder of the stacked recipe such
+  negatives as extra training rows labelled I, never a held-out query's or its products;
 - ``flow_run`` reranks each query's retrieved list with a ``Reranker`` (its stacker included)
   and marks every result judged / foreign / unjudged; ``eval.flow.flow_metrics`` measures it;
 - ``FoldFlow`` does that inside ``cv`` for each fold's held-out queries with the fold's
@@ -328,7 +330,9 @@ class CatalogueFlow:
     for them (``stack.negatives_per_query``), mines the catalogue negatives and scores them with
     the fold models (cached in ``FOLD_DIR/negatives_*.parquet``). ``on_fold`` (a
     ``stack.train.OnFoldFn``) then measures each fold's held-out queries in the flow
-    (``FoldFlow``). No test product is in the catalogue: ``frame`` is train+val.
+    (``FoldFlow``). ``encoder_negatives`` (a ``stack.train.TrainRowsFn``) gives each
+    cross-encoder of the recipe its catalogue negatives (``stack.encoder_negatives``) from the
+    same retrieved lists. No test product is in the catalogue: ``frame`` is train+val.
     """
 
     cfg: Any
