@@ -12,6 +12,7 @@ from esci_reranker.cli.app import app
 from esci_reranker.cli.common import BaseModelOption, SetOption, fail, parse_seeds
 
 if TYPE_CHECKING:
+    from esci_reranker.retrieval.flow import CatalogueFlow
     from esci_reranker.train.config import TrainConfig
 
 
@@ -223,7 +224,7 @@ def _bagging(
     out: Path,
     folds: int,
     seeds: tuple[int, ...],
-    catalogue: Any = None,
+    catalogue: CatalogueFlow | None = None,
 ) -> None:
     import pandas as pd
 
@@ -242,8 +243,11 @@ def _bagging(
             folds,
             seed,
             log=typer.echo,
-            # the inner cross-encoders get catalogue negatives as the fold models did
-            train_rows=None if catalogue is None else functools.partial(catalogue.encoder_negatives, out),
+            # the inner cross-encoders get catalogue negatives as the fold models did, from the
+            # catalogue already built beside the out-of-fold table (not a second one in --out)
+            train_rows=None
+            if catalogue is None
+            else functools.partial(catalogue.encoder_negatives, oof_path.parent),
         )
     models = [f"{kind}_{stage}" for kind in ("stacker", "cross_encoder") for stage in FIRST_STAGES]
     summary = cv_summary(entries, models)
