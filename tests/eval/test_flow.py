@@ -146,3 +146,17 @@ def test_expected_calibration_error_hand_computed():
     assert expected_calibration_error(probs, truth) == pytest.approx((0.05 + 0.15 + 0.05 + 0.85) / 4)
     assert reliability(probs, truth)["bin"] == [0.0, 1.0, 8.0, 9.0]
     assert math.isnan(expected_calibration_error(np.array([]), np.array([])))
+
+
+def test_flow_report_rows_line_up_with_the_header():
+    from esci_reranker.eval.report import render_flow_section
+
+    section = render_flow_section(flow_metrics(_run(), _ideal(), top_k=2), [], top_k=2, retrieved=5)
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = lines[start : lines.index("", start)]  # the first table: the metrics by query type
+    widths = {line.count("|") for line in table}
+    assert len(widths) == 1, table
+    # the first data row starts with the number of queries, then the results
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[:2] == ["all queries", "2"]

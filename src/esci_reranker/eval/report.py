@@ -258,6 +258,7 @@ def render_flow_section(
     table = [
         [
             name,
+            m["num_queries"],
             m["results"],
             m["ndcg@10_e2e"],
             m["share_E_all"],
