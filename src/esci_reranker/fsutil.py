@@ -70,6 +70,20 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
+def read_json(path: str | Path, error: type[Exception] = ValueError, fix: str = "") -> Any:
+    """The JSON document in ``path``.
+
+    Raises:
+        error: the text is not JSON; the message names the file and the parser's complaint, then
+            ``fix`` (what to do about it) when one is given.
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        advice = f"; {fix}" if fix else ""
+        raise error(f"{path}: not valid JSON ({err}){advice}.") from None
+
+
 def write_json(path: str | Path, data: Any, *, nan_as_null: bool = False) -> Path:
     """Write ``data`` as indented JSON (numpy values and paths converted), atomically via a temp file.
 

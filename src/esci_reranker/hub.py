@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any, Final
 
 from esci_reranker import __version__
 from esci_reranker.data.text import FIELD_SEPARATOR, LONG_FIELDS
+from esci_reranker.fsutil import read_json
 from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS, GAIN_TABLES, LABEL_NAMES
 from esci_reranker.model.config import (
     CLASSIFIER,
@@ -52,10 +52,7 @@ def load_metrics(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / METRICS_NAME
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err}); fix or remove it before pushing.") from None
+    data = read_json(path, CheckpointError, fix="fix or remove it before pushing")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}.")
     return data

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +15,7 @@ pytest.importorskip("sentence_transformers")
 
 from esci_reranker.bench import (
     ANCHOR,
+    BACKENDS,
     ONNX_FP32,
     ONNX_INT8,
     TORCH_BF16,
@@ -53,20 +57,32 @@ def test_workload_is_whole_candidate_lists_of_random_queries():
     assert candidate_lists(frame, 8, seed=0).tolist() == rows.tolist()
 
 
+#: The smallest settings that still run every part of the backend benchmark: one round of 8 pairs
+#: on one thread, nothing written or printed.
+SMALL_BENCH: dict[str, Any] = {
+    "out_json": None,
+    "batch_size": 8,
+    "n_pairs": 8,
+    "repeats": 1,
+    "threads": 1,
+    "test_queries": 2,
+    "roofline_size": 64,
+    "echo": None,
+}
+
+
+def _small_bench(checkpoint: Path, backends: Sequence[str], **settings: Any) -> dict[str, Any]:
+    """``run_backend_bench`` of ``backends`` on ``checkpoint`` with ``SMALL_BENCH``'s settings,
+    then ``settings`` over them."""
+    return run_backend_bench(checkpoint, backends=backends, **(SMALL_BENCH | settings))
+
+
 @pytest.mark.slow
 def test_backend_bench_writes_sane_json(tiny_checkpoint, tmp_path):
     lines: list[str] = []
     out = tmp_path / "bench.json"
-    result = run_backend_bench(
-        tiny_checkpoint,
-        out,
-        batch_size=8,
-        n_pairs=12,
-        repeats=2,
-        threads=1,
-        test_queries=2,
-        roofline_size=128,
-        echo=lines.append,
+    result = _small_bench(
+        tiny_checkpoint, BACKENDS, out_json=out, n_pairs=12, repeats=2, roofline_size=128, echo=lines.append
     )
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["settings"]["n_pairs"] == 12
@@ -109,14 +125,6 @@ def test_backend_bench_writes_sane_json(tiny_checkpoint, tmp_path):
     table = format_table(result)
     assert table in lines
     assert all(name in table for name in backends)
-
-
-def _small_bench(checkpoint, backends: list[str]) -> dict:
-    """One quick round of ``backends`` on 8 pairs, nothing written or printed."""
-    return run_backend_bench(
-        checkpoint, None, batch_size=8, n_pairs=8, repeats=1, threads=1, backends=backends,
-        test_queries=2, roofline_size=64, echo=None,
-    )  # fmt: skip
 
 
 @pytest.mark.slow

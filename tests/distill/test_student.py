@@ -153,7 +153,8 @@ def test_esci_student_decision_rules_are_fitted_on_labels_and_folded_into_its_bi
 def test_a_student_can_start_from_the_teachers_fine_tuned_encoder(tiny_backbone: Path, tmp_path: Path):
     from esci_reranker.model import MODEL_CLASSES, ModelConfig, save_checkpoint
     from esci_reranker.model.io import load_checkpoint
-    from tests.conftest import build_tiny_model, tiny_bert_config
+    from esci_reranker.model.tiny import tiny_bert_config
+    from tests.conftest import build_tiny_model
 
     teacher_model, tokenizer = build_tiny_model(seed=3)  # not the backbone's weights (seed 0)
     teacher = save_checkpoint(teacher_model, tokenizer, tmp_path / "teacher")

@@ -15,8 +15,9 @@ from esci_reranker.model.export import (
     export_hf_classifier,
     export_st_cross_encoder,
 )
+from esci_reranker.model.tiny import tiny_bert_config
 from esci_reranker.reranker import Reranker
-from tests.conftest import build_tiny_model, tiny_bert_config
+from tests.conftest import build_tiny_model
 
 PAIRS = [
     ("red running shoes", "Nike Air Zoom Pegasus | Nike | Red"),

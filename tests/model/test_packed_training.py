@@ -10,7 +10,8 @@ import torch
 from esci_reranker.model import PairEncoder
 from esci_reranker.model.config import MULTI_TASK, ModelConfig
 from esci_reranker.model.modeling import LossConfig, MultiTaskReranker
-from tests.conftest import build_tiny_model, tiny_bert_config
+from esci_reranker.model.tiny import tiny_bert_config
+from tests.conftest import build_tiny_model
 
 QUERIES = ["red running shoes", "red running shoes", "x", "usb c cable 2m braided", "usb c cable 2m braided"]
 TEXTS = [

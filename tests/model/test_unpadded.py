@@ -8,9 +8,10 @@ from transformers import AutoConfig, AutoModel
 
 from esci_reranker.model import PairEncoder
 from esci_reranker.model.cpu import int8_available
+from esci_reranker.model.tiny import tiny_bert_config
 from esci_reranker.model.unpadded import Sequences, UnpaddedEncoder, encoder_states, unsupported_reason
 from esci_reranker.reranker import Reranker
-from tests.conftest import build_tiny_model, tiny_bert_config
+from tests.conftest import build_tiny_model
 
 QUERIES = ["red running shoes", "x", "usb c cable 2m braided", "red running shoes", "coffee"]
 TEXTS = [

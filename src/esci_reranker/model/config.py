@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from esci_reranker.data.text import DEFAULT_LONG_FIELD_CHARS, DEFAULT_TEXT_FIELDS, parse_text_fields
+from esci_reranker.fsutil import read_json
 from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS
 
 #: ``model_type`` values this package writes; anything else in a config.json is another model.
@@ -331,10 +332,7 @@ class ModelConfig:
         path = Path(folder) / CONFIG_NAME
         if not path.is_file():
             raise CheckpointError(f"{folder}: no {CONFIG_NAME}; this is not an esci-reranker checkpoint.")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path}: not valid JSON ({err}).") from None
+        data = read_json(path, CheckpointError)
         if isinstance(data, dict) and isinstance(data.get(STOCK_KEY), dict):
             # A stock transformers classifier (a distilled student): our settings under STOCK_KEY,
             # the encoder's config around them.

@@ -10,7 +10,7 @@ The test split is never read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -221,29 +221,23 @@ def add_run(entry: dict[str, Any], name: str, run: pd.DataFrame, threshold: floa
 
 
 def cross_validate_stacker(
-    table: pd.DataFrame,
-    params: GBDTParams | None = None,
-    features: Sequence[str] | None = None,
-    task2_objective: str = "micro_f1",
-    task3_objective: str = "micro_f1",
+    folds: Iterable[tuple[int, Stacker, pd.DataFrame]],
     baseline_runs: Mapping[str, pd.DataFrame] | None = None,
     on_fold: Callable[[int, Stacker, pd.DataFrame], Mapping[str, Any]] | None = None,
-    **fit_options: Any,
 ) -> list[dict[str, Any]]:
     """Per outer fold: the stacker's and the cross-encoder's metrics on the fold's queries.
 
-    ``table`` is an ``oof_stack_table`` (a ``fold`` column and the features). Each entry holds
-    ``fold``, ``stacker`` and ``cross_encoder`` (``summary_metrics``), their per-query-type
-    breakdowns (``*_by_type``) and the stacker's chosen ``rounds`` and ``rules``.
+    ``folds`` are ``(fold, stacker, rows)``: each fold's stacker and the held-out rows it never
+    saw, as ``fold_stackers`` fits them on an ``oof_stack_table``. The per-fold models come in
+    explicitly, so the scoring here cannot reach a model that trained on the rows it scores.
+    Each entry holds ``fold``, ``stacker`` and ``cross_encoder`` (``summary_metrics``), their
+    per-query-type breakdowns (``*_by_type``) and the stacker's chosen ``rounds`` and ``rules``.
     ``baseline_runs`` (name -> run frame over the same rows, e.g. ``bm25``, ``bi-encoder``)
     are evaluated on each fold's queries too. ``on_fold(fold, stacker, rows)`` (e.g. the search
     flow of the fold's queries, given by a caller that can retrieve) adds its keys to the entry.
-    ``fit_options`` go to ``fit_stacker``.
     """
     results = []
-    for fold, stacker, test in fold_stackers(
-        table, params, features, task2_objective, task3_objective, **fit_options
-    ):
+    for fold, stacker, test in folds:
         fold_queries = set(test["query_id"])
         baselines = {
             name: run[run["query_id"].isin(fold_queries)].reset_index(drop=True)

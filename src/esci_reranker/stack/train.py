@@ -235,7 +235,7 @@ def cross_validate_trees(
     """
     from esci_reranker.eval.baselines import run_baseline
     from esci_reranker.fsutil import write_json
-    from esci_reranker.stack.cv import cross_validate_stacker, cv_summary, oof_stack_table
+    from esci_reranker.stack.cv import cross_validate_stacker, cv_summary, fold_stackers, oof_stack_table
 
     missing = [c for c in ("fold", "seed", "query_id", "product_id", "ce_score") if c not in oof.columns]
     if missing:
@@ -251,15 +251,16 @@ def cross_validate_trees(
         names = feature_columns(table, exclude=cfg.stack.exclude_features)
         extra = f", {int(table['is_negative'].sum())} catalogue negatives" if "is_negative" in table else ""
         log(f"      stacker, seed {seed}: cross-validate on the {folds} folds ({len(names)} features{extra})")
-        for entry in cross_validate_stacker(
+        fitted = fold_stackers(
             table,
             gbdt_params(cfg, seed),
             names,
             cfg.stack.task2_objective,
             cfg.stack.task3_objective,
-            baseline_runs=runs,
-            on_fold=None if on_fold is None else functools.partial(on_fold, seed),
             **fit_options(cfg, names),
+        )
+        for entry in cross_validate_stacker(
+            fitted, baseline_runs=runs, on_fold=None if on_fold is None else functools.partial(on_fold, seed)
         ):
             entries.append({"seed": seed, **entry})
     summary = cv_summary(entries)
