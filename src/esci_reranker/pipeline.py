@@ -213,22 +213,21 @@ class _Stages:
 def _cross_encoder_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
     """Stages 2-4 for a single cross-encoder: train with early stopping on val, then evaluate on
     the val and test splits against the baselines. Returns the result and how training went."""
-    cfg, config, progress, log, seconds, stages = (
-        job.cfg, job.config, job.progress, job.log, job.seconds, job.stages,
-    )  # fmt: skip
 
     from esci_reranker.train.distributed import on_main
     from esci_reranker.train.loop import STATE_NAME, train
 
     t = time.perf_counter()
-    log(f"[2/{stages}] train {config} (early stopping on val) -> {cfg.output.save_path}")
-    checkpoint = cfg.output.resolved_run_dir() / "last" / STATE_NAME
-    result = train(cfg, progress=progress, evaluate_test=False, resume=job.resume and checkpoint.is_file())
-    log(
+    job.log(f"[2/{job.stages}] train {job.config} (early stopping on val) -> {job.cfg.output.save_path}")
+    checkpoint = job.cfg.output.resolved_run_dir() / "last" / STATE_NAME
+    result = train(
+        job.cfg, progress=job.progress, evaluate_test=False, resume=job.resume and checkpoint.is_file()
+    )
+    job.log(
         f"      best val {result.metric_name} {result.best_metric:.4f} at step {result.best_step} "
         f"of {result.steps}{' (early stop)' if result.stopped_early else ''}"
     )
-    seconds["train"] = time.perf_counter() - t
+    job.seconds["train"] = time.perf_counter() - t
     return on_main(lambda: _evaluate_cross_encoder(job, result))
 
 
@@ -240,25 +239,24 @@ def _evaluate_cross_encoder(job: _Stages, result: TrainResult) -> tuple[Pipeline
     from esci_reranker.eval.runner import EvaluationOptions, run_evaluation
     from esci_reranker.reranker import Reranker
 
-    cfg, out, baselines, progress, log, seconds, stages = (
-        job.cfg, job.out, job.baselines, job.progress, job.log, job.seconds, job.stages,
-    )  # fmt: skip
-
-    reranker = Reranker.from_pretrained(cfg.output.save_path)
+    reranker = Reranker.from_pretrained(job.cfg.output.save_path)
     reranker.name = (
         "esci-reranker (multi-task)" if reranker.config.multi_task else "esci-reranker (single-task)"
     )
     evaluations = {}
     for step, split, folder in ((3, "val", "eval_val"), (4, "test", "eval")):
         t = time.perf_counter()
-        log(
-            f"[{step}/{stages}] evaluate on the {split} split against {', '.join(baselines) or 'no baselines'} -> {out / folder}"
+        job.log(
+            f"[{step}/{job.stages}] evaluate on the {split} split against {', '.join(job.baselines) or 'no baselines'} -> {job.out / folder}"
         )
-        frame = pd.read_parquet(out / "data" / f"{split}.parquet")
+        frame = pd.read_parquet(job.out / "data" / f"{split}.parquet")
         evaluations[split] = run_evaluation(
-            reranker, frame, out / folder, EvaluationOptions(baselines=baselines, progress=progress)
+            reranker,
+            frame,
+            job.out / folder,
+            EvaluationOptions(baselines=job.baselines, progress=job.progress),
         )
-        seconds[f"evaluate_{split}"] = time.perf_counter() - t
+        job.seconds[f"evaluate_{split}"] = time.perf_counter() - t
     training = {
         "best_step": result.best_step,
         f"val_{result.metric_name}": result.best_metric,
@@ -267,12 +265,12 @@ def _evaluate_cross_encoder(job: _Stages, result: TrainResult) -> tuple[Pipeline
         "seconds": result.seconds,
     }
     pipeline_result = PipelineResult(
-        out_dir=out,
+        out_dir=job.out,
         test_table=evaluations["test"].table,
         val_table=evaluations["val"].table,
         test_metrics=evaluations["test"].metrics,
         val_metrics=evaluations["val"].metrics,
-        seconds=seconds,
+        seconds=job.seconds,
     )
     return pipeline_result, training
 
@@ -283,41 +281,37 @@ def _stacked_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
     result and how training went."""
     import pandas as pd
 
-    cfg, config, baselines, progress, log, seconds, stages = (
-        job.cfg, job.config, job.baselines, job.progress, job.log, job.seconds, job.stages,
-    )  # fmt: skip
-
     from esci_reranker.stack.train import train_stacked
     from esci_reranker.train.distributed import on_main
 
     t = time.perf_counter()
-    log(
-        f"[2/{stages}] train {config}: {cfg.stack.folds} out-of-fold cross-encoders, the stacker, the final "
-        f"model -> {cfg.output.save_path}"
+    job.log(
+        f"[2/{job.stages}] train {job.config}: {job.cfg.stack.folds} out-of-fold cross-encoders, the stacker, the final "
+        f"model -> {job.cfg.output.save_path}"
     )
     from esci_reranker.retrieval.flow import catalogue_flow
     from esci_reranker.train.loop import read_split
 
     frame = pd.concat(
-        [read_split(cfg.data.resolve("train"), "train"), read_split(cfg.data.resolve("val"), "val")],
+        [read_split(job.cfg.data.resolve("train"), "train"), read_split(job.cfg.data.resolve("val"), "val")],
         ignore_index=True,
     )
     # the search flow of each CV fold costs a catalogue and a scoring pass per fold: `cv` measures
     # it; the job builds the catalogue only when the config learns from catalogue negatives
     catalogue = catalogue_flow(
-        cfg, frame, False, log, retriever=job.retriever, test_split=cfg.data.resolve("test")
+        job.cfg, frame, False, job.log, retriever=job.retriever, test_split=job.cfg.data.resolve("test")
     )
     result = train_stacked(
-        cfg,
-        progress=progress,
-        log=log,
-        baselines=baselines,
+        job.cfg,
+        progress=job.progress,
+        log=job.log,
+        baselines=job.baselines,
         negatives=None if catalogue is None else catalogue.negatives,
         on_fold=None if catalogue is None else catalogue.on_fold,
         train_rows=None if catalogue is None else catalogue.encoder_negatives,
         resume=job.resume,
     )
-    seconds["train"] = time.perf_counter() - t
+    job.seconds["train"] = time.perf_counter() - t
     return on_main(lambda: _evaluate_stacked(job, result))
 
 
@@ -330,34 +324,33 @@ def _evaluate_stacked(job: _Stages, result: StackedTrainResult) -> tuple[Pipelin
     from esci_reranker.reranker import Reranker
     from esci_reranker.stack.cv import cv_tables
 
-    out, baselines, progress, log, seconds, stages = (
-        job.out, job.baselines, job.progress, job.log, job.seconds, job.stages,
-    )  # fmt: skip
     cfg = job.cfg
     t = time.perf_counter()
-    log(f"[3/{stages}] cross-validation over the train+val queries (out of fold; mean ± std over folds)")
+    job.log(
+        f"[3/{job.stages}] cross-validation over the train+val queries (out of fold; mean ± std over folds)"
+    )
     cv_table = cv_tables(result.cv)
-    seconds["evaluate_val"] = time.perf_counter() - t  # the CV ran during training
+    job.seconds["evaluate_val"] = time.perf_counter() - t  # the CV ran during training
 
     t = time.perf_counter()
-    log(
-        f"[4/{stages}] evaluate on the test split against {', '.join(baselines) or 'no baselines'} -> {out / 'eval'}"
+    job.log(
+        f"[4/{job.stages}] evaluate on the test split against {', '.join(job.baselines) or 'no baselines'} -> {job.out / 'eval'}"
     )
     reranker = Reranker.from_pretrained(cfg.output.save_path)
     reranker.name = "esci-reranker (stacked)"
-    frame = pd.read_parquet(out / "data" / "test.parquet")
+    frame = pd.read_parquet(job.out / "data" / "test.parquet")
     evaluation = run_evaluation(
-        reranker, frame, out / "eval", EvaluationOptions(baselines=baselines, progress=progress)
+        reranker, frame, job.out / "eval", EvaluationOptions(baselines=job.baselines, progress=job.progress)
     )
-    seconds["evaluate_test"] = time.perf_counter() - t
+    job.seconds["evaluate_test"] = time.perf_counter() - t
     training = {"cv": result.cv["overall"], "seconds": result.seconds, "rounds": result.rounds}
     return PipelineResult(
-        out_dir=out,
+        out_dir=job.out,
         test_table=evaluation.table,
         val_table="",
         test_metrics=evaluation.metrics,
         val_metrics={},
-        seconds=seconds,
+        seconds=job.seconds,
         cv_table=cv_table,
     ), training
 
