@@ -4,6 +4,7 @@ Retry-After at once (counted in /metrics), for the scoring routes, /search and a
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from esci_reranker.reranker import Reranker
 from esci_reranker.serve import create_app, load_settings
+from esci_reranker.serve import state as state_module
 from esci_reranker.serve.admission import MAX_RETRY_AFTER, QueueBound
 from esci_reranker.serve.metrics import Metrics
 from esci_reranker.serve.settings import DEFAULT_MAX_QUEUED_REQUESTS, SettingsError
@@ -174,3 +176,20 @@ def test_max_queued_requests_setting(monkeypatch):
     monkeypatch.setenv("MAX_QUEUED_REQUESTS", "-1")
     with pytest.raises(SettingsError, match="MAX_QUEUED_REQUESTS='-1'"):
         load_settings()
+
+
+def test_warm_up_freezes_the_loaded_objects_so_full_collections_skip_them(monkeypatch, tiny_reranker):
+    # A full garbage collection over everything loaded holds the GIL long enough to stall the event
+    # loop (and every 429 it would send); after warm-up those objects are in the permanent generation.
+    monkeypatch.setattr(state_module, "_startup_frozen", False)
+    loaded = {"stands for": ["what loading created"]}
+    assert gc.is_tracked(loaded)
+    app = create_app(load_settings(cache_size=0), tiny_reranker)
+    try:
+        app.state.service.warm_up()
+        assert gc.get_freeze_count() > 0
+        assert not any(obj is loaded for obj in gc.get_objects())  # collections no longer scan it
+        assert state_module.freeze_startup_objects() is False  # once per process
+    finally:
+        app.state.service.close()
+        gc.unfreeze()
