@@ -56,6 +56,7 @@ class _FakeLibc:
 def fresh_malloc_state(monkeypatch):
     """keep_freed_memory with no earlier call in effect, no malloc variables, a fake libc."""
     monkeypatch.setattr(hardware, "_kept", False)
+    monkeypatch.setattr(hardware, "_trim_cap", None)
     for name in (*hardware.MALLOC_VARIABLES, hardware.OPT_OUT_VARIABLE):
         monkeypatch.delenv(name, raising=False)
     libc = _FakeLibc()
@@ -72,6 +73,33 @@ def test_keep_freed_memory_sets_both_thresholds_once(fresh_malloc_state):
     assert hardware.freed_memory_kept()
     assert hardware.keep_freed_memory() is True
     assert len(libc.calls) == 2  # set once per process
+
+
+def test_a_cap_set_before_keep_freed_memory_lowers_its_trim_threshold(fresh_malloc_state):
+    libc = fresh_malloc_state
+    assert hardware.cap_freed_memory(64 * 1024 * 1024) is False  # not in effect yet: applied later
+    assert libc.calls == []
+    assert hardware.keep_freed_memory() is True
+    assert libc.calls == [(-3, 32 * 1024 * 1024), (-1, 64 * 1024 * 1024)]  # not 1 GB
+
+
+def test_a_cap_set_after_keep_freed_memory_applies_at_once_and_only_lowers(fresh_malloc_state):
+    libc = fresh_malloc_state
+    assert hardware.keep_freed_memory() is True
+    assert libc.calls[-1] == (-1, 1 << 30)
+    assert hardware.cap_freed_memory(128 * 1024 * 1024) is True
+    assert libc.calls[-1] == (-1, 128 * 1024 * 1024)
+    assert hardware.cap_freed_memory(512 * 1024 * 1024) is True  # a looser cap keeps the tighter
+    assert libc.calls[-1] == (-1, 128 * 1024 * 1024)
+    with pytest.raises(ValueError, match="expected > 0"):
+        hardware.cap_freed_memory(0)
+
+
+def test_a_cap_leaves_a_users_malloc_settings_alone(fresh_malloc_state, monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
+    assert hardware.cap_freed_memory(64 * 1024 * 1024) is False
+    assert hardware.keep_freed_memory() is False
+    assert fresh_malloc_state.calls == []
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,10 @@ _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 MALLOC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
 #: Set to ``0`` to leave malloc as it is.
 OPT_OUT_VARIABLE = "ESCI_KEEP_FREED_MEMORY"
+_DEFAULT_TRIM_THRESHOLD = 1 << 30
 _kept = False
+#: The trim threshold ``cap_freed_memory`` asked for (None: no cap).
+_trim_cap: int | None = None
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -107,7 +110,7 @@ def _libc() -> ctypes.CDLL | None:
     return ctypes.CDLL(name) if name else None
 
 
-def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
+def keep_freed_memory(trim_threshold: int = _DEFAULT_TRIM_THRESHOLD) -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
 
     Why: a forward pass allocates activation tensors of several MB per layer. By default glibc
@@ -116,7 +119,8 @@ def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
     the heap (``M_MMAP_THRESHOLD``) and not trimming below ``trim_threshold`` bytes of free heap
     (``M_TRIM_THRESHOLD``) took the int8 model from ~230 to ~325 pairs/s on the 2-core dev
     machine; jemalloc or tcmalloc (``LD_PRELOAD``) do the same. The price: the process keeps up
-    to ``trim_threshold`` of freed memory mapped. Process-wide, and set once.
+    to ``trim_threshold`` of freed memory mapped (at most ``cap_freed_memory``'s bound, when one is
+    set). Process-wide, and set once.
 
     Returns True when the setting is in effect (also when an earlier call made it); False off
     Linux/glibc, when ``ESCI_KEEP_FREED_MEMORY=0``, or when the user configured malloc through
@@ -133,11 +137,33 @@ def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
     # Both or neither: either one set alone turns off glibc's adaptive thresholds and is slower.
     if libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) != 1:
         return False
+    if _trim_cap is not None:
+        trim_threshold = min(trim_threshold, _trim_cap)
     if libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) != 1:
         logger.warning("mallopt(M_TRIM_THRESHOLD) failed; freed memory may still be trimmed")
         return False
     _kept = True
     return True
+
+
+def cap_freed_memory(max_bytes: int) -> bool:
+    """Bound the free memory at the top of malloc's heaps that ``keep_freed_memory`` lets it keep:
+    its trim threshold becomes at most ``max_bytes``, now if it is in effect, else when it takes
+    effect (a server sets the bound at start-up, before the model loads and keeps freed memory).
+
+    Blocks below the mmap threshold still come from the heap and are reused while the free memory
+    stays under the bound, so a forward's activations are not page-faulted in again on each pass.
+    Returns True when the bound is in effect now; False when ``keep_freed_memory`` has not run (it
+    will apply the bound), was turned off, or off glibc (whose defaults already trim eagerly).
+    """
+    global _trim_cap
+    if max_bytes < 1:
+        raise ValueError(f"cap_freed_memory(max_bytes={max_bytes}): expected > 0.")
+    _trim_cap = int(max_bytes) if _trim_cap is None else min(_trim_cap, int(max_bytes))
+    if not _kept:
+        return False
+    libc = _libc()
+    return libc is not None and libc.mallopt(_M_TRIM_THRESHOLD, _trim_cap) == 1
 
 
 def freed_memory_kept() -> bool:

@@ -4,6 +4,7 @@ Retry-After at once (counted in /metrics), for the scoring routes, /search and a
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from esci_reranker.reranker import Reranker
 from esci_reranker.serve import create_app, load_settings
+from esci_reranker.serve import state as state_module
 from esci_reranker.serve.admission import MAX_RETRY_AFTER, QueueBound
 from esci_reranker.serve.metrics import Metrics
 from esci_reranker.serve.settings import DEFAULT_MAX_QUEUED_REQUESTS, SettingsError
@@ -174,3 +176,74 @@ def test_max_queued_requests_setting(monkeypatch):
     monkeypatch.setenv("MAX_QUEUED_REQUESTS", "-1")
     with pytest.raises(SettingsError, match="MAX_QUEUED_REQUESTS='-1'"):
         load_settings()
+
+
+def test_a_full_queue_answers_429_before_reading_the_body(held, tiny_reranker):
+    # A refused client's body may still be in flight (or never come): the 429 must not wait for it.
+    app = create_app(load_settings(cache_size=0, max_queued_requests=1), tiny_reranker)
+    queue = app.state.service.queue
+    runner = held(tiny_reranker)
+    body_read = asyncio.Event()
+
+    async def never_sent() -> dict[str, Any]:
+        body_read.set()
+        await asyncio.Event().wait()  # the body never arrives
+        raise AssertionError("unreachable")
+
+    async def scenario() -> None:
+        async with asgi_client(app) as client:
+            admitted = rerank_tasks(client, 1, 3)
+            await _until(lambda: queue.admitted == 1 and runner.entered.is_set(), "one request in progress")
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/rerank",
+                "raw_path": b"/rerank",
+                "query_string": b"",
+                "root_path": "",
+                "headers": [
+                    (b"host", b"test"),
+                    (b"content-type", b"application/json"),
+                    (b"content-length", b"900"),
+                ],
+                "client": ("127.0.0.1", 5000),
+                "server": ("test", 80),
+            }
+            sent: list[dict[str, Any]] = []
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            # A hang guard, not a timing check: reading the body would block here for ever.
+            await asyncio.wait_for(app(scope, never_sent, send), timeout=60)
+            assert not body_read.is_set()
+            start = next(m for m in sent if m["type"] == "http.response.start")
+            assert start["status"] == 429
+            headers = {k.decode().lower(): v.decode() for k, v in start["headers"]}
+            assert int(headers["retry-after"]) >= 1
+            metrics = (await client.get("/metrics")).text
+            assert _metric(metrics, "esci_requests_shed_total", '{endpoint="/rerank"}') == 1.0
+            runner.release.set()
+            assert (await admitted[0]).status_code == 200
+
+    asyncio.run(scenario())
+
+
+def test_warm_up_freezes_the_loaded_objects_so_full_collections_skip_them(monkeypatch, tiny_reranker):
+    # A full garbage collection over everything loaded holds the GIL long enough to stall the event
+    # loop (and every 429 it would send); after warm-up those objects are in the permanent generation.
+    monkeypatch.setattr(state_module, "_startup_frozen", False)
+    loaded = {"stands for": ["what loading created"]}
+    assert gc.is_tracked(loaded)
+    app = create_app(load_settings(cache_size=0), tiny_reranker)
+    try:
+        app.state.service.warm_up()
+        assert gc.get_freeze_count() > 0
+        assert not any(obj is loaded for obj in gc.get_objects())  # collections no longer scan it
+        assert state_module.freeze_startup_objects() is False  # once per process
+    finally:
+        app.state.service.close()
+        gc.unfreeze()

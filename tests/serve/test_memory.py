@@ -152,6 +152,21 @@ def test_guard_does_not_retrim_until_memory_grew_past_a_failed_trim():
     assert rss.trims == 3
 
 
+def test_guard_keeps_at_most_the_policy_step_over_a_limit_the_working_set_exceeds():
+    # The default step bounds the free memory kept over the limit to about one forward's
+    # activations: with the old 64 MiB the RSS sat up to 64 MiB above what was in use.
+    assert memory_module.RETRIM_STEP_BYTES == 32 * MIB
+    rss = FakeRss(1100 * MIB, after_trim=1000 * MIB)
+    guard = MemoryGuard(960 * MIB, rss=rss, trim=rss.trim)
+    assert guard.check() is True
+    rss.after_trim = None
+    rss.value = 1031 * MIB
+    assert guard.check() is False
+    rss.value = 1032 * MIB
+    assert guard.check() is True
+    assert rss.trims == 2
+
+
 def test_guard_rejects_a_non_positive_limit():
     with pytest.raises(ValueError, match="limit_bytes=0"):
         MemoryGuard(0)
@@ -202,6 +217,7 @@ LIMIT_MB = 1024 * 1024  # 1 TiB
 def test_service_reports_rss_limit_and_trims(make_client, monkeypatch):
     calls: list[int] = []
     monkeypatch.setattr(memory_module, "set_arena_max", lambda n: calls.append(n) or True)
+    monkeypatch.setattr(memory_module, "cap_freed_memory", lambda n: True)  # this process's malloc stays
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)  # restored after the test
     # A limit no real process reaches: a check that runs before the fake RSS is in place (the
     # start-up warm-up; a whole test run's RSS is over 1 GB) must not trim and count real memory.
@@ -220,6 +236,7 @@ def test_service_reports_rss_limit_and_trims(make_client, monkeypatch):
     assert info["malloc_arena_max"] == 2
     assert info["malloc_arena_source"] == "policy"
     assert info["onednn_cache_capacity"] == memory_module.POLICY_ONEDNN_CACHE
+    assert info["malloc_trim_threshold_mb"] == memory_module.POLICY_TRIM_THRESHOLD // MIB
     assert info["trims"] >= 1
     assert info["trimmed_mb"] >= LIMIT_MB + 1100.0
     assert info["peak_rss_mb"] > 0
@@ -237,7 +254,9 @@ def test_service_reports_rss_limit_and_trims(make_client, monkeypatch):
 
 def test_the_policy_is_on_by_default(make_client, monkeypatch):
     calls: list[int] = []
+    caps: list[int] = []
     monkeypatch.setattr(memory_module, "set_arena_max", lambda n: calls.append(n) or True)
+    monkeypatch.setattr(memory_module, "cap_freed_memory", lambda n: caps.append(n) or True)
     monkeypatch.setattr(state_module, "container_memory_limit", lambda: None)  # as on a bare host
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     client = make_client()
@@ -245,8 +264,10 @@ def test_the_policy_is_on_by_default(make_client, monkeypatch):
     assert state.memory is not None
     assert state.memory.limit_bytes == DEFAULT_MEMORY_LIMIT_MB * MIB
     assert calls == [memory_module.POLICY_ARENAS]
+    assert caps == [memory_module.POLICY_TRIM_THRESHOLD] == [64 * MIB]  # not keep_freed_memory's 1 GB
     info = client.get("/info").json()["service"]
     assert info["max_batch_tokens"] == 2048
+    assert info["memory"]["malloc_trim_threshold_mb"] == 64
     assert (info["memory"]["limit_mb"], info["memory"]["limit_source"]) == (
         DEFAULT_MEMORY_LIMIT_MB,
         "default",
@@ -266,6 +287,7 @@ def test_the_default_follows_the_container_limit(make_client, monkeypatch):
 def test_no_policy_with_zero(make_client, monkeypatch):
     calls: list[int] = []
     monkeypatch.setattr(memory_module, "set_arena_max", lambda n: calls.append(n) or True)
+    monkeypatch.setattr(memory_module, "cap_freed_memory", lambda n: calls.append(n) or True)
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     client = make_client(memory_limit_mb=0)
     assert client.app.state.service.memory is None
@@ -275,6 +297,7 @@ def test_no_policy_with_zero(make_client, monkeypatch):
     assert info["limit_source"] == "off"
     assert info["malloc_arena_source"] == "glibc default"
     assert info["onednn_cache_source"] == "oneDNN default"
+    assert info["malloc_trim_threshold_mb"] is None
     assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
     assert info["trims"] == 0
     assert _samples(client.get("/metrics").text)["esci_memory_limit_bytes"] == 0
@@ -282,13 +305,19 @@ def test_no_policy_with_zero(make_client, monkeypatch):
 
 def test_startup_policy_prefers_the_users_settings(monkeypatch):
     calls: list[int] = []
+    caps: list[int] = []
     monkeypatch.setattr(memory_module, "set_arena_max", lambda n: calls.append(n) or True)
+    monkeypatch.setattr(memory_module, "cap_freed_memory", lambda n: caps.append(n) or True)
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     none = apply_startup_policy(None, None)
     assert (none.malloc_arena_source, none.onednn_cache_source) == ("glibc default", "oneDNN default")
+    assert none.malloc_trim_threshold is None
+    assert caps == []
     assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
     assert apply_startup_policy(1024, 4).malloc_arena_max == 4
     policy = apply_startup_policy(1024, None)
+    assert policy.malloc_trim_threshold == memory_module.POLICY_TRIM_THRESHOLD
+    assert caps == [memory_module.POLICY_TRIM_THRESHOLD] * 2
     assert policy.malloc_arena_max == memory_module.POLICY_ARENAS
     assert policy.onednn_cache_capacity == memory_module.POLICY_ONEDNN_CACHE
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(memory_module.POLICY_ONEDNN_CACHE)
@@ -381,6 +410,41 @@ def test_malloc_trim_gives_kept_free_memory_back():
     assert int(kept) > int(touched) - 32 * mib  # freed, but still resident
     assert int(kept) - int(trimmed) > 200 * mib  # handed back by the trim
     assert released == "True"
+
+
+@needs_glibc
+@pytest.mark.parametrize("order", ["policy first", "model first"])
+def test_the_policy_gives_freed_memory_at_the_top_of_the_heap_back_at_free(order):
+    # keep_freed_memory alone keeps 300 MB freed at the top of the heap (the test above); under the
+    # start-up policy its trim threshold is bounded, so free() itself gives it back, whichever of
+    # the policy (app creation) and the model load (keep_freed_memory) runs first.
+    out = _run(
+        """
+        import ctypes, sys
+        from esci_reranker.hardware import keep_freed_memory
+        from esci_reranker.serve.memory import apply_startup_policy, process_rss
+        if sys.argv[-1] == "policy first":
+            policy = apply_startup_policy(960, None)
+            assert keep_freed_memory()
+        else:
+            assert keep_freed_memory()
+            policy = apply_startup_policy(960, None)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        blocks = [libc.malloc(1 << 20) for _ in range(300)]
+        for b in blocks:
+            ctypes.memset(b, 1, 1 << 20)
+        touched = process_rss()
+        for b in reversed(blocks):  # the last block is at the top: each free grows the top chunk
+            libc.free(b)
+        print(touched, process_rss(), policy.malloc_trim_threshold)
+        """,
+        order,
+    )
+    touched, after_free, threshold = (int(x) for x in out.split())
+    assert threshold == memory_module.POLICY_TRIM_THRESHOLD
+    assert touched - after_free > 200 * MIB  # given back without a malloc_trim
 
 
 @needs_glibc

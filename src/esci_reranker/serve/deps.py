@@ -1,4 +1,10 @@
-"""Dependencies the routes declare with ``Annotated`` (the app's state, settings, scorer)."""
+"""Dependencies the routes declare with ``Annotated`` (the app's state, settings, scorer).
+
+They are ``async def`` although they never await: FastAPI runs a plain ``def`` dependency in a
+worker thread, so each of these attribute reads would cost every request a thread hop (a worker
+waking up and taking the GIL while the model's threads hold it). Run on the event loop they take
+microseconds.
+"""
 
 from __future__ import annotations
 
@@ -13,21 +19,21 @@ from esci_reranker.serve.settings import Settings
 from esci_reranker.serve.state import ServiceState
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def get_settings(state: StateDep) -> Settings:
+async def get_settings(state: StateDep) -> Settings:
     return state.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_scorer(state: StateDep) -> Scorer:
+async def get_scorer(state: StateDep) -> Scorer:
     """The scorer, or 503 while the model is loading (or after it failed to load)."""
     if state.scorer is None:
         if state.status == "failed":
@@ -41,7 +47,7 @@ def get_scorer(state: StateDep) -> Scorer:
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]
 
 
-def get_index(state: StateDep) -> CatalogueIndex:
+async def get_index(state: StateDep) -> CatalogueIndex:
     """The catalogue index, or 503 saying why there is none (not configured, loading, failed)."""
     if state.index is None:
         if state.index_status == "not_configured":

@@ -11,11 +11,15 @@ but resident. The policy therefore:
 
 - caps the arenas at start-up (``mallopt(M_ARENA_MAX)``, what ``MALLOC_ARENA_MAX`` does), so the
   threads share a few heaps instead of each keeping its own high-water mark;
+- lowers that 1 GB trim threshold to ``POLICY_TRIM_THRESHOLD`` (``hardware.cap_freed_memory``),
+  so free memory at the top of a heap beyond a few forwards' activations goes back to the OS as
+  soon as it is freed;
 - shrinks oneDNN's JIT kernel cache, which otherwise fills with kernels for one-off input shapes
   (memory in use, which no trim returns; see ``apply_startup_policy``);
 - after each forward pass compares the RSS with the limit and, when it is over, hands the free
   pages of every arena back to the OS (``malloc_trim(0)``), which keeps the speed of reused memory
-  below the limit and pays for page faults only above it.
+  below the limit and pays for page faults only above it. When the memory in use is itself over
+  the limit, the free memory kept on top of it is bounded by ``RETRIM_STEP_BYTES``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+
+from esci_reranker.hardware import cap_freed_memory
 
 if TYPE_CHECKING:
     from esci_reranker.serve.metrics import Metrics
@@ -53,8 +59,18 @@ POLICY_ARENAS: Final[int] = 2
 ONEDNN_CACHE_VARIABLE: Final[str] = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 POLICY_ONEDNN_CACHE: Final[int] = 64
 #: After a trim that left the RSS over the limit, trim again only once it has grown by this much:
-#: trimming memory that is in use frees nothing and costs a walk over every arena.
-RETRIM_STEP_BYTES: Final[int] = 64 * MIB
+#: trimming memory that is in use frees nothing and costs a walk over every arena. It is also the
+#: free memory malloc keeps above the limit when what is in use is already over it (the plateau is
+#: in use + this), so it is about one forward's activations (25 MiB at the default 2048 padded
+#: tokens in the memory breakdown): the forward after a trim reuses its buffers, and freed memory
+#: beyond that goes back. With 64 MiB the stacked default at 16 clients plateaued at 1,063 MiB,
+#: a step above the ~1,000 MiB it held in use (docs/serving.md, "Memory").
+RETRIM_STEP_BYTES: Final[int] = 32 * MIB
+#: The trim threshold (``M_TRIM_THRESHOLD``) under the policy, instead of ``keep_freed_memory``'s
+#: 1 GB: free memory at the top of a heap up to this size is kept for the next forwards (about
+#: 2.5 forwards' activations at 2048 padded tokens); beyond it, malloc gives it back on ``free``,
+#: without waiting for the RSS check.
+POLICY_TRIM_THRESHOLD: Final[int] = 64 * MIB
 
 
 @cache
@@ -190,12 +206,15 @@ class StartupPolicy:
         onednn_cache_capacity: oneDNN's primitive cache capacity (None: its default, 1024).
         onednn_cache_source: ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (the user's), ``policy`` or
             ``oneDNN default``.
+        malloc_trim_threshold: the bound the policy put on the trim threshold of
+            ``keep_freed_memory``, bytes (None: no bound, 1 GB while it keeps freed memory).
     """
 
     malloc_arena_max: int | None
     malloc_arena_source: str
     onednn_cache_capacity: int | None
     onednn_cache_source: str
+    malloc_trim_threshold: int | None = None
 
 
 def apply_startup_policy(limit_mb: int | None, arena_max: int | None) -> StartupPolicy:
@@ -212,7 +231,11 @@ def apply_startup_policy(limit_mb: int | None, arena_max: int | None) -> Startup
       kernels that are rarely used again: ~100 MB of RSS over a few minutes of traffic. oneDNN
       reads the variable once, at its first kernel: it takes effect when this runs before the
       process's first forward (as in ``esci-reranker serve``), not in a process that has already
-      run the model.
+      run the model;
+    - bound the trim threshold ``keep_freed_memory`` sets (1 GB) at ``POLICY_TRIM_THRESHOLD``
+      (``hardware.cap_freed_memory``: now if it is in effect, else when the model loads). A user's
+      ``MALLOC_TRIM_THRESHOLD_`` / ``GLIBC_TUNABLES`` or ``ESCI_KEEP_FREED_MEMORY=0`` leave malloc
+      to glibc (whose own threshold is far lower).
     """
     if arena_max is not None:
         arenas, arena_source = arena_max, ARENA_VARIABLE
@@ -232,7 +255,11 @@ def apply_startup_policy(limit_mb: int | None, arena_max: int | None) -> Startup
         cache, cache_source = POLICY_ONEDNN_CACHE, "policy"
     else:
         cache, cache_source = None, "oneDNN default"
-    return StartupPolicy(arenas, arena_source, cache, cache_source)
+    trim_threshold = None
+    if limit_mb is not None:
+        trim_threshold = POLICY_TRIM_THRESHOLD
+        cap_freed_memory(trim_threshold)
+    return StartupPolicy(arenas, arena_source, cache, cache_source, trim_threshold)
 
 
 class MemoryGuard:

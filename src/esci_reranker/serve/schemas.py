@@ -480,6 +480,11 @@ class MemoryStatus(BaseModel):
     malloc_free_mb: float | None = Field(
         None, description="Of that, free chunks (what a trim can give back, less what one already did), MiB."
     )
+    malloc_trim_threshold_mb: int | None = Field(
+        None,
+        description="Free memory at the top of a malloc heap kept for reuse, MiB: the policy's bound on "
+        "the 1 GB kept while keeps_freed_memory (null: no bound).",
+    )
     checks: int = Field(0, description="RSS checks after forward passes (with a limit).")
     trims: int = Field(
         0, description="Times free malloc memory was handed back to the OS (RSS over the limit)."

@@ -64,6 +64,9 @@ def memory_status(state: ServiceState) -> MemoryStatus:
         malloc_arenas=malloc.arenas if malloc else None,
         malloc_heap_mb=round(malloc.heap_bytes / MIB, 1) if malloc else None,
         malloc_free_mb=round(malloc.free_bytes / MIB, 1) if malloc else None,
+        malloc_trim_threshold_mb=(
+            state.startup.malloc_trim_threshold // MIB if state.startup.malloc_trim_threshold else None
+        ),
         checks=counters.get("checks", 0),
         trims=counters.get("trims", 0),
         trimmed_mb=counters.get("trimmed_mb", 0.0),
