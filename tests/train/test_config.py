@@ -85,3 +85,13 @@ def test_a_ranking_loss_needs_query_batches_of_at_most_batch_size():
         load_config(None, ["loss.rank_loss=pairwise"])
     cfg = load_config(None, ["loss.rank_weight=0.5", "optim.batching=query", "loss.rank_loss=within_mse"])
     assert (cfg.loss.rank_weight, cfg.loss.rank_loss, cfg.optim.group_size) == (0.5, "within_mse", 16)
+
+
+def test_the_shipped_student_decides_classes_by_the_default_teachers_objective():
+    # student-esci's own offsets are what /classify reports after distillation: fitted for the
+    # metric the teacher's were, so the two label by the same standard
+    from esci_reranker.distill.config import load_distill_config
+
+    teacher = load_config(CONFIGS / "multi_task.yaml")
+    student = load_distill_config(CONFIGS / "distill_esci.yaml")
+    assert student.rules.objective == teacher.stack.task2_objective == "micro_macro"

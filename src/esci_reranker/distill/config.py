@@ -122,8 +122,10 @@ class DistillRules(StrictModel):
     bias so that a stock classifier's argmax is the class our service reports."""
 
     class_offsets: bool = Field(True, description="Fit the offsets (false: the plain argmax).")
-    objective: Literal["micro_f1", "macro_f1"] = Field(
-        "micro_f1", description="What the offsets maximise on the labels (the default teacher's)."
+    objective: Literal["micro_f1", "macro_f1", "micro_macro"] = Field(
+        "micro_f1",
+        description="What the offsets maximise on the labels: micro-F1, macro-F1 or their mean "
+        "(the default teacher's, micro_macro).",
     )
 
 
