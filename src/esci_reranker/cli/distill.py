@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from esci_reranker.cli.app import app
 from esci_reranker.cli.common import MODEL_HELP, SetOption, fail, parse_seeds
+
+if TYPE_CHECKING:
+    from esci_reranker.distill.config import DistillConfig
 
 ConfigOption = Annotated[
     Path,
@@ -42,7 +45,7 @@ def _config(config: Path, overrides: list[str] | None, data: Path | None):  # ->
     return load_distill_config(config, [*(overrides or []), *extra])
 
 
-def _retrieved(cfg, catalogue: Path) -> dict[object, list[str]] | None:
+def _retrieved(cfg: DistillConfig, catalogue: Path) -> dict[object, list[str]] | None:
     """query id -> product ids retrieved for each distillation query from the train+val catalogue,
     when ``data.retrieved_share`` asks for them (else None).
 
