@@ -44,6 +44,33 @@ def test_distill_command_writes_a_student_that_exports(
     assert "Traceback" not in again.stderr
 
 
+def test_distill_command_takes_retrieved_products_from_the_catalogue(
+    stacked_teacher: Path, tiny_student_overrides: list[str], distill_data: Path, tmp_path: Path
+):
+    import pandas as pd
+
+    pytest.importorskip("usearch", reason="the retrieval extra is not installed")
+    from esci_reranker.retrieval.flow import open_or_build_catalogue
+    from tests.retrieval.conftest import build_tiny_retriever
+
+    frame = pd.concat([pd.read_parquet(distill_data / f"{s}.parquet") for s in ("train", "val")])
+    test_products = frozenset(pd.read_parquet(distill_data / "test.parquet")["product_id"].astype(str))
+    catalogue = tmp_path / "catalogue"  # built as make run builds it, with a tiny retriever
+    retriever = build_tiny_retriever(tmp_path / "retriever")
+    open_or_build_catalogue(frame, catalogue, test_products, retriever=retriever, log=lambda _: None)
+    out = tmp_path / "student"
+    result = run(
+        "distill", "--teacher", stacked_teacher, "--config", "configs/distill_esci.yaml", "--out", out,
+        "--catalogue", catalogue, "--no-progress", *_sets(tiny_student_overrides),
+        "--set", "data.retrieved_share=0.4",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    draws = json.loads((out / "distill.json").read_text())["unlabelled_draws"]
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    assert draws["retrieved"] == 2 * pairs["query_id"].nunique()  # round(5 * 0.4) a query
+    assert not set(pairs["product_id"].astype(str)) & test_products
+
+
 def test_distill_command_names_a_bad_key_and_a_missing_teacher(
     tiny_student_overrides: list[str], tmp_path: Path
 ):

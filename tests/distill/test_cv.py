@@ -183,6 +183,30 @@ def test_each_folds_unlabelled_pairs_come_from_the_other_folds_scored_by_that_fo
         fold_unlabelled_outputs(table, frame, cfg, {1: models[1]}, stackers, tmp_path, "k", test)
 
 
+def test_each_folds_retrieved_pairs_skip_the_folds_own_products(
+    splits, oof_parquet: Path, tiny_student_overrides: list[str], tmp_path: Path
+):
+    from esci_reranker.distill.cv import fold_unlabelled_outputs
+
+    frame, test = splits
+    table = teacher_oof_table(frame, pd.read_parquet(oof_parquet), stacker=None, seed=0)
+    cfg = load_distill_config(
+        "configs/distill_score.yaml", [*tiny_student_overrides, "data.retrieved_share=0.4"]
+    )
+    models = {f: fold_model_dir(oof_parquet.parent, f, 0) for f in (0, 1)}
+    # one catalogue for every fold: each list starts with test products and every fold's products
+    ranked = [*test["product_id"].astype(str).unique(), *frame["product_id"].astype(str).unique()]
+    lists = dict.fromkeys(frame["query_id"].unique(), ranked)
+    out = fold_unlabelled_outputs(
+        table, frame, cfg, models, {}, tmp_path, "k", test, log=lambda _l: None, retrieved=lists
+    )
+    for fold, rows in out.items():
+        others = frame[frame["query_id"].isin(set(table.loc[table["fold"] != fold, "query_id"]))]
+        assert set(rows["product_id"]) <= set(others["product_id"])
+        assert not set(rows["product_id"]) & set(test["product_id"])
+        assert "draw" not in rows.columns
+
+
 def test_cross_validation_adds_each_folds_unlabelled_pairs_to_its_students_training(
     splits,
     oof_parquet: Path,

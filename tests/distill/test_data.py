@@ -139,3 +139,93 @@ def test_drawing_from_every_product_by_position_draws_what_drawing_from_the_pool
         assert new == old
         assert new_exclude == old_exclude
         assert new_rng.random() == old_rng.random()
+
+
+def _hand_made() -> pd.DataFrame:
+    """Four queries, each judged on two products of its own (q1 also on p5, which q3 shares)."""
+    rows = [
+        (1, "red shoes", "p1"),
+        (1, "red shoes", "p2"),
+        (1, "red shoes", "p5"),
+        (2, "blue shoes", "p3"),
+        (2, "blue shoes", "p4"),
+        (3, "coffee grinder", "p5"),
+        (3, "coffee grinder", "p6"),
+        (4, "burr grinder", "p7"),
+        (4, "burr grinder", "p8"),
+    ]
+    frame = pd.DataFrame(rows, columns=["query_id", "query", "product_id"])
+    frame["product_title"] = "title of " + frame["product_id"]
+    frame["esci_label"] = "E"
+    return frame.assign(source=LABELLED)
+
+
+def test_retrieved_share_takes_the_top_of_each_list_skipping_judged_products():
+    from esci_reranker.distill.data import sample_unlabelled
+
+    lists = {
+        1: ["p2", "p7", "p5", "nowhere", "p3", "p8", "p4"],  # p2, p5 judged for q1; "nowhere" not in the pool
+        2: ["p3", "p1"],  # runs short: one retrieved product, the rest drawn
+    }
+    cfg = DistillData(unlabelled_per_query=4, retrieved_share=0.5, similar_share=0.25, similar_queries=1)
+    pairs = sample_unlabelled(_hand_made(), cfg, lists)
+    q1 = pairs[pairs["query_id"] == 1]
+    assert q1["product_id"].tolist()[:2] == ["p7", "p3"]  # in retrieval order, judged ones skipped
+    assert q1["draw"].tolist() == ["retrieved", "retrieved", "similar", "uniform"]
+    assert not set(q1["product_id"]) & {"p1", "p2", "p5"}
+    assert q1["product_id"].is_unique
+    q2 = pairs[pairs["query_id"] == 2]
+    assert q2.loc[q2["draw"] == "retrieved", "product_id"].tolist() == ["p1"]
+    assert len(q2) == 4  # the short list is made up by the other draws
+    # queries without a list get none; the text comes from the pool
+    assert (pairs.loc[pairs["query_id"].isin([3, 4]), "draw"] != "retrieved").all()
+    assert (pairs["product_title"] == "title of " + pairs["product_id"]).all()
+    # no randomness in the retrieved part, and the rest is seeded
+    pd.testing.assert_frame_equal(sample_unlabelled(_hand_made(), cfg, lists), pairs)
+
+
+def test_retrieved_share_zero_reproduces_the_pairs_without_lists():
+    from esci_reranker.distill.data import sample_unlabelled
+
+    cfg = DistillData(unlabelled_per_query=4, similar_share=0.5, similar_queries=2, seed=3)
+    without = sample_unlabelled(_hand_made(), cfg)
+    lists = {q: ["p1", "p3", "p6", "p8"] for q in (1, 2, 3, 4)}
+    pd.testing.assert_frame_equal(sample_unlabelled(_hand_made(), cfg, lists), without)
+    assert set(without["draw"]) <= {"similar", "uniform"}
+
+
+def test_retrieved_share_needs_the_lists_and_fits_beside_similar_share():
+    from pydantic import ValidationError
+
+    from esci_reranker.distill.data import sample_unlabelled
+
+    with pytest.raises(
+        ValueError, match=r"data.retrieved_share=0.5: the sampling needs each query's retrieved"
+    ):
+        sample_unlabelled(_hand_made(), DistillData(unlabelled_per_query=4, retrieved_share=0.5))
+    with pytest.raises(ValidationError, match=r"retrieved_share=0.6 \+ data.similar_share=0.5 > 1"):
+        DistillData(retrieved_share=0.6)
+
+
+def test_a_test_product_at_the_top_of_every_list_never_enters(distill_data: Path):
+    test = pd.read_parquet(distill_data / "test.parquet")
+    train = pd.read_parquet(distill_data / "train.parquet")
+    # test products first in every list, one of them also judged for a train query (the fixture
+    # plants that row in train; the test rules drop it, so it is not in the pool)
+    planted = test["product_id"].astype(str).unique()[:5].tolist()
+    train_val = pd.concat([train, pd.read_parquet(distill_data / "val.parquet")])
+    others = train_val["product_id"].astype(str).unique().tolist()
+    lists = {qid: [*planted, *others] for qid in train_val["query_id"].unique()}
+    cfg = DistillData(unlabelled_per_query=6, retrieved_share=0.5, similar_queries=3)
+    built = distillation_pairs(distill_data, cfg, lists)
+    frame = built.frame
+    assert built.draws["retrieved"] == 3 * frame["query_id"].nunique()
+    assert not set(frame["product_id"].astype(str)) & set(test["product_id"].astype(str))
+    assert not set(frame["query_id"]) & set(test["query_id"])
+    assert not set(frame["product_id"].astype(str)) & set(planted)
+    check_no_test_leak(frame, test)
+    # and with the share at 0 the lists change nothing
+    zero = DistillData(unlabelled_per_query=6, similar_queries=3)
+    pd.testing.assert_frame_equal(
+        distillation_pairs(distill_data, zero, lists).frame, distillation_pairs(distill_data, zero).frame
+    )

@@ -144,3 +144,30 @@ def test_flow_run_names_an_empty_retrieval(splits, tiny_stacked_checkpoint):
     test = splits["test"]
     with pytest.raises(ValueError, match="none of the 3 queries retrieved"):
         flow_run(reranker, test, {}, judged_index(test), test)
+
+
+def test_catalogue_lists_never_hold_a_product_judged_for_a_test_query(tmp_path, tiny_retriever):
+    from esci_reranker.retrieval.flow import catalogue_lists
+    from esci_reranker.retrieval.index import CatalogueIndex
+    from tests.conftest import write_small_splits
+
+    data = write_small_splits(tmp_path / "data")
+    train, test = (pd.read_parquet(data / f"{n}.parquet") for n in ("train", "test"))
+    # a product judged for a test query and for a train query: it must stay out all the same
+    shared = test.iloc[[0]].copy()
+    shared[["query_id", "query"]] = train.iloc[0][["query_id", "query"]].to_numpy()
+    pd.concat([train, shared], ignore_index=True).to_parquet(data / "train.parquet", index=False)
+    test_products = set(test["product_id"].astype(str))
+    queries = pd.concat([train, test])[["query_id", "query"]]  # test queries too: the worst case
+    folder = tmp_path / "catalogue"
+    lists = catalogue_lists(data, queries, 10_000, folder, retriever=tiny_retriever, log=lambda _: None)
+    assert set(lists) == set(queries["query_id"])
+    assert not test_products & set(CatalogueIndex.open(folder).live_ids())
+    assert not test_products & {p for ranked in lists.values() for p in ranked}
+    # the catalogue is reused from its folder: the same lists again
+    assert catalogue_lists(data, queries, 10_000, folder, log=lambda _: None) == lists
+    # a catalogue that holds a test product (here: one of every split's products) is refused
+    everything = pd.concat([train, test], ignore_index=True)
+    build_catalogue(everything, tmp_path / "all", retriever=tiny_retriever)
+    with pytest.raises(ValueError, match=r"holds \d+ product\(s\) judged for a test query"):
+        catalogue_lists(data, queries, 10, tmp_path / "all", log=lambda _: None)

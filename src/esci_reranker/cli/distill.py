@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from esci_reranker.cli.app import app
 from esci_reranker.cli.common import MODEL_HELP, SetOption, fail, parse_seeds
+
+if TYPE_CHECKING:
+    from esci_reranker.distill.config import DistillConfig
 
 ConfigOption = Annotated[
     Path,
@@ -24,11 +27,46 @@ DataOption = Annotated[
 ]
 
 
+CatalogueOption = Annotated[
+    Path,
+    typer.Option(
+        "--catalogue",
+        help="Catalogue index of the train+val products that data.retrieved_share retrieves from: "
+        "reused when it exists (`make run` leaves it there), else built there without any product "
+        "judged for a test query.",
+    ),
+]
+
+
 def _config(config: Path, overrides: list[str] | None, data: Path | None):  # -> DistillConfig
     from esci_reranker.distill import load_distill_config
 
     extra = [f"data.dir={data}"] if data is not None else []
     return load_distill_config(config, [*(overrides or []), *extra])
+
+
+def _retrieved(cfg: DistillConfig, catalogue: Path) -> dict[object, list[str]] | None:
+    """query id -> product ids retrieved for each distillation query from the train+val catalogue,
+    when ``data.retrieved_share`` asks for them (else None).
+
+    ``distill`` sits beside ``retrieval`` and does not import it, so the lists are made here and
+    handed to it as plain data; the sampling takes only products of the distillation pool from them.
+    """
+    if cfg.data.retrieved_share <= 0 or cfg.data.unlabelled_per_query <= 0:
+        return None
+    from esci_reranker.distill.data import distillation_queries
+    from esci_reranker.retrieval.flow import DEFAULT_RETRIEVE, catalogue_lists
+
+    wanted = round(cfg.data.unlabelled_per_query * cfg.data.retrieved_share)
+    # a query's judged products and products outside the pool are skipped in its list: retrieving
+    # the flow's 100 beyond the share leaves room for them
+    n = wanted + DEFAULT_RETRIEVE
+    queries = distillation_queries(cfg.data.dir)
+    typer.echo(f"retrieved products: the top {n} of {catalogue} for {len(queries)} queries")
+    try:
+        return catalogue_lists(cfg.data.dir, queries, n, catalogue, log=typer.echo)
+    except ImportError as err:
+        raise ValueError(f"data.retrieved_share={cfg.data.retrieved_share}: {err}") from None
 
 
 @app.command("distill")
@@ -38,6 +76,7 @@ def distill_command(
     out: Annotated[Path, typer.Option("--out", help="Output folder; the student goes to OUT/model.")],
     data: DataOption = None,
     overrides: SetOption = None,
+    catalogue: CatalogueOption = Path("runs/default/train/folds/catalogue"),
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Distil a teacher (any checkpoint, e.g. the stacked default) into a stock student.
@@ -48,14 +87,17 @@ def distill_command(
     decision rules). transformers, sentence-transformers and text-embeddings-inference load it
     as is; Reranker.from_pretrained, evaluate, bench and serve load it as one of our models;
     `export --model OUT/model --format ...` writes each library's format (docs/deploy.md).
-    Trains on the train+val pairs plus unlabelled pairs made from them, never on the test split.
+    Trains on the train+val pairs plus unlabelled pairs made from them, never on the test split;
+    with data.retrieved_share, part of the unlabelled pairs are products retrieved for the query
+    from the --catalogue of train+val products.
     """
     from esci_reranker.distill import distill
     from esci_reranker.train import ConfigError
 
     try:
         cfg = _config(config, overrides, data)
-        result = distill(teacher, cfg, out, progress=progress, log=typer.echo)
+        retrieved = _retrieved(cfg, catalogue)
+        result = distill(teacher, cfg, out, progress=progress, log=typer.echo, retrieved=retrieved)
     except (ConfigError, FileNotFoundError, ValueError) as err:  # CheckpointError, TestLeakError too
         fail(str(err))
         return
@@ -90,6 +132,7 @@ def distill_cv_command(
         str, typer.Option(help="Baselines ranked on every fold: comma-separated bm25,bi-encoder or none.")
     ] = "bm25,bi-encoder",
     overrides: SetOption = None,
+    catalogue: CatalogueOption = Path("runs/default/train/folds/catalogue"),
     resume: Annotated[
         bool,
         typer.Option(
@@ -202,6 +245,7 @@ def distill_cv_command(
                 test=test,
                 progress=progress,
                 log=typer.echo,
+                retrieved=_retrieved(cfg, catalogue),
             )
             if cfg.data.unlabelled_per_query > 0
             else None

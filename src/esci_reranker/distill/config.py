@@ -44,10 +44,27 @@ class DistillData(StrictModel):
         "similar other queries (TF-IDF of the query words); the rest uniformly from all products.",
     )
     similar_queries: int = Field(10, ge=1, description="How many similar queries the share draws from.")
+    retrieved_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of a query's unlabelled products taken from the top of what a search of "
+        "the train+val catalogue retrieves for it (its judged products skipped): products a search "
+        "brings back that may be about something else. 0 = none.",
+    )
     val_share: float = Field(
         0.1, gt=0, lt=0.5, description="Share of the distillation queries held out for early stopping."
     )
     seed: int = Field(0, description="Seed of the sampling and of the validation queries.")
+
+    @model_validator(mode="after")
+    def _shares_fit(self) -> DistillData:
+        if self.retrieved_share + self.similar_share > 1:
+            raise ValueError(
+                f"data.retrieved_share={self.retrieved_share} + data.similar_share={self.similar_share} "
+                "> 1: they are shares of the same unlabelled pairs; lower one so they add up to 1 at most."
+            )
+        return self
 
 
 class TeacherSection(StrictModel):

@@ -39,7 +39,13 @@ import pandas as pd
 
 from esci_reranker.data.text import DEFAULT_LONG_FIELD_CHARS, DEFAULT_TEXT_FIELDS
 from esci_reranker.distill.config import DistillConfig
-from esci_reranker.distill.data import LABELLED, PAIR_KEY, drop_test_overlap, validation_queries
+from esci_reranker.distill.data import (
+    LABELLED,
+    PAIR_KEY,
+    RetrievedLists,
+    drop_test_overlap,
+    validation_queries,
+)
 from esci_reranker.distill.teacher import PROB_COLUMNS, rule_probs
 from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS, gain_vector
 from esci_reranker.train.cv import config_sha256, read_resumable
@@ -178,6 +184,7 @@ def fold_unlabelled_outputs(
     test: pd.DataFrame | None = None,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    retrieved: RetrievedLists | None = None,
 ) -> dict[int, pd.DataFrame]:
     """Per fold f: unlabelled pairs for fold f's student, with fold f's teacher's outputs.
 
@@ -200,6 +207,10 @@ def fold_unlabelled_outputs(
         teacher_key: what else identifies the teacher (the out-of-fold table's hash, which fixes
             the fold stackers).
         test: the test split; every set is checked against it (``check_no_test_leak``).
+        retrieved: query id -> product ids retrieved from the train+val catalogue, for
+            ``cfg.data.retrieved_share``. One catalogue serves every fold, as the teacher's
+            catalogue negatives do: ``sample_unlabelled`` takes only products of its pool (the
+            other folds' rows), so a fold's own products are skipped wherever they rank.
 
     Returns:
         fold -> rows with the query and product columns, ``source`` ``unlabelled``, no label,
@@ -227,7 +238,7 @@ def fold_unlabelled_outputs(
                 "data.unlabelled_per_query=0 to cross-validate on the labelled pairs only."
             )
         pool = trainable[trainable["fold"] != fold].drop(columns=teacher_cols).assign(source=LABELLED)
-        unlabelled = sample_unlabelled(pool, cfg.data)
+        unlabelled = sample_unlabelled(pool, cfg.data, retrieved).drop(columns="draw")
         if unlabelled.empty:
             continue
         pairs = pd.concat(

@@ -5,9 +5,18 @@ teacher can score is a training example. Two kinds are used:
 
 - **labelled**: the train and val pairs (their labels only feed the validation metrics);
 - **unlabelled**: each train/val query paired with products of *other* train/val queries, never
-  its own candidates. A share (``similar_share``) is drawn from the candidates of the query's
-  most similar other queries (TF-IDF cosine of the query words): near misses the teacher tells
-  apart (same kind of product, another size or brand), the rest uniformly from every product.
+  its own candidates. A share (``retrieved_share``) is the top of what a search of the train+val
+  catalogue retrieves for the query (its judged products skipped): what a user's search brings
+  back, often about something else, which neither of the other draws reaches. A share
+  (``similar_share``) is drawn from the candidates of the query's most similar other queries
+  (TF-IDF cosine of the query words): near misses the teacher tells apart (same kind of product,
+  another size or brand), the rest uniformly from every product.
+
+The retrieved lists come in as plain data (query id -> product ids in retrieval order): this
+package sits beside ``retrieval`` and does not import it; ``esci-reranker distill`` retrieves them
+(``retrieval.flow.catalogue_lists``). Only products of the pool (the train/val rows kept by the
+test rules) are ever taken from a list, with their text from the pool, so a list from any
+catalogue cannot bring in a test product, or any product or text from outside the set.
 
 **The test split is never part of it**, and that is checked, not assumed: the test rows are
 read only to drop every train/val row whose product or query (id, or text after lower-casing
@@ -17,7 +26,7 @@ the student, and ``check_no_test_leak`` raises if any does (it runs on every set
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -34,6 +43,10 @@ QUERY_COLUMNS: Final[tuple[str, ...]] = ("query_id", "query", "esci_query_source
 #: ``source`` values of the pairs.
 LABELLED: Final[str] = "labelled"
 UNLABELLED: Final[str] = "unlabelled"
+#: ``draw`` values of the unlabelled pairs: where ``sample_unlabelled`` took each product from.
+DRAWS: Final[tuple[str, ...]] = ("retrieved", "similar", "uniform")
+#: query id -> product ids in retrieval order (``retrieval.flow.catalogue_lists``' output, as plain data).
+RetrievedLists = Mapping[object, Sequence[str]]
 
 
 class TestLeakError(ValueError):
@@ -51,10 +64,12 @@ class DistillPairs:
             columns, ``esci_label`` (None for unlabelled pairs), ``source`` (``labelled`` or
             ``unlabelled``) and ``esci_query_source`` when the splits have it.
         excluded: rows of train+val left out, by reason (``test_product``, ``test_query``).
+        draws: unlabelled pairs by where their product was drawn from (``DRAWS``).
     """
 
     frame: pd.DataFrame
     excluded: dict[str, int] = field(default_factory=dict)
+    draws: dict[str, int] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Pairs, queries and products of the set, labelled and unlabelled pairs."""
@@ -187,12 +202,46 @@ def _draw_range(rng: np.random.Generator, size: int, n: int, exclude: set[int], 
         exclude.update(picked)
 
 
-def sample_unlabelled(labelled: pd.DataFrame, cfg: DistillData) -> pd.DataFrame:
+def _take_retrieved(
+    ranked: Sequence[str], product_index: pd.Series, n: int, exclude: set[int], chosen: list[int]
+) -> None:
+    """Append the first ``n`` products of ``ranked`` (ids in retrieval order) that are in the pool
+    (``product_index``: id -> row) and not in ``exclude`` to ``chosen``; no randomness."""
+    taken = 0
+    for product_id in ranked:
+        if taken >= n:
+            break
+        row = product_index.get(str(product_id))
+        # not in the pool: a product of a row the test rules dropped, or of another catalogue
+        if row is None or int(row) in exclude:
+            continue
+        chosen.append(int(row))
+        exclude.add(int(row))
+        taken += 1
+
+
+def sample_unlabelled(
+    labelled: pd.DataFrame, cfg: DistillData, retrieved: RetrievedLists | None = None
+) -> pd.DataFrame:
     """Unlabelled pairs: each query of ``labelled`` with ``cfg.unlabelled_per_query`` products of
     other queries of ``labelled`` (never its own candidates); seeded by ``cfg.seed``.
 
-    Returns rows with the query's columns, the product's ``product_*`` columns, ``esci_label``
-    None and ``source`` ``unlabelled``.
+    In each query's pairs, first the top of its ``retrieved`` list (``cfg.retrieved_share`` of
+    them; products of ``labelled`` only, its own skipped), then the similar queries' candidates
+    (``cfg.similar_share``), then uniform draws for the rest; a query whose list runs short gets
+    more uniform draws. The retrieved part takes no random draw, so with ``retrieved_share`` 0 the
+    random stream, and every pair, is what it was without the option.
+
+    Args:
+        retrieved: query id -> product ids in retrieval order; needed when ``cfg.retrieved_share``
+            is above 0 (a query missing from it gets no retrieved products).
+
+    Returns:
+        Rows with the query's columns, the product's ``product_*`` columns, ``esci_label`` None,
+        ``source`` ``unlabelled`` and ``draw`` (``DRAWS``: where the product was taken from).
+
+    Raises:
+        ValueError: ``cfg.retrieved_share`` > 0 and no ``retrieved`` lists.
     """
     per_query = cfg.unlabelled_per_query
     query_cols = [c for c in QUERY_COLUMNS if c in labelled.columns]
@@ -201,7 +250,14 @@ def sample_unlabelled(labelled: pd.DataFrame, cfg: DistillData) -> pd.DataFrame:
         *[c for c in labelled.columns if c.startswith("product_") and c != "product_id"],
     ]
     if per_query == 0 or labelled.empty:
-        return pd.DataFrame(columns=[*query_cols, *product_cols, "esci_label", "source"])
+        return pd.DataFrame(columns=[*query_cols, *product_cols, "esci_label", "source", "draw"])
+    n_retrieved = round(per_query * cfg.retrieved_share)
+    if n_retrieved and retrieved is None:
+        raise ValueError(
+            f"data.retrieved_share={cfg.retrieved_share}: the sampling needs each query's retrieved "
+            "products (query id -> product ids); `esci-reranker distill` retrieves them from the "
+            "train+val catalogue, or set data.retrieved_share=0."
+        )
     products = labelled[product_cols].drop_duplicates("product_id").reset_index(drop=True)
     product_index = pd.Series(np.arange(len(products)), index=products["product_id"].astype(str))
     queries = labelled[query_cols].drop_duplicates("query_id").reset_index(drop=True)
@@ -214,15 +270,24 @@ def sample_unlabelled(labelled: pd.DataFrame, cfg: DistillData) -> pd.DataFrame:
     n_similar = round(per_query * cfg.similar_share)
     query_rows: list[int] = []
     product_rows: list[int] = []
+    draws: list[str] = []
     for qi, qid in enumerate(queries["query_id"]):
         own = set(rows_of_query[qid].tolist())
         chosen: list[int] = []
+        if n_retrieved and retrieved is not None:
+            _take_retrieved(retrieved.get(qid, ()), product_index, n_retrieved, own, chosen)
+        n_first = len(chosen)
         if n_similar and neighbours.shape[1]:
             near = np.unique(np.concatenate([rows_of_query[queries["query_id"][j]] for j in neighbours[qi]]))
-            _draw(rng, near, n_similar, own, chosen)
+            # capped: both shares rounded up can exceed the query's pairs by one
+            _draw(rng, near, min(n_similar, per_query - n_first), own, chosen)
+        n_near = len(chosen) - n_first
         _draw_range(rng, len(products), per_query - len(chosen), own, chosen)
         query_rows += [qi] * len(chosen)
         product_rows += chosen
+        draws += (
+            ["retrieved"] * n_first + ["similar"] * n_near + ["uniform"] * (len(chosen) - n_first - n_near)
+        )
     frame = pd.concat(
         [
             queries.iloc[query_rows].reset_index(drop=True),
@@ -232,25 +297,42 @@ def sample_unlabelled(labelled: pd.DataFrame, cfg: DistillData) -> pd.DataFrame:
     )
     frame["esci_label"] = None
     frame["source"] = UNLABELLED
+    frame["draw"] = draws
     return frame
 
 
-def distillation_pairs(data_dir: str | Path, cfg: DistillData) -> DistillPairs:
+def distillation_pairs(
+    data_dir: str | Path, cfg: DistillData, retrieved: RetrievedLists | None = None
+) -> DistillPairs:
     """Build the distillation set of a prepared folder (see the module docstring).
+
+    Args:
+        retrieved: query id -> product ids in retrieval order from the train+val catalogue
+            (``sample_unlabelled``); needed when ``cfg.retrieved_share`` is above 0.
 
     Raises:
         FileNotFoundError: a split is missing.
+        ValueError: ``cfg.retrieved_share`` > 0 and no ``retrieved`` lists.
         TestLeakError: the set would hold test data (never expected: it is a last check).
     """
     labelled, test = read_labelled_and_test(data_dir)
     kept, excluded = drop_test_overlap(labelled, test)
     kept = kept.assign(source=LABELLED)
-    unlabelled = sample_unlabelled(kept, cfg)
+    unlabelled = sample_unlabelled(kept, cfg, retrieved)
+    draws = {name: int((unlabelled["draw"] == name).sum()) for name in DRAWS}
     frame = pd.concat(
         [kept, unlabelled[[c for c in unlabelled.columns if c in kept.columns]]], ignore_index=True
     )
     check_no_test_leak(frame, test)
-    return DistillPairs(frame=frame, excluded=excluded)
+    return DistillPairs(frame=frame, excluded=excluded, draws=draws)
+
+
+def distillation_queries(data_dir: str | Path) -> pd.DataFrame:
+    """``query_id`` and ``query`` of every query of the distillation set (train+val after the test
+    rules): the queries whose retrieved lists ``distillation_pairs`` reads."""
+    labelled, test = read_labelled_and_test(data_dir)
+    kept, _ = drop_test_overlap(labelled, test)
+    return kept[["query_id", "query"]].drop_duplicates("query_id").reset_index(drop=True)
 
 
 def validation_queries(query_ids: pd.Series, share: float, seed: int) -> set[object]:

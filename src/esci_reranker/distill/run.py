@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from esci_reranker.distill.config import DistillConfig
-from esci_reranker.distill.data import PAIR_KEY, distillation_pairs, validation_queries
+from esci_reranker.distill.data import PAIR_KEY, RetrievedLists, distillation_pairs, validation_queries
 from esci_reranker.distill.student import STUDENT_FAMILIES, train_student
 from esci_reranker.distill.teacher import teacher_outputs
 
@@ -56,8 +56,12 @@ def distill(
     out_dir: str | Path,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    retrieved: RetrievedLists | None = None,
 ) -> DistillResult:
     """Distil ``teacher`` into the student ``cfg`` describes; see the module docstring.
+
+    ``retrieved``: query id -> product ids retrieved for it from the train+val catalogue, in
+    retrieval order; needed when ``cfg.data.retrieved_share`` is above 0 (``distill.data``).
 
     Raises:
         CheckpointError: the teacher does not load.
@@ -71,14 +75,20 @@ def distill(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = distillation_pairs(cfg.data.dir, cfg.data)
+    pairs = distillation_pairs(cfg.data.dir, cfg.data, retrieved)
     counts = pairs.counts()
     log(
         f"distillation pairs: {counts['labelled_pairs']} labelled + {counts['unlabelled_pairs']} unlabelled "
-        f"over {counts['queries']} queries (left out for the test split: {pairs.excluded})"
+        f"({', '.join(f'{v} {k}' for k, v in pairs.draws.items())}) over {counts['queries']} queries "
+        f"(left out for the test split: {pairs.excluded})"
     )
     outputs = teacher_outputs(teacher, pairs.frame, cfg.teacher, out, progress=progress, log=log)
     frame = pairs.frame.merge(outputs.frame, on=list(PAIR_KEY), how="left", validate="one_to_one")
+    # The validation queries are drawn from the finished set, so they get the same unlabelled pairs
+    # as the training queries, retrieved ones included: early stopping then watches the loss on the
+    # mixture the student learns, retrieved products among it (leaving them out would hide the very
+    # pairs the share is there for). Nothing leaks: their lists come from the same train+val
+    # catalogue, and the class offsets are fitted on the labelled validation pairs only.
     val_ids = validation_queries(frame["query_id"], cfg.data.val_share, cfg.data.seed)
     is_val = frame["query_id"].isin(val_ids).to_numpy()
     frame.assign(split=np.where(is_val, "val", "train"))[
@@ -124,6 +134,7 @@ def distill(
         "teacher_outputs_cached": outputs.cached,
         "pairs": counts,
         "excluded_for_test": pairs.excluded,
+        "unlabelled_draws": pairs.draws,
         "validation_queries": len(val_ids),
         "best_step": result.best_step,
         "steps": result.steps,

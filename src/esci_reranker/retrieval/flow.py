@@ -13,6 +13,9 @@ catalogue search brings back. This module puts a model in the flow a user sees:
   query's fold model, so the trees learn from them as from the judged rows;
 - ``CatalogueFlow.encoder_negatives`` gives each cross-encoder of the stacked recipe such
   negatives as extra training rows labelled I, never a held-out query's or its products;
+- ``catalogue_lists`` gives each distillation query's retrieved product ids from the same
+  train+val catalogue (reused or built, checked to hold no product judged for a test query), for
+  ``distill``'s ``data.retrieved_share``, which takes them as plain data;
 - ``flow_run`` reranks each query's retrieved list with a ``Reranker`` (its stacker included)
   and marks every result judged / foreign / unjudged; ``eval.flow.flow_metrics`` measures it;
 - ``FoldFlow`` does that inside ``cv`` for each fold's held-out queries with the fold's
@@ -93,6 +96,38 @@ def retrieve_lists(
     return {
         qid: index.retrieve(str(q), n) for qid, q in zip(distinct["query_id"], distinct["query"], strict=True)
     }
+
+
+def open_or_build_catalogue(
+    frame: pd.DataFrame,
+    folder: str | Path,
+    exclude_products: frozenset[str] = frozenset(),
+    retriever: str | Path | None = None,
+    log: Any = print,
+) -> CatalogueIndex:
+    """The train+val catalogue at ``folder``: opened when it is there, else built there from the
+    products of ``frame`` (train+val rows) minus ``exclude_products`` (those judged for a test query).
+
+    An opened catalogue is checked, not trusted: it must hold none of ``exclude_products``.
+
+    Raises:
+        ValueError: the catalogue at ``folder`` holds an excluded product (built from other rows).
+    """
+    folder = Path(folder)
+    if (folder / "manifest.json").is_file():
+        index = CatalogueIndex.open(folder)
+        if exclude_products:
+            held = sorted(set(index.live_ids()) & exclude_products)
+            if held:
+                raise ValueError(
+                    f"catalogue {folder}: holds {len(held)} product(s) judged for a test query (e.g. "
+                    f"{held[:3]}); it must index the train+val products without them: delete the folder "
+                    "and run again to rebuild it."
+                )
+        return index
+    products = frame[~frame["product_id"].astype(str).isin(exclude_products)]
+    log(f"      catalogue: index the {products['product_id'].nunique()} train+val products -> {folder}")
+    return build_catalogue(products, folder, retriever=retriever)
 
 
 def _fields_frame(items: Sequence[Retrieved]) -> pd.DataFrame:
@@ -353,14 +388,9 @@ class CatalogueFlow:
         folder = Path(fold_dir) / "catalogue"
         if folder in self._lists:
             return self._lists[folder]
-        if (folder / "manifest.json").is_file():
-            index = CatalogueIndex.open(folder)
-        else:
-            products = self.frame[~self.frame["product_id"].isin(self.exclude_products)]
-            self.log(
-                f"      catalogue: index the {products['product_id'].nunique()} train+val products -> {folder}"
-            )
-            index = build_catalogue(products, folder, retriever=self.retriever)
+        index = open_or_build_catalogue(
+            self.frame, folder, self.exclude_products, retriever=self.retriever, log=self.log
+        )
         retrieve = max(self.cfg.stack.negatives_retrieve, DEFAULT_RETRIEVE)
         self._lists[folder] = lists = retrieve_lists(index, self.frame, retrieve)
         return lists
@@ -550,6 +580,41 @@ def evaluate_flow(
         previous = previous[: previous.index(marker)].rstrip() + "\n"
     report.write_text((previous + "\n" + section).lstrip() + "\n", encoding="utf-8")
     return metrics
+
+
+def catalogue_lists(
+    data_dir: str | Path,
+    queries: pd.DataFrame,
+    n: int,
+    folder: str | Path,
+    retriever: str | Path | None = None,
+    log: Any = print,
+) -> dict[object, list[str]]:
+    """query id -> the product ids retrieved for each of ``queries`` (``query_id``, ``query``), in
+    retrieval order, from the catalogue of a prepared folder's train+val products.
+
+    The catalogue is the one at ``folder`` when there is one (``make run`` leaves it at
+    ``runs/default/train/folds/catalogue``), else it is built there as ``CatalogueFlow`` builds it:
+    the train and val products less every product judged for a test query (``data_dir``'s
+    test split). Either way it is checked to hold none of them (``open_or_build_catalogue``).
+    """
+    from esci_reranker.train.loop import read_split
+
+    data = Path(data_dir)
+    frame = pd.concat(
+        [read_split(data / "train.parquet", "train"), read_split(data / "val.parquet", "val")],
+        ignore_index=True,
+    )
+    test_path = data / "test.parquet"
+    if not test_path.is_file():
+        raise FileNotFoundError(
+            f"{test_path}: the test split is needed to keep its products out of the catalogue; point "
+            "--data at a folder written by `esci-reranker prepare`."
+        )
+    index = open_or_build_catalogue(frame, folder, _split_products(test_path), retriever=retriever, log=log)
+    return {
+        qid: [item.product_id for item in items] for qid, items in retrieve_lists(index, queries, n).items()
+    }
 
 
 def _split_products(path: str | Path | None) -> frozenset[str]:
