@@ -11,8 +11,8 @@ features). Per pair (``TEACHER_COLUMNS``):
 - ``t_sub``: its substitute probability, and ``t_is_sub`` its Task 3 decision (its threshold).
 
 **Lists.** A stacked teacher's features read each pair's whole candidate list (BM25 within the
-list, rank, z-score and gap to the best), so scoring goes through ``Reranker.finish`` with
-explicit lists, never pair by pair: labelled pairs are scored in their query's labelled list,
+list, rank, z-score and gap to the best), so scoring goes through ``Reranker.finish_lists``
+with explicit lists, never pair by pair: labelled pairs are scored in their query's labelled list,
 as in the teacher's own training; unlabelled pairs in lists made of the query's labelled
 candidates plus ``list_size`` unlabelled ones (only the unlabelled rows are kept), so every
 list looks like the lists the trees were fitted on. The labelled candidates stand in each of
@@ -181,7 +181,8 @@ def score_pairs(
     ``product_text``) and ``source`` (``labelled``/``unlabelled``; all labelled when absent).
     Scored ``chunk_pairs`` pairs (whole queries) at a time; the cross-encoder forms its
     length-sorted batches within a chunk, so another ``chunk_pairs`` can move its outputs in
-    the last float bits (padding changes the matrix shapes), and nothing else changes.
+    the last float bits (padding changes the matrix shapes), and nothing else changes (at 1 %
+    of the US locale the outputs were the same to the bit with 10,000 and with all in one).
     """
     from esci_reranker.stack.features import CandidateLists, frame_fields
     from esci_reranker.train.loop import frame_texts
