@@ -35,6 +35,7 @@ from esci_reranker.progress import progress_bar
 from esci_reranker.version import __version__
 
 if TYPE_CHECKING:
+    from esci_reranker.stack.features import CandidateLists
     from esci_reranker.stack.stacker import Stacker
 
 #: A product given to ``predict``/``rerank``: its text, or a mapping of its fields.
@@ -400,6 +401,7 @@ class Reranker:
         if self.stacker is None:
             return self.predict_texts(queries, texts.astype(str).tolist(), progress)
         from esci_reranker.stack.cv import split_fields
+        from esci_reranker.stack.features import CandidateLists
 
         encoded = self.pair_encoder.encode(queries, texts.astype(str).tolist())
         out = self.run_encoded(encoded, progress=progress)
@@ -408,7 +410,8 @@ class Reranker:
         fields = split_fields(frame) if any(c.startswith("product_") for c in frame.columns) else None
         if fields is None:
             fields = {"title": texts.astype(str).tolist()}
-        return self._stacked(out, np.asarray(encoded.truncated, dtype=bool), queries, fields, groups)
+        truncated = np.asarray(encoded.truncated, dtype=bool)
+        return self.finish_lists(out, truncated, queries, fields, CandidateLists.of(groups))
 
     def input_columns(self, columns: Iterable[str]) -> list[str]:
         """The columns ``predict_frame`` reads from a table with ``columns``.
@@ -485,14 +488,54 @@ class Reranker:
         """
         if self.stacker is None:
             return self.to_predictions(out, truncated)
-        from esci_reranker.stack.features import PRODUCT_FIELDS, record_fields
+        from esci_reranker.stack.features import PRODUCT_FIELDS, CandidateLists, record_fields
 
         per_pair = (
             [record_fields(r) for r in records] if records is not None else [record_fields(t) for t in texts]
         )
         fields = {name: [f.get(name, "") for f in per_pair] for name in PRODUCT_FIELDS}
         lists = list(queries) if groups is None else list(groups)
-        return self._stacked(out, truncated, queries, fields, lists)
+        return self.finish_lists(out, truncated, queries, fields, CandidateLists.of(lists))
+
+    def finish_lists(
+        self,
+        out: Mapping[str, np.ndarray],
+        truncated: np.ndarray,
+        queries: Sequence[str],
+        fields: Mapping[str, Sequence[str]],
+        lists: CandidateLists,
+    ) -> Predictions:
+        """``Predictions`` of the entries ``lists.keep`` of candidate lists in which a pair may
+        stand several times (each beside other candidates), in ``lists.keep`` order.
+
+        ``out`` and ``truncated`` (the pairs' raw outputs), ``queries`` and ``fields``
+        (``PRODUCT_FIELDS`` name -> text) are given once per pair, N of each; ``lists`` places
+        the pairs in lists. The cross-encoder's columns and each pair's own features are
+        computed once per pair, the list-relative ones per list, the trees only on the kept
+        entries; without a stacker an entry's output is its pair's.
+        """
+        kept = lists.kept_rows  # (K,)
+        truncated = np.asarray(truncated, dtype=bool)
+        stacker = self.stacker
+        if stacker is None:
+            return self.to_predictions({k: np.asarray(v)[kept] for k, v in out.items()}, truncated[kept])
+        from esci_reranker.stack.features import list_entry_features
+        from esci_reranker.stack.outputs import cross_encoder_columns
+
+        columns = cross_encoder_columns(out, self.config.prior_features, self.config.gains)
+        stacked = stacker.predict(list_entry_features(queries, fields, lists, columns))
+        probs = stacked["probs"].astype(np.float32)
+        gains = probs @ np.array([self.config.gains[c] for c in ESCI_LABELS], dtype=np.float32)
+        return Predictions(
+            scores=stacked["score"].astype(np.float32),
+            regression_scores=np.asarray(out["score"], dtype=np.float32)[kept],
+            expected_gains=gains.astype(np.float32),
+            esci_classes=np.asarray(ESCI_LABELS)[stacked["classes"]],
+            esci_probs=probs,
+            substitute_probs=stacked["substitute_prob"].astype(np.float32),
+            truncated=truncated[kept],
+            substitute_threshold=self.substitute_threshold,
+        )
 
     def input_key(
         self, texts: Sequence[str], records: Sequence[Mapping[str, Any]] | None = None
@@ -505,35 +548,6 @@ class Reranker:
 
         fields = ["\x1f".join(record_fields(r).get(n, "") for n in PRODUCT_FIELDS) for r in records]
         return [*texts, *fields]
-
-    def _stacked(
-        self,
-        out: Mapping[str, np.ndarray],
-        truncated: np.ndarray,
-        queries: Sequence[str],
-        fields: Mapping[str, Sequence[str]],
-        groups: Sequence[object],
-    ) -> Predictions:
-        from esci_reranker.stack.features import feature_arrays
-        from esci_reranker.stack.outputs import cross_encoder_columns
-
-        stacker = self.stacker
-        if stacker is None:
-            raise RuntimeError("Reranker._stacked: this model has no stacker (callers check first).")
-        columns = cross_encoder_columns(out, self.config.prior_features, self.config.gains)
-        stacked = stacker.predict(feature_arrays(queries, fields, groups, columns))
-        probs = stacked["probs"].astype(np.float32)
-        gains = probs @ np.array([self.config.gains[c] for c in ESCI_LABELS], dtype=np.float32)
-        return Predictions(
-            scores=stacked["score"].astype(np.float32),
-            regression_scores=np.asarray(out["score"], dtype=np.float32),
-            expected_gains=gains.astype(np.float32),
-            esci_classes=np.asarray(ESCI_LABELS)[stacked["classes"]],
-            esci_probs=probs,
-            substitute_probs=stacked["substitute_prob"].astype(np.float32),
-            truncated=truncated,
-            substitute_threshold=self.substitute_threshold,
-        )
 
     def run_encoded(self, encoded: EncodedPairs, progress: bool = False) -> dict[str, np.ndarray]:
         """Raw head outputs for encoded pairs, in their order (length-sorted batches inside)."""

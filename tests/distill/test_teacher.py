@@ -13,7 +13,9 @@ from esci_reranker.distill.data import LABELLED, UNLABELLED, distillation_pairs
 from esci_reranker.distill.teacher import (
     CACHE_NAME,
     PROB_COLUMNS,
+    TEACHER_COLUMNS,
     list_layout,
+    query_chunks,
     rule_probs,
     score_pairs,
     teacher_outputs,
@@ -127,3 +129,73 @@ def test_a_single_task_teacher_gives_scores_without_classes(
     assert out["t_score"].notna().all()
     assert out[list(PROB_COLUMNS)].isna().all().all()
     assert (out["t_class"] == "").all()
+
+
+def _spelled_out(reranker: Reranker, pairs: pd.DataFrame, list_size: int) -> pd.DataFrame:
+    """The teacher's outputs the straightforward way: every list entry a row of its own, with
+    its product's fields as a mapping, scored through ``Reranker.finish`` as one call."""
+    from esci_reranker.train.loop import frame_texts
+
+    pairs = pairs.reset_index(drop=True)
+    queries = pairs["query"].astype(str).tolist()
+    texts = frame_texts(pairs, reranker.config)
+    encoded = reranker.pair_encoder.encode(queries, texts)
+    out = reranker.run_encoded(encoded)
+    rows, groups, keep = list_layout(pairs, list_size)
+    product_columns = [c for c in pairs.columns if c.startswith("product_")]
+    preds = reranker.finish(
+        {k: np.asarray(v)[rows] for k, v in out.items()},
+        np.asarray(encoded.truncated, dtype=bool)[rows],
+        [queries[i] for i in rows],
+        [texts[i] for i in rows],
+        records=pairs[product_columns].iloc[rows].to_dict(orient="records"),
+        groups=groups.tolist(),
+    )
+    probs = rule_probs(preds.esci_probs[keep], np.asarray(reranker.stacker.rules.class_offsets))
+    frame = pairs[["query_id", "product_id"]].copy()
+    frame["t_score"] = preds.scores[keep].astype(np.float64)
+    for i, name in enumerate(PROB_COLUMNS):
+        frame[name] = probs[:, i]
+    frame["t_sub"] = preds.substitute_probs[keep].astype(np.float64)
+    frame["t_is_sub"] = preds.is_substitute[keep]
+    frame["t_class"] = np.asarray(ESCI_LABELS)[probs.argmax(axis=1)]
+    return frame
+
+
+def test_outputs_equal_every_list_entry_spelled_out(teacher: Reranker, pairs: pd.DataFrame):
+    # one chunk: the cross-encoder sees the same batches, so every output is the same to the bit
+    mine = score_pairs(teacher, pairs, list_size=2, chunk_pairs=len(pairs))
+    pd.testing.assert_frame_equal(mine, _spelled_out(teacher, pairs, list_size=2), check_exact=True)
+
+
+@pytest.mark.parametrize("chunk_pairs", [1, 7, 40])
+def test_outputs_in_chunks_equal_the_outputs_in_one_chunk(
+    stacked_teacher: Path, pairs: pd.DataFrame, chunk_pairs: int
+):
+    # One pair per forward pass, so the cross-encoder's outputs do not depend on what else is in
+    # its batch; then scoring a chunk of queries at a time changes no bit of the outputs (with
+    # larger batches the cross-encoder's own outputs move in the last float bits: padding)
+    teacher = Reranker.from_pretrained(stacked_teacher, device="cpu", batch_size=1)
+    shuffled = pairs.sample(frac=1.0, random_state=0)  # queries' pairs interleaved
+    whole = score_pairs(teacher, shuffled, list_size=2, chunk_pairs=len(pairs))
+    chunked = score_pairs(teacher, shuffled, list_size=2, chunk_pairs=chunk_pairs)
+    assert list(chunked.columns) == ["query_id", "product_id", *TEACHER_COLUMNS]
+    pd.testing.assert_frame_equal(chunked, whole, check_exact=True)
+
+
+def test_query_chunks_hold_whole_queries():
+    query_ids = pd.Series([5, 5, 3, 5, 8, 3, 9, 9, 9, 9])
+    chunks = [c.tolist() for c in query_chunks(query_ids, chunk_pairs=5)]
+    # 5 (3 pairs) + 3 (2 pairs) fill the first chunk; 8 and 9 (5 pairs) the second
+    assert chunks == [[0, 1, 2, 3, 5], [4, 6, 7, 8, 9]]
+    # a query larger than a chunk is a chunk of its own
+    assert [c.tolist() for c in query_chunks(query_ids, chunk_pairs=2)] == [
+        [0, 1, 3],
+        [2, 5],
+        [4],
+        [6, 7, 8, 9],
+    ]
+    with pytest.raises(ValueError, match="chunk_pairs=0"):
+        list(query_chunks(query_ids, chunk_pairs=0))
+    with pytest.raises(ValueError, match="1 pairs have no query_id"):
+        list(query_chunks(pd.Series([1.0, None, 1.0]), chunk_pairs=5))

@@ -231,3 +231,99 @@ def test_lists_in_chunks_give_each_list_its_own_features(monkeypatch, chunk_rows
         # to rounding only: a list alone takes list_features' one-list path (numpy's mean and
         # std for the z-score, pandas' groupby for several lists)
         pd.testing.assert_frame_equal(together.loc[rows], expected, check_exact=False, rtol=1e-12, atol=1e-12)
+
+
+def _sample_lists(frame, rng):
+    """Lists as a teacher forms them: per query, its first rows as one list, then the rest in
+    chunks of 2, each beside those first rows (which thus stand in several lists)."""
+    rows, groups, keep = [], [], np.full(len(frame), -1)
+    for qid, members in frame.groupby("query_id", sort=False).indices.items():
+        own, extra = members[: len(members) // 2 + 1], members[len(members) // 2 + 1 :]
+        for i, block in enumerate([own] + [np.r_[own, extra[j : j + 2]] for j in range(0, len(extra), 2)]):
+            mine = own if i == 0 else block[len(own) :]
+            keep[mine] = len(rows) + np.flatnonzero(np.isin(block, mine))
+            rows.extend(block.tolist())
+            groups.extend([f"{qid}/{i}"] * len(block))
+    # shuffle the entries, so lists interleave in the input
+    order = rng.permutation(len(rows))
+    where = np.empty(len(order), dtype=np.int64)
+    where[order] = np.arange(len(order))
+    return np.asarray(rows)[order], [groups[i] for i in order], where[keep]
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 37, 20_000])
+def test_list_entries_get_the_features_of_their_list_spelled_out(monkeypatch, chunk_rows):
+    # A pair standing in several lists is given once; its kept entry gets exactly the features
+    # that feature_arrays gives it when every list entry is spelled out as a row of its own
+    import pandas as pd
+
+    from esci_reranker.data import sample_path
+    from esci_reranker.stack import features
+    from esci_reranker.stack.cv import split_fields
+
+    frame = pd.read_parquet(sample_path())
+    frame = frame[frame["query_id"].isin(frame["query_id"].unique()[:10])].reset_index(drop=True)
+    rng = np.random.default_rng(1)
+    rows, groups, keep = _sample_lists(frame, rng)
+    queries, fields = frame["query"].tolist(), split_fields(frame)
+    model = {"ce_score": rng.normal(size=len(frame)), "ce_sub": rng.random(len(frame))}
+    monkeypatch.setattr(features, "CHUNK_ROWS", chunk_rows)
+    mine = features.list_entry_features(queries, fields, features.CandidateLists(rows, groups, keep), model)
+    spelled = features.feature_arrays(
+        [queries[i] for i in rows],
+        {name: [values[i] for i in rows] for name, values in fields.items()},
+        groups,
+        {name: values[rows] for name, values in model.items()},
+    )
+    assert list(mine) == list(spelled)
+    for name, values in spelled.items():
+        np.testing.assert_array_equal(mine[name], values[keep], err_msg=name)
+
+
+def test_candidate_lists_of_groups_is_feature_arrays():
+    from esci_reranker.stack.features import CandidateLists, feature_arrays, list_entry_features
+
+    queries = ["red mug"] * 3 + ["usb cable"] * 2
+    fields = {
+        "title": ["Red mug", "Blue mug", "Mug", "USB-C cable 2 m", "Lightning cable"],
+        "brand": ["A"] * 5,
+    }
+    groups = [7, 7, 7, 9, 9]
+    model = {"ce_score": np.array([0.1, 0.5, 0.3, 0.9, 0.2])}
+    lists = CandidateLists.of(groups)
+    assert lists.kept_rows.tolist() == [0, 1, 2, 3, 4]
+    mine = list_entry_features(queries, fields, lists, model)
+    for name, values in feature_arrays(queries, fields, groups, model).items():
+        np.testing.assert_array_equal(mine[name], values, err_msg=name)
+
+
+def test_candidate_lists_are_checked():
+    from esci_reranker.stack.features import CandidateLists, list_entry_features
+
+    fields = {"title": ["a", "b"]}
+    with pytest.raises(ValueError, match="3 groups for 2 rows"):
+        list_entry_features(["q", "q"], fields, CandidateLists(np.array([0, 1]), [0, 0, 0], np.array([0])))
+    with pytest.raises(ValueError, match="rows must index the 2 pairs"):
+        list_entry_features(["q", "q"], fields, CandidateLists(np.array([0, 2]), [0, 0], np.array([0])))
+    with pytest.raises(ValueError, match="keep names an entry twice"):
+        list_entry_features(["q", "q"], fields, CandidateLists(np.array([0, 1]), [0, 0], np.array([1, 1])))
+
+
+def test_frame_fields_clean_each_column_as_record_fields_cleans_a_row():
+    import pandas as pd
+
+    from esci_reranker.stack.features import frame_fields
+
+    frame = pd.DataFrame(
+        {
+            "product_id": ["a", "b", "c"],
+            "product_title": [" <b>Mug</b> ", None, "Cable &amp; plug"],
+            "product_brand": ["Acme", float("nan"), "null"],
+            "product_bullet_point": ["one\n two", "", None],
+        }
+    )
+    by_row = [record_fields(r) for r in frame.to_dict(orient="records")]
+    fields = frame_fields(frame)
+    assert fields == {name: [r[name] for r in by_row] for name in fields}
+    assert fields["title"] == ["Mug", "", "Cable & plug"]
+    assert fields["color"] == ["", "", ""]  # no colour column

@@ -389,7 +389,12 @@ def list_features(values: np.ndarray, groups: np.ndarray) -> dict[str, np.ndarra
     is the list's best value minus this one.
     """
     groups = np.asarray(groups)
-    if len(groups) and (groups == groups[0]).all():
+    return _list_features(values, groups, one_list=bool(len(groups)) and bool((groups == groups[0]).all()))
+
+
+def _list_features(values: np.ndarray, groups: np.ndarray, one_list: bool) -> dict[str, np.ndarray]:
+    """``list_features``, the path given: numpy's for one list, else pandas' grouped one."""
+    if one_list:
         return _one_list_features(np.asarray(values, dtype=np.float64))
     frame = pd.DataFrame({"v": values, "g": groups})
     grouped = frame.groupby("g", sort=False)["v"]
@@ -449,72 +454,176 @@ def feature_arrays(
         model_columns: the cross-encoder's columns (``stack.outputs.cross_encoder_columns``),
             copied in and given list features.
     """
+    return list_entry_features(queries, fields, CandidateLists.of(groups), model_columns)
+
+
+@dataclass(frozen=True)
+class CandidateLists:
+    """Candidate lists over N pairs, in which a pair may stand in several lists.
+
+    A list's BM25 statistics and list features read every entry of the list, so a pair scored
+    beside several sets of other candidates is one entry per list; its own features (coverage,
+    matches, lengths) and the model's outputs are the pair's, whatever the list.
+
+    Attributes:
+        rows: (M,) the pair (index into the N pairs) of each list entry.
+        groups: (M,) the list of each entry (any hashable ids; an entry's list is where its
+            list-relative features come from).
+        keep: (K,) the entries whose features are wanted, in the order wanted (no repeats).
+    """
+
+    rows: np.ndarray
+    groups: Sequence[object] | np.ndarray
+    keep: np.ndarray
+
+    @classmethod
+    def of(cls, groups: Sequence[object] | np.ndarray) -> CandidateLists:
+        """Each pair once, in the list ``groups`` names for it; every entry kept, in pair order."""
+        index = np.arange(len(groups), dtype=np.int64)
+        return cls(rows=index, groups=groups, keep=index)
+
+    @property
+    def kept_rows(self) -> np.ndarray:
+        """(K,) the pair of each kept entry."""
+        return np.asarray(self.rows, dtype=np.int64)[np.asarray(self.keep, dtype=np.int64)]
+
+
+def list_entry_features(
+    queries: Sequence[str],
+    fields: Mapping[str, Sequence[str]],
+    lists: CandidateLists,
+    model_columns: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """All stacker features of the entries ``lists.keep`` of candidate lists over N pairs.
+
+    What belongs to a pair (``queries``, ``fields``, ``model_columns``: each (N,)) is given once
+    and read per entry through ``lists.rows``, so a pair standing in several lists costs one
+    product side and one set of pair features, not one per list. A list's BM25, "another brand
+    named", size and list features are computed from all of its entries; only the kept entries'
+    values are returned: (K,) columns in ``lists.keep`` order, the columns ``feature_arrays``
+    gives and the same values (``feature_arrays`` is this with every pair once, all kept).
+
+    Raises:
+        ValueError: a field or model column is not (N,); ``groups`` is not as long as ``rows``;
+            an entry of ``rows`` or ``keep`` is out of range, or ``keep`` repeats one.
+    """
     n = len(queries)
     cols = {name: [str(v or "") for v in fields.get(name, [""] * n)] for name in PRODUCT_FIELDS}
-    for name, values in cols.items():
-        if len(values) != n:
-            raise ValueError(f"feature_table: field {name!r} has {len(values)} values for {n} pairs.")
-    group_codes = _group_codes(groups)
-    columns: dict[str, np.ndarray] = {name: np.zeros(n) for name in FEATURE_NAMES}
-    bm25 = {k: np.zeros(n) for k in ("bm25_title", "bm25_all", "bm25_long")}
-    other_brand = np.full(n, np.nan)
-    # Lists in chunks of about CHUNK_ROWS pairs, so only one chunk's products' sides are held
+    for name, texts in cols.items():
+        if len(texts) != n:
+            raise ValueError(f"feature_table: field {name!r} has {len(texts)} values for {n} pairs.")
+    model = {name: np.asarray(column, dtype=np.float64) for name, column in (model_columns or {}).items()}
+    for name, column in model.items():
+        if len(column) != n:
+            raise ValueError(f"feature_table: model column {name!r} has {len(column)} values for {n} pairs.")
+    rows = np.asarray(lists.rows, dtype=np.int64)
+    keep = np.asarray(lists.keep, dtype=np.int64)
+    m, k = len(rows), len(keep)
+    if len(lists.groups) != m:
+        raise ValueError(f"CandidateLists: {len(lists.groups)} groups for {m} rows; expected one per row.")
+    if m and (rows.min() < 0 or rows.max() >= n):
+        raise ValueError(f"CandidateLists: rows must index the {n} pairs (0..{n - 1}).")
+    if k and (keep.min() < 0 or keep.max() >= m):
+        raise ValueError(f"CandidateLists: keep must index the {m} rows (0..{m - 1}).")
+    position = np.full(m, -1, dtype=np.int64)  # each entry's place in the output, -1 when not kept
+    position[keep] = np.arange(k)
+    if (position >= 0).sum() != k:
+        raise ValueError("CandidateLists: keep names an entry twice; expected each entry at most once.")
+    group_codes = _group_codes(lists.groups)
+    # list_features takes numpy's single-list path when all entries form one list (a rerank
+    # request) and pandas' grouped one otherwise; each chunk below takes the path the whole
+    # input would, so a chunk holding one list of many gets the same bits as before chunking
+    one_list = bool(m) and not group_codes.any()
+    list_scores = [s for s in LIST_SCORES if s in model or s in ("bm25_all", "cov_all")]
+    out: dict[str, np.ndarray] = {name: np.zeros(k) for name in FEATURE_NAMES}
+    out |= {name: np.zeros(k) for name in ("bm25_title", "bm25_all", "bm25_long")}
+    out["other_brand_named"] = np.full(k, np.nan)
+    out["list_size"] = np.bincount(group_codes)[group_codes[keep]].astype(np.float64)
+    for name, column in model.items():
+        out[name] = column[rows[keep]]
+    for name in list_scores:
+        for kind in ("rank", "z", "gap"):
+            out[f"{name}_{kind}"] = np.zeros(k)
+    # Lists in chunks of about CHUNK_ROWS entries, so only one chunk's products' sides are held
     # (~37 KiB each: all of them would be ~40 GiB for the full ESCI train+val pairs); every
     # feature reads its own pair or its own list only, so chunking changes no value. A list's
-    # rows come from one stable sort, in input order: no pass over every pair per list.
+    # entries come from one stable sort, in input order: no pass over every entry per list.
+    pair_done = np.zeros(n, dtype=bool)
+    pair_values = {name: np.zeros(n) for name in FEATURE_NAMES}
     order = np.argsort(group_codes, kind="stable")
     bounds = np.flatnonzero(np.r_[True, group_codes[order][1:] != group_codes[order][:-1], True])
     first = 0
-    while n and first < len(bounds) - 1:
+    while m and first < len(bounds) - 1:
         last = int(np.searchsorted(bounds, bounds[first] + CHUNK_ROWS, side="right")) - 1
         last = max(last, first + 1)  # a list longer than a chunk is a chunk of its own
-        lists = [order[a:b] for a, b in zip(bounds[first:last], bounds[first + 1 : last + 1], strict=True)]
-        _chunk_features(queries, cols, lists, columns, bm25, other_brand)
+        chunk = _ListChunk(
+            entries=[
+                order[a:b] for a, b in zip(bounds[first:last], bounds[first + 1 : last + 1], strict=True)
+            ],
+            rows=rows,
+            group_codes=group_codes,
+            position=position,
+        )
+        _fill_chunk(queries, cols, model, chunk, pair_done, pair_values, list_scores, one_list, out)
         first = last
-    columns |= bm25
-    columns["other_brand_named"] = other_brand
-    columns["list_size"] = np.bincount(group_codes)[group_codes].astype(np.float64)
-    for name, values in (model_columns or {}).items():
-        columns[name] = np.asarray(values, dtype=np.float64)
-    for name in LIST_SCORES:
-        if name in columns:
-            for kind, values in list_features(columns[name], group_codes).items():
-                columns[f"{name}_{kind}"] = values
-    return columns
+    return out
 
 
-#: Pairs whose products' sides ``feature_arrays`` holds at once (whole lists; see there).
+#: List entries whose products' sides ``list_entry_features`` holds at once (whole lists; see there).
 CHUNK_ROWS: Final[int] = 20_000
 
 
-def _chunk_features(
+@dataclass(frozen=True)
+class _ListChunk:
+    """Whole candidate lists of ``list_entry_features``: ``entries`` holds each list's entry
+    indices in input order; the other arrays are the call's, over all its entries."""
+
+    entries: Sequence[np.ndarray]
+    rows: np.ndarray
+    group_codes: np.ndarray
+    position: np.ndarray
+
+
+def _fill_chunk(
     queries: Sequence[str],
     cols: Mapping[str, Sequence[str]],
-    lists: Sequence[np.ndarray],
-    columns: Mapping[str, np.ndarray],
-    bm25: Mapping[str, np.ndarray],
-    other_brand: np.ndarray,
+    model: Mapping[str, np.ndarray],
+    chunk: _ListChunk,
+    pair_done: np.ndarray,
+    pair_values: Mapping[str, np.ndarray],
+    list_scores: Sequence[str],
+    one_list: bool,
+    out: Mapping[str, np.ndarray],
 ) -> None:
-    """Fill the pair features, BM25 and "another brand named" of the rows of ``lists`` (each the
-    rows of one candidate list, in input order) into the (N,) arrays given."""
-    rows = np.concatenate(lists)
-    sides = {int(i): product_side(*(cols[name][i] for name in PRODUCT_FIELDS)) for i in rows}
-    features = [_pair_features(query_side(queries[i]), sides[int(i)]) for i in rows]
+    """Fill the kept entries of ``chunk``'s lists into ``out``: the pair features (computed once
+    per pair into ``pair_values``), BM25, "another brand named" and the list features."""
+    entries = np.concatenate(chunk.entries)  # (E,) this chunk's entries, list after list
+    pairs = chunk.rows[entries]  # (E,)
+    sides = {int(i): product_side(*(cols[name][i] for name in PRODUCT_FIELDS)) for i in np.unique(pairs)}
+    new = [i for i in sides if not pair_done[i]]
+    features = [_pair_features(query_side(queries[i]), sides[i]) for i in new]
     for name in FEATURE_NAMES:
-        columns[name][rows] = np.array([r[name] for r in features], dtype=np.float64)
-    for members in lists:
-        member_sides = [sides[int(i)] for i in members]
-        query = queries[members[0]]
+        pair_values[name][new] = np.array([r[name] for r in features], dtype=np.float64)
+    pair_done[new] = True
+    # list-relative values of every entry of the chunk, (E,) in chunk order
+    bm25 = {k: np.zeros(len(entries)) for k in ("bm25_title", "bm25_all", "bm25_long")}
+    other_brand = np.full(len(entries), np.nan)
+    start = 0
+    for members in chunk.entries:
+        at = slice(start, start + len(members))
+        start += len(members)
+        member_sides = [sides[int(i)] for i in chunk.rows[members]]
+        query = queries[chunk.rows[members[0]]]
         q_words = sorted(query_side(query).tokens)
-        bm25["bm25_title"][members] = _bm25_counts(
+        bm25["bm25_title"][at] = _bm25_counts(
             q_words, [s.title_counts for s in member_sides], [len(s.title_tokens) for s in member_sides]
         )
-        bm25["bm25_all"][members] = _bm25_counts(
+        bm25["bm25_all"][at] = _bm25_counts(
             q_words,
             [s.all_counts for s in member_sides],
             [len(s.title_tokens) + len(s.brand_color_tokens) for s in member_sides],
         )
-        bm25["bm25_long"][members] = _bm25_counts(
+        bm25["bm25_long"][at] = _bm25_counts(
             q_words, [s.long_counts for s in member_sides], [len(s.long_tokens) for s in member_sides]
         )
         # the brands of the other candidates: a query naming one of them asks for that brand
@@ -522,10 +631,26 @@ def _chunk_features(
         brands = [s.brand_norm for s in member_sides]
         named = {b for b in brands if b and _contains_phrase(q_norm, b)}
         if named:
-            other_brand[members] = [float(bool(b) and b not in named) for b in brands]
+            other_brand[at] = [float(bool(b) and b not in named) for b in brands]
+    kept = chunk.position[entries] >= 0  # (E,) which of the chunk's entries are wanted
+    target = chunk.position[entries[kept]]
+    for name in FEATURE_NAMES:
+        out[name][target] = pair_values[name][pairs[kept]]
+    for name, values in bm25.items():
+        out[name][target] = values[kept]
+    out["other_brand_named"][target] = other_brand[kept]
+    for name in list_scores:
+        if name in bm25:
+            values = bm25[name]
+        elif name in model:
+            values = model[name][pairs]
+        else:
+            values = pair_values[name][pairs]
+        for kind, computed in _list_features(values, chunk.group_codes[entries], one_list).items():
+            out[f"{name}_{kind}"][target] = computed[kept]
 
 
-def _group_codes(groups: Sequence[object]) -> np.ndarray:
+def _group_codes(groups: Sequence[object] | np.ndarray) -> np.ndarray:
     """(N,) integer code of each pair's list, numbered in order of first appearance."""
     values = list(groups)  # positional, whatever sequence (a Series keeps its own index)
     first = values[0] if values else None
@@ -549,6 +674,20 @@ def record_fields(product: str | Mapping[str, object]) -> dict[str, str]:
     if not any(fields.values()) and "text" in product:
         fields["title"] = clean_text(product["text"])
     return fields
+
+
+def frame_fields(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """``PRODUCT_FIELDS`` texts of every row of a frame with ESCI ``product_*`` columns, cleaned as
+    ``record_fields`` cleans a row's mapping ("" where the column is absent or the value missing).
+
+    Column by column: for millions of rows a mapping per row would cost more than the features.
+    """
+    return {
+        name: [clean_text(v) for v in frame[FIELD_COLUMNS[name]]]
+        if FIELD_COLUMNS[name] in frame.columns
+        else [""] * len(frame)
+        for name in PRODUCT_FIELDS
+    }
 
 
 def is_list_relative(name: str) -> bool:
