@@ -130,6 +130,13 @@ def test_guard_trims_only_over_the_limit():
     assert guard.check() is False  # back under the limit
 
 
+def _drive(guard: MemoryGuard, rss: FakeRss, steps: list[tuple[int, bool]]) -> None:
+    """Set the RSS to each step's MiB in turn and check whether the guard trims there."""
+    for mib, trims in steps:
+        rss.value = mib * MIB
+        assert guard.check() is trims, f"RSS {mib} MiB: expected trim={trims}"
+
+
 def test_guard_does_not_retrim_until_memory_grew_past_a_failed_trim():
     # The working set itself is over the limit: a trim frees little; trimming on every forward
     # would only cost time. The next trim waits until the RSS grew by the step.
@@ -137,18 +144,10 @@ def test_guard_does_not_retrim_until_memory_grew_past_a_failed_trim():
     guard = MemoryGuard(1024 * MIB, rss=rss, trim=rss.trim, retrim_step_bytes=64 * MIB)
     assert guard.check() is True
     rss.after_trim = None
-    for value in (1200, 1250, 1263):
-        rss.value = value * MIB
-        assert guard.check() is False
-    assert rss.trims == 1
-    rss.value = 1264 * MIB
-    assert guard.check() is True
+    _drive(guard, rss, [(1200, False), (1250, False), (1263, False), (1264, True)])
     assert rss.trims == 2
     # Once under the limit, the next time over trims at once again.
-    rss.value = 1000 * MIB
-    assert guard.check() is False
-    rss.value = 1030 * MIB
-    assert guard.check() is True
+    _drive(guard, rss, [(1000, False), (1030, True)])
     assert rss.trims == 3
 
 
@@ -160,10 +159,7 @@ def test_guard_keeps_at_most_the_policy_step_over_a_limit_the_working_set_exceed
     guard = MemoryGuard(960 * MIB, rss=rss, trim=rss.trim)
     assert guard.check() is True
     rss.after_trim = None
-    rss.value = 1031 * MIB
-    assert guard.check() is False
-    rss.value = 1032 * MIB
-    assert guard.check() is True
+    _drive(guard, rss, [(1031, False), (1032, True)])
     assert rss.trims == 2
 
 

@@ -127,7 +127,7 @@ def cv_command(
     from esci_reranker.stack.cv import cv_summary, cv_tables, oof_entries
     from esci_reranker.train import ConfigError, load_config
     from esci_reranker.train.cv import cross_validate
-    from esci_reranker.train.loop import read_split
+    from esci_reranker.train.loop import read_train_val
 
     seed_list = parse_seeds("--seeds", seeds)
     try:
@@ -140,10 +140,7 @@ def cv_command(
         if cfg.model.stacker == "gbdt":
             from esci_reranker.stack.train import cross_validate_stacked, cross_validate_trees
 
-            frame = pd.concat(
-                [read_split(data / "train.parquet", "train"), read_split(data / "val.parquet", "val")],
-                ignore_index=True,
-            )
+            frame = read_train_val(data)
             from esci_reranker.retrieval.flow import catalogue_flow
 
             catalogue = catalogue_flow(cfg, frame, flow, typer.echo, test_split=data / "test.parquet")

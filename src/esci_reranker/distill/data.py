@@ -94,20 +94,10 @@ def read_labelled_and_test(data_dir: str | Path) -> tuple[pd.DataFrame, pd.DataF
     Raises:
         FileNotFoundError: a split is missing; the test split is needed to keep it out.
     """
-    from esci_reranker.train.loop import read_split
+    from esci_reranker.train.loop import read_train_val, required_test_split
 
-    folder = Path(data_dir)
-    labelled = pd.concat(
-        [read_split(folder / "train.parquet", "train"), read_split(folder / "val.parquet", "val")],
-        ignore_index=True,
-    )
-    test_path = folder / "test.parquet"
-    if not test_path.is_file():
-        raise FileNotFoundError(
-            f"{test_path}: the test split is needed to keep its queries and products out of the "
-            "distillation set; point --data at a folder written by `esci-reranker prepare`."
-        )
-    return labelled, pd.read_parquet(test_path)
+    test_path = required_test_split(data_dir, "its queries and products out of the distillation set")
+    return read_train_val(data_dir), pd.read_parquet(test_path)
 
 
 def drop_test_overlap(labelled: pd.DataFrame, test: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:

@@ -598,19 +598,10 @@ def catalogue_lists(
     the train and val products less every product judged for a test query (``data_dir``'s
     test split). Either way it is checked to hold none of them (``open_or_build_catalogue``).
     """
-    from esci_reranker.train.loop import read_split
+    from esci_reranker.train.loop import read_train_val, required_test_split
 
-    data = Path(data_dir)
-    frame = pd.concat(
-        [read_split(data / "train.parquet", "train"), read_split(data / "val.parquet", "val")],
-        ignore_index=True,
-    )
-    test_path = data / "test.parquet"
-    if not test_path.is_file():
-        raise FileNotFoundError(
-            f"{test_path}: the test split is needed to keep its products out of the catalogue; point "
-            "--data at a folder written by `esci-reranker prepare`."
-        )
+    test_path = required_test_split(data_dir, "its products out of the catalogue")
+    frame = read_train_val(data_dir)
     index = open_or_build_catalogue(frame, folder, _split_products(test_path), retriever=retriever, log=log)
     return {
         qid: [item.product_id for item in items] for qid, items in retrieve_lists(index, queries, n).items()

@@ -52,17 +52,6 @@ RETRIEVAL_META: Final[str] = "esci_retrieval.json"
 # ---------------------------------------------------------------------------------------------
 
 
-def read_train_val(data_dir: str | Path) -> pd.DataFrame:
-    """The train and val splits of ``data_dir`` (``prepare --out``) in one frame; test is not read."""
-    from esci_reranker.train.loop import read_split
-
-    data_dir = Path(data_dir)
-    return pd.concat(
-        [read_split(data_dir / "train.parquet", "train"), read_split(data_dir / "val.parquet", "val")],
-        ignore_index=True,
-    )
-
-
 def frame_product_texts(frame: pd.DataFrame, fields: Sequence[str]) -> pd.Series:
     """The retriever's product text per row: built from the ``product_*`` columns when present
     (as an index builds it from a catalogue), else the prepared ``product_text`` column."""
@@ -423,6 +412,8 @@ def train_retriever(cfg: RetrieverConfig, log_fn: Callable[[str], None] = print)
     and ``output.dir/cv.json``.
     """
     start = time.perf_counter()
+    from esci_reranker.train.loop import read_train_val
+
     frame = read_train_val(cfg.data.dir)
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -173,7 +173,7 @@ def cross_validate(
     from esci_reranker.eval.ranking import ranking_metrics
     from esci_reranker.stack.cv import cross_encoder_run
     from esci_reranker.train.distributed import is_main_process, on_main
-    from esci_reranker.train.loop import read_split, train
+    from esci_reranker.train.loop import read_train_val, train
 
     chosen = parse_baselines(list(baselines))
     if not is_main_process():
@@ -181,10 +181,7 @@ def cross_validate(
 
     data_dir, out = Path(data_dir), Path(out_dir)
     if frame is None:
-        frame = pd.concat(
-            [read_split(data_dir / "train.parquet", "train"), read_split(data_dir / "val.parquet", "val")],
-            ignore_index=True,
-        )
+        frame = read_train_val(data_dir)
     result = CVResult(metric=cfg.eval.metric)
     key = "task1." + cfg.eval.metric
     oof_tables: list[pd.DataFrame] = []

@@ -140,6 +140,32 @@ def read_split(path: Path, name: str) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def read_train_val(data_dir: Path) -> pd.DataFrame:
+    """The train and val splits of a prepared folder as one frame (every query cross-validation
+    and the final models may learn from), each checked by ``read_split``."""
+    folder = Path(data_dir)
+    return pd.concat(
+        [read_split(folder / "train.parquet", "train"), read_split(folder / "val.parquet", "val")],
+        ignore_index=True,
+    )
+
+
+def required_test_split(data_dir: Path, keeps_out: str) -> Path:
+    """The test split of a prepared folder, which a caller needs in order to keep ``keeps_out``
+    (e.g. "its products out of the catalogue") free of test data.
+
+    Raises:
+        FileNotFoundError: the folder has no test split.
+    """
+    path = Path(data_dir) / "test.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: the test split is needed to keep {keeps_out}; point --data at a folder "
+            "written by `esci-reranker prepare`."
+        )
+    return path
+
+
 def frame_texts(frame: pd.DataFrame, config: ModelConfig) -> list[str]:
     """Product text as the model reads it: rebuilt from product_* columns, else ``product_text``."""
     if any(FIELD_COLUMNS[f] in frame.columns for f in config.text_fields):
