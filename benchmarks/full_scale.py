@@ -44,18 +44,31 @@ forward, 30 % padding) at a model-FLOP utilisation of 15 % of an A100's 312 TFLO
         --work /tmp/full_scale --out runs/bench/full_scale_0.01.json
     nice -n 19 env OMP_NUM_THREADS=1 python benchmarks/full_scale.py --scale 1.0 \\
         --stages prepare,stack_features,trees --work /tmp/full_scale
+
+``--processes N`` runs ``ce_train`` as N CPU processes under ``torchrun`` (gloo), as a training
+with several processes runs, each tokenising its share of the pairs; each process records its
+own peak RSS and its RSS at named points (libraries imported, data read, model built, before and
+after every tokenisation, prior features computed, trained) under ``ranks`` in the JSON.
+``--ce-batches-per-step`` keeps the global batch when N changes (each process accumulates its
+share of one step's batches):
+
+    nice -n 19 env OMP_NUM_THREADS=1 python benchmarks/full_scale.py --scale 0.1 --stages ce_train \\
+        --processes 2 --ce-batches-per-step 2 --work /tmp/fs10 --out runs/bench/ce_train_2proc.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import resource
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -270,13 +283,93 @@ def stage_prepare(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": sum(s["rows"] for s in splits.values()), "splits": splits}
 
 
+class MemoryLog:
+    """This process's resident memory at named points: current RSS and the peak so far.
+
+    ``rss_mib`` is what the process holds at the point (``/proc/self/statm``); ``peak_mib`` is
+    its ``ru_maxrss`` so far, so a point right after a step shows that step's high-water mark
+    when it is the highest yet.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.points: list[dict[str, Any]] = []
+
+    def mark(self, at: str) -> None:
+        """Record the memory now, under the label ``at``."""
+        self.points.append(
+            {
+                "at": at,
+                "seconds": round(time.perf_counter() - self.started, 2),
+                "rss_mib": round(_rss_mib(), 1),
+                "peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            }
+        )
+
+
+def _rss_mib() -> float:
+    """The resident set of this process now, in MiB (Linux; NaN elsewhere)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return float("nan")
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@contextlib.contextmanager
+def _memory_marks(log: MemoryLog) -> Iterator[None]:
+    """Mark the memory around the training's steps that hold data: the model build, every
+    tokenisation (before and after each ``PairEncoder.encode``, which one process's token cache
+    and several processes' shares both go through) and the prior fit.
+
+    The training loop has no hooks for this, so the benchmark wraps those three functions for the
+    stage's duration; they run unchanged in between the marks.
+    """
+    from esci_reranker.model.features import PairEncoder
+    from esci_reranker.train import loop
+
+    encode, build_model, fit_prior_heads = PairEncoder.encode, loop.build_model, loop.fit_prior_heads
+
+    def marked_encode(self: PairEncoder, queries: Any, texts: Any) -> Any:
+        log.mark(f"before encoding {len(queries):,} pairs")
+        out = encode(self, queries, texts)
+        log.mark(f"encoded {len(queries):,} pairs")
+        return out
+
+    def marked_build(cfg: Any) -> Any:
+        out = build_model(cfg)
+        log.mark("model and tokenizer built")
+        return out
+
+    def marked_fit(*args: Any, **kwargs: Any) -> Any:
+        log.mark("prior features computed")
+        return fit_prior_heads(*args, **kwargs)
+
+    PairEncoder.encode, loop.build_model, loop.fit_prior_heads = marked_encode, marked_build, marked_fit
+    try:
+        yield
+    finally:
+        PairEncoder.encode, loop.build_model, loop.fit_prior_heads = encode, build_model, fit_prior_heads
+
+
 def stage_ce_train(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    log = MemoryLog()
+    log.mark("started")
+    # the libraries the training imports, before any data: the baseline every process pays
+    import esci_reranker.train.loop  # noqa: F401
     from esci_reranker.stack.train import train_fixed
 
+    log.mark("libraries imported")
     cfg = _config(work, args.ce_steps)
+    # The same global batch for any number of processes: each accumulates its share of the
+    # batches of one optimiser step (rank r takes batches r, r + N, ... of the epoch).
+    cfg.optim.grad_accum_steps = args.ce_batches_per_step // args.processes
     frame = _train_val(work)
+    log.mark("train+val read")
     started = time.perf_counter()
-    train_fixed(cfg, frame, work / "train" / "train_all.parquet")
+    with _memory_marks(log):
+        train_fixed(cfg, frame, work / "train" / "train_all.parquet")
+    log.mark("trained")
     n = len(frame)
     # the recipe trains k fold models on (k-1)/k of the pairs each, then the final model on all
     pairs_trained = (FOLDS - 1) * n + n
@@ -284,7 +377,10 @@ def stage_ce_train(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "rows": n,
         "steps": args.ce_steps,
+        "processes": args.processes,
+        "global_batch": cfg.optim.batch_size * args.ce_batches_per_step,
         "seconds_in_train": time.perf_counter() - started,
+        "memory": log.points,
         "projected_gpu": _gpu(gflop, f"{FOLDS} fold models on {FOLDS - 1}/{FOLDS} + final model, 1 epoch"),
     }
 
@@ -454,21 +550,40 @@ STAGE_FUNCTIONS: dict[str, Callable[[Path, argparse.Namespace], dict[str, Any]]]
 
 
 def _run_child(stage: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run one stage in a fresh process; its result plus the process's peak RSS (``wait4``)."""
+    """Run one stage in a fresh process; its result plus the process's peak RSS (``wait4``).
+
+    ``ce_train`` with ``--processes N`` above 1 runs under ``torchrun`` as N CPU processes (gloo):
+    ``peak_rss_mib`` is then the largest of them (``wait4`` reports the largest descendant) and
+    ``ranks`` holds each one's own peak and memory points.
+    """
     result_path = args.work / f"stage_{stage}.json"
-    result_path.unlink(missing_ok=True)
+    for old in (result_path, *args.work.glob(f"stage_{stage}.rank*.json")):
+        old.unlink(missing_ok=True)
     command = [
-        sys.executable, __file__, "--child", stage, "--work", str(args.work), "--scale", str(args.scale),
-        "--seed", str(args.seed), "--ce-steps", str(args.ce_steps),
+        __file__, "--child", stage, "--work", str(args.work), "--scale", str(args.scale),
+        "--seed", str(args.seed), "--ce-steps", str(args.ce_steps), "--processes", str(args.processes),
+        "--ce-batches-per-step", str(args.ce_batches_per_step),
     ]  # fmt: skip
+    env = dict(os.environ)
+    processes = args.processes if stage == "ce_train" else 1
+    if processes > 1:
+        launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", str(processes)]
+        launcher += ["--master-port", str(_free_port())]
+        env.pop("WORLD_SIZE", None)  # torchrun's own, not one left over from an enclosing launch
+    else:
+        launcher = [sys.executable]
     started = time.perf_counter()
-    child = subprocess.Popen(command)
+    child = subprocess.Popen([*launcher, *command], env=env)
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     if child.returncode != 0:
         return {"stage": stage, "error": f"exit code {child.returncode}", "process_wall_s": wall}
     result = json.loads(result_path.read_text())
+    others = [
+        json.loads((args.work / f"stage_{stage}.rank{r}.json").read_text()) for r in range(1, processes)
+    ]
+    result["ranks"] = [_rank_view(result)] + [_rank_view(r) for r in others]
     # ru_maxrss is KiB on Linux
     return result | {
         "process_wall_s": wall,
@@ -477,11 +592,27 @@ def _run_child(stage: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _rank_view(result: dict[str, Any]) -> dict[str, Any]:
+    """One process's own numbers from its stage result: rank, peak RSS and memory points."""
+    return {k: result[k] for k in ("rank", "self_peak_rss_mib", "memory") if k in result}
+
+
+def _free_port() -> int:
+    """A TCP port free on this machine now, for torchrun's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _child(stage: str, args: argparse.Namespace) -> None:
     started = time.perf_counter()
     result = STAGE_FUNCTIONS[stage](args.work, args)
+    rank = int(os.environ.get("RANK", "0"))
     result = {"stage": stage, "wall_s": time.perf_counter() - started} | result
-    (args.work / f"stage_{stage}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    # this process's own peak: under torchrun the launcher's wait4 sees only the largest rank's
+    result |= {"rank": rank, "self_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    name = f"stage_{stage}.json" if rank == 0 else f"stage_{stage}.rank{rank}.json"
+    (args.work / name).write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 def format_table(results: list[dict[str, Any]], scale: float) -> str:
@@ -512,10 +643,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON file of the results")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ce-steps", type=int, default=20, help="training steps of the tiny cross-encoder")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="ce_train: training processes (several run under torchrun on CPU, gloo)",
+    )
+    parser.add_argument(
+        "--ce-batches-per-step",
+        type=int,
+        default=None,
+        help="ce_train: batches of optim.batch_size pairs in one optimiser step over all processes, "
+        "a multiple of --processes (default: --processes); the global batch, kept for any --processes",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not 0 < args.scale <= 1:
         parser.error(f"--scale {args.scale}: expected a fraction in (0, 1].")
+    if args.processes < 1:
+        parser.error(f"--processes {args.processes}: expected 1 or more.")
+    if args.ce_batches_per_step is None:
+        args.ce_batches_per_step = args.processes
+    if args.ce_batches_per_step < 1 or args.ce_batches_per_step % args.processes:
+        parser.error(
+            f"--ce-batches-per-step {args.ce_batches_per_step}: expected a positive multiple of "
+            f"--processes ({args.processes})."
+        )
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGE_FUNCTIONS]
     if unknown:
@@ -534,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
             f"peak RSS {r.get('peak_rss_mib', float('nan')):,.0f} MiB",
             flush=True,
         )
+        for rank in r.get("ranks", []) if len(r.get("ranks", [])) > 1 else []:
+            print(f"    rank {rank['rank']}: peak RSS {rank['self_peak_rss_mib']:,.0f} MiB", flush=True)
         # written after every stage: a long run that is stopped keeps what it measured
         _write_report(args, results)
     print(format_table(results, args.scale))
@@ -548,6 +703,7 @@ def _write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> No
         "command": " ".join(sys.argv),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "processes": args.processes,
         "load_average": os.getloadavg(),
         "stages": results,
         "table": format_table(results, args.scale),
