@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from esci_reranker.cli.app import app
-from esci_reranker.cli.common import SetOption, fail, parse_int_list
+from esci_reranker.cli.common import SetOption, fail, parse_int_list, require_positive
 
 
 @app.command("bench")
@@ -60,11 +60,7 @@ def bench_command(
 
     Run it on an otherwise idle machine; see docs/speed.md for what each number means.
     """
-    for name, value in (("--batch-size", batch_size), ("--pairs", pairs), ("--repeats", repeats)):
-        if value < 1:
-            fail(f"{name} {value}: expected a positive integer.")
-    if threads is not None and threads < 1:
-        fail(f"--threads {threads}: expected a positive integer.")
+    require_positive(batch_size=batch_size, pairs=pairs, repeats=repeats, threads=threads)
     if not model.is_dir():
         fail(f"--model {model}: no such checkpoint folder.")
     from esci_reranker.bench import BACKENDS, format_server_table, run_backend_bench
@@ -78,8 +74,7 @@ def bench_command(
         from esci_reranker.bench.server import ServerLatency
 
         levels = parse_int_list("--server-concurrency", server_concurrency, minimum=1)
-        if server_requests < 1:
-            fail(f"--server-requests {server_requests}: expected a positive integer.")
+        require_positive(server_requests=server_requests)
         if not server_seconds > 0:
             fail(f"--server-seconds {server_seconds}: expected a positive number of seconds.")
         try:
@@ -135,9 +130,7 @@ def bench_families_command(
     writes JSON. Run it on an otherwise idle machine."""
     from esci_reranker.fsutil import write_json
 
-    for name, value in (("--pairs", pairs), ("--repeats", repeats), ("--requests", requests)):
-        if value < 1:
-            fail(f"{name} {value}: expected a positive integer.")
+    require_positive(pairs=pairs, repeats=repeats, requests=requests)
     missing = [str(m) for m in model if not m.is_dir()]
     if missing:
         fail(f"--model {', '.join(missing)}: no such checkpoint folder.")
@@ -183,11 +176,7 @@ def bench_train_command(
 
     Run it on an otherwise idle machine; see docs/speed.md ("Training speed").
     """
-    for name, value in (("--batches", batches), ("--repeats", repeats), ("--roofline-size", roofline_size)):
-        if value < 1:
-            fail(f"{name} {value}: expected a positive integer.")
-    if threads is not None and threads < 1:
-        fail(f"--threads {threads}: expected a positive integer.")
+    require_positive(batches=batches, repeats=repeats, roofline_size=roofline_size, threads=threads)
     if not config.is_file():
         fail(f"--config {config}: no such file.")
     from esci_reranker.bench.training import run_train_bench

@@ -38,6 +38,14 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def require_positive(**options: int | None) -> None:
+    """Fail on the first option (given as ``batch_size=...``, named ``--batch-size``) whose value
+    is below 1; ``None`` means unset and passes. Checked before any slow work."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} {value}: expected a positive integer.")
+
+
 def parse_int_list(option: str, value: str, minimum: int = 0, distinct: bool = False) -> tuple[int, ...]:
     """``value`` ("0,1,2") as integers >= ``minimum``, in order (all different when ``distinct``);
     a clean error naming ``option`` otherwise (an empty list, a word, a value below ``minimum``)."""
@@ -65,8 +73,7 @@ def load_reranker(
     from esci_reranker.hardware import resolve_precision
     from esci_reranker.reranker import Reranker, select_device
 
-    if batch_size < 1:
-        fail(f"--batch-size {batch_size}: expected a positive integer.")
+    require_positive(batch_size=batch_size)
     try:
         target = select_device(device)
     except (RuntimeError, ValueError) as error:

@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from esci_reranker.cli.app import app
-from esci_reranker.cli.common import DEVICE_HELP, MODEL_HELP, fail, fmt_prob, load_reranker, print_table
+from esci_reranker.cli.common import (
+    DEVICE_HELP,
+    MODEL_HELP,
+    fail,
+    fmt_prob,
+    load_reranker,
+    print_table,
+    require_positive,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,10 +40,7 @@ def _eval_options(
     from esci_reranker.eval.runner import EvaluationOptions
     from esci_reranker.labels import gain_table
 
-    if batch_size < 1:
-        fail(f"--batch-size {batch_size}: expected a positive integer.")
-    if seeds < 1:
-        fail(f"--seeds {seeds}: expected a positive integer.")
+    require_positive(batch_size=batch_size, seeds=seeds)
     options = EvaluationOptions(
         baselines=baselines,
         gains=gains,
@@ -99,8 +104,7 @@ def evaluate_command(
     from esci_reranker.reranker import Reranker
 
     options = _eval_options(gains, relevant, batch_size, seeds, device, progress, baselines)
-    if retrieve < 1:
-        fail(f"--retrieve {retrieve}: expected a positive integer.")
+    require_positive(retrieve=retrieve)
     try:
         frame = read_split(data)
         labelled = _judged_splits(data, judged) if index is not None else None
@@ -206,8 +210,7 @@ def inspect_command(
 
     if query_index is not None and query_id is not None:
         fail("give --query-index or --query-id, not both.")
-    if top_k is not None and top_k < 1:
-        fail(f"--top-k {top_k}: expected a positive integer.")
+    require_positive(top_k=top_k)
     if query is not None and not query.strip():
         fail("--query: expected a non-empty text.")
     try:

@@ -16,6 +16,7 @@ from esci_reranker.cli.common import (
     fmt_prob,
     load_reranker,
     print_table,
+    require_positive,
 )
 
 #: `export --format` name -> "module:function" with the signature (model_dir, out_dir, overwrite) -> Path.
@@ -56,8 +57,7 @@ def rerank_command(
 
     if output_format not in ("table", "json"):
         fail(f"--format {output_format!r}: expected table or json.")
-    if top_k is not None and top_k < 1:
-        fail(f"--top-k {top_k}: expected a positive integer.")
+    require_positive(top_k=top_k)
     if not query.strip():
         fail("--query: expected a non-empty text.")
     from esci_reranker.reranker import read_candidates
@@ -155,8 +155,7 @@ def score_command(
     """
     if engine not in ENGINES:
         fail(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}.")
-    if chunk_rows is not None and chunk_rows < 1:
-        fail(f"--chunk-rows {chunk_rows}: expected a positive integer.")
+    require_positive(chunk_rows=chunk_rows)
     if engine == "ray":
         _score_with_ray(
             model,
@@ -207,9 +206,7 @@ def _score_with_ray(
     except ImportError as error:
         fail(str(error))
         return
-    for name, value in (("--num-actors", num_actors), ("--batch-size", batch_size)):
-        if value < 1:
-            fail(f"{name} {value}: expected a positive integer.")
+    require_positive(num_actors=num_actors, batch_size=batch_size)
     if num_cpus_per_actor <= 0:
         fail(f"--num-cpus-per-actor {num_cpus_per_actor}: expected a positive number.")
     if num_gpus_per_actor < 0:

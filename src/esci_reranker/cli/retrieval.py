@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 
 from esci_reranker.cli.app import app
-from esci_reranker.cli.common import DEVICE_HELP, PRECISION_HELP, SetOption, fail, fmt_prob, print_table
+from esci_reranker.cli.common import (
+    DEVICE_HELP,
+    PRECISION_HELP,
+    SetOption,
+    fail,
+    fmt_prob,
+    print_table,
+    require_positive,
+)
 
 RETRIEVER_HELP = (
     "The dense retriever: a sentence-transformers folder (train-retriever's OUT/model) or "
@@ -131,8 +139,7 @@ def index_command(
 
     _quiet_loading()
     updating = update is not None or bool(delete)
-    if batch_rows < 1:
-        fail(f"--batch-rows {batch_rows}: expected a positive integer.")
+    require_positive(batch_rows=batch_rows)
     if precision not in EMBEDDING_PRECISIONS:
         fail(f"--precision {precision!r}: expected one of {', '.join(EMBEDDING_PRECISIONS)}.")
     try:
