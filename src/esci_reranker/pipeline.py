@@ -279,7 +279,6 @@ def _stacked_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
     """Stages 2-4 for a stacked model: out-of-fold cross-encoders, cross-validation and the
     stacker, the final cross-encoder; then the test split against the baselines. Returns the
     result and how training went."""
-    import pandas as pd
 
     from esci_reranker.stack.train import train_stacked
     from esci_reranker.train.distributed import on_main
@@ -290,12 +289,9 @@ def _stacked_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
         f"model -> {job.cfg.output.save_path}"
     )
     from esci_reranker.retrieval.flow import catalogue_flow
-    from esci_reranker.train.loop import read_split
+    from esci_reranker.train.loop import read_train_val
 
-    frame = pd.concat(
-        [read_split(job.cfg.data.resolve("train"), "train"), read_split(job.cfg.data.resolve("val"), "val")],
-        ignore_index=True,
-    )
+    frame = read_train_val(job.cfg.data)
     # the search flow of each CV fold costs a catalogue and a scoring pass per fold: `cv` measures
     # it; the job builds the catalogue only when the config learns from catalogue negatives
     catalogue = catalogue_flow(

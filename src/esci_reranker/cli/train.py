@@ -354,18 +354,14 @@ def pipeline_command(
 def _train_stacked(cfg: TrainConfig, resume: bool, progress: bool) -> None:
     """``train`` for ``model.stacker: gbdt``: fold models, stacker, final model; CV tables printed.
     ``resume`` keeps the fold models an interrupted run finished and continues the rest."""
-    import pandas as pd
 
     from esci_reranker.retrieval.flow import catalogue_flow
     from esci_reranker.stack.cv import cv_tables
     from esci_reranker.stack.train import train_stacked
     from esci_reranker.train.distributed import is_main_process
-    from esci_reranker.train.loop import read_split
+    from esci_reranker.train.loop import read_train_val
 
-    frame = pd.concat(
-        [read_split(cfg.data.resolve("train"), "train"), read_split(cfg.data.resolve("val"), "val")],
-        ignore_index=True,
-    )
+    frame = read_train_val(cfg.data)
     say = typer.echo if is_main_process() else (lambda line: None)  # one process speaks for the job
     catalogue = catalogue_flow(cfg, frame, True, say, test_split=cfg.data.resolve("test"))
     result = train_stacked(

@@ -291,7 +291,7 @@ def train_stacked(
     """
     from esci_reranker.reranker import Reranker
     from esci_reranker.train.distributed import is_main_process, on_main
-    from esci_reranker.train.loop import read_split
+    from esci_reranker.train.loop import read_train_val
 
     if cfg.model.stacker != "gbdt":
         raise ValueError(f"train_stacked: model.stacker is {cfg.model.stacker!r}; expected 'gbdt'.")
@@ -299,10 +299,7 @@ def train_stacked(
         log = _quiet  # one process speaks for the job
     seconds: dict[str, float] = {}
     run_dir = cfg.output.resolved_run_dir()
-    frame = pd.concat(
-        [read_split(cfg.data.resolve("train"), "train"), read_split(cfg.data.resolve("val"), "val")],
-        ignore_index=True,
-    )
+    frame = read_train_val(cfg.data)
 
     t = time.perf_counter()
     cv = cross_validate_stacked(

@@ -47,7 +47,7 @@ from esci_reranker.model.features import EncodedPairs, pair_encoder_for
 from esci_reranker.model.tower_cache import weights_cache
 from esci_reranker.progress import progress_bar
 from esci_reranker.train.batching import bucketed_batches, query_batches
-from esci_reranker.train.config import PACKAGED_BACKBONE, OptimSection, TrainConfig
+from esci_reranker.train.config import PACKAGED_BACKBONE, DataConfig, OptimSection, TrainConfig
 from esci_reranker.train.distributed import aligned_share, distributed_cpu, gather_arrays
 from esci_reranker.train.prior_init import fit_prior_heads, prior_features
 from esci_reranker.train.token_cache import encode_pairs
@@ -140,14 +140,15 @@ def read_split(path: Path, name: str) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def read_train_val(data_dir: Path) -> pd.DataFrame:
-    """The train and val splits of a prepared folder as one frame (every query cross-validation
-    and the final models may learn from), each checked by ``read_split``."""
-    folder = Path(data_dir)
-    return pd.concat(
-        [read_split(folder / "train.parquet", "train"), read_split(folder / "val.parquet", "val")],
-        ignore_index=True,
-    )
+def read_train_val(data: Path | str | DataConfig) -> pd.DataFrame:
+    """The train and val splits as one frame (every query cross-validation and the final models
+    may learn from), each checked by ``read_split``: those of a prepared folder, or those a
+    config's ``data`` section names (its explicit paths, else its ``dir``)."""
+    if isinstance(data, DataConfig):
+        train, val = data.resolve("train"), data.resolve("val")
+    else:
+        train, val = Path(data) / "train.parquet", Path(data) / "val.parquet"
+    return pd.concat([read_split(train, "train"), read_split(val, "val")], ignore_index=True)
 
 
 def required_test_split(data_dir: Path, keeps_out: str) -> Path:
