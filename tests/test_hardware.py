@@ -60,7 +60,7 @@ def fresh_malloc_state(monkeypatch):
     for name in (*hardware.MALLOC_VARIABLES, hardware.OPT_OUT_VARIABLE):
         monkeypatch.delenv(name, raising=False)
     libc = _FakeLibc()
-    monkeypatch.setattr(hardware, "_libc", lambda: libc)
+    monkeypatch.setattr(hardware, "glibc", lambda: libc)
     return libc
 
 
@@ -123,7 +123,7 @@ def test_keep_freed_memory_reports_failure_and_non_glibc(fresh_malloc_state, mon
     fresh_malloc_state.answer = 0  # mallopt refused
     assert hardware.keep_freed_memory() is False
     assert not hardware.freed_memory_kept()
-    monkeypatch.setattr(hardware, "_libc", lambda: None)  # macOS, musl, Windows
+    monkeypatch.setattr(hardware, "glibc", lambda: None)  # macOS, musl, Windows
     assert hardware.keep_freed_memory() is False
 
 

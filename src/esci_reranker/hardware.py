@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import platform
@@ -103,11 +104,22 @@ _kept = False
 _trim_cap: int | None = None
 
 
-def _libc() -> ctypes.CDLL | None:
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc on Linux (for ``mallopt``, ``malloc_trim``); None elsewhere."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     name = ctypes.util.find_library("c")
     return ctypes.CDLL(name) if name else None
+
+
+def malloc_trim() -> bool:
+    """Give the free memory of every glibc malloc arena back to the OS (``malloc_trim(0)``).
+
+    Returns True when memory was released; False when there was none, or off glibc.
+    """
+    libc = glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
 def keep_freed_memory(trim_threshold: int = _DEFAULT_TRIM_THRESHOLD) -> bool:
@@ -131,7 +143,7 @@ def keep_freed_memory(trim_threshold: int = _DEFAULT_TRIM_THRESHOLD) -> bool:
         return True
     if os.environ.get(OPT_OUT_VARIABLE, "").strip() == "0" or any(v in os.environ for v in MALLOC_VARIABLES):
         return False
-    libc = _libc()
+    libc = glibc()
     if libc is None:
         return False
     # Both or neither: either one set alone turns off glibc's adaptive thresholds and is slower.
@@ -162,7 +174,7 @@ def cap_freed_memory(max_bytes: int) -> bool:
     _trim_cap = int(max_bytes) if _trim_cap is None else min(_trim_cap, int(max_bytes))
     if not _kept:
         return False
-    libc = _libc()
+    libc = glibc()
     return libc is not None and libc.mallopt(_M_TRIM_THRESHOLD, _trim_cap) == 1
 
 

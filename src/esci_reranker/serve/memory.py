@@ -34,11 +34,10 @@ import resource
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from esci_reranker.hardware import cap_freed_memory
+from esci_reranker.hardware import cap_freed_memory, glibc, malloc_trim
 
 if TYPE_CHECKING:
     from esci_reranker.serve.metrics import Metrics
@@ -73,14 +72,6 @@ RETRIM_STEP_BYTES: Final[int] = 32 * MIB
 POLICY_TRIM_THRESHOLD: Final[int] = 64 * MIB
 
 
-@cache
-def _libc() -> ctypes.CDLL | None:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name else None
-
-
 def process_rss() -> int | None:
     """The resident set size of this process in bytes (``/proc/self/statm``); None off Linux."""
     try:
@@ -95,15 +86,6 @@ def peak_rss() -> int:
     """The highest RSS this process has had, in bytes (``getrusage``; kB on Linux)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) * (1 if platform.system() == "Darwin" else 1024)
-
-
-def malloc_trim() -> bool:
-    """Give the free memory of every glibc malloc arena back to the OS (``malloc_trim(0)``).
-
-    Returns True when memory was released; False when there was none, or off glibc.
-    """
-    libc = _libc()
-    return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
 @dataclass(frozen=True)
@@ -131,7 +113,7 @@ _SYSTEM = re.compile(r'<system type="current" size="(\d+)"/>')
 def malloc_stats() -> MallocStats | None:
     """What glibc's malloc holds (``malloc_info`` parsed); None off glibc. Takes every arena's lock
     briefly: for ``/info``, not for a hot path."""
-    libc = _libc()
+    libc = glibc()
     if libc is None:
         return None
     buffer, size = ctypes.c_void_p(), ctypes.c_size_t()
@@ -192,7 +174,7 @@ def set_arena_max(arenas: int) -> bool:
     """
     if arenas < 1:
         raise ValueError(f"set_arena_max(arenas={arenas}): expected >= 1.")
-    libc = _libc()
+    libc = glibc()
     return libc is not None and libc.mallopt(_M_ARENA_MAX, int(arenas)) == 1
 
 

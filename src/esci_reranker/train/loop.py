@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from esci_reranker.data.text import FIELD_COLUMNS, product_texts
 from esci_reranker.fsutil import recover_dir, staged_dir, write_json
-from esci_reranker.hardware import keep_freed_memory, resolve_precision
+from esci_reranker.hardware import keep_freed_memory, malloc_trim, resolve_precision
 from esci_reranker.labels import LABEL_TO_INDEX, check_labels
 from esci_reranker.model import (
     MODEL_CLASSES,
@@ -537,6 +537,9 @@ class Trainer:
             encoded = None  # the last epoch's share is freed before the next is built
             encoded = encode(needed)
             position[needed] = np.arange(len(needed))
+            # The tokenizer's transient lists (and the prior fit's) are freed by now; memory kept
+            # for reuse is meant for the steps' activations, not for them.
+            malloc_trim()
             for index in batches:
                 batch = {k: v.to(device) for k, v in encoder.collate(encoded, position[index]).items()}
                 if cfg.loss.rank_weight > 0 or unwrapped.config.list_level:

@@ -14,17 +14,20 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from cachetools import LRUCache
 
-from esci_reranker.model.features import EncodedPairs, PairEncoder
+from esci_reranker.model.features import EncodedPairs, PairEncoder, TokenRows
 
 #: Most pairs kept per encoder identity (least recently used dropped first): ~10x the sample's
-#: train+val pairs, a few hundred MB at full ESCI scale.
+#: train+val pairs; a pair's packed ids are ~1 KB, so a few hundred MB at full ESCI scale.
 MAX_PAIRS = 500_000
 
-_Entry = tuple[list[int], list[int] | None, list[int] | None, list[int] | None, bool, float | None]
+# a pair's packed pair ids, token types, query and product ids, truncation flag, coverage
+_Entry = tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None, bool, float | None]
 _CACHES: dict[tuple[Any, ...], LRUCache[tuple[str, str], _Entry]] = {}
 _LOCK = threading.Lock()
+_COLUMNS = ("pair_ids", "pair_type_ids", "query_ids", "product_ids")
 
 
 def _identity(encoder: PairEncoder) -> tuple[Any, ...]:
@@ -40,6 +43,14 @@ def _identity(encoder: PairEncoder) -> tuple[Any, ...]:
         cfg.product_max_length,
         cfg.lexical,
     )
+
+
+def _row(column: Sequence[list[int]] | None, j: int) -> np.ndarray | None:
+    if column is None:
+        return None
+    if isinstance(column, TokenRows):
+        return column.row_array(j).copy()  # its own memory: the chunk it came from can go
+    return np.asarray(column[j], dtype=np.int32)
 
 
 def encode_pairs(encoder: PairEncoder, queries: Sequence[str], texts: Sequence[str]) -> EncodedPairs:
@@ -59,26 +70,27 @@ def encode_pairs(encoder: PairEncoder, queries: Sequence[str], texts: Sequence[s
         with _LOCK:
             for j, i in enumerate(missing):
                 entry = (
-                    fresh.pair_ids[j],
-                    None if fresh.pair_type_ids is None else fresh.pair_type_ids[j],
-                    None if fresh.query_ids is None else fresh.query_ids[j],
-                    None if fresh.product_ids is None else fresh.product_ids[j],
+                    *(_row(getattr(fresh, name), j) for name in _COLUMNS),
                     fresh.truncated[j],
                     None if fresh.lexical is None else fresh.lexical[j],
                 )
-                found[i] = cache[(queries[i], texts[i])] = entry
-    entries = [found[i] for i in range(len(queries))]
-    column = list(zip(*entries, strict=True)) if entries else [[] for _ in range(6)]
+                found[i] = cache[(queries[i], texts[i])] = entry  # type: ignore[assignment]
+        del fresh
+    entries = [found.pop(i) for i in range(len(queries))]
+    if not entries:
+        return encoder.encode([], [])
 
-    def optional(k: int) -> list[Any] | None:
-        values = list(column[k])
-        return None if values and values[0] is None else values
+    def packed(k: int) -> TokenRows | None:
+        if entries[0][k] is None:
+            return None
+        dtype = np.int8 if _COLUMNS[k] == "pair_type_ids" else np.int32
+        return TokenRows.from_rows([e[k] for e in entries], dtype)  # type: ignore[misc]
 
     return EncodedPairs(
-        pair_ids=list(column[0]),
-        pair_type_ids=optional(1),
-        query_ids=optional(2),
-        product_ids=optional(3),
-        truncated=list(column[4]),
-        lexical=optional(5),
+        pair_ids=packed(0),  # type: ignore[arg-type]
+        pair_type_ids=packed(1),
+        query_ids=packed(2),
+        product_ids=packed(3),
+        truncated=[bool(e[4]) for e in entries],
+        lexical=None if entries[0][5] is None else [float(e[5]) for e in entries],  # type: ignore[arg-type]
     )
