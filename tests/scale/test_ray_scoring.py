@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from esci_reranker.reranker import SCORE_COLUMNS
+from esci_reranker.reranker import SCORE_COLUMNS, Reranker, score_parquet
 from esci_reranker.scale.batch import REJECT_COLUMN
 from esci_reranker.scale.ray_scoring import (
     RAY_EXTRA,
@@ -109,6 +109,55 @@ def test_ray_scores_equal_single_process_and_rejects_are_kept(
     for column in ("score", "expected_gain", "substitute_prob"):
         np.testing.assert_allclose(both[f"{column}_ray"], both[f"{column}_one"], atol=1e-5, rtol=0)
     assert (both["esci_pred_ray"] == both["esci_pred_one"]).all()
+
+
+@pytest.mark.slow
+def test_a_stacked_model_scores_whole_lists_on_ray(
+    ray_cluster, tiny_stacked_checkpoint: Path, tmp_path: Path
+):
+    # ~20 queries in blocks of ~40 rows: cut by row count, most lists would be split in two and
+    # their list features (rank, z-score, gap within the list) would change
+    frame = pd.read_parquet(SAMPLE_PARQUET)
+    rows = frame[frame["query_id"].isin(frame["query_id"].drop_duplicates().iloc[:20])]
+    rows.to_parquet(tmp_path / "pairs.parquet", index=False)
+    score_parquet(
+        Reranker.from_pretrained(tiny_stacked_checkpoint, device="cpu"),
+        tmp_path / "pairs.parquet",
+        tmp_path / "single.parquet",
+        progress=False,
+    )
+    single = pd.read_parquet(tmp_path / "single.parquet")
+    out = tmp_path / "out"
+    result = score_with_ray(
+        str(tiny_stacked_checkpoint),
+        tmp_path / "pairs.parquet",
+        out,
+        num_actors=2,
+        rows_per_batch=40,
+        progress=False,
+    )
+    assert result.scored_rows == len(rows)
+    scores = pd.read_parquet(out / SCORES_DIR)
+    assert list(scores.columns) == list(single.columns)  # the block column is gone
+    both = single.merge(scores, on=KEY, suffixes=("_one", "_ray"), validate="one_to_one")
+    assert len(both) == len(rows)
+    for column in ("score", "expected_gain", "substitute_prob"):
+        np.testing.assert_allclose(both[f"{column}_ray"], both[f"{column}_one"], atol=1e-5, rtol=0)
+    assert (both["esci_pred_ray"] == both["esci_pred_one"]).all()
+
+
+def test_block_column_puts_a_query_in_one_block_whatever_the_batch():
+    import pyarrow as pa
+
+    from esci_reranker.scale.ray_scoring import BLOCK_COLUMN, with_block_column
+
+    ids = pa.table({"query_id": [5, 7, 5, 9, 7, 11]})
+    whole = with_block_column(ids, "query_id", 3)[BLOCK_COLUMN].to_pylist()
+    parts = [with_block_column(ids.slice(i, 2), "query_id", 3)[BLOCK_COLUMN].to_pylist() for i in (0, 2, 4)]
+    assert [b for part in parts for b in part] == whole
+    assert whole[0] == whole[2]
+    assert whole[1] == whole[4]
+    assert set(whole) <= {0, 1, 2}
 
 
 @pytest.mark.slow

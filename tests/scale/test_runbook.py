@@ -52,7 +52,7 @@ def test_the_blocks_are_found_and_the_settings_match():
     text = RUNBOOK.read_text()
     [settings] = runbook_blocks(text, "runbook-env")
     names = re.findall(r"^([A-Z_]+)=", settings, flags=re.MULTILINE)
-    assert names == ["ESCI", "RUN", "NPROC", "TRAIN_SETS", "ACTORS", "GPUS_PER_ACTOR"]
+    assert names == ["ESCI", "RUN", "NPROC", "TRAIN_SETS", "DISTILL_SETS", "ACTORS", "GPUS_PER_ACTOR"]
     commands = "\n".join(runbook_blocks(text, "runbook"))
     for command in (
         "esci-reranker prepare",
@@ -60,7 +60,9 @@ def test_the_blocks_are_found_and_the_settings_match():
         "--set output.save_path=$RUN/stacked",
         "--resume",
         "esci-reranker evaluate",
-        "--engine ray",
+        "esci-reranker distill --teacher $RUN/stacked",
+        "esci-reranker export",
+        "--engine ray --model $RUN/stacked",
     ):
         assert command in commands
 
@@ -78,6 +80,10 @@ def test_runbook_commands_run_at_tiny_scale(tmp_path: Path, tiny_backbone: Path)
         "TRAIN_SETS": f"--set model.backbone={tiny_backbone} --set model.max_length=32 "
         "--set optim.max_steps=2 --set eval.every_steps=1 --set stack.folds=2 --set stack.max_rounds=10 "
         "--set stack.inner_folds=2 --set stack.min_data_in_leaf=5",
+        # tiny students of the tiny stacked teacher, on a few unlabelled pairs per query
+        "DISTILL_SETS": f"--set model.backbone={tiny_backbone} --set model.max_length=32 "
+        "--set optim.max_steps=2 --set eval.every_steps=1 --set optim.batch_size=8 --set optim.group_size=4 "
+        "--set data.unlabelled_per_query=4 --set data.similar_queries=2",
         "ACTORS": 2,
         "GPUS_PER_ACTOR": 0,
     }
@@ -122,3 +128,11 @@ def test_runbook_commands_run_at_tiny_scale(tmp_path: Path, tiny_backbone: Path)
     ]
     assert (run / "stacked" / "stacker" / "stacker.json").is_file()
     assert "task1" in json.loads((run / "eval_stacked" / "metrics.json").read_text())
+    # the students of the stacked default, one evaluated, both exported
+    for student in ("student-esci", "student-score"):
+        summary = json.loads((run / student / "distill.json").read_text())
+        assert summary["student"] == student
+        assert summary["teacher"]["stacked"]
+    assert "task2" in json.loads((run / "eval_student_esci" / "metrics.json").read_text())
+    assert (run / "export" / "student-score" / "config.json").is_file()
+    assert list((run / "export" / "student-esci-onnx").glob("*.onnx"))

@@ -9,6 +9,10 @@
    the other rows with the single-process ``score`` columns appended.
 
 Both jobs apply the same ``reject_reasons``, so each input row lands in exactly one of the two.
+A model that reads whole candidate lists (the stacked default's list features, the list-level
+families) gets whole lists: its rows are grouped into blocks by a hash of ``query_id`` (else of
+``query``), about ``rows_per_batch`` rows each and never a query cut in two, so every pair is
+scored beside the same candidates as in one process.
 Afterwards the row counts are checked (scored + rejected = input) and, when the input has an
 ``example_id`` or ``(query_id, product_id)`` key and the paths are local, that every input key is
 found exactly once in the output; ``out_dir/summary.json`` records the counts and timings.
@@ -30,6 +34,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
 from esci_reranker.fsutil import write_json
 from esci_reranker.scale.batch import BatchScorer, rejected_rows
 
@@ -40,6 +48,8 @@ KEY_CANDIDATES: Final[tuple[tuple[str, ...], ...]] = (("example_id",), ("query_i
 SCORES_DIR: Final[str] = "scores"
 REJECTS_DIR: Final[str] = "rejects"
 SUMMARY_NAME: Final[str] = "summary.json"
+#: Column added while the rows of a list-reading model are grouped into whole-query blocks.
+BLOCK_COLUMN: Final[str] = "__esci_block"
 
 
 class ScaleError(ValueError):
@@ -60,6 +70,17 @@ class RayScoreResult:
     keys_checked: bool
     ray_start_seconds: float
     seconds: float
+
+
+def with_block_column(batch: pa.Table, key: str, blocks: int) -> pa.Table:
+    """``batch`` plus ``BLOCK_COLUMN``: the block (0..blocks-1) of each row's ``key`` value.
+
+    The hash is pandas' fixed one of the value's text, so every worker puts a query in the same
+    block (Python's own ``hash`` of a string changes between processes).
+    """
+    values = np.asarray(batch.column(key).cast(pa.string()).to_pylist(), dtype=object)
+    block = pd.util.hash_array(values, categorize=True) % np.uint64(blocks)
+    return batch.append_column(BLOCK_COLUMN, pa.array(block.astype(np.int64)))
 
 
 def import_ray() -> Any:
@@ -202,7 +223,8 @@ def score_with_ray(
         num_gpus_per_actor: GPUs reserved per actor (fractions share a GPU); 0 on CPU.
         num_cpus_per_actor: CPUs reserved per actor; also its torch thread count.
         device, batch_size, precision, backend: per actor, as ``Reranker.from_pretrained``.
-        rows_per_batch: rows handed to an actor per call.
+        rows_per_batch: rows handed to an actor per call (for a model that reads whole lists, the
+            mean of its whole-query blocks).
 
     Raises:
         ImportError: Ray is not installed (the message names the extra).
@@ -262,6 +284,8 @@ def score_with_ray(
         names = names or list(dataset.schema().names)
         read_columns = _check_columns(probe, inputs[0], names)
         keys = next((k for k in KEY_CANDIDATES if all(c in names for c in k)), ())
+        reads_lists = probe.stacker is not None or probe.pair_encoder.list_level
+        list_key = ("query_id" if "query_id" in names else "query") if reads_lists else None
         del probe
         input_rows = int(dataset.count())  # from the parquet footers, no data read
         text_args = {
@@ -272,10 +296,8 @@ def score_with_ray(
         dataset.map_batches(
             rejected_rows, fn_kwargs=text_args, batch_format="pyarrow", batch_size=rows_per_batch
         ).write_parquet(rejects_dir)
-        # Blocks of at most rows_per_batch rows, so a single big file still feeds every actor.
-        dataset.repartition(target_num_rows_per_block=rows_per_batch).map_batches(
-            BatchScorer,
-            fn_constructor_kwargs={
+        scorer: dict[str, Any] = {
+            "fn_constructor_kwargs": {
                 "model": model,
                 "read_columns": read_columns,
                 "device": device,
@@ -284,12 +306,27 @@ def score_with_ray(
                 "backend": backend,
                 "threads": max(1, int(num_cpus_per_actor)),
             },
-            batch_format="pyarrow",
-            batch_size=rows_per_batch,
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_cpus=num_cpus_per_actor,
-            num_gpus=num_gpus_per_actor,
-        ).write_parquet(scores_dir)
+            "batch_format": "pyarrow",
+            "compute": ray.data.ActorPoolStrategy(size=num_actors),
+            "num_cpus": num_cpus_per_actor,
+            "num_gpus": num_gpus_per_actor,
+        }
+        if list_key is None:
+            # Blocks of at most rows_per_batch rows, so a single big file still feeds every actor.
+            scored_rows = dataset.repartition(target_num_rows_per_block=rows_per_batch).map_batches(
+                BatchScorer, batch_size=rows_per_batch, **scorer
+            )
+        else:
+            blocks = max(1, math.ceil(input_rows / rows_per_batch))
+            scored_rows = (
+                dataset.map_batches(
+                    with_block_column, fn_kwargs={"key": list_key, "blocks": blocks}, batch_format="pyarrow"
+                )
+                .groupby(BLOCK_COLUMN)
+                .map_groups(BatchScorer, **scorer)
+                .drop_columns([BLOCK_COLUMN])
+            )
+        scored_rows.write_parquet(scores_dir)
         scored = _count(ray, scores_dir)
         rejected = _count(ray, rejects_dir)
     finally:
