@@ -41,8 +41,6 @@ MemoryLimitSource = Literal["MEMORY_LIMIT_MB", "container", "default", "off"]
 #: small enough that an admitted request waits at most ~1.25x as long as under those 16
 #: (a CPU serves the admitted requests one forward at a time; docs/serving.md, "Load shedding").
 DEFAULT_MAX_QUEUED_REQUESTS: Final[int] = 20
-#: Default ``GIL_SWITCH_INTERVAL_MS`` (docs/serving.md, "Load shedding").
-DEFAULT_GIL_SWITCH_INTERVAL_MS: Final[float] = 5.0
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -141,14 +139,6 @@ class Settings(BaseSettings):
         le=100_000,
         description="Load shedding: model requests (scoring, /v1 and /v2 rerank, /search) in progress at "
         "once; one more is answered 429 with Retry-After at once instead of queueing; 0 = no bound.",
-    )
-    gil_switch_interval_ms: float = Field(
-        DEFAULT_GIL_SWITCH_INTERVAL_MS,
-        gt=0,
-        le=100,
-        description="How long a thread running Python (the stacker's features and trees) keeps the GIL "
-        "while another waits for it (sys.setswitchinterval; Python's own is 5): the event loop, which "
-        "answers every request and every 429, waits that long at each hand-over.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "text"

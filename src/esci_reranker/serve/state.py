@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -224,8 +223,6 @@ class ServiceState:
             )
         self.scorer.warm_up()
         freeze_startup_objects()  # before the trim below, which then returns what the collection freed
-        # Process-wide: the event loop gets the GIL back sooner from the thread scoring in Python.
-        sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
         if self.memory is not None:
             # Loading leaves its temporary buffers (safetensors reads, tokenizer and tree parsing)
             # free in malloc's arenas: give them back once, so the idle RSS is what serving needs.
