@@ -389,6 +389,10 @@ class Trainer:
         labels = torch.tensor([LABEL_TO_INDEX[x] for x in self.train_frame["esci_label"]], dtype=torch.long)
         # query ids as 0..Q-1, whatever their type: the ranking loss compares pairs within a query
         groups = torch.as_tensor(pd.factorize(self.train_frame["query_id"])[0], dtype=torch.long)
+        # Everything the steps read from the split is in the lists and tensors above: its product
+        # columns (descriptions, bullets: most of its memory, ~3 GiB on the full ESCI train split)
+        # are let go before any pair is tokenised.
+        self.train_frame = self.train_frame[["query_id", "esci_label"]]
         fit_priors = bool(model.config.prior_features) and cfg.model.prior_init == "fit" and not resume
         lengths: list[int] | None = None
         if fit_priors or cfg.optim.batching != "query":
