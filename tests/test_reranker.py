@@ -417,3 +417,29 @@ def test_every_family_loads_and_answers_its_tasks_through_predict_and_rerank(fam
                 None,
                 None,
             )
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 37])
+def test_score_parquet_gives_a_stacked_model_whole_lists_across_chunks(
+    tiny_stacked_checkpoint: Path, tmp_path: Path, chunk_rows: int
+):
+    from esci_reranker.reranker import score_parquet
+
+    frame = pd.read_parquet(SAMPLE_PARQUET)
+    rows = frame[frame["query_id"].isin(frame["query_id"].drop_duplicates().iloc[:6])]
+    rows.to_parquet(tmp_path / "pairs.parquet", index=False)
+    reranker = Reranker.from_pretrained(tiny_stacked_checkpoint, device="cpu")
+    assert score_parquet(
+        reranker, tmp_path / "pairs.parquet", tmp_path / "one.parquet", progress=False
+    ) == len(rows)
+    written = score_parquet(
+        reranker,
+        tmp_path / "pairs.parquet",
+        tmp_path / "chunks.parquet",
+        chunk_rows=chunk_rows,
+        progress=False,
+    )
+    assert written == len(rows)
+    one, chunks = pd.read_parquet(tmp_path / "one.parquet"), pd.read_parquet(tmp_path / "chunks.parquet")
+    # the same rows in the same order, each scored beside its whole list
+    pd.testing.assert_frame_equal(chunks, one)

@@ -418,8 +418,8 @@ class Reranker:
 
         ``query`` plus the model's ``product_*`` field columns when any is present (text rebuilt
         as in training), else ``product_text``. A stacked model also reads the other product
-        columns and ``query_id`` when present (its list features group pairs by query: give a
-        query's candidates in one chunk of ``score_parquet``).
+        columns and ``query_id`` when present (its list features group pairs by query:
+        ``score_parquet`` wants a query's candidates in consecutive rows).
 
         Raises:
             ValueError: no ``query`` column, or neither product columns nor ``product_text``.
@@ -766,7 +766,10 @@ def score_parquet(
     The input needs ``query`` and product columns or ``product_text`` (see
     ``Reranker.input_columns``); every other column (ids, labels) is passed through unchanged.
     The file is streamed ``chunk_rows`` rows at a time, so memory stays flat for millions of
-    rows. The output is written under a temporary name and renamed when complete.
+    rows. A model that reads whole candidate lists (a stacker's list features, a list-level
+    family) gets them whole: the rows of the query a chunk ends in are held over to the next
+    chunk (a query's rows must be consecutive in the file, by ``query_id`` when there is one,
+    else by ``query``). The output is written under a temporary name and renamed when complete.
     ``esci_pred`` is ``""`` and the probabilities NaN for a single-task model.
 
     Returns:
@@ -802,18 +805,39 @@ def score_parquet(
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     writer = None
     rows = 0
+    reads_lists = reranker.stacker is not None or reranker.pair_encoder.list_level
+    group = "query_id" if "query_id" in names else "query"
     try:
         total = parquet.metadata.num_rows
         with progress_bar(total=total, desc="scoring", unit="row", disable=not progress) as bar:
-            for batch in parquet.iter_batches(batch_size=chunk_rows):
-                preds = reranker.predict_frame(batch.select(read).to_pandas(), progress=False)
+
+            def write(chunk: pa.Table) -> None:
+                nonlocal writer, rows
+                preds = reranker.predict_frame(chunk.select(read).to_pandas(), progress=False)
                 if writer is None:
-                    schema = _output_schema(batch.schema)
-                    writer = pq.ParquetWriter(tmp, schema)
-                out = pa.RecordBatch.from_arrays([*batch.columns, *_prediction_arrays(preds)], schema=schema)
-                writer.write_batch(out)
-                rows += batch.num_rows
-                bar.update(batch.num_rows)
+                    writer = pq.ParquetWriter(tmp, _output_schema(chunk.schema))
+                writer.write_table(
+                    pa.Table.from_arrays([*chunk.columns, *_prediction_arrays(preds)], schema=writer.schema)
+                )
+                rows += chunk.num_rows
+                bar.update(chunk.num_rows)
+
+            held: pa.Table | None = None
+            for batch in parquet.iter_batches(batch_size=chunk_rows):
+                chunk = pa.Table.from_batches([batch])
+                if held is not None:
+                    chunk = pa.concat_tables([held, chunk])
+                    held = None
+                if reads_lists:
+                    keys = chunk.column(group).to_pandas()
+                    # the rows of the last query may go on in the next chunk: hold them over
+                    others = np.flatnonzero((keys != keys.iloc[-1]).to_numpy())
+                    cut = int(others[-1]) + 1 if len(others) else 0
+                    held, chunk = chunk.slice(cut), chunk.slice(0, cut)
+                if chunk.num_rows:
+                    write(chunk)
+            if held is not None and held.num_rows:
+                write(held)
         if writer is None:  # an empty input still gives an output with the full schema
             writer = pq.ParquetWriter(tmp, _output_schema(parquet.schema_arrow))
         writer.close()
