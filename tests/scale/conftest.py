@@ -24,14 +24,15 @@ def ray_cluster() -> Iterator[Any]:
 
 
 @pytest.fixture
-def score_in_one_process(tiny_checkpoint: Path, tmp_path: Path) -> Callable[[pd.DataFrame], Path]:
-    """``score_in_one_process(rows)``: the reference the distributed paths must match, the tiny
-    checkpoint's ``score_parquet`` output for ``rows`` (a parquet file under ``tmp_path``)."""
+def score_in_one_process(tiny_checkpoint: Path, tmp_path: Path) -> Callable[..., Path]:
+    """``score_in_one_process(rows, checkpoint=None)``: the reference the distributed paths must
+    match, ``score_parquet``'s output for ``rows`` (a parquet file under ``tmp_path``) with
+    ``checkpoint``, by default the tiny checkpoint."""
 
-    def score(rows: pd.DataFrame) -> Path:
+    def score(rows: pd.DataFrame, checkpoint: Path | None = None) -> Path:
         rows.to_parquet(tmp_path / "good.parquet", index=False)
         score_parquet(
-            Reranker.from_pretrained(tiny_checkpoint, device="cpu"),
+            Reranker.from_pretrained(checkpoint or tiny_checkpoint, device="cpu"),
             tmp_path / "good.parquet",
             tmp_path / "single.parquet",
             progress=False,

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from esci_reranker.reranker import SCORE_COLUMNS, Reranker, score_parquet
+from esci_reranker.reranker import SCORE_COLUMNS
 from esci_reranker.scale.batch import REJECT_COLUMN
 from esci_reranker.scale.ray_scoring import (
     RAY_EXTRA,
@@ -32,6 +32,18 @@ KEY = ["query_id", "product_id"]
 def score_ray(model: Path, pairs: Path, out: Path, *options: str):
     """``esci-reranker score --engine ray`` of ``pairs`` into ``out``, with ``options`` after."""
     return run("score", "--engine", "ray", "--model", model, "--input", pairs, "--output", out, *options)
+
+
+def assert_same_scores(scores: pd.DataFrame, single: pd.DataFrame) -> None:
+    """Ray's output has the single-process ``score`` output's columns, types and rows (by key),
+    with the same scores within 1e-5 and the same classes."""
+    assert list(scores.columns) == list(single.columns)
+    assert scores.dtypes.equals(single.dtypes)
+    both = single.merge(scores, on=KEY, suffixes=("_one", "_ray"), validate="one_to_one")
+    assert len(both) == len(single) == len(scores)  # keyed by ids: nothing lost or duplicated
+    for column in ("score", "expected_gain", "substitute_prob"):
+        np.testing.assert_allclose(both[f"{column}_ray"], both[f"{column}_one"], atol=1e-5, rtol=0)
+    assert (both["esci_pred_ray"] == both["esci_pred_one"]).all()
 
 
 def test_resolve_inputs_file_folder_glob(tmp_path: Path):
@@ -99,34 +111,20 @@ def test_ray_scores_equal_single_process_and_rejects_are_kept(
     assert sorted(rejects["product_id"]) == sorted(frame.loc[[10, 20, 30], "product_id"])
     assert rejects[REJECT_COLUMN].str.startswith("missing").all()
 
-    scores = pd.read_parquet(out / SCORES_DIR)
     good = frame.drop(index=[10, 20, 30])
-    single = pd.read_parquet(score_in_one_process(good))
-    assert list(scores.columns) == list(single.columns)
-    assert scores.dtypes.equals(single.dtypes)
-    both = single.merge(scores, on=KEY, suffixes=("_one", "_ray"), validate="one_to_one")
-    assert len(both) == len(single) == len(scores)  # keyed by ids: nothing lost or duplicated
-    for column in ("score", "expected_gain", "substitute_prob"):
-        np.testing.assert_allclose(both[f"{column}_ray"], both[f"{column}_one"], atol=1e-5, rtol=0)
-    assert (both["esci_pred_ray"] == both["esci_pred_one"]).all()
+    assert_same_scores(pd.read_parquet(out / SCORES_DIR), pd.read_parquet(score_in_one_process(good)))
 
 
 @pytest.mark.slow
 def test_a_stacked_model_scores_whole_lists_on_ray(
-    ray_cluster, tiny_stacked_checkpoint: Path, tmp_path: Path
+    ray_cluster, tiny_stacked_checkpoint: Path, tmp_path: Path, score_in_one_process
 ):
     # ~20 queries in blocks of ~40 rows: cut by row count, most lists would be split in two and
     # their list features (rank, z-score, gap within the list) would change
     frame = pd.read_parquet(SAMPLE_PARQUET)
     rows = frame[frame["query_id"].isin(frame["query_id"].drop_duplicates().iloc[:20])]
+    single = pd.read_parquet(score_in_one_process(rows, tiny_stacked_checkpoint))
     rows.to_parquet(tmp_path / "pairs.parquet", index=False)
-    score_parquet(
-        Reranker.from_pretrained(tiny_stacked_checkpoint, device="cpu"),
-        tmp_path / "pairs.parquet",
-        tmp_path / "single.parquet",
-        progress=False,
-    )
-    single = pd.read_parquet(tmp_path / "single.parquet")
     out = tmp_path / "out"
     result = score_with_ray(
         str(tiny_stacked_checkpoint),
@@ -137,13 +135,7 @@ def test_a_stacked_model_scores_whole_lists_on_ray(
         progress=False,
     )
     assert result.scored_rows == len(rows)
-    scores = pd.read_parquet(out / SCORES_DIR)
-    assert list(scores.columns) == list(single.columns)  # the block column is gone
-    both = single.merge(scores, on=KEY, suffixes=("_one", "_ray"), validate="one_to_one")
-    assert len(both) == len(rows)
-    for column in ("score", "expected_gain", "substitute_prob"):
-        np.testing.assert_allclose(both[f"{column}_ray"], both[f"{column}_one"], atol=1e-5, rtol=0)
-    assert (both["esci_pred_ray"] == both["esci_pred_one"]).all()
+    assert_same_scores(pd.read_parquet(out / SCORES_DIR), single)  # the block column is gone too
 
 
 def test_block_column_puts_a_query_in_one_block_whatever_the_batch():
