@@ -204,6 +204,12 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
+def list_column(columns: Iterable[str]) -> str:
+    """The column whose equal values make one candidate list: ``query_id`` when the table has one,
+    else ``query`` (as ``Reranker.predict_frame`` groups a table's pairs)."""
+    return "query_id" if "query_id" in columns else "query"
+
+
 class Reranker:
     """Loads a trained checkpoint and scores (query, product) pairs with all of its heads.
 
@@ -352,6 +358,12 @@ class Reranker:
             precision=precision,
             stacker=stacker,
         )
+
+    @property
+    def reads_lists(self) -> bool:
+        """Whether a pair's outputs depend on the other candidates of its list (the stacker's list
+        features, a list-level family): batch scoring must then give each query's list whole."""
+        return self.stacker is not None or self.pair_encoder.list_level
 
     @property
     def substitute_threshold(self) -> float:
@@ -805,8 +817,7 @@ def score_parquet(
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     writer = None
     rows = 0
-    reads_lists = reranker.stacker is not None or reranker.pair_encoder.list_level
-    group = "query_id" if "query_id" in names else "query"
+    group = list_column(names)
     try:
         total = parquet.metadata.num_rows
         with progress_bar(total=total, desc="scoring", unit="row", disable=not progress) as bar:
@@ -828,7 +839,7 @@ def score_parquet(
                 if held is not None:
                     chunk = pa.concat_tables([held, chunk])
                     held = None
-                if reads_lists:
+                if reranker.reads_lists:
                     keys = chunk.column(group).to_pandas()
                     # the rows of the last query may go on in the next chunk: hold them over
                     others = np.flatnonzero((keys != keys.iloc[-1]).to_numpy())

@@ -250,7 +250,7 @@ def score_with_ray(
     if precision != "auto" and precision not in PRECISIONS:
         raise ScaleError(f"precision={precision!r}; expected 'auto' or one of {list(PRECISIONS)}.")
     ray = import_ray()
-    from esci_reranker.reranker import Reranker
+    from esci_reranker.reranker import Reranker, list_column
 
     started = time.perf_counter()
     inputs = resolve_inputs(input_spec)
@@ -284,8 +284,7 @@ def score_with_ray(
         names = names or list(dataset.schema().names)
         read_columns = _check_columns(probe, inputs[0], names)
         keys = next((k for k in KEY_CANDIDATES if all(c in names for c in k)), ())
-        reads_lists = probe.stacker is not None or probe.pair_encoder.list_level
-        list_key = ("query_id" if "query_id" in names else "query") if reads_lists else None
+        list_key = list_column(names) if probe.reads_lists else None
         del probe
         input_rows = int(dataset.count())  # from the parquet footers, no data read
         text_args = {
