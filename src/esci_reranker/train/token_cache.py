@@ -45,12 +45,9 @@ def _identity(encoder: PairEncoder) -> tuple[Any, ...]:
     )
 
 
-def _row(column: Sequence[list[int]] | None, j: int) -> np.ndarray | None:
-    if column is None:
-        return None
-    if isinstance(column, TokenRows):
-        return column.row_array(j).copy()  # its own memory: the chunk it came from can go
-    return np.asarray(column[j], dtype=np.int32)
+def _row(column: TokenRows | None, j: int) -> np.ndarray | None:
+    # its own memory: the chunk it came from can go (``PairEncoder.encode`` packs every column)
+    return None if column is None else column.row_array(j).copy()
 
 
 def encode_pairs(encoder: PairEncoder, queries: Sequence[str], texts: Sequence[str]) -> EncodedPairs:
@@ -81,10 +78,11 @@ def encode_pairs(encoder: PairEncoder, queries: Sequence[str], texts: Sequence[s
         return encoder.encode([], [])
 
     def packed(k: int) -> TokenRows | None:
-        if entries[0][k] is None:
+        first = entries[0][k]
+        if first is None:
             return None
-        dtype = np.int8 if _COLUMNS[k] == "pair_type_ids" else np.int32
-        return TokenRows.from_rows([e[k] for e in entries], dtype)  # type: ignore[misc]
+        # the rows keep the type PairEncoder packed them in (int8 token types, int32 ids)
+        return TokenRows.from_rows([e[k] for e in entries], first.dtype.type)  # type: ignore[misc,union-attr]
 
     return EncodedPairs(
         pair_ids=packed(0),  # type: ignore[arg-type]
