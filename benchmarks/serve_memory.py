@@ -7,10 +7,14 @@ queries with 40 candidates each (the response cache off, so every request runs t
 rounds of 30 s, printing the server's RSS at the end of each round (and its highest sample), the
 requests served and their p50/p95/p99 latency, how many were answered 429 (a client then waits the
 ``Retry-After`` it was given) and how fast, any 5xx, and ``/health`` probed twice a second. The
-plateau is the highest RSS of the second half of the rounds.
+plateau is the highest RSS of the second half of the rounds. With ``--probe-interval 0.05``, one
+more client in a process of its own sends a request every 50 ms from round 2 on: the load's clients
+share one event loop, whose turns add to the latency they read, so the separate client's 429
+latency is what a user elsewhere sees.
 
     python benchmarks/serve_memory.py --model runs/default/model --out runs/serve_memory/default16.json
-    python benchmarks/serve_memory.py --model runs/default/model --config default --concurrency 64
+    python benchmarks/serve_memory.py --model runs/default/model --config default --concurrency 64 \
+        --probe-interval 0.05
     python benchmarks/serve_memory.py --model runs/default/model \\
         --config default --config limit768=MEMORY_LIMIT_MB=768 --config off=MEMORY_LIMIT_MB=0
     python benchmarks/serve_memory.py --breakdown --model runs/default/model --out breakdown.json
@@ -94,6 +98,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", type=int, default=40, help="candidates per request (default 40)")
     parser.add_argument("--distinct", type=int, default=20, help="distinct queries cycled through")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
+    parser.add_argument(
+        "--probe-interval",
+        type=float,
+        default=0.0,
+        help="seconds between the requests of one more client in its own process, from round 2 on "
+        "(its latencies are free of the load's own event loop; default 0: none)",
+    )
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for /ready")
     parser.add_argument("--data", type=Path, default=None, help="ESCI parquet (default: the bundled sample)")
     parser.add_argument(

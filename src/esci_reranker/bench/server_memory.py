@@ -9,6 +9,12 @@ RSS at its end and its highest sample, the requests served and their p50/p95 lat
 **plateau** is the highest RSS sampled in the second half of the rounds (steady state, after the
 growth of the first ones). Linux only (``/proc``).
 
+The load's clients share one process and one event loop, so the latency they measure includes
+their own turns on that loop: with 64 of them, a ``429`` the server sent within milliseconds can
+be read a few hundred milliseconds later. A **separate client** (``probe_interval``) therefore
+runs in its own process beside the load, one request at a time as an outside user would, and its
+latencies are reported apart (``ProbeOutcome``).
+
 ``benchmarks/serve_memory.py`` is the command around it (docs/serving.md, "Memory").
 """
 
@@ -16,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -131,6 +139,68 @@ class LoadOutcome:
 
 
 @dataclass(frozen=True)
+class ProbeOutcome:
+    """What one client in its own process saw during the load (latencies in ms).
+
+    Attributes:
+        requests: requests it sent (one at a time, ``interval`` apart).
+        statuses: HTTP status -> count (``"error"``: no answer).
+        shed: its 429 answers; shed_p50_ms / shed_p99_ms / shed_max_ms: how fast they came.
+        ok_p50_ms / ok_p99_ms: its 200 answers' latency.
+    """
+
+    requests: int
+    statuses: dict[str, int]
+    shed: int
+    shed_p50_ms: float
+    shed_p99_ms: float
+    shed_max_ms: float
+    ok_p50_ms: float
+    ok_p99_ms: float
+
+    @classmethod
+    def of(cls, answers: Sequence[tuple[str, float]]) -> ProbeOutcome:
+        """Summarise ``(status, latency ms)`` answers."""
+        shed = [ms for status, ms in answers if status == "429"]
+        ok = [ms for status, ms in answers if status == "200"]
+        return cls(
+            requests=len(answers),
+            statuses=dict(sorted(Counter(status for status, _ in answers).items())),
+            shed=len(shed),
+            shed_p50_ms=_pct(shed, 50),
+            shed_p99_ms=_pct(shed, 99),
+            shed_max_ms=round(max(shed), 2) if shed else float("nan"),
+            ok_p50_ms=_pct(ok, 50),
+            ok_p99_ms=_pct(ok, 99),
+        )
+
+
+def probe_requests(
+    url: str, body: Mapping[str, Any], seconds: float, interval: float, delay: float = 0.0
+) -> list[tuple[str, float]]:
+    """Send ``body`` to ``url``'s ``/rerank`` one request at a time for ``seconds`` (after ``delay``),
+    ``interval`` seconds apart; returns each answer's ``(status, latency ms)`` (``"error"``: none).
+
+    Run in a process of its own (``ServerMemory`` does), its clock holds only the server's time
+    and the network's, not the turns of other clients on a shared event loop."""
+    import httpx
+
+    time.sleep(delay)
+    answers: list[tuple[str, float]] = []
+    stop = time.monotonic() + seconds
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(300.0)) as client:
+        while time.monotonic() < stop:
+            start = time.perf_counter()
+            try:
+                status = str(client.post("/rerank", json=body).status_code)
+            except httpx.HTTPError:
+                status = "error"
+            answers.append((status, (time.perf_counter() - start) * 1000.0))
+            time.sleep(interval)
+    return answers
+
+
+@dataclass(frozen=True)
 class MemoryResult:
     """One configuration: its environment, idle RSS, rounds and plateau (MB are MiB)."""
 
@@ -152,6 +222,7 @@ class MemoryResult:
     steady_p99_ms: float
     load: LoadOutcome
     server_memory: dict[str, Any] | None = field(default=None)
+    probe: ProbeOutcome | None = field(default=None)
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -288,6 +359,9 @@ class ServerMemory:
         sample_seconds: RSS sampling interval.
         threads: ``OMP_NUM_THREADS`` of the server (None: inherited).
         startup_timeout: seconds to wait for ``/ready``.
+        probe_interval: pause between the separate client's requests, in seconds (0: no separate
+            client). It starts after the first round, when the load is steady, and stops with the
+            load; it is one client more than ``concurrency``.
         data: parquet with the queries and products (default: the bundled sample).
         echo: progress lines (None: silent).
     """
@@ -302,6 +376,7 @@ class ServerMemory:
     sample_seconds: float = 0.5
     threads: int | None = None
     startup_timeout: float = 180.0
+    probe_interval: float = 0.0
     data: str | Path | None = None
     echo: Callable[[str], None] | None = None
 
@@ -314,6 +389,10 @@ class ServerMemory:
         for name in ("round_seconds", "sample_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ServerMemory {name}={getattr(self, name)}; expected > 0.")
+        if not self.probe_interval >= 0:
+            raise ValueError(
+                f"ServerMemory probe_interval={self.probe_interval}; expected >= 0 (0: no separate client)."
+            )
 
     def env(self, extra: Mapping[str, str]) -> dict[str, str]:
         """The server's environment for one configuration: the response cache off, then ``extra``."""
@@ -348,12 +427,35 @@ class ServerMemory:
                     f"{row.shed} answered 429, {row.errors} not 200"
                 )
 
-            with RssSampler(pid, self.sample_seconds) as sampler:
+            with contextlib.ExitStack() as stack:
+                sampler = stack.enter_context(RssSampler(pid, self.sample_seconds))
+                probe = None
+                if self.probe_interval > 0 and self.rounds > 1:
+                    # spawn, not fork: a fork of this process would copy the load's threads' state
+                    pool = stack.enter_context(
+                        ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+                    )
+                    seconds = (self.rounds - 1) * self.round_seconds
+                    probe = pool.submit(
+                        probe_requests,
+                        server.url,
+                        bodies[0],
+                        seconds,
+                        self.probe_interval,
+                        self.round_seconds,
+                    )
                 rounds, done, outcome = asyncio.run(
                     _load_rounds(
                         server.url, bodies, self.concurrency, self.rounds, self.round_seconds, sampler, report
                     )
                 )
+                probe_outcome = ProbeOutcome.of(probe.result()) if probe is not None else None
+                if probe_outcome is not None:
+                    say(
+                        f"[{name}] separate client: {probe_outcome.requests} requests {probe_outcome.statuses}; "
+                        f"429 p50 {probe_outcome.shed_p50_ms} / p99 {probe_outcome.shed_p99_ms} / "
+                        f"max {probe_outcome.shed_max_ms} ms"
+                    )
                 start = sampler.samples[0][0] if sampler.samples else time.monotonic()
                 half = start + (self.rounds // 2) * self.round_seconds
                 steady = [s[1] for s in sampler.samples if s[0] >= half] or [s[1] for s in sampler.samples]
@@ -383,6 +485,7 @@ class ServerMemory:
             steady_p99_ms=_pct(steady_lat, 99),
             load=outcome,
             server_memory=server_memory,
+            probe=probe_outcome,
         )
 
     def __call__(self, model_dir: str | Path) -> dict[str, Any]:
@@ -434,7 +537,8 @@ def format_memory_table(block: Mapping[str, Any]) -> str:
         "steady p50",
         "steady p99",
         "429s",
-        "429 max ms",
+        "429 p99 / max ms",
+        "own client: 429s, p99 / max ms",
         "5xx",
         "health fails",
     )
@@ -451,7 +555,8 @@ def format_memory_table(block: Mapping[str, Any]) -> str:
             f"{r['steady_p50_ms']:.0f}",
             f"{r['steady_p99_ms']:.0f}",
             str(r["load"]["shed"]),
-            f"{r['load']['shed_max_ms']:.0f}" if r["load"]["shed"] else "-",
+            f"{r['load']['shed_p99_ms']:.0f} / {r['load']['shed_max_ms']:.0f}" if r["load"]["shed"] else "-",
+            _probe_cell(r.get("probe")),
             str(r["load"]["server_errors"]),
             f"{r['load']['health_failures']}/{r['load']['health_checks']}",
         )
@@ -461,6 +566,15 @@ def format_memory_table(block: Mapping[str, Any]) -> str:
     lines.append(
         f"/rerank, {block['candidates_per_request']} candidates, {block['concurrency']} clients, cache off, "
         f"{block['rounds']} x {block['round_seconds']:.0f} s; plateau = {block['plateau']}; "
-        f"goal <= {block['rss_goal_mb']:.0f} MiB"
+        f"goal <= {block['rss_goal_mb']:.0f} MiB; own client: one more client in its own process, "
+        "from round 2 on"
     )
     return "\n".join(lines)
+
+
+def _probe_cell(probe: Mapping[str, Any] | None) -> str:
+    if not probe:
+        return "-"
+    if not probe["shed"]:
+        return f"0 of {probe['requests']}"
+    return f"{probe['shed']} of {probe['requests']}, {probe['shed_p99_ms']:.0f} / {probe['shed_max_ms']:.0f}"

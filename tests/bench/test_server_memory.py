@@ -1,0 +1,79 @@
+"""The memory benchmark's separate client: what it sends, and how its answers are summarised."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import pytest
+
+from esci_reranker.bench.server_memory import ProbeOutcome, ServerMemory, _probe_cell, probe_requests
+
+
+class _Shedding(BaseHTTPRequestHandler):
+    """Answers every second POST 429 (with Retry-After) and the others 200; records the bodies."""
+
+    seen: ClassVar[list[dict]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Shedding.seen.append({"path": self.path, "body": body})
+        shed = len(_Shedding.seen) % 2 == 0
+        self.send_response(429 if shed else 200)
+        if shed:
+            self.send_header("Retry-After", "1")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def shedding_url():
+    _Shedding.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Shedding)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_probe_sends_the_body_one_request_at_a_time_and_times_each_answer(shedding_url):
+    body = {"query": "usb lunch box", "candidates": [{"product_id": "p1", "text": "a lunch box"}]}
+    answers = probe_requests(shedding_url, body, seconds=0.3, interval=0.02)
+    assert len(answers) >= 3
+    assert [status for status, _ in answers] == [("429" if i % 2 else "200") for i in range(len(answers))]
+    assert all(ms > 0 for _, ms in answers)
+    assert all(seen == {"path": "/rerank", "body": body} for seen in _Shedding.seen)
+
+
+def test_probe_counts_a_server_that_does_not_answer_as_an_error():
+    answers = probe_requests(
+        "http://127.0.0.1:9", {"query": "q", "candidates": []}, seconds=0.05, interval=0.01
+    )
+    assert answers
+    assert {status for status, _ in answers} == {"error"}
+
+
+def test_probe_outcome_summarises_statuses_and_the_429_latency():
+    answers = [("200", 900.0), ("429", 2.0), ("429", 4.0), ("error", 1.0), ("429", 6.0)]
+    outcome = ProbeOutcome.of(answers)
+    assert outcome.requests == 5
+    assert outcome.statuses == {"200": 1, "429": 3, "error": 1}
+    assert outcome.shed == 3
+    assert outcome.shed_p50_ms == 4.0
+    assert outcome.shed_max_ms == 6.0
+    assert outcome.ok_p50_ms == 900.0
+    assert _probe_cell(outcome.__dict__) == "3 of 5, 6 / 6"
+    assert _probe_cell(ProbeOutcome.of([("200", 5.0)]).__dict__) == "0 of 1"
+    assert _probe_cell(None) == "-"
+
+
+def test_negative_probe_interval_is_refused_by_name():
+    with pytest.raises(ValueError, match="probe_interval=-1"):
+        ServerMemory(configs={"default": {}}, probe_interval=-1)
