@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from esci_reranker.model.config import CheckpointError
 from esci_reranker.reranker import Reranker
@@ -169,3 +170,33 @@ def test_stacked_checkpoint_refuses_the_onnx_backend_with_a_clear_error(stacked)
 def test_config_rejects_a_stacker_without_the_heads_it_reads():
     with pytest.raises(ConfigError, match=r"model\.stacker: gbdt reads the cross-encoder"):
         load_config(None, ["model.stacker=gbdt", "model.type=single_task"])
+
+
+def test_soup_final_model_is_the_mean_of_the_fold_models(tmp_path, small_splits, tiny_backbone):
+    from safetensors.torch import load_file
+
+    from esci_reranker.model.config import WEIGHTS_NAME
+    from esci_reranker.train.cv import fold_model_dir
+
+    cfg = load_config(
+        None,
+        [
+            f"model.backbone={tiny_backbone}",
+            *STACKED,
+            "stack.final_model=soup",
+            f"data.dir={small_splits}",
+            f"output.save_path={tmp_path / 'model'}",
+        ],
+    )
+    lines: list[str] = []
+    train_stacked(cfg, progress=False, log=lines.append)
+    assert any("mean of the 2 fold models" in line for line in lines)
+    assert not (tmp_path / "train" / "train_all.parquet").exists()  # no fifth training
+    folds = [load_file(fold_model_dir(tmp_path / "train" / "folds", f, 0) / WEIGHTS_NAME) for f in (0, 1)]
+    soup = load_file(tmp_path / "model" / WEIGHTS_NAME)
+    assert any(not torch.equal(folds[0][n], folds[1][n]) for n in soup)  # the folds trained apart
+    for name, tensor in soup.items():
+        torch.testing.assert_close(tensor, (folds[0][name] + folds[1][name]) / 2, rtol=0, atol=1e-6)
+    reranker = Reranker.from_pretrained(tmp_path / "model")
+    assert reranker.stacker is not None
+    assert len(reranker.rerank("red running shoes", [("a", "Red running shoe"), ("b", "Shoe polish")])) == 2

@@ -11,7 +11,8 @@ this instead of a single cross-encoder training:
    stacker against the cross-encoder alone and the baselines, per fold and query type), then
    fitted on every out-of-fold row with its rounds and decision rules chosen by inner query
    folds;
-3. the final cross-encoder is trained on all train+val queries with the same schedule and the
+3. the final cross-encoder is trained on all train+val queries with the same schedule (or, with
+   ``stack.final_model: soup``, is the mean of the fold models' weights: ``model.soup``) and the
    stacker is saved inside its checkpoint (``stacker/``), so it loads as one model.
 
 The test split is never read here.
@@ -325,12 +326,15 @@ def train_stacked(
     seconds["stacker"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log(f"      cross-encoder: final model on all {frame['query_id'].nunique()} train+val queries")
-    rows = frame
-    if train_rows is not None and is_main_process():  # the main process writes the rows
-        extra = train_rows(run_dir / "folds", frozenset())
-        rows = frame if extra is None else pd.concat([frame, extra], ignore_index=True)
-    save_path = train_fixed(cfg, rows, run_dir / "train_all.parquet", progress=progress, resume=resume)
+    if cfg.stack.final_model == "soup":
+        save_path = _soup_of_folds(cfg, run_dir / "folds", log)
+    else:
+        log(f"      cross-encoder: final model on all {frame['query_id'].nunique()} train+val queries")
+        rows = frame
+        if train_rows is not None and is_main_process():  # the main process writes the rows
+            extra = train_rows(run_dir / "folds", frozenset())
+            rows = frame if extra is None else pd.concat([frame, extra], ignore_index=True)
+        save_path = train_fixed(cfg, rows, run_dir / "train_all.parquet", progress=progress, resume=resume)
 
     def finish() -> StackedTrainResult:
         if stacker is None:
@@ -343,6 +347,18 @@ def train_stacked(
         return StackedTrainResult(save_path, cv.summary, seconds, stacker.rounds, stacker.rules.to_dict())
 
     return on_main(finish)
+
+
+def _soup_of_folds(cfg: TrainConfig, fold_dir: Path, log: Callable[[str], None]) -> Path:
+    """``stack.final_model: soup``: the mean of the out-of-fold models' weights (this seed's) is the
+    final cross-encoder, written by the main process to ``cfg.output.save_path``."""
+    from esci_reranker.model.soup import average_checkpoints
+    from esci_reranker.train.cv import fold_model_dir
+    from esci_reranker.train.distributed import on_main
+
+    folds = [fold_model_dir(fold_dir, fold, cfg.seed) for fold in range(cfg.stack.folds)]
+    log(f"      cross-encoder: final model = the mean of the {len(folds)} fold models' weights")
+    return on_main(lambda: average_checkpoints(folds, Path(cfg.output.save_path)))
 
 
 def _quiet(line: str) -> None:

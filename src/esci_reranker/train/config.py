@@ -291,6 +291,12 @@ class StackSection(StrictModel):
         description="Calibrate the class probabilities (temperature + class biases) on the trees' inner "
         "out-of-fold predictions of the judged rows; the decision rules are fitted on them.",
     )
+    final_model: Literal["train", "soup"] = Field(
+        "train",
+        description="The cross-encoder the stacked model serves: 'train' one more on every train+val query "
+        "with the folds' schedule, or 'soup': the mean of the out-of-fold models' weights (no training; "
+        "model.soup).",
+    )
     negatives_per_query: int = Field(
         0,
         ge=0,
