@@ -45,8 +45,8 @@ def shedding_url():
 
 def test_probe_sends_the_body_one_request_at_a_time_and_times_each_answer(shedding_url):
     body = {"query": "usb lunch box", "candidates": [{"product_id": "p1", "text": "a lunch box"}]}
-    answers = probe_requests(shedding_url, body, seconds=0.3, interval=0.02)
-    assert len(answers) >= 3
+    answers = probe_requests(shedding_url, body, seconds=0.5, interval=0.02)
+    assert len(answers) >= 2
     assert [status for status, _ in answers] == [("429" if i % 2 else "200") for i in range(len(answers))]
     assert all(ms > 0 for _, ms in answers)
     assert all(seen == {"path": "/rerank", "body": body} for seen in _Shedding.seen)

@@ -178,8 +178,8 @@ class ProbeOutcome:
 def probe_requests(
     url: str, body: Mapping[str, Any], seconds: float, interval: float, delay: float = 0.0
 ) -> list[tuple[str, float]]:
-    """Send ``body`` to ``url``'s ``/rerank`` one request at a time for ``seconds`` (after ``delay``),
-    ``interval`` seconds apart; returns each answer's ``(status, latency ms)`` (``"error"``: none).
+    """Send ``body`` to ``url``'s ``/rerank`` one request at a time for ``seconds`` (after ``delay``;
+    at least one request), ``interval`` seconds apart; returns each answer's ``(status, latency ms)`` (``"error"``: none).
 
     Run in a process of its own (``ServerMemory`` does), its clock holds only the server's time
     and the network's, not the turns of other clients on a shared event loop."""
@@ -187,9 +187,9 @@ def probe_requests(
 
     time.sleep(delay)
     answers: list[tuple[str, float]] = []
-    stop = time.monotonic() + seconds
     with httpx.Client(base_url=url, timeout=httpx.Timeout(300.0)) as client:
-        while time.monotonic() < stop:
+        stop = time.monotonic() + seconds
+        while not answers or time.monotonic() < stop:  # at least one request
             start = time.perf_counter()
             try:
                 status = str(client.post("/rerank", json=body).status_code)
