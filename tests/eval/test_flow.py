@@ -8,7 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esci_reranker.eval.calibration import expected_calibration_error, reliability
+from esci_reranker.eval.calibration import (
+    calibration_counts,
+    expected_calibration_error,
+    pooled_ece,
+    reliability,
+)
 from esci_reranker.eval.flow import (
     FLOW_COLUMNS,
     flow_metrics,
@@ -146,6 +151,22 @@ def test_expected_calibration_error_hand_computed():
     assert expected_calibration_error(probs, truth) == pytest.approx((0.05 + 0.15 + 0.05 + 0.85) / 4)
     assert reliability(probs, truth)["bin"] == [0.0, 1.0, 8.0, 9.0]
     assert math.isnan(expected_calibration_error(np.array([]), np.array([])))
+
+
+def test_pooled_ece_equals_the_ece_of_the_rows_together():
+    rng = np.random.default_rng(0)
+    parts = [(rng.random(n), rng.random(n) < 0.4) for n in (50, 120, 7)]
+    pooled = pooled_ece(calibration_counts(p, t) for p, t in parts)
+    together = expected_calibration_error(
+        np.concatenate([p for p, _ in parts]), np.concatenate([t for _, t in parts])
+    )
+    assert pooled == pytest.approx(together, abs=1e-12)
+    # pooling is not the mean of the parts' own ECEs, which carry each part's binning noise
+    assert pooled != pytest.approx(np.mean([expected_calibration_error(p, t) for p, t in parts]), abs=1e-3)
+    counts = calibration_counts(np.array([0.05, 0.95, 0.97]), np.array([0, 1, 0]))
+    assert counts["rows"] == [1.0] + [0.0] * 8 + [2.0]
+    assert counts["sum_observed"][9] == 1.0
+    assert math.isnan(pooled_ece([]))
 
 
 def test_flow_report_rows_line_up_with_the_header():

@@ -62,6 +62,13 @@ def test_training_writes_one_model_with_its_stacker_and_the_cv(stacked):
     assert {"ndcg", "task2_micro_f1", "task3_auc"} <= set(overall["stacker"])
     ndcgs = [e["stacker"]["ndcg"] for e in cv["entries"]]
     assert overall["stacker"]["ndcg"]["mean"] == pytest.approx(np.mean(ndcgs))
+    # the calibration of the stacker's P(E), its folds pooled: the ECE of every out-of-fold row
+    from esci_reranker.eval.calibration import pooled_ece
+
+    pooled = pooled_ece(e["calibration"]["E"] for e in cv["entries"])
+    assert cv["summary"]["pooled"]["ece_E"] == {"mean": pytest.approx(pooled), "std": 0.0}
+    oof = pd.read_parquet(root / "train" / "folds" / "oof.parquet")
+    assert sum(sum(e["calibration"]["E"]["rows"]) for e in cv["entries"]) == len(oof)  # every row, once
     assert cv["entries"][0]["stacker_by_type"]  # the sample's queries have a type
     assert set(cv["summary"]["by_type"]) == {t for e in cv["entries"] for t in e["stacker_by_type"]}
     # progress says which fold runs

@@ -10,6 +10,7 @@ write or log.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
 import numpy as np
@@ -49,3 +50,32 @@ def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int =
             for s, o, p in zip(table["share"], table["observed"], table["predicted"], strict=True)
         )
     )
+
+
+def calibration_counts(
+    probs: np.ndarray, truth: np.ndarray, bins: int = DEFAULT_BINS
+) -> dict[str, list[float]]:
+    """Per equal-width bin of ``probs`` (all ``bins`` of them): the rows, the sum of the predictions
+    and the sum of ``truth`` (0/1). Unlike ``reliability``'s means, these add up across sets of
+    rows, so the ECE of several sets together (``pooled_ece``) needs no rows."""
+    probs = np.asarray(probs, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    index = np.minimum((probs * bins).astype(np.int64), bins - 1)
+    return {
+        "rows": np.bincount(index, minlength=bins).astype(float).tolist(),
+        "sum_predicted": np.bincount(index, weights=probs, minlength=bins).tolist(),
+        "sum_observed": np.bincount(index, weights=truth, minlength=bins).tolist(),
+    }
+
+
+def pooled_ece(counts: Iterable[Mapping[str, Sequence[float]]]) -> float:
+    """The ECE of the rows behind several ``calibration_counts`` taken together: the same number as
+    ``expected_calibration_error`` of the concatenated rows (NaN for no rows)."""
+    rows = predicted = observed = None
+    for part in counts:
+        r, p, o = (np.asarray(part[k], dtype=np.float64) for k in ("rows", "sum_predicted", "sum_observed"))
+        rows, predicted, observed = (r, p, o) if rows is None else (rows + r, predicted + p, observed + o)
+    if rows is None or rows.sum() == 0:
+        return float("nan")
+    full = rows > 0
+    return float(np.abs(observed[full] - predicted[full]).sum() / rows.sum())

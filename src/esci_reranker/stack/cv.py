@@ -10,6 +10,7 @@ The test split is never read.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from esci_reranker.data.text import FIELD_COLUMNS
+from esci_reranker.eval.calibration import calibration_counts, pooled_ece
 from esci_reranker.eval.evaluator import QUERY_SOURCE_COLUMN, evaluate_run
 from esci_reranker.eval.flow import judged_label_quality
 from esci_reranker.labels import ESCI_LABELS
@@ -231,7 +233,9 @@ def cross_validate_stacker(
     saw, as ``fold_stackers`` fits them on an ``oof_stack_table``. The per-fold models come in
     explicitly, so the scoring here cannot reach a model that trained on the rows it scores.
     Each entry holds ``fold``, ``stacker`` and ``cross_encoder`` (``summary_metrics``), their
-    per-query-type breakdowns (``*_by_type``) and the stacker's chosen ``rounds`` and ``rules``.
+    per-query-type breakdowns (``*_by_type``), the stacker's chosen ``rounds`` and ``rules``, and
+    ``calibration``: the stacker's P(E) and P(S) reliability counts (``calibration_counts``),
+    which ``cv_summary`` pools over the folds of a seed.
     ``baseline_runs`` (name -> run frame over the same rows, e.g. ``bm25``, ``bi-encoder``)
     are evaluated on each fold's queries too. ``on_fold(fold, stacker, rows)`` (e.g. the search
     flow of the fold's queries, given by a caller that can retrieve) adds its keys to the entry.
@@ -248,13 +252,19 @@ def cross_validate_stacker(
             "rounds": stacker.rounds,
             "rules": stacker.rules.to_dict(),
         }
+        stacked = stacker_run(stacker, test)
         for name, run, threshold in (
-            ("stacker", stacker_run(stacker, test), stacker.rules.substitute_threshold),
+            ("stacker", stacked, stacker.rules.substitute_threshold),
             ("cross_encoder", cross_encoder_run(test) if "ce_score" in test.columns else None, 0.5),
             *((name, run, 0.5) for name, run in baselines.items()),
         ):
             if run is not None:
                 add_run(entry, name, run, threshold)
+        probs = np.stack(stacked["esci_probs"].to_numpy())
+        labels = stacked["esci_label"].to_numpy()
+        entry["calibration"] = {
+            label: calibration_counts(probs[:, i], labels == label) for i, label in enumerate(ESCI_LABELS[:2])
+        }
         if on_fold is not None:
             entry |= dict(on_fold(fold, stacker, test))
         results.append(entry)
@@ -315,7 +325,35 @@ def cv_summary(entries: Sequence[Mapping[str, Any]], models: Sequence[str] = CV_
             for m in overall
             if any(t in e.get(f"{m}_by_type", {}) for e in entries)
         }
-    return {"runs": len(entries), "overall": overall, "by_type": by_type}
+    out: dict[str, Any] = {"runs": len(entries), "overall": overall, "by_type": by_type}
+    pooled = pooled_calibration(entries)
+    if pooled:
+        out["pooled"] = pooled
+    return out
+
+
+def pooled_calibration(entries: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """The stacker's ECE of P(E) and P(S) over every out-of-fold pair of a seed (its folds pooled),
+    as mean and std over seeds; empty when no entry has ``calibration`` counts.
+
+    A fold's own ECE (``ece_E`` in its entry) bins ~1,200 pairs on the bundled sample, too few for
+    the binned rates to be exact: a perfectly calibrated model would still score ~0.027 there (labels
+    drawn from its own P(E), docs/results.md). Pooling a seed's folds bins 4x the pairs.
+    """
+    by_seed: dict[Any, list[Mapping[str, Any]]] = defaultdict(list)
+    for entry in entries:
+        if "calibration" in entry:
+            by_seed[entry.get("seed", 0)].append(entry["calibration"])
+    if not by_seed:
+        return {}
+    out = {}
+    for label in ESCI_LABELS[:2]:
+        values = [pooled_ece(counts[label] for counts in seed) for seed in by_seed.values()]
+        out[f"ece_{label}"] = {
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        }
+    return out
 
 
 def _cell(stat: Mapping[str, Mapping[str, float]], key: str) -> str:
@@ -345,6 +383,13 @@ def cv_tables(summary: Mapping[str, Any]) -> str:
                 lines.append(
                     f"| {qtype} | {model} | " + " | ".join(_cell(stat, k) for k, _ in CV_COLUMNS) + " |"
                 )
+    if "pooled" in summary:
+        pooled = summary["pooled"]
+        lines += [
+            "",
+            f"Stacker calibration, each seed's out-of-fold pairs pooled (mean ± std over seeds): ECE of P(E) "
+            f"{_cell(pooled, 'ece_E')}, of P(S) {_cell(pooled, 'ece_S')}.",
+        ]
     if "flow" in summary["overall"]:
         lines += ["", flow_table(summary)]
     return "\n".join(lines)

@@ -65,7 +65,9 @@ class StackedCV:
     tables: dict[int, pd.DataFrame] = field(repr=False, default_factory=dict)
 
 
-def _fixed_schedule(cfg: TrainConfig) -> TrainConfig:
+def fixed_schedule(cfg: TrainConfig) -> TrainConfig:
+    """A copy of ``cfg`` as the fold and final models train: to the end of the schedule
+    (``eval.select: last``), no validation before or midway."""
     run = cfg.model_copy(deep=True)
     run.eval.select = "last"
     run.eval.at_start = False
@@ -91,7 +93,7 @@ def train_fixed(
     from esci_reranker.train.distributed import on_main
     from esci_reranker.train.loop import STATE_NAME, train
 
-    run = _fixed_schedule(cfg)
+    run = fixed_schedule(cfg)
     if seed is not None:
         run.seed = seed
     if save_path is not None:
@@ -189,7 +191,7 @@ def cross_validate_stacked(
     from esci_reranker.train.distributed import is_main_process, on_main
 
     cross_validate(
-        _fixed_schedule(cfg),
+        fixed_schedule(cfg),
         out_dir,
         out_dir,
         folds=folds,
