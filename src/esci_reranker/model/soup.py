@@ -80,7 +80,8 @@ def _config(folder: Path) -> dict:
 
 
 def _mean_weights(sources: Sequence[Path]) -> dict[str, torch.Tensor]:
-    """The mean tensors, reading one source at a time (two copies of the weights in memory)."""
+    """The mean tensors, reading one source at a time: the first source's tensors and a float64
+    sum are held (about three times the weights in memory, whatever the number of sources)."""
     total: dict[str, torch.Tensor] = {}
     first: dict[str, torch.Tensor] = {}
     for index, folder in enumerate(sources):
