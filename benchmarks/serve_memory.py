@@ -9,8 +9,8 @@ requests served and their p50/p95/p99 latency, how many were answered 429 (a cli
 ``Retry-After`` it was given) and how fast, any 5xx, and ``/health`` probed twice a second. The
 plateau is the highest RSS of the second half of the rounds. With ``--probe-interval 0.05``, one
 more client in a process of its own sends a request every 50 ms from round 2 on: the load's clients
-share one event loop, whose turns add to the latency they read, so the separate client's 429
-latency is what a user elsewhere sees.
+share one process, whose waits add to the latency they read, so the separate client's 429
+latency is what a user elsewhere sees. The load generator's own CPU time is reported too.
 
     python benchmarks/serve_memory.py --model runs/default/model --out runs/serve_memory/default16.json
     python benchmarks/serve_memory.py --model runs/default/model --config default --concurrency 64 \

@@ -77,3 +77,39 @@ def test_probe_outcome_summarises_statuses_and_the_429_latency():
 def test_negative_probe_interval_is_refused_by_name():
     with pytest.raises(ValueError, match="probe_interval=-1"):
         ServerMemory(configs={"default": {}}, probe_interval=-1)
+
+
+def test_memory_table_shows_both_clocks_of_the_429s_and_the_generators_cpu():
+    from esci_reranker.bench.server_memory import format_memory_table
+
+    rounds = [{"rss_end_mb": 900.0 + i} for i in range(4)]
+    load = {"shed": 12, "shed_p99_ms": 375.0, "shed_max_ms": 555.0, "server_errors": 0}
+    result = {
+        "name": "default",
+        "idle_rss_mb": 741.0,
+        "plateau_rss_mb": 1069.0,
+        "rounds": rounds,
+        "requests_per_s": 6.78,
+        "p50_ms": 2851.0,
+        "p99_ms": 5535.0,
+        "steady_p50_ms": 2912.0,
+        "steady_p99_ms": 3310.0,
+        "load": {**load, "health_failures": 0, "health_checks": 237},
+        "probe": ProbeOutcome.of([("429", 6.9), ("200", 2000.0)]).__dict__,
+        "generator_cpu_share": 0.021,
+    }
+    block = {
+        "status": "ok",
+        "results": [result],
+        "candidates_per_request": 40,
+        "concurrency": 64,
+        "rounds": 4,
+        "round_seconds": 30.0,
+        "plateau": "highest RSS",
+        "rss_goal_mb": 1024.0,
+    }
+    table = format_memory_table(block)
+    row = table.splitlines()[1]
+    assert "375 / 555" in row  # the load's clients' 429s: p99 / slowest
+    assert "1 of 2, 7 / 7" in row  # the separate client's
+    assert row.rstrip().endswith("2%")  # the generator's share of the host's CPU

@@ -9,9 +9,9 @@ RSS at its end and its highest sample, the requests served and their p50/p95 lat
 **plateau** is the highest RSS sampled in the second half of the rounds (steady state, after the
 growth of the first ones). Linux only (``/proc``).
 
-The load's clients share one process and one event loop, so the latency they measure includes
-their own turns on that loop: with 64 of them, a ``429`` the server sent within milliseconds can
-be read a few hundred milliseconds later. A **separate client** (``probe_interval``) therefore
+The load's clients share one process, one event loop and one connection pool, so the latency
+they measure includes that process's waits: with 64 of them, a ``429`` the server sent within
+milliseconds can be read a few hundred milliseconds later. A **separate client** (``probe_interval``) therefore
 runs in its own process beside the load, one request at a time as an outside user would, and its
 latencies are reported apart (``ProbeOutcome``).
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import threading
 import time
 from collections import Counter
@@ -182,7 +183,7 @@ def probe_requests(
     at least one request), ``interval`` seconds apart; returns each answer's ``(status, latency ms)`` (``"error"``: none).
 
     Run in a process of its own (``ServerMemory`` does), its clock holds only the server's time
-    and the network's, not the turns of other clients on a shared event loop."""
+    and the network's, not the waits of other clients sharing its process."""
     import httpx
 
     time.sleep(delay)
@@ -223,6 +224,11 @@ class MemoryResult:
     load: LoadOutcome
     server_memory: dict[str, Any] | None = field(default=None)
     probe: ProbeOutcome | None = field(default=None)
+    #: CPU seconds the load generator (this process: clients, sampler) used during the load, and
+    #: the share of the host's CPU time over the load that is: on a small host it competes with
+    #: the server for the same cores, which a real client elsewhere would not.
+    generator_cpu_s: float = float("nan")
+    generator_cpu_share: float = float("nan")
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -444,12 +450,15 @@ class ServerMemory:
                         self.probe_interval,
                         self.round_seconds,
                     )
+                cpu_start = time.process_time()
                 rounds, done, outcome = asyncio.run(
                     _load_rounds(
                         server.url, bodies, self.concurrency, self.rounds, self.round_seconds, sampler, report
                     )
                 )
+                generator_cpu = time.process_time() - cpu_start
                 probe_outcome = ProbeOutcome.of(probe.result()) if probe is not None else None
+                say(f"[{name}] load generator: {generator_cpu:.0f} CPU s during the load")
                 if probe_outcome is not None:
                     say(
                         f"[{name}] separate client: {probe_outcome.requests} requests {probe_outcome.statuses}; "
@@ -486,6 +495,8 @@ class ServerMemory:
             load=outcome,
             server_memory=server_memory,
             probe=probe_outcome,
+            generator_cpu_s=round(generator_cpu, 1),
+            generator_cpu_share=round(generator_cpu / (total_s * (os.cpu_count() or 1)), 3),
         )
 
     def __call__(self, model_dir: str | Path) -> dict[str, Any]:
@@ -541,6 +552,7 @@ def format_memory_table(block: Mapping[str, Any]) -> str:
         "own client: 429s, p99 / max ms",
         "5xx",
         "health fails",
+        "generator CPU",
     )
     rows = [
         (
@@ -559,6 +571,7 @@ def format_memory_table(block: Mapping[str, Any]) -> str:
             _probe_cell(r.get("probe")),
             str(r["load"]["server_errors"]),
             f"{r['load']['health_failures']}/{r['load']['health_checks']}",
+            f"{r.get('generator_cpu_share', float('nan')):.0%}",
         )
         for r in block["results"]
     ]
@@ -567,7 +580,7 @@ def format_memory_table(block: Mapping[str, Any]) -> str:
         f"/rerank, {block['candidates_per_request']} candidates, {block['concurrency']} clients, cache off, "
         f"{block['rounds']} x {block['round_seconds']:.0f} s; plateau = {block['plateau']}; "
         f"goal <= {block['rss_goal_mb']:.0f} MiB; own client: one more client in its own process, "
-        "from round 2 on"
+        "from round 2 on; generator CPU: the load generator's share of the host's CPU time"
     )
     return "\n".join(lines)
 
