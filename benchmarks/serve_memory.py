@@ -43,6 +43,41 @@ def _bare_rss() -> int:
 # The breakdown's baseline: the interpreter alone (the imports below are lazy, for that reason).
 BARE_RSS = _bare_rss()
 
+#: ``--breakdown`` splits the libraries' memory by import, in this order, before the package
+#: (whose ``bench`` imports torch) is imported: a module that another one imports counts where it
+#: comes first. scipy.stats and scikit-learn come with torch's ``_dynamo`` and sympy with
+#: ``torch.distributed.tensor`` when transformers loads them; imported on their own here, their
+#: memory is told apart from torch's and transformers'.
+LIBRARY_ORDER = (
+    "numpy",
+    "torch",
+    "pandas",
+    "scipy.stats",
+    "sklearn",
+    "sympy",
+    "transformers",
+    "lightgbm",
+    "fastapi",
+)
+
+
+def import_account(modules: tuple[str, ...] = LIBRARY_ORDER) -> list[dict[str, object]]:
+    """Import ``modules`` one at a time; the RSS each adds, in MiB (a missing one is left out)."""
+    import importlib
+
+    account: list[dict[str, object]] = []
+    before = _bare_rss()
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        now = _bare_rss()
+        account.append({"module": module, "rss_delta_mb": round((now - before) / 2**20, 1)})
+        before = now
+    return account
+
+
 DEFAULT_CONFIGS = {"default": {}, "no-policy": {"MEMORY_LIMIT_MB": "0"}}
 
 
@@ -62,6 +97,7 @@ def parse_config(text: str) -> tuple[str, dict[str, str]]:
 
 def run_breakdown(args: argparse.Namespace) -> None:
     """``--breakdown``: ``esci_reranker.bench.memory_breakdown`` on ``--model``, table and JSON."""
+    by_import = import_account()
     from esci_reranker.bench.memory_breakdown import format_breakdown, memory_breakdown
     from esci_reranker.bench.server import build_requests, finish_report
     from esci_reranker.data.sample import sample_path
@@ -74,6 +110,7 @@ def run_breakdown(args: argparse.Namespace) -> None:
         args.model,
         lambda: build_requests(args.data or sample_path(), args.candidates, args.distinct),
         baseline_rss=BARE_RSS,
+        by_import=by_import,
         echo=lambda line: print(line, flush=True),
     )
     finish_report(format_breakdown(block), args.out, "serve_memory_breakdown", args.model, block)

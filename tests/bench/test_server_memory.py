@@ -113,3 +113,34 @@ def test_memory_table_shows_both_clocks_of_the_429s_and_the_generators_cpu():
     assert "375 / 555" in row  # the load's clients' 429s: p99 / slowest
     assert "1 of 2, 7 / 7" in row  # the separate client's
     assert row.rstrip().endswith("2%")  # the generator's share of the host's CPU
+
+
+def test_memory_breakdown_table_splits_the_libraries_by_import():
+    from esci_reranker.bench.memory_breakdown import format_breakdown
+
+    block = {
+        "parts": [
+            {
+                "part": "libraries",
+                "rss_delta_mb": 490.2,
+                "note": "imports",
+                "by_import": [
+                    {"module": "torch", "rss_delta_mb": 192.8},
+                    {"module": "sympy", "rss_delta_mb": 31.7},
+                ],
+            },
+            {"part": "tokenizer", "rss_delta_mb": 13.0, "note": "tokenizer"},
+        ],
+        "arenas_trim_returns_mb": 296.0,
+        "settings": {"cache_size": 0},
+        "tower_cache": {},
+        "feature_cache": {},
+        "response_cache": {},
+        "start_rss_mb": 11.0,
+        "end_rss_mb": 933.0,
+    }
+    table = format_breakdown(block)
+    assert "| libraries | 490 MiB | imports |" in table
+    assert table.splitlines()[-1] == "libraries by import, one at a time: torch 193, sympy 32 MiB"
+    del block["parts"][0]["by_import"]
+    assert "by import" not in format_breakdown(block)

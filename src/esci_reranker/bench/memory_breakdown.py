@@ -3,7 +3,8 @@
 ``memory_breakdown(model_dir)`` builds what ``esci-reranker serve`` builds, one part at a time, and
 reads the process's RSS (``/proc/self/statm``) and glibc malloc's own account after each step:
 
-- **libraries**: importing torch, transformers, LightGBM and the service (code and import-time data);
+- **libraries**: importing torch, transformers, LightGBM and the service (code and import-time data),
+  with the caller's split by import when it gives one (``by_import``);
 - **tokenizer**: the checkpoint's tokenizer, loaded alone first;
 - **model weights**: the parameters and buffers (their exact bytes) and the rest of the model load
   (oneDNN's prepacked copies of the linear layers, the unpadded path's check);
@@ -94,6 +95,7 @@ def memory_breakdown(
     baseline_rss: int | None = None,
     budgets: Sequence[int] = (2048, 4096),
     threads: int = 8,
+    by_import: Sequence[Mapping[str, Any]] = (),
     echo: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The account described in the module docstring, JSON-ready (MB are MiB).
@@ -105,6 +107,8 @@ def memory_breakdown(
         baseline_rss: the RSS of the bare interpreter (read first thing by the command); None: now.
         budgets: ``MAX_BATCH_TOKENS`` values whose forward's activations are measured.
         threads: worker threads that run the requests for the arena step.
+        by_import: the libraries' part split by import (``{"module", "rss_delta_mb"}`` each), as
+            the command measured it before anything else imported them; kept in the report.
         echo: progress lines (None: silent).
     """
     say = echo or (lambda _line: None)
@@ -142,7 +146,11 @@ def memory_breakdown(
     )
     from esci_reranker.serve.settings import load_settings
 
-    step("libraries", "torch, transformers, LightGBM, pandas, the service's imports (code, import-time data)")
+    step(
+        "libraries",
+        "torch, transformers, LightGBM, pandas, the service's imports (code, import-time data)",
+        **({"by_import": list(by_import)} if by_import else {}),
+    )
     bodies = make_bodies()
     step(
         "the benchmark's request data",
@@ -371,4 +379,11 @@ def format_breakdown(block: Mapping[str, Any]) -> str:
         f"RSS {block['start_rss_mb']:.0f} MiB at start, {block['end_rss_mb']:.0f} MiB at the end; settings: "
         + ", ".join(f"{k}={v}" for k, v in settings.items())
     )
+    by_import = next((p["by_import"] for p in block["parts"] if p.get("by_import")), None)
+    if by_import:
+        lines.append(
+            "libraries by import, one at a time: "
+            + ", ".join(f"{m['module']} {m['rss_delta_mb']:.0f}" for m in by_import)
+            + " MiB"
+        )
     return "\n".join(lines)
