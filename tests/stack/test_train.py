@@ -67,6 +67,10 @@ def test_training_writes_one_model_with_its_stacker_and_the_cv(stacked):
 
     pooled = pooled_ece(e["calibration"]["E"] for e in cv["entries"])
     assert cv["summary"]["pooled"]["ece_E"] == {"mean": pytest.approx(pooled), "std": 0.0}
+    assert cv["summary"]["pooled"]["seeds"] == 1
+    from esci_reranker.stack.cv import cv_tables
+
+    assert f"pooled (one seed): ECE of P(E) {pooled:.3f}," in cv_tables(cv["summary"])
     oof = pd.read_parquet(root / "train" / "folds" / "oof.parquet")
     assert sum(sum(e["calibration"]["E"]["rows"]) for e in cv["entries"]) == len(oof)  # every row, once
     assert cv["entries"][0]["stacker_by_type"]  # the sample's queries have a type

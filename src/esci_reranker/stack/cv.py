@@ -332,9 +332,9 @@ def cv_summary(entries: Sequence[Mapping[str, Any]], models: Sequence[str] = CV_
     return out
 
 
-def pooled_calibration(entries: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+def pooled_calibration(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The stacker's ECE of P(E) and P(S) over every out-of-fold pair of a seed (its folds pooled),
-    as mean and std over seeds; empty when no entry has ``calibration`` counts.
+    as mean and std over seeds (``seeds``: how many); empty when no entry has ``calibration`` counts.
 
     A fold's own ECE (``ece_E`` in its entry) bins ~1,200 pairs on the bundled sample, too few for
     the binned rates to be exact: a perfectly calibrated model would still score ~0.027 there (labels
@@ -346,7 +346,7 @@ def pooled_calibration(entries: Sequence[Mapping[str, Any]]) -> dict[str, dict[s
             by_seed[entry.get("seed", 0)].append(entry["calibration"])
     if not by_seed:
         return {}
-    out = {}
+    out: dict[str, Any] = {"seeds": len(by_seed)}
     for label in ESCI_LABELS[:2]:
         values = [pooled_ece(counts[label] for counts in seed) for seed in by_seed.values()]
         out[f"ece_{label}"] = {
@@ -356,10 +356,12 @@ def pooled_calibration(entries: Sequence[Mapping[str, Any]]) -> dict[str, dict[s
     return out
 
 
-def _cell(stat: Mapping[str, Mapping[str, float]], key: str) -> str:
+def _cell(stat: Mapping[str, Mapping[str, float | None]], key: str) -> str:
     if key not in stat:
         return ""
-    return f"{stat[key]['mean']:.3f} ± {stat[key]['std']:.3f}"
+    # a summary read back from stack_cv.json has null where it had NaN
+    mean, std = (float("nan") if v is None else v for v in (stat[key]["mean"], stat[key]["std"]))
+    return f"{mean:.3f} ± {std:.3f}"
 
 
 def cv_tables(summary: Mapping[str, Any]) -> str:
@@ -385,10 +387,13 @@ def cv_tables(summary: Mapping[str, Any]) -> str:
                 )
     if "pooled" in summary:
         pooled = summary["pooled"]
+        if pooled.get("seeds", 1) > 1:
+            over, e, s = "mean ± std over seeds", _cell(pooled, "ece_E"), _cell(pooled, "ece_S")
+        else:
+            over, e, s = "one seed", *(_cell(pooled, k).split(" ± ")[0] for k in ("ece_E", "ece_S"))
         lines += [
             "",
-            f"Stacker calibration, each seed's out-of-fold pairs pooled (mean ± std over seeds): ECE of P(E) "
-            f"{_cell(pooled, 'ece_E')}, of P(S) {_cell(pooled, 'ece_S')}.",
+            f"Stacker calibration, each seed's out-of-fold pairs pooled ({over}): ECE of P(E) {e}, of P(S) {s}.",
         ]
     if "flow" in summary["overall"]:
         lines += ["", flow_table(summary)]
