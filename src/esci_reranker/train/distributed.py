@@ -16,6 +16,8 @@ With one process every helper is a plain call: no process group, no copy.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
@@ -56,8 +58,25 @@ def process_state() -> PartialState:
     """This job's process group (accelerate's ``PartialState``, formed on first use).
 
     Formed here with ``PROCESS_GROUP_TIMEOUT``; a training's ``Accelerator`` joins the same group.
+    With several processes, the group is torn down when the process exits.
     """
-    return PartialState(cpu=distributed_cpu(), timeout=PROCESS_GROUP_TIMEOUT)
+    state = PartialState(cpu=distributed_cpu(), timeout=PROCESS_GROUP_TIMEOUT)
+    if state.num_processes > 1:
+        _tear_down_at_exit()
+    return state
+
+
+@functools.cache
+def _tear_down_at_exit() -> None:
+    # A process that exits with its group alive leaves the group's own threads to the
+    # interpreter's teardown, which can abort it ("terminate called without an active
+    # exception") while the others still run; torch asks for destroy_process_group at the end.
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def is_main_process() -> bool:
