@@ -19,39 +19,6 @@ import numpy as np
 DEFAULT_BINS: Final[int] = 10
 
 
-def reliability(probs: np.ndarray, truth: np.ndarray, bins: int = DEFAULT_BINS) -> dict[str, list[float]]:
-    """Per equal-width bin of ``probs``: its share of rows, mean prediction and observed rate.
-
-    Empty bins are left out. ``truth`` is 0/1 (is the class right). Pure: feeds the ECE and the
-    reliability plot.
-    """
-    probs = np.asarray(probs, dtype=np.float64)
-    truth = np.asarray(truth, dtype=np.float64)
-    index = np.minimum((probs * bins).astype(np.int64), bins - 1)
-    out: dict[str, list[float]] = {"bin": [], "share": [], "predicted": [], "observed": []}
-    for b in range(bins):
-        mask = index == b
-        if mask.any():
-            out["bin"].append(float(b))
-            out["share"].append(float(mask.mean()))
-            out["predicted"].append(float(probs[mask].mean()))
-            out["observed"].append(float(truth[mask].mean()))
-    return out
-
-
-def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int = DEFAULT_BINS) -> float:
-    """ECE of the module docstring (NaN for no rows)."""
-    if len(probs) == 0:
-        return float("nan")
-    table = reliability(probs, truth, bins)
-    return float(
-        sum(
-            s * abs(o - p)
-            for s, o, p in zip(table["share"], table["observed"], table["predicted"], strict=True)
-        )
-    )
-
-
 def calibration_counts(
     probs: np.ndarray, truth: np.ndarray, bins: int = DEFAULT_BINS
 ) -> dict[str, list[float]]:
@@ -66,6 +33,31 @@ def calibration_counts(
         "sum_predicted": np.bincount(index, weights=probs, minlength=bins).tolist(),
         "sum_observed": np.bincount(index, weights=truth, minlength=bins).tolist(),
     }
+
+
+def reliability(probs: np.ndarray, truth: np.ndarray, bins: int = DEFAULT_BINS) -> dict[str, list[float]]:
+    """Per equal-width bin of ``probs``: its share of rows, mean prediction and observed rate.
+
+    Empty bins are left out. ``truth`` is 0/1 (is the class right). Pure: feeds the reliability
+    plot; the bins are ``calibration_counts``'.
+    """
+    counts = calibration_counts(probs, truth, bins)
+    total = sum(counts["rows"])
+    out: dict[str, list[float]] = {"bin": [], "share": [], "predicted": [], "observed": []}
+    for b, (n, predicted, observed) in enumerate(
+        zip(counts["rows"], counts["sum_predicted"], counts["sum_observed"], strict=True)
+    ):
+        if n:
+            out["bin"].append(float(b))
+            out["share"].append(n / total)
+            out["predicted"].append(predicted / n)
+            out["observed"].append(observed / n)
+    return out
+
+
+def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int = DEFAULT_BINS) -> float:
+    """ECE of the module docstring (NaN for no rows)."""
+    return pooled_ece([calibration_counts(probs, truth, bins)])
 
 
 def pooled_ece(counts: Iterable[Mapping[str, Sequence[float]]]) -> float:

@@ -356,12 +356,15 @@ def pooled_calibration(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _number(value: float | None) -> str:
+    # a summary read back from stack_cv.json has null where it had NaN
+    return f"{float('nan') if value is None else value:.3f}"
+
+
 def _cell(stat: Mapping[str, Mapping[str, float | None]], key: str) -> str:
     if key not in stat:
         return ""
-    # a summary read back from stack_cv.json has null where it had NaN
-    mean, std = (float("nan") if v is None else v for v in (stat[key]["mean"], stat[key]["std"]))
-    return f"{mean:.3f} ± {std:.3f}"
+    return f"{_number(stat[key]['mean'])} ± {_number(stat[key]['std'])}"
 
 
 def cv_tables(summary: Mapping[str, Any]) -> str:
@@ -390,7 +393,7 @@ def cv_tables(summary: Mapping[str, Any]) -> str:
         if pooled.get("seeds", 1) > 1:
             over, e, s = "mean ± std over seeds", _cell(pooled, "ece_E"), _cell(pooled, "ece_S")
         else:
-            over, e, s = "one seed", *(_cell(pooled, k).split(" ± ")[0] for k in ("ece_E", "ece_S"))
+            over, e, s = "one seed", _number(pooled["ece_E"]["mean"]), _number(pooled["ece_S"]["mean"])
         lines += [
             "",
             f"Stacker calibration, each seed's out-of-fold pairs pooled ({over}): ECE of P(E) {e}, of P(S) {s}.",
