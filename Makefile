@@ -18,10 +18,13 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade --quiet pip
 
 # torch is installed on its own first so the package's torch range is already met and pip never
-# resolves it to a multi-GB CUDA build on a CPU-only machine.
+# resolves it to a multi-GB CUDA build on a CPU-only machine. pip byte-compiles what it installs
+# on one core; compileall does the same on every core (70 s -> 56 s of a 2-core install). Like
+# pip, it skips files written for newer Pythons (torch ships some), so its status is ignored.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-compile "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install --quiet --no-compile -e ".[dev]"
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
 
 setup: $(VENV)/.installed

@@ -88,6 +88,7 @@ def run_pipeline(
             stages after training run again.
     """
     from esci_reranker.data import PrepareOptions, prepare, sample_path, write_splits
+    from esci_reranker.retrieval.encoder import reuse_embeddings
     from esci_reranker.train.distributed import is_main_process, on_main
 
     out = Path(out_dir)
@@ -120,24 +121,27 @@ def run_pipeline(
         log(f"      {name:5s}: {s['queries']:4d} queries {s['rows']:6d} rows")
     seconds["prepare"] = time.perf_counter() - t
 
-    stacked = cfg.model.stacker == "gbdt"
-    run_stages = _stacked_pipeline if stacked else _cross_encoder_pipeline
-    job = _Stages(cfg, config, out, baselines, progress, log, seconds, stages, index_retriever, resume)
-    result, training = run_stages(job)
+    # the catalogue of the train+val products (training) and the sample's index (stage 5) embed
+    # the same products with the same retriever: each is embedded once
+    with reuse_embeddings():
+        stacked = cfg.model.stacker == "gbdt"
+        run_stages = _stacked_pipeline if stacked else _cross_encoder_pipeline
+        job = _Stages(cfg, config, out, baselines, progress, log, seconds, stages, index_retriever, resume)
+        result, training = run_stages(job)
 
-    def index_and_write() -> PipelineResult:
-        if build_index:
-            t = time.perf_counter()
-            result.index_dir = _build_sample_index(out / "index", index_retriever, stages, log)
-            seconds["index"] = time.perf_counter() - t
-            if result.index_dir is not None and cfg.model.type == "multi_task":
+        def index_and_write() -> PipelineResult:
+            if build_index:
                 t = time.perf_counter()
-                result.flow_metrics = _evaluate_search_flow(cfg, out, result.index_dir, log)
-                seconds["evaluate_flow"] = time.perf_counter() - t
-        _write_results(cfg, out, result.test_metrics, training, seconds)
-        return result
+                result.index_dir = _build_sample_index(out / "index", index_retriever, stages, log)
+                seconds["index"] = time.perf_counter() - t
+                if result.index_dir is not None and cfg.model.type == "multi_task":
+                    t = time.perf_counter()
+                    result.flow_metrics = _evaluate_search_flow(cfg, out, result.index_dir, log)
+                    seconds["evaluate_flow"] = time.perf_counter() - t
+            _write_results(cfg, out, result.test_metrics, training, seconds)
+            return result
 
-    return on_main(index_and_write)
+        return on_main(index_and_write)
 
 
 def _quiet(line: str) -> None:

@@ -21,7 +21,7 @@ def test_bench_train_times_both_steps_on_the_same_batches(tiny_backbone: Path, t
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     variants = data["variants"]
-    assert set(variants) == {"padded_fp32", "packed_fp32"}
+    assert set(variants) == {"padded_fp32", "packed_torch_dropout_fp32", "packed_fp32"}
     work = data["work"]
     # the default's query-slice batches of the sample: 2 batches of at most 32 pairs
     assert 2 < work["pairs_per_round"] <= 64
@@ -40,8 +40,14 @@ def test_bench_train_times_both_steps_on_the_same_batches(tiny_backbone: Path, t
         assert entry["peak_rss_mb"] is None
     ratio = variants["packed_fp32"]["pairs_per_second"] / variants["padded_fp32"]["pairs_per_second"]
     assert data["speedup"]["fp32"] == pytest.approx(ratio)
+    masks = (
+        variants["packed_fp32"]["pairs_per_second"]
+        / variants["packed_torch_dropout_fp32"]["pairs_per_second"]
+    )
+    assert data["dropout_speedup"]["fp32"] == pytest.approx(masks)
     assert "padded_fp32" in result.output
     assert "speed-up of the padding-free step" in result.output
+    assert "of which the faster dropout masks: fp32" in result.output
 
 
 def test_bench_train_rejects_bad_options(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esci_reranker.retrieval.encoder import DenseEncoder, IndexMismatchError
+from esci_reranker.retrieval.encoder import DenseEncoder, IndexMismatchError, reuse_embeddings
 from esci_reranker.retrieval.index import CatalogueIndex, CatalogueIndexError
 from tests.retrieval.conftest import small_catalogue
 
@@ -71,6 +71,52 @@ def test_batch_size_does_not_change_the_index(
     for query in ("wireless earbuds", "silicone sealant clear", "cutting board"):
         ra, rb = a.retrieve(query, n=20), b.retrieve(query, n=20)
         assert [r.product_id for r in ra] == [r.product_id for r in rb]
+
+
+def test_reused_embeddings_give_the_same_vectors_and_index(
+    tmp_path: Path, catalogue_file: Path, tiny_retriever: Path, other_retriever: Path
+) -> None:
+    texts = ["ceramic coffee mug | Acme | Blue", "garden hose 50 ft", "usb c cable"]
+    encoder = DenseEncoder.load(str(tiny_retriever))
+    plain = encoder.encode(texts)
+    fresh = tmp_path / "fresh"
+    CatalogueIndex.build(catalogue_file, fresh, retriever=str(tiny_retriever))
+    first, second = tmp_path / "first", tmp_path / "second"
+    with reuse_embeddings(max_texts=1000) as memo:
+        half = encoder.encode(texts[:2])
+        both = encoder.encode([texts[2], texts[0], texts[2]])
+        assert memo.hits == 1  # texts[0]; texts[2] is embedded once for both places
+        np.testing.assert_allclose(half, plain[:2], atol=1e-6)
+        np.testing.assert_allclose(both, plain[[2, 0, 2]], atol=1e-6)
+        # bf16 and another retriever are other tables: nothing of the fp32 ones is served
+        assert not np.array_equal(encoder.encode(texts[:1], precision="bf16"), plain[:1])
+        other = DenseEncoder.load(str(other_retriever)).encode(texts[:1])
+        assert not np.allclose(other, plain[:1], atol=1e-3)
+        assert memo.hits == 1
+        CatalogueIndex.build(catalogue_file, first, retriever=str(tiny_retriever))
+        hits = memo.hits
+        CatalogueIndex.build(catalogue_file, second, retriever=str(tiny_retriever))
+        assert memo.hits - hits == CatalogueIndex.read_manifest(second)["counts"]["products"] + 4  # + probe
+    assert len(memo) == len(texts) + 2 + CatalogueIndex.read_manifest(first)["counts"]["products"] + 4
+    # outside the block nothing is kept
+    encoder.encode(texts)
+    assert memo.hits - hits == CatalogueIndex.read_manifest(second)["counts"]["products"] + 4
+    for a, b in ((fresh, first), (first, second)):
+        ia, ib = CatalogueIndex.open(a), CatalogueIndex.open(b)
+        for query in ("wireless earbuds", "silicone sealant clear", "cutting board"):
+            assert [r.product_id for r in ia.retrieve(query, n=20)] == [
+                r.product_id for r in ib.retrieve(query, n=20)
+            ]
+
+
+def test_the_memo_keeps_at_most_its_bound(tiny_retriever: Path) -> None:
+    encoder = DenseEncoder.load(str(tiny_retriever))
+    texts = [f"product {i}" for i in range(10)]
+    with reuse_embeddings(max_texts=4) as memo:
+        out = encoder.encode(texts)
+        assert len(memo) == 4
+        np.testing.assert_allclose(encoder.encode(texts), out, atol=1e-6)
+        assert memo.hits == 4
 
 
 def test_duplicates_and_empty_products_are_skipped(tmp_path: Path, tiny_retriever: Path) -> None:

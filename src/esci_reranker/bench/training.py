@@ -4,8 +4,12 @@
 clipping and the AdamW update, as ``train.loop`` runs it) of the config's model in each of
 
 - **padded**: the encoder's own forward over the pair and both tower batches, each padded to
-  its longest row (``padding_free: false``, the step before padding-free training);
-- **packed**: the padding-free step (``model.unpadded.packed_states``, the default);
+  its longest row, with PyTorch's dropout (``padding_free: false``: the step before
+  padding-free training);
+- **packed_torch_dropout**: the padding-free step (``model.unpadded.packed_states``) with
+  PyTorch's dropout kernel;
+- **packed**: the padding-free step with the faster CPU dropout masks (``model.cpu.cpu_dropout``),
+  as training runs it;
 
 in fp32 and, on CPUs with native bf16 (AVX-512 BF16 or AMX), under bf16 autocast as the loop's
 ``mixed_precision: auto`` runs it. All variants start from the same weights and train on the same
@@ -59,8 +63,9 @@ from esci_reranker.hardware import autocast, cpu_bf16_support, keep_freed_memory
 from esci_reranker.labels import LABEL_TO_INDEX
 from esci_reranker.model.features import unique_rows
 
-#: The steps compared: the encoder's padded forward and the padding-free one.
-LAYOUTS: Final[tuple[str, ...]] = ("padded", "packed")
+#: The steps compared: the encoder's padded forward and the padding-free one, the latter with
+#: PyTorch's dropout kernel and with the one training uses (``model.cpu.cpu_dropout``).
+LAYOUTS: Final[tuple[str, ...]] = ("padded", "packed_torch_dropout", "packed")
 #: Precisions measured (bf16 only where the CPU has it natively).
 TRAIN_PRECISIONS: Final[tuple[str, ...]] = ("fp32", "bf16")
 #: Split of the bundled sample whose rows make the batches.
@@ -148,11 +153,14 @@ def training_work(cfg: Any, model: Any, tokenizer: Any, n_batches: int) -> _Work
 
 
 def _variant(name: str, model: Any, cfg: Any, layout: str, precision: str) -> _Variant:
+    from esci_reranker.model.cpu import use_torch_dropout
     from esci_reranker.train.loop import param_groups
 
     model = copy.deepcopy(model).train()
-    model.enable_packed_training(layout == "packed")
-    if layout == "packed" and not model.packed_training:
+    if layout != "packed":  # the steps before: PyTorch's dropout kernel
+        use_torch_dropout(model)
+    model.enable_packed_training(layout != "padded")
+    if layout != "padded" and not model.packed_training:
         raise ValueError(f"{cfg.model.backbone}: the encoder cannot train padding-free (see the log).")
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
     return _Variant(name, layout, precision, model, optimizer)
@@ -248,7 +256,8 @@ def run_train_bench(
         The JSON-ready result: ``machine``, ``settings``, ``model``, ``work``,
         ``roofline_fp32_gflops``, ``variants`` (per variant ``pairs_per_second``,
         ``tokens_per_second``, ``step_ms``, ``gflops``, ``roofline_share``, ``peak_rss_mb``) and
-        ``speedup`` (packed over padded, per precision).
+        ``speedup`` (packed over padded, per precision) and ``dropout_speedup`` (packed over
+        packed_torch_dropout).
 
     Raises:
         ValueError: a bad count or precision, or a config whose model cannot be measured.
@@ -346,6 +355,13 @@ def _measure(
         if entries.get(f"packed_{p}", {}).get("status") == "ok"
         and entries.get(f"padded_{p}", {}).get("status") == "ok"
     }
+    dropout_speedup = {
+        p: entries[f"packed_{p}"]["pairs_per_second"]
+        / entries[f"packed_torch_dropout_{p}"]["pairs_per_second"]
+        for p in precisions
+        if entries.get(f"packed_{p}", {}).get("status") == "ok"
+        and entries.get(f"packed_torch_dropout_{p}", {}).get("status") == "ok"
+    }
     layers, hidden, intermediate = _encoder_shape(model.config)
     return {
         "config": str(config),
@@ -384,6 +400,7 @@ def _measure(
         **roofline.record(),
         "variants": entries,
         "speedup": speedup,
+        "dropout_speedup": dropout_speedup,
     }
 
 
@@ -408,7 +425,9 @@ def format_train_table(result: dict[str, Any]) -> str:
         f"fp32 roofline {result['roofline_fp32_gflops']:.1f} GFLOP/s ({s['threads']} threads); "
         f"{s['batches_per_round']} batches of {s['batch_size']} ({s['batching']} batching) x "
         f"{s['repeats']} rounds; {w['padding_share']:.0%} of the padded batches' tokens are padding",
-        "speed-up of the padding-free step: "
+        "speed-up of the padding-free step over the padded one: "
         + (", ".join(f"{p} {x:.2f}x" for p, x in result["speedup"].items()) or "-"),
+        "of which the faster dropout masks: "
+        + (", ".join(f"{p} {x:.2f}x" for p, x in result.get("dropout_speedup", {}).items()) or "-"),
     ]
     return text_table(header, result["variants"], _variant_row, footer)

@@ -24,7 +24,7 @@ batches before it is used.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esci_reranker.hardware import cpu_bf16_support
-from esci_reranker.model.cpu import Bf16Linear, PackedLinear, int8_linear
+from esci_reranker.model.cpu import Bf16Linear, CpuDropout, PackedLinear, cpu_dropout, int8_linear
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +374,9 @@ def _train_layer(layer: nn.Module, x: torch.Tensor, chunks: list[_Chunk], heads:
     qkv = F.linear(x, weight, bias)  # (N, 3H)
     drop = getattr(attn.self, "dropout", None)
     p = float(drop.p) if isinstance(drop, nn.Dropout) and attn.self.training else 0.0
-    ctx = torch.cat([_train_attend(qkv[c.start : c.stop], c, heads, p) for c in chunks])  # (N, H)
+    # the attention probabilities take the kernel of the layer's own dropout module
+    kernel = cpu_dropout if isinstance(drop, CpuDropout) else F.dropout
+    ctx = torch.cat([_train_attend(qkv[c.start : c.stop], c, heads, p, kernel) for c in chunks])  # (N, H)
     out = attn.output
     hidden = out.LayerNorm(_dropped(out, out.dense(ctx)) + x)
     inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))
@@ -387,7 +389,13 @@ def _dropped(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return drop(x) if isinstance(drop, nn.Module) else x
 
 
-def _train_attend(qkv: torch.Tensor, chunk: _Chunk, heads: int, dropout: float) -> torch.Tensor:
+def _train_attend(
+    qkv: torch.Tensor,
+    chunk: _Chunk,
+    heads: int,
+    dropout: float,
+    kernel: Callable[[torch.Tensor, float, bool], torch.Tensor] = F.dropout,
+) -> torch.Tensor:
     """Self-attention of one chunk: packed (n, 3H) in, packed (n, H) out, differentiable."""
     rows, t = chunk.bias.shape[0], chunk.bias.shape[-1]
     h = qkv.shape[-1] // 3
@@ -397,6 +405,6 @@ def _train_attend(qkv: torch.Tensor, chunk: _Chunk, heads: int, dropout: float) 
         part.reshape(rows, t, heads, d).transpose(1, 2) for part in padded.view(rows, t, 3 * h).split(h, -1)
     )  # (rows, heads, T, d) each
     scores = torch.matmul(q, k.transpose(-1, -2)).float() + chunk.bias  # (rows, heads, T, T)
-    probs = F.dropout(scores.softmax(-1), p=dropout, training=dropout > 0).to(v.dtype)
+    probs = kernel(scores.softmax(-1), dropout, dropout > 0).to(v.dtype)
     ctx = torch.matmul(probs, v).transpose(1, 2).reshape(rows * t, h)
     return ctx if chunk.slots is None else ctx.index_select(0, chunk.slots)

@@ -12,7 +12,10 @@ of one model with product vectors of another (see ``IndexMismatchError``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -94,6 +97,39 @@ def embedding_precision(precision: str, device: str | None) -> Literal["fp32", "
     return resolve_precision(precision, torch.device(device or "cpu"))  # type: ignore[return-value]
 
 
+@dataclass
+class EmbeddingMemo:
+    """Embeddings already computed, per (retriever weights, length cap, precision) and text.
+
+    Holds at most ``max_texts`` texts in all; beyond that, new texts are embedded without being
+    kept. ``hits`` counts the texts served from it.
+    """
+
+    max_texts: int = 200_000
+    tables: dict[tuple[str, int, str], dict[str, np.ndarray]] = field(default_factory=dict)
+    hits: int = 0
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self.tables.values())
+
+
+_MEMO: ContextVar[EmbeddingMemo | None] = ContextVar("esci_embedding_memo", default=None)
+
+
+@contextmanager
+def reuse_embeddings(max_texts: int = 200_000) -> Iterator[EmbeddingMemo]:
+    """Within the block, every ``DenseEncoder`` embeds each distinct text once: the main job
+    indexes the train+val products for its catalogue and later every product of the sample for
+    search, with the same retriever, and the second build embeds only the products the first did
+    not have. Outside the block (a service, a long-lived process) nothing is kept."""
+    memo = EmbeddingMemo(max_texts)
+    token = _MEMO.set(memo)
+    try:
+        yield memo
+    finally:
+        _MEMO.reset(token)
+
+
 class DenseEncoder:
     """Embeds texts with a ``SentenceTransformer`` into L2-normalised float32 vectors (N, dim).
 
@@ -113,6 +149,7 @@ class DenseEncoder:
         self.name = name
         self.batch_size = batch_size
         self.precision = precision
+        self._digest: str | None = None
 
     @classmethod
     def load(
@@ -157,11 +194,24 @@ class DenseEncoder:
         """
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        resolved = precision or self.precision
+        memo = _MEMO.get()
+        if memo is None:
+            return self._embed(texts, batch_size, resolved == "bf16")
+        table = memo.tables.setdefault(self._memo_key(resolved), {})
+        todo = list(dict.fromkeys(t for t in texts if t not in table))
+        fresh = self._embed(todo, batch_size, resolved == "bf16") if todo else None
+        found = dict(zip(todo, fresh, strict=True)) if fresh is not None else {}
+        memo.hits += len(texts) - sum(1 for t in texts if t in found)
+        room = max(0, memo.max_texts - len(memo))
+        table.update(dict(list(found.items())[:room]))
+        return np.stack([found[t] if t in found else table[t] for t in texts]).astype(np.float32, copy=False)
+
+    def _embed(self, texts: Sequence[str], batch_size: int | None, bf16: bool) -> np.ndarray:
         import torch
 
         from esci_reranker.hardware import autocast
 
-        bf16 = (precision or self.precision) == "bf16"
         with autocast(torch.device(self.model.device), torch.bfloat16 if bf16 else None):
             emb = self.model.encode(
                 list(texts),
@@ -171,6 +221,15 @@ class DenseEncoder:
                 show_progress_bar=False,
             )
         return np.ascontiguousarray(emb, dtype=np.float32)
+
+    def _memo_key(self, precision: str) -> tuple[str, int, str]:
+        # the weights themselves, not the spec: a folder retrained in place is another model
+        if self._digest is None:
+            try:
+                self._digest = weights_digest(self.name)
+            except (OSError, ValueError):
+                self._digest = f"instance:{id(self.model)}"
+        return self._digest, int(self.model.max_seq_length or 0), precision
 
     def probe(self) -> list[list[float]]:
         """Embeddings of ``PROBE_TEXTS`` in fp32, rounded (stored in an index's manifest).

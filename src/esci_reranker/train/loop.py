@@ -43,6 +43,7 @@ from esci_reranker.model import (
     save_checkpoint,
 )
 from esci_reranker.model.config import LISTWISE, LLM, MULTI_TASK, SINGLE_TASK, ListwiseSettings, LLMSettings
+from esci_reranker.model.cpu import use_cpu_dropout
 from esci_reranker.model.features import EncodedPairs, pair_encoder_for
 from esci_reranker.model.tower_cache import weights_cache
 from esci_reranker.progress import progress_bar
@@ -217,6 +218,9 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     model.train_prior = m.train_prior
     if m.freeze_embeddings:
         model.encoder.get_input_embeddings().weight.requires_grad_(False)
+    # PyTorch's CPU dropout kernel was a fifth of a training step; the masks are drawn faster
+    # (model.cpu.cpu_dropout), and other devices keep F.dropout
+    use_cpu_dropout(model)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     return model, tokenizer
 
