@@ -364,7 +364,10 @@ def stage_ce_train(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     # The same global batch for any number of processes: each accumulates its share of the
     # batches of one optimiser step (rank r takes batches r, r + N, ... of the epoch).
     cfg.optim.grad_accum_steps = args.ce_batches_per_step // args.processes
-    frame = _train_val(work)
+    # as train_stacked reads it: the whole table on the main process, the training's columns on the others
+    from esci_reranker.train.loop import caller_columns, read_train_val
+
+    frame = read_train_val(work / "data", caller_columns(cfg))
     log.mark("train+val read")
     started = time.perf_counter()
     with _memory_marks(log):

@@ -12,7 +12,16 @@ from safetensors.torch import load_file
 from esci_reranker.model import PairEncoder, load_checkpoint
 from esci_reranker.train import loop as loop_module
 from esci_reranker.train.config import load_config
-from esci_reranker.train.loop import Trainer, build_model, frame_texts, read_split, train
+from esci_reranker.train.loop import (
+    Trainer,
+    build_model,
+    caller_columns,
+    frame_texts,
+    read_split,
+    read_train_val,
+    train,
+    training_columns,
+)
 
 
 def make_config(tmp_path, small_splits, tiny_backbone, *overrides):
@@ -196,3 +205,37 @@ def test_trainings_with_different_mixed_precision_run_in_one_process(tmp_path, s
     train(fp32, progress=False)
     assert AcceleratorState().mixed_precision == "no"
     assert (tmp_path / "fp32" / "model" / "config.json").is_file()
+
+
+def test_training_reads_only_the_columns_it_uses(tmp_path, small_splits, tiny_backbone):
+    cfg = make_config(tmp_path, small_splits, tiny_backbone)
+    full = read_split(small_splits / "train.parquet", "train")
+    columns = training_columns(cfg.model.text_fields)
+    assert {"product_title", "product_brand", "product_color"} <= set(columns)
+    assert "product_description" not in columns
+    assert "product_bullet_point" not in columns
+    read = read_split(small_splits / "train.parquet", "train", columns)
+    present = [c for c in columns if c in full.columns and c != "product_text"]
+    assert read.columns.tolist() == present  # the file's order; product_text rebuilt from the fields
+    assert frame_texts(read, build_model(cfg)[0].config) == frame_texts(full, build_model(cfg)[0].config)
+    # a split with the text in product_text only keeps it
+    only_text = full[["query_id", "query", "product_id", "esci_label", "product_text"]]
+    only_text.to_parquet(tmp_path / "text_only.parquet")
+    assert "product_text" in read_split(tmp_path / "text_only.parquet", "train", columns).columns
+    # a missing required column is still named, with columns or without
+    full.drop(columns=["esci_label"]).to_parquet(tmp_path / "no_label.parquet")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['esci_label'\]"):
+        read_split(tmp_path / "no_label.parquet", "train", columns)
+    # one process: the caller keeps every column (it writes the splits and fits the trees)
+    assert caller_columns(cfg) is None
+    both = read_train_val(small_splits, columns)
+    assert len(both) == len(full) + len(read_split(small_splits / "val.parquet", "val"))
+    assert set(both.columns) == set(present)
+
+
+def test_the_trainer_holds_only_the_training_columns(tmp_path, small_splits, tiny_backbone):
+    trainer = Trainer(make_config(tmp_path, small_splits, tiny_backbone))
+    trainer._load_data()
+    assert "product_description" not in trainer.train_frame.columns
+    assert "product_title" in trainer.train_frame.columns
+    assert "product_description" in trainer.val_frame.columns  # evaluation reads the whole split

@@ -294,7 +294,7 @@ def train_stacked(
     """
     from esci_reranker.reranker import Reranker
     from esci_reranker.train.distributed import is_main_process, on_main
-    from esci_reranker.train.loop import read_train_val
+    from esci_reranker.train.loop import caller_columns, read_train_val
 
     if cfg.model.stacker != "gbdt":
         raise ValueError(f"train_stacked: model.stacker is {cfg.model.stacker!r}; expected 'gbdt'.")
@@ -302,7 +302,7 @@ def train_stacked(
         log = _quiet  # one process speaks for the job
     seconds: dict[str, float] = {}
     run_dir = cfg.output.resolved_run_dir()
-    frame = read_train_val(cfg.data)
+    frame = read_train_val(cfg.data, caller_columns(cfg))
 
     t = time.perf_counter()
     cv = cross_validate_stacked(

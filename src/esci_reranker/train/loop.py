@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,13 +124,32 @@ def resolve_backbone(name: str) -> str:
     return name
 
 
-def read_split(path: Path, name: str) -> pd.DataFrame:
-    """Read a prepared split and check the columns training needs."""
+def training_columns(text_fields: Sequence[str]) -> tuple[str, ...]:
+    """The columns of a prepared split that training a cross-encoder reads: ids, query, label,
+    query source, and the product columns of ``text_fields`` (``product_text`` where a split has
+    none of them, as ``frame_texts`` reads it). Descriptions and bullets not among them are most
+    of a split's memory (~3 GiB of the full ESCI train+val)."""
+    fields = [FIELD_COLUMNS[f] for f in text_fields if f in FIELD_COLUMNS]
+    return tuple(dict.fromkeys([*REQUIRED_COLUMNS, "esci_query_source", *fields, "product_text"]))
+
+
+def read_split(path: Path, name: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read a prepared split and check the columns training needs; with ``columns``, only those
+    of them the file has (the required ones are always read)."""
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"{path}: {name} split not found; run `esci-reranker prepare --out DIR` and set data.dir=DIR."
         )
-    frame = pd.read_parquet(path)
+    if columns is None:
+        frame = pd.read_parquet(path)
+    else:
+        import pyarrow.parquet as pq
+
+        present = set(pq.read_schema(path).names)
+        wanted = dict.fromkeys([*REQUIRED_COLUMNS, *columns])
+        if any(c in present and c in FIELD_COLUMNS.values() for c in wanted):
+            wanted.pop("product_text", None)  # the fallback text, rebuilt from the fields instead
+        frame = pd.read_parquet(path, columns=[c for c in wanted if c in present])
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(
@@ -141,15 +161,28 @@ def read_split(path: Path, name: str) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def read_train_val(data: Path | str | DataConfig) -> pd.DataFrame:
+def read_train_val(data: Path | str | DataConfig, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """The train and val splits as one frame (every query cross-validation and the final models
     may learn from), each checked by ``read_split``: those of a prepared folder, or those a
-    config's ``data`` section names (its explicit paths, else its ``dir``)."""
+    config's ``data`` section names (its explicit paths, else its ``dir``). ``columns`` as for
+    ``read_split``."""
     if isinstance(data, DataConfig):
         train, val = data.resolve("train"), data.resolve("val")
     else:
         train, val = Path(data) / "train.parquet", Path(data) / "val.parquet"
-    return pd.concat([read_split(train, "train"), read_split(val, "val")], ignore_index=True)
+    return pd.concat(
+        [read_split(train, "train", columns), read_split(val, "val", columns)], ignore_index=True
+    )
+
+
+def caller_columns(cfg: TrainConfig) -> tuple[str, ...] | None:
+    """What a stacked training's caller reads of the train+val table on this process: every column
+    on the main process (it writes the splits and fits the trees on the stack features), only the
+    ``training_columns`` on the others (they train and score their share), so that N training
+    processes do not each hold the whole table."""
+    from esci_reranker.train.distributed import is_main_process
+
+    return None if is_main_process() else training_columns(cfg.model.text_fields)
 
 
 def required_test_split(data_dir: Path, keeps_out: str) -> Path:
@@ -262,7 +295,10 @@ class Trainer:
     # -- data -------------------------------------------------------------------------------
     def _load_data(self) -> None:
         d = self.cfg.data
-        self.train_frame = read_split(d.resolve("train"), "train")
+        # only what the steps read: the other product columns are most of a split's memory
+        self.train_frame = read_split(
+            d.resolve("train"), "train", training_columns(self.cfg.model.text_fields)
+        )
         if d.max_train_rows is not None and len(self.train_frame) > d.max_train_rows:
             self.train_frame = self.train_frame.sample(
                 n=d.max_train_rows, random_state=self.cfg.seed
@@ -420,6 +456,9 @@ class Trainer:
                     else prior_features(model, encoder, share, cfg.eval.batch_size, autocast, towers)
                 )
             del share
+            # the prior pass's activations and the share's tokens go back to the OS before the
+            # epoch's share is tokenised (malloc keeps ~0.9 GiB of them at 140k pairs otherwise)
+            malloc_trim()
         if fit_priors:
             # the same features on every process: the same fitted heads
             fitted = fit_prior_heads(model, features, labels.numpy())
