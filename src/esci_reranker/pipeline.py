@@ -293,9 +293,11 @@ def _stacked_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
         f"model -> {job.cfg.output.save_path}"
     )
     from esci_reranker.retrieval.flow import catalogue_flow
-    from esci_reranker.train.loop import read_train_val
+    from esci_reranker.train.loop import caller_columns, read_train_val
 
-    frame = read_train_val(job.cfg.data)
+    # read once for the catalogue (main process) and the trainings; the other processes never use
+    # the catalogue, so they read only the columns training needs
+    frame = read_train_val(job.cfg.data, caller_columns(job.cfg))
     # the search flow of each CV fold costs a catalogue and a scoring pass per fold: `cv` measures
     # it; the job builds the catalogue only when the config learns from catalogue negatives
     catalogue = catalogue_flow(
@@ -310,6 +312,7 @@ def _stacked_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
         on_fold=None if catalogue is None else catalogue.on_fold,
         train_rows=None if catalogue is None else catalogue.encoder_negatives,
         resume=job.resume,
+        frame=frame,
     )
     job.seconds["train"] = time.perf_counter() - t
     return on_main(lambda: _evaluate_stacked(job, result))

@@ -280,6 +280,7 @@ def train_stacked(
     on_fold: OnFoldFn | None = None,
     train_rows: TrainRowsFn | None = None,
     resume: bool = False,
+    frame: pd.DataFrame | None = None,
 ) -> StackedTrainResult:
     """Run the three stages of the module docstring for ``cfg`` (``model.stacker: gbdt``).
 
@@ -291,6 +292,8 @@ def train_stacked(
     continues an interrupted run of the same config and data: the fold models it finished (model
     and out-of-fold rows) are kept, the trees are fitted again (minutes), and the final
     cross-encoder continues from its last checkpoint. Every process returns the same result.
+    ``frame`` is the train+val table when the caller holds it already, else it is read here (on
+    the processes but the main one, only the columns training reads: ``caller_columns``).
     """
     from esci_reranker.reranker import Reranker
     from esci_reranker.train.distributed import is_main_process, on_main
@@ -302,7 +305,8 @@ def train_stacked(
         log = _quiet  # one process speaks for the job
     seconds: dict[str, float] = {}
     run_dir = cfg.output.resolved_run_dir()
-    frame = read_train_val(cfg.data, caller_columns(cfg))
+    if frame is None:
+        frame = read_train_val(cfg.data, caller_columns(cfg))
 
     t = time.perf_counter()
     cv = cross_validate_stacked(
