@@ -235,7 +235,7 @@ def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> tuple[to
 def cpu_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with the faster mask on CPU tensors (``F.dropout`` elsewhere).
 
-    The drop probability is ``p`` rounded to a multiple of 2**-16 (0.1 -> 0.099990).
+    The drop probability is ``p`` rounded to a multiple of 2**-16 (0.1 -> 0.100006).
     """
     if not training or p <= 0.0 or x.device.type != "cpu" or not x.is_floating_point():
         return F.dropout(x, p, training)
