@@ -263,16 +263,6 @@ def _tiny_backbone(work: Path) -> Path:
     return save_tiny_backbone(folder, seed=0)
 
 
-def _train_val(work: Path) -> pd.DataFrame:
-    from esci_reranker.train.loop import read_split
-
-    data = work / "data"
-    return pd.concat(
-        [read_split(data / "train.parquet", "train"), read_split(data / "val.parquet", "val")],
-        ignore_index=True,
-    )
-
-
 def stage_prepare(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from esci_reranker.data import PrepareOptions, prepare, write_splits
 
@@ -408,8 +398,9 @@ def _tiny_reranker(work: Path) -> Any:
 def stage_ce_oof(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from esci_reranker.stack.outputs import frame_outputs
     from esci_reranker.train.cv import query_folds
+    from esci_reranker.train.loop import read_train_val
 
-    frame = _train_val(work)
+    frame = read_train_val(work / "data")
     reranker = _tiny_reranker(work)
     reranker.stacker = None  # the cross-encoder's own columns, as a fold model gives them
     table = frame_outputs(reranker, frame)
@@ -424,8 +415,9 @@ def stage_ce_oof(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def stage_stack_features(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from esci_reranker.stack.cv import oof_stack_table
+    from esci_reranker.train.loop import read_train_val
 
-    frame = _train_val(work)
+    frame = read_train_val(work / "data")
     oof = pd.read_parquet(work / "oof.parquet")
     table = oof_stack_table(frame, oof, seed=0)
     table.to_parquet(work / "stack_table.parquet", index=False)

@@ -349,19 +349,8 @@ def _measure(
                 config, overrides, entry["layout"], entry["precision"], n_batches, threads
             )
     entries |= skipped
-    speedup = {
-        p: entries[f"packed_{p}"]["pairs_per_second"] / entries[f"padded_{p}"]["pairs_per_second"]
-        for p in precisions
-        if entries.get(f"packed_{p}", {}).get("status") == "ok"
-        and entries.get(f"padded_{p}", {}).get("status") == "ok"
-    }
-    dropout_speedup = {
-        p: entries[f"packed_{p}"]["pairs_per_second"]
-        / entries[f"packed_torch_dropout_{p}"]["pairs_per_second"]
-        for p in precisions
-        if entries.get(f"packed_{p}", {}).get("status") == "ok"
-        and entries.get(f"packed_torch_dropout_{p}", {}).get("status") == "ok"
-    }
+    speedup = _speedups(entries, precisions, "packed", "padded")
+    dropout_speedup = _speedups(entries, precisions, "packed", "packed_torch_dropout")
     layers, hidden, intermediate = _encoder_shape(model.config)
     return {
         "config": str(config),
@@ -401,6 +390,18 @@ def _measure(
         "variants": entries,
         "speedup": speedup,
         "dropout_speedup": dropout_speedup,
+    }
+
+
+def _speedups(
+    entries: Mapping[str, Mapping[str, Any]], precisions: Sequence[str], faster: str, slower: str
+) -> dict[str, float]:
+    """Per precision where both layouts ran: ``faster``'s pairs per second over ``slower``'s."""
+    ok = {name for name, e in entries.items() if e.get("status") == "ok"}
+    return {
+        p: entries[f"{faster}_{p}"]["pairs_per_second"] / entries[f"{slower}_{p}"]["pairs_per_second"]
+        for p in precisions
+        if {f"{faster}_{p}", f"{slower}_{p}"} <= ok
     }
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,19 @@ logger = logging.getLogger(__name__)
 
 #: Largest allowed difference from ``F.linear`` in the self-check (fp32 rounding is ~1e-6).
 _CHECK_TOLERANCE = 1e-4
+
+
+def _child_slots(
+    module: nn.Module, wanted: Callable[[nn.Module], bool]
+) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Every ``(parent, attribute name, child)`` inside ``module`` whose child is ``wanted``: the
+    places the rewrites below put a replacement with ``setattr``."""
+    return [
+        (parent, name, child)
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if wanted(child)
+    ]
 
 
 def onednn_available() -> bool:
@@ -104,14 +118,14 @@ def pack_linears(module: nn.Module) -> int:
     """
     if not onednn_available():
         return 0
-    targets = [
-        (parent, name, child)
-        for parent in module.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear
-        and child.weight.dtype == torch.float32
-        and child.weight.device.type == "cpu"
-    ]
+    targets = _child_slots(
+        module,
+        lambda child: (
+            type(child) is nn.Linear
+            and child.weight.dtype == torch.float32
+            and child.weight.device.type == "cpu"
+        ),
+    )
     if not targets:
         return 0
     try:
@@ -188,12 +202,9 @@ def quantize_linears(module: nn.Module) -> int:
     Raises:
         RuntimeError: this torch build has no dynamic int8 linear for the CPU.
     """
-    targets = [
-        (parent, name, child)
-        for parent in module.modules()
-        for name, child in parent.named_children()
-        if type(child) in (nn.Linear, PackedLinear) and child.weight.device.type == "cpu"
-    ]
+    targets = _child_slots(
+        module, lambda child: type(child) in (nn.Linear, PackedLinear) and child.weight.device.type == "cpu"
+    )
     for parent, name, child in targets:
         setattr(parent, name, int8_linear(child))
     return len(targets)
@@ -257,12 +268,7 @@ class CpuDropout(nn.Dropout):
 def use_cpu_dropout(module: nn.Module) -> int:
     """Replace every ``nn.Dropout`` inside ``module`` by a ``CpuDropout`` of the same ``p``, in
     place; returns how many. On other devices the replacement calls ``F.dropout`` as before."""
-    targets = [
-        (parent, name, child)
-        for parent in module.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Dropout
-    ]
+    targets = _child_slots(module, lambda child: type(child) is nn.Dropout)
     for parent, name, child in targets:
         setattr(parent, name, CpuDropout(child.p, child.inplace))
     return len(targets)
@@ -270,12 +276,7 @@ def use_cpu_dropout(module: nn.Module) -> int:
 
 def use_torch_dropout(module: nn.Module) -> int:
     """The inverse of ``use_cpu_dropout``: every ``CpuDropout`` back to ``nn.Dropout``; how many."""
-    targets = [
-        (parent, name, child)
-        for parent in module.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, CpuDropout)
-    ]
+    targets = _child_slots(module, lambda child: isinstance(child, CpuDropout))
     for parent, name, child in targets:
         setattr(parent, name, nn.Dropout(child.p, child.inplace))
     return len(targets)

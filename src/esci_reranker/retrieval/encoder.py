@@ -222,14 +222,20 @@ class DenseEncoder:
             )
         return np.ascontiguousarray(emb, dtype=np.float32)
 
-    def _memo_key(self, precision: str) -> tuple[str, int, str]:
-        # the weights themselves, not the spec: a folder retrained in place is another model
+    def weights_digest(self) -> str | None:
+        """``weights_digest`` of the folder this encoder was loaded from, read once; None for an
+        encoder that has no folder."""
         if self._digest is None:
             try:
                 self._digest = weights_digest(self.name)
-            except (OSError, ValueError):
-                self._digest = f"instance:{id(self.model)}"
-        return self._digest, int(self.model.max_seq_length or 0), precision
+            except FileNotFoundError:
+                self._digest = ""
+        return self._digest or None
+
+    def _memo_key(self, precision: str) -> tuple[str, int, str]:
+        # the weights themselves, not the spec: a folder retrained in place is another model
+        digest = self.weights_digest() or f"instance:{id(self.model)}"
+        return digest, int(self.model.max_seq_length or 0), precision
 
     def probe(self) -> list[list[float]]:
         """Embeddings of ``PROBE_TEXTS`` in fp32, rounded (stored in an index's manifest).

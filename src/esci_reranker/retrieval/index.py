@@ -826,17 +826,11 @@ def _counts(
 
 
 def _retriever_entry(encoder: DenseEncoder, spec: str) -> dict[str, Any]:
-    from esci_reranker.retrieval.encoder import weights_digest
-
-    try:
-        digest = weights_digest(spec)
-    except FileNotFoundError:  # an in-memory encoder without a folder
-        digest = None
     return {
         "name": spec,
         "dim": encoder.dim,
         "max_seq_length": encoder.model.max_seq_length,
-        "weights_sha256_16": digest,
+        "weights_sha256_16": encoder.weights_digest(),  # None: an in-memory encoder without a folder
         "probe": encoder.probe(),
         "precisions": [encoder.precision],
     }
