@@ -10,6 +10,12 @@ stage              what runs
 =================  ==================================================================================
 ``synth``          the raw ``examples`` and ``products`` parquets (not a stage of the recipe)
 ``prepare``        ``data.prepare`` + ``write_splits`` on the raw files
+``negatives``      ``retrieval.flow.CatalogueFlow``: the train+val catalogue (BM25 + dense, with
+                   the tiny random encoder as its retriever) built from the whole table, then the
+                   table cut to the training columns and every training query's catalogue
+                   negatives mined for one fold and for the final model (``stack.
+                   encoder_negatives``); also the memory a list with its products' fields would
+                   take (``retrieve_lists`` on 1,000 queries)
 ``ce_train``       ``stack.train.train_fixed`` on every train+val pair with a tiny random
                    backbone for ``--ce-steps`` steps: the whole training data path (read, tokenise
                    every pair, fit the prior heads over every pair, batch, save) at full size
@@ -83,6 +89,7 @@ TEST_QUERY_SHARE = 0.23  # ESCI US: ~22.5k of 97.3k queries are in the test spli
 STAGES = (
     "synth",
     "prepare",
+    "negatives",
     "ce_train",
     "ce_oof",
     "stack_features",
@@ -354,10 +361,10 @@ def stage_ce_train(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     # The same global batch for any number of processes: each accumulates its share of the
     # batches of one optimiser step (rank r takes batches r, r + N, ... of the epoch).
     cfg.optim.grad_accum_steps = args.ce_batches_per_step // args.processes
-    # as train_stacked reads it: the whole table on the main process, the training's columns on the others
-    from esci_reranker.train.loop import caller_columns, read_train_val
+    # as a stacked training holds it while its cross-encoders train: the training's columns
+    from esci_reranker.train.loop import read_train_val, training_columns
 
-    frame = read_train_val(work / "data", caller_columns(cfg))
+    frame = read_train_val(work / "data", training_columns(cfg.model.text_fields))
     log.mark("train+val read")
     started = time.perf_counter()
     with _memory_marks(log):
@@ -488,6 +495,71 @@ def stage_evaluate(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def stage_negatives(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import shutil
+    import tracemalloc
+
+    from esci_reranker.hardware import malloc_trim
+    from esci_reranker.retrieval.flow import catalogue_flow, retrieve_lists
+    from esci_reranker.train.cv import query_folds
+    from esci_reranker.train.loop import read_train_val, training_frame
+
+    log = MemoryLog()
+    cfg = _config(work, args.ce_steps)
+    folds = work / "negatives"
+    shutil.rmtree(folds / "catalogue", ignore_errors=True)
+    frame = read_train_val(work / "data")
+    log.mark("train+val read")
+    flow = catalogue_flow(
+        cfg,
+        frame,
+        False,
+        lambda line: None,
+        retriever=_tiny_backbone(work),
+        test_split=work / "data" / "test.parquet",
+    )
+    if flow is None:
+        raise RuntimeError("negatives: the default config asks for no catalogue negatives.")
+    started = time.perf_counter()
+    index = flow.index(folds)
+    seconds_index = time.perf_counter() - started
+    log.mark("catalogue built")
+    # as the pipeline does once the catalogue is built
+    frame = flow.frame = training_frame(frame, cfg.model.text_fields)
+    malloc_trim()
+    log.mark("table cut to the training columns")
+    # what each list held with its products' fields (the lists mining used to keep)
+    sample = frame.drop_duplicates("query_id").head(1000)
+    tracemalloc.start()
+    lists = retrieve_lists(index, sample, max(cfg.stack.negatives_retrieve, 100))
+    with_fields = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    del lists
+    held = query_folds(frame["query_id"].to_numpy(), FOLDS)[0]
+    started = time.perf_counter()
+    fold = flow.encoder_negatives(folds, frozenset(held))
+    seconds_fold = time.perf_counter() - started
+    log.mark("negatives mined for fold 1")
+    started = time.perf_counter()
+    final = flow.encoder_negatives(folds, frozenset())
+    seconds_final = time.perf_counter() - started
+    log.mark("negatives mined for the final model")
+    queries = frame["query_id"].nunique()
+    return {
+        "rows": len(frame),
+        "products": len(index),
+        "queries": queries,
+        "negatives_fold": 0 if fold is None else len(fold),
+        "negatives_final": 0 if final is None else len(final),
+        "seconds_index": seconds_index,
+        "seconds_retrieve_and_mine_fold": seconds_fold,
+        "seconds_mine_final": seconds_final,
+        "lists_with_fields_mib_per_1000_queries": with_fields / 2**20,
+        "lists_with_fields_gib_all_queries": with_fields / 2**30 * queries / len(sample),
+        "memory": log.points,
+    }
+
+
 def stage_distill_data(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from esci_reranker.distill.config import DistillData
     from esci_reranker.distill.data import distillation_pairs
@@ -528,6 +600,7 @@ def stage_synth(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 STAGE_FUNCTIONS: dict[str, Callable[[Path, argparse.Namespace], dict[str, Any]]] = {
     "synth": stage_synth,
     "prepare": stage_prepare,
+    "negatives": stage_negatives,
     "ce_train": stage_ce_train,
     "ce_oof": stage_ce_oof,
     "stack_features": stage_stack_features,

@@ -15,6 +15,7 @@ from esci_reranker.retrieval.flow import (
     build_catalogue,
     evaluate_flow,
     flow_run,
+    retrieve_ids,
     retrieve_lists,
 )
 
@@ -51,6 +52,40 @@ def test_flow_run_marks_every_result_and_scores_it_as_the_reranker_does(
         fields = [{"product_id": r.product_id, **r.fields} for r in lists[qid]]
         ranked = {c.product_id: c.esci_class for c in reranker.rerank(query, fields)}
         assert dict(zip(rows["product_id"], rows["esci_pred"], strict=True)) == ranked
+
+
+def test_id_lists_for_mining_are_the_flows_lists_without_their_fields(tmp_path, catalogue, splits):
+    """``retrieve_ids`` (batched keys, ids read on lookup) against ``retrieve_lists``, and a
+    ``CatalogueFlow``'s mining lists with and without the flow's lists retrieved first."""
+    import shutil
+
+    from esci_reranker.train.config import load_config
+
+    frame = pd.concat([splits["train"], splits["val"]], ignore_index=True)
+    full = retrieve_lists(catalogue, frame, n=30)
+    ids = retrieve_ids(catalogue, frame, n=30)
+    assert list(ids) == list(full)
+    assert {q: list(ids[q]) for q in ids} == {q: [r.product_id for r in v] for q, v in full.items()}
+    assert {q: list(v) for q, v in retrieve_ids(catalogue, frame, n=30, keep=7).items()} == {
+        q: [r.product_id for r in v[:7]] for q, v in full.items()
+    }
+
+    cfg = load_config(None, ["stack.encoder_negatives=3", "stack.negatives_retrieve=20"])
+    shutil.copytree(catalogue.folder, tmp_path / "catalogue")
+    bare = CatalogueFlow(cfg, frame, log=lambda _: None)
+    with_lists = CatalogueFlow(cfg, frame, log=lambda _: None)
+    with_lists.lists(tmp_path)
+    assert not bare._lists
+    assert with_lists._lists
+    mined = bare.ranked_ids(tmp_path)
+    assert {q: list(mined[q]) for q in mined} == dict(with_lists.ranked_ids(tmp_path))
+    assert max(len(v) for v in with_lists.ranked_ids(tmp_path).values()) == 20
+    held = frozenset(frame["query_id"].unique()[:2].tolist())
+    negatives = bare.encoder_negatives(tmp_path, held)
+    assert negatives is not None
+    assert len(negatives) > 0
+    assert not set(negatives["query_id"]) & held
+    pd.testing.assert_frame_equal(negatives, with_lists.encoder_negatives(tmp_path, held))
 
 
 def test_evaluate_flow_writes_metrics_plot_and_one_report_section(

@@ -277,3 +277,24 @@ def test_retrieve_validates_arguments(built: Path) -> None:
         index.retrieve("earbuds", 0)
     with pytest.raises(ValueError, match="mode='sparse'"):
         index.retrieve("earbuds", 5, mode="sparse")
+
+
+def test_retrieve_keys_ranks_as_retrieve_for_many_queries(built: Path) -> None:
+    """The batched, fields-free retrieval mining uses gives each query the list ``retrieve``
+    gives it, in every mode and across batch boundaries; ``product_ids`` names the keys."""
+    index = CatalogueIndex.open(built)
+    queries = ["wireless earbuds", "quokkaphone", "Zebrawood cutting board | Woodly", "usb cable", "shoes"]
+    for mode in ("hybrid", "bm25", "dense"):
+        lists = index.retrieve_keys(queries, n=12, mode=mode, batch_size=2)
+        assert len(lists) == len(queries)
+        for query, keys in zip(queries, lists, strict=True):
+            hits = index.retrieve(query, n=12, mode=mode)
+            assert keys.tolist() == [h.key for h in hits], (mode, query)
+            assert index.product_ids(keys) == [h.product_id for h in hits]
+    assert index.retrieve_keys(["quokkaphone"], n=5, mode="bm25")[0].tolist() == [80]
+    assert index.product_ids([81, 80, 81]) == ["ZZ-2", "ZZ-1", "ZZ-2"]
+    assert index.product_ids([]) == []
+    with pytest.raises(ValueError, match=r"queries\[1\]"):
+        index.retrieve_keys(["earbuds", " "], n=5)
+    with pytest.raises(ValueError, match="n=0"):
+        index.retrieve_keys(["earbuds"], n=0)

@@ -163,10 +163,7 @@ def test_mine_negatives_takes_foreign_products_only():
         }
     )
 
-    def hit(pid: str) -> Retrieved:
-        return Retrieved(key=0, product_id=pid, fields={}, score=1.0, bm25_rank=1, dense_rank=None)
-
-    lists = {1: [hit(p) for p in ("a", "d", "c", "b", "zz")], 2: [hit(p) for p in ("c", "a", "d")]}
+    lists = {1: ["a", "d", "c", "b", "zz"], 2: ["c", "a", "d"]}  # product ids in retrieval order
     foreign = mine_negatives(frame, lists, per_query=5, rule="foreign", weight=0.25)
     # query 1: a, b judged for it; d judged for a related query; zz judged for none -> only c
     assert foreign[foreign["query_id"] == 1]["product_id"].tolist() == ["c"]
@@ -174,6 +171,9 @@ def test_mine_negatives_takes_foreign_products_only():
     assert (foreign["weight"] == 0.25).all()
     assert foreign.set_index("product_id").loc["c", "product_title"] == "tv stick"
     assert foreign.set_index("product_id").loc["c", "fold"] == 0  # the query's fold, not the product's
+    bare = mine_negatives(frame, lists, per_query=5, rule="foreign", weight=0.25, with_text=False)
+    assert "product_title" not in bare.columns
+    pd.testing.assert_frame_equal(bare, foreign[bare.columns])
     unjudged = mine_negatives(frame, lists, per_query=1, rule="unjudged")
     assert unjudged[unjudged["query_id"] == 1]["product_id"].tolist() == ["d"]
     with pytest.raises(ValueError, match="negative_rule"):

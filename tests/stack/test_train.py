@@ -211,3 +211,39 @@ def test_soup_final_model_is_the_mean_of_the_fold_models(tmp_path, small_splits,
     reranker = Reranker.from_pretrained(tmp_path / "model")
     assert reranker.stacker is not None
     assert len(reranker.rerank("red running shoes", [("a", "Red running shoe"), ("b", "Shoe polish")])) == 2
+
+
+def test_the_trees_read_every_product_field_though_the_training_held_fewer(stacked, small_splits, tmp_path):
+    """``train_stacked`` keeps the training columns while its cross-encoders train; its trees
+    still learn from every field (``stack_frame`` reads them again): their CV is the one the
+    whole table gives."""
+    from esci_reranker.stack.train import cross_validate_trees, stack_frame
+    from esci_reranker.train.loop import read_train_val, training_frame
+
+    _result, root, _ = stacked
+    trained = pd.read_parquet(root / "train" / "train_all.parquet")
+    assert "product_description" not in trained.columns
+    cfg = load_config(None, [*STACKED, f"data.dir={small_splits}"])
+    full = read_train_val(small_splits)
+    assert full["product_description"].str.len().gt(0).any()
+    slim = training_frame(full, cfg.model.text_fields)
+    pd.testing.assert_frame_equal(stack_frame(cfg, slim), full)
+    assert stack_frame(cfg, full) is full
+    oof = pd.read_parquet(root / "train" / "folds" / "oof.parquet")
+    again = cross_validate_trees(cfg, full, oof, tmp_path, (0,), ("bm25", "bi-encoder"), lambda _: None)
+    recorded = json.loads((root / "train" / "folds" / "stack_cv.json").read_text())["entries"]
+    assert [e["stacker"] for e in again.entries] == [e["stacker"] for e in recorded]
+    # and not the one the training columns alone would give
+    alone = cross_validate_trees(
+        cfg, slim, oof, tmp_path / "slim", (0,), ("bm25", "bi-encoder"), lambda _: None
+    )
+    assert [e["stacker"] for e in alone.entries] != [e["stacker"] for e in recorded]
+    # the splits changed under a running training: said, not trained on
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    train = pd.read_parquet(small_splits / "train.parquet")
+    train.iloc[1:].to_parquet(changed / "train.parquet")
+    pd.read_parquet(small_splits / "val.parquet").to_parquet(changed / "val.parquet")
+    moved = load_config(None, [*STACKED, f"data.dir={changed}"])
+    with pytest.raises(ValueError, match="changed while the stacked model trained"):
+        stack_frame(moved, slim)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,12 +16,14 @@ from esci_reranker.train.config import load_config
 from esci_reranker.train.loop import (
     Trainer,
     build_model,
-    caller_columns,
+    build_optimizer,
     frame_texts,
+    param_groups,
     read_split,
     read_train_val,
     train,
     training_columns,
+    training_frame,
 )
 
 
@@ -207,6 +210,35 @@ def test_trainings_with_different_mixed_precision_run_in_one_process(tmp_path, s
     assert (tmp_path / "fp32" / "model" / "config.json").is_file()
 
 
+def test_the_fused_optimizer_updates_as_adamws_per_parameter_loop(tmp_path, small_splits, tiny_backbone):
+    """``build_optimizer`` (what training and distillation step with) against the reference
+    per-parameter AdamW, over the same groups: the encoder and head learning rates, weight decay
+    off for biases and LayerNorms, and the frozen embeddings left out."""
+    import copy
+
+    cfg = make_config(tmp_path, small_splits, tiny_backbone, "optim.weight_decay=0.1")
+    torch.manual_seed(0)
+    fused_model, _ = build_model(cfg)
+    loop_model = copy.deepcopy(fused_model)
+    fused = build_optimizer(fused_model, cfg.optim)
+    reference = torch.optim.AdamW(param_groups(loop_model, cfg.optim), foreach=False)
+    assert fused.defaults["fused"]
+    assert {g["lr"] for g in fused.param_groups} == {1e-3, 1e-2}
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for a, b in zip(fused_model.parameters(), loop_model.parameters(), strict=True):
+            if a.requires_grad:
+                a.grad = torch.randn(a.shape, generator=generator)
+                b.grad = a.grad.clone()
+        fused.step()
+        reference.step()
+    moved = 0
+    for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+        moved += int(a.requires_grad)
+    assert moved > 10
+
+
 def test_training_reads_only_the_columns_it_uses(tmp_path, small_splits, tiny_backbone):
     cfg = make_config(tmp_path, small_splits, tiny_backbone)
     full = read_split(small_splits / "train.parquet", "train")
@@ -226,8 +258,8 @@ def test_training_reads_only_the_columns_it_uses(tmp_path, small_splits, tiny_ba
     full.drop(columns=["esci_label"]).to_parquet(tmp_path / "no_label.parquet")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['esci_label'\]"):
         read_split(tmp_path / "no_label.parquet", "train", columns)
-    # one process: the caller keeps every column (it writes the splits and fits the trees)
-    assert caller_columns(cfg) is None
+    # a table read whole, cut to the same columns as read_split reads
+    pd.testing.assert_frame_equal(training_frame(full, cfg.model.text_fields), read)
     both = read_train_val(small_splits, columns)
     assert len(both) == len(full) + len(read_split(small_splits / "val.parquet", "val"))
     assert set(both.columns) == set(present)

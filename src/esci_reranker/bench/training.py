@@ -4,12 +4,14 @@
 clipping and the AdamW update, as ``train.loop`` runs it) of the config's model in each of
 
 - **padded**: the encoder's own forward over the pair and both tower batches, each padded to
-  its longest row, with PyTorch's dropout (``padding_free: false``: the step before
-  padding-free training);
+  its longest row, with PyTorch's dropout and AdamW's per-parameter loop (``padding_free:
+  false``: the step before padding-free training);
 - **packed_torch_dropout**: the padding-free step (``model.unpadded.packed_states``) with
   PyTorch's dropout kernel;
 - **packed**: the padding-free step with the faster CPU dropout masks (``model.cpu.cpu_dropout``),
   as training runs it;
+
+the packed variants update with the fused AdamW of ``train.loop.build_optimizer``;
 
 in fp32 and, on CPUs with native bf16 (AVX-512 BF16 or AMX), under bf16 autocast as the loop's
 ``mixed_precision: auto`` runs it. All variants start from the same weights and train on the same
@@ -154,7 +156,7 @@ def training_work(cfg: Any, model: Any, tokenizer: Any, n_batches: int) -> _Work
 
 def _variant(name: str, model: Any, cfg: Any, layout: str, precision: str) -> _Variant:
     from esci_reranker.model.cpu import use_torch_dropout
-    from esci_reranker.train.loop import param_groups
+    from esci_reranker.train.loop import build_optimizer, param_groups
 
     model = copy.deepcopy(model).train()
     if layout != "packed":  # the steps before: PyTorch's dropout kernel
@@ -162,7 +164,11 @@ def _variant(name: str, model: Any, cfg: Any, layout: str, precision: str) -> _V
     model.enable_packed_training(layout != "padded")
     if layout != "padded" and not model.packed_training:
         raise ValueError(f"{cfg.model.backbone}: the encoder cannot train padding-free (see the log).")
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
+    # the padded step is the one before: AdamW's per-parameter loop, not the fused update
+    if layout == "padded":
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), foreach=False)
+    else:
+        optimizer = build_optimizer(model, cfg.optim)
     return _Variant(name, layout, precision, model, optimizer)
 
 

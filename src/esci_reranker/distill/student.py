@@ -435,8 +435,8 @@ def train_student(
     from esci_reranker.model.features import pair_encoder_for
     from esci_reranker.train.batching import bucketed_batches, query_batches
     from esci_reranker.train.loop import (
+        build_optimizer,
         frame_texts,
-        param_groups,
         release_precision_state,
         resolve_mixed_precision,
     )
@@ -487,7 +487,7 @@ def train_student(
 
     steps_per_epoch = max(1, math.ceil(len(epoch_batches(0)) / cfg.optim.grad_accum_steps))
     total_steps = cfg.optim.max_steps or math.ceil(steps_per_epoch * cfg.optim.epochs)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
+    optimizer = build_optimizer(model, cfg.optim)
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(cfg.optim.warmup_ratio * total_steps), total_steps
     )

@@ -98,6 +98,38 @@ def retrieve_lists(
     }
 
 
+def retrieve_ids(
+    index: CatalogueIndex, queries: pd.DataFrame, n: int = DEFAULT_RETRIEVE, keep: int | None = None
+) -> Mapping[object, Sequence[str]]:
+    """query id -> the product ids of its top ``n``, as ``retrieve_lists`` ranks them (the first
+    ``keep`` of them when given), for each distinct query of ``queries`` (``query_id``, ``query``).
+
+    Built for many queries (every training query of the full data): the lists are retrieved in
+    batches as keys alone (``CatalogueIndex.retrieve_keys``) and a list's ids are read when it is
+    looked up, so the result holds ~1 KB a query where ``retrieve_lists`` holds ~1 KB a product.
+    """
+    distinct = queries.drop_duplicates("query_id")
+    keys = index.retrieve_keys(distinct["query"].astype(str).tolist(), n)
+    return _IdLists(index, {q: k[:keep] for q, k in zip(distinct["query_id"].tolist(), keys, strict=True)})
+
+
+class _IdLists(Mapping[object, Sequence[str]]):
+    """query id -> product ids, read from the index's keys when a list is looked up."""
+
+    def __init__(self, index: CatalogueIndex, keys: dict[object, np.ndarray]) -> None:
+        self._index = index
+        self._keys = keys
+
+    def __getitem__(self, query_id: object) -> list[str]:
+        return self._index.product_ids(self._keys[query_id])
+
+    def __iter__(self) -> Any:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def open_or_build_catalogue(
     frame: pd.DataFrame,
     folder: str | Path,
@@ -140,46 +172,49 @@ def _fields_frame(items: Sequence[Retrieved]) -> pd.DataFrame:
 
 def mine_negatives(
     frame: pd.DataFrame,
-    lists: Mapping[object, Sequence[Retrieved]],
+    lists: Mapping[object, Sequence[str]],
     per_query: int,
     rule: str = "foreign",
     weight: float = 0.3,
+    with_text: bool = True,
 ) -> pd.DataFrame:
     """Catalogue negatives of the labelled queries of ``frame`` (train+val, with a ``fold`` column).
 
-    For each query: its retrieved products (``lists``) in retrieval order that are not judged
+    For each query: its retrieved products (``lists``: product ids in retrieval order; e.g.
+    ``retrieve_ids``) that are not judged
     for it and, with ``rule="foreign"``, are foreign to it (``eval.flow.is_foreign``); the first
     ``per_query`` of them, labelled I with ``weight``. Product text comes from ``frame`` (the
     judged rows of the other queries), never from outside it.
 
     Returns:
-        Columns ``fold, query_id, query, product_id, weight``, the ``product_*`` columns and
-        ``esci_query_source`` when ``frame`` has it.
+        Columns ``fold, query_id, query, product_id, weight``, the ``product_*`` columns (unless
+        ``with_text`` is False) and ``esci_query_source`` when ``frame`` has it.
     """
     if rule not in ("foreign", "unjudged"):
         raise ValueError(f"negative_rule={rule!r}; expected 'foreign' or 'unjudged'.")
     if "fold" not in frame.columns:
         raise ValueError("mine_negatives: the frame needs a 'fold' column (each query's outer fold).")
     judged = judged_index(frame)
-    products = catalogue_products(frame).set_index("product_id")
     queries = frame.drop_duplicates("query_id").set_index("query_id")
     rows = []
-    for qid, items in lists.items():
+    for qid, ids in lists.items():
         query = str(queries.at[qid, "query"])
         taken = 0
-        for item in items:
+        for pid in ids:
             if taken >= per_query:
                 break
-            seen_for = judged.get(item.product_id, {})
-            if qid in seen_for or item.product_id not in products.index:
+            # a product of no row of frame has no text here, and no judgement to go by
+            seen_for = judged.get(pid)
+            if not seen_for or qid in seen_for:
                 continue
             if rule == "foreign" and not is_foreign(query, seen_for.values()):
                 continue
-            rows.append((int(queries.at[qid, "fold"]), qid, query, item.product_id))
+            rows.append((int(queries.at[qid, "fold"]), qid, query, pid))
             taken += 1
     out = pd.DataFrame(rows, columns=["fold", "query_id", "query", "product_id"])
     out["weight"] = float(weight)
-    out = out.join(products, on="product_id")
+    if with_text:
+        out = out.join(catalogue_products(frame).set_index("product_id"), on="product_id")
     if "esci_query_source" in queries.columns:
         out["esci_query_source"] = queries.loc[out["query_id"], "esci_query_source"].to_numpy()
     return out
@@ -380,20 +415,46 @@ class CatalogueFlow:
     #: for a train query and a test query), so no test product is ever a negative or a result
     exclude_products: frozenset[str] = frozenset()
     fold_flow: FoldFlow | None = field(default=None, init=False)
+    _indexes: dict[Path, CatalogueIndex] = field(default_factory=dict, init=False, repr=False)
     _lists: dict[Path, dict[object, list[Retrieved]]] = field(default_factory=dict, init=False, repr=False)
+    _ids: dict[Path, Mapping[object, Sequence[str]]] = field(default_factory=dict, init=False, repr=False)
     _eligible: pd.DataFrame | None = field(default=None, init=False, repr=False)
 
-    def lists(self, fold_dir: Path) -> dict[object, list[Retrieved]]:
-        """Every train+val query's retrieved list from the train+val catalogue (built once)."""
+    def index(self, fold_dir: Path) -> CatalogueIndex:
+        """The train+val catalogue (``FOLD_DIR/catalogue``), opened, or built from ``frame`` once.
+
+        It stores every product field the stacker reads, so it is built while ``frame`` holds
+        them; afterwards ``frame`` may keep fewer columns (the training ones): mining reads the
+        queries, labels and product ids, and a negative's text for a cross-encoder."""
         folder = Path(fold_dir) / "catalogue"
+        if folder not in self._indexes:
+            self._indexes[folder] = open_or_build_catalogue(
+                self.frame, folder, self.exclude_products, retriever=self.retriever, log=self.log
+            )
+        return self._indexes[folder]
+
+    def _retrieve(self) -> int:
+        # one list length for the flow and the mining: a fused top k depends on how deep each
+        # source was read, so every caller cuts the same lists
+        return max(self.cfg.stack.negatives_retrieve, DEFAULT_RETRIEVE)
+
+    def lists(self, fold_dir: Path) -> dict[object, list[Retrieved]]:
+        """Every train+val query's retrieved list, with the products' fields (for the flow)."""
+        folder = Path(fold_dir) / "catalogue"
+        if folder not in self._lists:
+            self._lists[folder] = retrieve_lists(self.index(fold_dir), self.frame, self._retrieve())
+        return self._lists[folder]
+
+    def ranked_ids(self, fold_dir: Path) -> Mapping[object, Sequence[str]]:
+        """Every train+val query's retrieved product ids, the top ``stack.negatives_retrieve``
+        of the lists ``lists`` gives (from them when they are there, else ``retrieve_ids``)."""
+        folder = Path(fold_dir) / "catalogue"
+        top = self.cfg.stack.negatives_retrieve
         if folder in self._lists:
-            return self._lists[folder]
-        index = open_or_build_catalogue(
-            self.frame, folder, self.exclude_products, retriever=self.retriever, log=self.log
-        )
-        retrieve = max(self.cfg.stack.negatives_retrieve, DEFAULT_RETRIEVE)
-        self._lists[folder] = lists = retrieve_lists(index, self.frame, retrieve)
-        return lists
+            return {q: [r.product_id for r in v[:top]] for q, v in self._lists[folder].items()}
+        if folder not in self._ids:
+            self._ids[folder] = retrieve_ids(self.index(fold_dir), self.frame, self._retrieve(), keep=top)
+        return self._ids[folder]
 
     def encoder_negatives(self, fold_dir: Path, held_out: frozenset[int]) -> pd.DataFrame | None:
         """``stack.train.TrainRowsFn``: catalogue negatives for a cross-encoder that holds out the
@@ -407,11 +468,16 @@ class CatalogueFlow:
         if not stack.encoder_negatives:
             return None
         if self._eligible is None:
-            top = {q: v[: stack.negatives_retrieve] for q, v in self.lists(fold_dir).items()}
             # every eligible product in retrieval order; each fold then takes its first ones
             self._eligible = mine_negatives(
-                self.frame.assign(fold=-1), top, stack.negatives_retrieve, stack.negative_rule
-            )
+                self.frame.assign(fold=-1),
+                self.ranked_ids(fold_dir),
+                stack.negatives_retrieve,
+                stack.negative_rule,
+                # the chosen ones get their text from frame (labelled_negatives); every eligible
+                # product of every query with its text would be GBs on the full data
+                with_text=False,
+            )[["query_id", "product_id"]]
         eligible = self._eligible
         held_products = set(self.frame.loc[self.frame["query_id"].isin(held_out), "product_id"])
         keep = ~eligible["query_id"].isin(held_out) & ~eligible["product_id"].isin(held_products)
@@ -455,9 +521,9 @@ class CatalogueFlow:
                 )
             self.log(f"      search flow not measured: no fold model at {missing[0]}")
             return None
-        lists = self.lists(fold_dir)
         frame = self.frame.merge(folds, on="query_id", how="left", validate="many_to_one")
         if self.flow:
+            lists = self.lists(fold_dir)
             self.fold_flow = FoldFlow(frame, fold_dir, {q: v[:DEFAULT_RETRIEVE] for q, v in lists.items()})
         if not stack.negatives_per_query:
             return None
@@ -470,9 +536,12 @@ class CatalogueFlow:
             if set(seeds) <= set(cached["seed"].unique()):
                 self.log(f"      catalogue negatives: {cache} (cached)")
                 return cached.assign(weight=stack.negative_weight)
-        top = {q: v[: stack.negatives_retrieve] for q, v in lists.items()}
         mined = mine_negatives(
-            frame, top, stack.negatives_per_query, stack.negative_rule, stack.negative_weight
+            frame,
+            self.ranked_ids(fold_dir),
+            stack.negatives_per_query,
+            stack.negative_rule,
+            stack.negative_weight,
         )
         self.log(
             f"      catalogue negatives: {len(mined)} ({stack.negative_rule}, up to {stack.negatives_per_query} "
@@ -603,9 +672,7 @@ def catalogue_lists(
     test_path = required_test_split(data_dir, "its products out of the catalogue")
     frame = read_train_val(data_dir)
     index = open_or_build_catalogue(frame, folder, _split_products(test_path), retriever=retriever, log=log)
-    return {
-        qid: [item.product_id for item in items] for qid, items in retrieve_lists(index, queries, n).items()
-    }
+    return dict(retrieve_ids(index, queries, n).items())
 
 
 def _split_products(path: str | Path | None) -> frozenset[str]:

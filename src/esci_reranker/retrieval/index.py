@@ -470,35 +470,13 @@ class CatalogueIndex:
             raise ValueError(f"n={n!r}; expected a positive integer.")
         if mode not in RETRIEVAL_MODES:
             raise ValueError(f"mode={mode!r}; expected one of {list(RETRIEVAL_MODES)}.")
-        setting = fusion or self.fusion
         b_keys, b_scores = (
             self.bm25_search(query, n) if mode != "dense" else (np.zeros(0, np.int64), np.zeros(0))
         )
         d_keys, d_scores = (
             self.dense_search(query, n) if mode != "bm25" else (np.zeros(0, np.int64), np.zeros(0))
         )
-        if mode == "hybrid":
-            method = setting.get("method", "rrf")
-            if method not in FUSION_METHODS:
-                raise ValueError(
-                    f"{self.folder}: fusion method {method!r}; expected one of {list(FUSION_METHODS)}."
-                )
-            w = float(setting.get("dense_weight", 0.5))
-            fused = fuse(
-                [Ranking(b_keys.tolist(), b_scores.tolist()), Ranking(d_keys.tolist(), d_scores.tolist())],
-                method=method,
-                weights=(1.0 - w, w) if method == "zscore" else None,
-                rrf_k=float(setting.get("rrf_k", DEFAULT_RRF_K)),
-            )
-            keys, scores, ranks = (
-                np.asarray(fused.keys[:n], dtype=np.int64),
-                fused.scores[:n],
-                fused.ranks[:n],
-            )
-        else:  # one source: its own scores and ranks
-            keys, scores = (b_keys, b_scores) if mode == "bm25" else (d_keys, d_scores)
-            ranks = np.zeros((len(keys), 2), dtype=np.int64)
-            ranks[:, 0 if mode == "bm25" else 1] = np.arange(1, len(keys) + 1)
+        keys, scores, ranks = self._fused(b_keys, b_scores, d_keys, d_scores, n, mode, fusion)
         records = self.products(keys)
         out = []
         for i, record in enumerate(records):
@@ -515,6 +493,99 @@ class CatalogueIndex:
                 )
             )
         return out
+
+    def retrieve_keys(
+        self,
+        queries: Sequence[str],
+        n: int = 100,
+        mode: str = "hybrid",
+        fusion: dict[str, Any] | None = None,
+        batch_size: int = 256,
+    ) -> list[np.ndarray]:
+        """The keys ``retrieve`` ranks for each of many ``queries`` (best first), without their fields.
+
+        For mining lists at scale: the queries are embedded ``batch_size`` at a time and the graph
+        searched once per batch, and no product is read, so a list costs its keys alone (a
+        ``Retrieved`` with its fields is ~1 KB: 100 for each of ~110k queries would not fit).
+        ``product_ids`` names the keys.
+
+        Raises:
+            ValueError: an empty query, ``n < 1`` or an unknown mode.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r}; expected a positive integer.")
+        if mode not in RETRIEVAL_MODES:
+            raise ValueError(f"mode={mode!r}; expected one of {list(RETRIEVAL_MODES)}.")
+        for i, query in enumerate(queries):
+            if not isinstance(query, str) or not query.strip():
+                raise ValueError(f"queries[{i}]: {query!r}; expected a non-empty string.")
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+        out: list[np.ndarray] = []
+        for start in range(0, len(queries), batch_size):
+            chunk = list(queries[start : start + batch_size])
+            dense = self._dense_batch(chunk, n) if mode != "bm25" else [empty] * len(chunk)
+            for query, (d_keys, d_scores) in zip(chunk, dense, strict=True):
+                b_keys, b_scores = self.bm25_search(query, n) if mode != "dense" else empty
+                out.append(self._fused(b_keys, b_scores, d_keys, d_scores, n, mode, fusion)[0])
+        return out
+
+    def product_ids(self, keys: Sequence[int] | np.ndarray) -> list[str]:
+        """The ``product_id`` of each key, in the order given (only that column is read)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if len(keys) == 0:
+            return []
+        tables = self._segment_tables()
+        seg = np.searchsorted(self._first_keys, keys, side="right") - 1
+        out: list[str] = [""] * len(keys)
+        for s in np.unique(seg):
+            where = np.flatnonzero(seg == s)
+            column = tables[s].column("product_id").take(pa.array(keys[where] - self._first_keys[s]))
+            for i, pid in zip(where, column.to_pylist(), strict=True):
+                out[i] = pid
+        return out
+
+    def _dense_batch(self, queries: list[str], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``dense_search`` of each query, embedded together and searched in one call."""
+        if len(self.ann) == 0 or k < 1:
+            return [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * len(queries)
+        vectors = self.encoder.encode(queries)
+        self.ann.expansion_search = max(HNSW_EXPANSION_SEARCH, k)
+        matches = self.ann.search(vectors, k, exact=k >= len(self.ann))
+        # usearch answers one vector with its matches, several with a batch of them
+        rows = [matches] if len(queries) == 1 else [matches[i] for i in range(len(queries))]
+        return [(np.asarray(m.keys, np.int64), 1.0 - np.asarray(m.distances, np.float32)) for m in rows]
+
+    def _fused(
+        self,
+        b_keys: np.ndarray,
+        b_scores: np.ndarray,
+        d_keys: np.ndarray,
+        d_scores: np.ndarray,
+        n: int,
+        mode: str,
+        fusion: dict[str, Any] | None,
+    ) -> tuple[np.ndarray, Any, np.ndarray]:
+        """Keys, scores and per-source ranks (n, 2) of the top ``n`` of one query's source lists."""
+        if mode == "hybrid":
+            setting = fusion or self.fusion
+            method = setting.get("method", "rrf")
+            if method not in FUSION_METHODS:
+                raise ValueError(
+                    f"{self.folder}: fusion method {method!r}; expected one of {list(FUSION_METHODS)}."
+                )
+            w = float(setting.get("dense_weight", 0.5))
+            fused = fuse(
+                [Ranking(b_keys.tolist(), b_scores.tolist()), Ranking(d_keys.tolist(), d_scores.tolist())],
+                method=method,
+                weights=(1.0 - w, w) if method == "zscore" else None,
+                rrf_k=float(setting.get("rrf_k", DEFAULT_RRF_K)),
+            )
+            return np.asarray(fused.keys[:n], dtype=np.int64), fused.scores[:n], np.asarray(fused.ranks[:n])
+        # one source: its own scores and ranks
+        keys, scores = (b_keys, b_scores) if mode == "bm25" else (d_keys, d_scores)
+        ranks = np.zeros((len(keys), 2), dtype=np.int64)
+        ranks[:, 0 if mode == "bm25" else 1] = np.arange(1, len(keys) + 1)
+        return keys, scores, ranks
 
     # -- building -------------------------------------------------------------------------------
     @classmethod

@@ -209,13 +209,44 @@ def cross_validate_stacked(
         oof = pd.read_parquet(out_dir / "oof.parquet")
         negative_rows = negatives(out_dir, seeds) if negatives is not None else None
         return cross_validate_trees(
-            cfg, frame, oof, out_dir, seeds, baselines, log, negatives=negative_rows, on_fold=on_fold
+            cfg,
+            stack_frame(cfg, frame),
+            oof,
+            out_dir,
+            seeds,
+            baselines,
+            log,
+            negatives=negative_rows,
+            on_fold=on_fold,
         )
 
     cv = trees() if is_main_process() else None
     # the stack tables stay on the main process, the only one that fits trees
     entries, summary = on_main(lambda: (cv.entries, cv.summary) if cv is not None else ([], {}))
     return cv if cv is not None else StackedCV(entries, summary)
+
+
+def stack_frame(cfg: TrainConfig, frame: pd.DataFrame) -> pd.DataFrame:
+    """The train+val table the trees' features read: ``frame`` when it holds every product field,
+    else the table read again whole from ``cfg.data`` (a stacked training keeps only the training
+    columns while its cross-encoders train: on the full data the rest is ~3 GiB a process).
+
+    Raises:
+        ValueError: the table read again is not ``frame``'s rows (the splits changed meanwhile).
+    """
+    from esci_reranker.data.text import FIELD_COLUMNS
+    from esci_reranker.stack.features import PRODUCT_FIELDS
+    from esci_reranker.train.loop import read_train_val
+
+    if all(FIELD_COLUMNS[name] in frame.columns for name in PRODUCT_FIELDS):
+        return frame
+    full = read_train_val(cfg.data)
+    if len(full) != len(frame) or not full["product_id"].equals(frame["product_id"]):
+        raise ValueError(
+            f"{cfg.data.resolve('train')}: the train+val splits changed while the stacked model trained "
+            f"({len(frame)} rows read before, {len(full)} now); run it again."
+        )
+    return full
 
 
 def cross_validate_trees(
@@ -292,12 +323,13 @@ def train_stacked(
     continues an interrupted run of the same config and data: the fold models it finished (model
     and out-of-fold rows) are kept, the trees are fitted again (minutes), and the final
     cross-encoder continues from its last checkpoint. Every process returns the same result.
-    ``frame`` is the train+val table when the caller holds it already, else it is read here (on
-    the processes but the main one, only the columns training reads: ``caller_columns``).
+    ``frame`` is the train+val table when the caller holds it already, else it is read here: the
+    columns training reads (``train.loop.training_columns``); the trees read the rest when they
+    need it (``stack_frame``).
     """
     from esci_reranker.reranker import Reranker
     from esci_reranker.train.distributed import is_main_process, on_main
-    from esci_reranker.train.loop import caller_columns, read_train_val
+    from esci_reranker.train.loop import read_train_val, training_columns
 
     if cfg.model.stacker != "gbdt":
         raise ValueError(f"train_stacked: model.stacker is {cfg.model.stacker!r}; expected 'gbdt'.")
@@ -306,7 +338,7 @@ def train_stacked(
     seconds: dict[str, float] = {}
     run_dir = cfg.output.resolved_run_dir()
     if frame is None:
-        frame = read_train_val(cfg.data, caller_columns(cfg))
+        frame = read_train_val(cfg.data, training_columns(cfg.model.text_fields))
 
     t = time.perf_counter()
     cv = cross_validate_stacked(

