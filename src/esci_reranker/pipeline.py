@@ -292,28 +292,11 @@ def _stacked_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
         f"[2/{job.stages}] train {job.config}: {job.cfg.stack.folds} out-of-fold cross-encoders, the stacker, the final "
         f"model -> {job.cfg.output.save_path}"
     )
-    from esci_reranker.hardware import malloc_trim
-    from esci_reranker.retrieval.flow import catalogue_flow
-    from esci_reranker.train.distributed import is_main_process
-    from esci_reranker.train.loop import read_train_val, training_columns, training_frame
+    from esci_reranker.retrieval.flow import stacked_inputs
 
-    # the whole table on the main process, for the catalogue (it stores every product field the
-    # trees read); the other processes never use it, so they read the training columns only
-    fields = job.cfg.model.text_fields
-    frame = read_train_val(job.cfg.data, None if is_main_process() else training_columns(fields))
     # the search flow of each CV fold costs a catalogue and a scoring pass per fold: `cv` measures
     # it; the job builds the catalogue only when the config learns from catalogue negatives
-    catalogue = catalogue_flow(
-        job.cfg, frame, False, job.log, retriever=job.retriever, test_split=job.cfg.data.resolve("test")
-    )
-    if catalogue is not None and is_main_process():
-        catalogue.index(job.cfg.output.resolved_run_dir() / "folds")
-    # While the cross-encoders train, every process holds the training columns alone (on the full
-    # data the rest is ~3 GiB); the trees read the whole table again (stack.train.stack_frame).
-    frame = training_frame(frame, fields)
-    if catalogue is not None and not job.cfg.stack.negatives_per_query:
-        catalogue.frame = frame  # the trees' own negatives (not the default) take their text from it
-    malloc_trim()
+    frame, catalogue = stacked_inputs(job.cfg, False, job.log, retriever=job.retriever)
     result = train_stacked(
         job.cfg,
         progress=job.progress,

@@ -32,6 +32,15 @@ def train_command(
         ),
     ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    flow: Annotated[
+        bool,
+        typer.Option(
+            "--flow/--no-flow",
+            help="Stacked configs: also measure each fold's held-out queries in the search flow "
+            "(retrieve 100 from the train+val catalogue, rerank, label). It scores 100 products a "
+            "query on the main process: leave it off on the full data.",
+        ),
+    ] = True,
 ) -> None:
     """Train a reranker from a YAML config (multi-task by default); keeps the best model on val nDCG.
 
@@ -42,7 +51,7 @@ def train_command(
     try:
         cfg = load_config(config, _overrides(overrides, base_model))
         if cfg.model.stacker == "gbdt":
-            _train_stacked(cfg, resume, progress)
+            _train_stacked(cfg, resume, progress, flow)
             return
         result = train(cfg, resume=resume, progress=progress)
     except (ConfigError, FileNotFoundError, ValueError) as err:
@@ -351,19 +360,18 @@ def pipeline_command(
         )
 
 
-def _train_stacked(cfg: TrainConfig, resume: bool, progress: bool) -> None:
+def _train_stacked(cfg: TrainConfig, resume: bool, progress: bool, flow: bool) -> None:
     """``train`` for ``model.stacker: gbdt``: fold models, stacker, final model; CV tables printed.
-    ``resume`` keeps the fold models an interrupted run finished and continues the rest."""
+    ``resume`` keeps the fold models an interrupted run finished and continues the rest; ``flow``
+    also measures each fold in the search flow."""
 
-    from esci_reranker.retrieval.flow import catalogue_flow
+    from esci_reranker.retrieval.flow import stacked_inputs
     from esci_reranker.stack.cv import cv_tables
     from esci_reranker.stack.train import train_stacked
     from esci_reranker.train.distributed import is_main_process
-    from esci_reranker.train.loop import read_train_val
 
-    frame = read_train_val(cfg.data)
     say = typer.echo if is_main_process() else (lambda line: None)  # one process speaks for the job
-    catalogue = catalogue_flow(cfg, frame, True, say, test_split=cfg.data.resolve("test"))
+    frame, catalogue = stacked_inputs(cfg, flow, say)
     result = train_stacked(
         cfg,
         progress=progress,
@@ -372,6 +380,7 @@ def _train_stacked(cfg: TrainConfig, resume: bool, progress: bool) -> None:
         on_fold=None if catalogue is None else catalogue.on_fold,
         train_rows=None if catalogue is None else catalogue.encoder_negatives,
         resume=resume,
+        frame=frame,
     )
     if not is_main_process():
         return  # the main process prints the tables

@@ -180,10 +180,9 @@ def mine_negatives(
 ) -> pd.DataFrame:
     """Catalogue negatives of the labelled queries of ``frame`` (train+val, with a ``fold`` column).
 
-    For each query: its retrieved products (``lists``: product ids in retrieval order; e.g.
-    ``retrieve_ids``) that are not judged
-    for it and, with ``rule="foreign"``, are foreign to it (``eval.flow.is_foreign``); the first
-    ``per_query`` of them, labelled I with ``weight``. Product text comes from ``frame`` (the
+    For each query: its retrieved products (``lists``: product ids in retrieval order, e.g. from
+    ``retrieve_ids``) that are not judged for it and, with ``rule="foreign"``, are foreign to it
+    (``eval.flow.is_foreign``); the first ``per_query`` of them, labelled I with ``weight``. Product text comes from ``frame`` (the
     judged rows of the other queries), never from outside it.
 
     Returns:
@@ -600,6 +599,39 @@ def catalogue_flow(
         retriever=retriever,
         exclude_products=_split_products(test_split),
     )
+
+
+def stacked_inputs(
+    cfg: Any, flow: bool, log: Any = print, retriever: str | Path | None = None
+) -> tuple[pd.DataFrame, CatalogueFlow | None]:
+    """The train+val table and the ``catalogue_flow`` a stacked training (``train``, ``pipeline``)
+    runs with on this process.
+
+    The main process reads the whole table and builds the catalogue from it (the catalogue stores
+    every product field the trees read). The table is then cut to the training columns
+    (``train.loop.training_frame``) for the cross-encoders: on the full data the rest is ~3 GiB
+    a process, and the trees read the whole table again when they need it
+    (``stack.train.stack_frame``). The flow keeps the whole table when it measures the folds'
+    search flow (``flow``) or mines the trees' own negatives (``stack.negatives_per_query``):
+    both read product text from it. The other processes read the training columns alone.
+    """
+    from esci_reranker.hardware import malloc_trim
+    from esci_reranker.train.distributed import is_main_process
+    from esci_reranker.train.loop import read_train_val, training_columns, training_frame
+
+    fields = cfg.model.text_fields
+    main = is_main_process()
+    frame = read_train_val(cfg.data, None if main else training_columns(fields))
+    catalogue = catalogue_flow(
+        cfg, frame, flow, log, retriever=retriever, test_split=cfg.data.resolve("test")
+    )
+    if catalogue is not None and main:
+        catalogue.index(cfg.output.resolved_run_dir() / "folds")
+    frame = training_frame(frame, fields)
+    if catalogue is not None and not (flow or cfg.stack.negatives_per_query):
+        catalogue.frame = frame
+    malloc_trim()
+    return frame, catalogue
 
 
 def evaluate_flow(
