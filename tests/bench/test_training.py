@@ -48,6 +48,11 @@ def test_bench_train_times_both_steps_on_the_same_batches(tiny_backbone: Path, t
     assert "padded_fp32" in result.output
     assert "speed-up of the padding-free step" in result.output
     assert "of which the faster dropout masks: fp32" in result.output
+    optimizer = data["optimizer_step_ms"]
+    assert optimizer["per_parameter"] > 0
+    assert optimizer["fused"] > 0
+    assert optimizer["speedup"] == pytest.approx(optimizer["per_parameter"] / optimizer["fused"])
+    assert "AdamW update:" in result.output
 
 
 def test_bench_train_rejects_bad_options(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ import multiprocessing
 import os
 import resource
 import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,8 +263,9 @@ def run_train_bench(
         The JSON-ready result: ``machine``, ``settings``, ``model``, ``work``,
         ``roofline_fp32_gflops``, ``variants`` (per variant ``pairs_per_second``,
         ``tokens_per_second``, ``step_ms``, ``gflops``, ``roofline_share``, ``peak_rss_mb``) and
-        ``speedup`` (packed over padded, per precision) and ``dropout_speedup`` (packed over
-        packed_torch_dropout).
+        ``speedup`` (packed over padded, per precision), ``dropout_speedup`` (packed over
+        packed_torch_dropout) and ``optimizer_step_ms`` (the AdamW update alone, per-parameter
+        loop and fused, and their ratio).
 
     Raises:
         ValueError: a bad count or precision, or a config whose model cannot be measured.
@@ -357,6 +359,7 @@ def _measure(
     entries |= skipped
     speedup = _speedups(entries, precisions, "packed", "padded")
     dropout_speedup = _speedups(entries, precisions, "packed", "packed_torch_dropout")
+    optimizer = _optimizer_steps(model, cfg, repeats)
     layers, hidden, intermediate = _encoder_shape(model.config)
     return {
         "config": str(config),
@@ -396,7 +399,36 @@ def _measure(
         "variants": entries,
         "speedup": speedup,
         "dropout_speedup": dropout_speedup,
+        "optimizer_step_ms": optimizer,
     }
+
+
+def _optimizer_steps(model: Any, cfg: Any, repeats: int, steps: int = 10) -> dict[str, float]:
+    """Milliseconds of one AdamW update of the model's trainable weights: AdamW's per-parameter
+    loop against the fused update training uses (``train.loop.build_optimizer``), each the
+    fastest of ``repeats`` interleaved rounds of ``steps`` updates on the same gradients."""
+    from esci_reranker.train.loop import build_optimizer, param_groups
+
+    timed: dict[str, list[float]] = {"per_parameter": [], "fused": []}
+    copies = {name: copy.deepcopy(model) for name in timed}
+    generator = torch.Generator().manual_seed(0)
+    optimizers = {
+        "per_parameter": torch.optim.AdamW(param_groups(copies["per_parameter"], cfg.optim), foreach=False),
+        "fused": build_optimizer(copies["fused"], cfg.optim),
+    }
+    for name, copied in copies.items():
+        for param in copied.parameters():
+            if param.requires_grad:
+                param.grad = torch.randn(param.shape, generator=generator)
+        optimizers[name].step()  # warm-up: the state is allocated at the first step
+    for _ in range(repeats):
+        for name, optimizer in optimizers.items():
+            started = time.perf_counter()
+            for _ in range(steps):
+                optimizer.step()
+            timed[name].append((time.perf_counter() - started) / steps * 1000)
+    best = {name: min(values) for name, values in timed.items()}
+    return best | {"speedup": best["per_parameter"] / best["fused"]}
 
 
 def _speedups(
@@ -437,4 +469,10 @@ def format_train_table(result: dict[str, Any]) -> str:
         "of which the faster dropout masks: "
         + (", ".join(f"{p} {x:.2f}x" for p, x in result.get("dropout_speedup", {}).items()) or "-"),
     ]
+    if "optimizer_step_ms" in result:
+        o = result["optimizer_step_ms"]
+        footer.append(
+            f"AdamW update: {o['per_parameter']:.1f} ms per-parameter, {o['fused']:.1f} ms fused "
+            f"({o['speedup']:.1f}x)"
+        )
     return text_table(header, result["variants"], _variant_row, footer)
