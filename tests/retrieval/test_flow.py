@@ -206,3 +206,41 @@ def test_catalogue_lists_never_hold_a_product_judged_for_a_test_query(tmp_path, 
     build_catalogue(everything, tmp_path / "all", retriever=tiny_retriever)
     with pytest.raises(ValueError, match=r"holds \d+ product\(s\) judged for a test query"):
         catalogue_lists(data, queries, 10, tmp_path / "all", log=lambda _: None)
+
+
+def test_stacked_inputs_keep_the_training_columns_once_the_catalogue_is_built(
+    tmp_path, small_splits, tiny_retriever
+):
+    """What a stacked training holds while its cross-encoders train: the training columns; the
+    catalogue, built first from the whole table, keeps every product field the trees read. The
+    flow (which reads product text from the table) keeps the whole table."""
+    from esci_reranker.retrieval.flow import stacked_inputs
+    from esci_reranker.retrieval.index import CatalogueIndex
+    from esci_reranker.train.config import load_config
+    from esci_reranker.train.loop import read_train_val, training_columns
+
+    cfg = load_config(
+        None,
+        [
+            "stack.encoder_negatives=2",
+            f"data.dir={small_splits}",
+            f"output.save_path={tmp_path / 'model'}",
+            f"output.run_dir={tmp_path / 'run'}",
+        ],
+    )
+    frame, catalogue = stacked_inputs(cfg, False, lambda _: None, retriever=tiny_retriever)
+    assert catalogue is not None
+    assert set(frame.columns) <= set(training_columns(cfg.model.text_fields))
+    assert "product_description" not in frame.columns
+    assert catalogue.frame is frame
+    index = CatalogueIndex.open(tmp_path / "run" / "folds" / "catalogue")  # built before training
+    assert "description" in index.stored_fields
+    whole = read_train_val(small_splits)
+    assert frame["product_id"].tolist() == whole["product_id"].tolist()
+    negatives = catalogue.encoder_negatives(tmp_path / "run" / "folds", frozenset())
+    assert negatives is not None
+    assert list(negatives.columns) == list(frame.columns)
+    measured, flow = stacked_inputs(cfg, True, lambda _: None, retriever=tiny_retriever)
+    assert flow is not None
+    assert "product_description" in flow.frame.columns
+    assert "product_description" not in measured.columns
