@@ -9,9 +9,8 @@ clipping and the AdamW update, as ``train.loop`` runs it) of the config's model 
 - **packed_torch_dropout**: the padding-free step (``model.unpadded.packed_states``) with
   PyTorch's dropout kernel;
 - **packed**: the padding-free step with the faster CPU dropout masks (``model.cpu.cpu_dropout``),
-  as training runs it;
-
-the packed variants update with the fused AdamW of ``train.loop.build_optimizer``;
+  as training runs it (both packed variants update with the fused AdamW of
+  ``train.loop.build_optimizer``);
 
 in fp32 and, on CPUs with native bf16 (AVX-512 BF16 or AMX), under bf16 autocast as the loop's
 ``mixed_precision: auto`` runs it. All variants start from the same weights and train on the same
