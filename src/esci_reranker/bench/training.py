@@ -156,7 +156,7 @@ def training_work(cfg: Any, model: Any, tokenizer: Any, n_batches: int) -> _Work
 
 def _variant(name: str, model: Any, cfg: Any, layout: str, precision: str) -> _Variant:
     from esci_reranker.model.cpu import use_torch_dropout
-    from esci_reranker.train.loop import build_optimizer, param_groups
+    from esci_reranker.train.loop import build_optimizer
 
     model = copy.deepcopy(model).train()
     if layout != "packed":  # the steps before: PyTorch's dropout kernel
@@ -165,10 +165,7 @@ def _variant(name: str, model: Any, cfg: Any, layout: str, precision: str) -> _V
     if layout != "padded" and not model.packed_training:
         raise ValueError(f"{cfg.model.backbone}: the encoder cannot train padding-free (see the log).")
     # the padded step is the one before: AdamW's per-parameter loop, not the fused update
-    if layout == "padded":
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), foreach=False)
-    else:
-        optimizer = build_optimizer(model, cfg.optim)
+    optimizer = _loop_adamw(model, cfg) if layout == "padded" else build_optimizer(model, cfg.optim)
     return _Variant(name, layout, precision, model, optimizer)
 
 
@@ -406,13 +403,13 @@ def _optimizer_steps(model: Any, cfg: Any, repeats: int, steps: int = 10) -> dic
     """Milliseconds of one AdamW update of the model's trainable weights: AdamW's per-parameter
     loop against the fused update training uses (``train.loop.build_optimizer``), each the
     fastest of ``repeats`` interleaved rounds of ``steps`` updates on the same gradients."""
-    from esci_reranker.train.loop import build_optimizer, param_groups
+    from esci_reranker.train.loop import build_optimizer
 
     timed: dict[str, list[float]] = {"per_parameter": [], "fused": []}
     copies = {name: copy.deepcopy(model) for name in timed}
     generator = torch.Generator().manual_seed(0)
     optimizers = {
-        "per_parameter": torch.optim.AdamW(param_groups(copies["per_parameter"], cfg.optim), foreach=False),
+        "per_parameter": _loop_adamw(copies["per_parameter"], cfg),
         "fused": build_optimizer(copies["fused"], cfg.optim),
     }
     for name, copied in copies.items():
@@ -428,6 +425,13 @@ def _optimizer_steps(model: Any, cfg: Any, repeats: int, steps: int = 10) -> dic
             timed[name].append((time.perf_counter() - started) / steps * 1000)
     best = {name: min(values) for name, values in timed.items()}
     return best | {"speedup": best["per_parameter"] / best["fused"]}
+
+
+def _loop_adamw(model: Any, cfg: Any) -> torch.optim.AdamW:
+    """AdamW's per-parameter loop over training's parameter groups: the update before the fused one."""
+    from esci_reranker.train.loop import param_groups
+
+    return torch.optim.AdamW(param_groups(model, cfg.optim), foreach=False)
 
 
 def _speedups(

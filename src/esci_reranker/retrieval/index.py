@@ -407,19 +407,35 @@ class CatalogueIndex:
 
     def products(self, keys: Sequence[int] | np.ndarray) -> list[dict[str, str]]:
         """``product_id`` and the stored fields of each key, in the order given."""
-        keys = np.asarray(keys, dtype=np.int64)
-        if len(keys) == 0:
-            return []
-        tables = self._segment_tables()
-        seg = np.searchsorted(self._first_keys, keys, side="right") - 1
         out: list[dict[str, str] | None] = [None] * len(keys)
-        for s in np.unique(seg):
-            where = np.flatnonzero(seg == s)
-            rows = tables[s].take(pa.array(keys[where] - self._first_keys[s]))
+        for where, rows in self._segment_rows(keys):
             for i, record in zip(where, rows.to_pylist(), strict=True):
                 record.pop("key")
                 out[i] = record
         return out  # type: ignore[return-value]
+
+    def product_ids(self, keys: Sequence[int] | np.ndarray) -> list[str]:
+        """The ``product_id`` of each key, in the order given (only that column is read)."""
+        out: list[str] = [""] * len(keys)
+        for where, rows in self._segment_rows(keys, ["product_id"]):
+            for i, pid in zip(where, rows.column("product_id").to_pylist(), strict=True):
+                out[i] = pid
+        return out
+
+    def _segment_rows(
+        self, keys: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None
+    ) -> Iterator[tuple[np.ndarray, pa.Table]]:
+        """For each segment holding some of ``keys``: their positions in ``keys`` and their rows
+        (every stored column, or ``columns``)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if len(keys) == 0:
+            return
+        tables = self._segment_tables()
+        seg = np.searchsorted(self._first_keys, keys, side="right") - 1
+        for s in np.unique(seg):
+            where = np.flatnonzero(seg == s)
+            table = tables[s] if columns is None else tables[s].select(list(columns))
+            yield where, table.take(pa.array(keys[where] - self._first_keys[s]))
 
     def live_ids(self) -> dict[str, int]:
         """``product_id -> key`` of every live product (read from the segments; for updates)."""
@@ -440,15 +456,7 @@ class CatalogueIndex:
 
     def dense_search(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The HNSW graph's best ``k`` keys for the query's embedding and their cosines."""
-        if len(self.ann) == 0 or k < 1:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        vector = self.encoder.encode([query])[0]
-        # The candidate list must be at least k long for the search to return k good neighbours.
-        self.ann.expansion_search = max(HNSW_EXPANSION_SEARCH, k)
-        # Asked for every live product: scan them all. After deletions an HNSW graph can leave a
-        # node unreachable, and a caller asking for all must get all.
-        matches = self.ann.search(vector, k, exact=k >= len(self.ann))
-        return np.asarray(matches.keys, np.int64), 1.0 - np.asarray(matches.distances, np.float32)
+        return self._dense_batch([query], k)[0]
 
     def retrieve(
         self,
@@ -466,10 +474,7 @@ class CatalogueIndex:
         """
         if not isinstance(query, str) or not query.strip():
             raise ValueError("query must be a non-empty string.")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n={n!r}; expected a positive integer.")
-        if mode not in RETRIEVAL_MODES:
-            raise ValueError(f"mode={mode!r}; expected one of {list(RETRIEVAL_MODES)}.")
+        _check_request(n, mode)
         b_keys, b_scores = (
             self.bm25_search(query, n) if mode != "dense" else (np.zeros(0, np.int64), np.zeros(0))
         )
@@ -512,10 +517,7 @@ class CatalogueIndex:
         Raises:
             ValueError: an empty query, ``n < 1`` or an unknown mode.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n={n!r}; expected a positive integer.")
-        if mode not in RETRIEVAL_MODES:
-            raise ValueError(f"mode={mode!r}; expected one of {list(RETRIEVAL_MODES)}.")
+        _check_request(n, mode)
         for i, query in enumerate(queries):
             if not isinstance(query, str) or not query.strip():
                 raise ValueError(f"queries[{i}]: {query!r}; expected a non-empty string.")
@@ -529,27 +531,15 @@ class CatalogueIndex:
                 out.append(self._fused(b_keys, b_scores, d_keys, d_scores, n, mode, fusion)[0])
         return out
 
-    def product_ids(self, keys: Sequence[int] | np.ndarray) -> list[str]:
-        """The ``product_id`` of each key, in the order given (only that column is read)."""
-        keys = np.asarray(keys, dtype=np.int64)
-        if len(keys) == 0:
-            return []
-        tables = self._segment_tables()
-        seg = np.searchsorted(self._first_keys, keys, side="right") - 1
-        out: list[str] = [""] * len(keys)
-        for s in np.unique(seg):
-            where = np.flatnonzero(seg == s)
-            column = tables[s].column("product_id").take(pa.array(keys[where] - self._first_keys[s]))
-            for i, pid in zip(where, column.to_pylist(), strict=True):
-                out[i] = pid
-        return out
-
     def _dense_batch(self, queries: list[str], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``dense_search`` of each query, embedded together and searched in one call."""
+        """The dense keys and cosines of each query, embedded together and searched in one call."""
         if len(self.ann) == 0 or k < 1:
             return [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * len(queries)
         vectors = self.encoder.encode(queries)
+        # The candidate list must be at least k long for the search to return k good neighbours.
         self.ann.expansion_search = max(HNSW_EXPANSION_SEARCH, k)
+        # Asked for every live product: scan them all. After deletions an HNSW graph can leave a
+        # node unreachable, and a caller asking for all must get all.
         matches = self.ann.search(vectors, k, exact=k >= len(self.ann))
         # usearch answers one vector with its matches, several with a batch of them
         rows = [matches] if len(queries) == 1 else [matches[i] for i in range(len(queries))]
@@ -819,6 +809,14 @@ class CatalogueIndex:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _check_request(n: object, mode: str) -> None:
+    """``retrieve``'s and ``retrieve_keys``' list length and mode, or a ValueError naming them."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r}; expected a positive integer.")
+    if mode not in RETRIEVAL_MODES:
+        raise ValueError(f"mode={mode!r}; expected one of {list(RETRIEVAL_MODES)}.")
 
 
 def _prepare_batch(

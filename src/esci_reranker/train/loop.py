@@ -263,8 +263,8 @@ def build_optimizer(model: torch.nn.Module, optim: OptimSection) -> torch.optim.
     """AdamW over ``param_groups``, fused: one kernel updates every parameter (CPU and GPU).
 
     The same update as the default per-parameter loop to float rounding; on 2 CPU cores the
-    default cross-encoder's 11M trainable weights take 5 ms a step instead of 38 ms (~5 % of a
-    bf16 training step)."""
+    default cross-encoder's 11M trainable weights take ~5 ms a step instead of 15-38 ms (a few
+    per cent of a bf16 training step; ``bench-train``'s ``optimizer_step_ms``)."""
     return torch.optim.AdamW(param_groups(model, optim), fused=True)
 
 
