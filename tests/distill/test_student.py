@@ -121,7 +121,7 @@ def test_esci_student_decision_rules_are_fitted_on_labels_and_folded_into_its_bi
     from esci_reranker.distill.student import _fold_offsets, fit_student_offsets, student_reranker
     from esci_reranker.labels import ESCI_LABELS
     from esci_reranker.stack.rules import DecisionRules, fit_class_offsets
-    from esci_reranker.train.loop import frame_texts
+    from esci_reranker.train.texts import frame_texts
 
     cfg = DistillConfig(student="esci", model={"backbone": str(tiny_backbone), "max_length": 32})
     torch.manual_seed(0)

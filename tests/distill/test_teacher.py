@@ -134,7 +134,7 @@ def test_a_single_task_teacher_gives_scores_without_classes(
 def _spelled_out(reranker: Reranker, pairs: pd.DataFrame, list_size: int) -> pd.DataFrame:
     """The teacher's outputs the straightforward way: every list entry a row of its own, with
     its product's fields as a mapping, scored through ``Reranker.finish`` as one call."""
-    from esci_reranker.train.loop import frame_texts
+    from esci_reranker.train.texts import frame_texts
 
     pairs = pairs.reset_index(drop=True)
     queries = pairs["query"].astype(str).tolist()

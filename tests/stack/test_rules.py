@@ -43,6 +43,25 @@ def test_class_offsets_move_borderline_pairs_to_the_class_the_labels_say():
     assert rules.classes(probs).tolist() == labels.tolist()
 
 
+def test_a_heavier_macro_weight_calls_the_rare_class_more_often():
+    # 100 pairs ordered by how close P(I) comes to P(E): an I offset of 0.1 * k calls the first k
+    # of them I. Ten are I (ranks 1, 2, 3, 5, 8, ...). Accuracy is best at k = 3 (3 right, none
+    # wrong; k = 5 ties and the smaller offset wins); macro-F1 wants more of the I pairs: at
+    # weight 3, k = 8 scores (0.92 + 3 * 0.378) / 4 against (0.93 + 3 * 0.356) / 4.
+    gap = 0.05 + 0.1 * np.arange(100)  # log P(E) - log P(I)
+    p_i = 0.98 / (1 + np.exp(gap))
+    probs = np.stack([0.98 - p_i, np.full(100, 0.01), np.full(100, 0.01), p_i], axis=1)
+    labels = np.zeros(100, dtype=int)
+    labels[[0, 1, 2, 4, 7, 11, 15, 19, 24, 29]] = 3
+    found = {}
+    for weight in (0.0, 3.0):
+        offsets, _ = fit_class_offsets(probs, labels, "micro_macro", macro_weight=weight)
+        found[weight] = DecisionRules(offsets).classes(probs)
+    assert np.flatnonzero(found[0.0] == 3).tolist() == [0, 1, 2]
+    assert np.flatnonzero(found[3.0] == 3).tolist() == list(range(8))
+    assert task2_metric(labels, found[0.0], "micro_f1") > task2_metric(labels, found[3.0], "micro_f1")
+
+
 def test_offsets_stay_zero_when_argmax_is_already_best():
     probs = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]])
     offsets, value = fit_class_offsets(probs, np.array([0, 1, 3]))
@@ -51,8 +70,11 @@ def test_offsets_stay_zero_when_argmax_is_already_best():
 
 
 def test_rules_round_trip_and_reject_bad_fields():
-    rules = DecisionRules([0.0, 0.3, -0.2, 0.1], 0.31, "macro_f1", "f1")
+    rules = DecisionRules([0.0, 0.3, -0.2, 0.1], 0.31, "micro_macro", "f1", macro_weight=1.5)
     assert DecisionRules.from_dict(rules.to_dict()) == rules
+    # rules written before the weight existed maximised the plain mean
+    older = {k: v for k, v in rules.to_dict().items() if k != "task2_macro_weight"}
+    assert DecisionRules.from_dict(older).macro_weight == 1.0
     with pytest.raises(ValueError, match="missing field 'substitute_threshold'"):
         DecisionRules.from_dict({"class_offsets": {"E": 0, "S": 0, "C": 0, "I": 0}})
     with pytest.raises(ValueError, match="class_offsets must map"):
@@ -71,6 +93,10 @@ def test_micro_macro_objective_is_the_mean_of_both_hand_computed():
     assert task2_metric(true, pred, "micro_f1") == pytest.approx(0.75)
     assert task2_metric(true, pred, "macro_f1") == pytest.approx(macro)
     assert task2_metric(true, pred, "micro_macro") == pytest.approx((0.75 + macro) / 2)
+    assert task2_metric(true, pred, "micro_macro", macro_weight=1.5) == pytest.approx(
+        (0.75 + 1.5 * macro) / 2.5
+    )
+    assert task2_metric(true, pred, "micro_macro", macro_weight=0.0) == pytest.approx(0.75)
     with pytest.raises(ValueError, match="micro_macro"):
         task2_metric(true, pred, "accuracy")
 

@@ -17,7 +17,6 @@ from esci_reranker.train.loop import (
     Trainer,
     build_model,
     build_optimizer,
-    frame_texts,
     param_groups,
     read_split,
     read_train_val,
@@ -25,6 +24,7 @@ from esci_reranker.train.loop import (
     training_columns,
     training_frame,
 )
+from esci_reranker.train.texts import SplitTexts, frame_texts
 
 
 def make_config(tmp_path, small_splits, tiny_backbone, *overrides):
@@ -265,9 +265,20 @@ def test_training_reads_only_the_columns_it_uses(tmp_path, small_splits, tiny_ba
     assert set(both.columns) == set(present)
 
 
-def test_the_trainer_holds_only_the_training_columns(tmp_path, small_splits, tiny_backbone):
-    trainer = Trainer(make_config(tmp_path, small_splits, tiny_backbone))
+def test_the_trainer_holds_ids_and_labels_and_reads_texts_by_row(tmp_path, small_splits, tiny_backbone):
+    cfg = make_config(tmp_path, small_splits, tiny_backbone, "data.max_train_rows=40")
+    trainer = Trainer(cfg)
     trainer._load_data()
-    assert "product_description" not in trainer.train_frame.columns
-    assert "product_title" in trainer.train_frame.columns
+    # the texts are not held for every pair: each process reads those of the rows it tokenises
+    assert trainer.train_frame.columns.tolist() == ["query_id", "esci_label"]
     assert "product_description" in trainer.val_frame.columns  # evaluation reads the whole split
+    # the max_train_rows sample, in the order pandas draws it, and its texts from the file
+    full = read_split(small_splits / "train.parquet", "train")
+    sample = full.sample(n=40, random_state=cfg.seed)
+    assert trainer.train_rows.tolist() == sample.index.tolist()
+    assert trainer.train_frame["query_id"].tolist() == sample["query_id"].tolist()
+    config = build_model(cfg)[0].config
+    queries, texts = SplitTexts(trainer.train_path, config, trainer.train_rows).take([5, 0, 39])
+    expected = sample.iloc[[5, 0, 39]]
+    assert queries == expected["query"].tolist()
+    assert texts == frame_texts(expected, config)

@@ -144,6 +144,12 @@ class DistillRules(StrictModel):
         description="What the offsets maximise on the labels: micro-F1, macro-F1 or their mean "
         "(the default teacher's, micro_macro).",
     )
+    macro_weight: float = Field(
+        1.0,
+        ge=0,
+        description="micro_macro: macro-F1's weight against micro-F1, (micro + w * macro) / (1 + w), as "
+        "the teacher's stack.task2_macro_weight.",
+    )
 
 
 class DistillEval(StrictModel):

@@ -116,6 +116,7 @@ def teacher_oof_and_stackers(
         stacker.rules.task3_objective,
         class_features=stacker.features_of("classifier"),
         calibrate=stacker.calibration is not None,
+        macro_weight=stacker.rules.macro_weight,
     ):
         stackers[fold] = fold_stacker
         out = fold_stacker.predict(rows)

@@ -170,7 +170,7 @@ def check_reload(model: Any, tokenizer: Any, model_dir: Path, pairs: pd.DataFram
     """
     from esci_reranker.distill.student import student_reranker
     from esci_reranker.reranker import Reranker
-    from esci_reranker.train.loop import frame_texts
+    from esci_reranker.train.texts import frame_texts
 
     if pairs.empty:
         return 0.0

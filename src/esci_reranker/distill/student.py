@@ -282,7 +282,7 @@ def _validate(
     from esci_reranker.eval.evaluator import evaluate_run
     from esci_reranker.eval.runner import predictions_frame
     from esci_reranker.model.modeling import RerankerOutput
-    from esci_reranker.train.loop import frame_texts
+    from esci_reranker.train.texts import frame_texts
 
     model.eval()
     reranker = student_reranker(model, tokenizer, device, cfg.eval.batch_size)
@@ -360,13 +360,18 @@ def _fold_standardisation(model: RerankerModel, mean: float, std: float) -> None
 
 
 def fit_student_offsets(
-    model: RerankerModel, tokenizer: Any, val: pd.DataFrame, objective: str, batch_size: int
+    model: RerankerModel,
+    tokenizer: Any,
+    val: pd.DataFrame,
+    objective: str,
+    batch_size: int,
+    macro_weight: float = 1.0,
 ) -> list[float] | None:
     """Class offsets (E fixed at 0) on the student's log-probabilities maximising ``objective``
-    of its argmax against the labels of ``val``'s labelled pairs (``stack.rules.fit_class_offsets``);
-    None when ``val`` has no labelled pair."""
+    (with ``macro_weight`` for ``micro_macro``) of its argmax against the labels of ``val``'s
+    labelled pairs (``stack.rules.fit_class_offsets``); None when ``val`` has no labelled pair."""
     from esci_reranker.stack.rules import fit_class_offsets
-    from esci_reranker.train.loop import frame_texts
+    from esci_reranker.train.texts import frame_texts
 
     labels = _labelled_gains(val)  # NaN where unlabelled: the same rows as the labels below
     labelled = val[np.isfinite(labels)]
@@ -377,7 +382,9 @@ def fit_student_offsets(
         labelled["query"].astype(str).tolist(), frame_texts(labelled, model.config)
     )
     truth = np.array([ESCI_LABELS.index(str(label)) for label in labelled["esci_label"]])
-    offsets, _ = fit_class_offsets(np.asarray(preds.esci_probs, dtype=np.float64), truth, objective)
+    offsets, _ = fit_class_offsets(
+        np.asarray(preds.esci_probs, dtype=np.float64), truth, objective, macro_weight=macro_weight
+    )
     return offsets
 
 
@@ -394,7 +401,7 @@ def fit_student_threshold(model: RerankerModel, tokenizer: Any, val: pd.DataFram
     """The Task 3 threshold on the student's P(S) that best matches the teacher's decisions
     (``t_is_sub``) on ``val`` (micro-F1, ``stack.rules.fit_threshold``)."""
     from esci_reranker.stack.rules import fit_threshold
-    from esci_reranker.train.loop import frame_texts
+    from esci_reranker.train.texts import frame_texts
 
     reranker = student_reranker(model.eval(), tokenizer, batch_size=batch_size)
     preds = reranker.predict_texts(val["query"].astype(str).tolist(), frame_texts(val, model.config))
@@ -434,12 +441,8 @@ def train_student(
     from esci_reranker.hardware import keep_freed_memory
     from esci_reranker.model.features import pair_encoder_for
     from esci_reranker.train.batching import bucketed_batches, query_batches
-    from esci_reranker.train.loop import (
-        build_optimizer,
-        frame_texts,
-        release_precision_state,
-        resolve_mixed_precision,
-    )
+    from esci_reranker.train.loop import build_optimizer, release_precision_state, resolve_mixed_precision
+    from esci_reranker.train.texts import frame_texts
 
     if cfg.model.init == "teacher" and teacher_encoder is None:
         raise ValueError("model.init=teacher: no teacher checkpoint was given to start the student from.")
@@ -584,7 +587,9 @@ def train_student(
         decision: dict[str, Any] = {}
     else:
         offsets = (
-            fit_student_offsets(student, tokenizer, val, cfg.rules.objective, cfg.eval.batch_size)
+            fit_student_offsets(
+                student, tokenizer, val, cfg.rules.objective, cfg.eval.batch_size, cfg.rules.macro_weight
+            )
             if cfg.rules.class_offsets
             else None
         )

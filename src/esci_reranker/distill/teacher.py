@@ -185,7 +185,7 @@ def score_pairs(
     of the US locale the outputs were the same to the bit with 10,000 and with all in one).
     """
     from esci_reranker.stack.features import CandidateLists, frame_fields
-    from esci_reranker.train.loop import frame_texts
+    from esci_reranker.train.texts import frame_texts
 
     n = len(pairs)
     scores = np.zeros(n, dtype=np.float32)

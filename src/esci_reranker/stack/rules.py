@@ -35,6 +35,8 @@ class DecisionRules:
     substitute_threshold: float = 0.5
     task2_objective: str = "micro_f1"
     task3_objective: str = "micro_f1"
+    #: ``micro_macro``: macro-F1's weight against micro-F1 (1: their mean)
+    macro_weight: float = 1.0
 
     def classes(self, probs: np.ndarray) -> np.ndarray:
         """Predicted class indices (E, S, C, I order) for (N, 4) probabilities."""
@@ -47,6 +49,7 @@ class DecisionRules:
             "substitute_threshold": float(self.substitute_threshold),
             "task2_objective": self.task2_objective,
             "task3_objective": self.task3_objective,
+            "task2_macro_weight": float(self.macro_weight),
         }
 
     @classmethod
@@ -66,6 +69,7 @@ class DecisionRules:
             substitute_threshold=threshold,
             task2_objective=str(data.get("task2_objective", "micro_f1")),
             task3_objective=str(data.get("task3_objective", "micro_f1")),
+            macro_weight=float(data.get("task2_macro_weight", 1.0)),  # type: ignore[arg-type]
         )
 
 
@@ -86,17 +90,23 @@ def _f1_scores(true: np.ndarray, pred: np.ndarray, k: int, weights: np.ndarray |
 
 
 def task2_metric(
-    true: np.ndarray, pred: np.ndarray, objective: str, weights: np.ndarray | None = None
+    true: np.ndarray,
+    pred: np.ndarray,
+    objective: str,
+    weights: np.ndarray | None = None,
+    macro_weight: float = 1.0,
 ) -> float:
-    """Micro-F1 (= accuracy for single-label classes), macro-F1 over the four classes, or their
-    mean; ``weights`` (N,) weigh the rows (default 1)."""
+    """Micro-F1 (= accuracy for single-label classes), macro-F1 over the four classes, or
+    ``(micro + macro_weight * macro) / (1 + macro_weight)`` (``micro_macro``; 1: their mean);
+    ``weights`` (N,) weigh the rows (default 1)."""
     if objective == "micro_f1":
         return float(np.average(true == pred, weights=weights))
     if objective == "macro_f1":
         return float(_f1_scores(true, pred, len(ESCI_LABELS), weights).mean())
     if objective == "micro_macro":  # both at once: the official metric and every class's F1
         micro = float(np.average(true == pred, weights=weights))
-        return (micro + float(_f1_scores(true, pred, len(ESCI_LABELS), weights).mean())) / 2.0
+        macro = float(_f1_scores(true, pred, len(ESCI_LABELS), weights).mean())
+        return (micro + macro_weight * macro) / (1.0 + macro_weight)
     raise ValueError(f"task2 objective {objective!r}; expected 'micro_f1', 'macro_f1' or 'micro_macro'.")
 
 
@@ -106,6 +116,7 @@ def fit_class_offsets(
     objective: str = "micro_f1",
     sweeps: int = 3,
     weights: np.ndarray | None = None,
+    macro_weight: float = 1.0,
 ) -> tuple[list[float], float]:
     """Offsets (E fixed at 0) maximising ``objective`` of ``argmax(log p + o)``; and the value reached.
 
@@ -113,10 +124,11 @@ def fit_class_offsets(
         probs: (N, 4) out-of-fold class probabilities, E/S/C/I order.
         labels: (N,) true class indices.
         weights: (N,) row weights (default 1).
+        macro_weight: ``micro_macro``'s weight of macro-F1 (``task2_metric``).
     """
     logp = np.log(np.clip(probs, 1e-12, 1.0))
     offsets = np.zeros(len(ESCI_LABELS))
-    best = task2_metric(labels, _apply_offsets(logp, offsets), objective, weights)
+    best = task2_metric(labels, _apply_offsets(logp, offsets), objective, weights, macro_weight)
     for _ in range(sweeps):
         changed = False
         for c in range(1, len(ESCI_LABELS)):
@@ -124,7 +136,9 @@ def fit_class_offsets(
             for value in OFFSET_GRID:
                 trial = offsets.copy()
                 trial[c] = value
-                values.append(task2_metric(labels, _apply_offsets(logp, trial), objective, weights))
+                values.append(
+                    task2_metric(labels, _apply_offsets(logp, trial), objective, weights, macro_weight)
+                )
             scores = np.asarray(values)
             top = scores.max()
             # among the best, the offset nearest 0: the smallest change that reaches it

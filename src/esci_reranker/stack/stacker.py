@@ -374,6 +374,7 @@ def fit_stacker(
     calibrate: bool = False,
     rank_negatives: bool = False,
     rules_on: str = "judged",
+    macro_weight: float = 1.0,
 ) -> tuple[Stacker, dict[str, np.ndarray]]:
     """Fit the three models, the class calibration and the decision rules on a stack table.
 
@@ -389,6 +390,8 @@ def fit_stacker(
         rules_on: the rows the Task 2 offsets are fitted on: ``judged`` (the official metrics'
             rows) or ``all`` (the negatives too, at their weight: the search flow's mix). The
             calibration and the Task 3 threshold are always fitted on the judged rows.
+        macro_weight: with ``task2_objective="micro_macro"``, macro-F1's weight against
+            micro-F1 in what the offsets maximise (1: their mean).
 
     Returns:
         The stacker, and the inner out-of-fold predictions (``score``, ``probs`` calibrated,
@@ -434,14 +437,16 @@ def fit_stacker(
         probs = calibration.apply(probs)
     rows = judged if rules_on == "judged" else np.ones(len(table), bool)
     w = None if weights is None else weights[rows]
-    offsets, _ = fit_class_offsets(probs[rows], label_index[rows], task2_objective, weights=w)
+    offsets, _ = fit_class_offsets(
+        probs[rows], label_index[rows], task2_objective, weights=w, macro_weight=macro_weight
+    )
     threshold, _ = fit_threshold(
         fits["substitute"].oof[judged], label_index[judged] == SUBSTITUTE, task3_objective
     )
     stacker = Stacker(
         feature_names=union,
         boosters={t: f.booster for t, f in fits.items()},
-        rules=DecisionRules(offsets, threshold, task2_objective, task3_objective),
+        rules=DecisionRules(offsets, threshold, task2_objective, task3_objective, macro_weight),
         params=params,
         rounds={t: f.rounds for t, f in fits.items()},
         info={

@@ -140,6 +140,7 @@ def fit_options(cfg: TrainConfig, names: Sequence[str]) -> dict[str, Any]:
         "calibrate": cfg.stack.calibrate,
         "rank_negatives": cfg.stack.rank_negatives,
         "rules_on": cfg.stack.rules_on,
+        "macro_weight": cfg.stack.task2_macro_weight,
     }
 
 

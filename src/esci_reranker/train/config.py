@@ -276,6 +276,12 @@ class StackSection(StrictModel):
         description="What the Task 2 class offsets maximise: micro-F1 (the official metric), macro-F1, or "
         "their mean (micro_macro).",
     )
+    task2_macro_weight: float = Field(
+        1.0,
+        ge=0,
+        description="micro_macro: the weight of macro-F1 against micro-F1 in what the offsets maximise, "
+        "(micro + w * macro) / (1 + w); 1 is their mean.",
+    )
     task3_objective: Literal["micro_f1", "f1"] = Field(
         "micro_f1", description="What the substitute threshold maximises (micro-F1 is the official metric)."
     )

@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast, gather_object, set_seed
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from esci_reranker.data.text import FIELD_COLUMNS, product_texts
+from esci_reranker.data.text import FIELD_COLUMNS
 from esci_reranker.fsutil import recover_dir, staged_dir, write_json
 from esci_reranker.hardware import keep_freed_memory, malloc_trim, resolve_precision
 from esci_reranker.labels import LABEL_TO_INDEX, check_labels
@@ -52,6 +52,7 @@ from esci_reranker.train.batching import bucketed_batches, query_batches
 from esci_reranker.train.config import PACKAGED_BACKBONE, DataConfig, OptimSection, TrainConfig
 from esci_reranker.train.distributed import aligned_share, distributed_cpu, gather_arrays
 from esci_reranker.train.prior_init import fit_prior_heads, prior_features
+from esci_reranker.train.texts import SplitTexts
 from esci_reranker.train.token_cache import encode_pairs
 
 logger = logging.getLogger(__name__)
@@ -202,15 +203,6 @@ def required_test_split(data_dir: Path, keeps_out: str) -> Path:
     return path
 
 
-def frame_texts(frame: pd.DataFrame, config: ModelConfig) -> list[str]:
-    """Product text as the model reads it: rebuilt from product_* columns, else ``product_text``."""
-    if any(FIELD_COLUMNS[f] in frame.columns for f in config.text_fields):
-        return product_texts(frame, config.text_fields, config.long_field_chars).tolist()
-    if "product_text" in frame.columns:
-        return frame["product_text"].astype(str).tolist()
-    raise ValueError("split has neither product_* columns nor product_text.")
-
-
 def build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     """A fresh model on the configured pretrained backbone (a causal LM + LoRA for ``llm``), and its tokenizer."""
     m = cfg.model
@@ -305,14 +297,15 @@ class Trainer:
     # -- data -------------------------------------------------------------------------------
     def _load_data(self) -> None:
         d = self.cfg.data
-        # only what the steps read: the other product columns are most of a split's memory
-        self.train_frame = read_split(
-            d.resolve("train"), "train", training_columns(self.cfg.model.text_fields)
-        )
-        if d.max_train_rows is not None and len(self.train_frame) > d.max_train_rows:
-            self.train_frame = self.train_frame.sample(
-                n=d.max_train_rows, random_state=self.cfg.seed
-            ).reset_index(drop=True)
+        self.train_path = d.resolve("train")
+        # The ids and labels plan the batches; the text columns are read for the rows a process
+        # tokenises, when it tokenises them (``SplitTexts``), not held for every pair.
+        frame = read_split(self.train_path, "train", columns=())
+        if d.max_train_rows is not None and len(frame) > d.max_train_rows:
+            frame = frame.sample(n=d.max_train_rows, random_state=self.cfg.seed)
+        self.train_rows = frame.index.to_numpy()  # file positions, in training order
+        self.train_frame = frame[["query_id", "esci_label"]].reset_index(drop=True)
+        del frame
         val_path = d.resolve("val")
         # With select 'last' nothing is chosen on validation, so a run may train on every query.
         optional_val = self.cfg.eval.select == "last" and not val_path.is_file()
@@ -424,13 +417,14 @@ class Trainer:
         if cfg.padding_free and hasattr(model, "enable_packed_training"):
             model.enable_packed_training()
         encoder = pair_encoder_for(tokenizer, model.config)
-        queries = self.train_frame["query"].astype(str).tolist()
-        train_texts = frame_texts(self.train_frame, model.config)
+        texts = SplitTexts(self.train_path, model.config, self.train_rows)
+        n_pairs = len(texts)
         processes, rank = accelerator.num_processes, accelerator.process_index
 
         def encode(index: np.ndarray) -> EncodedPairs:
             """Token ids of the training pairs at ``index`` (this process's share of them)."""
-            chosen = ([queries[i] for i in index], [train_texts[i] for i in index])
+            # their strings are built here and go when the tokens are made
+            chosen = texts.take(index)
             # The process-wide token cache keeps every pair it is given, across epochs and the
             # trainings of a CV: one process tokenises each pair once; with several, each keeps
             # only the share it trains on, so host memory shrinks with the number of processes.
@@ -439,17 +433,13 @@ class Trainer:
         labels = torch.tensor([LABEL_TO_INDEX[x] for x in self.train_frame["esci_label"]], dtype=torch.long)
         # query ids as 0..Q-1, whatever their type: the ranking loss compares pairs within a query
         groups = torch.as_tensor(pd.factorize(self.train_frame["query_id"])[0], dtype=torch.long)
-        # Everything the steps read from the split is in the lists and tensors above: its product
-        # columns (descriptions, bullets: most of its memory, ~3 GiB on the full ESCI train split)
-        # are let go before any pair is tokenised.
-        self.train_frame = self.train_frame[["query_id", "esci_label"]]
         fit_priors = bool(model.config.prior_features) and cfg.model.prior_init == "fit" and not resume
         lengths: list[int] | None = None
         if fit_priors or cfg.optim.batching != "query":
             # What needs every pair (the prior fit's features; the length buckets) is computed on
             # a contiguous share per process and gathered. The shares are cut at the prior pass's
             # batches, so each feature comes from the batch one process would put it in.
-            index = aligned_share(len(queries), cfg.eval.batch_size, rank, processes)
+            index = aligned_share(n_pairs, cfg.eval.batch_size, rank, processes)
             share = encode(index) if len(index) else None  # a tiny split may leave a process none
             if cfg.optim.batching != "query":
                 mine = np.asarray([] if share is None else share.lengths(), dtype=np.int64)
@@ -583,7 +573,7 @@ class Trainer:
             validate()
         model.train()
         done = state["step"] >= total_steps or state["stopped_early"]
-        position = np.zeros(len(queries), dtype=np.int64)
+        position = np.zeros(n_pairs, dtype=np.int64)
         encoded: EncodedPairs | None = None
         while not done:
             shared = even_share(epoch_batches(state["epoch"]), processes)
