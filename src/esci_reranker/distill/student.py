@@ -599,6 +599,7 @@ def train_student(
             "class_offsets": dict(zip(ESCI_LABELS, offsets or [0.0] * len(ESCI_LABELS), strict=True)),
             "fitted": offsets is not None,
             "objective": cfg.rules.objective,
+            "macro_weight": cfg.rules.macro_weight,
         }
         # after the offsets: the threshold is on the probabilities the saved student gives
         student.config.substitute_threshold = fit_student_threshold(
