@@ -75,6 +75,9 @@ def test_rules_round_trip_and_reject_bad_fields():
     # rules written before the weight existed maximised the plain mean
     older = {k: v for k, v in rules.to_dict().items() if k != "task2_macro_weight"}
     assert DecisionRules.from_dict(older).macro_weight == 1.0
+    for bad in (-1.0, "1.5", float("nan")):
+        with pytest.raises(ValueError, match=r"task2_macro_weight=.*expected a number >= 0"):
+            DecisionRules.from_dict({**rules.to_dict(), "task2_macro_weight": bad})
     with pytest.raises(ValueError, match="missing field 'substitute_threshold'"):
         DecisionRules.from_dict({"class_offsets": {"E": 0, "S": 0, "C": 0, "I": 0}})
     with pytest.raises(ValueError, match="class_offsets must map"):

@@ -64,12 +64,15 @@ class DecisionRules:
             raise ValueError(f"decision rules: missing field {err}") from None
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"decision rules: substitute_threshold={threshold}; expected 0..1.")
+        weight = data.get("task2_macro_weight", 1.0)  # absent in rules written before it existed
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+            raise ValueError(f"decision rules: task2_macro_weight={weight!r}; expected a number >= 0.")
         return cls(
             class_offsets=[float(offsets[c]) for c in ESCI_LABELS],
             substitute_threshold=threshold,
             task2_objective=str(data.get("task2_objective", "micro_f1")),
             task3_objective=str(data.get("task3_objective", "micro_f1")),
-            macro_weight=float(data.get("task2_macro_weight", 1.0)),  # type: ignore[arg-type]
+            macro_weight=float(weight),
         )
 
 

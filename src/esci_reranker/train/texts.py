@@ -69,17 +69,22 @@ class SplitTexts:
                 f"found {metadata.schema.names}."
             )
         self.num_file_rows = metadata.num_rows
+        self._stamp = self._file_stamp()
         self.rows = np.arange(self.num_file_rows) if rows is None else np.asarray(rows, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def _file_stamp(self) -> tuple[int, int]:
+        stat = self.path.stat()
+        return stat.st_size, stat.st_mtime_ns
 
     def take(self, index: np.ndarray | Sequence[int]) -> tuple[list[str], list[str]]:
         """The queries and product texts of the training's rows ``index`` (any order, repeats
         allowed), read from the file in one pass.
 
         Raises:
-            ValueError: the file no longer has the rows it had when this was made.
+            ValueError: the file was written again since this was made.
         """
         wanted = self.rows[np.asarray(index, dtype=np.int64)]
         queries = np.empty(len(wanted), dtype=object)
@@ -88,12 +93,13 @@ class SplitTexts:
             return [], []
         order = np.argsort(wanted, kind="stable")
         ordered = wanted[order]
-        file = pq.ParquetFile(self.path)
-        if file.metadata.num_rows != self.num_file_rows:
+        # rows are looked up by position: a file written again meanwhile would give other texts
+        if self._file_stamp() != self._stamp:
             raise ValueError(
-                f"{self.path}: {file.metadata.num_rows} rows now, {self.num_file_rows} when training "
-                "started; the split changed during training."
+                f"{self.path}: the split changed during training (written again since it was first "
+                "read); run the training again."
             )
+        file = pq.ParquetFile(self.path)
         start = 0
         for batch in file.iter_batches(batch_size=READ_ROWS, columns=self.columns):
             end = start + batch.num_rows
