@@ -84,6 +84,36 @@ def test_training_writes_one_model_with_its_stacker_and_the_cv(stacked):
     assert trained["query_id"].nunique() == 9
 
 
+def test_the_cv_keeps_every_held_out_prediction_of_the_stacker(stacked):
+    """``stack_oof.parquet``: each judged out-of-fold row once, with the stacker's probabilities
+    before its fold's class offsets and the label after them; the CV's figures come from it."""
+    from esci_reranker.labels import ESCI_LABELS
+    from esci_reranker.stack.rules import DecisionRules
+
+    _result, root, _ = stacked
+    folds = root / "train" / "folds"
+    cv = json.loads((folds / "stack_cv.json").read_text())
+    oof = pd.read_parquet(folds / "oof.parquet")
+    pred = pd.read_parquet(folds / "stack_oof.parquet")
+    assert list(pred.columns[:2]) == ["seed", "fold"]
+    assert len(pred) == len(oof)
+    assert not pred.duplicated(["seed", "query_id", "product_id"]).any()
+    assert set(zip(pred["query_id"], pred["product_id"], strict=True)) == set(
+        zip(oof["query_id"], oof["product_id"], strict=True)
+    )
+    columns = [f"p_{label}" for label in ESCI_LABELS]
+    np.testing.assert_allclose(pred[columns].sum(axis=1), 1.0, atol=1e-6)
+    assert set(pred["esci_label"]) <= set(ESCI_LABELS)
+    for entry in cv["entries"]:
+        rows = pred[(pred["seed"] == entry["seed"]) & (pred["fold"] == entry["fold"])]
+        assert len(rows) > 0
+        rules = DecisionRules.from_dict(entry["rules"])
+        labels = np.asarray(ESCI_LABELS)[rules.classes(rows[columns].to_numpy())]
+        assert labels.tolist() == rows["esci_pred"].tolist()
+        micro = float(np.mean(rows["esci_pred"] == rows["esci_label"]))
+        assert micro == pytest.approx(entry["stacker"]["task2_micro_f1"])
+
+
 def test_loaded_model_scores_with_the_stacker(stacked, small_splits):
     result, root, _ = stacked
     reranker = Reranker.from_pretrained(root / "model")

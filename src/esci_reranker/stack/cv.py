@@ -226,6 +226,7 @@ def cross_validate_stacker(
     folds: Iterable[tuple[int, Stacker, pd.DataFrame]],
     baseline_runs: Mapping[str, pd.DataFrame] | None = None,
     on_fold: Callable[[int, Stacker, pd.DataFrame], Mapping[str, Any]] | None = None,
+    predictions: list[pd.DataFrame] | None = None,
 ) -> list[dict[str, Any]]:
     """Per outer fold: the stacker's and the cross-encoder's metrics on the fold's queries.
 
@@ -239,6 +240,7 @@ def cross_validate_stacker(
     ``baseline_runs`` (name -> run frame over the same rows, e.g. ``bm25``, ``bi-encoder``)
     are evaluated on each fold's queries too. ``on_fold(fold, stacker, rows)`` (e.g. the search
     flow of the fold's queries, given by a caller that can retrieve) adds its keys to the entry.
+    ``predictions`` (optional) receives each fold's ``stack_predictions`` of the held-out rows.
     """
     results = []
     for fold, stacker, test in folds:
@@ -262,6 +264,8 @@ def cross_validate_stacker(
                 add_run(entry, name, run, threshold)
         probs = np.stack(stacked["esci_probs"].to_numpy())
         labels = stacked["esci_label"].to_numpy()
+        if predictions is not None:
+            predictions.append(stack_predictions(stacked, fold))
         entry["calibration"] = {
             label: calibration_counts(probs[:, i], labels == label) for i, label in enumerate(ESCI_LABELS[:2])
         }
@@ -269,6 +273,25 @@ def cross_validate_stacker(
             entry |= dict(on_fold(fold, stacker, test))
         results.append(entry)
     return results
+
+
+def stack_predictions(run: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """A flat table of a stacker run on one outer fold's held-out rows (``stack_oof.parquet``):
+    ``fold``, the ids, ``esci_label`` and the query type, ``score``, ``p_E`` .. ``p_I``,
+    ``esci_pred`` (after the fold's decision rules) and ``substitute_prob``.
+
+    The probabilities are the stacker's own, before the class offsets, so a reader can try
+    other operating points on predictions no training saw.
+    """
+    table = _ids(run)
+    table.insert(0, "fold", fold)
+    table["score"] = run["score"].to_numpy()
+    probs = np.stack(run["esci_probs"].to_numpy()) if len(run) else np.zeros((0, len(ESCI_LABELS)))
+    for i, label in enumerate(ESCI_LABELS):
+        table[f"p_{label}"] = probs[:, i]
+    table["esci_pred"] = run["esci_pred"].to_numpy()
+    table["substitute_prob"] = run["substitute_prob"].to_numpy()
+    return table
 
 
 #: Models of a stack CV entry, in table order (baselines follow when present).

@@ -263,7 +263,9 @@ def cross_validate_trees(
 ) -> StackedCV:
     """The stacker half of ``cross_validate_stacked``, on out-of-fold outputs already made
     (``oof``: an ``oof.parquet`` of this config's fold models, on ``frame``'s rows), so the
-    trees' settings and features can be compared in minutes. Writes ``out_dir/stack_cv.json``.
+    trees' settings and features can be compared in minutes. Writes ``out_dir/stack_cv.json``
+    and ``out_dir/stack_oof.parquet``: every held-out judged row's stacker output, with ``seed``
+    (``stack.cv.stack_predictions``).
 
     Raises:
         ValueError: ``oof`` has no outputs for a row of ``frame`` and a seed of ``seeds``.
@@ -281,6 +283,7 @@ def cross_validate_trees(
     runs = {name: run_baseline(name, frame, text_fields=cfg.model.text_fields).run for name in baselines}
     entries: list[dict[str, Any]] = []
     tables: dict[int, pd.DataFrame] = {}
+    predictions: list[pd.DataFrame] = []
     for seed in seeds:
         tables[seed] = table = oof_stack_table(frame, oof, seed, negatives)
         names = feature_columns(table, exclude=cfg.stack.exclude_features)
@@ -294,12 +297,21 @@ def cross_validate_trees(
             cfg.stack.task3_objective,
             **fit_options(cfg, names),
         )
+        seed_predictions: list[pd.DataFrame] = []
         for entry in cross_validate_stacker(
-            fitted, baseline_runs=runs, on_fold=None if on_fold is None else functools.partial(on_fold, seed)
+            fitted,
+            baseline_runs=runs,
+            on_fold=None if on_fold is None else functools.partial(on_fold, seed),
+            predictions=seed_predictions,
         ):
             entries.append({"seed": seed, **entry})
+        predictions += [p.assign(seed=seed) for p in seed_predictions]
     summary = cv_summary(entries)
     write_json(out_dir / "stack_cv.json", {"summary": summary, "entries": entries}, nan_as_null=True)
+    if predictions:
+        oof_rows = pd.concat(predictions, ignore_index=True)
+        oof_rows.insert(0, "seed", oof_rows.pop("seed"))
+        oof_rows.to_parquet(out_dir / "stack_oof.parquet", index=False)
     return StackedCV(entries, summary, tables)
 
 
