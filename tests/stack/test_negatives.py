@@ -80,6 +80,32 @@ def test_negatives_teach_the_classes_but_not_the_ranker_by_default():
     assert np.isfinite(oof_ranked["score"]).all()
 
 
+def test_negatives_can_teach_the_ranker_alone():
+    """``class_negatives=False`` (with ``rank_negatives``): the ranker reads the negatives, the
+    class and substitute trees are the ones the judged rows alone give."""
+    table = with_negatives(synthetic_table(queries=12, per_query=8))
+    negative = table["is_negative"].to_numpy(bool)
+    ranker_only, oof = fit_stacker(
+        table, SMALL, features=["signal", "noise"], rank_negatives=True, class_negatives=False
+    )
+    assert np.isfinite(oof["score"]).all()
+    assert np.isnan(oof["probs"][negative]).all()
+    assert np.isnan(oof["substitute_prob"][negative]).all()
+    assert np.isfinite(oof["probs"][~negative]).all()
+    judged_only, _ = fit_stacker(
+        table[~negative].drop(columns=["is_negative", "weight"]), SMALL, features=["signal", "noise"]
+    )
+    judged = table[~negative]
+    for key in ("probs", "substitute_prob"):
+        np.testing.assert_allclose(ranker_only.predict(judged)[key], judged_only.predict(judged)[key])
+    assert ranker_only.rules == judged_only.rules
+    both, _ = fit_stacker(table, SMALL, features=["signal", "noise"], rank_negatives=True)
+    assert not np.allclose(both.predict(judged)["probs"], judged_only.predict(judged)["probs"])
+    np.testing.assert_allclose(ranker_only.predict(table)["score"], both.predict(table)["score"])
+    with pytest.raises(ValueError, match=r"rules_on='all'.*class_negatives=False"):
+        fit_stacker(table, SMALL, features=["signal", "noise"], class_negatives=False, rules_on="all")
+
+
 def test_each_task_reads_its_own_features_and_they_survive_a_save(tmp_path):
     table = synthetic_table(queries=12, per_query=8)
     stacker, _ = fit_stacker(table, SMALL, features=["signal", "noise"], class_features=["signal"])

@@ -373,6 +373,7 @@ def fit_stacker(
     class_features: Sequence[str] | None = None,
     calibrate: bool = False,
     rank_negatives: bool = False,
+    class_negatives: bool = True,
     rules_on: str = "judged",
     macro_weight: float = 1.0,
 ) -> tuple[Stacker, dict[str, np.ndarray]]:
@@ -387,6 +388,8 @@ def fit_stacker(
         class_features: feature columns of the class and substitute trees (default: ``features``).
         calibrate: fit ``ClassCalibration`` on the judged rows' inner out-of-fold probabilities.
         rank_negatives: the ranker learns from the catalogue negatives too.
+        class_negatives: the class and substitute trees learn from the catalogue negatives
+            (``False``: from the judged rows alone, so the negatives serve the ranker only).
         rules_on: the rows the Task 2 offsets are fitted on: ``judged`` (the official metrics'
             rows) or ``all`` (the negatives too, at their weight: the search flow's mix). The
             calibration and the Task 3 threshold are always fitted on the judged rows.
@@ -395,7 +398,11 @@ def fit_stacker(
 
     Returns:
         The stacker, and the inner out-of-fold predictions (``score``, ``probs`` calibrated,
-        ``substitute_prob``) of every row (``score`` is NaN on negatives the ranker did not read).
+        ``substitute_prob``) of every row (NaN on negatives a model did not read).
+
+    Raises:
+        ValueError: a missing feature column, or ``rules_on="all"`` with trees that read no
+            negative.
     """
     params = params or GBDTParams()
     names = list(features) if features is not None else feature_columns(table)
@@ -412,24 +419,32 @@ def fit_stacker(
         else np.zeros(len(table), bool)
     )
     weights = table["weight"].to_numpy(dtype=np.float64) if "weight" in table.columns else None
+    if rules_on not in ("judged", "all"):
+        raise ValueError(f"rules_on={rules_on!r}; expected 'judged' or 'all'.")
+    if rules_on == "all" and not class_negatives and negative.any():
+        raise ValueError(
+            "rules_on='all' fits the class offsets on the catalogue negatives too, but "
+            "class_negatives=False keeps them from the class trees; use rules_on='judged'."
+        )
     rank_rows = np.arange(len(table)) if rank_negatives else np.flatnonzero(~negative)
+    class_rows = np.arange(len(table)) if class_negatives else np.flatnonzero(~negative)
 
     def fit(task: str, rows: np.ndarray, columns: list[str]) -> TaskFit:
         x = table[columns].to_numpy(dtype=np.float64)[rows]
         w = None if weights is None else weights[rows]
         return fit_task(x, [labels[i] for i in rows], groups[rows], task, columns, params, gains, w)
 
-    all_rows = np.arange(len(table))
     fits = {
         "ranker": fit("ranker", rank_rows, names),
-        "classifier": fit("classifier", all_rows, class_names),
-        "substitute": fit("substitute", all_rows, class_names),
+        "classifier": fit("classifier", class_rows, class_names),
+        "substitute": fit("substitute", class_rows, class_names),
     }
     label_index = np.array([LABEL_TO_INDEX[x] for x in labels])
-    probs = fits["classifier"].oof
+    probs = np.full((len(table), len(LABEL_TO_INDEX)), np.nan)
+    probs[class_rows] = fits["classifier"].oof
+    substitute_prob = np.full(len(table), np.nan)
+    substitute_prob[class_rows] = fits["substitute"].oof
     judged = ~negative
-    if rules_on not in ("judged", "all"):
-        raise ValueError(f"rules_on={rules_on!r}; expected 'judged' or 'all'.")
     # probabilities are calibrated on the judged pairs (where a P(E) can be checked against a
     # label); the offsets then decide for the rows the rules serve (the flow's mix with ``all``)
     calibration = fit_calibration(probs[judged], label_index[judged]) if calibrate else None
@@ -440,9 +455,7 @@ def fit_stacker(
     offsets, _ = fit_class_offsets(
         probs[rows], label_index[rows], task2_objective, weights=w, macro_weight=macro_weight
     )
-    threshold, _ = fit_threshold(
-        fits["substitute"].oof[judged], label_index[judged] == SUBSTITUTE, task3_objective
-    )
+    threshold, _ = fit_threshold(substitute_prob[judged], label_index[judged] == SUBSTITUTE, task3_objective)
     stacker = Stacker(
         feature_names=union,
         boosters={t: f.booster for t, f in fits.items()},
@@ -460,5 +473,5 @@ def fit_stacker(
     )
     score = np.full(len(table), np.nan)
     score[rank_rows] = fits["ranker"].oof
-    oof = {"score": score, "probs": probs, "substitute_prob": fits["substitute"].oof}
+    oof = {"score": score, "probs": probs, "substitute_prob": substitute_prob}
     return stacker, oof

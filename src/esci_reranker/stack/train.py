@@ -139,6 +139,7 @@ def fit_options(cfg: TrainConfig, names: Sequence[str]) -> dict[str, Any]:
         "class_features": [n for n in names if not is_list_relative(n)] if pointwise else list(names),
         "calibrate": cfg.stack.calibrate,
         "rank_negatives": cfg.stack.rank_negatives,
+        "class_negatives": cfg.stack.class_negatives,
         "rules_on": cfg.stack.rules_on,
         "macro_weight": cfg.stack.task2_macro_weight,
     }

@@ -328,6 +328,11 @@ class StackSection(StrictModel):
     )
     negative_weight: float = Field(0.3, gt=0, description="Row weight of a catalogue negative.")
     rank_negatives: bool = Field(False, description="The ranker learns from the catalogue negatives too.")
+    class_negatives: bool = Field(
+        True,
+        description="The Task 2/3 trees learn from the catalogue negatives (false: only the ranker does, "
+        "with rank_negatives).",
+    )
     rules_on: Literal["judged", "all"] = Field(
         "judged",
         description="Rows the Task 2 class offsets are fitted on: 'judged' or 'all' (the catalogue "
