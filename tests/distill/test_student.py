@@ -150,6 +150,41 @@ def test_esci_student_decision_rules_are_fitted_on_labels_and_folded_into_its_bi
     assert (rules_classes != before.argmax(1)).any()
 
 
+def test_esci_student_offsets_can_follow_the_teachers_classes(tiny_backbone: Path, distill_data: Path):
+    """``rules.fit_to: teacher``: the offsets are fitted against the teacher's class of every
+    validation pair that has one, unlabelled ones included, not against the human labels."""
+    from esci_reranker.distill.student import fit_student_offsets, student_reranker
+    from esci_reranker.labels import ESCI_LABELS
+    from esci_reranker.stack.rules import fit_class_offsets
+    from esci_reranker.train.texts import frame_texts
+
+    cfg = DistillConfig(student="esci", model={"backbone": str(tiny_backbone), "max_length": 32})
+    torch.manual_seed(0)
+    model, tokenizer = build_student(cfg, ("title", "brand"), 300)
+    val = pd.read_parquet(distill_data / "val.parquet").assign(source="labelled")
+    rng = np.random.default_rng(0)
+    # a teacher that disagrees with the labels; one pair it gave no class (a score-only teacher)
+    val["t_class"] = rng.choice(list(ESCI_LABELS), size=len(val), p=[0.1, 0.2, 0.2, 0.5])
+    val.loc[val.index[0], "t_class"] = ""
+    unlabelled = val.head(6).assign(source="unlabelled", esci_label=None, t_class="I")
+    frame = pd.concat([val, unlabelled], ignore_index=True)
+    rows = frame[frame["t_class"] != ""]
+    reranker = student_reranker(model.eval(), tokenizer, batch_size=16)
+    probs = np.asarray(
+        reranker.predict_texts(rows["query"].astype(str).tolist(), frame_texts(rows, model.config)).esci_probs
+    )
+    truth = np.array([ESCI_LABELS.index(c) for c in rows["t_class"]])
+    got = fit_student_offsets(model, tokenizer, frame, "macro_f1", 16, fit_to="teacher")
+    assert got == fit_class_offsets(probs, truth, "macro_f1")[0]
+    assert got != fit_student_offsets(model, tokenizer, frame, "macro_f1", 16)  # the labels give others
+    assert (
+        fit_student_offsets(model, tokenizer, frame.drop(columns="t_class"), "micro_f1", 16, fit_to="teacher")
+        is None
+    )
+    with pytest.raises(ValueError, match=r"rules\.fit_to='both'"):
+        fit_student_offsets(model, tokenizer, frame, "micro_f1", 16, fit_to="both")
+
+
 def test_a_student_can_start_from_the_teachers_fine_tuned_encoder(tiny_backbone: Path, tmp_path: Path):
     from esci_reranker.model import MODEL_CLASSES, ModelConfig, save_checkpoint
     from esci_reranker.model.io import load_checkpoint

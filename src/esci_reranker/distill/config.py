@@ -150,6 +150,12 @@ class DistillRules(StrictModel):
         description="micro_macro: macro-F1's weight against micro-F1, (micro + w * macro) / (1 + w), as "
         "the teacher's stack.task2_macro_weight.",
     )
+    fit_to: Literal["labels", "teacher"] = Field(
+        "labels",
+        description="What the offsets are fitted against on the validation queries: 'labels' (their "
+        "labelled pairs' human labels) or 'teacher' (the teacher's class of every validation pair, "
+        "labelled or not, so the student decides as its teacher, on unrelated products too).",
+    )
 
 
 class DistillEval(StrictModel):

@@ -366,22 +366,30 @@ def fit_student_offsets(
     objective: str,
     batch_size: int,
     macro_weight: float = 1.0,
+    fit_to: str = "labels",
 ) -> list[float] | None:
     """Class offsets (E fixed at 0) on the student's log-probabilities maximising ``objective``
-    (with ``macro_weight`` for ``micro_macro``) of its argmax against the labels of ``val``'s
-    labelled pairs (``stack.rules.fit_class_offsets``); None when ``val`` has no labelled pair."""
+    (with ``macro_weight`` for ``micro_macro``) of its argmax (``stack.rules.fit_class_offsets``)
+    against the labels of ``val``'s labelled pairs (``fit_to="labels"``), or against the
+    teacher's class (``t_class``) of every ``val`` pair that has one (``fit_to="teacher"``).
+    None when there is no such pair."""
     from esci_reranker.stack.rules import fit_class_offsets
     from esci_reranker.train.texts import frame_texts
 
-    labels = _labelled_gains(val)  # NaN where unlabelled: the same rows as the labels below
-    labelled = val[np.isfinite(labels)]
-    if labelled.empty:
+    if fit_to == "labels":
+        labels = _labelled_gains(val)  # NaN where unlabelled: the same rows as the labels below
+        rows = val[np.isfinite(labels)]
+        target = rows["esci_label"] if len(rows) else pd.Series([], dtype=str)
+    elif fit_to == "teacher":
+        rows = val[val["t_class"].isin(ESCI_LABELS)] if "t_class" in val.columns else val.iloc[:0]
+        target = rows["t_class"] if len(rows) else pd.Series([], dtype=str)
+    else:
+        raise ValueError(f"rules.fit_to={fit_to!r}; expected 'labels' or 'teacher'.")
+    if rows.empty:
         return None
     reranker = student_reranker(model.eval(), tokenizer, batch_size=batch_size)
-    preds = reranker.predict_texts(
-        labelled["query"].astype(str).tolist(), frame_texts(labelled, model.config)
-    )
-    truth = np.array([ESCI_LABELS.index(str(label)) for label in labelled["esci_label"]])
+    preds = reranker.predict_texts(rows["query"].astype(str).tolist(), frame_texts(rows, model.config))
+    truth = np.array([ESCI_LABELS.index(str(label)) for label in target])
     offsets, _ = fit_class_offsets(
         np.asarray(preds.esci_probs, dtype=np.float64), truth, objective, macro_weight=macro_weight
     )
@@ -588,7 +596,13 @@ def train_student(
     else:
         offsets = (
             fit_student_offsets(
-                student, tokenizer, val, cfg.rules.objective, cfg.eval.batch_size, cfg.rules.macro_weight
+                student,
+                tokenizer,
+                val,
+                cfg.rules.objective,
+                cfg.eval.batch_size,
+                cfg.rules.macro_weight,
+                cfg.rules.fit_to,
             )
             if cfg.rules.class_offsets
             else None
@@ -600,6 +614,7 @@ def train_student(
             "fitted": offsets is not None,
             "objective": cfg.rules.objective,
             "macro_weight": cfg.rules.macro_weight,
+            "fit_to": cfg.rules.fit_to,
         }
         # after the offsets: the threshold is on the probabilities the saved student gives
         student.config.substitute_threshold = fit_student_threshold(
