@@ -126,3 +126,52 @@ def test_bi_encoder_runs_share_the_embeddings_of_their_weights(split: pd.DataFra
     assert cache.stats()["hits"] - after_first["hits"] == texts
     np.testing.assert_allclose(first["score"], plain["score"], atol=1e-6)
     np.testing.assert_allclose(second["score"], plain["score"], atol=1e-6)
+
+
+def test_bi_encoder_embeddings_are_the_encoders_own_when_run_padding_free(
+    split: pd.DataFrame, tiny_backbone, monkeypatch
+) -> None:
+    """On a CPU the baseline encodes padding-free; its embeddings are those of the encoder's own
+    padded forward, and an encoder that the padding-free path refuses runs as it is."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from esci_reranker.eval import baselines
+    from esci_reranker.model.unpadded import UnpaddedEncoder
+
+    calls: list[int] = []
+    unpadded_call = UnpaddedEncoder.__call__
+
+    def spy(self, batches):
+        calls.append(len(batches))
+        return unpadded_call(self, batches)
+
+    monkeypatch.setattr(UnpaddedEncoder, "__call__", spy)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    model = AutoModel.from_pretrained(tiny_backbone).eval()
+    texts = [*split["query"].unique(), *baseline_texts(split).unique()]
+    probe = texts[:8]
+    forward = baselines._forward(model, tokenizer, torch.device("cpu"), probe, 64)
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.inference_mode():
+        own = model(**batch).last_hidden_state
+        ours = forward(batch)
+    real = batch["attention_mask"].bool()
+    assert batch["attention_mask"].sum(1).min() < batch["attention_mask"].shape[1]  # some padding
+    torch.testing.assert_close(ours[real], own[real], atol=1e-5, rtol=0)
+    assert ours[~real].abs().max() == 0  # the padded positions carry nothing
+    assert calls  # the padding-free path ran, not the module's own forward
+
+    class NotBert(torch.nn.Module):  # no BERT layers: refused, and the plain forward serves
+        def forward(self, **batch):
+            return model(**batch)
+
+    plain = baselines._forward(NotBert(), tokenizer, torch.device("cpu"), probe, 64)
+    calls.clear()
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(batch), own)
+    assert not calls
+    embeddings = baselines.encode(texts, tokenizer, model, torch.device("cpu"), 5, 64)
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = torch.nn.functional.normalize((own * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    np.testing.assert_allclose(embeddings, pooled, atol=1e-5)
