@@ -37,7 +37,7 @@ from esci_reranker.stack.cv import (
     outer_split,
 )
 from esci_reranker.stack.stacker import feature_columns
-from esci_reranker.stack.train import fit_options, fixed_schedule, gbdt_params
+from esci_reranker.stack.train import fit_options, fixed_schedule, gbdt_params, rank_features
 from esci_reranker.train import TrainConfig, load_config, train
 from esci_reranker.train.cv import fold_model_dir, fold_outputs, query_folds, write_fold_splits
 from esci_reranker.train.loop import read_train_val
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         fitted = fold_stackers(
             single,
             gbdt_params(cfg, seed),
-            names,
+            rank_features(cfg, names),
             cfg.stack.task2_objective,
             cfg.stack.task3_objective,
             **fit_options(cfg, names),

@@ -277,3 +277,29 @@ def test_the_trees_read_every_product_field_though_the_training_held_fewer(stack
     moved = load_config(None, [*STACKED, f"data.dir={changed}"])
     with pytest.raises(ValueError, match="changed while the stacked model trained"):
         stack_frame(moved, slim)
+
+
+def test_a_pointwise_ranker_reads_no_list_feature_and_the_classes_keep_theirs():
+    """``stack.rank_features: pointwise``: the ranker's score of a pair does not depend on the
+    list it is in; the class and substitute trees still read every feature."""
+    from esci_reranker.stack.features import is_list_relative
+    from esci_reranker.stack.train import fit_config_stacker, rank_features
+    from tests.stack.test_stacker import synthetic_table
+
+    table = synthetic_table(queries=12, per_query=8)
+    # a list-relative column: the 'signal' rank within its query
+    table["ce_score_rank"] = table.groupby("query_id")["signal"].rank(ascending=False)
+    assert is_list_relative("ce_score_rank")
+    names = ["signal", "noise", "ce_score_rank"]
+    options = ["stack.max_rounds=30", "stack.inner_folds=3", "stack.min_data_in_leaf=5"]
+    pointwise = load_config(None, [*STACKED, *options, "stack.rank_features=pointwise"])
+    assert rank_features(pointwise, names) == ["signal", "noise"]
+    assert rank_features(load_config(None, [*STACKED, *options]), names) == names
+    stacker = fit_config_stacker(pointwise, table[["query_id", "product_id", "esci_label", *names]], seed=0)
+    assert stacker.features_of("ranker") == ["signal", "noise"]
+    assert stacker.features_of("classifier") == names == stacker.features_of("substitute")
+    # the same pair scores the same in another list (its rank there differs)
+    moved = table.assign(ce_score_rank=1.0)
+    np.testing.assert_allclose(stacker.predict(moved)["score"], stacker.predict(table)["score"])
+    with pytest.raises(ConfigError):
+        load_config(None, [*STACKED, "stack.rank_features=listwise"])

@@ -124,12 +124,19 @@ def fit_config_stacker(cfg: TrainConfig, table: pd.DataFrame, seed: int) -> Stac
     stacker, _ = fit_stacker(
         table,
         gbdt_params(cfg, seed),
-        features=names,
+        features=rank_features(cfg, names),
         task2_objective=cfg.stack.task2_objective,
         task3_objective=cfg.stack.task3_objective,
         **fit_options(cfg, names),
     )
     return stacker
+
+
+def rank_features(cfg: TrainConfig, names: Sequence[str]) -> list[str]:
+    """The ranker's feature columns among ``names`` (``stack.rank_features``)."""
+    if cfg.stack.rank_features == "pointwise":
+        return [n for n in names if not is_list_relative(n)]
+    return list(names)
 
 
 def fit_options(cfg: TrainConfig, names: Sequence[str]) -> dict[str, Any]:
@@ -293,7 +300,7 @@ def cross_validate_trees(
         fitted = fold_stackers(
             table,
             gbdt_params(cfg, seed),
-            names,
+            rank_features(cfg, names),
             cfg.stack.task2_objective,
             cfg.stack.task3_objective,
             **fit_options(cfg, names),

@@ -292,6 +292,11 @@ class StackSection(StrictModel):
         "list-relative ones (rank, z-score, gap, list BM25, list size), so a product gets the same "
         "label in any candidate list.",
     )
+    rank_features: Literal["all", "pointwise"] = Field(
+        "all",
+        description="Features of the ranker: 'all', or 'pointwise': none of the list-relative ones "
+        "(as class_features), so a product's score does not depend on the list it is in.",
+    )
     calibrate: bool = Field(
         False,
         description="Calibrate the class probabilities (temperature + class biases) on the trees' inner "
