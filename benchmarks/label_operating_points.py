@@ -23,7 +23,7 @@ import pandas as pd
 
 from esci_reranker.fsutil import write_json
 from esci_reranker.labels import ESCI_LABELS
-from esci_reranker.stack.rules import DecisionRules
+from esci_reranker.stack.rules import DecisionRules, task2_metric
 
 MARGINS = np.round(np.arange(-1.0, 2.0001, 0.1), 2)
 
@@ -44,17 +44,12 @@ def operating_point(true: np.ndarray, classes: np.ndarray) -> dict[str, float]:
     """The label figures of one set of predicted classes against the true ones."""
     e, i = 0, len(ESCI_LABELS) - 1
     called_e = classes == e
-    f1 = []
-    for c in range(len(ESCI_LABELS)):
-        tp = float(np.sum((classes == c) & (true == c)))
-        denom = float(np.sum(classes == c) + np.sum(true == c))
-        f1.append(2 * tp / denom if denom else 0.0)
     return {
         "E_precision": float(np.mean(true[called_e] == e)) if called_e.any() else float("nan"),
         "E_recall": float(np.mean(called_e[true == e])),
         "share_called_E": float(np.mean(called_e)),
-        "task2_micro_f1": float(np.mean(classes == true)),
-        "task2_macro_f1": float(np.mean(f1)),
+        "task2_micro_f1": task2_metric(true, classes, "micro_f1"),
+        "task2_macro_f1": task2_metric(true, classes, "macro_f1"),
         "judged_I_recall": float(np.mean(classes[true == i] == i)),
     }
 

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from esci_reranker.data.text import parse_text_fields
+from esci_reranker.stack.rules import Task2Objective
 from esci_reranker.train.config import (
     PACKAGED_BACKBONE,
     MixedPrecision,
@@ -139,7 +140,7 @@ class DistillRules(StrictModel):
     bias so that a stock classifier's argmax is the class our service reports."""
 
     class_offsets: bool = Field(True, description="Fit the offsets (false: the plain argmax).")
-    objective: Literal["micro_f1", "macro_f1", "micro_macro"] = Field(
+    objective: Task2Objective = Field(
         "micro_f1",
         description="What the offsets maximise on the labels: micro-F1, macro-F1 or their mean "
         "(the default teacher's, micro_macro).",

@@ -22,6 +22,7 @@ from pydantic import (
 
 from esci_reranker.data.text import DEFAULT_LONG_FIELD_CHARS, DEFAULT_TEXT_FIELDS, parse_text_fields
 from esci_reranker.model.config import LLM_SYSTEM_PROMPT
+from esci_reranker.stack.rules import Task2Objective, Task3Objective
 from esci_reranker.stack.stacker import GBDTParams
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -271,7 +272,7 @@ class StackSection(StrictModel):
     inner_folds: int = Field(
         _GBDT.inner_folds, ge=2, description="Query folds that choose each tree model's rounds."
     )
-    task2_objective: Literal["micro_f1", "macro_f1", "micro_macro"] = Field(
+    task2_objective: Task2Objective = Field(
         "micro_f1",
         description="What the Task 2 class offsets maximise: micro-F1 (the official metric), macro-F1, or "
         "their mean (micro_macro).",
@@ -282,7 +283,7 @@ class StackSection(StrictModel):
         description="micro_macro: the weight of macro-F1 against micro-F1 in what the offsets maximise, "
         "(micro + w * macro) / (1 + w); 1 is their mean.",
     )
-    task3_objective: Literal["micro_f1", "f1"] = Field(
+    task3_objective: Task3Objective = Field(
         "micro_f1", description="What the substitute threshold maximises (micro-F1 is the official metric)."
     )
     exclude_features: tuple[str, ...] = Field((), description="Feature columns the trees must not read.")
