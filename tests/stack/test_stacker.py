@@ -133,3 +133,23 @@ def test_named_columns_predict_like_the_frame(fitted):
     np.testing.assert_array_equal(partial["score"], stacker.predict(table.assign(noise=np.nan))["score"])
     big = pd.concat([table] * 12, ignore_index=True)  # > 2048 rows: LightGBM's own thread count
     np.testing.assert_allclose(stacker.predict(big)["score"][: len(table)], a["score"], rtol=1e-12)
+
+
+def test_inner_folds_fitted_side_by_side_give_the_sequential_trees(monkeypatch):
+    """The inner-fold boosters train on threads (one a core); each is single-threaded and
+    deterministic, so the trees, rounds, curves and out-of-fold predictions are those of one
+    fold after the other."""
+    from esci_reranker.stack import stacker as stacker_module
+
+    table = synthetic_table(seed=3)
+    fits = {}
+    for workers in (1, 3):
+        monkeypatch.setattr(stacker_module, "tree_workers", lambda workers=workers: workers)
+        fits[workers] = fit_stacker(table, SMALL)
+    (one, oof_one), (many, oof_many) = fits[1], fits[3]
+    assert set(one.boosters) == set(many.boosters) == {"ranker", "classifier", "substitute"}
+    for task, booster in one.boosters.items():
+        assert booster.model_to_string() == many.boosters[task].model_to_string(), task
+    assert one.rounds == many.rounds
+    for key, value in oof_one.items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(oof_many[key]), err_msg=key)

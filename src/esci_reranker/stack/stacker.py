@@ -27,7 +27,9 @@ decision rules). No pickle.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -151,6 +153,14 @@ class TaskFit:
     oof: np.ndarray
 
 
+def tree_workers() -> int:
+    """How many inner-fold boosters ``fit_task`` trains at once: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity on this platform (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
 def fit_task(
     x: np.ndarray,
     labels: Sequence[str],
@@ -172,8 +182,9 @@ def fit_task(
     w = None if weights is None else np.asarray(weights, dtype=np.float64)[order]
     y = _targets([labels[i] for i in order], task)
     lgb_params = params.lgb_params(task, gains)
-    curves, boosters, folds = [], [], inner_query_folds(groups, params.inner_folds, params.seed)
-    for val_rows in folds:
+    folds = inner_query_folds(groups, params.inner_folds, params.seed)
+
+    def inner(val_rows: np.ndarray) -> tuple[np.ndarray, Any]:
         train_rows = np.setdiff1d(np.arange(len(y)), val_rows)
         w_train, w_val = (None, None) if w is None else (w[train_rows], w[val_rows])
         dtrain = _dataset(x[train_rows], y[train_rows], groups[train_rows], task, names, w_train)
@@ -188,8 +199,18 @@ def fit_task(
             callbacks=[lgb.record_evaluation(record)],
         )
         (values,) = record["val"].values()
-        curves.append(np.asarray(values, dtype=np.float64))
-        boosters.append(booster)
+        return np.asarray(values, dtype=np.float64), booster
+
+    # Each booster runs on one thread (its result then does not depend on the machine), and
+    # LightGBM releases the GIL while it boosts, so the inner folds run side by side, one a core.
+    workers = min(len(folds), tree_workers())
+    if workers > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="esci-trees") as pool:
+            fitted = list(pool.map(inner, folds))
+    else:
+        fitted = [inner(val_rows) for val_rows in folds]
+    curves = [curve for curve, _ in fitted]
+    boosters = [booster for _, booster in fitted]
     mean = np.mean(curves, axis=0)
     rounds = int(np.argmax(mean) if task == "ranker" else np.argmin(mean)) + 1
     oof_sorted = np.zeros((len(y), len(ESCI_LABELS))) if task == "classifier" else np.zeros(len(y))
