@@ -11,7 +11,7 @@ import pytest
 
 from esci_reranker.retrieval.encoder import DenseEncoder, IndexMismatchError, reuse_embeddings
 from esci_reranker.retrieval.index import CatalogueIndex, CatalogueIndexError
-from tests.retrieval.conftest import small_catalogue
+from tests.retrieval.conftest import SAMPLE, small_catalogue
 
 
 @pytest.fixture
@@ -107,6 +107,37 @@ def test_reused_embeddings_give_the_same_vectors_and_index(
             assert [r.product_id for r in ia.retrieve(query, n=20)] == [
                 r.product_id for r in ib.retrieve(query, n=20)
             ]
+
+
+def test_many_texts_embed_padding_free_as_sentence_transformers_does_and_feed_the_tower_cache(
+    tiny_retriever: Path,
+) -> None:
+    """An index build's batches (``PADDING_FREE_MIN_TEXTS`` texts or more) skip the padding: the
+    embeddings are sentence-transformers' own to float rounding; inside ``reuse_embeddings`` they
+    go to the tower cache of these weights, which the bi-encoder baseline and the prior fits read."""
+    from esci_reranker.model.tower_cache import weights_cache
+    from esci_reranker.retrieval.encoder import PADDING_FREE_MIN_TEXTS
+
+    frame = pd.read_parquet(SAMPLE)
+    texts = list(dict.fromkeys(frame["product_title"].astype(str)))[: PADDING_FREE_MIN_TEXTS + 20]
+    encoder = DenseEncoder.load(str(tiny_retriever))
+    own = encoder._embed_own(texts, None, False)
+    fast = encoder.encode(texts)
+    assert encoder._unpadded is True  # the layout and the probe check let it through
+    np.testing.assert_allclose(fast, own, atol=1e-5)
+    cache = weights_cache(encoder.model[0].auto_model)
+    cache.clear()
+    with reuse_embeddings():
+        fresh = DenseEncoder.load(str(tiny_retriever))
+        np.testing.assert_allclose(fresh.encode(texts), own, atol=1e-5)
+    transformer = encoder.model[0]
+    ids = transformer.tokenizer(texts, truncation=True, max_length=transformer.max_seq_length)["input_ids"]
+    assert cache.stats()["entries"] == len({tuple(row) for row in ids})  # one a distinct token sequence
+    # a search's few texts take sentence-transformers' path, which fills no cache
+    cache.clear()
+    with reuse_embeddings():
+        np.testing.assert_allclose(encoder.encode(texts[:3]), own[:3], atol=1e-5)
+    assert cache.stats()["entries"] == 0
 
 
 def test_the_memo_keeps_at_most_its_bound(tiny_retriever: Path) -> None:

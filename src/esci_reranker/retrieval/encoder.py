@@ -39,6 +39,9 @@ PROBE_MIN_COSINE: Final[float] = 0.999
 EMBEDDING_PRECISIONS: Final[tuple[str, ...]] = ("auto", "fp32", "bf16")
 #: Product texts are short (title | brand | color); longer inputs are cut to this many tokens.
 DEFAULT_MAX_SEQ_LENGTH: Final[int] = 128
+#: From this many texts a call embeds padding-free (an index build); fewer (a search's query) go
+#: through sentence-transformers, which has no per-call check to pay for.
+PADDING_FREE_MIN_TEXTS: Final[int] = 256
 
 
 class IndexMismatchError(ValueError):
@@ -150,6 +153,7 @@ class DenseEncoder:
         self.batch_size = batch_size
         self.precision = precision
         self._digest: str | None = None
+        self._unpadded: bool | None = None  # _padding_free's verdict, once known
 
     @classmethod
     def load(
@@ -208,6 +212,12 @@ class DenseEncoder:
         return np.stack([found[t] if t in found else table[t] for t in texts]).astype(np.float32, copy=False)
 
     def _embed(self, texts: Sequence[str], batch_size: int | None, bf16: bool) -> np.ndarray:
+        if not bf16 and len(texts) >= PADDING_FREE_MIN_TEXTS and self._padding_free():
+            return self._embed_padding_free(texts, batch_size)
+        return self._embed_own(texts, batch_size, bf16)
+
+    def _embed_own(self, texts: Sequence[str], batch_size: int | None, bf16: bool) -> np.ndarray:
+        """Embeddings by sentence-transformers' own ``encode`` (padded batches)."""
         import torch
 
         from esci_reranker.hardware import autocast
@@ -221,6 +231,52 @@ class DenseEncoder:
                 show_progress_bar=False,
             )
         return np.ascontiguousarray(emb, dtype=np.float32)
+
+    def _padding_free(self) -> bool:
+        """Whether fp32 embeddings may take the padding-free path, decided once: a CPU model of
+        the plain Transformer -> mean Pooling (-> Normalize) layout whose padding-free embeddings
+        of the probe texts are its own to 1e-5."""
+        if self._unpadded is None:
+            modules = list(self.model)
+            layout = [type(m).__name__ for m in modules]
+            self._unpadded = (
+                str(self.model.device) == "cpu"
+                and layout[:2] == ["Transformer", "Pooling"]
+                and layout[2:] in ([], ["Normalize"])
+                and getattr(modules[1], "pooling_mode", None) == "mean"
+                and hasattr(modules[0], "auto_model")
+            )
+            if self._unpadded:
+                probe = list(PROBE_TEXTS)
+                gap = np.abs(
+                    self._embed_padding_free(probe, None, share=False) - self._embed_own(probe, None, False)
+                ).max()
+                self._unpadded = bool(gap < 1e-5)
+        return self._unpadded
+
+    def _embed_padding_free(
+        self, texts: Sequence[str], batch_size: int | None, share: bool = True
+    ) -> np.ndarray:
+        """fp32 embeddings through the encoder's padding-free CPU path (``eval.baselines.encode``:
+        the bi-encoder baseline's, mean-pooled and normalised as this model does), ~1.4x faster
+        than padded batches. Inside ``reuse_embeddings`` they also go to the process-wide tower
+        cache of these weights, where the main job's bi-encoder baseline and prior fits find them."""
+        import torch
+
+        from esci_reranker.eval.baselines import encode
+        from esci_reranker.model.tower_cache import weights_cache
+
+        transformer = self.model[0]
+        cache = weights_cache(transformer.auto_model) if share and _MEMO.get() is not None else None
+        return encode(
+            list(texts),
+            transformer.tokenizer,
+            transformer.auto_model,
+            torch.device("cpu"),
+            batch_size or self.batch_size,
+            transformer.max_seq_length,
+            cache=cache,
+        )
 
     def weights_digest(self) -> str | None:
         """``weights_digest`` of the folder this encoder was loaded from, read once; None for an
