@@ -282,3 +282,36 @@ def test_the_trainer_holds_ids_and_labels_and_reads_texts_by_row(tmp_path, small
     expected = sample.iloc[[5, 0, 39]]
     assert queries == expected["query"].tolist()
     assert texts == frame_texts(expected, config)
+
+
+def test_frozen_lower_layers_keep_their_weights_and_the_rest_learn(tmp_path, small_splits, tiny_backbone):
+    """``model.freeze_layers``: the embeddings and the lowest layers leave training exactly as
+    the backbone gave them (no gradient reaches them), the layers above and the heads move."""
+    from transformers import AutoModel
+
+    cfg = make_config(
+        tmp_path,
+        small_splits,
+        tiny_backbone,
+        "optim.max_steps=4",
+        "eval.at_start=false",
+        "model.freeze_layers=1",
+    )
+    train(cfg, progress=False)
+    trained = load_checkpoint(tmp_path / "model")[0].encoder.state_dict()
+    start = AutoModel.from_pretrained(tiny_backbone).state_dict()
+    layers = {name for name in start if name.startswith("encoder.layer.")}
+    assert len({name.split(".")[2] for name in layers}) >= 2
+    for name, weight in start.items():
+        if name.startswith(("embeddings.", "encoder.layer.0.")):
+            torch.testing.assert_close(trained[name], weight, rtol=0, atol=0, msg=name)
+    moved = [n for n in layers if n.startswith("encoder.layer.1.") and not torch.equal(trained[n], start[n])]
+    assert len(moved) > 10
+
+
+def test_freezing_more_layers_than_the_backbone_has_is_a_clear_error(tmp_path, small_splits, tiny_backbone):
+    cfg = make_config(tmp_path, small_splits, tiny_backbone, "model.freeze_layers=99")
+    with pytest.raises(
+        ValueError, match=r"model\.freeze_layers=99: the backbone has only \d+ transformer layers"
+    ):
+        build_model(cfg)

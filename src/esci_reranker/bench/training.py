@@ -72,8 +72,15 @@ LAYOUTS: Final[tuple[str, ...]] = ("padded", "packed_torch_dropout", "packed")
 TRAIN_PRECISIONS: Final[tuple[str, ...]] = ("fp32", "bf16")
 #: Split of the bundled sample whose rows make the batches.
 TRAIN_SPLIT: Final[str] = "train"
-#: Forward + backward FLOPs per forward FLOP.
+#: Forward + backward FLOPs per forward FLOP (every layer trainable).
 TRAINING_FLOPS_FACTOR: Final[float] = 3.0
+
+
+def training_flops_factor(layers: int, frozen: int) -> float:
+    """Forward + backward FLOPs per forward FLOP when the lowest ``frozen`` of ``layers`` layers are
+    fixed (``model.freeze_layers``): those run forward only, the others forward and a backward
+    twice its size."""
+    return 1.0 + (TRAINING_FLOPS_FACTOR - 1.0) * (layers - frozen) / layers
 
 
 @dataclass
@@ -329,7 +336,8 @@ def _measure(
         say,
         lambda n, seconds: f"{work.pairs / seconds:.1f} pairs/s",
     )
-    flops = TRAINING_FLOPS_FACTOR * work.forward_flops
+    factor = training_flops_factor(_encoder_shape(model.config)[0], cfg.model.freeze_layers)
+    flops = factor * work.forward_flops
     entries: dict[str, dict[str, Any]] = {}
     for name, v in variants.items():
         best, median = min(v.seconds), statistics.median(v.seconds)
@@ -389,7 +397,7 @@ def _measure(
             "padding_share": 1 - work.real_tokens / work.padded_tokens if work.padded_tokens else 0.0,
             "forward_flops_per_pair": work.forward_flops / work.pairs,
             "training_flops_per_pair": flops / work.pairs,
-            "training_flops_factor": TRAINING_FLOPS_FACTOR,
+            "training_flops_factor": factor,
         },
         **roofline.record(),
         "variants": entries,

@@ -149,6 +149,12 @@ class ModelSection(StrictModel):
     freeze_embeddings: bool = Field(
         True, description="Keep the word-embedding matrix fixed: faster and steadier on small data."
     )
+    freeze_layers: int = Field(
+        0,
+        ge=0,
+        description="Also keep every embedding (word, position, type, their norm) and the lowest N "
+        "transformer layers fixed: the backward pass stops above them, so a step costs less.",
+    )
     llm: LLMSection = LLMSection()
     listwise: ListwiseSection = ListwiseSection()
     stacker: Literal["none", "gbdt"] = Field(

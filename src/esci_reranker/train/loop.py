@@ -244,11 +244,38 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     model.train_prior = m.train_prior
     if m.freeze_embeddings:
         model.encoder.get_input_embeddings().weight.requires_grad_(False)
+    if m.freeze_layers:
+        freeze_lower_layers(model.encoder, m.freeze_layers)
     # PyTorch's CPU dropout kernel was a fifth of a training step; the masks are drawn faster
     # (model.cpu.cpu_dropout), and other devices keep F.dropout
     use_cpu_dropout(model)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     return model, tokenizer
+
+
+def freeze_lower_layers(encoder: torch.nn.Module, layers: int) -> None:
+    """Fix the embeddings and the lowest ``layers`` transformer layers of ``encoder`` (a BERT-style
+    model with ``embeddings`` and ``encoder.layer``).
+
+    Nothing below the first trainable layer then needs a gradient, so autograd records none of
+    it and the backward pass, about two thirds of a training step, stops there.
+
+    Raises:
+        ValueError: the encoder has no such layers, or fewer than ``layers``; names
+            ``model.freeze_layers``.
+    """
+    stack = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if not hasattr(encoder, "embeddings") or not isinstance(stack, torch.nn.ModuleList):
+        raise ValueError(
+            f"model.freeze_layers={layers}: {type(encoder).__name__} has no embeddings and "
+            "encoder.layer to freeze (a BERT-style backbone is expected)"
+        )
+    if layers > len(stack):
+        raise ValueError(
+            f"model.freeze_layers={layers}: the backbone has only {len(stack)} transformer layers"
+        )
+    for module in (encoder.embeddings, *stack[:layers]):
+        module.requires_grad_(False)
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimSection) -> torch.optim.AdamW:
