@@ -258,7 +258,7 @@ def freeze_lower_layers(encoder: torch.nn.Module, layers: int) -> None:
     model with ``embeddings`` and ``encoder.layer``).
 
     Nothing below the first trainable layer then needs a gradient, so autograd records none of
-    it and the backward pass, about two thirds of a training step, stops there.
+    it and the backward pass, more than half of a training step, stops there.
 
     Raises:
         ValueError: the encoder has no such layers, or fewer than ``layers``; names
