@@ -59,3 +59,13 @@ def test_bench_train_rejects_bad_options(tmp_path: Path) -> None:
     assert_fails(run("bench-train", "--batches", 0), "--batches 0")
     assert_fails(run("bench-train", "--precisions", "fp16"), "--precisions 'fp16'")
     assert_fails(run("bench-train", "--config", tmp_path / "none.yaml"), "no such file")
+
+
+def test_frozen_layers_are_credited_a_forward_pass_only():
+    """bench-train's FLOP count with ``model.freeze_layers``: a frozen layer runs forward only, a
+    trainable one forward and a backward twice its size."""
+    from esci_reranker.bench.training import TRAINING_FLOPS_FACTOR, training_flops_factor
+
+    assert training_flops_factor(6, 0) == TRAINING_FLOPS_FACTOR == 3.0
+    assert training_flops_factor(6, 3) == pytest.approx(2.0)
+    assert training_flops_factor(6, 6) == pytest.approx(1.0)
