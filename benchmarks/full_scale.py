@@ -438,14 +438,7 @@ def stage_trees(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     cfg = _config(work, args.ce_steps)
     table = pd.read_parquet(work / "stack_table.parquet")
     names = feature_columns(table, exclude=cfg.stack.exclude_features)
-    stacker, oof = fit_stacker(
-        table,
-        gbdt_params(cfg, 0),
-        features=names,
-        task2_objective=cfg.stack.task2_objective,
-        task3_objective=cfg.stack.task3_objective,
-        **fit_options(cfg, names),
-    )
+    stacker, oof = fit_stacker(table, gbdt_params(cfg, 0), **fit_options(cfg, names))
     stacker.save(work / "model" / STACKER_DIR)
     np.save(work / "inner_probs.npy", oof["probs"])
     np.save(work / "inner_sub.npy", oof["substitute_prob"])

@@ -37,7 +37,7 @@ from esci_reranker.stack.cv import (
     outer_split,
 )
 from esci_reranker.stack.stacker import feature_columns
-from esci_reranker.stack.train import fit_options, fixed_schedule, gbdt_params, rank_features
+from esci_reranker.stack.train import fit_options, fixed_schedule, gbdt_params
 from esci_reranker.train import TrainConfig, load_config, train
 from esci_reranker.train.cv import fold_model_dir, fold_outputs, query_folds, write_fold_splits
 from esci_reranker.train.loop import read_train_val
@@ -114,14 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         single = oof_stack_table(frame, base_oof, seed)
         souped = oof_stack_table(frame, soup_oof, seed)
         names = feature_columns(single, exclude=cfg.stack.exclude_features)
-        fitted = fold_stackers(
-            single,
-            gbdt_params(cfg, seed),
-            rank_features(cfg, names),
-            cfg.stack.task2_objective,
-            cfg.stack.task3_objective,
-            **fit_options(cfg, names),
-        )
+        fitted = fold_stackers(single, gbdt_params(cfg, seed), **fit_options(cfg, names))
         applied = ((f, stacker, outer_split(souped, f)[1]) for f, stacker, _ in fitted)
         on_fold = None if catalogue is None else functools.partial(catalogue.on_fold, seed)
         entries += [{"seed": seed, **e} for e in cross_validate_stacker(applied, on_fold=on_fold)]

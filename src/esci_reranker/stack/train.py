@@ -121,29 +121,29 @@ def fit_config_stacker(cfg: TrainConfig, table: pd.DataFrame, seed: int) -> Stac
     """The stacker of ``cfg``'s ``stack`` section fitted on a stack table (every feature column
     but ``stack.exclude_features``; rounds and decision rules chosen by inner query folds)."""
     names = feature_columns(table, exclude=cfg.stack.exclude_features)
-    stacker, _ = fit_stacker(
-        table,
-        gbdt_params(cfg, seed),
-        features=rank_features(cfg, names),
-        task2_objective=cfg.stack.task2_objective,
-        task3_objective=cfg.stack.task3_objective,
-        **fit_options(cfg, names),
-    )
+    stacker, _ = fit_stacker(table, gbdt_params(cfg, seed), **fit_options(cfg, names))
     return stacker
+
+
+def _feature_set(choice: str, names: Sequence[str]) -> list[str]:
+    """``names`` for 'all'; for 'pointwise' those that are not list-relative."""
+    return [n for n in names if not is_list_relative(n)] if choice == "pointwise" else list(names)
 
 
 def rank_features(cfg: TrainConfig, names: Sequence[str]) -> list[str]:
     """The ranker's feature columns among ``names`` (``stack.rank_features``)."""
-    if cfg.stack.rank_features == "pointwise":
-        return [n for n in names if not is_list_relative(n)]
-    return list(names)
+    return _feature_set(cfg.stack.rank_features, names)
 
 
 def fit_options(cfg: TrainConfig, names: Sequence[str]) -> dict[str, Any]:
-    """``fit_stacker``'s keyword options from a config's ``stack`` section, for features ``names``."""
-    pointwise = cfg.stack.class_features == "pointwise"
+    """Every keyword option of ``fit_stacker`` (and ``fold_stackers``) that a config's ``stack``
+    section sets, for feature columns ``names``: the ranker's and the class trees' features, the
+    rule objectives and the rest, so no caller can leave one of them out."""
     return {
-        "class_features": [n for n in names if not is_list_relative(n)] if pointwise else list(names),
+        "features": rank_features(cfg, names),
+        "task2_objective": cfg.stack.task2_objective,
+        "task3_objective": cfg.stack.task3_objective,
+        "class_features": _feature_set(cfg.stack.class_features, names),
         "calibrate": cfg.stack.calibrate,
         "rank_negatives": cfg.stack.rank_negatives,
         "class_negatives": cfg.stack.class_negatives,
@@ -297,14 +297,7 @@ def cross_validate_trees(
         names = feature_columns(table, exclude=cfg.stack.exclude_features)
         extra = f", {int(table['is_negative'].sum())} catalogue negatives" if "is_negative" in table else ""
         log(f"      stacker, seed {seed}: cross-validate on the {folds} folds ({len(names)} features{extra})")
-        fitted = fold_stackers(
-            table,
-            gbdt_params(cfg, seed),
-            rank_features(cfg, names),
-            cfg.stack.task2_objective,
-            cfg.stack.task3_objective,
-            **fit_options(cfg, names),
-        )
+        fitted = fold_stackers(table, gbdt_params(cfg, seed), **fit_options(cfg, names))
         seed_predictions: list[pd.DataFrame] = []
         for entry in cross_validate_stacker(
             fitted,
