@@ -377,16 +377,16 @@ def fit_student_offsets(
     from esci_reranker.train.texts import frame_texts
 
     if fit_to == "labels":
-        labels = _labelled_gains(val)  # NaN where unlabelled: the same rows as the labels below
-        rows = val[np.isfinite(labels)]
-        target = rows["esci_label"] if len(rows) else pd.Series([], dtype=str)
+        column = "esci_label"
+        rows = val[np.isfinite(_labelled_gains(val))]  # _labelled_gains: NaN where unlabelled
     elif fit_to == "teacher":
-        rows = val[val["t_class"].isin(ESCI_LABELS)] if "t_class" in val.columns else val.iloc[:0]
-        target = rows["t_class"] if len(rows) else pd.Series([], dtype=str)
+        column = "t_class"
+        rows = val[val[column].isin(ESCI_LABELS)] if column in val.columns else val.iloc[:0]
     else:
         raise ValueError(f"rules.fit_to={fit_to!r}; expected 'labels' or 'teacher'.")
     if rows.empty:
         return None
+    target = rows[column]
     reranker = student_reranker(model.eval(), tokenizer, batch_size=batch_size)
     preds = reranker.predict_texts(rows["query"].astype(str).tolist(), frame_texts(rows, model.config))
     truth = np.array([ESCI_LABELS.index(str(label)) for label in target])
