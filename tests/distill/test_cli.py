@@ -69,6 +69,29 @@ def test_distill_command_takes_retrieved_products_from_the_catalogue(
     pairs = pd.read_parquet(out / "pairs.parquet")
     assert draws["retrieved"] == 2 * pairs["query_id"].nunique()  # round(5 * 0.4) a query
     assert not set(pairs["product_id"].astype(str)) & test_products
+    # with a catalogue there, the validation queries run through its search flow, labelled by both
+    flow = json.loads((out / "distill.json").read_text())["validation_flow"]
+    assert flow["reference"] == "teacher"
+    assert flow["queries"] == pairs.loc[pairs["split"] == "val", "query_id"].nunique()
+    teacher, student = flow["models"]["teacher"], flow["models"]["student"]
+    assert teacher["results"] == student["results"] > 0  # the same retrieved lists for both
+    assert all(0.0 <= v <= 1.0 for v in flow["agreement"]["student"].values() if v is not None)
+    assert json.loads((out / "model" / "distill.json").read_text())["validation_flow"] == flow
+    assert "search flow of the" in result.output
+    assert "foreign products labelled E" in result.output
+
+    # retrieved products foreign to the query only (catalogue_lists' rule, tested in retrieval)
+    foreign = run(
+        "distill", "--teacher", stacked_teacher, "--config", "configs/distill_esci.yaml", "--out",
+        tmp_path / "foreign", "--catalogue", catalogue, "--no-progress", "--no-flow",
+        *_sets(tiny_student_overrides), "--set", "data.retrieved_share=0.4", "--set", "data.retrieved_rule=foreign",
+    )  # fmt: skip
+    assert foreign.exit_code == 0, foreign.output
+    assert "retrieved products (foreign)" in foreign.output
+    assert "search flow of the" not in foreign.output
+    summary = json.loads((tmp_path / "foreign" / "distill.json").read_text())
+    assert "validation_flow" not in summary
+    assert 0 < summary["unlabelled_draws"]["retrieved"] <= 2 * pairs["query_id"].nunique()
 
 
 def test_distill_command_names_a_bad_key_and_a_missing_teacher(

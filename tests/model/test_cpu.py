@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from esci_reranker.model import PairEncoder
@@ -45,6 +46,22 @@ def test_packed_linear_falls_back_to_plain_linear_for_training_and_bf16():
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = packed(torch.randn(2, 6))
     assert bf16.dtype == torch.bfloat16  # autocast applied, as for nn.Linear
+
+
+def test_packed_linear_packs_again_after_its_weight_changes_in_place():
+    """A packed layer that trains (an optimiser step) or loads new weights afterwards computes
+    with the new weights, never with the copy packed before."""
+    linear = nn.Linear(8, 4)
+    packed = PackedLinear(linear)
+    x = torch.randn(3, 8)
+    optimizer = torch.optim.SGD(packed.parameters(), lr=0.5)
+    packed(torch.randn(3, 8, requires_grad=True)).pow(2).sum().backward()
+    optimizer.step()  # in place, as training does
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), atol=1e-5, rtol=1e-5)
+    packed.load_state_dict({"weight": torch.ones(4, 8), "bias": torch.zeros(4)})
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), x.sum(-1, keepdim=True).expand(3, 4), atol=1e-5, rtol=1e-5)
 
 
 def test_nothing_to_pack_returns_zero():

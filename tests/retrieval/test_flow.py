@@ -244,3 +244,71 @@ def test_stacked_inputs_keep_the_training_columns_once_the_catalogue_is_built(
     assert flow is not None
     assert "product_description" in flow.frame.columns
     assert "product_description" not in measured.columns
+
+
+def test_catalogue_lists_keep_only_foreign_products_when_asked(tmp_path, tiny_retriever):
+    """``rule="foreign"`` is ``rule="top"`` with every product that is not foreign to the query
+    (judged for it, or for a query sharing a word with it) left out, in the same order."""
+    from esci_reranker.eval.flow import is_foreign
+    from esci_reranker.retrieval.flow import catalogue_lists
+    from tests.conftest import write_small_splits
+
+    data = write_small_splits(tmp_path / "data")
+    frame = pd.concat([pd.read_parquet(data / f"{n}.parquet") for n in ("train", "val")], ignore_index=True)
+    queries = frame[["query_id", "query"]].drop_duplicates("query_id")
+    folder = tmp_path / "catalogue"
+    quiet = {"retriever": tiny_retriever, "log": lambda _: None}
+    top = catalogue_lists(data, queries, 10_000, folder, **quiet)
+    foreign = catalogue_lists(data, queries, 10_000, folder, rule="foreign", **quiet)
+    judged = judged_index(frame)
+    text = dict(zip(queries["query_id"], queries["query"], strict=True))
+    assert set(foreign) == set(top)
+    kept = 0
+    for qid, ids in top.items():
+        expected = [p for p in ids if is_foreign(text[qid], judged[p].values())]
+        assert foreign[qid] == expected
+        own = set(frame.loc[frame["query_id"] == qid, "product_id"])
+        assert not own & set(foreign[qid])  # never a product judged for the query itself
+        kept += len(expected)
+    assert 0 < kept < sum(len(ids) for ids in top.values())  # the rule keeps some, not all
+    with pytest.raises(ValueError, match=r"retrieved rule 'near'; expected one of \['top', 'foreign'\]"):
+        catalogue_lists(data, queries, 10, folder, rule="near", **quiet)
+
+
+def test_compare_in_flow_runs_every_model_on_the_same_lists_and_counts_agreement(
+    catalogue, splits, tiny_stacked_checkpoint, tiny_checkpoint
+):
+    from esci_reranker.eval.flow import flow_summary, ideal_gains
+    from esci_reranker.retrieval.flow import compare_in_flow
+
+    test = splits["test"]
+    labelled = pd.concat(splits.values(), ignore_index=True)
+    stacked, plain = (
+        Reranker.from_pretrained(tiny_stacked_checkpoint),
+        Reranker.from_pretrained(tiny_checkpoint),
+    )
+    result = compare_in_flow({"teacher": stacked, "student": plain}, catalogue, test, labelled, retrieve=15)
+    assert result["reference"] == "teacher"
+    assert set(result["agreement"]) == {"student"}
+    # each model's figures are its own flow run's
+    lists = retrieve_lists(catalogue, test, n=15)
+    runs = {
+        name: flow_run(m, test, lists, judged_index(labelled), test)
+        for name, m in (("t", stacked), ("s", plain))
+    }
+    for name, key, model in (("t", "teacher", stacked), ("s", "student", plain)):
+        expected = flow_summary(runs[name], ideal_gains(test), threshold=model.substitute_threshold)
+        assert result["models"][key]["foreign"] == expected["foreign"]
+        assert result["models"][key]["ndcg@10_e2e"] == expected["ndcg@10_e2e"]
+    same = runs["t"]["esci_pred"].to_numpy() == runs["s"]["esci_pred"].to_numpy()
+    kinds = runs["t"]["kind"].to_numpy()
+    agreement = result["agreement"]["student"]
+    assert agreement["all"] == pytest.approx(same.mean())
+    for kind in ("judged", "foreign", "unjudged"):
+        if (kinds == kind).any():
+            assert agreement[kind] == pytest.approx(same[kinds == kind].mean())
+    # a model against itself agrees everywhere
+    itself = compare_in_flow({"a": plain, "b": plain}, catalogue, test, labelled, retrieve=15)
+    assert itself["agreement"]["b"]["all"] == 1.0
+    with pytest.raises(ValueError, match="no model to run"):
+        compare_in_flow({}, catalogue, test, labelled)

@@ -62,11 +62,62 @@ def _retrieved(cfg: DistillConfig, catalogue: Path) -> dict[object, list[str]] |
     # the flow's 100 beyond the share leaves room for them
     n = wanted + DEFAULT_RETRIEVE
     queries = distillation_queries(cfg.data.dir)
-    typer.echo(f"retrieved products: the top {n} of {catalogue} for {len(queries)} queries")
+    rule = cfg.data.retrieved_rule
+    if rule == "foreign":  # about half of a query's top 100 is foreign to it: retrieve deeper
+        n = wanted + 2 * DEFAULT_RETRIEVE
+    typer.echo(f"retrieved products ({rule}): the top {n} of {catalogue} for {len(queries)} queries")
     try:
-        return catalogue_lists(cfg.data.dir, queries, n, catalogue, log=typer.echo)
+        return catalogue_lists(cfg.data.dir, queries, n, catalogue, log=typer.echo, rule=rule)
     except ImportError as err:
         raise ValueError(f"data.retrieved_share={cfg.data.retrieved_share}: {err}") from None
+
+
+def _validation_flow(teacher: str, student: Path, cfg: DistillConfig, catalogue: Path, out: Path) -> None:
+    """The distillation's validation queries through the search flow of the train+val catalogue,
+    labelled by the teacher and by the student: how far the student's labels follow its
+    teacher's where a user sees them (judged lists alone do not show it). Logged, and written
+    into ``distill.json`` (both copies) as ``validation_flow``.
+
+    The teacher trained on these queries and the student did not, so the teacher's own judged
+    figures here are optimistic; the foreign products (judged only for unrelated queries) are
+    where the comparison holds. Skipped when there is no catalogue at ``catalogue``.
+    """
+    import pandas as pd
+
+    from esci_reranker.distill.run import MODEL_DIR, PAIRS_NAME, SUMMARY_NAME
+    from esci_reranker.fsutil import read_json, write_json
+    from esci_reranker.reranker import Reranker
+    from esci_reranker.retrieval.flow import DEFAULT_RETRIEVE, compare_in_flow, train_val_catalogue
+
+    if not (catalogue / "manifest.json").is_file():  # a report only: no catalogue is built for it
+        typer.echo(
+            f"validation search flow skipped: no catalogue at {catalogue} (`make run` leaves one there)"
+        )
+        return
+    pairs = pd.read_parquet(out / PAIRS_NAME, columns=["query_id", "split"])
+    val_ids = set(pairs.loc[pairs["split"] == "val", "query_id"])
+    try:
+        frame, index = train_val_catalogue(cfg.data.dir, catalogue, log=typer.echo)
+    except ImportError as err:
+        typer.echo(f"validation search flow skipped: {err}")
+        return
+    val = frame[frame["query_id"].isin(val_ids)]
+    models = {"teacher": Reranker.from_pretrained(teacher), "student": Reranker.from_pretrained(student)}
+    result = compare_in_flow(models, index, val, frame)
+    result |= {"queries": len(val_ids), "retrieve": DEFAULT_RETRIEVE, "catalogue": str(catalogue)}
+    for path in (out / SUMMARY_NAME, out / MODEL_DIR / SUMMARY_NAME):
+        if path.is_file():
+            write_json(path, read_json(path) | {"validation_flow": result}, nan_as_null=True)
+    t, s = result["models"]["teacher"], result["models"]["student"]
+    agree = result["agreement"]["student"]
+    typer.echo(
+        f"search flow of the {len(val_ids)} validation queries (top {DEFAULT_RETRIEVE} of {catalogue}; "
+        f"teacher / student): foreign products labelled E {t['foreign']['share_E']:.2f} / "
+        f"{s['foreign']['share_E']:.2f}, I {t['foreign']['share_I']:.2f} / {s['foreign']['share_I']:.2f}; "
+        f"judged-irrelevant labelled I {t['judged_I_recall']:.2f} / {s['judged_I_recall']:.2f} (the teacher "
+        f"trained on these queries); the student gives the teacher's class to {agree['foreign']:.0%} of the "
+        f"foreign results and {agree['judged']:.0%} of the judged ones"
+    )
 
 
 @app.command("distill")
@@ -78,6 +129,14 @@ def distill_command(
     overrides: SetOption = None,
     catalogue: CatalogueOption = Path("runs/default/train/folds/catalogue"),
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    flow: Annotated[
+        bool,
+        typer.Option(
+            "--flow/--no-flow",
+            help="student-esci: run the validation queries through the search flow of the --catalogue "
+            "and compare the student's labels with the teacher's there (distill.json's validation_flow).",
+        ),
+    ] = True,
 ) -> None:
     """Distil a teacher (any checkpoint, e.g. the stacked default) into a stock student.
 
@@ -98,6 +157,8 @@ def distill_command(
         cfg = _config(config, overrides, data)
         retrieved = _retrieved(cfg, catalogue)
         result = distill(teacher, cfg, out, progress=progress, log=typer.echo, retrieved=retrieved)
+        if flow and cfg.student == "esci":
+            _validation_flow(teacher, result.model_dir, cfg, catalogue, out)
     except (ConfigError, FileNotFoundError, ValueError) as err:  # CheckpointError, TestLeakError too
         fail(str(err))
         return

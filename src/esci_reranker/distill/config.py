@@ -53,6 +53,12 @@ class DistillData(StrictModel):
         "the train+val catalogue retrieves for it (its judged products skipped): products a search "
         "brings back that may be about something else. 0 = none.",
     )
+    retrieved_rule: Literal["top", "foreign"] = Field(
+        "top",
+        description="Which retrieved products the share takes: 'top' (the top of the list) or "
+        "'foreign' (only those judged for queries that share no word with this one, as the "
+        "teacher's catalogue negatives are chosen).",
+    )
     val_share: float = Field(
         0.1, gt=0, lt=0.5, description="Share of the distillation queries held out for early stopping."
     )

@@ -70,11 +70,22 @@ def onednn_available() -> bool:
     return hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight")
 
 
+def _version(weight: torch.Tensor) -> int:
+    """The tensor's version counter, which every in-place change moves (-1 for an inference
+    tensor, which keeps none: it cannot change outside inference mode)."""
+    try:
+        return int(weight._version)
+    except RuntimeError:
+        return -1
+
+
 class PackedLinear(nn.Module):
     """An inference-only ``nn.Linear`` whose fp32 weight is prepacked for oneDNN.
 
     Keeps the original ``weight``/``bias`` parameters so ``state_dict`` is unchanged (the model
-    can still be saved or exported); the packed copy is a non-persistent buffer.
+    can still be saved or exported); the packed copy is a non-persistent buffer. A weight changed
+    in place after packing (an optimiser step, ``load_state_dict``) is packed again before the
+    next forward that uses the packed copy, so the layer never computes with stale weights.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -82,9 +93,12 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+        self.register_buffer("packed_weight", self._pack(), persistent=False)
+
+    def _pack(self) -> torch.Tensor:
+        self._packed_version = _version(self.weight)
         with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-        self.register_buffer("packed_weight", packed, persistent=False)
+            return torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -94,6 +108,8 @@ class PackedLinear(nn.Module):
             or torch.is_autocast_enabled("cpu")
         ):
             return F.linear(x, self.weight, self.bias)  # training, autocast or another device
+        if _version(self.weight) != self._packed_version:
+            self.packed_weight = self._pack()
         bias = self.bias.detach() if self.bias is not None else None
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
 

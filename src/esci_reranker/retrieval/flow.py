@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 
 #: Candidates retrieved per query in the flow (what ``/search`` reranks by default).
 DEFAULT_RETRIEVE: Final[int] = 100
+#: Which retrieved products ``catalogue_lists`` keeps: all, or those foreign to the query.
+RETRIEVED_RULES: Final[tuple[str, ...]] = ("top", "foreign")
 #: Product fields a catalogue stores for the reranker: every field the stack features read.
 CATALOGUE_FIELDS: Final[tuple[str, ...]] = ("title", "brand", "color", "bullets", "description")
 
@@ -690,6 +692,7 @@ def catalogue_lists(
     folder: str | Path,
     retriever: str | Path | None = None,
     log: Any = print,
+    rule: str = "top",
 ) -> dict[object, list[str]]:
     """query id -> the product ids retrieved for each of ``queries`` (``query_id``, ``query``), in
     retrieval order, from the catalogue of a prepared folder's train+val products.
@@ -698,13 +701,94 @@ def catalogue_lists(
     ``runs/default/train/folds/catalogue``), else it is built there as ``CatalogueFlow`` builds it:
     the train and val products less every product judged for a test query (``data_dir``'s
     test split). Either way it is checked to hold none of them (``open_or_build_catalogue``).
+
+    ``rule``: ``top`` keeps every retrieved product; ``foreign`` only those foreign to the query
+    (``eval.flow.is_foreign`` over the train+val queries they are judged for), as the
+    cross-encoders' catalogue negatives are chosen, so the list holds what a search brings back
+    that is about something else.
+
+    Raises:
+        ValueError: an unknown ``rule``.
     """
+    if rule not in RETRIEVED_RULES:
+        raise ValueError(f"retrieved rule {rule!r}; expected one of {list(RETRIEVED_RULES)}.")
+    frame, index = train_val_catalogue(data_dir, folder, retriever=retriever, log=log)
+    lists = dict(retrieve_ids(index, queries, n).items())
+    if rule == "top":
+        return lists
+    judged = judged_index(frame)
+    text_of = dict(zip(queries["query_id"], queries["query"].astype(str), strict=False))
+    return {
+        qid: [pid for pid in ids if is_foreign(text_of[qid], judged.get(str(pid), {}).values())]
+        for qid, ids in lists.items()
+    }
+
+
+def train_val_catalogue(
+    data_dir: str | Path, folder: str | Path, retriever: str | Path | None = None, log: Any = print
+) -> tuple[pd.DataFrame, CatalogueIndex]:
+    """A prepared folder's train+val rows and their catalogue at ``folder``: opened when it is
+    there, else built there without any product judged for a test query; checked either way
+    (``open_or_build_catalogue``)."""
     from esci_reranker.train.loop import read_train_val, required_test_split
 
     test_path = required_test_split(data_dir, "its products out of the catalogue")
     frame = read_train_val(data_dir)
     index = open_or_build_catalogue(frame, folder, _split_products(test_path), retriever=retriever, log=log)
-    return dict(retrieve_ids(index, queries, n).items())
+    return frame, index
+
+
+def compare_in_flow(
+    models: Mapping[str, Reranker],
+    index: CatalogueIndex,
+    frame: pd.DataFrame,
+    labelled: pd.DataFrame,
+    retrieve: int = DEFAULT_RETRIEVE,
+    top_k: int = DEFAULT_TOP_K,
+) -> dict[str, Any]:
+    """Several models through the same search flow: the same retrieved lists, reranked and
+    labelled by each, and how often each labels a result as the first model does.
+
+    Built to hold a distilled student against its teacher where a user sees their labels: a
+    student that agrees with its teacher on judged lists can still label the unrelated products a
+    catalogue search brings back otherwise.
+
+    Args:
+        models: name -> reranker; the first is the reference the others are compared with.
+        frame: the labelled rows of the queries to run (``query_id``, ``query``, ``product_id``,
+            ``esci_label``).
+        labelled: every labelled row known (the foreign rule's input; only read to mark results).
+
+    Returns:
+        ``models``: name -> ``eval.flow.flow_summary`` of its run; ``agreement``: name (each model
+        after the first) -> kind (``judged``, ``foreign``, ``unjudged``, ``all``) -> the share of
+        those results it gives the reference's class; ``reference``: the first name.
+
+    Raises:
+        ValueError: no model.
+    """
+    from esci_reranker.eval.flow import flow_summary
+
+    if not models:
+        raise ValueError("compare_in_flow: no model to run.")
+    lists = retrieve_lists(index, frame, retrieve)
+    judged = judged_index(labelled)
+    ideal = ideal_gains(frame)
+    runs = {name: flow_run(model, frame, lists, judged, frame) for name, model in models.items()}
+    reference = next(iter(runs))
+    base = runs[reference]
+    out: dict[str, Any] = {"reference": reference, "models": {}, "agreement": {}}
+    for name, run in runs.items():
+        out["models"][name] = flow_summary(run, ideal, top_k, models[name].substitute_threshold)
+        if name == reference:
+            continue
+        same = run["esci_pred"].to_numpy() == base["esci_pred"].to_numpy()
+        kinds = run["kind"].to_numpy()
+        out["agreement"][name] = {
+            kind: float(same[kinds == kind].mean()) if (kinds == kind).any() else float("nan")
+            for kind in ("judged", "foreign", "unjudged")
+        } | {"all": float(same.mean())}
+    return out
 
 
 def _split_products(path: str | Path | None) -> frozenset[str]:
