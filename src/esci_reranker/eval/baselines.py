@@ -152,8 +152,9 @@ def encode(
     against the encoder's own forward first): the same embeddings to float rounding, ~1.4x
     faster on the sample; and in fp32 its linear layers are swapped, in place, for oneDNN-packed
     ones (``model.cpu.pack_linears``: the same outputs to ~1e-6, faster where MKL's fp32 matrix
-    product is slow; the model still trains and saves as before). With ``cache`` (a ``TowerCache`` of ``model``'s weights), texts whose
-    token ids it holds are not encoded again, and the others are added to it.
+    product is slow; the model still trains and saves as before). With ``cache`` (a
+    ``TowerCache`` of ``model``'s weights), texts whose token ids it holds are not encoded
+    again, and the others are added to it.
     """
     import torch
     import torch.nn.functional as F

@@ -36,6 +36,7 @@ from esci_reranker.data.text import FIELD_COLUMNS
 from esci_reranker.eval.flow import (
     DEFAULT_TOP_K,
     flow_metrics,
+    flow_summary,
     ideal_gains,
     is_foreign,
     judged_index,
@@ -767,8 +768,6 @@ def compare_in_flow(
     Raises:
         ValueError: no model.
     """
-    from esci_reranker.eval.flow import flow_summary
-
     if not models:
         raise ValueError("compare_in_flow: no model to run.")
     lists = retrieve_lists(index, frame, retrieve)
