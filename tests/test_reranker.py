@@ -307,6 +307,56 @@ def test_int8_precision_scores_close_to_fp32_and_stays_inference_only(tiny_prior
     assert not (tmp_path / "int8").exists()
 
 
+def test_pair_outputs_are_reused_within_the_block_and_never_stale(tiny_prior_checkpoint: Path):
+    """Inside ``reuse_pair_outputs`` a pair scored before by the same weights is not run again
+    (another Reranker of the same checkpoint finds it too), its outputs are those of a fresh run,
+    and a weight changed in place, another precision or the end of the block scores anew."""
+    from esci_reranker.reranker import reuse_pair_outputs
+
+    queries = [QUERY, "usb cable", QUERY, "coffee beans", "kids shoes", QUERY, "trail"]
+    fresh = Reranker.from_pretrained(tiny_prior_checkpoint, device="cpu")
+    expected = fresh.predict_texts(queries, TEXTS)
+    reranker = Reranker.from_pretrained(tiny_prior_checkpoint, device="cpu")
+    rows_run: list[int] = []
+    runner = reranker.runner
+
+    def counting(batch):
+        rows_run.append(len(batch["input_ids"]))
+        return runner(batch)
+
+    reranker.runner = counting
+    with reuse_pair_outputs():
+        first = reranker.predict_texts(queries[:4], TEXTS[:4])
+        assert sum(rows_run) == 4
+        # the first four pairs again among new ones: only the three new ones are run
+        again = reranker.predict_texts(queries, TEXTS)
+        assert sum(rows_run) == 4 + 3
+        for name in ("scores", "esci_probs", "substitute_probs"):
+            np.testing.assert_allclose(getattr(again, name), getattr(expected, name), atol=1e-6)
+        np.testing.assert_allclose(first.scores, expected.scores[:4], atol=1e-6)
+        # every pair seen: nothing is run, the outputs are the same
+        assert np.array_equal(reranker.predict_texts(queries, TEXTS).scores, again.scores)
+        assert sum(rows_run) == 7
+        # a weight changed in place: the memo does not answer for the new weights
+        with torch.no_grad():
+            reranker.model.score_head.proj.bias.add_(1.0)  # type: ignore[union-attr]
+        shifted = reranker.predict_texts(queries, TEXTS)
+        assert sum(rows_run) == 14
+        np.testing.assert_allclose(shifted.scores, expected.scores + 1.0, atol=1e-5)
+        with torch.no_grad():
+            reranker.model.score_head.proj.bias.sub_(1.0)  # type: ignore[union-attr]
+        # another precision is another entry
+        bf16 = Reranker.from_pretrained(tiny_prior_checkpoint, device="cpu", precision="bf16")
+        bf16_rows: list[int] = []
+        bf16_runner = bf16.runner
+        bf16.runner = lambda batch: bf16_rows.append(len(batch["input_ids"])) or bf16_runner(batch)
+        bf16.predict_texts(queries, TEXTS)
+        assert sum(bf16_rows) == 7
+    # outside the block nothing is kept
+    reranker.predict_texts(queries, TEXTS)
+    assert sum(rows_run) == 21
+
+
 def test_unknown_precision_is_refused(tiny_checkpoint: Path):
     with pytest.raises(ValueError, match=r"precision='fp16'; expected one of \['fp32', 'bf16', 'int8'\]"):
         Reranker.from_pretrained(tiny_checkpoint, precision="fp16")

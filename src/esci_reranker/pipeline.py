@@ -88,6 +88,7 @@ def run_pipeline(
             stages after training run again.
     """
     from esci_reranker.data import PrepareOptions, prepare, sample_path, write_splits
+    from esci_reranker.reranker import reuse_pair_outputs
     from esci_reranker.retrieval.encoder import reuse_embeddings
     from esci_reranker.train.distributed import is_main_process, on_main
 
@@ -122,8 +123,9 @@ def run_pipeline(
     seconds["prepare"] = time.perf_counter() - t
 
     # the catalogue of the train+val products (training) and the sample's index (stage 5) embed
-    # the same products with the same retriever: each is embedded once
-    with reuse_embeddings():
+    # the same products with the same retriever: each is embedded once; and the search flow on
+    # the test queries finds the judged pairs the test evaluation scored
+    with reuse_embeddings(), reuse_pair_outputs():
         stacked = cfg.model.stacker == "gbdt"
         run_stages = _stacked_pipeline if stacked else _cross_encoder_pipeline
         job = _Stages(cfg, config, out, baselines, progress, log, seconds, stages, index_retriever, resume)

@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
+from cachetools import LRUCache
 from transformers import PreTrainedTokenizerBase
 
 from esci_reranker.data.text import FIELD_COLUMNS, clean_text, product_text, product_texts
@@ -37,6 +41,46 @@ from esci_reranker.version import __version__
 if TYPE_CHECKING:
     from esci_reranker.stack.features import CandidateLists
     from esci_reranker.stack.stacker import Stacker
+
+#: The pair outputs kept inside ``reuse_pair_outputs`` (None outside it).
+_PAIR_MEMO: ContextVar[LRUCache[tuple[str, bytes], dict[str, np.ndarray]] | None] = ContextVar(
+    "pair_outputs", default=None
+)
+
+
+@contextmanager
+def reuse_pair_outputs(max_pairs: int = 200_000) -> Iterator[None]:
+    """Within the block, a model scores each distinct pair once (``Reranker.run_encoded``).
+
+    The main job scores the test split's judged lists, then the search flow retrieves lists for
+    the same queries, a third of them products judged for them: their cross-encoder outputs are
+    the same, only the stacker's list features differ. Entries are keyed by the model's weights
+    (``weights_fingerprint``, taken again after any in-place change), precision and device and by
+    the pair's inputs (token ids and lexical feature); at most ``max_pairs`` are kept, least
+    recently used dropped first (~0.5 KB each). Outside the block (a service) nothing is kept.
+    """
+    token = _PAIR_MEMO.set(LRUCache(maxsize=max_pairs))
+    try:
+        yield
+    finally:
+        _PAIR_MEMO.reset(token)
+
+
+def _pair_keys(encoded: EncodedPairs, weights: str) -> list[tuple[str, bytes]]:
+    """One memo key per pair: ``weights`` and a digest of every input the model reads of it."""
+    columns = [c for c in (encoded.pair_ids, encoded.query_ids, encoded.product_ids) if c is not None]
+    lexical = encoded.lexical
+    keys = []
+    for i in range(len(encoded)):
+        digest = hashlib.blake2b(digest_size=16)
+        for column in columns:
+            digest.update(np.asarray(column[i], dtype=np.int32).tobytes())
+            digest.update(b"|")
+        if lexical is not None:
+            digest.update(np.float64(lexical[i]).tobytes())
+        keys.append((weights, digest.digest()))
+    return keys
+
 
 #: A product given to ``predict``/``rerank``: its text, or a mapping of its fields.
 Product = str | Mapping[str, Any]
@@ -562,14 +606,43 @@ class Reranker:
         return [*texts, *fields]
 
     def run_encoded(self, encoded: EncodedPairs, progress: bool = False) -> dict[str, np.ndarray]:
-        """Raw head outputs for encoded pairs, in their order (length-sorted batches inside)."""
+        """Raw head outputs for encoded pairs, in their order (length-sorted batches inside).
+
+        Inside ``reuse_pair_outputs``, a pair this model's current weights scored before in the
+        block (the same token ids and lexical input) is not run again: its outputs are taken
+        from the block's memo.
+        """
+        memo = _PAIR_MEMO.get()
+        weights = self._memo_weights() if memo is not None else None
+        if memo is None or weights is None:
+            return self._run_rows(encoded, list(self.batches(encoded)), progress)
+        keys = _pair_keys(encoded, weights)
+        found = [memo.get(k) for k in keys]
+        todo = np.flatnonzero([f is None for f in found])
+        lengths = np.asarray(encoded.lengths(), dtype=np.int64)[todo]
+        batches = [todo[b] for b in length_sorted_batches(lengths.tolist(), self.batch_size)]
+        result = self._run_rows(encoded, batches, progress)
+        fresh = set(todo.tolist())
+        for i, key in enumerate(keys):
+            if i in fresh:
+                memo[key] = {name: values[i].copy() for name, values in result.items()}
+                continue
+            for name, value in found[i].items():  # type: ignore[union-attr]
+                if name not in result:  # no pair of this call was run: shape it from the memo
+                    result[name] = np.zeros((len(encoded), *np.shape(value)), dtype=np.float32)
+                result[name][i] = value
+        return result
+
+    def _run_rows(
+        self, encoded: EncodedPairs, batches: Sequence[np.ndarray], progress: bool
+    ) -> dict[str, np.ndarray]:
+        """Raw head outputs of every pair, filled in for the rows of ``batches`` (zeros elsewhere)."""
         n = len(encoded)
         score = np.zeros(n, dtype=np.float32)
         logits = np.zeros((n, 4), dtype=np.float32)
         sub = np.zeros(n, dtype=np.float32)
         prior: np.ndarray | None = None
         has_classes = False
-        batches = list(self.batches(encoded))
         for index in progress_bar(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
             out = self.runner(self.pair_encoder.collate(encoded, index))
             score[index] = out["score"]
@@ -587,6 +660,23 @@ class Reranker:
         if prior is not None:
             result["prior"] = prior  # (N, F) in config.prior_features order (torch backend only)
         return result
+
+    def _memo_weights(self) -> str | None:
+        """What names this model's outputs in ``reuse_pair_outputs``' memo: a fingerprint of its
+        current weights (taken again whenever a parameter changed in place), its precision and
+        device; None where outputs are not kept (another backend, int8, a list-level family)."""
+        if self.model is None or self.backend != "torch" or self.precision == "int8":
+            return None
+        if self.pair_encoder.list_level:  # a pair's outputs depend on its whole list
+            return None
+        from esci_reranker.model.cpu import tensor_version
+        from esci_reranker.model.tower_cache import weights_fingerprint
+
+        state = tuple(tensor_version(p) for p in self.model.parameters())
+        if getattr(self, "_memo_state", None) != state:
+            self._memo_state = state
+            self._memo_id = f"{weights_fingerprint(self.model)}:{self.precision}:{self.device}"
+        return self._memo_id
 
     def to_predictions(self, out: Mapping[str, np.ndarray], truncated: np.ndarray) -> Predictions:
         """Turn raw head outputs into ``Predictions`` (probabilities, classes, the ranking score)."""

@@ -101,7 +101,7 @@ def evaluate_command(
     the labels of judged, foreign and unjudged results, the end-to-end nDCG@10 and calibration.
     """
     from esci_reranker.eval.runner import read_split, run_evaluation
-    from esci_reranker.reranker import Reranker
+    from esci_reranker.reranker import Reranker, reuse_pair_outputs
 
     options = _eval_options(gains, relevant, batch_size, seeds, device, progress, baselines)
     require_positive(retrieve=retrieve)
@@ -116,10 +116,12 @@ def evaluate_command(
     except (OSError, ValueError) as error:  # CheckpointError is a ValueError
         fail(f"--model {model}: {error}")
         return
-    result = run_evaluation(reranker, frame, out, options)
-    typer.echo(result.table)
-    if index is not None and labelled is not None:
-        _evaluate_flow(reranker, index, frame, labelled, out, retrieve)
+    # the search flow finds the judged pairs the evaluation scored
+    with reuse_pair_outputs():
+        result = run_evaluation(reranker, frame, out, options)
+        typer.echo(result.table)
+        if index is not None and labelled is not None:
+            _evaluate_flow(reranker, index, frame, labelled, out, retrieve)
     typer.echo(f"wrote predictions.parquet, metrics.json, report.md and plots/ to {out}")
 
 

@@ -153,38 +153,42 @@ def cv_command(
             from esci_reranker.retrieval.flow import catalogue_flow
 
             catalogue = catalogue_flow(cfg, frame, flow, typer.echo, test_split=data / "test.parquet")
-            if oof is None:
-                stacked = cross_validate_stacked(
-                    cfg,
-                    frame,
-                    out,
-                    folds,
-                    seed_list,
-                    baselines=chosen,
-                    progress=True,
-                    log=typer.echo,
-                    resume=resume,
-                    negatives=None if catalogue is None else catalogue.negatives,
-                    on_fold=None if catalogue is None else catalogue.on_fold,
-                    train_rows=None if catalogue is None else catalogue.encoder_negatives,
-                )
-            else:
-                out.mkdir(parents=True, exist_ok=True)
-                oof_table = pd.read_parquet(oof)
-                negatives = (
-                    None if catalogue is None else catalogue.negatives(oof.parent, seed_list, oof_table)
-                )
-                stacked = cross_validate_trees(
-                    cfg,
-                    frame,
-                    oof_table,
-                    out,
-                    seed_list,
-                    baselines=chosen,
-                    log=typer.echo,
-                    negatives=negatives,
-                    on_fold=None if catalogue is None else catalogue.on_fold,
-                )
+            # a fold's search flow finds the judged pairs its cross-encoder scored out of fold
+            from esci_reranker.reranker import reuse_pair_outputs
+
+            with reuse_pair_outputs():
+                if oof is None:
+                    stacked = cross_validate_stacked(
+                        cfg,
+                        frame,
+                        out,
+                        folds,
+                        seed_list,
+                        baselines=chosen,
+                        progress=True,
+                        log=typer.echo,
+                        resume=resume,
+                        negatives=None if catalogue is None else catalogue.negatives,
+                        on_fold=None if catalogue is None else catalogue.on_fold,
+                        train_rows=None if catalogue is None else catalogue.encoder_negatives,
+                    )
+                else:
+                    out.mkdir(parents=True, exist_ok=True)
+                    oof_table = pd.read_parquet(oof)
+                    negatives = (
+                        None if catalogue is None else catalogue.negatives(oof.parent, seed_list, oof_table)
+                    )
+                    stacked = cross_validate_trees(
+                        cfg,
+                        frame,
+                        oof_table,
+                        out,
+                        seed_list,
+                        baselines=chosen,
+                        log=typer.echo,
+                        negatives=negatives,
+                        on_fold=None if catalogue is None else catalogue.on_fold,
+                    )
             typer.echo(cv_tables(stacked.summary))
             typer.echo(f"details: {out / 'stack_cv.json'}")
             if bagging:

@@ -70,7 +70,7 @@ def onednn_available() -> bool:
     return hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight")
 
 
-def _version(weight: torch.Tensor) -> int:
+def tensor_version(weight: torch.Tensor) -> int:
     """The tensor's version counter, which every in-place change moves (-1 for an inference
     tensor, which keeps none: it cannot change outside inference mode)."""
     try:
@@ -96,7 +96,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed_weight", self._pack(), persistent=False)
 
     def _pack(self) -> torch.Tensor:
-        self._packed_version = _version(self.weight)
+        self._packed_version = tensor_version(self.weight)
         with torch.no_grad():
             return torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
 
@@ -108,7 +108,7 @@ class PackedLinear(nn.Module):
             or torch.is_autocast_enabled("cpu")
         ):
             return F.linear(x, self.weight, self.bias)  # training, autocast or another device
-        if _version(self.weight) != self._packed_version:
+        if tensor_version(self.weight) != self._packed_version:
             self.packed_weight = self._pack()
         bias = self.bias.detach() if self.bias is not None else None
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
