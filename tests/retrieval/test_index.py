@@ -329,3 +329,17 @@ def test_retrieve_keys_ranks_as_retrieve_for_many_queries(built: Path) -> None:
         index.retrieve_keys(["earbuds", " "], n=5)
     with pytest.raises(ValueError, match="n=0"):
         index.retrieve_keys(["earbuds"], n=0)
+
+
+def test_the_sample_index_retrieves_the_same_in_every_build(tmp_path: Path, tiny_retriever: Path) -> None:
+    """Its graph is built on one thread, so a query retrieves the same products from two builds
+    of the sample (the main job's search-flow figures then depend on the model alone)."""
+    from esci_reranker.retrieval.sample import build_sample_index
+
+    first = CatalogueIndex.open(build_sample_index(tmp_path / "a", retriever=tiny_retriever))
+    second = CatalogueIndex.open(build_sample_index(tmp_path / "b", retriever=tiny_retriever))
+    queries = ["womens running shoes without laces", "usb c cable", "coffee beans", "kids toys", "iphone case"]
+    for query in queries:
+        a, b = first.retrieve(query, 100), second.retrieve(query, 100)
+        assert len(a) == 100
+        assert [r.product_id for r in a] == [r.product_id for r in b]
