@@ -338,7 +338,13 @@ def test_the_sample_index_retrieves_the_same_in_every_build(tmp_path: Path, tiny
 
     first = CatalogueIndex.open(build_sample_index(tmp_path / "a", retriever=tiny_retriever))
     second = CatalogueIndex.open(build_sample_index(tmp_path / "b", retriever=tiny_retriever))
-    queries = ["womens running shoes without laces", "usb c cable", "coffee beans", "kids toys", "iphone case"]
+    queries = [
+        "womens running shoes without laces",
+        "usb c cable",
+        "coffee beans",
+        "kids toys",
+        "iphone case",
+    ]
     for query in queries:
         a, b = first.retrieve(query, 100), second.retrieve(query, 100)
         assert len(a) == 100
