@@ -49,7 +49,7 @@ _PAIR_MEMO: ContextVar[LRUCache[tuple[str, bytes], dict[str, np.ndarray]] | None
 
 
 @contextmanager
-def reuse_pair_outputs(max_pairs: int = 200_000) -> Iterator[None]:
+def reuse_pair_outputs(max_pairs: int = 50_000) -> Iterator[None]:
     """Within the block, a model scores each distinct pair once (``Reranker.run_encoded``).
 
     The main job scores the test split's judged lists, then the search flow retrieves lists for
@@ -57,7 +57,9 @@ def reuse_pair_outputs(max_pairs: int = 200_000) -> Iterator[None]:
     the same, only the stacker's list features differ. Entries are keyed by the model's weights
     (``weights_fingerprint``, taken again after any in-place change), precision and device and by
     the pair's inputs (token ids and lexical feature); at most ``max_pairs`` are kept, least
-    recently used dropped first (~0.5 KB each). Outside the block (a service) nothing is kept.
+    recently used dropped first (~1 KB each: ~50 MB at the default bound, which the sample's job
+    stays far below; on the full data later pairs simply find fewer earlier ones). Outside the
+    block (a service) nothing is kept.
     """
     token = _PAIR_MEMO.set(LRUCache(maxsize=max_pairs))
     try:
@@ -289,6 +291,9 @@ class Reranker:
         #: The trees and decision rules over the cross-encoder's outputs and the stack features
         #: (``stack/``), when the checkpoint has a ``stacker/`` folder and it was not turned off.
         self.stacker = stacker
+        # the weights' version counters and fingerprint ``_memo_weights`` last saw
+        self._memo_state: tuple[int, ...] | None = None
+        self._memo_id = ""
 
     @classmethod
     def from_pretrained(
@@ -673,7 +678,7 @@ class Reranker:
         from esci_reranker.model.tower_cache import weights_fingerprint
 
         state = tuple(tensor_version(p) for p in self.model.parameters())
-        if getattr(self, "_memo_state", None) != state:
+        if self._memo_state != state:
             self._memo_state = state
             self._memo_id = f"{weights_fingerprint(self.model)}:{self.precision}:{self.device}"
         return self._memo_id
