@@ -58,13 +58,12 @@ def _retrieved(cfg: DistillConfig, catalogue: Path) -> dict[object, list[str]] |
     from esci_reranker.retrieval.flow import DEFAULT_RETRIEVE, catalogue_lists
 
     wanted = round(cfg.data.unlabelled_per_query * cfg.data.retrieved_share)
-    # a query's judged products and products outside the pool are skipped in its list: retrieving
-    # the flow's 100 beyond the share leaves room for them
-    n = wanted + DEFAULT_RETRIEVE
-    queries = distillation_queries(cfg.data.dir)
     rule = cfg.data.retrieved_rule
-    if rule == "foreign":  # about half of a query's top 100 is foreign to it: retrieve deeper
-        n = wanted + 2 * DEFAULT_RETRIEVE
+    # a query's judged products and products outside the pool are skipped in its list: retrieving
+    # the flow's 100 beyond the share leaves room for them; about half of a query's top 100 is
+    # foreign to it, so the foreign rule retrieves twice that
+    n = wanted + (2 if rule == "foreign" else 1) * DEFAULT_RETRIEVE
+    queries = distillation_queries(cfg.data.dir)
     typer.echo(f"retrieved products ({rule}): the top {n} of {catalogue} for {len(queries)} queries")
     try:
         return catalogue_lists(cfg.data.dir, queries, n, catalogue, log=typer.echo, rule=rule)

@@ -719,10 +719,12 @@ def catalogue_lists(
         return lists
     judged = judged_index(frame)
     text_of = dict(zip(queries["query_id"], queries["query"].astype(str), strict=False))
-    return {
-        qid: [pid for pid in ids if is_foreign(text_of[qid], judged.get(str(pid), {}).values())]
-        for qid, ids in lists.items()
-    }
+    foreign = {}
+    for qid, ids in lists.items():
+        # the flow's own marking: a product judged for the query is never foreign to it
+        kinds = product_kinds(qid, text_of[qid], [str(pid) for pid in ids], judged)
+        foreign[qid] = [pid for pid, kind in zip(ids, kinds, strict=True) if kind == "foreign"]
+    return foreign
 
 
 def train_val_catalogue(
