@@ -42,6 +42,8 @@ def test_stacked_pipeline_trains_folds_stacker_and_final_model(tmp_path, tiny_ba
             "model.max_length=32",
             "stack.max_rounds=20",
             "stack.negatives_per_query=3",  # the catalogue negatives' path, end to end
+            # the job's own scoring in bf16 (what eval.precision=auto picks on a bf16 host)
+            "eval.precision=bf16",
         ),
         baselines=("random", "bm25"),
         progress=False,
@@ -68,6 +70,7 @@ def test_stacked_pipeline_trains_folds_stacker_and_final_model(tmp_path, tiny_ba
     assert set(model_metrics["training"]["cv"]) == {"stacker", "cross_encoder", "bm25"}
     # the class trees learnt from catalogue negatives, none of them a test product
     (negatives,) = (out / "train" / "folds").glob("negatives_*.parquet")
+    assert negatives.name.endswith("_bf16.parquet")  # scored by the fold models in bf16
     import pandas as pd
 
     test_products = set(pd.read_parquet(out / "data" / "test.parquet")["product_id"])
@@ -77,6 +80,28 @@ def test_stacked_pipeline_trains_folds_stacker_and_final_model(tmp_path, tiny_ba
     # the substitute threshold in the test metrics is the model's decision rule
     rules = json.loads((out / "model" / "stacker" / "stacker.json").read_text())["rules"]
     assert result.test_metrics["task3"]["threshold"] == pytest.approx(rules["substitute_threshold"])
+    # the out-of-fold outputs the trees learnt from are the fold models' scores in bf16, as the
+    # stacked model's cross-encoder will score when served with PRECISION=auto on such a host
+    assert model_metrics["training"]["scoring_precision"] == "bf16"
+    from esci_reranker.reranker import Reranker
+    from esci_reranker.stack.outputs import frame_outputs
+    from esci_reranker.train.cv import fold_model_dir
+
+    oof = pd.read_parquet(out / "train" / "folds" / "oof.parquet")
+    fold0 = oof[(oof["fold"] == 0) & (oof["seed"] == 0)].reset_index(drop=True)
+    judged = pd.concat(pd.read_parquet(out / "data" / f"{s}.parquet") for s in ("train", "val"))
+    held_out = judged.set_index(["query_id", "product_id"]).loc[
+        list(zip(fold0["query_id"], fold0["product_id"], strict=True))
+    ]
+    fold_model = fold_model_dir(out / "train" / "folds", 0, 0)
+    scores = {
+        p: frame_outputs(Reranker.from_pretrained(fold_model, precision=p), held_out.reset_index())[
+            "ce_score"
+        ]
+        for p in ("bf16", "fp32")
+    }
+    assert fold0["ce_score"].to_numpy() == pytest.approx(scores["bf16"].to_numpy(), abs=1e-6)
+    assert abs(fold0["ce_score"].to_numpy() - scores["fp32"].to_numpy()).max() > 1e-6
 
 
 @pytest.mark.slow

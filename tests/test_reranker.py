@@ -357,8 +357,19 @@ def test_pair_outputs_are_reused_within_the_block_and_never_stale(tiny_prior_che
     assert sum(rows_run) == 21
 
 
+def test_auto_precision_is_bf16_where_the_device_computes_it_natively(tiny_checkpoint: Path, monkeypatch):
+    import esci_reranker.hardware as hardware
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(hardware, "cpu_bf16_support", lambda native=native: (native, "test"))
+        reranker = Reranker.from_pretrained(tiny_checkpoint, device="cpu", precision="auto")
+        assert reranker.precision == expected == reranker.info()["precision"]
+
+
 def test_unknown_precision_is_refused(tiny_checkpoint: Path):
-    with pytest.raises(ValueError, match=r"precision='fp16'; expected one of \['fp32', 'bf16', 'int8'\]"):
+    with pytest.raises(
+        ValueError, match=r"precision='fp16'; expected 'auto' or one of \['fp32', 'bf16', 'int8'\]"
+    ):
         Reranker.from_pretrained(tiny_checkpoint, precision="fp16")
     with pytest.raises(ValueError, match="precision='int8' runs on the CPU only, not on meta"):
         Reranker.from_pretrained(tiny_checkpoint, device="meta", precision="int8")

@@ -184,7 +184,7 @@ def _evaluate_search_flow(cfg: TrainConfig, out: Path, index_dir: Path, log: Any
     from esci_reranker.retrieval.index import CatalogueIndex
 
     splits = {name: pd.read_parquet(out / "data" / f"{name}.parquet") for name in ("train", "val", "test")}
-    reranker = Reranker.from_pretrained(cfg.output.save_path)
+    reranker = Reranker.from_pretrained(cfg.output.save_path, precision=cfg.eval.precision)
     metrics = evaluate_flow(
         reranker, CatalogueIndex.open(index_dir), splits["test"], pd.concat(splits.values()), out / "eval"
     )
@@ -245,7 +245,7 @@ def _evaluate_cross_encoder(job: _Stages, result: TrainResult) -> tuple[Pipeline
     from esci_reranker.eval.runner import EvaluationOptions, run_evaluation
     from esci_reranker.reranker import Reranker
 
-    reranker = Reranker.from_pretrained(job.cfg.output.save_path)
+    reranker = Reranker.from_pretrained(job.cfg.output.save_path, precision=job.cfg.eval.precision)
     reranker.name = (
         "esci-reranker (multi-task)" if reranker.config.multi_task else "esci-reranker (single-task)"
     )
@@ -269,6 +269,7 @@ def _evaluate_cross_encoder(job: _Stages, result: TrainResult) -> tuple[Pipeline
         "steps": result.steps,
         "stopped_early": result.stopped_early,
         "seconds": result.seconds,
+        "scoring_precision": reranker.precision,
     }
     pipeline_result = PipelineResult(
         out_dir=job.out,
@@ -335,14 +336,20 @@ def _evaluate_stacked(job: _Stages, result: StackedTrainResult) -> tuple[Pipelin
     job.log(
         f"[4/{job.stages}] evaluate on the test split against {', '.join(job.baselines) or 'no baselines'} -> {job.out / 'eval'}"
     )
-    reranker = Reranker.from_pretrained(cfg.output.save_path)
+    reranker = Reranker.from_pretrained(cfg.output.save_path, precision=cfg.eval.precision)
     reranker.name = "esci-reranker (stacked)"
     frame = pd.read_parquet(job.out / "data" / "test.parquet")
     evaluation = run_evaluation(
         reranker, frame, job.out / "eval", EvaluationOptions(baselines=job.baselines, progress=job.progress)
     )
     job.seconds["evaluate_test"] = time.perf_counter() - t
-    training = {"cv": result.cv["overall"], "seconds": result.seconds, "rounds": result.rounds}
+    training = {
+        "cv": result.cv["overall"],
+        "seconds": result.seconds,
+        "rounds": result.rounds,
+        # the arithmetic of the out-of-fold outputs, the evaluation and the search flow
+        "scoring_precision": reranker.precision,
+    }
     return PipelineResult(
         out_dir=job.out,
         test_table=evaluation.table,

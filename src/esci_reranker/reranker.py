@@ -324,9 +324,11 @@ class Reranker:
             revision, token: passed to ``huggingface_hub.snapshot_download`` (token defaults to
                 ``HF_TOKEN`` / the saved login).
             precision: arithmetic of the torch backend: ``fp32``; ``bf16`` autocast (CPUs with
-                AVX-512 BF16 or AMX, GPUs); or ``int8``, dynamic int8 linear layers with everything
-                else in fp32 (CPU only; fastest on CPUs with AVX-512 VNNI; ``model.cpu``). An ONNX
-                folder carries its own precision (fp32 or int8 from ``export``) and ignores this.
+                AVX-512 BF16 or AMX, GPUs); ``int8``, dynamic int8 linear layers with everything
+                else in fp32 (CPU only; fastest on CPUs with AVX-512 VNNI; ``model.cpu``); or
+                ``auto``, bf16 where the device computes it natively and fp32 elsewhere (what
+                ``serve`` uses by default). An ONNX folder carries its own precision (fp32 or int8
+                from ``export``) and ignores this.
             onednn: in fp32 on CPU, run the linear layers through oneDNN with weights prepacked
                 once (``model.cpu.pack_linears``: same scores to ~1e-6, ~2x faster where MKL's
                 sgemm is slow); False keeps plain ``nn.Linear``.
@@ -348,12 +350,16 @@ class Reranker:
             CheckpointError: nothing loadable at either place; the message names both.
             ValueError: an unknown ``precision``, or ``int8`` on a device other than the CPU.
         """
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision={precision!r}; expected one of {list(PRECISIONS)}.")
+        if precision != "auto" and precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}; expected 'auto' or one of {list(PRECISIONS)}.")
         if isinstance(tower_cache, bool) or not isinstance(tower_cache, int) or tower_cache < 0:
             raise ValueError(f"tower_cache={tower_cache!r}; expected a number of entries >= 0 (0 = off).")
         folder = resolve_checkpoint(path_or_repo_id, revision=revision, token=token)
         dev = select_device(device)
+        if precision == "auto":
+            from esci_reranker.hardware import resolve_precision
+
+            precision = resolve_precision(precision, dev)
         if keep_freed_memory and dev.type == "cpu":
             from esci_reranker.hardware import keep_freed_memory as keep
 

@@ -53,6 +53,7 @@ def test_evaluate_options_reach_the_metrics(tiny_checkpoint, split_path, tmp_pat
         (["--relevant", "E,X"], "subset of E, S, C, I"),
         (["--baselines", "random,splade"], "baselines: unknown ['splade']"),
         (["--batch-size", "0"], "--batch-size 0"),
+        (["--precision", "fp16"], "--precision: precision='fp16'; expected 'auto' or one of"),
     ],
 )
 def test_evaluate_bad_options(tiny_checkpoint, split_path, tmp_path, extra, message) -> None:

@@ -53,9 +53,11 @@ def test_a_query_is_scored_by_the_model_that_did_not_train_on_it(oof_run):
         trained_on = set(pd.read_parquet(cv_dir / f"fold{fold}" / "data" / "train.parquet")["query_id"])
         # the rule: no out-of-fold row comes from a model whose training data held its query
         assert not set(rows["query_id"]) & trained_on
-        # ... and the numbers are that fold model's: scoring the rows again with it gives them back
+        # ... and the numbers are that fold model's: scoring the rows again with it, in the
+        # config's arithmetic (eval.precision: auto), gives them back
         held_out = pd.read_parquet(cv_dir / f"fold{fold}" / "data" / "val.parquet")
-        again = frame_outputs(Reranker.from_pretrained(cv_dir / f"fold{fold}" / "seed0" / "model"), held_out)
+        model = Reranker.from_pretrained(cv_dir / f"fold{fold}" / "seed0" / "model", precision="auto")
+        again = frame_outputs(model, held_out)
         merged = rows.merge(again, on=["query_id", "product_id"], suffixes=("", "_again"))
         assert len(merged) == len(rows)
         np.testing.assert_allclose(merged["ce_score"], merged["ce_score_again"], rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ from esci_reranker.cli.app import app
 from esci_reranker.cli.common import (
     DEVICE_HELP,
     MODEL_HELP,
+    PRECISION_HELP,
     fail,
     fmt_prob,
     load_reranker,
@@ -93,6 +94,9 @@ def evaluate_command(
         ),
     ] = None,
     retrieve: Annotated[int, typer.Option(help="With --index: candidates retrieved per query.")] = 100,
+    precision: Annotated[
+        str, typer.Option(help=PRECISION_HELP + " auto is what serve and pipeline use.")
+    ] = "auto",
 ) -> None:
     """Score a split with a model and the baselines; write predictions, metrics, report and plots.
 
@@ -101,7 +105,7 @@ def evaluate_command(
     the labels of judged, foreign and unjudged results, the end-to-end nDCG@10 and calibration.
     """
     from esci_reranker.eval.runner import read_split, run_evaluation
-    from esci_reranker.reranker import Reranker, reuse_pair_outputs
+    from esci_reranker.reranker import reuse_pair_outputs
 
     options = _eval_options(gains, relevant, batch_size, seeds, device, progress, baselines)
     require_positive(retrieve=retrieve)
@@ -111,11 +115,7 @@ def evaluate_command(
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
         return
-    try:
-        reranker = Reranker.from_pretrained(model, device=device, batch_size=batch_size)
-    except (OSError, ValueError) as error:  # CheckpointError is a ValueError
-        fail(f"--model {model}: {error}")
-        return
+    reranker = load_reranker(model, device, batch_size, precision)
     # the search flow finds the judged pairs the evaluation scored
     with reuse_pair_outputs():
         result = run_evaluation(reranker, frame, out, options)

@@ -237,8 +237,11 @@ def labelled_negatives(frame: pd.DataFrame, negatives: pd.DataFrame) -> pd.DataF
     return rows[[c for c in frame.columns if c in rows.columns]]
 
 
-def score_negatives(negatives: pd.DataFrame, fold_dir: Path, seeds: Iterable[int]) -> pd.DataFrame:
-    """The negatives with the cross-encoder columns of their query's fold model, one block per seed.
+def score_negatives(
+    negatives: pd.DataFrame, fold_dir: Path, seeds: Iterable[int], precision: str = "fp32"
+) -> pd.DataFrame:
+    """The negatives with the cross-encoder columns of their query's fold model, one block per seed,
+    scored in ``precision`` (as the judged rows' out-of-fold outputs are: ``eval.precision``).
 
     Each query's negatives are scored by the model of its fold (``train.cv.fold_model_dir``),
     which never trained on that query, as its judged rows were (``oof.parquet``).
@@ -250,7 +253,7 @@ def score_negatives(negatives: pd.DataFrame, fold_dir: Path, seeds: Iterable[int
     blocks = []
     for seed in seeds:
         for fold, rows in negatives.groupby("fold", sort=True):
-            model = Reranker.from_pretrained(fold_model_dir(fold_dir, int(fold), seed))
+            model = Reranker.from_pretrained(fold_model_dir(fold_dir, int(fold), seed), precision=precision)
             rows = rows.reset_index(drop=True)
             outputs = frame_outputs(model, rows)
             block = rows.copy()
@@ -340,6 +343,17 @@ def foreign_audit(
     )
 
 
+def _precision_suffix(precision: str) -> str:
+    """How a cache of fold-model outputs names the arithmetic they were scored in: "" for fp32
+    (the caches written before the choice existed), "_bf16" for bf16 (``auto`` resolved here)."""
+    from esci_reranker.hardware import resolve_precision
+    from esci_reranker.reranker import select_device
+    from esci_reranker.train.distributed import model_device
+
+    resolved = resolve_precision(precision, select_device(model_device()))
+    return "" if resolved == "fp32" else f"_{resolved}"
+
+
 @dataclass
 class FoldFlow:
     """The search flow of each CV fold's held-out queries (``stack.train.OnFoldFn``).
@@ -354,6 +368,8 @@ class FoldFlow:
     fold_dir: Path
     lists: Mapping[object, Sequence[Retrieved]]
     top_k: int = DEFAULT_TOP_K
+    #: arithmetic of the fold models (``eval.precision``: the one their out-of-fold outputs had)
+    precision: str = "fp32"
     judged: dict[str, dict[object, str]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -365,7 +381,9 @@ class FoldFlow:
         from esci_reranker.stack.cv import run_summary
         from esci_reranker.train.cv import fold_model_dir
 
-        reranker = Reranker.from_pretrained(fold_model_dir(self.fold_dir, fold, seed))
+        reranker = Reranker.from_pretrained(
+            fold_model_dir(self.fold_dir, fold, seed), precision=self.precision
+        )
         reranker.stacker = stacker
         fold_rows = self.frame[self.frame["query_id"].isin(set(rows["query_id"]))].reset_index(drop=True)
         run = flow_run(reranker, fold_rows, self.lists, self.judged, fold_rows)
@@ -526,12 +544,18 @@ class CatalogueFlow:
         frame = self.frame.merge(folds, on="query_id", how="left", validate="many_to_one")
         if self.flow:
             lists = self.lists(fold_dir)
-            self.fold_flow = FoldFlow(frame, fold_dir, {q: v[:DEFAULT_RETRIEVE] for q, v in lists.items()})
+            self.fold_flow = FoldFlow(
+                frame,
+                fold_dir,
+                {q: v[:DEFAULT_RETRIEVE] for q, v in lists.items()},
+                precision=self.cfg.eval.precision,
+            )
         if not stack.negatives_per_query:
             return None
         cache = (
             fold_dir
-            / f"negatives_{stack.negative_rule}_{stack.negatives_per_query}_{stack.negatives_retrieve}.parquet"
+            / f"negatives_{stack.negative_rule}_{stack.negatives_per_query}_{stack.negatives_retrieve}"
+            f"{_precision_suffix(self.cfg.eval.precision)}.parquet"
         )
         if cache.is_file():
             cached = pd.read_parquet(cache)
@@ -549,7 +573,7 @@ class CatalogueFlow:
             f"      catalogue negatives: {len(mined)} ({stack.negative_rule}, up to {stack.negatives_per_query} "
             f"a query), scored by each query's fold model -> {cache}"
         )
-        scored = score_negatives(mined, fold_dir, seeds)
+        scored = score_negatives(mined, fold_dir, seeds, self.cfg.eval.precision)
         scored.to_parquet(cache, index=False)
         return scored
 

@@ -115,7 +115,7 @@ def cross_validate_bagging(
             if extra is not None:
                 rows = pd.concat([rows, extra], ignore_index=True)
             saved = train_fixed(cfg, rows, folder / "train.parquet", seed, folder / "model", folder / "train")
-            model = Reranker.from_pretrained(saved)
+            model = Reranker.from_pretrained(saved, precision=cfg.eval.precision)
             rows = frame_outputs(model, frame[frame["query_id"].isin(held)])
             rows.insert(0, "fold", g)
             inner_rows.append(rows)

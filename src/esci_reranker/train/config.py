@@ -241,7 +241,7 @@ class OptimSection(StrictModel):
 
 
 class EvalSection(StrictModel):
-    """Validation during training and early stopping."""
+    """Validation during training, early stopping, and the arithmetic of the job's own scoring."""
 
     every_steps: int = Field(50, ge=1)
     at_start: bool = Field(True, description="Score the untrained model first (a floor to beat).")
@@ -255,6 +255,13 @@ class EvalSection(StrictModel):
         "the end of training, no early stopping, validation (if any) only logged. Out-of-fold models "
         "use 'last' so their held-out queries never choose their checkpoint; with 'last' the "
         "validation split may be absent.",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Arithmetic of the job's own scoring with its trained cross-encoders: the "
+        "out-of-fold outputs the stacker learns from, the evaluation and the search flow. 'auto': "
+        "bf16 where the device computes it natively, else fp32, as `serve` scores by default, so "
+        "the trees learn from the outputs they will meet and the figures are the service's.",
     )
 
 

@@ -224,7 +224,7 @@ def cross_validate(
             oof_final = oof and run.eval.select == "last"
             trained = train(run, progress=progress, validate_at_end=not oof_final)
             curve = {int(h["step"]): float(h[key]) for h in trained.history if key in h}
-            table = fold_outputs(run.output.save_path, val, fold, seed) if oof else None
+            table = fold_outputs(run.output.save_path, val, fold, seed, run.eval.precision) if oof else None
             if oof_final:
                 assert table is not None
                 final = ranking_metrics(cross_encoder_run(table))[cfg.eval.metric]
@@ -341,8 +341,11 @@ def _write_progress(
     _write(out / "cv.json", result, identity)
 
 
-def fold_outputs(model_dir: Path, val: pd.DataFrame, fold: int, seed: int) -> pd.DataFrame:
-    """The out-of-fold cross-encoder outputs of a fold model on its held-out queries.
+def fold_outputs(
+    model_dir: Path, val: pd.DataFrame, fold: int, seed: int, precision: str = "fp32"
+) -> pd.DataFrame:
+    """The out-of-fold cross-encoder outputs of a fold model on its held-out queries, scored in
+    ``precision`` (``Reranker.from_pretrained``'s; a config's ``eval.precision``).
 
     With several processes each scores a share of the passes and every one gets the whole table
     (``train.distributed.sharded_outputs``): the same values as one process scoring them all.
@@ -351,7 +354,7 @@ def fold_outputs(model_dir: Path, val: pd.DataFrame, fold: int, seed: int) -> pd
     from esci_reranker.stack.outputs import frame_outputs
     from esci_reranker.train.distributed import model_device, sharded_outputs
 
-    reranker = Reranker.from_pretrained(model_dir, device=model_device())
+    reranker = Reranker.from_pretrained(model_dir, device=model_device(), precision=precision)
     table = frame_outputs(
         reranker,
         val,
