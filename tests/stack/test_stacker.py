@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from esci_reranker.stack.stacker import (
+    BAG_SEED_STEP,
     GBDTParams,
     Stacker,
     feature_columns,
@@ -148,8 +149,67 @@ def test_inner_folds_fitted_side_by_side_give_the_sequential_trees(monkeypatch):
         fits[workers] = fit_stacker(table, SMALL)
     (one, oof_one), (many, oof_many) = fits[1], fits[3]
     assert set(one.boosters) == set(many.boosters) == {"ranker", "classifier", "substitute"}
-    for task, booster in one.boosters.items():
-        assert booster.model_to_string() == many.boosters[task].model_to_string(), task
+    for task, bag in one.boosters.items():
+        assert [m.model_to_string() for m in bag.members] == [
+            m.model_to_string() for m in many.boosters[task].members
+        ], task
     assert one.rounds == many.rounds
     for key, value in oof_one.items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(oof_many[key]), err_msg=key)
+
+
+def test_a_bag_predicts_the_mean_of_fits_with_other_seeds_and_saves_every_member(tmp_path):
+    """``bags=3``: each task is three fits, with seeds ``seed``, ``seed + BAG_SEED_STEP``, ...;
+    it predicts their mean, the rules are fitted on the mean of their out-of-fold predictions,
+    and the folder holds and reloads every member."""
+    from dataclasses import replace
+
+    table = synthetic_table(seed=5)
+    params = replace(SMALL, seed=7, bags=3)
+    bagged, oof = fit_stacker(table, params)
+    single = [fit_stacker(table, replace(SMALL, seed=7 + BAG_SEED_STEP * i)) for i in range(3)]
+    x = bagged.matrix(table)
+    for task in ("ranker", "classifier", "substitute"):
+        members = bagged.boosters[task].members
+        assert len(members) == 3
+        # the members are the single fits of those seeds, and they differ from each other
+        strings = [m.model_to_string() for m in members]
+        assert strings == [s.boosters[task].members[0].model_to_string() for s, _ in single]
+        assert len(set(strings)) == 3
+        np.testing.assert_allclose(
+            bagged.boosters[task].predict(x), np.mean([m.predict(x) for m in members], axis=0), rtol=1e-12
+        )
+    np.testing.assert_allclose(oof["probs"], np.mean([o["probs"] for _, o in single], axis=0), rtol=1e-12)
+    out = bagged.predict(table)
+    np.testing.assert_allclose(out["probs"].sum(axis=1), 1.0, rtol=1e-9)
+    assert bagged.info["member_rounds"]["ranker"] == [s.rounds["ranker"] for s, _ in single]
+
+    folder = bagged.save(tmp_path / "stacker")
+    assert {p.name for p in folder.iterdir()} == {"stacker.json"} | {
+        name
+        for task in ("ranker", "classifier", "substitute")
+        for name in (f"{task}.txt", f"{task}.1.txt", f"{task}.2.txt")
+    }
+    assert json.loads((folder / "stacker.json").read_text())["format_version"] == 3
+    loaded = Stacker.load(folder)
+    assert loaded.params.bags == 3
+    again = loaded.predict(table)
+    for key in out:
+        np.testing.assert_array_equal(out[key], again[key])
+    (folder / "classifier.2.txt").unlink()
+    with pytest.raises(ValueError, match=r"classifier\.2\.txt: missing; .* a bag of 3 booster\(s\)"):
+        Stacker.load(folder)
+    with pytest.raises(ValueError, match="bags=0; expected at least 1"):
+        fit_stacker(table, replace(SMALL, bags=0))
+
+
+def test_a_folder_written_before_bags_loads_as_a_bag_of_one(fitted, tmp_path):
+    stacker, _, table = fitted
+    folder = stacker.save(tmp_path / "stacker")
+    manifest = json.loads((folder / "stacker.json").read_text())
+    del manifest["params"]["bags"]
+    (folder / "stacker.json").write_text(json.dumps(manifest | {"format_version": 2}))
+    loaded = Stacker.load(folder)
+    assert loaded.params.bags == 1
+    assert len(loaded.boosters["ranker"]) == 1
+    np.testing.assert_array_equal(loaded.predict(table)["score"], stacker.predict(table)["score"])

@@ -8,6 +8,12 @@ best round of the mean curve is kept; the final model is refitted on all queries
 rounds. The same inner folds give out-of-fold predictions of every training query at the chosen
 round: the decision rules (``stack.rules``) are fitted on those.
 
+**Bags.** With ``bags`` > 1 each task is fitted that many times with other seeds (other inner
+folds, row and feature samples), and predicts the mean of its members; the out-of-fold
+predictions the rules are fitted on are the members' mean too. On ~100 queries one fit moves a
+lot with its seed, or with output changes as small as bf16 against fp32 scoring (judged-I recall
+by ~0.05 a fold); the mean of three moves a quarter as much (docs/results.md).
+
 **Catalogue negatives.** A stack table may hold rows marked ``is_negative``: products retrieved
 for a training query from the training catalogue but judged only for other queries, labelled I
 and given a ``weight``. The class and substitute trees learn from them what a search page shows
@@ -30,7 +36,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,9 +50,12 @@ from esci_reranker.model.config import has_stacker as has_stacker
 from esci_reranker.stack.calibration import ClassCalibration, fit_calibration
 from esci_reranker.stack.rules import DecisionRules, fit_class_offsets, fit_threshold
 
-#: 2 adds per-task feature lists and the class calibration; version 1 folders still load.
-FORMAT_VERSION: Final[int] = 2
-READABLE_VERSIONS: Final[tuple[int, ...]] = (1, 2)
+#: 2 adds per-task feature lists and the class calibration; 3 bags of boosters per task
+#: (``TASK.txt``, ``TASK.1.txt``, ...). Earlier folders still load.
+FORMAT_VERSION: Final[int] = 3
+READABLE_VERSIONS: Final[tuple[int, ...]] = (1, 2, 3)
+#: Seed step between the members of a bag (far from the CV's training seeds 0, 1, 2, ...).
+BAG_SEED_STEP: Final[int] = 1000
 #: Relevance grade of each label for lambdarank, and LightGBM's ``label_gain`` per grade, so
 #: LightGBM's nDCG uses the ESCI gains (I=0, C=0.01, S=0.1, E=1).
 RANK_GRADE: Final[Mapping[str, int]] = {"I": 0, "C": 1, "S": 2, "E": 3}
@@ -68,6 +77,8 @@ class GBDTParams:
     max_rounds: int = 400
     inner_folds: int = 4
     seed: int = 0
+    #: fits per task, each with seed ``seed + BAG_SEED_STEP * i``; the task predicts their mean
+    bags: int = 1
 
     def lgb_params(self, task: str, gains: Sequence[float]) -> dict[str, Any]:
         """LightGBM's parameter dict for ``task`` (one of ``TASKS``)."""
@@ -145,12 +156,41 @@ def _sorted_by_group(groups: np.ndarray) -> np.ndarray:
 
 @dataclass
 class TaskFit:
-    """One task's model: the rounds chosen, the mean inner-CV curve and out-of-fold predictions."""
+    """One task's model: the rounds chosen, the mean inner-CV curve and out-of-fold predictions.
 
-    booster: Any
+    For a bag: ``rounds`` and ``curve`` are its first member's, ``member_rounds`` every member's,
+    ``oof`` the members' mean."""
+
+    booster: BoosterBag
     rounds: int
     curve: list[float]
     oof: np.ndarray
+    member_rounds: list[int] = field(default_factory=list)
+
+
+class BoosterBag:
+    """A task's LightGBM boosters fitted with different seeds; predicts the mean of theirs.
+
+    Class probabilities average to probabilities, and the ranker's scores to a score on the
+    members' common scale (each is fitted to the same labels)."""
+
+    def __init__(self, members: Sequence[Any]) -> None:
+        if not members:
+            raise ValueError("a booster bag needs at least one booster.")
+        self.members = list(members)
+
+    def predict(self, x: np.ndarray, **kwargs: Any) -> np.ndarray:
+        """The members' mean prediction (``lightgbm.Booster.predict`` keyword arguments pass on)."""
+        if len(self.members) == 1:
+            return np.asarray(self.members[0].predict(x, **kwargs))
+        return np.mean([np.asarray(m.predict(x, **kwargs)) for m in self.members], axis=0)
+
+    def feature_name(self) -> list[str]:
+        """The features every member reads, in training order."""
+        return list(self.members[0].feature_name())
+
+    def __len__(self) -> int:
+        return len(self.members)
 
 
 def tree_workers() -> int:
@@ -171,10 +211,45 @@ def fit_task(
     gains: Sequence[float],
     weights: np.ndarray | None = None,
 ) -> TaskFit:
-    """Choose the rounds by inner query-grouped CV, refit on all rows; see the module docstring.
+    """Choose the rounds by inner query-grouped CV, refit on all rows, ``params.bags`` times with
+    other seeds; see the module docstring.
 
     ``weights`` (N,) weigh rows in training and in the inner validation curves (default 1).
     """
+    if params.bags < 1:
+        raise ValueError(f"stacker: bags={params.bags}; expected at least 1.")
+    members = [
+        _fit_member(
+            x,
+            labels,
+            groups,
+            task,
+            names,
+            replace(params, seed=params.seed + BAG_SEED_STEP * i, bags=1),
+            gains,
+            weights,
+        )
+        for i in range(params.bags)
+    ]
+    _, rounds, curve, oof = members[0]
+    if len(members) > 1:
+        oof = np.mean([member[3] for member in members], axis=0)
+    return TaskFit(
+        BoosterBag([member[0] for member in members]), rounds, curve, oof, [member[1] for member in members]
+    )
+
+
+def _fit_member(
+    x: np.ndarray,
+    labels: Sequence[str],
+    groups: np.ndarray,
+    task: str,
+    names: list[str],
+    params: GBDTParams,
+    gains: Sequence[float],
+    weights: np.ndarray | None,
+) -> tuple[Any, int, list[float], np.ndarray]:
+    """One seed's fit of ``fit_task``: the booster, its rounds, the mean inner curve, the oof."""
     import lightgbm as lgb
 
     order = _sorted_by_group(groups)
@@ -220,7 +295,12 @@ def fit_task(
     final = lgb.train(lgb_params, _dataset(x, y, groups, task, names, w), num_boost_round=rounds)
     oof = np.empty_like(oof_sorted)
     oof[order] = oof_sorted  # back to the caller's row order
-    return TaskFit(final, rounds, mean.tolist(), oof)
+    return final, rounds, mean.tolist(), oof
+
+
+def _member_file(task: str, index: int) -> str:
+    """The file of a task's ``index``-th booster: ``TASK.txt`` for the first (as before bags)."""
+    return f"{task}.txt" if index == 0 else f"{task}.{index}.txt"
 
 
 #: Up to this many rows, the trees predict on one thread.
@@ -236,13 +316,19 @@ class Stacker:
     """
 
     feature_names: list[str]
-    boosters: dict[str, Any]
+    boosters: dict[str, BoosterBag]
     rules: DecisionRules = field(default_factory=DecisionRules)
     params: GBDTParams = field(default_factory=GBDTParams)
     rounds: dict[str, int] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     task_features: dict[str, list[str]] = field(default_factory=dict)
     calibration: ClassCalibration | None = None
+
+    def __post_init__(self) -> None:
+        # a single LightGBM booster is a bag of one
+        self.boosters = {
+            t: b if isinstance(b, BoosterBag) else BoosterBag([b]) for t, b in self.boosters.items()
+        }
 
     def features_of(self, task: str) -> list[str]:
         """The features ``task``'s booster reads, in its training order."""
@@ -297,7 +383,8 @@ class Stacker:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         for task in TASKS:
-            self.boosters[task].save_model(str(out / f"{task}.txt"))
+            for i, member in enumerate(self.boosters[task].members):
+                member.save_model(str(out / _member_file(task, i)))
         manifest = {
             "format_version": FORMAT_VERSION,
             "feature_names": self.feature_names,
@@ -331,27 +418,35 @@ class Stacker:
                 f"{manifest_path}: format_version {manifest.get('format_version')!r}; this version of "
                 f"esci-reranker reads {list(READABLE_VERSIONS)}."
             )
+        params = GBDTParams(**manifest.get("params", {}))
         boosters = {}
         for task in TASKS:
-            path = folder / f"{task}.txt"
-            if not path.is_file():
-                raise ValueError(f"{path}: missing; a stacker folder holds {[t + '.txt' for t in TASKS]}.")
-            boosters[task] = lgb.Booster(model_file=str(path))
+            members = []
+            for i in range(params.bags):
+                path = folder / _member_file(task, i)
+                if not path.is_file():
+                    raise ValueError(
+                        f"{path}: missing; {manifest_path} says each task is a bag of {params.bags} "
+                        f"booster(s): {', '.join(_member_file(task, j) for j in range(params.bags))}."
+                    )
+                members.append(lgb.Booster(model_file=str(path)))
+            boosters[task] = BoosterBag(members)
         names = list(manifest["feature_names"])
         task_features = {t: list(v) for t, v in (manifest.get("task_features") or {}).items()}
-        for task, booster in boosters.items():
+        for task, bag in boosters.items():
             expected = task_features.get(task, names)
-            if booster.feature_name() != expected or not set(expected) <= set(names):
-                raise ValueError(
-                    f"{folder / (task + '.txt')}: its features differ from {manifest_path}'s "
-                    f"{'task_features.' + task if task in task_features else 'feature_names'}."
-                )
+            for i, member in enumerate(bag.members):
+                if member.feature_name() != expected or not set(expected) <= set(names):
+                    raise ValueError(
+                        f"{folder / _member_file(task, i)}: its features differ from {manifest_path}'s "
+                        f"{'task_features.' + task if task in task_features else 'feature_names'}."
+                    )
         calibration = manifest.get("calibration")
         return cls(
             feature_names=names,
             boosters=boosters,
             rules=DecisionRules.from_dict(manifest["rules"]),
-            params=GBDTParams(**manifest.get("params", {})),
+            params=params,
             rounds=dict(manifest.get("rounds", {})),
             info=dict(manifest.get("info", {})),
             task_features=task_features,
@@ -489,6 +584,7 @@ def fit_stacker(
             "rows": len(table),
             "negative_rows": int(negative.sum()),
             "inner_curves": {t: f.curve for t, f in fits.items()},
+            "member_rounds": {t: f.member_rounds for t, f in fits.items()},
         },
         task_features={"ranker": names, "classifier": class_names, "substitute": class_names},
         calibration=calibration,

@@ -285,6 +285,12 @@ class StackSection(StrictModel):
     inner_folds: int = Field(
         _GBDT.inner_folds, ge=2, description="Query folds that choose each tree model's rounds."
     )
+    bags: int = Field(
+        _GBDT.bags,
+        ge=1,
+        description="Fits of each tree model with other seeds; it predicts their mean (steadier "
+        "labels at that many times the trees' fitting time).",
+    )
     task2_objective: Task2Objective = Field(
         "micro_f1",
         description="What the Task 2 class offsets maximise: micro-F1 (the official metric), macro-F1, or "
