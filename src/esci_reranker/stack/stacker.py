@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -218,44 +218,49 @@ def fit_task(
     """
     if params.bags < 1:
         raise ValueError(f"stacker: bags={params.bags}; expected at least 1.")
+    # rows sorted by query once (LightGBM's ranker reads each query's rows as one block); the
+    # members differ only in their seed
+    order = _sorted_by_group(groups)
+    rows = _TaskRows(
+        x[order],
+        _targets([labels[i] for i in order], task),
+        groups[order],
+        None if weights is None else np.asarray(weights, dtype=np.float64)[order],
+        task,
+        names,
+    )
     members = [
-        _fit_member(
-            x,
-            labels,
-            groups,
-            task,
-            names,
-            replace(params, seed=params.seed + BAG_SEED_STEP * i, bags=1),
-            gains,
-            weights,
-        )
+        _fit_member(rows, replace(params, seed=params.seed + BAG_SEED_STEP * i, bags=1), gains)
         for i in range(params.bags)
     ]
-    _, rounds, curve, oof = members[0]
-    if len(members) > 1:
-        oof = np.mean([member[3] for member in members], axis=0)
+    oof_sorted = np.mean([member[3] for member in members], axis=0)
+    oof = np.empty_like(oof_sorted)
+    oof[order] = oof_sorted  # back to the caller's row order
+    _, rounds, curve, _ = members[0]
     return TaskFit(
         BoosterBag([member[0] for member in members]), rounds, curve, oof, [member[1] for member in members]
     )
 
 
+class _TaskRows(NamedTuple):
+    """A task's training rows, sorted by query."""
+
+    x: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray
+    weights: np.ndarray | None
+    task: str
+    names: list[str]
+
+
 def _fit_member(
-    x: np.ndarray,
-    labels: Sequence[str],
-    groups: np.ndarray,
-    task: str,
-    names: list[str],
-    params: GBDTParams,
-    gains: Sequence[float],
-    weights: np.ndarray | None,
+    rows: _TaskRows, params: GBDTParams, gains: Sequence[float]
 ) -> tuple[Any, int, list[float], np.ndarray]:
-    """One seed's fit of ``fit_task``: the booster, its rounds, the mean inner curve, the oof."""
+    """One seed's fit of ``fit_task``: the booster, its rounds, the mean inner curve and the
+    out-of-fold predictions (in ``rows``' order)."""
     import lightgbm as lgb
 
-    order = _sorted_by_group(groups)
-    x, groups = x[order], groups[order]
-    w = None if weights is None else np.asarray(weights, dtype=np.float64)[order]
-    y = _targets([labels[i] for i in order], task)
+    x, y, groups, w, task, names = rows
     lgb_params = params.lgb_params(task, gains)
     folds = inner_query_folds(groups, params.inner_folds, params.seed)
 
@@ -293,9 +298,7 @@ def _fit_member(
     for val_rows, booster in zip(folds, boosters, strict=True):
         oof_sorted[val_rows] = booster.predict(x[val_rows], num_iteration=rounds)
     final = lgb.train(lgb_params, _dataset(x, y, groups, task, names, w), num_boost_round=rounds)
-    oof = np.empty_like(oof_sorted)
-    oof[order] = oof_sorted  # back to the caller's row order
-    return final, rounds, mean.tolist(), oof
+    return final, rounds, mean.tolist(), oof_sorted
 
 
 def _member_file(task: str, index: int) -> str:
