@@ -817,11 +817,13 @@ class Reranker:
         }
 
     def _stacker_info(self) -> dict[str, Any] | None:
-        """The stacker's features count, boosting rounds and decision rules; None without one."""
+        """The stacker's features count, fits per tree model, boosting rounds (of each model's
+        first fit) and decision rules; None without one."""
         if self.stacker is None:
             return None
         return {
             "features": len(self.stacker.feature_names),
+            "bags": self.stacker.params.bags,
             "rounds": dict(self.stacker.rounds),
             "rules": self.stacker.rules.to_dict(),
         }

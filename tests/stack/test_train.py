@@ -37,6 +37,7 @@ def stacked(tmp_path_factory, small_splits, tiny_backbone):
         [
             f"model.backbone={tiny_backbone}",
             *STACKED,
+            "stack.bags=2",  # each tree model two fits, saved and loaded with the checkpoint
             f"data.dir={small_splits}",
             f"output.save_path={root / 'model'}",
         ],
@@ -50,9 +51,12 @@ def test_training_writes_one_model_with_its_stacker_and_the_cv(stacked):
     _result, root, lines = stacked
     assert (root / "model" / "config.json").is_file()
     assert sorted(p.name for p in (root / "model" / "stacker").iterdir()) == [
+        "classifier.1.txt",
         "classifier.txt",
+        "ranker.1.txt",
         "ranker.txt",
         "stacker.json",
+        "substitute.1.txt",
         "substitute.txt",
     ]
     cv = json.loads((root / "train" / "folds" / "stack_cv.json").read_text())
@@ -133,6 +137,7 @@ def test_loaded_model_scores_with_the_stacker(stacked, small_splits):
     np.testing.assert_allclose(preds.esci_probs, direct["probs"], rtol=1e-5, atol=1e-6)
     assert preds.substitute_threshold == reranker.stacker.rules.substitute_threshold
     assert reranker.info()["stacker"]["rounds"] == result.rounds
+    assert reranker.info()["stacker"]["bags"] == len(reranker.stacker.boosters["ranker"].members) == 2
 
 
 def test_rerank_applies_the_decision_rules(stacked):
@@ -253,7 +258,7 @@ def test_the_trees_read_every_product_field_though_the_training_held_fewer(stack
     _result, root, _ = stacked
     trained = pd.read_parquet(root / "train" / "train_all.parquet")
     assert "product_description" not in trained.columns
-    cfg = load_config(None, [*STACKED, f"data.dir={small_splits}"])
+    cfg = load_config(None, [*STACKED, "stack.bags=2", f"data.dir={small_splits}"])  # as `stacked`
     full = read_train_val(small_splits)
     assert full["product_description"].str.len().gt(0).any()
     slim = training_frame(full, cfg.model.text_fields)
