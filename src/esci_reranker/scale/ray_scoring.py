@@ -176,12 +176,14 @@ def _check_keys(inputs: Sequence[str], out_dir: Path, keys: Sequence[str]) -> No
         if any((out_dir / name).rglob("*.parquet"))
     ]
     out = pa.concat_tables(written) if written else given.schema.empty_table()
-    given_counts = given.group_by(columns).aggregate([([], "count_all")])
+    # Acero on one thread: in a process where Ray has run, its threaded plans can fail with
+    # "thread index N is out of range [0, N)" (seen in CI); keys only, so one thread is quick
+    given_counts = given.group_by(columns, use_threads=False).aggregate([([], "count_all")])
     if given_counts.num_rows != given.num_rows:
         return  # the input repeats keys itself: the row count check is all that can be said
-    out_counts = out.group_by(columns).aggregate([([], "count_all")])
+    out_counts = out.group_by(columns, use_threads=False).aggregate([([], "count_all")])
     repeated = out_counts.filter(pc.greater(out_counts["count_all"], 1)).num_rows
-    missing = given_counts.join(out_counts, columns, join_type="left anti").num_rows
+    missing = given_counts.join(out_counts, columns, join_type="left anti", use_threads=False).num_rows
     if repeated or missing:
         raise ScaleError(
             f"output does not match the input keys {columns}: {missing} input key(s) missing, "
