@@ -21,7 +21,12 @@ def test_bench_train_times_both_steps_on_the_same_batches(tiny_backbone: Path, t
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     variants = data["variants"]
-    assert set(variants) == {"padded_fp32", "packed_torch_dropout_fp32", "packed_fp32"}
+    assert set(variants) == {
+        "padded_fp32",
+        "packed_torch_dropout_fp32",
+        "packed_torch_linear_fp32",
+        "packed_fp32",
+    }
     work = data["work"]
     # the default's query-slice batches of the sample: 2 batches of at most 32 pairs
     assert 2 < work["pairs_per_round"] <= 64
@@ -45,6 +50,11 @@ def test_bench_train_times_both_steps_on_the_same_batches(tiny_backbone: Path, t
         / variants["packed_torch_dropout_fp32"]["pairs_per_second"]
     )
     assert data["dropout_speedup"]["fp32"] == pytest.approx(masks)
+    linears = (
+        variants["packed_fp32"]["pairs_per_second"] / variants["packed_torch_linear_fp32"]["pairs_per_second"]
+    )
+    assert data["linear_speedup"]["fp32"] == pytest.approx(linears)
+    assert "of which oneDNN's linear layers: fp32" in result.output
     assert "padded_fp32" in result.output
     assert "speed-up of the padding-free step" in result.output
     assert "of which the faster dropout masks: fp32" in result.output

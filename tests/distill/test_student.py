@@ -13,6 +13,7 @@ import torch
 from esci_reranker.distill.config import DistillConfig, load_distill_config
 from esci_reranker.distill.student import _targets, build_student, distill_loss, gain_standardisation
 from esci_reranker.distill.teacher import rule_probs
+from esci_reranker.model.cpu import OnednnLinear, onednn_training_ok
 from esci_reranker.model.modeling import RerankerOutput
 from esci_reranker.train.config import ConfigError
 
@@ -272,10 +273,12 @@ def test_with_ema_the_validated_and_kept_student_is_the_weight_average(
     data = frame.merge(table, on=["query_id", "product_id"]).assign(source="labelled")
     is_val = data["query_id"].isin(set(data["query_id"].unique()[:2]))
     seen: dict[int, list[torch.Tensor]] = {}
+    onednn_seen: list[bool] = []
 
     def validate(model, *_args, **_kwargs):
         weights = seen.setdefault(id(seen), [])
         weights.append(model.score_head.proj.weight.detach().clone())
+        onednn_seen.append(any(isinstance(m, OnednnLinear) for m in model.modules()))
         return {"val_loss": [9.0, 2.0, 1.0, 3.0, 4.0][len(weights) - 1]}  # best at step 4 of 8
 
     monkeypatch.setattr(student_module, "_validate", validate)
@@ -290,6 +293,9 @@ def test_with_ema_the_validated_and_kept_student_is_the_weight_average(
             cfg, data[~is_val], data[is_val], ("title",), 300, progress=False
         )
         assert result.best_step == 4
+        # trained through oneDNN's linear layers where they exist, kept as the stock model
+        assert set(onednn_seen) == {onednn_training_ok()}
+        assert not any(isinstance(m, OnednnLinear) for m in result.model.modules())
         std = result.standardisation["std"]  # folded into the kept head after training
         return seen[id(seen)], result.model.score_head.proj.weight.detach() / std
 

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from esci_reranker.model import PairEncoder
-from esci_reranker.model.cpu import PackedLinear, int8_available, int8_linear, onednn_available, pack_linears
+from esci_reranker.model.cpu import (
+    OnednnLinear,
+    PackedLinear,
+    int8_available,
+    int8_linear,
+    linear,
+    onednn_available,
+    onednn_training_ok,
+    pack_linears,
+    use_onednn_linears,
+    use_torch_linears,
+)
 from tests.conftest import build_tiny_model
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
@@ -119,3 +132,86 @@ def test_bf16_linear_takes_and_gives_fp32_close_to_the_fp32_layer():
     assert out.dtype == torch.float32
     error = float((out - reference).abs().max() / reference.abs().max())
     assert 0 < error < 0.02  # bf16 rounding of input and weight
+
+
+def _grads(fn, x, weight, bias, grad):
+    """``fn``'s output and the gradients of its three inputs (None for an absent bias)."""
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (x, weight, bias)]
+    out = fn(*leaves)
+    out.backward(grad)
+    return out, [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize(
+    ("shape", "bias"), [((6,), True), ((3, 5), False), ((2, 4, 3), True)], ids=["2d", "3d_no_bias", "4d"]
+)
+def test_onednn_linear_gives_f_linear_output_and_gradients(shape, bias):
+    if not onednn_training_ok():
+        pytest.skip("torch built without oneDNN's training operators")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, 48, generator=gen)
+    weight = torch.randn(80, 48, generator=gen)
+    b = torch.randn(80, generator=gen) if bias else None
+    grad = torch.randn(*shape, 80, generator=gen)
+    fast, fast_grads = _grads(linear, x, weight, b, grad)
+    slow, slow_grads = _grads(F.linear, x, weight, b, grad)
+    assert type(fast.grad_fn).__name__ == "_OnednnLinearFunctionBackward"  # really the oneDNN path
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-5)
+    for got, want in zip(fast_grads, slow_grads, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_onednn_linear_computes_only_the_gradients_asked_for_and_falls_back_elsewhere():
+    if not onednn_training_ok():
+        pytest.skip("torch built without oneDNN's training operators")
+    x = torch.randn(5, 8)
+    weight = torch.randn(4, 8, requires_grad=True)  # a frozen input: only the weight learns
+    out = linear(x, weight)
+    out.sum().backward()
+    torch.testing.assert_close(weight.grad, torch.ones(5, 4).t() @ x, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps its own bf16 product
+        assert linear(x, weight).dtype == torch.bfloat16
+    assert linear(x.double(), weight.double()).grad_fn.__class__.__name__ != "_OnednnLinearFunctionBackward"
+    empty = linear(torch.zeros(0, 8), weight)  # an empty batch: F.linear's answer
+    assert empty.shape == (0, 4)
+
+
+def test_use_onednn_linears_keeps_the_parameters_and_trains_the_same():
+    if not onednn_training_ok():
+        pytest.skip("torch built without oneDNN's training operators")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4, bias=False)).train()
+    reference = copy.deepcopy(model)
+    params_before = [id(p) for p in model.parameters()]
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built before the swap
+    assert use_onednn_linears(model) == 2
+    assert all(type(m) is OnednnLinear for m in (model[0], model[2]))
+    assert [id(p) for p in model.parameters()] == params_before  # the same objects, not copies
+    assert model[0].training
+    assert model.state_dict().keys() == state_before.keys()
+    x = torch.randn(10, 16)
+    for net, opt in ((model, optimizer), (reference, torch.optim.SGD(reference.parameters(), lr=0.1))):
+        net(x).pow(2).sum().backward()
+        opt.step()
+    for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+    assert use_torch_linears(model) == 2
+    assert all(type(m) is nn.Linear for m in (model[0], model[2]))
+    assert [id(p) for p in model.parameters()] == params_before
+    assert pack_linears(model.eval()) == 2  # plain layers again: inference packs them as before
+
+
+def test_training_models_are_built_with_onednn_linears(tiny_backbone):
+    from esci_reranker.train.config import TrainConfig
+    from esci_reranker.train.loop import build_model
+
+    if not onednn_training_ok():
+        pytest.skip("torch built without oneDNN's training operators")
+    cfg = TrainConfig.model_validate({"model": {"type": "multi_task", "backbone": str(tiny_backbone)}})
+    model, _ = build_model(cfg)
+    assert any(isinstance(m, OnednnLinear) for m in model.modules())
+    assert not any(type(m) is nn.Linear for m in model.modules())

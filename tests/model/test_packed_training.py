@@ -9,6 +9,7 @@ import torch
 
 from esci_reranker.model import PairEncoder
 from esci_reranker.model.config import MULTI_TASK, ModelConfig
+from esci_reranker.model.cpu import onednn_training_ok, use_onednn_linears
 from esci_reranker.model.modeling import LossConfig, MultiTaskReranker
 from esci_reranker.model.tiny import tiny_bert_config
 from tests.conftest import build_tiny_model
@@ -61,9 +62,16 @@ def _step(model: MultiTaskReranker, batch: dict[str, torch.Tensor]) -> tuple[flo
     return float(out.loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_packed_step_gives_the_padded_loss_and_gradients_in_fp32():
+@pytest.mark.parametrize("onednn", [False, True], ids=["torch_linears", "onednn_linears"])
+def test_packed_step_gives_the_padded_loss_and_gradients_in_fp32(onednn: bool):
+    """The padding-free step against the padded one with PyTorch's linear layers (the step
+    before), with PyTorch's linears and with oneDNN's, as training runs it in fp32 on a CPU."""
+    if onednn and not onednn_training_ok():
+        pytest.skip("torch built without oneDNN's training operators")
     padded, tokenizer = _model()
     packed = copy.deepcopy(padded)
+    if onednn:
+        assert use_onednn_linears(packed) > 0
     assert packed.enable_packed_training()
     batch = _batch(padded, tokenizer)
     assert batch["attention_mask"].min() == 0

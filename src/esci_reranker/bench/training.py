@@ -4,13 +4,16 @@
 clipping and the AdamW update, as ``train.loop`` runs it) of the config's model in each of
 
 - **padded**: the encoder's own forward over the pair and both tower batches, each padded to
-  its longest row, with PyTorch's dropout and AdamW's per-parameter loop (``padding_free:
-  false``: the step before padding-free training);
+  its longest row, with PyTorch's dropout, ``nn.Linear`` and AdamW's per-parameter loop
+  (``padding_free: false``: the step before padding-free training);
 - **packed_torch_dropout**: the padding-free step (``model.unpadded.packed_states``) with
   PyTorch's dropout kernel;
-- **packed**: the padding-free step with the faster CPU dropout masks (``model.cpu.cpu_dropout``),
-  as training runs it (both packed variants update with the fused AdamW of
-  ``train.loop.build_optimizer``);
+- **packed_torch_linear** (fp32 only): the padding-free step with PyTorch's ``nn.Linear`` (MKL's
+  sgemm on a CPU) instead of the oneDNN linear layers training uses in fp32
+  (``model.cpu.OnednnLinear``); under bf16 autocast both reach oneDNN, so it is not run;
+- **packed**: the padding-free step with the faster CPU dropout masks (``model.cpu.cpu_dropout``)
+  and oneDNN's linear layers in fp32, as training runs it (the packed variants update with the
+  fused AdamW of ``train.loop.build_optimizer``);
 
 in fp32 and, on CPUs with native bf16 (AVX-512 BF16 or AMX), under bf16 autocast as the loop's
 ``mixed_precision: auto`` runs it. All variants start from the same weights and train on the same
@@ -66,8 +69,13 @@ from esci_reranker.labels import LABEL_TO_INDEX
 from esci_reranker.model.features import unique_rows
 
 #: The steps compared: the encoder's padded forward and the padding-free one, the latter with
-#: PyTorch's dropout kernel and with the one training uses (``model.cpu.cpu_dropout``).
-LAYOUTS: Final[tuple[str, ...]] = ("padded", "packed_torch_dropout", "packed")
+#: PyTorch's dropout kernel, with PyTorch's linear layers, and as training runs it
+#: (``model.cpu.cpu_dropout`` and ``model.cpu.OnednnLinear``).
+LAYOUTS: Final[tuple[str, ...]] = ("padded", "packed_torch_dropout", "packed_torch_linear", "packed")
+#: Layouts run in fp32 only, and why (what they change does not exist under bf16 autocast).
+FP32_ONLY: Final[dict[str, str]] = {
+    "packed_torch_linear": "under bf16 autocast the linear layers reach oneDNN either way",
+}
 #: Precisions measured (bf16 only where the CPU has it natively).
 TRAIN_PRECISIONS: Final[tuple[str, ...]] = ("fp32", "bf16")
 #: Split of the bundled sample whose rows make the batches.
@@ -162,12 +170,14 @@ def training_work(cfg: Any, model: Any, tokenizer: Any, n_batches: int) -> _Work
 
 
 def _variant(name: str, model: Any, cfg: Any, layout: str, precision: str) -> _Variant:
-    from esci_reranker.model.cpu import use_torch_dropout
+    from esci_reranker.model.cpu import use_torch_dropout, use_torch_linears
     from esci_reranker.train.loop import build_optimizer
 
     model = copy.deepcopy(model).train()
-    if layout != "packed":  # the steps before: PyTorch's dropout kernel
+    if layout in ("padded", "packed_torch_dropout"):  # the steps before: PyTorch's dropout kernel
         use_torch_dropout(model)
+    if layout in ("padded", "packed_torch_linear"):  # PyTorch's linear layers (MKL on a CPU)
+        use_torch_linears(model)
     model.enable_packed_training(layout != "padded")
     if layout != "padded" and not model.packed_training:
         raise ValueError(f"{cfg.model.backbone}: the encoder cannot train padding-free (see the log).")
@@ -267,7 +277,7 @@ def run_train_bench(
         ``roofline_fp32_gflops``, ``variants`` (per variant ``pairs_per_second``,
         ``tokens_per_second``, ``step_ms``, ``gflops``, ``roofline_share``, ``peak_rss_mb``) and
         ``speedup`` (packed over padded, per precision), ``dropout_speedup`` (packed over
-        packed_torch_dropout) and ``optimizer_step_ms`` (the AdamW update alone, per-parameter
+        packed_torch_dropout), ``linear_speedup`` (packed over packed_torch_linear, fp32) and ``optimizer_step_ms`` (the AdamW update alone, per-parameter
         loop and fused, and their ratio).
 
     Raises:
@@ -323,6 +333,9 @@ def _measure(
             if precision == "bf16" and not bf16_ok:
                 skipped[name] = {"status": "skipped", "reason": bf16_why}
                 continue
+            if precision != "fp32" and layout in FP32_ONLY:
+                skipped[name] = {"status": "skipped", "reason": FP32_ONLY[layout]}
+                continue
             variants[name] = _variant(name, model, cfg, layout, precision)
     max_norm = cfg.optim.max_grad_norm
     for variant in variants.values():  # warm-up: thread pool, allocator, autocast's casts
@@ -363,6 +376,7 @@ def _measure(
     entries |= skipped
     speedup = _speedups(entries, precisions, "packed", "padded")
     dropout_speedup = _speedups(entries, precisions, "packed", "packed_torch_dropout")
+    linear_speedup = _speedups(entries, precisions, "packed", "packed_torch_linear")
     optimizer = _optimizer_steps(model, cfg, repeats)
     layers, hidden, intermediate = _encoder_shape(model.config)
     return {
@@ -403,6 +417,7 @@ def _measure(
         "variants": entries,
         "speedup": speedup,
         "dropout_speedup": dropout_speedup,
+        "linear_speedup": linear_speedup,
         "optimizer_step_ms": optimizer,
     }
 
@@ -480,6 +495,11 @@ def format_train_table(result: dict[str, Any]) -> str:
         "of which the faster dropout masks: "
         + (", ".join(f"{p} {x:.2f}x" for p, x in result.get("dropout_speedup", {}).items()) or "-"),
     ]
+    if result.get("linear_speedup"):
+        footer.append(
+            "of which oneDNN's linear layers: "
+            + ", ".join(f"{p} {x:.2f}x" for p, x in result["linear_speedup"].items())
+        )
     if "optimizer_step_ms" in result:
         o = result["optimizer_step_ms"]
         footer.append(

@@ -447,6 +447,7 @@ def train_student(
     from transformers import get_linear_schedule_with_warmup
 
     from esci_reranker.hardware import keep_freed_memory
+    from esci_reranker.model.cpu import use_onednn_linears, use_torch_linears
     from esci_reranker.model.features import pair_encoder_for
     from esci_reranker.train.batching import bucketed_batches, query_batches
     from esci_reranker.train.loop import build_optimizer, release_precision_state, resolve_mixed_precision
@@ -476,6 +477,8 @@ def train_student(
     model, tokenizer = build_student(
         cfg, text_fields, long_field_chars, teacher_encoder if cfg.model.init == "teacher" else None
     )
+    # fp32 training on a CPU runs the linear layers on oneDNN, as train.loop does (model.cpu)
+    use_onednn_linears(model)
     mean = float(train["t_score"].mean())
     std = float(train["t_score"].std(ddof=0)) or 1.0
     # the labels' gains are standardised once, on the training pairs, like the teacher's score
@@ -588,6 +591,7 @@ def train_student(
     # and what every other library will run), not one that silently keeps computing in bf16.
     student = accelerator.unwrap_model(model, keep_fp32_wrapper=False).to("cpu").eval()
     student.load_state_dict(best_state)
+    use_torch_linears(student)  # the kept student is the stock model again (same weights)
     standardisation: dict[str, float] = {}
     if cfg.student == "score":
         _fold_standardisation(student, mean, std)

@@ -34,6 +34,7 @@ backward together (``esci-reranker bench-train`` measures the training step with
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -224,6 +225,138 @@ def quantize_linears(module: nn.Module) -> int:
     for parent, name, child in targets:
         setattr(parent, name, int8_linear(child))
     return len(targets)
+
+
+def onednn_training_available() -> bool:
+    """True when this torch build also has oneDNN's weight-gradient operator (``OnednnLinear``)."""
+    return onednn_available() and hasattr(torch.ops.aten, "mkldnn_linear_backward_weights")
+
+
+class _OnednnLinearFunction(torch.autograd.Function):
+    """``F.linear`` in fp32 on the CPU with oneDNN's kernels for the forward and both gradients.
+
+    The weight changes every step, so it is reordered into oneDNN's layout on every call; that
+    is a pass over the weight, small beside a product over a batch's thousands of tokens."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+        ctx.save_for_backward(rows, weight)
+        ctx.input_shape = x.shape  # type: ignore[attr-defined]
+        ctx.has_bias = bias is not None  # type: ignore[attr-defined]
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        rows, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        need_x, need_w, need_b = ctx.needs_input_grad  # type: ignore[attr-defined]
+        grad_rows = grad.reshape(-1, grad.shape[-1]).contiguous()
+        grad_x = grad_w = grad_b = None
+        if need_x:  # dX = dY W: a linear layer whose weight is W transposed
+            packed_t = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), None)
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad_rows, packed_t, None, "none", [], "")
+            grad_x = grad_x.view(ctx.input_shape)  # type: ignore[attr-defined]
+        if need_w or need_b:  # dW = dY^T X and db = the column sums of dY, in one oneDNN call
+            has_bias = ctx.has_bias  # type: ignore[attr-defined]
+            grad_w, grad_b = torch.ops.aten.mkldnn_linear_backward_weights(
+                grad_rows.to_mkldnn(), rows.to_mkldnn(), weight, has_bias
+            )
+            grad_w = grad_w if need_w else None
+            grad_b = grad_b if need_b and has_bias else None
+        return grad_x, grad_w, grad_b
+
+
+def _onednn_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.dim() >= 1
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` that runs on oneDNN for fp32 CPU tensors outside autocast (else ``F.linear``),
+    differentiable in every argument. Checked once against ``F.linear`` (``onednn_training_ok``)."""
+    if _onednn_fits(x, weight) and onednn_training_ok():
+        return _OnednnLinearFunction.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+@functools.cache
+def onednn_training_ok() -> bool:
+    """Whether ``linear``'s oneDNN path is present and gives ``F.linear``'s output and gradients
+    (to 1e-4) on a random input; checked once per process, False keeps ``F.linear``."""
+    if not onednn_training_available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=gen) for shape in ((2, 7, 24), (40, 24), (40,)))
+    grad = torch.randn(2, 7, 40, generator=gen)
+    results = []
+    try:
+        for fn in (_OnednnLinearFunction.apply, F.linear):
+            leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+            out = fn(*leaves)
+            out.backward(grad)
+            results.append([out.detach(), *(t.grad for t in leaves)])
+    except RuntimeError as err:  # an operator present but unsupported on this CPU
+        logger.info("oneDNN training linear unavailable (%s); keeping F.linear", err)
+        return False
+    ok = all(
+        torch.allclose(a, b, atol=_CHECK_TOLERANCE, rtol=_CHECK_TOLERANCE)
+        for a, b in zip(*results, strict=True)
+    )
+    if not ok:
+        logger.warning("oneDNN training linear disagrees with F.linear; keeping F.linear")
+    return ok
+
+
+class OnednnLinear(nn.Linear):
+    """An ``nn.Linear`` (the same parameters and state dict) that trains through ``linear``:
+    oneDNN for fp32 on the CPU, ``F.linear`` under autocast and on other devices."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(module: nn.Module) -> int:
+    """Replace every ``nn.Linear`` inside ``module`` by an ``OnednnLinear`` holding the same
+    parameter objects, in place; returns how many (0 when the oneDNN path is unavailable or
+    fails its check). Optimisers built before or after see the same parameters."""
+    if not onednn_training_ok():
+        return 0
+    targets = _child_slots(module, lambda child: type(child) is nn.Linear)
+    for parent, name, child in targets:
+        setattr(parent, name, _as_class(child, OnednnLinear))
+    return len(targets)
+
+
+def use_torch_linears(module: nn.Module) -> int:
+    """The inverse of ``use_onednn_linears``: every ``OnednnLinear`` back to ``nn.Linear``; how many."""
+    targets = _child_slots(module, lambda child: isinstance(child, OnednnLinear))
+    for parent, name, child in targets:
+        setattr(parent, name, _as_class(child, nn.Linear))
+    return len(targets)
+
+
+def _as_class(linear: nn.Linear, cls: type[nn.Linear]) -> nn.Linear:
+    """A ``cls`` module with ``linear``'s parameter objects (not copies) and training flag."""
+    swapped = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    swapped.weight = linear.weight
+    swapped.bias = linear.bias
+    swapped.train(linear.training)
+    return swapped
 
 
 #: Resolution of ``cpu_dropout``'s drop probability: it drops with ``round(p * 2**16) / 2**16``.

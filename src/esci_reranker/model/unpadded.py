@@ -33,7 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from esci_reranker.hardware import cpu_bf16_support
-from esci_reranker.model.cpu import Bf16Linear, CpuDropout, PackedLinear, cpu_dropout, int8_linear
+from esci_reranker.model.cpu import (
+    Bf16Linear,
+    CpuDropout,
+    OnednnLinear,
+    PackedLinear,
+    cpu_dropout,
+    int8_linear,
+    linear,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +379,9 @@ def _train_layer(layer: nn.Module, x: torch.Tensor, chunks: list[_Chunk], heads:
     scale = (q.out_features // heads) ** -0.5
     weight = torch.cat([q.weight * scale, k.weight, v.weight])  # (3H, H)
     bias = torch.cat([q.bias * scale, k.bias, v.bias])
-    qkv = F.linear(x, weight, bias)  # (N, 3H)
+    # the fused product takes the kernel of the layer's own linears (oneDNN in fp32 on a CPU
+    # when they are ``OnednnLinear``)
+    qkv = (linear if isinstance(q, OnednnLinear) else F.linear)(x, weight, bias)  # (N, 3H)
     drop = getattr(attn.self, "dropout", None)
     p = float(drop.p) if isinstance(drop, nn.Dropout) and attn.self.training else 0.0
     # the attention probabilities take the kernel of the layer's own dropout module

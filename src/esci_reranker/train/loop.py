@@ -44,7 +44,7 @@ from esci_reranker.model import (
     save_checkpoint,
 )
 from esci_reranker.model.config import LISTWISE, LLM, MULTI_TASK, SINGLE_TASK, ListwiseSettings, LLMSettings
-from esci_reranker.model.cpu import use_cpu_dropout
+from esci_reranker.model.cpu import use_cpu_dropout, use_onednn_linears
 from esci_reranker.model.features import EncodedPairs, pair_encoder_for
 from esci_reranker.model.tower_cache import weights_cache
 from esci_reranker.progress import progress_bar
@@ -249,6 +249,10 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     # PyTorch's CPU dropout kernel was a fifth of a training step; the masks are drawn faster
     # (model.cpu.cpu_dropout), and other devices keep F.dropout
     use_cpu_dropout(model)
+    # PyTorch sends fp32 linear layers to MKL, whose sgemm is ~2x slower than oneDNN's on some
+    # CPUs (AMD EPYC); training in fp32 runs them on oneDNN (model.cpu.OnednnLinear), forward and
+    # backward; under bf16 autocast and on other devices they call F.linear as before
+    use_onednn_linears(model)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     return model, tokenizer
 
