@@ -143,7 +143,9 @@ def _grads(fn, x, weight, bias, grad):
 
 
 @pytest.mark.parametrize(
-    ("shape", "bias"), [((6,), True), ((3, 5), False), ((2, 4, 3), True)], ids=["2d", "3d_no_bias", "4d"]
+    ("shape", "bias"),
+    [((6,), True), ((3, 5), False), ((2, 4, 3), True), ((2, 600), True)],
+    ids=["2d", "3d_no_bias", "4d", "several_pieces"],
 )
 def test_onednn_linear_gives_f_linear_output_and_gradients(shape, bias):
     if not onednn_training_ok():
@@ -215,3 +217,20 @@ def test_training_models_are_built_with_onednn_linears(tiny_backbone):
     model, _ = build_model(cfg)
     assert any(isinstance(m, OnednnLinear) for m in model.modules())
     assert not any(type(m) is nn.Linear for m in model.modules())
+
+
+def test_onednn_rows_go_in_pieces_of_few_shapes():
+    """oneDNN keeps a kernel per input shape: whatever a batch's token count, a layer hands it
+    pieces of ``ROW_PIECE`` rows or a multiple of ``ROW_ALIGN`` rows, and nothing is lost."""
+    from esci_reranker.model.cpu import ROW_ALIGN, ROW_PIECE, _pieces
+
+    shapes = set()
+    for n in (1, 63, 64, 65, 511, 512, 513, 1100, 2049):
+        rows = torch.randn(n, 3)
+        pieces = _pieces(rows)
+        shapes |= {p.shape[0] for p in pieces}
+        joined = torch.cat(pieces)
+        assert torch.equal(joined[:n], rows)
+        assert not joined[n:].any()  # the padding is zero rows
+        assert all(p.is_contiguous() for p in pieces)
+    assert shapes <= {ROW_PIECE} | set(range(ROW_ALIGN, ROW_PIECE + 1, ROW_ALIGN))
