@@ -1,4 +1,4 @@
-"""Faster CPU inference: oneDNN-prepacked fp32 linear layers, or dynamic int8 ones.
+"""Faster CPU inference and training: oneDNN fp32 linear layers, or dynamic int8 ones.
 
 Why: PyTorch's CPU wheels send ``nn.Linear`` (fp32) to MKL's sgemm, which on some CPUs (AMD EPYC
 among them) takes a slow code path; on the 2-core EPYC used for development a 2048x384x1536
@@ -24,6 +24,11 @@ separate elementwise ops and measured slower than bf16 here, so these are used w
 torch range has them, and their absence is reported as a clear error. ``Bf16Linear`` computes
 one layer in bf16 with fp32 input and output, for layers int8 rounds too coarsely
 (``model.unpadded`` uses it for the MLP's output layer).
+
+``OnednnLinear`` / ``use_onednn_linears`` take the same route for fp32 *training*: forward, input
+gradient and weight gradient on oneDNN, the weight reordered on every call (it changes every
+step), rows in pieces of a few fixed shapes so that oneDNN's per-shape kernels stay few. Under
+bf16 autocast and on other devices they call ``F.linear``.
 
 ``cpu_dropout`` / ``CpuDropout`` are for training: PyTorch's CPU dropout draws one Bernoulli
 number per element (~170M elements/s on the development host), which made dropout about a
