@@ -87,11 +87,13 @@ def test_a_ranking_loss_needs_query_batches_of_at_most_batch_size():
     assert (cfg.loss.rank_weight, cfg.loss.rank_loss, cfg.optim.group_size) == (0.5, "within_mse", 16)
 
 
-def test_the_shipped_student_decides_classes_by_the_default_teachers_objective():
-    # student-esci's own offsets are what /classify reports after distillation: fitted for the
-    # metric the teacher's were, so the two label by the same standard
+def test_the_shipped_student_labels_by_its_teachers_rules():
+    # student-esci learns the teacher's probabilities after the teacher's rules, so its argmax is
+    # the teacher's rule; offsets of its own (when turned on) are fitted for the teacher's metric
     from esci_reranker.distill.config import load_distill_config
 
     teacher = load_config(CONFIGS / "multi_task.yaml")
     student = load_distill_config(CONFIGS / "distill_esci.yaml")
+    assert student.rules.class_offsets is False
     assert student.rules.objective == teacher.stack.task2_objective == "micro_macro"
+    assert student.rules.macro_weight == teacher.stack.task2_macro_weight

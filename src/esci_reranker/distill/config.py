@@ -143,7 +143,9 @@ class DistillRules(StrictModel):
     """The esci student's own Task 2 decision rules: per-class offsets on its log-probabilities
     fitted after training on the validation queries' labelled pairs (held out from its training,
     as the teacher's rules are fitted on out-of-fold outputs), then folded into its classifier
-    bias so that a stock classifier's argmax is the class our service reports."""
+    bias so that a stock classifier's argmax is the class our service reports. The shipped
+    ``configs/distill_esci.yaml`` turns them off: the student's targets already carry its
+    teacher's rules, and offsets fitted on a few validation queries did worse on other queries."""
 
     class_offsets: bool = Field(True, description="Fit the offsets (false: the plain argmax).")
     objective: Task2Objective = Field(

@@ -17,9 +17,10 @@ wide as the encoder, no prior: ``model.export``'s rule), i.e. exactly a transfor
 - **esci** (``student-esci``, 4 labels E/S/C/I; ``ClassifierReranker``): loss =
   ``T² · KL(p_teacher,T ‖ softmax(logits / T))`` to the teacher's class probabilities after its
   decision rules; ranking by the expected gain ``Σ p_c · gain_c`` (``labels.ESCI_GAINS``).
-  After training, its own decision rules: class offsets on its log-probabilities fitted on the
-  validation queries' labels (``rules``; ``stack.rules.fit_class_offsets``, as the teacher's)
-  and folded into the classifier bias; Task 3 = ``p_S`` with a threshold fitted
+  After training, optionally (``rules.class_offsets``; off in the shipped config) its own
+  decision rules: class offsets on its log-probabilities fitted on the validation queries'
+  labels (``stack.rules.fit_class_offsets``, as the teacher's) and folded into the classifier
+  bias; Task 3 = ``p_S`` with a threshold fitted
   (``stack.rules.fit_threshold``) to the teacher's substitute decisions on those queries.
 - ``loss.label_weight`` mixes a labelled pair's human label into either target.
 
