@@ -277,8 +277,9 @@ def run_train_bench(
         ``roofline_fp32_gflops``, ``variants`` (per variant ``pairs_per_second``,
         ``tokens_per_second``, ``step_ms``, ``gflops``, ``roofline_share``, ``peak_rss_mb``) and
         ``speedup`` (packed over padded, per precision), ``dropout_speedup`` (packed over
-        packed_torch_dropout), ``linear_speedup`` (packed over packed_torch_linear, fp32) and ``optimizer_step_ms`` (the AdamW update alone, per-parameter
-        loop and fused, and their ratio).
+        packed_torch_dropout), ``linear_speedup`` (packed over packed_torch_linear, fp32) and
+        ``optimizer_step_ms`` (the AdamW update alone, per-parameter loop and fused, and their
+        ratio).
 
     Raises:
         ValueError: a bad count or precision, or a config whose model cannot be measured.
