@@ -181,3 +181,31 @@ def test_flow_report_rows_line_up_with_the_header():
     # the first data row starts with the number of queries, then the results
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert cells[:2] == ["all queries", "2"]
+
+
+def test_a_model_without_class_heads_is_measured_on_ranking_alone():
+    """A score-only model (e.g. student-score) labels nothing: its label figures are NaN, not 0,
+    the ranking's are computed, and the report has no confusion matrix or calibration."""
+    from esci_reranker.eval.report import render_flow_section
+
+    run = _run().assign(esci_pred="", substitute_prob=np.nan)
+    run["esci_probs"] = [np.full(4, np.nan) for _ in range(len(run))]
+    metrics = flow_metrics(run, _ideal(), top_k=2)
+    out = metrics["overall"]
+    for key in ("share_E_all", "share_E_top2", "judged_I_recall", "E_precision", "ece_E", "ece_S"):
+        assert math.isnan(out[key]), key
+    assert all(math.isnan(v) for v in out["foreign"].values())
+    assert out["ndcg@10_e2e"] == pytest.approx(flow_summary(_run(), _ideal(), top_k=2)["ndcg@10_e2e"])
+    assert math.isnan(out["judged"]["task2_micro_f1"])
+    assert "confusion_matrix" not in out["judged"]
+    assert "reliability" not in metrics
+    section = render_flow_section(metrics, [], top_k=2, retrieved=5)
+    assert "true \\ predicted" not in section
+
+
+def test_calibration_leaves_out_rows_without_a_probability():
+    probs, truth = np.array([0.05, np.nan, 0.95]), np.array([0, 1, 1])
+    assert expected_calibration_error(probs, truth) == pytest.approx(
+        expected_calibration_error(probs[[0, 2]], truth[[0, 2]])
+    )
+    assert math.isnan(expected_calibration_error(np.full(3, np.nan), truth))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -312,3 +313,21 @@ def test_compare_in_flow_runs_every_model_on_the_same_lists_and_counts_agreement
     assert itself["agreement"]["b"]["all"] == 1.0
     with pytest.raises(ValueError, match="no model to run"):
         compare_in_flow({}, catalogue, test, labelled)
+
+
+def test_evaluate_flow_of_a_model_without_class_heads_reports_its_ranking(
+    tmp_path, catalogue, splits, tiny_single_task_checkpoint
+):
+    """A score-only model (a single-task cross-encoder, student-score) goes through the flow:
+    end-to-end nDCG is measured, its label figures are absent (NaN, null in the JSON)."""
+    reranker = Reranker.from_pretrained(tiny_single_task_checkpoint)
+    labelled = pd.concat(splits.values(), ignore_index=True)
+    metrics = evaluate_flow(reranker, catalogue, splits["test"], labelled, tmp_path, retrieve=12)
+    overall = metrics["overall"]
+    assert 0.0 <= overall["ndcg@10_e2e"] <= 1.0
+    assert np.isnan(overall["share_E_all"])
+    assert np.isnan(overall["judged_I_recall"])
+    saved = json.loads((tmp_path / "flow" / "metrics.json").read_text())
+    assert saved["overall"]["share_E_all"] is None
+    assert not (tmp_path / "plots" / "calibration.png").exists()
+    assert "## Search flow" in (tmp_path / "report.md").read_text()

@@ -24,9 +24,12 @@ def calibration_counts(
 ) -> dict[str, list[float]]:
     """Per equal-width bin of ``probs`` (all ``bins`` of them): the rows, the sum of the predictions
     and the sum of ``truth`` (0/1). Unlike ``reliability``'s means, these add up across sets of
-    rows, so the ECE of several sets together (``pooled_ece``) needs no rows."""
+    rows, so the ECE of several sets together (``pooled_ece``) needs no rows. Rows whose
+    probability is not a number (a model without that class) are left out."""
     probs = np.asarray(probs, dtype=np.float64)
     truth = np.asarray(truth, dtype=np.float64)
+    finite = np.isfinite(probs)
+    probs, truth = probs[finite], truth[finite]
     index = np.minimum((probs * bins).astype(np.int64), bins - 1)
     return {
         "rows": np.bincount(index, minlength=bins).astype(float).tolist(),

@@ -99,9 +99,21 @@ def judged_index(frame: pd.DataFrame) -> dict[str, dict[object, str]]:
     return out
 
 
+def _labelled(pred: pd.Series) -> pd.Series:
+    """The predicted classes that are classes: a model without class heads predicts ``""``."""
+    pred = pred.astype(str)
+    return pred[pred != ""]
+
+
 def _shares(pred: pd.Series) -> dict[str, float]:
+    """Share of each class among the labelled rows of ``pred`` (NaN when none is labelled)."""
+    pred = _labelled(pred)
     n = len(pred)
     return {f"share_{c}": float((pred == c).sum() / n) if n else float("nan") for c in ESCI_LABELS}
+
+
+def _share_e(pred: pd.Series) -> float:
+    return _shares(pred)["share_E"]
 
 
 def _e2e_ndcg(run: pd.DataFrame, ideal: Mapping[object, np.ndarray], k: int) -> float:
@@ -148,8 +160,8 @@ def flow_summary(
         "judged_returned": len(judged),
         "foreign_returned": len(foreign),
         "unjudged_returned": int((run["kind"] == "unjudged").sum()),
-        "share_E_all": float((run["esci_pred"] == "E").mean()) if len(run) else float("nan"),
-        f"share_E_top{top_k}": float((top["esci_pred"] == "E").mean()) if len(top) else float("nan"),
+        "share_E_all": _share_e(run["esci_pred"]),
+        f"share_E_top{top_k}": _share_e(top["esci_pred"]),
         "ndcg@10_e2e": _e2e_ndcg(run, ideal, 10),
         "foreign": _shares(foreign["esci_pred"]),
         f"foreign_top{top_k}": _shares(top.loc[top["kind"] == "foreign", "esci_pred"]),
@@ -157,25 +169,29 @@ def flow_summary(
     out |= judged_label_quality(judged)
     if len(judged):
         metrics = evaluate_run(judged.drop(columns=["kind"]), threshold=threshold)
+        # a model without class heads (a score student) has no Task 2/3 metrics: NaN, no matrix
+        task2, task3, nan = metrics.get("task2", {}), metrics.get("task3", {}), float("nan")
         out["judged"] = {
             "ndcg": metrics["task1"]["ndcg"],
-            "task2_micro_f1": metrics["task2"]["micro_f1"],
-            "task2_macro_f1": metrics["task2"]["macro_f1"],
-            "task3_micro_f1": metrics["task3"]["micro_f1"],
-            "task3_auc": metrics["task3"]["auc"],
-            "confusion_matrix": metrics["task2"]["confusion_matrix"],
+            "task2_micro_f1": task2.get("micro_f1", nan),
+            "task2_macro_f1": task2.get("macro_f1", nan),
+            "task3_micro_f1": task3.get("micro_f1", nan),
+            "task3_auc": task3.get("auc", nan),
         }
+        if "confusion_matrix" in task2:
+            out["judged"]["confusion_matrix"] = task2["confusion_matrix"]
     return out
 
 
 def judged_label_quality(run: pd.DataFrame) -> dict[str, float]:
     """Of judged rows (``esci_label``, ``esci_pred``, ``esci_probs``): the recall of I on the
-    judged-irrelevant, the precision of E, and the ECE of P(E) and P(S)."""
-    if not len(run):
+    judged-irrelevant, the precision of E, and the ECE of P(E) and P(S); NaN for a model
+    without class heads (no labels, NaN probabilities)."""
+    if not len(_labelled(run["esci_pred"])):
         nan = float("nan")
         return {"judged_I_recall": nan, "E_precision": nan, "ece_E": nan, "ece_S": nan}
     labels = run["esci_label"].to_numpy()
-    pred = run["esci_pred"].to_numpy()
+    pred = run["esci_pred"].astype(str).to_numpy()
     irrelevant, called_e = labels == "I", pred == "E"
     probs = np.stack(run["esci_probs"].to_numpy()).astype(np.float64)
     return {
@@ -199,7 +215,7 @@ def flow_metrics(
         for qtype, rows in run.groupby(QUERY_SOURCE_COLUMN, sort=True):
             out["by_type"][str(qtype)] = flow_summary(rows, ideal, top_k, threshold)
     judged = run[run["kind"] == "judged"]
-    if len(judged):
+    if len(_labelled(judged["esci_pred"])):  # a model without class heads has nothing to calibrate
         probs = np.stack(judged["esci_probs"].to_numpy()).astype(np.float64)
         labels = judged["esci_label"].to_numpy()
         out["reliability"] = {

@@ -286,7 +286,7 @@ def render_flow_section(
         "",
     ]
     judged = overall.get("judged")
-    if judged:
+    if judged and "confusion_matrix" in judged:  # not for a model without class heads
         matrix = judged["confusion_matrix"]
         lines += [
             "Judged products that came back (rows: true label, columns: predicted):",
