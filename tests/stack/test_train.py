@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -308,3 +309,47 @@ def test_a_pointwise_ranker_reads_no_list_feature_and_the_classes_keep_theirs():
     np.testing.assert_allclose(stacker.predict(moved)["score"], stacker.predict(table)["score"])
     with pytest.raises(ConfigError):
         load_config(None, [*STACKED, "stack.rank_features=listwise"])
+
+
+def test_features_excluded_from_the_class_trees_stay_with_the_ranker():
+    """``stack.class_exclude_features``: the ranker reads the named columns, the class and
+    substitute trees do not (so their labels cannot depend on them); an unknown name is refused."""
+    from esci_reranker.stack.train import class_features, fit_config_stacker, is_stack_feature
+    from tests.stack.test_stacker import synthetic_table
+
+    table = synthetic_table(queries=12, per_query=8)
+    table["ce_p_I_rank"] = table.groupby("query_id")["signal"].rank(ascending=False)
+    names = ["signal", "noise", "ce_p_I_rank"]
+    options = ["stack.max_rounds=30", "stack.inner_folds=3", "stack.min_data_in_leaf=5"]
+    cfg = load_config(None, [*STACKED, *options, "stack.class_exclude_features=[ce_p_I_rank,ce_p_I_z]"])
+    # ce_p_I_z is not in this table but a list feature a table can have: accepted, nothing to drop
+    assert class_features(cfg, names) == ["signal", "noise"]
+    stacker = fit_config_stacker(cfg, table[["query_id", "product_id", "esci_label", *names]], seed=0)
+    assert stacker.features_of("ranker") == names
+    assert stacker.features_of("classifier") == ["signal", "noise"] == stacker.features_of("substitute")
+    # the labels do not move with the excluded column; the ranker reads it
+    moved = table.assign(ce_p_I_rank=1.0)
+    before, after = stacker.predict(table), stacker.predict(moved)
+    np.testing.assert_allclose(after["probs"], before["probs"])
+    assert not np.allclose(after["score"], before["score"])
+    assert is_stack_feature("ce_p_I_gap")
+    assert is_stack_feature("ce_p_S")
+    assert not is_stack_feature("ce_p_X_rank")
+    typo = load_config(None, [*STACKED, "stack.class_exclude_features=[ce_p_I_rnak]"])
+    with pytest.raises(ValueError, match=r"stack.class_exclude_features: \['ce_p_I_rnak'\]"):
+        class_features(typo, names)
+
+
+def test_the_default_ranker_reads_the_list_features_of_p_i_and_its_labels_do_not():
+    """configs/multi_task.yaml: P(I)'s rank, z-score and gap are list features of every table,
+    read by the ranker alone."""
+    from esci_reranker.stack.features import LIST_SCORES, is_list_relative
+    from esci_reranker.stack.train import class_features, rank_features
+
+    cfg = load_config(Path("configs/multi_task.yaml"))
+    listed = [f"ce_p_I_{kind}" for kind in ("rank", "z", "gap")]
+    assert "ce_p_I" in LIST_SCORES
+    assert all(is_list_relative(n) for n in listed)
+    names = ["ce_score", "ce_p_I", "ce_score_rank", *listed]
+    assert rank_features(cfg, names) == names
+    assert class_features(cfg, names) == ["ce_score", "ce_p_I", "ce_score_rank"]

@@ -377,7 +377,7 @@ def _bm25_counts(
 
 #: Scores that get list features (when the table has them).
 LIST_SCORES: Final[tuple[str, ...]] = (
-    "ce_score", "ce_gain", "ce_p_E", "ce_p_S", "ce_sub", "ce_cosine", "bm25_all", "cov_all",
+    "ce_score", "ce_gain", "ce_p_E", "ce_p_S", "ce_p_I", "ce_sub", "ce_cosine", "bm25_all", "cov_all",
 )  # fmt: skip
 
 

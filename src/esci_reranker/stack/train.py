@@ -36,7 +36,8 @@ from typing import Any
 
 import pandas as pd
 
-from esci_reranker.stack.features import is_list_relative
+from esci_reranker.stack.features import FEATURE_NAMES, is_list_relative
+from esci_reranker.stack.outputs import CE_COLUMNS
 from esci_reranker.stack.stacker import STACKER_DIR, GBDTParams, Stacker, feature_columns, fit_stacker
 from esci_reranker.train.config import TrainConfig
 
@@ -130,6 +131,30 @@ def _feature_set(choice: str, names: Sequence[str]) -> list[str]:
     return [n for n in names if not is_list_relative(n)] if choice == "pointwise" else list(names)
 
 
+def is_stack_feature(name: str) -> bool:
+    """Whether some stack table can have feature column ``name``: a cross-encoder output, a pair
+    feature or a list-relative one (``stack.features``)."""
+    return name in CE_COLUMNS or name in FEATURE_NAMES or is_list_relative(name)
+
+
+def class_features(cfg: TrainConfig, names: Sequence[str]) -> list[str]:
+    """The Task 2/3 trees' feature columns among ``names`` (``stack.class_features`` less
+    ``stack.class_exclude_features``).
+
+    Raises:
+        ValueError: a name of ``stack.class_exclude_features`` that is neither among ``names`` nor
+            a feature any stack table can have (a typo would otherwise exclude nothing).
+    """
+    excluded = set(cfg.stack.class_exclude_features)
+    unknown = sorted(n for n in excluded if n not in names and not is_stack_feature(n))
+    if unknown:
+        raise ValueError(
+            f"stack.class_exclude_features: {unknown} name no feature of the stack table; expected "
+            "names such as 'ce_p_I_rank' or 'cov_title' (stack.features)."
+        )
+    return [n for n in _feature_set(cfg.stack.class_features, names) if n not in excluded]
+
+
 def rank_features(cfg: TrainConfig, names: Sequence[str]) -> list[str]:
     """The ranker's feature columns among ``names`` (``stack.rank_features``)."""
     return _feature_set(cfg.stack.rank_features, names)
@@ -143,7 +168,7 @@ def fit_options(cfg: TrainConfig, names: Sequence[str]) -> dict[str, Any]:
         "features": rank_features(cfg, names),
         "task2_objective": cfg.stack.task2_objective,
         "task3_objective": cfg.stack.task3_objective,
-        "class_features": _feature_set(cfg.stack.class_features, names),
+        "class_features": class_features(cfg, names),
         "calibrate": cfg.stack.calibrate,
         "rank_negatives": cfg.stack.rank_negatives,
         "class_negatives": cfg.stack.class_negatives,

@@ -306,6 +306,11 @@ class StackSection(StrictModel):
         "micro_f1", description="What the substitute threshold maximises (micro-F1 is the official metric)."
     )
     exclude_features: tuple[str, ...] = Field((), description="Feature columns the trees must not read.")
+    class_exclude_features: tuple[str, ...] = Field(
+        (),
+        description="Feature columns the Task 2/3 trees must not read (the ranker still does), e.g. "
+        "list features meant for the ranking alone; a name that no stack table can have is refused.",
+    )
     class_features: Literal["all", "pointwise"] = Field(
         "all",
         description="Features of the Task 2/3 trees: 'all' as the ranker, or 'pointwise': none of the "
