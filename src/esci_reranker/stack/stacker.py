@@ -233,12 +233,16 @@ def fit_task(
         _fit_member(rows, replace(params, seed=params.seed + BAG_SEED_STEP * i, bags=1), gains)
         for i in range(params.bags)
     ]
-    oof_sorted = np.mean([member[3] for member in members], axis=0)
+    oof_sorted = np.mean([member.oof for member in members], axis=0)
     oof = np.empty_like(oof_sorted)
     oof[order] = oof_sorted  # back to the caller's row order
-    _, rounds, curve, _ = members[0]
+    first = members[0]
     return TaskFit(
-        BoosterBag([member[0] for member in members]), rounds, curve, oof, [member[1] for member in members]
+        BoosterBag([member.booster for member in members]),
+        first.rounds,
+        first.curve,
+        oof,
+        [member.rounds for member in members],
     )
 
 
@@ -253,11 +257,18 @@ class _TaskRows(NamedTuple):
     names: list[str]
 
 
-def _fit_member(
-    rows: _TaskRows, params: GBDTParams, gains: Sequence[float]
-) -> tuple[Any, int, list[float], np.ndarray]:
-    """One seed's fit of ``fit_task``: the booster, its rounds, the mean inner curve and the
-    out-of-fold predictions (in ``rows``' order)."""
+class _MemberFit(NamedTuple):
+    """One seed's fit of a task: the booster, its rounds, the mean inner curve and the
+    out-of-fold predictions (in ``_TaskRows``' order)."""
+
+    booster: Any
+    rounds: int
+    curve: list[float]
+    oof: np.ndarray
+
+
+def _fit_member(rows: _TaskRows, params: GBDTParams, gains: Sequence[float]) -> _MemberFit:
+    """One seed's fit of ``fit_task`` (``_MemberFit``)."""
     import lightgbm as lgb
 
     x, y, groups, w, task, names = rows
@@ -298,7 +309,7 @@ def _fit_member(
     for val_rows, booster in zip(folds, boosters, strict=True):
         oof_sorted[val_rows] = booster.predict(x[val_rows], num_iteration=rounds)
     final = lgb.train(lgb_params, _dataset(x, y, groups, task, names, w), num_boost_round=rounds)
-    return final, rounds, mean.tolist(), oof_sorted
+    return _MemberFit(final, rounds, mean.tolist(), oof_sorted)
 
 
 def _member_file(task: str, index: int) -> str:
