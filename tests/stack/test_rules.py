@@ -62,6 +62,49 @@ def test_a_heavier_macro_weight_calls_the_rare_class_more_often():
     assert task2_metric(labels, found[0.0], "micro_f1") > task2_metric(labels, found[3.0], "micro_f1")
 
 
+def _ranked_irrelevant_pairs() -> tuple[np.ndarray, np.ndarray]:
+    """100 pairs ordered by how close P(I) comes to P(E): an I offset of 0.1 * k calls the first
+    k of them I. Ten are I, at ranks 1, 2, 3, 5, 8, 12, 16, 20, 25 and 30."""
+    gap = 0.05 + 0.1 * np.arange(100)  # log P(E) - log P(I)
+    p_i = 0.98 / (1 + np.exp(gap))
+    probs = np.stack([0.98 - p_i, np.full(100, 0.01), np.full(100, 0.01), p_i], axis=1)
+    labels = np.zeros(100, dtype=int)
+    labels[[0, 1, 2, 4, 7, 11, 15, 19, 24, 29]] = 3
+    return probs, labels
+
+
+def test_an_irrelevant_recall_floor_is_met_first_then_the_objective_chooses():
+    probs, labels = _ranked_irrelevant_pairs()
+
+    def called_irrelevant(floor: float, weights: np.ndarray | None = None) -> list[int]:
+        offsets, _ = fit_class_offsets(probs, labels, weights=weights, min_irrelevant_recall=floor)
+        return np.flatnonzero(DecisionRules(offsets).classes(probs) == 3).tolist()
+
+    # accuracy alone stops at k = 3 (recall 0.3); the floor 0.5 needs the 5th I pair, rank 8,
+    # and accuracy then prefers k = 8 (5 right, 3 wrong) to any larger k
+    assert called_irrelevant(0.0) == [0, 1, 2]
+    assert called_irrelevant(0.3) == [0, 1, 2]
+    assert called_irrelevant(0.5) == list(range(8))
+    # every I pair: down to rank 30, whatever it costs
+    assert called_irrelevant(1.0) == list(range(30))
+    # the recall is weighted as the objective is: the first three I pairs hold half the weight
+    weights = np.ones(100)
+    weights[[0, 1, 2]] = 7 / 3
+    assert called_irrelevant(0.5, weights) == [0, 1, 2]
+
+
+def test_an_irrelevant_recall_floor_without_irrelevant_rows_or_out_of_range():
+    probs, labels = _ranked_irrelevant_pairs()
+    relevant = labels != 3
+    # no I row to recall: the floor cannot bind, and accuracy calls nothing I
+    offsets, value = fit_class_offsets(probs[relevant], labels[relevant], min_irrelevant_recall=0.9)
+    assert offsets == [0.0, 0.0, 0.0, 0.0]
+    assert value == 1.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"min_irrelevant_recall=.*expected a share in 0\.\.1"):
+            fit_class_offsets(probs, labels, min_irrelevant_recall=bad)
+
+
 def test_offsets_stay_zero_when_argmax_is_already_best():
     probs = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]])
     offsets, value = fit_class_offsets(probs, np.array([0, 1, 3]))
@@ -78,6 +121,13 @@ def test_rules_round_trip_and_reject_bad_fields():
     for bad in (-1.0, "1.5", float("nan")):
         with pytest.raises(ValueError, match=r"task2_macro_weight=.*expected a number >= 0"):
             DecisionRules.from_dict({**rules.to_dict(), "task2_macro_weight": bad})
+    floored = DecisionRules([0.0, 0.3, -0.2, 0.1], 0.31, "micro_macro", "f1", 0.25, min_irrelevant_recall=0.4)
+    assert DecisionRules.from_dict(floored.to_dict()) == floored
+    # rules written before the floor existed had none
+    assert DecisionRules.from_dict(older).min_irrelevant_recall == 0.0
+    for bad in (-0.1, 1.2, "0.4", True, float("nan")):
+        with pytest.raises(ValueError, match=r"task2_min_irrelevant_recall=.*expected a number in 0\.\.1"):
+            DecisionRules.from_dict({**floored.to_dict(), "task2_min_irrelevant_recall": bad})
     with pytest.raises(ValueError, match="missing field 'substitute_threshold'"):
         DecisionRules.from_dict({"class_offsets": {"E": 0, "S": 0, "C": 0, "I": 0}})
     with pytest.raises(ValueError, match="class_offsets must map"):

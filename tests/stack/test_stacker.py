@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.stack.stacker import (
     BAG_SEED_STEP,
     GBDTParams,
@@ -213,3 +214,22 @@ def test_a_folder_written_before_bags_loads_as_a_bag_of_one(fitted, tmp_path):
     assert loaded.params.bags == 1
     assert len(loaded.boosters["ranker"]) == 1
     np.testing.assert_array_equal(loaded.predict(table)["score"], stacker.predict(table)["score"])
+
+
+def test_the_irrelevant_recall_floor_binds_the_rules_on_the_inner_out_of_fold_rows(tmp_path):
+    """``min_irrelevant_recall``: the Task 2 offsets label I at least that share of the I rows of
+    the predictions they are fitted on (the inner out-of-fold ones), and travel with the model."""
+    table = synthetic_table(queries=30, per_query=10, seed=4)
+    # the signal barely tells I from the rest, so F1 alone labels few rows I
+    table["signal"] += np.random.default_rng(5).normal(0, 1.5, len(table))
+    is_i = (table["esci_label"] == "I").to_numpy()
+
+    def recall(stacker: Stacker, probs: np.ndarray) -> float:
+        return float((stacker.rules.classes(probs)[is_i] == ESCI_LABELS.index("I")).mean())
+
+    free, free_oof = fit_stacker(table, SMALL, task2_objective="micro_f1")
+    floored, oof = fit_stacker(table, SMALL, task2_objective="micro_f1", min_irrelevant_recall=0.8)
+    assert recall(free, free_oof["probs"]) < 0.8 <= recall(floored, oof["probs"])
+    called_i = [int((s.rules.classes(o["probs"]) == 3).sum()) for s, o in ((free, free_oof), (floored, oof))]
+    assert called_i[0] < called_i[1]
+    assert Stacker.load(floored.save(tmp_path / "stacker")).rules.min_irrelevant_recall == 0.8

@@ -97,3 +97,4 @@ def test_the_shipped_student_labels_by_its_teachers_rules():
     assert student.rules.class_offsets is False
     assert student.rules.objective == teacher.stack.task2_objective == "micro_macro"
     assert student.rules.macro_weight == teacher.stack.task2_macro_weight
+    assert student.rules.min_irrelevant_recall == teacher.stack.task2_min_irrelevant_recall

@@ -159,6 +159,13 @@ class DistillRules(StrictModel):
         description="micro_macro: macro-F1's weight against micro-F1, (micro + w * macro) / (1 + w), as "
         "the teacher's stack.task2_macro_weight.",
     )
+    min_irrelevant_recall: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="The share of the validation queries' irrelevant pairs the offsets must label I, "
+        "as the teacher's stack.task2_min_irrelevant_recall.",
+    )
     fit_to: Literal["labels", "teacher"] = Field(
         "labels",
         description="What the offsets are fitted against on the validation queries: 'labels' (their "

@@ -117,6 +117,7 @@ def teacher_oof_and_stackers(
         class_features=stacker.features_of("classifier"),
         calibrate=stacker.calibration is not None,
         macro_weight=stacker.rules.macro_weight,
+        min_irrelevant_recall=stacker.rules.min_irrelevant_recall,
     ):
         stackers[fold] = fold_stacker
         out = fold_stacker.predict(rows)

@@ -368,12 +368,14 @@ def fit_student_offsets(
     batch_size: int,
     macro_weight: float = 1.0,
     fit_to: str = "labels",
+    min_irrelevant_recall: float = 0.0,
 ) -> list[float] | None:
     """Class offsets (E fixed at 0) on the student's log-probabilities maximising ``objective``
-    (with ``macro_weight`` for ``micro_macro``) of its argmax (``stack.rules.fit_class_offsets``)
-    against the labels of ``val``'s labelled pairs (``fit_to="labels"``), or against the
-    teacher's class (``t_class``) of every ``val`` pair that has one (``fit_to="teacher"``).
-    None when there is no such pair."""
+    (with ``macro_weight`` for ``micro_macro``, and the floor ``min_irrelevant_recall`` on the
+    I label's recall) of its argmax (``stack.rules.fit_class_offsets``) against the labels of
+    ``val``'s labelled pairs (``fit_to="labels"``), or against the teacher's class
+    (``t_class``) of every ``val`` pair that has one (``fit_to="teacher"``). None when there
+    is no such pair."""
     from esci_reranker.stack.rules import fit_class_offsets
     from esci_reranker.train.texts import frame_texts
 
@@ -392,7 +394,11 @@ def fit_student_offsets(
     preds = reranker.predict_texts(rows["query"].astype(str).tolist(), frame_texts(rows, model.config))
     truth = np.array([ESCI_LABELS.index(str(label)) for label in target])
     offsets, _ = fit_class_offsets(
-        np.asarray(preds.esci_probs, dtype=np.float64), truth, objective, macro_weight=macro_weight
+        np.asarray(preds.esci_probs, dtype=np.float64),
+        truth,
+        objective,
+        macro_weight=macro_weight,
+        min_irrelevant_recall=min_irrelevant_recall,
     )
     return offsets
 
@@ -608,6 +614,7 @@ def train_student(
                 cfg.eval.batch_size,
                 cfg.rules.macro_weight,
                 cfg.rules.fit_to,
+                cfg.rules.min_irrelevant_recall,
             )
             if cfg.rules.class_offsets
             else None
@@ -619,6 +626,7 @@ def train_student(
             "fitted": offsets is not None,
             "objective": cfg.rules.objective,
             "macro_weight": cfg.rules.macro_weight,
+            "min_irrelevant_recall": cfg.rules.min_irrelevant_recall,
             "fit_to": cfg.rules.fit_to,
         }
         # after the offsets: the threshold is on the probabilities the saved student gives

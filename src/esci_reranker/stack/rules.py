@@ -5,7 +5,9 @@ equal error costs. The rules here are fitted on honest (out-of-fold) predictions
 queries, each to maximise one metric:
 
 - Task 2: per-class offsets ``o`` added to the log-probabilities, ``argmax(log p + o)`` with
-  ``o_E = 0``; coordinate ascent over a grid, ties broken towards the smallest offsets.
+  ``o_E = 0``; coordinate ascent over a grid, ties broken towards the smallest offsets. A floor
+  on the share of irrelevant rows labelled I can bind the choice: a user who hides I results
+  needs that label to catch the products a search should not show, whatever F1 prefers.
 - Task 3: the threshold on the substitute probability.
 
 They travel in the checkpoint (``stacker.json``) and every consumer (``Reranker``, the service,
@@ -25,6 +27,11 @@ Task2Objective = Literal["micro_f1", "macro_f1", "micro_macro"]
 Task3Objective = Literal["micro_f1", "f1"]
 #: Offsets tried for each class, in log-probability units.
 OFFSET_GRID: Final[np.ndarray] = np.round(np.arange(-3.0, 3.0001, 0.1), 2)
+#: What one unit of I recall below the floor costs in the offsets' objective: more than any
+#: F1 can give back (F1s lie in 0..1 and one row moves the recall by at least 1 / rows), so the
+#: floor is met first and the objective chosen among the offsets that meet it.
+_FLOOR_PENALTY: Final = 1000.0
+_IRRELEVANT: Final = ESCI_LABELS.index("I")
 
 
 @dataclass
@@ -37,6 +44,8 @@ class DecisionRules:
     task3_objective: str = "micro_f1"
     #: ``micro_macro``: macro-F1's weight against micro-F1 (1: their mean)
     macro_weight: float = 1.0
+    #: the share of the irrelevant rows the offsets were required to label I (0: none)
+    min_irrelevant_recall: float = 0.0
 
     def classes(self, probs: np.ndarray) -> np.ndarray:
         """Predicted class indices (E, S, C, I order) for (N, 4) probabilities."""
@@ -50,6 +59,7 @@ class DecisionRules:
             "task2_objective": self.task2_objective,
             "task3_objective": self.task3_objective,
             "task2_macro_weight": float(self.macro_weight),
+            "task2_min_irrelevant_recall": float(self.min_irrelevant_recall),
         }
 
     @classmethod
@@ -67,12 +77,18 @@ class DecisionRules:
         weight = data.get("task2_macro_weight", 1.0)  # absent in rules written before it existed
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
             raise ValueError(f"decision rules: task2_macro_weight={weight!r}; expected a number >= 0.")
+        floor = data.get("task2_min_irrelevant_recall", 0.0)  # absent in rules written before it
+        if isinstance(floor, bool) or not isinstance(floor, int | float) or not 0.0 <= floor <= 1.0:
+            raise ValueError(
+                f"decision rules: task2_min_irrelevant_recall={floor!r}; expected a number in 0..1."
+            )
         return cls(
             class_offsets=[float(offsets[c]) for c in ESCI_LABELS],
             substitute_threshold=threshold,
             task2_objective=str(data.get("task2_objective", "micro_f1")),
             task3_objective=str(data.get("task3_objective", "micro_f1")),
             macro_weight=float(weight),
+            min_irrelevant_recall=float(floor),
         )
 
 
@@ -113,6 +129,15 @@ def task2_metric(
     raise ValueError(f"task2 objective {objective!r}; expected 'micro_f1', 'macro_f1' or 'micro_macro'.")
 
 
+def _irrelevant_recall(true: np.ndarray, pred: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The (weighted) share of the rows labelled I in ``true`` that ``pred`` labels I (NaN
+    without such rows)."""
+    irrelevant = true == _IRRELEVANT
+    w = np.ones(len(true)) if weights is None else np.asarray(weights, dtype=np.float64)
+    total = float(w[irrelevant].sum())
+    return float(w[irrelevant & (pred == _IRRELEVANT)].sum()) / total if total > 0 else float("nan")
+
+
 def fit_class_offsets(
     probs: np.ndarray,
     labels: np.ndarray,
@@ -120,6 +145,7 @@ def fit_class_offsets(
     sweeps: int = 3,
     weights: np.ndarray | None = None,
     macro_weight: float = 1.0,
+    min_irrelevant_recall: float = 0.0,
 ) -> tuple[list[float], float]:
     """Offsets (E fixed at 0) maximising ``objective`` of ``argmax(log p + o)``; and the value reached.
 
@@ -128,20 +154,35 @@ def fit_class_offsets(
         labels: (N,) true class indices.
         weights: (N,) row weights (default 1).
         macro_weight: ``micro_macro``'s weight of macro-F1 (``task2_metric``).
+        min_irrelevant_recall: the share of the I rows the offsets must label I; the objective is
+            maximised among the offsets that reach it (where none does, the nearest are taken).
+            The value returned is then the objective less the shortfall's penalty.
+
+    Raises:
+        ValueError: ``min_irrelevant_recall`` outside 0..1.
     """
+    if not 0.0 <= min_irrelevant_recall <= 1.0:
+        raise ValueError(f"min_irrelevant_recall={min_irrelevant_recall!r}; expected a share in 0..1.")
     logp = np.log(np.clip(probs, 1e-12, 1.0))
+    floor = min_irrelevant_recall if (labels == _IRRELEVANT).any() else 0.0
+
+    def value(trial: np.ndarray) -> float:
+        pred = _apply_offsets(logp, trial)
+        score = task2_metric(labels, pred, objective, weights, macro_weight)
+        if floor > 0.0:
+            score -= _FLOOR_PENALTY * max(0.0, floor - _irrelevant_recall(labels, pred, weights))
+        return score
+
     offsets = np.zeros(len(ESCI_LABELS))
-    best = task2_metric(labels, _apply_offsets(logp, offsets), objective, weights, macro_weight)
+    best = value(offsets)
     for _ in range(sweeps):
         changed = False
         for c in range(1, len(ESCI_LABELS)):
             values = []
-            for value in OFFSET_GRID:
+            for step in OFFSET_GRID:
                 trial = offsets.copy()
-                trial[c] = value
-                values.append(
-                    task2_metric(labels, _apply_offsets(logp, trial), objective, weights, macro_weight)
-                )
+                trial[c] = step
+                values.append(value(trial))
             scores = np.asarray(values)
             top = scores.max()
             # among the best, the offset nearest 0: the smallest change that reaches it

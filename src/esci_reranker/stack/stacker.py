@@ -507,6 +507,7 @@ def fit_stacker(
     class_negatives: bool = True,
     rules_on: str = "judged",
     macro_weight: float = 1.0,
+    min_irrelevant_recall: float = 0.0,
 ) -> tuple[Stacker, dict[str, np.ndarray]]:
     """Fit the three models, the class calibration and the decision rules on a stack table.
 
@@ -526,6 +527,8 @@ def fit_stacker(
             calibration and the Task 3 threshold are always fitted on the judged rows.
         macro_weight: with ``task2_objective="micro_macro"``, macro-F1's weight against
             micro-F1 in what the offsets maximise (1: their mean).
+        min_irrelevant_recall: the share of the I rows (of ``rules_on``'s, out of fold) the
+            offsets must label I; they maximise the objective among those that reach it.
 
     Returns:
         The stacker, and the inner out-of-fold predictions (``score``, ``probs`` calibrated,
@@ -584,13 +587,20 @@ def fit_stacker(
     rows = judged if rules_on == "judged" else np.ones(len(table), bool)
     w = None if weights is None else weights[rows]
     offsets, _ = fit_class_offsets(
-        probs[rows], label_index[rows], task2_objective, weights=w, macro_weight=macro_weight
+        probs[rows],
+        label_index[rows],
+        task2_objective,
+        weights=w,
+        macro_weight=macro_weight,
+        min_irrelevant_recall=min_irrelevant_recall,
     )
     threshold, _ = fit_threshold(substitute_prob[judged], label_index[judged] == SUBSTITUTE, task3_objective)
     stacker = Stacker(
         feature_names=union,
         boosters={t: f.booster for t, f in fits.items()},
-        rules=DecisionRules(offsets, threshold, task2_objective, task3_objective, macro_weight),
+        rules=DecisionRules(
+            offsets, threshold, task2_objective, task3_objective, macro_weight, min_irrelevant_recall
+        ),
         params=params,
         rounds={t: f.rounds for t, f in fits.items()},
         info={

@@ -174,6 +174,7 @@ def fit_options(cfg: TrainConfig, names: Sequence[str]) -> dict[str, Any]:
         "class_negatives": cfg.stack.class_negatives,
         "rules_on": cfg.stack.rules_on,
         "macro_weight": cfg.stack.task2_macro_weight,
+        "min_irrelevant_recall": cfg.stack.task2_min_irrelevant_recall,
     }
 
 

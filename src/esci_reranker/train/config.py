@@ -302,6 +302,13 @@ class StackSection(StrictModel):
         description="micro_macro: the weight of macro-F1 against micro-F1 in what the offsets maximise, "
         "(micro + w * macro) / (1 + w); 1 is their mean.",
     )
+    task2_min_irrelevant_recall: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="The share of the judged-irrelevant pairs (out of fold) the Task 2 offsets must "
+        "label I; the objective is maximised among the offsets that reach it (0: no floor).",
+    )
     task3_objective: Task3Objective = Field(
         "micro_f1", description="What the substitute threshold maximises (micro-F1 is the official metric)."
     )
