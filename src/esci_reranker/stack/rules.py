@@ -27,10 +27,11 @@ Task2Objective = Literal["micro_f1", "macro_f1", "micro_macro"]
 Task3Objective = Literal["micro_f1", "f1"]
 #: Offsets tried for each class, in log-probability units.
 OFFSET_GRID: Final[np.ndarray] = np.round(np.arange(-3.0, 3.0001, 0.1), 2)
-#: What one unit of I recall below the floor costs in the offsets' objective: more than any
-#: F1 can give back (F1s lie in 0..1 and one row moves the recall by at least 1 / rows), so the
-#: floor is met first and the objective chosen among the offsets that meet it.
-_FLOOR_PENALTY: Final = 1000.0
+#: What one unit of I recall below the floor costs in the offsets' objective. One I row short
+#: is 1 / (I rows) of recall: up to a million I rows that costs more than any objective can give
+#: back (F1s lie in 0..1), so the floor is met first and the objective chosen among the offsets
+#: that meet it.
+_FLOOR_PENALTY: Final = 1e6
 _IRRELEVANT: Final = ESCI_LABELS.index("I")
 
 
@@ -130,12 +131,12 @@ def task2_metric(
 
 
 def _irrelevant_recall(true: np.ndarray, pred: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """The (weighted) share of the rows labelled I in ``true`` that ``pred`` labels I (NaN
-    without such rows)."""
+    """The (weighted) share of the rows labelled I in ``true`` that ``pred`` labels I; 1 without
+    such rows (none to miss, so any floor is met)."""
     irrelevant = true == _IRRELEVANT
     w = np.ones(len(true)) if weights is None else np.asarray(weights, dtype=np.float64)
     total = float(w[irrelevant].sum())
-    return float(w[irrelevant & (pred == _IRRELEVANT)].sum()) / total if total > 0 else float("nan")
+    return float(w[irrelevant & (pred == _IRRELEVANT)].sum()) / total if total > 0 else 1.0
 
 
 def fit_class_offsets(
@@ -164,13 +165,13 @@ def fit_class_offsets(
     if not 0.0 <= min_irrelevant_recall <= 1.0:
         raise ValueError(f"min_irrelevant_recall={min_irrelevant_recall!r}; expected a share in 0..1.")
     logp = np.log(np.clip(probs, 1e-12, 1.0))
-    floor = min_irrelevant_recall if (labels == _IRRELEVANT).any() else 0.0
 
     def value(trial: np.ndarray) -> float:
         pred = _apply_offsets(logp, trial)
         score = task2_metric(labels, pred, objective, weights, macro_weight)
-        if floor > 0.0:
-            score -= _FLOOR_PENALTY * max(0.0, floor - _irrelevant_recall(labels, pred, weights))
+        if min_irrelevant_recall > 0.0:
+            shortfall = min_irrelevant_recall - _irrelevant_recall(labels, pred, weights)
+            score -= _FLOOR_PENALTY * max(0.0, shortfall)
         return score
 
     offsets = np.zeros(len(ESCI_LABELS))
