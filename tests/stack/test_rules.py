@@ -43,25 +43,6 @@ def test_class_offsets_move_borderline_pairs_to_the_class_the_labels_say():
     assert rules.classes(probs).tolist() == labels.tolist()
 
 
-def test_a_heavier_macro_weight_calls_the_rare_class_more_often():
-    # 100 pairs ordered by how close P(I) comes to P(E): an I offset of 0.1 * k calls the first k
-    # of them I. Ten are I (ranks 1, 2, 3, 5, 8, ...). Accuracy is best at k = 3 (3 right, none
-    # wrong; k = 5 ties and the smaller offset wins); macro-F1 wants more of the I pairs: at
-    # weight 3, k = 8 scores (0.92 + 3 * 0.378) / 4 against (0.93 + 3 * 0.356) / 4.
-    gap = 0.05 + 0.1 * np.arange(100)  # log P(E) - log P(I)
-    p_i = 0.98 / (1 + np.exp(gap))
-    probs = np.stack([0.98 - p_i, np.full(100, 0.01), np.full(100, 0.01), p_i], axis=1)
-    labels = np.zeros(100, dtype=int)
-    labels[[0, 1, 2, 4, 7, 11, 15, 19, 24, 29]] = 3
-    found = {}
-    for weight in (0.0, 3.0):
-        offsets, _ = fit_class_offsets(probs, labels, "micro_macro", macro_weight=weight)
-        found[weight] = DecisionRules(offsets).classes(probs)
-    assert np.flatnonzero(found[0.0] == 3).tolist() == [0, 1, 2]
-    assert np.flatnonzero(found[3.0] == 3).tolist() == list(range(8))
-    assert task2_metric(labels, found[0.0], "micro_f1") > task2_metric(labels, found[3.0], "micro_f1")
-
-
 def _ranked_irrelevant_pairs() -> tuple[np.ndarray, np.ndarray]:
     """100 pairs ordered by how close P(I) comes to P(E): an I offset of 0.1 * k calls the first
     k of them I. Ten are I, at ranks 1, 2, 3, 5, 8, 12, 16, 20, 25 and 30."""
@@ -71,6 +52,20 @@ def _ranked_irrelevant_pairs() -> tuple[np.ndarray, np.ndarray]:
     labels = np.zeros(100, dtype=int)
     labels[[0, 1, 2, 4, 7, 11, 15, 19, 24, 29]] = 3
     return probs, labels
+
+
+def test_a_heavier_macro_weight_calls_the_rare_class_more_often():
+    # Accuracy is best at k = 3 (3 right, none wrong; k = 5 ties and the smaller offset wins);
+    # macro-F1 wants more of the I pairs: at weight 3, k = 8 scores (0.92 + 3 * 0.378) / 4
+    # against (0.93 + 3 * 0.356) / 4.
+    probs, labels = _ranked_irrelevant_pairs()
+    found = {}
+    for weight in (0.0, 3.0):
+        offsets, _ = fit_class_offsets(probs, labels, "micro_macro", macro_weight=weight)
+        found[weight] = DecisionRules(offsets).classes(probs)
+    assert np.flatnonzero(found[0.0] == 3).tolist() == [0, 1, 2]
+    assert np.flatnonzero(found[3.0] == 3).tolist() == list(range(8))
+    assert task2_metric(labels, found[0.0], "micro_f1") > task2_metric(labels, found[3.0], "micro_f1")
 
 
 def test_an_irrelevant_recall_floor_is_met_first_then_the_objective_chooses():
