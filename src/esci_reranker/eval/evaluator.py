@@ -100,6 +100,12 @@ def _task1(
     return means, by_source
 
 
+def labelled_classes(pred: pd.Series) -> pd.Series:
+    """The predicted classes that are classes: a model without class heads predicts ``""``."""
+    pred = pred.astype(str)
+    return pred[pred != ""]
+
+
 def evaluate_run(
     run: pd.DataFrame,
     gains: str = "esci",
@@ -146,7 +152,7 @@ def evaluate_run(
         )
         if by_source is not None:
             metrics["task1_expected_gain_by_query_source"] = by_source
-    if "esci_pred" in run.columns and (run["esci_pred"].astype(str) != "").any():
+    if "esci_pred" in run.columns and len(labelled_classes(run["esci_pred"])):
         true, pred = run["esci_label"].astype(str), run["esci_pred"].astype(str)
         matrix = confusion_matrix(true, pred)
         metrics["task2"] = esci_classification_metrics(true, pred) | {

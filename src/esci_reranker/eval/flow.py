@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from esci_reranker.eval.calibration import expected_calibration_error, reliability
-from esci_reranker.eval.evaluator import QUERY_SOURCE_COLUMN, evaluate_run
+from esci_reranker.eval.evaluator import QUERY_SOURCE_COLUMN, evaluate_run, labelled_classes
 from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS
 from esci_reranker.model.lexical import PREFIX_CHARS, word_tokens
 
@@ -99,15 +99,9 @@ def judged_index(frame: pd.DataFrame) -> dict[str, dict[object, str]]:
     return out
 
 
-def _labelled(pred: pd.Series) -> pd.Series:
-    """The predicted classes that are classes: a model without class heads predicts ``""``."""
-    pred = pred.astype(str)
-    return pred[pred != ""]
-
-
 def _shares(pred: pd.Series) -> dict[str, float]:
     """Share of each class among the labelled rows of ``pred`` (NaN when none is labelled)."""
-    pred = _labelled(pred)
+    pred = labelled_classes(pred)
     n = len(pred)
     return {f"share_{c}": float((pred == c).sum() / n) if n else float("nan") for c in ESCI_LABELS}
 
@@ -187,7 +181,7 @@ def judged_label_quality(run: pd.DataFrame) -> dict[str, float]:
     """Of judged rows (``esci_label``, ``esci_pred``, ``esci_probs``): the recall of I on the
     judged-irrelevant, the precision of E, and the ECE of P(E) and P(S); NaN for a model
     without class heads (no labels, NaN probabilities)."""
-    if not len(_labelled(run["esci_pred"])):
+    if not len(labelled_classes(run["esci_pred"])):
         nan = float("nan")
         return {"judged_I_recall": nan, "E_precision": nan, "ece_E": nan, "ece_S": nan}
     labels = run["esci_label"].to_numpy()
@@ -215,7 +209,7 @@ def flow_metrics(
         for qtype, rows in run.groupby(QUERY_SOURCE_COLUMN, sort=True):
             out["by_type"][str(qtype)] = flow_summary(rows, ideal, top_k, threshold)
     judged = run[run["kind"] == "judged"]
-    if len(_labelled(judged["esci_pred"])):  # a model without class heads has nothing to calibrate
+    if len(labelled_classes(judged["esci_pred"])):  # a model without class heads has nothing to calibrate
         probs = np.stack(judged["esci_probs"].to_numpy()).astype(np.float64)
         labels = judged["esci_label"].to_numpy()
         out["reliability"] = {
