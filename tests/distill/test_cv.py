@@ -207,6 +207,31 @@ def test_each_folds_retrieved_pairs_skip_the_folds_own_products(
         assert "draw" not in rows.columns
 
 
+def test_each_folds_synthetic_queries_are_made_from_and_search_the_other_folds_products(
+    splits, oof_parquet: Path, tiny_student_overrides: list[str], tmp_path: Path
+):
+    from esci_reranker.distill.cv import fold_unlabelled_outputs
+    from esci_reranker.distill.data import SYNTHETIC, normalise_query, title_words
+
+    frame, test = splits
+    table = teacher_oof_table(frame, pd.read_parquet(oof_parquet), stacker=None, seed=0)
+    overrides = [*tiny_student_overrides, "data.synthetic_queries=6", "data.synthetic_per_query=3"]
+    cfg = load_distill_config("configs/distill_score.yaml", overrides)
+    models = {f: fold_model_dir(oof_parquet.parent, f, 0) for f in (0, 1)}
+    out = fold_unlabelled_outputs(table, frame, cfg, models, {}, tmp_path, "k", test, log=lambda _l: None)
+    for fold, rows in out.items():
+        others = frame[frame["query_id"].isin(set(table.loc[table["fold"] != fold, "query_id"]))]
+        synthetic = rows[rows["source"] == SYNTHETIC]
+        assert synthetic["query_id"].nunique() == 6
+        assert set(synthetic["product_id"]) <= set(others["product_id"])  # nothing of the fold
+        # each query's words come from a title of the other folds' products
+        words = {w for t in others["product_title"] for w in title_words(t)}
+        assert all(set(q.split()) <= words for q in synthetic["query"].map(normalise_query))
+        assert not set(synthetic["query"].map(normalise_query)) & set(test["query"].map(normalise_query))
+        assert np.isfinite(synthetic["t_score"].to_numpy(float)).all()
+        assert not set(synthetic["query_id"]) & set(frame["query_id"])
+
+
 def test_cross_validation_adds_each_folds_unlabelled_pairs_to_its_students_training(
     splits,
     oof_parquet: Path,

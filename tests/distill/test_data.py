@@ -11,6 +11,7 @@ import pytest
 from esci_reranker.distill.config import DistillData
 from esci_reranker.distill.data import (
     LABELLED,
+    SYNTHETIC,
     UNLABELLED,
     TestLeakError,
     check_no_test_leak,
@@ -103,11 +104,18 @@ def test_similar_queries_rank_shared_words_first():
 
 
 def test_validation_queries_are_a_seeded_share_by_query():
-    ids = pd.Series([1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    ids = pd.DataFrame({"query_id": [1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]})
     chosen = validation_queries(ids, 0.2, seed=1)
     assert len(chosen) == 2
-    assert chosen <= set(ids)
+    assert chosen <= set(ids["query_id"])
     assert validation_queries(ids, 0.2, seed=1) == chosen
+
+
+def test_validation_queries_are_real_ones_drawn_as_without_synthetic_queries():
+    real = pd.DataFrame({"query_id": list(range(1, 21)), "source": LABELLED})
+    synthetic = pd.DataFrame({"query_id": list(range(-1, -41, -1)), "source": SYNTHETIC})
+    chosen = validation_queries(real, 0.25, seed=4)
+    assert validation_queries(pd.concat([real, synthetic]), 0.25, seed=4) == chosen
 
 
 def test_missing_test_split_is_an_error(tmp_path: Path, distill_data: Path):
@@ -229,3 +237,125 @@ def test_a_test_product_at_the_top_of_every_list_never_enters(distill_data: Path
     pd.testing.assert_frame_equal(
         distillation_pairs(distill_data, zero, lists).frame, distillation_pairs(distill_data, zero).frame
     )
+
+
+def _catalogue() -> pd.DataFrame:
+    """Two judged queries over six products with hand-written titles."""
+    titles = {
+        "p1": "Acme Red Running Shoes for Women",
+        "p2": "Acme Blue Running Shoes for Men",
+        "p3": "Burr Coffee Grinder, Stainless Steel",
+        "p4": "Electric Coffee Grinder 200W",
+        "p5": "Ceramic Coffee Mug 12 oz",
+        "p6": "Women's Trail Running Socks",
+    }
+    rows = [(1, "running shoes", p) for p in ("p1", "p2", "p6")] + [
+        (2, "coffee grinder", p) for p in ("p3", "p4", "p5")
+    ]
+    frame = pd.DataFrame(rows, columns=["query_id", "query", "product_id"])
+    frame["product_title"] = frame["product_id"].map(titles)
+    frame["esci_label"] = "E"
+    return frame.assign(source=LABELLED)
+
+
+def test_title_words_are_the_first_words_of_a_title_in_lower_case():
+    from esci_reranker.distill.data import SYNTHETIC_TITLE_WORDS, title_words
+
+    assert title_words("Women's Trail-Running Socks, 2.5 mm (3 Pack)") == [
+        "women's",
+        "trail",
+        "running",
+        "socks",
+        "2.5",
+        "mm",
+        "3",
+        "pack",
+    ]
+    assert len(title_words(" ".join(f"w{i}" for i in range(30)))) == SYNTHETIC_TITLE_WORDS
+    assert title_words(None) == ["none"]
+    assert title_words("--") == []
+
+
+def test_synthetic_query_texts_keep_title_order_and_skip_what_is_taken():
+    from esci_reranker.distill.data import synthetic_query_texts
+
+    titles = ["Acme Red Running Shoes", "Burr Coffee Grinder", "Acme Red Running Shoes"]
+    texts, origins = synthetic_query_texts(titles, np.array([2]), 5, np.random.default_rng(0))
+    # the repeated title may give the same two words: then it is skipped, never made twice
+    assert len(texts) == len(set(texts))
+    assert 2 <= len(texts) <= 3
+    for text, origin in zip(texts, origins, strict=True):
+        words = titles[origin].lower().split()
+        picked = text.split()
+        assert len(picked) == 2
+        assert [words.index(w) for w in picked] == sorted(words.index(w) for w in picked)
+    # every two-word text of the grinder's title is avoided: no query comes from it
+    avoid = {"burr coffee", "burr grinder", "coffee grinder"}
+    texts, origins = synthetic_query_texts(titles, np.array([2]), 5, np.random.default_rng(0), avoid)
+    assert 1 not in origins
+    assert not set(texts) & avoid
+    # lengths are capped at the title's words
+    texts, _ = synthetic_query_texts(["Mug"], np.array([4]), 3, np.random.default_rng(0))
+    assert texts == ["mug"]
+
+
+def test_title_search_ranks_shared_words_first():
+    from esci_reranker.distill.data import title_search
+
+    titles = ["Red Running Shoes", "Blue Running Shoes", "Burr Coffee Grinder", "Coffee Mug"]
+    ranked = title_search(titles, ["coffee grinder", "red running shoes"], k=2)
+    assert ranked.tolist() == [[2, 3], [0, 1]]
+    assert title_search(titles, ["mug"], k=10).shape == (1, 4)  # at most every title
+
+
+def test_synthetic_pairs_are_new_queries_over_the_pool_with_their_search_results():
+    from esci_reranker.distill.data import sample_unlabelled
+
+    frame = _catalogue()
+    cfg = DistillData(unlabelled_per_query=2, similar_queries=1, synthetic_queries=4, synthetic_per_query=3)
+    pairs = sample_unlabelled(frame, cfg)
+    without = sample_unlabelled(frame, cfg.model_copy(update={"synthetic_queries": 0}))
+    # the real queries' pairs are drawn as without them (the synthetic ones have their own stream)
+    pd.testing.assert_frame_equal(pairs[pairs["source"] == UNLABELLED].reset_index(drop=True), without)
+    synthetic = pairs[pairs["source"] == SYNTHETIC]
+    assert (synthetic["draw"] == "synthetic").all()
+    assert synthetic["esci_label"].isna().all()
+    assert synthetic["query_id"].nunique() == 4
+    assert (synthetic["query_id"] < 0).all()
+    assert synthetic["query_id"].dtype == frame["query_id"].dtype
+    assert set(synthetic["product_id"]) <= set(frame["product_id"])
+    titles = frame.drop_duplicates("product_id").set_index("product_id")["product_title"]
+    for _, group in synthetic.groupby("query_id"):
+        query = group["query"].iloc[0]
+        assert query not in {"running shoes", "coffee grinder"}  # never a real query
+        assert len(group) == 3
+        assert group["product_id"].is_unique
+        # the first result holds every word of the query: the title it was made from, or a tie
+        assert set(query.split()) <= set(titles[group["product_id"].iloc[0]].lower().replace(",", "").split())
+    # seeded
+    pd.testing.assert_frame_equal(sample_unlabelled(frame, cfg), pairs)
+
+
+def test_synthetic_queries_never_spell_a_test_query_and_need_titles(distill_data: Path):
+    from esci_reranker.distill.data import sample_unlabelled
+
+    test = pd.read_parquet(distill_data / "test.parquet")
+    cfg = DistillData(unlabelled_per_query=3, similar_queries=3, synthetic_queries=30, synthetic_per_query=4)
+    built = distillation_pairs(distill_data, cfg)
+    synthetic = built.frame[built.frame["source"] == SYNTHETIC]
+    assert built.counts()["synthetic_queries"] == synthetic["query_id"].nunique() > 0
+    assert (
+        built.counts()["queries"] == built.frame.loc[built.frame["source"] != SYNTHETIC, "query_id"].nunique()
+    )
+    check_no_test_leak(built.frame, test)
+    # a pool whose only title words are a test query's: every text it could make is avoided
+    query = normalise_query(test["query"].iloc[0])
+    pool = _catalogue().assign(product_title=query)
+    one = DistillData(unlabelled_per_query=1, similar_queries=1, synthetic_queries=5)
+    # (the real query is one word longer, so each synthetic query takes the whole title)
+    made = sample_unlabelled(pool.assign(query=query + " extra"), one, avoid_queries=[query.upper()])
+    assert (made["source"] != SYNTHETIC).all()
+    made = sample_unlabelled(pool.assign(query=query + " extra"), one)
+    assert set(made.loc[made["source"] == SYNTHETIC, "query"]) == {query}
+    with pytest.raises(ValueError, match="no product_title column"):
+        sample_unlabelled(pool.drop(columns="product_title"), one)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from esci_reranker.distill.config import DistillData, TeacherSection
-from esci_reranker.distill.data import LABELLED, UNLABELLED, distillation_pairs
+from esci_reranker.distill.data import LABELLED, SYNTHETIC, UNLABELLED, distillation_pairs
 from esci_reranker.distill.teacher import (
     CACHE_NAME,
     PROB_COLUMNS,
@@ -66,6 +66,19 @@ def test_list_layout_keeps_every_pair_once_beside_its_querys_labelled_candidates
     assert lists[3:] == [[3, 4], [3, 4, 8]]
     # labelled pairs keep their output from the labelled list itself
     assert keep[:3].tolist() == [0, 1, 2]
+
+
+def test_a_synthetic_querys_search_results_are_one_list():
+    pairs = pd.DataFrame(
+        {
+            "query_id": [1, 1, -1, -1, -1, 1],
+            "source": [LABELLED, LABELLED, SYNTHETIC, SYNTHETIC, SYNTHETIC, UNLABELLED],
+        }
+    )
+    rows, groups, keep = list_layout(pairs, list_size=2)
+    lists = [rows[groups == g].tolist() for g in np.unique(groups)]
+    assert lists == [[0, 1], [0, 1, 5], [2, 3, 4]]
+    assert keep.tolist() == [0, 1, 5, 6, 7, 4]
 
 
 def test_labelled_pairs_score_as_in_their_own_list(

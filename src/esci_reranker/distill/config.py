@@ -59,6 +59,16 @@ class DistillData(StrictModel):
         "'foreign' (only those judged for queries that share no word with this one, as the "
         "teacher's catalogue negatives are chosen).",
     )
+    synthetic_queries: int = Field(
+        0,
+        ge=0,
+        description="Queries made from a few words of pool products' titles, each with the products "
+        "a TF-IDF search of the pool's titles ranks first: new queries for the teacher to label, "
+        "as a user's are (always training queries, never validation ones). 0 = none.",
+    )
+    synthetic_per_query: int = Field(
+        40, ge=1, description="Products per synthetic query (the top of its title search)."
+    )
     val_share: float = Field(
         0.1, gt=0, lt=0.5, description="Share of the distillation queries held out for early stopping."
     )

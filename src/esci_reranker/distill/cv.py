@@ -215,14 +215,15 @@ def fold_unlabelled_outputs(
             other folds' rows), so a fold's own products are skipped wherever they rank.
 
     Returns:
-        fold -> rows with the query and product columns, ``source`` ``unlabelled``, no label,
+        fold -> rows with the query and product columns, ``source`` (``unlabelled``, or
+        ``synthetic`` for a synthetic query's pairs), no label,
         the teacher columns (``distill.teacher.TEACHER_COLUMNS``) and ``t_threshold``.
 
     Raises:
         FileNotFoundError: a fold's cross-encoder checkpoint is missing.
         TestLeakError: a set would hold test data (a last check, never expected).
     """
-    from esci_reranker.distill.data import UNLABELLED, check_no_test_leak, sample_unlabelled
+    from esci_reranker.distill.data import check_no_test_leak, sample_unlabelled
     from esci_reranker.distill.teacher import teacher_outputs
 
     out = Path(out_dir)
@@ -240,7 +241,9 @@ def fold_unlabelled_outputs(
                 "data.unlabelled_per_query=0 to cross-validate on the labelled pairs only."
             )
         pool = trainable[trainable["fold"] != fold].drop(columns=teacher_cols).assign(source=LABELLED)
-        unlabelled = sample_unlabelled(pool, cfg.data, retrieved).drop(columns="draw")
+        unlabelled = sample_unlabelled(
+            pool, cfg.data, retrieved, avoid_queries=() if test is None else test["query"].astype(str)
+        ).drop(columns="draw")
         if unlabelled.empty:
             continue
         pairs = pd.concat(
@@ -264,13 +267,13 @@ def fold_unlabelled_outputs(
             cache_stem=f"fold{fold}_teacher_outputs",
             key_extra=f"{teacher_key}|{stacker is not None}",
         )
-        scored = outputs.frame[(pairs["source"] == UNLABELLED).to_numpy()].assign(
+        scored = outputs.frame[(pairs["source"] != LABELLED).to_numpy()].assign(
             t_threshold=float(outputs.info["substitute_threshold"])
         )
         rows = unlabelled.merge(scored, on=list(PAIR_KEY), how="left", validate="one_to_one")
         if rows["t_score"].isna().any():
             raise RuntimeError(f"fold {fold}: unlabelled pairs without teacher outputs (this is a bug).")
-        result[fold] = rows.assign(fold=-1, source=UNLABELLED)
+        result[fold] = rows.assign(fold=-1)  # its source: unlabelled, or synthetic
     return result
 
 
@@ -353,7 +356,7 @@ def cross_validate_student(
                 entries.append(done[fold, int(seed)])
                 continue
             run_cfg = cfg.model_copy(update={"seed": seed}, deep=True)
-            val_ids = validation_queries(pool["query_id"], cfg.data.val_share, cfg.data.seed + seed)
+            val_ids = validation_queries(pool, cfg.data.val_share, cfg.data.seed + seed)
             is_val = pool["query_id"].isin(val_ids)
             log(
                 f"distill cv: fold {fold + 1}/{len(folds)}, seed {seed}: student-{cfg.student} on "

@@ -11,6 +11,11 @@ teacher can score is a training example. Two kinds are used:
   (``similar_share``) is drawn from the candidates of the query's most similar other queries
   (TF-IDF cosine of the query words): near misses the teacher tells apart (same kind of product,
   another size or brand), the rest uniformly from every product.
+- **synthetic** (``synthetic_queries``, off by default): queries the set does not have, each a
+  few words of a pool product's title in title order (as short as the real queries are), with
+  the products a TF-IDF search of the pool's titles ranks first for it. The teacher meets them
+  as it meets a user's new query, so the student learns how its teacher labels a search's
+  results for queries neither was trained on, not only for the ~100 queries of the sample.
 
 The retrieved lists come in as plain data (query id -> product ids in retrieval order): this
 package sits beside ``retrieval`` and does not import it; ``esci-reranker distill`` retrieves them
@@ -26,7 +31,8 @@ the student, and ``check_no_test_leak`` raises if any does (it runs on every set
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -40,11 +46,14 @@ from esci_reranker.distill.config import DistillData
 PAIR_KEY: Final[tuple[str, str]] = ("query_id", "product_id")
 #: Columns that describe the query of a pair (the rest, ``product_*``, describe the product).
 QUERY_COLUMNS: Final[tuple[str, ...]] = ("query_id", "query", "esci_query_source")
-#: ``source`` values of the pairs.
+#: ``source`` values of the pairs: a real query's judged and unjudged pairs, a synthetic query's.
 LABELLED: Final[str] = "labelled"
 UNLABELLED: Final[str] = "unlabelled"
+SYNTHETIC: Final[str] = "synthetic"
 #: ``draw`` values of the unlabelled pairs: where ``sample_unlabelled`` took each product from.
-DRAWS: Final[tuple[str, ...]] = ("retrieved", "similar", "uniform")
+DRAWS: Final[tuple[str, ...]] = ("retrieved", "similar", "uniform", "synthetic")
+#: Title words a synthetic query is drawn from: the first ones, where titles name the product.
+SYNTHETIC_TITLE_WORDS: Final[int] = 12
 #: query id -> product ids in retrieval order (``retrieval.flow.catalogue_lists``' output, as plain data).
 RetrievedLists = Mapping[object, Sequence[str]]
 
@@ -61,8 +70,8 @@ class DistillPairs:
 
     Attributes:
         frame: one row per pair: ``query_id``, ``query``, ``product_id``, the ``product_*``
-            columns, ``esci_label`` (None for unlabelled pairs), ``source`` (``labelled`` or
-            ``unlabelled``) and ``esci_query_source`` when the splits have it.
+            columns, ``esci_label`` (None for unlabelled pairs), ``source`` (``labelled``,
+            ``unlabelled`` or ``synthetic``) and ``esci_query_source`` when the splits have it.
         excluded: rows of train+val left out, by reason (``test_product``, ``test_query``).
         draws: unlabelled pairs by where their product was drawn from (``DRAWS``).
     """
@@ -72,13 +81,16 @@ class DistillPairs:
     draws: dict[str, int] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
-        """Pairs, queries and products of the set, labelled and unlabelled pairs."""
+        """Pairs, queries and products of the set, labelled, unlabelled and synthetic pairs."""
         frame = self.frame
+        synthetic = (frame["source"] == SYNTHETIC).to_numpy()
         return {
             "pairs": len(frame),
             "labelled_pairs": int((frame["source"] == LABELLED).sum()),
             "unlabelled_pairs": int((frame["source"] == UNLABELLED).sum()),
-            "queries": int(frame["query_id"].nunique()),
+            "synthetic_pairs": int(synthetic.sum()),
+            "queries": int(frame.loc[~synthetic, "query_id"].nunique()),
+            "synthetic_queries": int(frame.loc[synthetic, "query_id"].nunique()),
             "products": int(frame["product_id"].nunique()),
         }
 
@@ -211,7 +223,10 @@ def _take_retrieved(
 
 
 def sample_unlabelled(
-    labelled: pd.DataFrame, cfg: DistillData, retrieved: RetrievedLists | None = None
+    labelled: pd.DataFrame,
+    cfg: DistillData,
+    retrieved: RetrievedLists | None = None,
+    avoid_queries: Collection[str] = (),
 ) -> pd.DataFrame:
     """Unlabelled pairs: each query of ``labelled`` with ``cfg.unlabelled_per_query`` products of
     other queries of ``labelled`` (never its own candidates); seeded by ``cfg.seed``.
@@ -220,15 +235,18 @@ def sample_unlabelled(
     them; products of ``labelled`` only, its own skipped), then the similar queries' candidates
     (``cfg.similar_share``), then uniform draws for the rest; a query whose list runs short gets
     more uniform draws. The retrieved part takes no random draw, so with ``retrieved_share`` 0 the
-    random stream, and every pair, is what it was without the option.
+    random stream, and every pair, is what it was without the option. After them come the
+    ``cfg.synthetic_queries`` synthetic queries' pairs (``synthetic_pairs``; their own stream).
 
     Args:
         retrieved: query id -> product ids in retrieval order; needed when ``cfg.retrieved_share``
             is above 0 (a query missing from it gets no retrieved products).
+        avoid_queries: normalised query texts no synthetic query may be (the test split's).
 
     Returns:
         Rows with the query's columns, the product's ``product_*`` columns, ``esci_label`` None,
-        ``source`` ``unlabelled`` and ``draw`` (``DRAWS``: where the product was taken from).
+        ``source`` (``unlabelled``, or ``synthetic`` for a synthetic query's pairs) and ``draw``
+        (``DRAWS``: where the product was taken from).
 
     Raises:
         ValueError: ``cfg.retrieved_share`` > 0 and no ``retrieved`` lists.
@@ -288,6 +306,120 @@ def sample_unlabelled(
     frame["esci_label"] = None
     frame["source"] = UNLABELLED
     frame["draw"] = draws
+    if cfg.synthetic_queries:
+        synthetic = synthetic_pairs(labelled, products, cfg, avoid_queries)
+        frame = pd.concat([frame, synthetic[frame.columns]], ignore_index=True)
+    return frame
+
+
+def title_words(title: object) -> list[str]:
+    """The first ``SYNTHETIC_TITLE_WORDS`` words of a title, lower case (letters and digits,
+    with inner apostrophes and points kept: "women's", "2.5")."""
+    words = re.findall(r"[a-z0-9]+(?:['.][a-z0-9]+)*", str(title).lower())
+    return words[:SYNTHETIC_TITLE_WORDS]
+
+
+def synthetic_query_texts(
+    titles: Sequence[object],
+    lengths: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    avoid: Collection[str] = (),
+) -> tuple[list[str], list[int]]:
+    """Up to ``n`` distinct query texts made from ``titles``, and the title each came from.
+
+    Titles are visited in a random order; each gives a query of ``k`` of its first words
+    (``title_words``) kept in title order, ``k`` drawn from ``lengths`` (the real queries'
+    word counts, so the queries are as short as real ones) and capped at the title's words.
+    A text already made, or in ``avoid`` (normalised), is skipped.
+    """
+    texts: list[str] = []
+    origins: list[int] = []
+    seen = set(avoid)
+    for i in rng.permutation(len(titles)):
+        if len(texts) >= n:
+            break
+        words = title_words(titles[i])
+        if not words:
+            continue
+        k = min(int(rng.choice(lengths)), len(words))
+        picked = np.sort(rng.choice(len(words), size=k, replace=False))
+        text = " ".join(words[j] for j in picked)
+        if text in seen:
+            continue
+        seen.add(text)
+        texts.append(text)
+        origins.append(int(i))
+    return texts, origins
+
+
+def title_search(titles: Sequence[object], queries: Sequence[str], k: int) -> np.ndarray:
+    """(Q, min(k, P)) rows of ``titles`` a TF-IDF search ranks first for each query (cosine)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.neighbors import NearestNeighbors
+
+    vectorizer = TfidfVectorizer(token_pattern=r"(?u)\b\w+\b", sublinear_tf=True)
+    vectors = vectorizer.fit_transform([normalise_query(t) for t in titles])
+    k = min(k, len(titles))
+    _, index = (
+        NearestNeighbors(n_neighbors=k, metric="cosine")
+        .fit(vectors)
+        .kneighbors(vectorizer.transform(list(queries)))
+    )
+    return np.asarray(index, dtype=np.int64)
+
+
+def synthetic_query_ids(existing: pd.Series, n: int) -> list[object]:
+    """``n`` query ids no real query has: negative integers below every id when the ids are
+    integers (the prepared splits' ``int64``), else ``synthetic-<i>``."""
+    if pd.api.types.is_integer_dtype(existing):
+        start = min(int(existing.min()) if len(existing) else 0, 0) - 1
+        return [start - i for i in range(n)]
+    taken = set(existing.astype(str))
+    ids = [f"synthetic-{i}" for i in range(n)]
+    if taken.intersection(ids):
+        raise ValueError("synthetic_query_ids: the data already has query ids named synthetic-<i>.")
+    return list(ids)
+
+
+def synthetic_pairs(
+    labelled: pd.DataFrame, products: pd.DataFrame, cfg: DistillData, avoid_queries: Collection[str] = ()
+) -> pd.DataFrame:
+    """The synthetic queries' pairs over ``products`` (the pool; see the module docstring).
+
+    ``cfg.synthetic_queries`` queries (``synthetic_query_texts``: fewer if the titles run out),
+    each paired with the ``cfg.synthetic_per_query`` products ``title_search`` ranks first for
+    it, in that order. Seeded by ``cfg.seed`` on a stream of their own.
+
+    Raises:
+        ValueError: the products have no ``product_title`` to make queries from.
+    """
+    if "product_title" not in products.columns:
+        raise ValueError(
+            "data.synthetic_queries: the products have no product_title column to make queries "
+            "from; set data.synthetic_queries=0."
+        )
+    titles = products["product_title"].fillna("").astype(str).tolist()
+    query_cols = [c for c in QUERY_COLUMNS if c in labelled.columns]
+    real = labelled.drop_duplicates("query_id")
+    lengths = np.clip(real["query"].map(lambda q: len(normalise_query(q).split())).to_numpy(), 1, None)
+    rng = np.random.default_rng([cfg.seed, 20_261_207])
+    avoid = {*map(normalise_query, avoid_queries), *real["query"].map(normalise_query)}
+    texts, _ = synthetic_query_texts(titles, lengths, cfg.synthetic_queries, rng, avoid)
+    if not texts:
+        return pd.DataFrame(columns=[*query_cols, *products.columns, "esci_label", "source", "draw"])
+    ranked = title_search(titles, texts, cfg.synthetic_per_query)
+    ids = synthetic_query_ids(labelled["query_id"], len(texts))
+    frame = products.iloc[ranked.ravel()].reset_index(drop=True)
+    frame.insert(0, "query_id", np.repeat(np.asarray(ids, dtype=object), ranked.shape[1]))
+    frame.insert(1, "query", np.repeat(np.asarray(texts, dtype=object), ranked.shape[1]))
+    if "esci_query_source" in query_cols:
+        frame.insert(2, "esci_query_source", SYNTHETIC)
+    if pd.api.types.is_integer_dtype(labelled["query_id"]):
+        frame["query_id"] = frame["query_id"].astype(labelled["query_id"].dtype)
+    frame["esci_label"] = None
+    frame["source"] = SYNTHETIC
+    frame["draw"] = "synthetic"
     return frame
 
 
@@ -308,7 +440,7 @@ def distillation_pairs(
     labelled, test = read_labelled_and_test(data_dir)
     kept, excluded = drop_test_overlap(labelled, test)
     kept = kept.assign(source=LABELLED)
-    unlabelled = sample_unlabelled(kept, cfg, retrieved)
+    unlabelled = sample_unlabelled(kept, cfg, retrieved, avoid_queries=test["query"].astype(str))
     draws = {name: int((unlabelled["draw"] == name).sum()) for name in DRAWS}
     frame = pd.concat(
         [kept, unlabelled[[c for c in unlabelled.columns if c in kept.columns]]], ignore_index=True
@@ -325,11 +457,14 @@ def distillation_queries(data_dir: str | Path) -> pd.DataFrame:
     return kept[["query_id", "query"]].drop_duplicates("query_id").reset_index(drop=True)
 
 
-def validation_queries(query_ids: pd.Series, share: float, seed: int) -> set[object]:
-    """The held-out share of distillation queries (seeded, by query; ``data.splits``' rule)."""
+def validation_queries(pairs: pd.DataFrame, share: float, seed: int) -> set[object]:
+    """The held-out share of the real queries of ``pairs`` (seeded, by query; ``data.splits``'
+    rule). Synthetic queries are never held out: validation watches the queries users ask, and
+    the draw is the same with and without them."""
     from esci_reranker.data.splits import sample_val_queries
 
-    return set(sample_val_queries(np.asarray(pd.unique(query_ids)), share, seed).tolist())
+    real = pairs["query_id"] if "source" not in pairs else pairs.loc[pairs["source"] != SYNTHETIC, "query_id"]
+    return set(sample_val_queries(np.asarray(pd.unique(real)), share, seed).tolist())
 
 
 def label_counts(frame: pd.DataFrame) -> Mapping[str, int]:

@@ -79,7 +79,9 @@ def distill(
     counts = pairs.counts()
     log(
         f"distillation pairs: {counts['labelled_pairs']} labelled + {counts['unlabelled_pairs']} unlabelled "
+        f"+ {counts['synthetic_pairs']} synthetic "
         f"({', '.join(f'{v} {k}' for k, v in pairs.draws.items())}) over {counts['queries']} queries "
+        f"and {counts['synthetic_queries']} synthetic ones "
         f"(left out for the test split: {pairs.excluded})"
     )
     outputs = teacher_outputs(teacher, pairs.frame, cfg.teacher, out, progress=progress, log=log)
@@ -89,7 +91,7 @@ def distill(
     # mixture the student learns, retrieved products among it (leaving them out would hide the very
     # pairs the share is there for). Nothing leaks: their lists come from the same train+val
     # catalogue, and the class offsets are fitted on the labelled validation pairs only.
-    val_ids = validation_queries(frame["query_id"], cfg.data.val_share, cfg.data.seed)
+    val_ids = validation_queries(frame, cfg.data.val_share, cfg.data.seed)
     is_val = frame["query_id"].isin(val_ids).to_numpy()
     frame.assign(split=np.where(is_val, "val", "train"))[
         [*PAIR_KEY, "query", "source", "esci_label", "split"]

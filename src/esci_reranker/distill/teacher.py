@@ -18,7 +18,8 @@ candidates plus ``list_size`` unlabelled ones (only the unlabelled rows are kept
 list looks like the lists the trees were fitted on. The labelled candidates stand in each of
 those lists because the unlabelled rows' list features (BM25's term statistics, rank, z-score
 and gap, list size, another brand named) are defined over the whole list; their own outputs
-there are not used. So the cross-encoder, each pair's own features and the trees run once per
+there are not used. A synthetic query (``distill.data.SYNTHETIC``) has no labelled candidates:
+its pairs, the top of a search for it, are one list, as a search's results are scored. So the cross-encoder, each pair's own features and the trees run once per
 pair; only the list-relative features are computed per list entry (``stack.features.
 CandidateLists``). Pairs are scored a chunk of whole queries at a time (``CHUNK_PAIRS``), so
 memory does not grow with the number of pairs.
@@ -41,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from esci_reranker.distill.config import TeacherSection
-from esci_reranker.distill.data import LABELLED, PAIR_KEY
+from esci_reranker.distill.data import LABELLED, PAIR_KEY, SYNTHETIC
 from esci_reranker.labels import ESCI_LABELS
 from esci_reranker.progress import progress_bar
 
@@ -112,6 +113,7 @@ def list_layout(pairs: pd.DataFrame, list_size: int) -> tuple[np.ndarray, np.nda
     if list_size < 1:
         raise ValueError(f"teacher.list_size={list_size}; expected >= 1.")
     labelled = (pairs["source"] == LABELLED).to_numpy() if "source" in pairs else np.ones(len(pairs), bool)
+    synthetic = (pairs["source"] == SYNTHETIC).to_numpy() if "source" in pairs else np.zeros(len(pairs), bool)
     rows: list[np.ndarray] = []
     groups: list[np.ndarray] = []
     keep = np.full(len(pairs), -1, dtype=np.int64)
@@ -121,7 +123,10 @@ def list_layout(pairs: pd.DataFrame, list_size: int) -> tuple[np.ndarray, np.nda
         # the labelled list itself, as in the teacher's training; then the unlabelled pairs in
         # chunks, each beside the labelled candidates, of which only the chunk is kept
         chunks = [np.zeros(0, dtype=np.int64)] if len(own) else []
-        chunks += [extra[i : i + list_size] for i in range(0, len(extra), list_size)]
+        if synthetic[members].all():  # a synthetic query's search results: one list
+            chunks += [extra]
+        else:
+            chunks += [extra[i : i + list_size] for i in range(0, len(extra), list_size)]
         for chunk in chunks:
             block = np.concatenate([own, chunk])
             if len(chunk):  # an unlabelled chunk: its rows follow the labelled ones
