@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from pydantic import ValidationError
 
-from esci_reranker.distill.config import DistillConfig, load_distill_config
+from esci_reranker.distill.config import DistillConfig, DistillRules, load_distill_config
 from esci_reranker.distill.student import _targets, build_student, distill_loss, gain_standardisation
 from esci_reranker.distill.teacher import rule_probs
 from esci_reranker.model.cpu import OnednnLinear, onednn_training_ok
@@ -137,9 +138,11 @@ def test_esci_student_decision_rules_are_fitted_on_labels_and_folded_into_its_bi
     before = np.asarray(predict(val).esci_probs)
     # fitted on the labelled pairs only, exactly as the teacher's rules are fitted
     truth = np.array([ESCI_LABELS.index(label) for label in val["esci_label"]])
-    offsets = fit_student_offsets(model, tokenizer, pd.concat([unlabelled, val]), "macro_f1", 16)
+    offsets = fit_student_offsets(
+        model, tokenizer, pd.concat([unlabelled, val]), DistillRules(objective="macro_f1"), 16
+    )
     assert offsets == fit_class_offsets(before, truth, "macro_f1")[0]
-    assert fit_student_offsets(model, tokenizer, unlabelled, "micro_f1", 16) is None  # nothing labelled
+    assert fit_student_offsets(model, tokenizer, unlabelled, DistillRules(), 16) is None  # nothing labelled
     # folded into the bias: the student's own probabilities and argmax are the rules'
     # (offsets chosen by hand, large enough to change classes: an untrained head barely varies)
     chosen = [0.0, 1.5, -0.7, 2.5]
@@ -175,15 +178,15 @@ def test_esci_student_offsets_can_follow_the_teachers_classes(tiny_backbone: Pat
         reranker.predict_texts(rows["query"].astype(str).tolist(), frame_texts(rows, model.config)).esci_probs
     )
     truth = np.array([ESCI_LABELS.index(c) for c in rows["t_class"]])
-    got = fit_student_offsets(model, tokenizer, frame, "macro_f1", 16, fit_to="teacher")
+    to_teacher = DistillRules(objective="macro_f1", fit_to="teacher")
+    got = fit_student_offsets(model, tokenizer, frame, to_teacher, 16)
     assert got == fit_class_offsets(probs, truth, "macro_f1")[0]
-    assert got != fit_student_offsets(model, tokenizer, frame, "macro_f1", 16)  # the labels give others
-    assert (
-        fit_student_offsets(model, tokenizer, frame.drop(columns="t_class"), "micro_f1", 16, fit_to="teacher")
-        is None
-    )
-    with pytest.raises(ValueError, match=r"rules\.fit_to='both'"):
-        fit_student_offsets(model, tokenizer, frame, "micro_f1", 16, fit_to="both")
+    assert got != fit_student_offsets(
+        model, tokenizer, frame, DistillRules(objective="macro_f1"), 16
+    )  # labels: others
+    assert fit_student_offsets(model, tokenizer, frame.drop(columns="t_class"), to_teacher, 16) is None
+    with pytest.raises(ValidationError, match="fit_to"):
+        DistillRules(fit_to="both")
 
 
 def test_a_student_can_start_from_the_teachers_fine_tuned_encoder(tiny_backbone: Path, tmp_path: Path):

@@ -50,7 +50,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from esci_reranker.distill.config import DistillConfig
+from esci_reranker.distill.config import DistillConfig, DistillRules
 from esci_reranker.distill.data import LABELLED
 from esci_reranker.distill.teacher import PROB_COLUMNS
 from esci_reranker.labels import ESCI_GAINS, ESCI_LABELS
@@ -361,32 +361,23 @@ def _fold_standardisation(model: RerankerModel, mean: float, std: float) -> None
 
 
 def fit_student_offsets(
-    model: RerankerModel,
-    tokenizer: Any,
-    val: pd.DataFrame,
-    objective: str,
-    batch_size: int,
-    macro_weight: float = 1.0,
-    fit_to: str = "labels",
-    min_irrelevant_recall: float = 0.0,
+    model: RerankerModel, tokenizer: Any, val: pd.DataFrame, rules: DistillRules, batch_size: int
 ) -> list[float] | None:
-    """Class offsets (E fixed at 0) on the student's log-probabilities maximising ``objective``
-    (with ``macro_weight`` for ``micro_macro``, and the floor ``min_irrelevant_recall`` on the
-    I label's recall) of its argmax (``stack.rules.fit_class_offsets``) against the labels of
-    ``val``'s labelled pairs (``fit_to="labels"``), or against the teacher's class
-    (``t_class``) of every ``val`` pair that has one (``fit_to="teacher"``). None when there
-    is no such pair."""
+    """Class offsets (E fixed at 0) on the student's log-probabilities maximising
+    ``rules.objective`` (with ``rules.macro_weight`` for ``micro_macro``, and the floor
+    ``rules.min_irrelevant_recall`` on the I label's recall) of its argmax
+    (``stack.rules.fit_class_offsets``) against the labels of ``val``'s labelled pairs
+    (``rules.fit_to="labels"``), or against the teacher's class (``t_class``) of every ``val``
+    pair that has one (``"teacher"``). None when there is no such pair."""
     from esci_reranker.stack.rules import fit_class_offsets
     from esci_reranker.train.texts import frame_texts
 
-    if fit_to == "labels":
-        column = "esci_label"
-        rows = val[np.isfinite(_labelled_gains(val))]  # _labelled_gains: NaN where unlabelled
-    elif fit_to == "teacher":
+    if rules.fit_to == "teacher":
         column = "t_class"
         rows = val[val[column].isin(ESCI_LABELS)] if column in val.columns else val.iloc[:0]
-    else:
-        raise ValueError(f"rules.fit_to={fit_to!r}; expected 'labels' or 'teacher'.")
+    else:  # "labels" (the config admits no other value)
+        column = "esci_label"
+        rows = val[np.isfinite(_labelled_gains(val))]  # _labelled_gains: NaN where unlabelled
     if rows.empty:
         return None
     target = rows[column]
@@ -396,9 +387,9 @@ def fit_student_offsets(
     offsets, _ = fit_class_offsets(
         np.asarray(preds.esci_probs, dtype=np.float64),
         truth,
-        objective,
-        macro_weight=macro_weight,
-        min_irrelevant_recall=min_irrelevant_recall,
+        rules.objective,
+        macro_weight=rules.macro_weight,
+        min_irrelevant_recall=rules.min_irrelevant_recall,
     )
     return offsets
 
@@ -606,16 +597,7 @@ def train_student(
         decision: dict[str, Any] = {}
     else:
         offsets = (
-            fit_student_offsets(
-                student,
-                tokenizer,
-                val,
-                cfg.rules.objective,
-                cfg.eval.batch_size,
-                cfg.rules.macro_weight,
-                cfg.rules.fit_to,
-                cfg.rules.min_irrelevant_recall,
-            )
+            fit_student_offsets(student, tokenizer, val, cfg.rules, cfg.eval.batch_size)
             if cfg.rules.class_offsets
             else None
         )
