@@ -105,17 +105,28 @@ def test_stacked_pipeline_trains_folds_stacker_and_final_model(tmp_path, tiny_ba
 
 
 @pytest.mark.slow
-def test_pipeline_writes_model_evaluation_and_tables_in_fixed_places(tmp_path, tiny_backbone):
+def test_pipeline_writes_model_evaluation_and_tables_in_fixed_places(tmp_path, tiny_backbone, monkeypatch):
     # The index stage with a tiny random retriever (the packaged one takes ~1 min to embed 6.6k
     # products on 2 cores); it needs the retrieval extra, as `make run` installs it.
     pytest.importorskip("usearch", reason="the retrieval extra is not installed")
+    from esci_reranker.reranker import Reranker
     from tests.retrieval.conftest import build_tiny_retriever
 
     retriever = build_tiny_retriever(tmp_path / "tiny-st")
     lines: list[str] = []
     overrides = ("model.stacker=none", "eval.every_steps=1")
+    loads: list[Path] = []
+    real_load = Reranker.from_pretrained.__func__
+
+    def counted(cls, path, *args, **kwargs):
+        loads.append(Path(path))
+        return real_load(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(Reranker, "from_pretrained", classmethod(counted))
     result = run_tiny(tmp_path, tiny_backbone, overrides, lines, index_retriever=retriever)
     out = tmp_path / "run"
+    # the final model is loaded once: the val and test evaluations and the search flow share it
+    assert loads.count(out / "model") == 1
     assert {p.name for p in out.iterdir()} >= {
         "data",
         "model",

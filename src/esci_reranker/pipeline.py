@@ -138,7 +138,7 @@ def run_pipeline(
                 seconds["index"] = time.perf_counter() - t
                 if result.index_dir is not None and cfg.model.type == "multi_task":
                     t = time.perf_counter()
-                    result.flow_metrics = _evaluate_search_flow(cfg, out, result.index_dir, log)
+                    result.flow_metrics = _evaluate_search_flow(cfg, out, result.index_dir, log, job.reranker)
                     seconds["evaluate_flow"] = time.perf_counter() - t
             _write_results(cfg, out, result.test_metrics, training, seconds)
             return result
@@ -174,9 +174,12 @@ def _build_sample_index(index_dir: Path, retriever: str | Path | None, stages: i
     return index_dir
 
 
-def _evaluate_search_flow(cfg: TrainConfig, out: Path, index_dir: Path, log: Any) -> dict[str, Any]:
+def _evaluate_search_flow(
+    cfg: TrainConfig, out: Path, index_dir: Path, log: Any, reranker: Any = None
+) -> dict[str, Any]:
     """The test queries through the search flow on the sample index (``OUT/eval/report.md``'s
-    "Search flow" section); logs the headline numbers."""
+    "Search flow" section) with ``reranker`` (default: the saved model, loaded); logs the
+    headline numbers."""
     import pandas as pd
 
     from esci_reranker.reranker import Reranker
@@ -184,7 +187,8 @@ def _evaluate_search_flow(cfg: TrainConfig, out: Path, index_dir: Path, log: Any
     from esci_reranker.retrieval.index import CatalogueIndex
 
     splits = {name: pd.read_parquet(out / "data" / f"{name}.parquet") for name in ("train", "val", "test")}
-    reranker = Reranker.from_pretrained(cfg.output.save_path, precision=cfg.eval.precision)
+    if reranker is None:
+        reranker = Reranker.from_pretrained(cfg.output.save_path, precision=cfg.eval.precision)
     metrics = evaluate_flow(
         reranker, CatalogueIndex.open(index_dir), splits["test"], pd.concat(splits.values()), out / "eval"
     )
@@ -214,6 +218,8 @@ class _Stages:
     retriever: str | Path | None = None
     #: continue an interrupted job (``run_pipeline``'s ``resume``)
     resume: bool = False
+    #: the final model as the test evaluation loaded it, which the search flow then reuses
+    reranker: Any = None
 
 
 def _cross_encoder_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:
@@ -249,6 +255,7 @@ def _evaluate_cross_encoder(job: _Stages, result: TrainResult) -> tuple[Pipeline
     reranker.name = (
         "esci-reranker (multi-task)" if reranker.config.multi_task else "esci-reranker (single-task)"
     )
+    job.reranker = reranker
     evaluations = {}
     for step, split, folder in ((3, "val", "eval_val"), (4, "test", "eval")):
         t = time.perf_counter()
@@ -338,6 +345,7 @@ def _evaluate_stacked(job: _Stages, result: StackedTrainResult) -> tuple[Pipelin
     )
     reranker = Reranker.from_pretrained(cfg.output.save_path, precision=cfg.eval.precision)
     reranker.name = "esci-reranker (stacked)"
+    job.reranker = reranker
     frame = pd.read_parquet(job.out / "data" / "test.parquet")
     evaluation = run_evaluation(
         reranker, frame, job.out / "eval", EvaluationOptions(baselines=job.baselines, progress=job.progress)
