@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from esci_reranker.train.config import TrainConfig, load_config
 
 if TYPE_CHECKING:
+    from esci_reranker.reranker import Reranker
     from esci_reranker.stack.train import StackedTrainResult
     from esci_reranker.train.loop import TrainResult
 
@@ -175,7 +176,7 @@ def _build_sample_index(index_dir: Path, retriever: str | Path | None, stages: i
 
 
 def _evaluate_search_flow(
-    cfg: TrainConfig, out: Path, index_dir: Path, log: Any, reranker: Any = None
+    cfg: TrainConfig, out: Path, index_dir: Path, log: Any, reranker: Reranker | None = None
 ) -> dict[str, Any]:
     """The test queries through the search flow on the sample index (``OUT/eval/report.md``'s
     "Search flow" section) with ``reranker`` (default: the saved model, loaded); logs the
@@ -219,7 +220,7 @@ class _Stages:
     #: continue an interrupted job (``run_pipeline``'s ``resume``)
     resume: bool = False
     #: the final model as the test evaluation loaded it, which the search flow then reuses
-    reranker: Any = None
+    reranker: Reranker | None = None
 
 
 def _cross_encoder_pipeline(job: _Stages) -> tuple[PipelineResult, dict[str, Any]]:

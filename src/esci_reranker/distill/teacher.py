@@ -19,9 +19,9 @@ list looks like the lists the trees were fitted on. The labelled candidates stan
 those lists because the unlabelled rows' list features (BM25's term statistics, rank, z-score
 and gap, list size, another brand named) are defined over the whole list; their own outputs
 there are not used. A synthetic query (``distill.data.SYNTHETIC``) has no labelled candidates:
-its pairs, the top of a search for it, are one list, as a search's results are scored. So the cross-encoder, each pair's own features and the trees run once per
-pair; only the list-relative features are computed per list entry (``stack.features.
-CandidateLists``). Pairs are scored a chunk of whole queries at a time (``CHUNK_PAIRS``), so
+its pairs, the top of a search for it, are one list, as a search's results are scored. So the
+cross-encoder, each pair's own features and the trees run once per pair; only the list-relative
+features are computed per list entry (``stack.features.CandidateLists``). Pairs are scored a chunk of whole queries at a time (``CHUNK_PAIRS``), so
 memory does not grow with the number of pairs.
 
 **Cache.** The outputs are written to ``teacher_outputs.parquet`` in the output folder with a
