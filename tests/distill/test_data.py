@@ -272,7 +272,8 @@ def test_title_words_are_the_first_words_of_a_title_in_lower_case():
         "pack",
     ]
     assert len(title_words(" ".join(f"w{i}" for i in range(30)))) == SYNTHETIC_TITLE_WORDS
-    assert title_words(None) == ["none"]
+    assert title_words(None) == []
+    assert title_words(float("nan")) == []
     assert title_words("--") == []
 
 

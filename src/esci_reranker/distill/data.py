@@ -314,7 +314,9 @@ def sample_unlabelled(
 
 def title_words(title: object) -> list[str]:
     """The first ``SYNTHETIC_TITLE_WORDS`` words of a title, lower case (letters and digits,
-    with inner apostrophes and points kept: "women's", "2.5")."""
+    with inner apostrophes and points kept: "women's", "2.5"); none for a missing title."""
+    if title is None or (isinstance(title, float) and np.isnan(title)):
+        return []
     words = re.findall(r"[a-z0-9]+(?:['.][a-z0-9]+)*", str(title).lower())
     return words[:SYNTHETIC_TITLE_WORDS]
 
