@@ -403,10 +403,10 @@ def synthetic_pairs(
         )
     titles = products["product_title"].fillna("").astype(str).tolist()
     query_cols = [c for c in QUERY_COLUMNS if c in labelled.columns]
-    real = labelled.drop_duplicates("query_id")
-    lengths = np.clip(real["query"].map(lambda q: len(normalise_query(q).split())).to_numpy(), 1, None)
+    real = labelled.drop_duplicates("query_id")["query"].map(normalise_query)
+    lengths = np.clip(real.str.split().str.len().to_numpy(), 1, None)
     rng = np.random.default_rng([cfg.seed, 20_261_207])
-    avoid = {*map(normalise_query, avoid_queries), *real["query"].map(normalise_query)}
+    avoid = {*map(normalise_query, avoid_queries), *real}
     texts, _ = synthetic_query_texts(titles, lengths, cfg.synthetic_queries, rng, avoid)
     if not texts:
         return pd.DataFrame(columns=[*query_cols, *products.columns, "esci_label", "source", "draw"])

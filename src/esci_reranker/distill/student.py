@@ -606,10 +606,8 @@ def train_student(
         decision = {
             "class_offsets": dict(zip(ESCI_LABELS, offsets or [0.0] * len(ESCI_LABELS), strict=True)),
             "fitted": offsets is not None,
-            "objective": cfg.rules.objective,
-            "macro_weight": cfg.rules.macro_weight,
-            "min_irrelevant_recall": cfg.rules.min_irrelevant_recall,
-            "fit_to": cfg.rules.fit_to,
+            # the rules' settings as configured (every one but the on/off switch, said by "fitted")
+            **cfg.rules.model_dump(mode="json", exclude={"class_offsets"}),
         }
         # after the offsets: the threshold is on the probabilities the saved student gives
         student.config.substitute_threshold = fit_student_threshold(

@@ -21,8 +21,9 @@ and gap, list size, another brand named) are defined over the whole list; their 
 there are not used. A synthetic query (``distill.data.SYNTHETIC``) has no labelled candidates:
 its pairs, the top of a search for it, are one list, as a search's results are scored. So the
 cross-encoder, each pair's own features and the trees run once per pair; only the list-relative
-features are computed per list entry (``stack.features.CandidateLists``). Pairs are scored a chunk of whole queries at a time (``CHUNK_PAIRS``), so
-memory does not grow with the number of pairs.
+features are computed per list entry (``stack.features.CandidateLists``). Pairs are scored a
+chunk of whole queries at a time (``CHUNK_PAIRS``), so memory does not grow with the number of
+pairs.
 
 **Cache.** The outputs are written to ``teacher_outputs.parquet`` in the output folder with a
 key (a hash of the teacher's files, the pairs and the scoring settings) in
